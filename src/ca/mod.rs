@@ -1,0 +1,23 @@
+//! The authority: keys, signing certificates, leaf issuance (template → sign → validate),
+//! plug-in CA import, and TTL policy.
+
+mod authority;
+pub mod cert;
+pub mod chain;
+pub mod csr;
+mod der;
+mod error;
+mod key;
+pub mod plugin;
+mod policy;
+mod profile;
+pub mod root;
+pub mod sig;
+mod validate;
+
+pub use authority::{Authority, IssuedCert, SigningMaterial};
+pub use cert::{CertDer, Serial};
+pub use error::CaError;
+pub use key::{KeyType, PrivateKey};
+pub use policy::{IssuancePolicy, DEFAULT_BACKDATE, DEFAULT_MAX_TTL, DEFAULT_TTL};
+pub use validate::LeafValidator;

@@ -1,0 +1,128 @@
+//! Importing a plug-in CA: Istio's `cacerts` layout (`ca-cert.pem`, `ca-key.pem`,
+//! `root-cert.pem`, `cert-chain.pem`) or the cert-manager layout (`tls.crt`, `tls.key`, `ca.crt`).
+
+use std::path::Path;
+
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+
+use super::{cert, chain, CaError, CertDer, PrivateKey, SigningMaterial};
+
+const ISTIO_FILES: [&str; 4] = [
+    "ca-cert.pem",
+    "ca-key.pem",
+    "root-cert.pem",
+    "cert-chain.pem",
+];
+const TLS_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+
+/// Why a certificate cannot sign others, or `None` if it can (CA:true, keyCertSign if keyUsage is present).
+pub(crate) fn signing_cert_problem(c: &X509Certificate<'_>) -> Option<String> {
+    match c.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => return Some("basicConstraints CA:true is missing".into()),
+        Err(e) => return Some(format!("bad basicConstraints ({e})")),
+    }
+    match c.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => Some("keyUsage lacks keyCertSign".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("bad keyUsage ({e})")),
+    }
+}
+
+/// Loads and checks a plug-in CA directory. Refuses, naming the problem, an incomplete set,
+/// a key that does not match its certificate, a signing cert that is not a CA, or a chain
+/// that does not verify to the root at `now`.
+pub fn load_plugin_dir(dir: &Path, now: OffsetDateTime) -> Result<SigningMaterial, CaError> {
+    let has = |f: &str| dir.join(f).is_file();
+    let (cert_f, key_f, root_f, chain_f) = if ISTIO_FILES.iter().any(|f| has(f)) {
+        require(dir, &ISTIO_FILES)?;
+        (
+            "ca-cert.pem",
+            "ca-key.pem",
+            "root-cert.pem",
+            Some("cert-chain.pem"),
+        )
+    } else if TLS_FILES.iter().any(|f| has(f)) {
+        require(dir, &TLS_FILES)?;
+        ("tls.crt", "tls.key", "ca.crt", None)
+    } else {
+        return Err(CaError::PluginIncomplete {
+            dir: dir.display().to_string(),
+            missing: vec![ISTIO_FILES.join(", ") + " (or tls.crt, tls.key, ca.crt)"],
+        });
+    };
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).map_err(|e| CaError::CertificateInvalid {
+            what: dir.join(f).display().to_string(),
+            why: e.to_string(),
+        })
+    };
+    let signer_chain = cert::certs_from_pem(&read(cert_f)?, cert_f)?;
+    let roots = cert::certs_from_pem(&read(root_f)?, root_f)?;
+    let signer_key = PrivateKey::from_pem(&read(key_f)?, key_f)?;
+    let extra = match chain_f {
+        Some(f) => cert::certs_from_pem(&read(f)?, f)?,
+        None => Vec::new(),
+    };
+    let signer_cert = signer_chain[0].clone();
+    check_signer(&signer_cert, &signer_key, cert_f, key_f)?;
+    // cert-chain.pem usually repeats ca-cert.pem and the root; keep only what lies between.
+    let mut intermediates: Vec<CertDer> = Vec::new();
+    for c in signer_chain[1..].iter().chain(extra.iter()) {
+        let known = c.as_ref() == signer_cert.as_ref()
+            || roots.iter().any(|r| r.as_ref() == c.as_ref())
+            || intermediates.iter().any(|i| i.as_ref() == c.as_ref());
+        if !known {
+            intermediates.push(c.clone());
+        }
+    }
+    let mut path = vec![signer_cert.clone()];
+    path.extend(intermediates.iter().cloned());
+    chain::verify_ca_chain(&path, &roots, now)
+        .map_err(|why| CaError::PluginChainInvalid { why })?;
+    Ok(SigningMaterial {
+        signer_cert,
+        signer_key,
+        intermediates,
+        roots,
+    })
+}
+
+fn require(dir: &Path, files: &[&str]) -> Result<(), CaError> {
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|f| !dir.join(f).is_file())
+        .map(|f| f.to_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CaError::PluginIncomplete {
+            dir: dir.display().to_string(),
+            missing,
+        })
+    }
+}
+
+fn check_signer(
+    signer: &CertDer,
+    key: &PrivateKey,
+    cert_f: &str,
+    key_f: &str,
+) -> Result<(), CaError> {
+    let parsed = cert::parse(signer, cert_f)?;
+    if let Some(why) = signing_cert_problem(&parsed) {
+        return Err(CaError::PluginNotCa {
+            what: cert_f.to_owned(),
+            why,
+        });
+    }
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(CaError::PluginKeyMismatch {
+            key: key_f.to_owned(),
+            cert: cert_f.to_owned(),
+        });
+    }
+    Ok(())
+}

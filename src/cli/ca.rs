@@ -1,0 +1,188 @@
+//! `meshid ca ...`: create the authority, issue intermediates for other clusters.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use crate::{
+    ca::{cert, plugin, root, Authority, IssuancePolicy, KeyType},
+    clock::{Clock, SystemClock},
+    spiffe::TrustDomain,
+    state::{write_file_atomic, CaState, DirStore, IssuedIntermediate, StateStore},
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum CaCommand {
+    /// Create a new authority: generate a self-signed root, or import a plug-in CA.
+    Init(InitArgs),
+    /// Issue an intermediate CA for another cluster sharing this root, in Istio's `cacerts` layout.
+    Intermediate(IntermediateArgs),
+}
+
+#[derive(Debug, Args)]
+pub(super) struct InitArgs {
+    /// Trust domain of the mesh, e.g. cluster.local.
+    #[arg(long)]
+    trust_domain: TrustDomain,
+    /// Directory for the CA state (created 0700 if missing; must not hold a state already).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Key algorithm of the generated root.
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    key_type: KeyType,
+    /// Lifetime of the generated root.
+    #[arg(long, value_parser = super::duration_arg, default_value = "10y")]
+    root_ttl: Duration,
+    /// Import a plug-in CA instead of generating a root: a directory with Istio's cacerts files
+    /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) or tls.crt, tls.key, ca.crt.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["key_type", "root_ttl"])]
+    from_plugin: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct IntermediateArgs {
+    /// Directory of the CA state holding the root.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Name of the cluster the intermediate is for (appears in its subject).
+    #[arg(long)]
+    cluster: String,
+    /// Directory to write ca-cert.pem, ca-key.pem (0600), root-cert.pem and cert-chain.pem to.
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// Lifetime of the intermediate (capped to the root's).
+    #[arg(long, value_parser = super::duration_arg, default_value = "1y")]
+    ttl: Duration,
+    /// Key algorithm of the intermediate.
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    key_type: KeyType,
+}
+
+impl CaCommand {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Init(a) => init(a),
+            Self::Intermediate(a) => intermediate(a),
+        }
+        .map(|()| ExitCode::SUCCESS)
+    }
+}
+
+fn init(a: InitArgs) -> anyhow::Result<()> {
+    let store = DirStore::new(&a.state_dir);
+    if store
+        .load()
+        .with_context(|| format!("reading {}", store.location()))?
+        .is_some()
+    {
+        bail!(
+            "a CA state already exists in {}; refusing to overwrite it",
+            store.location()
+        );
+    }
+    let now = SystemClock.now();
+    let state = match &a.from_plugin {
+        Some(dir) => {
+            let material = plugin::load_plugin_dir(dir, now)?;
+            CaState::from_plugin(a.trust_domain.clone(), &material, now)?
+        }
+        None => {
+            let ca = root::generate_root(&a.trust_domain, a.key_type, a.root_ttl, now)?;
+            CaState::with_generated_root(a.trust_domain.clone(), &ca, now)
+        }
+    };
+    // Prove the authority works before anything is written.
+    let authority = Authority::new(
+        a.trust_domain.clone(),
+        state.signing_material()?,
+        IssuancePolicy::default(),
+        Arc::new(SystemClock),
+    )?;
+    authority.self_test()?;
+    let generation = store.compare_and_swap(None, &state)?;
+    let root = state.signing_root()?;
+    println!(
+        "initialized CA for trust domain {} in {} (generation {generation})",
+        a.trust_domain,
+        store.location()
+    );
+    println!(
+        "  root {} ({:?}), signing until {}",
+        root.id,
+        root.origin,
+        crate::clock::rfc3339(authority.chain_not_after())
+    );
+    Ok(())
+}
+
+fn intermediate(a: IntermediateArgs) -> anyhow::Result<()> {
+    let store = DirStore::new(&a.state_dir);
+    let current = store.load_existing()?;
+    let state = &current.state;
+    let root = state.signing_root()?;
+    let Some(root_key) = &root.private_key else {
+        bail!(
+            "the active root {} was imported without its key (plug-in CA); intermediates must be issued by whoever holds that root's key",
+            root.id
+        );
+    };
+    let root_cert = root.cert_der()?;
+    let root_key = root_key.to_key("root key")?;
+    let now = SystemClock.now();
+    let ca = root::issue_intermediate(
+        &state.trust_domain,
+        &a.cluster,
+        &root_cert,
+        &root_key,
+        a.key_type,
+        a.ttl,
+        now,
+    )?;
+    let parsed = cert::parse(&ca.cert, "intermediate")?;
+    let mut next = state.clone();
+    next.intermediates.push(IssuedIntermediate {
+        cluster: a.cluster.clone(),
+        serial: ca.serial.to_string(),
+        root_id: root.id.clone(),
+        not_after: parsed.validity().not_after.to_datetime(),
+        certificate: cert::to_pem(&ca.cert),
+    });
+    // Record first: a crash after this leaves a recorded intermediate whose files can be re-made,
+    // never key files for an intermediate the state does not know.
+    store.compare_and_swap(Some(current.generation), &next)?;
+    let roots = state.trusted_roots()?;
+    write_cacerts(&a.out_dir, &ca, &root_cert, &roots)?;
+    println!(
+        "issued intermediate for cluster {} (serial {}, valid until {}) into {}",
+        a.cluster,
+        ca.serial,
+        crate::clock::rfc3339(parsed.validity().not_after.to_datetime()),
+        a.out_dir.display()
+    );
+    Ok(())
+}
+
+fn write_cacerts(
+    dir: &std::path::Path,
+    ca: &root::NewCa,
+    root_cert: &cert::CertDer,
+    roots: &[cert::CertDer],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = ca.key.secret_pkcs8_pem();
+    write_file_atomic(&dir.join("ca-key.pem"), key.as_bytes(), 0o600)?;
+    write_file_atomic(
+        &dir.join("ca-cert.pem"),
+        cert::to_pem(&ca.cert).as_bytes(),
+        0o644,
+    )?;
+    let chain = cert::to_pem_bundle([&ca.cert, root_cert]);
+    write_file_atomic(&dir.join("cert-chain.pem"), chain.as_bytes(), 0o644)?;
+    write_file_atomic(
+        &dir.join("root-cert.pem"),
+        cert::to_pem_bundle(roots).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}

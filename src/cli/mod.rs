@@ -1,0 +1,56 @@
+//! Commands: one file per subcommand; each parses, calls the library, prints.
+
+mod ca;
+mod cert;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// meshid: a certificate authority and identity issuer for service meshes.
+#[derive(Debug, Parser)]
+#[command(name = "meshid", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and manage the certificate authority (roots, intermediates).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// Issue and inspect certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
+}
+
+/// Output format of commands that print a report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Parses the command line, runs the command, and maps failure to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ca(c) => c.run(),
+        Command::Cert(c) => c.run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses a duration flag (`1h`, `30m`, `10y`).
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_duration(s)
+}

@@ -1,0 +1,379 @@
+//! The embedded state store: one checksummed JSON document in a directory, written
+//! atomically under an exclusive lock, with compare-and-swap on its generation.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{
+    atomic::{commit_temp, temp_prefix, write_temp},
+    CaState, Generation, StateError, StateStore, Versioned,
+};
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = ".lock";
+const FORMAT: &str = "meshid-ca-state/v1";
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The on-disk envelope. The checksum covers format, generation and the exact state text,
+/// so a torn or bit-rotted file is detected rather than half-read.
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    format: String,
+    generation: u64,
+    checksum: String,
+    #[serde(borrow)]
+    state: &'a RawValue,
+}
+
+fn checksum(format: &str, generation: u64, body: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(format!("{format}\n{generation}\n").as_bytes());
+    ctx.update(body.as_bytes());
+    format!("sha256:{}", crate::ca::cert::hex(ctx.finish().as_ref()))
+}
+
+/// A state directory: `state.json` (0600), `.lock`, in a 0700 directory.
+#[derive(Clone, Debug)]
+pub struct DirStore {
+    dir: PathBuf,
+}
+
+/// Where a write stops, to simulate a crash in tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CrashPoint {
+    None,
+    BeforeRename,
+}
+
+// === impl DirStore ===
+
+impl DirStore {
+    /// A store in `dir`; nothing is touched until the first read or write.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The state file's path.
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    fn io<'a>(
+        &self,
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+        move |source| StateError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> Result<File, StateError> {
+        if !self.dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(self.io("create directory", &self.dir))?;
+        }
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(self.io("open lock", &path))?;
+        let start = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StateError::LockTimeout {
+                        path,
+                        secs: LOCK_TIMEOUT.as_secs(),
+                    })
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(self.io("lock", &path)(e)),
+            }
+        }
+    }
+
+    fn read(&self) -> Result<Option<Versioned>, StateError> {
+        let path = self.state_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io("read", &path)(e)),
+        };
+        let corrupted = |why: String| StateError::Corrupted {
+            path: path.clone(),
+            why,
+        };
+        let env: Envelope<'_> = serde_json::from_slice(&bytes)
+            .map_err(|e| corrupted(format!("not a state document: {e}")))?;
+        if env.format != FORMAT {
+            return Err(StateError::UnsupportedFormat {
+                path,
+                found: env.format,
+                expected: FORMAT,
+            });
+        }
+        if checksum(&env.format, env.generation, env.state.get()) != env.checksum {
+            return Err(corrupted("checksum mismatch".into()));
+        }
+        let state: CaState = serde_json::from_str(env.state.get())
+            .map_err(|e| corrupted(format!("bad state body: {e}")))?;
+        state.validate()?;
+        Ok(Some(Versioned {
+            generation: Generation(env.generation),
+            state,
+        }))
+    }
+
+    fn remove_stale_temps(&self) {
+        let prefix = temp_prefix(&self.state_path());
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        expected: Option<Generation>,
+        state: &CaState,
+        crash: CrashPoint,
+    ) -> Result<Generation, StateError> {
+        state.validate()?;
+        let _lock = self.lock()?;
+        let found = self.read()?.map(|v| v.generation);
+        if found != expected {
+            return Err(StateError::Conflict { expected, found });
+        }
+        self.remove_stale_temps();
+        let generation = found.map_or(1, |g| g.0 + 1);
+        let body =
+            serde_json::to_string_pretty(state).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let raw = RawValue::from_string(body).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let env = Envelope {
+            format: FORMAT.into(),
+            generation,
+            checksum: checksum(FORMAT, generation, raw.get()),
+            state: &raw,
+        };
+        let bytes = serde_json::to_vec(&env).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let path = self.state_path();
+        let tmp = write_temp(&path, &bytes, 0o600)?;
+        if crash == CrashPoint::BeforeRename {
+            return Err(StateError::Invalid("simulated crash before rename".into()));
+        }
+        commit_temp(&tmp, &path)?;
+        Ok(Generation(generation))
+    }
+}
+
+impl StateStore for DirStore {
+    fn load(&self) -> Result<Option<Versioned>, StateError> {
+        self.read()
+    }
+
+    fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        state: &CaState,
+    ) -> Result<Generation, StateError> {
+        self.write(expected, state, CrashPoint::None)
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::unix::fs::PermissionsExt,
+        sync::{Arc, Barrier},
+    };
+
+    use super::*;
+    use crate::{
+        ca::{cert, root, KeyType},
+        spiffe::TrustDomain,
+        state::{RootOrigin, RootRecord, RootState, SecretPem},
+    };
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn sample_state() -> CaState {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+        CaState {
+            trust_domain: td,
+            key_type: KeyType::EcdsaP256,
+            roots: vec![RootRecord {
+                id: cert::fingerprint_id(&ca.cert),
+                state: RootState::Active,
+                origin: RootOrigin::Generated,
+                created_at: now.replace_nanosecond(0).unwrap(),
+                certificate: cert::to_pem(&ca.cert),
+                private_key: Some(SecretPem::from_key(&ca.key)),
+                signer: None,
+            }],
+            intermediates: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trips_with_0600_file_and_0700_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("state"));
+        assert!(store.load().unwrap().is_none());
+        let state = sample_state();
+        assert_eq!(store.compare_and_swap(None, &state).unwrap(), Generation(1));
+        let v = store.load().unwrap().unwrap();
+        assert_eq!((v.generation, &v.state), (Generation(1), &state));
+        assert_eq!(mode_of(&store.state_path()), 0o600);
+        assert_eq!(mode_of(&tmp.path().join("state")), 0o700);
+    }
+
+    #[test]
+    fn crash_before_rename_leaves_previous_state_readable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        let first = sample_state();
+        store.compare_and_swap(None, &first).unwrap();
+        let second = sample_state();
+        let err = store
+            .write(Some(Generation(1)), &second, CrashPoint::BeforeRename)
+            .unwrap_err();
+        assert!(err.to_string().contains("simulated crash"));
+        // The temp file is still there, as after a real crash, and the old state reads fine.
+        let leftovers = fs::read_dir(tmp.path()).unwrap().filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".state.json.tmp.")
+        });
+        assert_eq!(leftovers.count(), 1);
+        let v = store.load().unwrap().unwrap();
+        assert_eq!((v.generation, &v.state), (Generation(1), &first));
+        // The next write succeeds and sweeps the leftover.
+        assert_eq!(
+            store
+                .compare_and_swap(Some(Generation(1)), &second)
+                .unwrap(),
+            Generation(2)
+        );
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.to_string_lossy().contains(".tmp.")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn torn_and_tampered_files_are_reported_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        store.compare_and_swap(None, &sample_state()).unwrap();
+        let path = store.state_path();
+        let good = fs::read(&path).unwrap();
+
+        fs::write(&path, &good[..good.len() / 2]).unwrap();
+        assert!(matches!(
+            store.load().unwrap_err(),
+            StateError::Corrupted { .. }
+        ));
+        let err = store
+            .compare_and_swap(Some(Generation(1)), &sample_state())
+            .unwrap_err();
+        assert!(matches!(err, StateError::Corrupted { .. }), "{err}");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            &good[..good.len() / 2],
+            "corrupted file left untouched"
+        );
+
+        let tampered =
+            String::from_utf8(good)
+                .unwrap()
+                .replacen("\"generation\":1", "\"generation\":7", 1);
+        fs::write(&path, tampered).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn concurrent_writers_one_wins_other_conflicts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        store.compare_and_swap(None, &sample_state()).unwrap();
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                let state = sample_state();
+                std::thread::spawn(move || {
+                    let seen = store.load().unwrap().unwrap().generation;
+                    barrier.wait();
+                    store.compare_and_swap(Some(seen), &state)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "{results:?}");
+        let err = results.into_iter().find_map(Result::err).unwrap();
+        match err {
+            StateError::Conflict { expected, found } => {
+                assert_eq!(
+                    (expected, found),
+                    (Some(Generation(1)), Some(Generation(2)))
+                )
+            }
+            other => panic!("expected a conflict, got {other}"),
+        }
+        assert_eq!(store.load().unwrap().unwrap().generation, Generation(2));
+    }
+
+    #[test]
+    fn invalid_state_is_not_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        let mut state = sample_state();
+        state.roots[0].private_key = None;
+        assert!(matches!(
+            store.compare_and_swap(None, &state).unwrap_err(),
+            StateError::Invalid(_)
+        ));
+        assert!(!store.state_path().exists());
+    }
+}

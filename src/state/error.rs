@@ -1,0 +1,47 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use super::Generation;
+
+/// Why the state could not be read or written. Nothing is changed when one of these is returned.
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupted ({why}); it was left untouched: restore it from a backup or move it away and run `meshid ca init` again")]
+    Corrupted { path: PathBuf, why: String },
+    #[error("state file {path} has format {found:?}, which this meshid does not read (expected {expected:?})")]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("state changed underneath this writer: expected generation {}, found {}; another meshid process wrote it first. Nothing was written: reload and retry", fmt_gen(.expected), fmt_gen(.found))]
+    Conflict {
+        expected: Option<Generation>,
+        found: Option<Generation>,
+    },
+    #[error("a CA state already exists in {path}; refusing to overwrite it")]
+    AlreadyInitialized { path: PathBuf },
+    #[error("no CA state in {path}; create one with `meshid ca init --state-dir {}`", path.display())]
+    NotInitialized { path: PathBuf },
+    #[error(
+        "timed out after {secs}s waiting for the lock on {path}; is another meshid process stuck?"
+    )]
+    LockTimeout { path: PathBuf, secs: u64 },
+    #[error("CA state is invalid: {0}")]
+    Invalid(String),
+}
+
+fn fmt_gen(g: &Option<Generation>) -> String {
+    match g {
+        Some(g) => g.to_string(),
+        None => "none (no state yet)".into(),
+    }
+}

@@ -1,0 +1,50 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CaState, StateError};
+
+/// Monotonic version of the stored state; every successful write increments it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Generation(pub u64);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A state as read, with the generation a later write must name.
+#[derive(Debug)]
+pub struct Versioned {
+    pub generation: Generation,
+    pub state: CaState,
+}
+
+/// Where the CA state lives. Implementations serialize writers and never overwrite a state
+/// they did not read: `compare_and_swap` fails with `Conflict` when the generation moved.
+/// The directory store is the embedded default; a Kubernetes Secret store implements the
+/// same contract with the Secret's resourceVersion.
+pub trait StateStore: Send + Sync {
+    /// Reads the current state; `None` if nothing was ever written.
+    fn load(&self) -> Result<Option<Versioned>, StateError>;
+
+    /// Writes `state` if the stored generation is still `expected` (`None`: nothing stored yet).
+    /// Returns the new generation.
+    fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        state: &CaState,
+    ) -> Result<Generation, StateError>;
+
+    /// Where the state lives, for messages.
+    fn location(&self) -> String;
+
+    /// Reads the state, failing with `NotInitialized` if there is none.
+    fn load_existing(&self) -> Result<Versioned, StateError> {
+        self.load()?.ok_or_else(|| StateError::NotInitialized {
+            path: self.location().into(),
+        })
+    }
+}
