@@ -40,7 +40,7 @@ pub fn fmt_duration(d: Duration) -> String {
     }
     let (unit, mult) = UNITS
         .iter()
-        .find(|(_, m)| secs % m == 0)
+        .find(|(_, m)| secs.is_multiple_of(*m))
         .copied()
         .unwrap_or(("s", 1));
     format!("{}{unit}", secs / mult)

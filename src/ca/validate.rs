@@ -209,3 +209,189 @@ fn check_validity(c: &X509Certificate<'_>, want: &LeafExpectation<'_>) -> Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{ExtendedKeyUsagePurpose as Eku, Issuer, KeyUsagePurpose as Ku};
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+    use crate::ca::{profile, root, KeyType, PrivateKey};
+
+    struct Fixture {
+        td: TrustDomain,
+        root: root::NewCa,
+        leaf_key: PrivateKey,
+        id: SpiffeId,
+        serial: Serial,
+        now: OffsetDateTime,
+    }
+
+    fn fixture() -> Fixture {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        Fixture {
+            root: root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now)
+                .unwrap(),
+            leaf_key: PrivateKey::generate(KeyType::EcdsaP256).unwrap(),
+            id: SpiffeId::for_service_account(&td, "ns1", "sa1").unwrap(),
+            serial: Serial::random().unwrap(),
+            td,
+            now,
+        }
+    }
+
+    fn sign(f: &Fixture, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> Result<(), CaError> {
+        let nb = f.now - Duration::seconds(60);
+        let mut p = profile::leaf(&f.id, &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
+        edit(&mut p);
+        let issuer = Issuer::from_ca_cert_der(&f.root.cert, &f.root.key).unwrap();
+        let leaf = p.signed_by(&f.leaf_key, &issuer).unwrap();
+        let root = cert::parse(&f.root.cert, "root").unwrap();
+        let v = LeafValidator::new(f.td.clone(), &root);
+        v.validate(
+            leaf.der(),
+            &LeafExpectation {
+                id: &f.id,
+                serial: &f.serial,
+                public_key_raw: f.leaf_key.public_key_raw(),
+                rsa_key: false,
+                not_before: nb,
+                not_after_max: f.now + Duration::hours(2),
+            },
+        )
+    }
+
+    fn rule_of(r: Result<(), CaError>) -> String {
+        match r {
+            Err(CaError::LeafRejected { rule }) => rule,
+            other => panic!("expected LeafRejected, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_template_passes() {
+        sign(&fixture(), |_| {}).unwrap();
+    }
+
+    /// One row per profile rule: a certificate breaking it is refused, naming the rule.
+    #[test]
+    fn every_rule_is_enforced() {
+        type Edit = Box<dyn FnOnce(&mut rcgen::CertificateParams)>;
+        let other = SpiffeId::parse("spiffe://example.org/ns/x/sa/y").unwrap();
+        let foreign = SpiffeId::parse("spiffe://evil.org/ns/ns1/sa/sa1").unwrap();
+        let uri = |id: &SpiffeId| rcgen::SanType::URI(id.to_string().try_into().unwrap());
+        let rows: Vec<(&str, Edit, &str)> = vec![
+            (
+                "two SANs",
+                {
+                    let u = uri(&other);
+                    Box::new(move |p| p.subject_alt_names.push(u))
+                },
+                "exactly one SAN",
+            ),
+            (
+                "DNS SAN",
+                Box::new(|p| {
+                    p.subject_alt_names =
+                        vec![rcgen::SanType::DnsName("a.example".try_into().unwrap())]
+                }),
+                "exactly one SAN",
+            ),
+            (
+                "other identity",
+                {
+                    let u = uri(&other);
+                    Box::new(move |p| p.subject_alt_names = vec![u])
+                },
+                "not the authenticated identity",
+            ),
+            (
+                "foreign trust domain",
+                {
+                    let u = uri(&foreign);
+                    Box::new(move |p| p.subject_alt_names = vec![u])
+                },
+                "outside trust domain",
+            ),
+            (
+                "CA:true",
+                Box::new(|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)),
+                "CA:false",
+            ),
+            (
+                "no basicConstraints",
+                Box::new(|p| p.is_ca = rcgen::IsCa::NoCa),
+                "basicConstraints",
+            ),
+            (
+                "keyCertSign",
+                Box::new(|p| p.key_usages.push(Ku::KeyCertSign)),
+                "keyCertSign",
+            ),
+            (
+                "EC keyEncipherment",
+                Box::new(|p| p.key_usages.push(Ku::KeyEncipherment)),
+                "only for RSA",
+            ),
+            (
+                "no digitalSignature",
+                Box::new(|p| p.key_usages = vec![Ku::KeyEncipherment]),
+                "digitalSignature",
+            ),
+            (
+                "no clientAuth",
+                Box::new(|p| p.extended_key_usages = vec![Eku::ServerAuth]),
+                "clientAuth",
+            ),
+            (
+                "wrong serial",
+                Box::new(|p| p.serial_number = Some(rcgen::SerialNumber::from_slice(&[1, 2, 3]))),
+                "serial",
+            ),
+            (
+                "notAfter past chain",
+                Box::new(|p| p.not_after += Duration::hours(5)),
+                "past the issuing chain",
+            ),
+            (
+                "notBefore not backdated",
+                Box::new(|p| p.not_before += Duration::seconds(60)),
+                "notBefore",
+            ),
+        ];
+        for (name, edit, want) in rows {
+            let rule = rule_of(sign(&fixture(), edit));
+            assert!(
+                rule.contains(want),
+                "row {name:?}: rule {rule:?} should mention {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_different_issuer_is_refused() {
+        let f = fixture();
+        let stranger =
+            root::generate_root(&f.td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, f.now).unwrap();
+        let nb = f.now - Duration::seconds(60);
+        let p = profile::leaf(&f.id, &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
+        let leaf = p
+            .signed_by(
+                &f.leaf_key,
+                &Issuer::from_ca_cert_der(&stranger.cert, &stranger.key).unwrap(),
+            )
+            .unwrap();
+        let v = LeafValidator::new(f.td.clone(), &cert::parse(&f.root.cert, "root").unwrap());
+        let want = LeafExpectation {
+            id: &f.id,
+            serial: &f.serial,
+            public_key_raw: f.leaf_key.public_key_raw(),
+            rsa_key: false,
+            not_before: nb,
+            not_after_max: f.now + Duration::hours(2),
+        };
+        let rule = rule_of(v.validate(leaf.der(), &want));
+        assert!(rule.contains("issuer name"), "{rule}");
+    }
+}
