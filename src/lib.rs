@@ -8,5 +8,6 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod duration;
+pub mod identity;
 pub mod spiffe;
 pub mod state;

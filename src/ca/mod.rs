@@ -5,7 +5,7 @@ mod authority;
 pub mod cert;
 pub mod chain;
 pub mod csr;
-mod der;
+pub(crate) mod der;
 mod error;
 mod key;
 pub mod plugin;

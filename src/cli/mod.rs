@@ -2,7 +2,9 @@
 
 mod ca;
 mod cert;
+mod dev;
 mod inspect;
+mod token;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,12 @@ enum Command {
     /// Issue and inspect certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Check service-account tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Local stand-ins for cluster parts, for development and tests.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
 }
 
 /// Output format of commands that print a report.
@@ -40,6 +48,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(c) => c.run(),
         Command::Cert(c) => c.run(),
+        Command::Token(c) => c.run(),
+        Command::Dev(c) => c.run(),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,26 @@
+//! Who is calling: Kubernetes service-account tokens validated by TokenReview (through the
+//! `kube` client) or locally against the issuer's JWKS, with a cache, single-flight, a rate
+//! limit in front of the API server, and routing by cluster.
+
+mod cache;
+pub mod dev_issuer;
+mod error;
+mod http;
+mod jwks;
+mod jwt;
+mod limiter;
+mod model;
+mod router;
+mod tokenreview;
+
+pub use cache::{CacheConfig, CachingValidator};
+pub use error::IdentityError;
+pub use jwks::{Jwk, JwkSet, JwksSource, JwksValidator, JwtConfig};
+pub use jwt::{sign_token, ServiceAccountClaims};
+pub use limiter::{RateLimit, RateLimiter};
+pub use model::{ClusterId, Identity, PodRef, Token, TokenValidator, ValidateFuture};
+pub use router::ClusterRouter;
+pub use tokenreview::{TokenReviewConfig, TokenReviewValidator};
+
+/// The audience meshid asks for by default (Istio's).
+pub const DEFAULT_AUDIENCE: &str = "istio-ca";
