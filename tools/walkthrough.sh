@@ -13,6 +13,14 @@ cargo build --quiet --release
 echo "==> meshid ca init: a self-signed ECDSA P-256 root for trust domain cluster.local"
 meshid ca init --trust-domain cluster.local --state-dir "$work/state"
 
+echo "==> meshid dev issuer + dev token: a local stand-in for the cluster's service-account issuer"
+meshid dev issuer init --dir "$work/issuer"
+token=$(meshid dev token --issuer-dir "$work/issuer" --namespace shop --service-account product-service \
+  --pod-name product-service-7d4b9 --pod-uid 6f1c2a30-0000-4000-8000-000000000001)
+
+echo "==> meshid token verify: the token proves the identity spiffe://cluster.local/ns/shop/sa/product-service"
+meshid token verify --jwks "$work/issuer/jwks.json" --issuer https://kubernetes.default.svc.cluster.local "$token"
+
 echo "==> meshid cert issue: an SVID for product-service (server-generated key)"
 meshid cert issue --state-dir "$work/state" \
   --spiffe-id spiffe://cluster.local/ns/shop/sa/product-service --ttl 1h --out-dir "$work/product"

@@ -289,8 +289,8 @@ impl JwksValidator {
 
     fn stale(&self) -> bool {
         let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        !k.fetched_at
-            .is_some_and(|t| t.elapsed() < self.cfg.refresh_interval)
+        k.fetched_at
+            .is_none_or(|t| t.elapsed() >= self.cfg.refresh_interval)
     }
 
     async fn validate_token(&self, token: &Token) -> Result<Identity, IdentityError> {

@@ -2,6 +2,8 @@
 
 mod cli;
 mod csr_refusals;
+mod fake_apiserver;
+mod identity;
 mod openssl;
 mod plugin_import;
 mod profiles;

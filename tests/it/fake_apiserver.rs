@@ -1,0 +1,287 @@
+//! A fake kube-apiserver: HTTPS on 127.0.0.1 speaking the real REST wire format, so the real
+//! `kube` client talks to it. Serves TokenReview (scriptable: answers, errors, slowness),
+//! OIDC discovery and the JWKS. Routes are a table, built to grow (pods, endpointslices, ...).
+//! It runs on the test's tokio runtime and stops with it.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use serde_json::{json, Value};
+
+/// What the fake answers to a TokenReview.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// `status` of the returned TokenReview.
+    Status(Value),
+    /// An API error (`kind: Status`) with this HTTP code.
+    Error(u16, String),
+}
+
+type Reviewer = Arc<dyn Fn(&str, &[String]) -> Reply + Send + Sync>;
+
+pub struct Shared {
+    pub issuer: String,
+    reviewer: Mutex<Reviewer>,
+    pub tokenreview_calls: AtomicUsize,
+    pub last_review: Mutex<Option<Value>>,
+    pub delay: Mutex<Duration>,
+    pub jwks: Mutex<Value>,
+    pub jwks_fetches: AtomicUsize,
+}
+
+pub struct FakeApiServer {
+    pub addr: SocketAddr,
+    /// PEM of the CA that signed the server certificate.
+    pub ca_pem: String,
+    pub shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers like a real API server for a service-account JWT: authenticated as the token's
+/// subject, pod from its claims, audiences = requested ∩ token's.
+pub fn reviewer_from_claims(token: &str, audiences: &[String]) -> Reply {
+    let Some(claims) = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        return Reply::Status(json!({"authenticated": false, "error": "invalid bearer token"}));
+    };
+    let token_aud: Vec<String> = match &claims["aud"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        _ => vec![],
+    };
+    let aud: Vec<&String> = audiences.iter().filter(|a| token_aud.contains(a)).collect();
+    if aud.is_empty() {
+        return Reply::Status(
+            json!({"authenticated": false, "error": "token audiences do not match"}),
+        );
+    }
+    let k = &claims["kubernetes.io"];
+    let mut extra = json!({});
+    if let Some(pod) = k.get("pod") {
+        extra = json!({
+            "authentication.kubernetes.io/pod-name": [pod["name"]],
+            "authentication.kubernetes.io/pod-uid": [pod["uid"]],
+        });
+    }
+    Reply::Status(json!({
+        "authenticated": true,
+        "user": {
+            "username": claims["sub"],
+            "uid": k["serviceaccount"]["uid"],
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", k["namespace"].as_str().unwrap_or(""))],
+            "extra": extra,
+        },
+        "audiences": aud,
+    }))
+}
+
+impl FakeApiServer {
+    /// Starts the server on a free port of 127.0.0.1.
+    pub async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf_params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &Issuer::new(ca_params, &ca_key))
+            .unwrap();
+
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            issuer: format!("https://{addr}"),
+            reviewer: Mutex::new(Arc::new(reviewer_from_claims)),
+            tokenreview_calls: AtomicUsize::new(0),
+            last_review: Mutex::new(None),
+            delay: Mutex::new(Duration::ZERO),
+            jwks: Mutex::new(json!({"keys": []})),
+            jwks_fetches: AtomicUsize::new(0),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, s) = (acceptor.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |req| handle(s.clone(), req));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_pem: ca_cert.pem(),
+            shared,
+            task,
+        }
+    }
+
+    /// Replaces the TokenReview answer.
+    pub fn set_reviewer(&self, f: impl Fn(&str, &[String]) -> Reply + Send + Sync + 'static) {
+        *self.shared.reviewer.lock().unwrap() = Arc::new(f);
+    }
+
+    /// Delays every TokenReview answer.
+    pub fn set_delay(&self, d: Duration) {
+        *self.shared.delay.lock().unwrap() = d;
+    }
+
+    pub fn set_jwks(&self, jwks: &impl serde::Serialize) {
+        *self.shared.jwks.lock().unwrap() = serde_json::to_value(jwks).unwrap();
+    }
+
+    pub fn tokenreview_calls(&self) -> usize {
+        self.shared.tokenreview_calls.load(Ordering::SeqCst)
+    }
+
+    /// A kubeconfig pointing at this server, with a bearer token for the client itself.
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: meshid\nusers:\n- name: meshid\n  user:\n    token: meshid-client-token\n",
+            self.addr,
+            STANDARD.encode(&self.ca_pem)
+        )
+    }
+
+    /// A real `kube::Client` for this server.
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml()).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(cfg).unwrap()
+    }
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).unwrap())))
+        .unwrap()
+}
+
+fn status_error(code: u16, message: &str) -> Response<Full<Bytes>> {
+    let reason = match code {
+        403 => "Forbidden",
+        404 => "NotFound",
+        429 => "TooManyRequests",
+        _ => "InternalError",
+    };
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    json_response(StatusCode::from_u16(code).unwrap(), &body)
+}
+
+async fn handle(
+    s: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    Ok(match (method, path.as_str()) {
+        (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
+            let body = req.into_body().collect().await?.to_bytes();
+            tokenreview(&s, &body).await
+        }
+        (Method::GET, "/.well-known/openid-configuration") => json_response(
+            StatusCode::OK,
+            &json!({"issuer": s.issuer, "jwks_uri": format!("{}/openid/v1/jwks", s.issuer),
+                "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256", "ES256"]}),
+        ),
+        (Method::GET, "/openid/v1/jwks") => {
+            s.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+            let jwks = s.jwks.lock().unwrap().clone();
+            json_response(StatusCode::OK, &jwks)
+        }
+        (_, p) => status_error(
+            404,
+            &format!("the server could not find the requested resource ({p})"),
+        ),
+    })
+}
+
+async fn tokenreview(s: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
+    s.tokenreview_calls.fetch_add(1, Ordering::SeqCst);
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return status_error(400, "bad TokenReview body");
+    };
+    *s.last_review.lock().unwrap() = Some(review.clone());
+    let delay = *s.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let token = review["spec"]["token"].as_str().unwrap_or("");
+    let audiences: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let reviewer = s.reviewer.lock().unwrap().clone();
+    match reviewer(token, &audiences) {
+        Reply::Status(status) => {
+            let mut out = review.clone();
+            out["status"] = status;
+            out["metadata"] = json!({"creationTimestamp": null});
+            json_response(StatusCode::CREATED, &out)
+        }
+        Reply::Error(code, msg) => status_error(code, &msg),
+    }
+}
