@@ -161,8 +161,11 @@ struct KeyCache {
     last_forced: Option<Instant>,
 }
 
-/// Verifies tokens locally against the issuer's keys.
-pub struct JwksValidator {
+/// Verifies tokens locally against the issuer's keys. Stale keys are refreshed in the
+/// background while the current ones keep serving; only the very first fetch is on a request.
+pub struct JwksValidator(Arc<Inner>);
+
+struct Inner {
     cfg: JwtConfig,
     source: JwksSource,
     keys: RwLock<KeyCache>,
@@ -170,6 +173,7 @@ pub struct JwksValidator {
     http: super::http::HttpsGetter,
     clock: Arc<dyn Clock>,
     fetches: std::sync::atomic::AtomicU64,
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 // === impl JwksValidator ===
@@ -177,6 +181,39 @@ pub struct JwksValidator {
 impl JwksValidator {
     /// A validator; keys are fetched on first use.
     pub fn new(
+        cfg: JwtConfig,
+        source: JwksSource,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, IdentityError> {
+        Inner::new(cfg, source, clock).map(|i| Self(Arc::new(i)))
+    }
+
+    /// How many times keys were fetched (for tests and metrics).
+    pub fn fetch_count(&self) -> u64 {
+        self.0.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refresh_in_background(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.0.refreshing.swap(true, AcqRel) {
+            return; // one refresh at a time
+        }
+        let inner = self.0.clone();
+        rt.spawn(async move {
+            // A failed refresh keeps the current keys; the next stale check tries again.
+            let _ = inner.refresh(false).await;
+            inner.refreshing.store(false, Release);
+        });
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn new(
         cfg: JwtConfig,
         source: JwksSource,
         clock: Arc<dyn Clock>,
@@ -195,12 +232,8 @@ impl JwksValidator {
             http,
             clock,
             fetches: Default::default(),
+            refreshing: Default::default(),
         })
-    }
-
-    /// How many times keys were fetched (for tests and metrics).
-    pub fn fetch_count(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn fetch(&self) -> Result<JwkSet, IdentityError> {
@@ -287,6 +320,14 @@ impl JwksValidator {
         }
     }
 
+    fn has_keys(&self) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .fetched_at
+            .is_some()
+    }
+
     fn stale(&self) -> bool {
         let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
         k.fetched_at
@@ -306,19 +347,8 @@ impl JwksValidator {
                 alg: jws.header.alg.clone(),
             });
         }
-        if self.stale() {
-            // A failed periodic refresh keeps the old keys; only with no keys at all is it fatal.
-            if let Err(e) = self.refresh(false).await {
-                if self
-                    .keys
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .fetched_at
-                    .is_none()
-                {
-                    return Err(e);
-                }
-            }
+        if !self.has_keys() {
+            self.refresh(false).await?;
         }
         let kid = jws.header.kid.as_deref();
         let keys = match self.lookup(kid) {
@@ -347,7 +377,10 @@ impl JwksValidator {
 
 impl TokenValidator for JwksValidator {
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a> {
-        Box::pin(self.validate_token(token))
+        if self.0.has_keys() && self.0.stale() {
+            self.refresh_in_background();
+        }
+        Box::pin(self.0.validate_token(token))
     }
 }
 

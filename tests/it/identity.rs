@@ -581,3 +581,33 @@ async fn token_verify_cli() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn stale_keys_keep_serving_while_refreshed_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = issuer_in(dir.path());
+    let mut cfg = JwtConfig::new(ClusterId("c".into()), td(), Some(issuer.issuer().into()));
+    cfg.refresh_interval = Duration::ZERO; // always stale
+    let path = DevIssuer::jwks_path(dir.path());
+    let v = JwksValidator::new(cfg, JwksSource::File(path.clone()), Arc::new(SystemClock)).unwrap();
+    let token = Token::new(
+        issuer
+            .token(&req("a", "b"), OffsetDateTime::now_utc())
+            .unwrap(),
+    );
+    v.validate(&token).await.unwrap();
+    assert_eq!(v.fetch_count(), 1);
+    // The key source goes away: refreshes fail, the keys already fetched keep serving.
+    std::fs::remove_file(&path).unwrap();
+    for _ in 0..3 {
+        v.validate(&token).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..100 {
+        if v.fetch_count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(v.fetch_count() >= 2, "a background refresh was attempted");
+}
