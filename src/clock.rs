@@ -1,13 +1,21 @@
-//! Time as a parameter: everything that reads the time takes a `Clock`, so tests can move it.
+//! Time as a parameter: everything that reads the time or waits for it takes a `Clock`, so
+//! tests move time instead of sleeping.
 
-use std::sync::{Arc, Mutex};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
-/// A source of the current time.
+/// A future that completes at a deadline of some clock.
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A source of the current time, and of waiting for a later one.
 pub trait Clock: Send + Sync + 'static {
     /// The current time, UTC.
     fn now(&self) -> OffsetDateTime;
+
+    /// Completes once `now() >= deadline`.
+    fn sleep_until(&self, deadline: OffsetDateTime) -> Sleep;
 }
 
 /// The system clock.
@@ -18,33 +26,46 @@ impl Clock for SystemClock {
     fn now(&self) -> OffsetDateTime {
         OffsetDateTime::now_utc()
     }
+
+    fn sleep_until(&self, deadline: OffsetDateTime) -> Sleep {
+        let wait = (deadline - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let wait = std::time::Duration::try_from(wait).unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
 }
 
 /// A clock that only moves when told to, for tests and simulations.
 #[derive(Clone, Debug)]
-pub struct ManualClock(Arc<Mutex<OffsetDateTime>>);
+pub struct ManualClock(Arc<watch::Sender<OffsetDateTime>>);
 
 impl ManualClock {
     /// A clock stopped at `at`.
     pub fn new(at: OffsetDateTime) -> Self {
-        Self(Arc::new(Mutex::new(at)))
+        Self(Arc::new(watch::Sender::new(at)))
     }
 
-    /// Moves the clock forward by `by`.
+    /// Moves the clock forward by `by`, waking sleepers whose deadline has come.
     pub fn advance(&self, by: std::time::Duration) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *t += by;
+        self.0.send_modify(|t| *t += by);
     }
 
     /// Sets the clock to `at`.
     pub fn set(&self, at: OffsetDateTime) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+        self.0.send_replace(at);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, deadline: OffsetDateTime) -> Sleep {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as the clock; if it is gone, time never comes.
+            let _ = rx.wait_for(|now| *now >= deadline).await;
+        })
     }
 }
 
@@ -52,4 +73,27 @@ impl Clock for ManualClock {
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn manual_sleep_wakes_when_time_is_moved() {
+        let t0 = OffsetDateTime::now_utc();
+        let clock = ManualClock::new(t0);
+        let sleep = clock.sleep_until(t0 + Duration::from_secs(30));
+        let task = tokio::spawn(sleep);
+        clock.advance(Duration::from_secs(10));
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished());
+        clock.advance(Duration::from_secs(20));
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -4,10 +4,17 @@
 //! Module map: `spiffe` (IDs), `ca` (the authority), `state` (persistence), `cli` (commands).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod duration;
 pub mod identity;
+pub mod rotation;
+pub mod server;
 pub mod spiffe;
 pub mod state;
+pub mod telemetry;
+pub mod tls;
+pub mod trust;

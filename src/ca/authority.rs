@@ -150,7 +150,14 @@ impl Authority {
                 algorithm: e.to_string(),
             }
         })?;
-        self.issue(id, &public_key, csr.public_key_raw(), csr.is_rsa(), ttl)
+        self.issue(
+            id,
+            &[],
+            &public_key,
+            csr.public_key_raw(),
+            csr.is_rsa(),
+            ttl,
+        )
     }
 
     /// Generates a fresh ECDSA P-256 key and a certificate for it (for SDS clients that send
@@ -163,7 +170,21 @@ impl Authority {
         self.check_identity(id)?;
         let ttl = self.policy.ttl_for(ttl)?;
         let key = PrivateKey::generate(KeyType::EcdsaP256)?;
-        let issued = self.issue(id, &key, key.public_key_raw(), false, ttl)?;
+        let issued = self.issue(id, &[], &key, key.public_key_raw(), false, ttl)?;
+        Ok((issued, key))
+    }
+
+    /// A serving certificate for meshid itself: its SPIFFE ID, then the DNS names clients dial.
+    pub fn issue_server_cert(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<(IssuedCert, PrivateKey), CaError> {
+        self.check_identity(id)?;
+        let ttl = self.policy.ttl_for(ttl)?;
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+        let issued = self.issue(id, dns_names, &key, key.public_key_raw(), false, ttl)?;
         Ok((issued, key))
     }
 
@@ -197,6 +218,7 @@ impl Authority {
     fn issue(
         &self,
         id: &SpiffeId,
+        dns_names: &[String],
         public_key: &impl PublicKeyData,
         public_key_raw: &[u8],
         rsa_key: bool,
@@ -215,12 +237,13 @@ impl Authority {
         let not_before = now - self.policy.backdate;
         let not_after = (now + ttl).min(self.chain_not_after);
         let serial = Serial::random()?;
-        let params = profile::leaf(id, &serial, not_before, not_after, rsa_key)?;
+        let params = profile::leaf(id, dns_names, &serial, not_before, not_after, rsa_key)?;
         let leaf = params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| CaError::Crypto(format!("signing failed: {e}")))?;
         let expectation = LeafExpectation {
             id,
+            dns_names,
             serial: &serial,
             public_key_raw,
             rsa_key,

@@ -131,6 +131,11 @@ impl PrivateKey {
         Zeroizing::new(self.pair.serialize_pem())
     }
 
+    /// The PKCS#8 DER encoding, for TLS stacks.
+    pub fn secret_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.pair.serialize_der())
+    }
+
     /// The signer rcgen uses.
     pub(crate) fn signer(&self) -> &KeyPair {
         &self.pair

@@ -15,6 +15,7 @@ pub const DEFAULT_BACKDATE: Duration = Duration::from_secs(60);
 
 /// What the authority decides for every leaf, whatever the request says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct IssuancePolicy {
     /// Lifetime when the request names none (or zero, or a negative one).
     #[serde(with = "serde_duration")]
@@ -76,6 +77,16 @@ impl IssuancePolicy {
             Some(d) => Ok(d),
         }
     }
+}
+
+/// Deserializes a duration written like `1h` (for config structs elsewhere).
+pub fn serde_duration_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    serde_duration::deserialize(d)
+}
+
+/// Serializes a duration as `1h`.
+pub fn serde_duration_ser<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    serde_duration::serialize(d, s)
 }
 
 /// Durations in config and state are written like `1h`, `24h`, `60s`.

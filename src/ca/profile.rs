@@ -80,9 +80,11 @@ pub(crate) fn intermediate(
 }
 
 /// A workload X.509-SVID: empty subject, one critical URI SAN, CA:false, digitalSignature
-/// (+keyEncipherment for RSA), serverAuth + clientAuth.
+/// (+keyEncipherment for RSA), serverAuth + clientAuth. `dns_names` is empty for workloads;
+/// meshid's own serving certificate adds the DNS names clients dial.
 pub(crate) fn leaf(
     id: &SpiffeId,
+    dns_names: &[String],
     serial: &Serial,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
@@ -104,6 +106,13 @@ pub(crate) fn leaf(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     p.subject_alt_names = vec![uri_san(id.to_string())?];
+    for d in dns_names {
+        let name = d
+            .clone()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Crypto(format!("DNS name {d:?}: {e}")))?;
+        p.subject_alt_names.push(SanType::DnsName(name));
+    }
     p.use_authority_key_identifier_extension = true;
     Ok(p)
 }

@@ -15,6 +15,8 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 #[derive(Debug)]
 pub(crate) struct LeafExpectation<'a> {
     pub id: &'a SpiffeId,
+    /// DNS SANs after the URI SAN (only on meshid's own serving certificate).
+    pub dns_names: &'a [String],
     pub serial: &'a Serial,
     pub public_key_raw: &'a [u8],
     pub rsa_key: bool,
@@ -66,7 +68,7 @@ impl LeafValidator {
             return Err("public key is not the requester's".into());
         }
         self.check_issuer(c)?;
-        check_san(c, want.id, &self.td)?;
+        check_san(c, want.id, want.dns_names, &self.td)?;
         check_basic_constraints(c)?;
         check_key_usage(c, want.rsa_key)?;
         check_eku(c)?;
@@ -109,18 +111,36 @@ pub(crate) fn subject_key_id(c: &X509Certificate<'_>) -> Option<Vec<u8>> {
         })
 }
 
-fn check_san(c: &X509Certificate<'_>, id: &SpiffeId, td: &TrustDomain) -> Result<(), String> {
+fn check_san(
+    c: &X509Certificate<'_>,
+    id: &SpiffeId,
+    dns_names: &[String],
+    td: &TrustDomain,
+) -> Result<(), String> {
     let san = c
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
         .ok_or("no subjectAltName")?;
     let names = &san.value.general_names;
-    let [GeneralName::URI(uri)] = names.as_slice() else {
-        return Err(format!(
-            "must have exactly one SAN, a URI; has {}",
-            names.len()
-        ));
+    let count = || {
+        let dns = if dns_names.is_empty() {
+            String::new()
+        } else {
+            format!(", then DNS {dns_names:?}")
+        };
+        format!("must have exactly one SAN, a URI{dns}; has {}", names.len())
     };
+    let Some((GeneralName::URI(uri), dns)) = names.split_first() else {
+        return Err(count());
+    };
+    let dns_ok = dns.len() == dns_names.len()
+        && dns
+            .iter()
+            .zip(dns_names)
+            .all(|(n, want)| matches!(n, GeneralName::DNSName(d) if d == want));
+    if !dns_ok {
+        return Err(count());
+    }
     let parsed =
         SpiffeId::parse(uri).map_err(|e| format!("URI SAN {uri:?} is not a SPIFFE ID: {e}"))?;
     if parsed.trust_domain() != td {
@@ -243,7 +263,8 @@ mod tests {
 
     fn sign(f: &Fixture, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> Result<(), CaError> {
         let nb = f.now - Duration::seconds(60);
-        let mut p = profile::leaf(&f.id, &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
+        let mut p =
+            profile::leaf(&f.id, &[], &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
         edit(&mut p);
         let issuer = Issuer::from_ca_cert_der(&f.root.cert, &f.root.key).unwrap();
         let leaf = p.signed_by(&f.leaf_key, &issuer).unwrap();
@@ -253,6 +274,7 @@ mod tests {
             leaf.der(),
             &LeafExpectation {
                 id: &f.id,
+                dns_names: &[],
                 serial: &f.serial,
                 public_key_raw: f.leaf_key.public_key_raw(),
                 rsa_key: false,
@@ -375,7 +397,8 @@ mod tests {
         let stranger =
             root::generate_root(&f.td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, f.now).unwrap();
         let nb = f.now - Duration::seconds(60);
-        let p = profile::leaf(&f.id, &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
+        let p =
+            profile::leaf(&f.id, &[], &f.serial, nb, f.now + Duration::hours(1), false).unwrap();
         let leaf = p
             .signed_by(
                 &f.leaf_key,
@@ -385,6 +408,7 @@ mod tests {
         let v = LeafValidator::new(f.td.clone(), &cert::parse(&f.root.cert, "root").unwrap());
         let want = LeafExpectation {
             id: &f.id,
+            dns_names: &[],
             serial: &f.serial,
             public_key_raw: f.leaf_key.public_key_raw(),
             rsa_key: false,

@@ -4,6 +4,7 @@ mod ca;
 mod cert;
 mod dev;
 mod inspect;
+mod server;
 mod token;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     /// Check service-account tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Run the CA service: Envoy SDS and Istio's CSR API over gRPC+TLS, plus /metrics and health.
+    Server(server::ServerArgs),
     /// Local stand-ins for cluster parts, for development and tests.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -50,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Cert(c) => c.run(),
         Command::Token(c) => c.run(),
         Command::Dev(c) => c.run(),
+        Command::Server(c) => c.run(),
     };
     match result {
         Ok(code) => code,

@@ -143,4 +143,8 @@ impl<V: TokenValidator> TokenValidator for CachingValidator<V> {
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a> {
         Box::pin(self.validate_cached(token))
     }
+
+    fn probe(&self) -> super::ProbeFuture<'_> {
+        self.inner.probe()
+    }
 }

@@ -382,6 +382,15 @@ impl TokenValidator for JwksValidator {
         }
         Box::pin(self.0.validate_token(token))
     }
+
+    fn probe(&self) -> super::ProbeFuture<'_> {
+        Box::pin(async move {
+            if self.0.has_keys() {
+                return Ok(());
+            }
+            self.0.refresh(false).await.map_err(|e| e.to_string())
+        })
+    }
 }
 
 fn ts(t: i64) -> String {

@@ -12,6 +12,7 @@ use super::IdentityError;
 
 /// Rate, burst and queue bound.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RateLimit {
     /// Sustained calls per second.
     pub qps: f64,

@@ -18,7 +18,7 @@ pub use error::IdentityError;
 pub use jwks::{Jwk, JwkSet, JwksSource, JwksValidator, JwtConfig};
 pub use jwt::{sign_token, ServiceAccountClaims};
 pub use limiter::{RateLimit, RateLimiter};
-pub use model::{ClusterId, Identity, PodRef, Token, TokenValidator, ValidateFuture};
+pub use model::{ClusterId, Identity, PodRef, ProbeFuture, Token, TokenValidator, ValidateFuture};
 pub use router::ClusterRouter;
 pub use tokenreview::{TokenReviewConfig, TokenReviewValidator};
 

@@ -77,8 +77,16 @@ pub struct Identity {
 pub type ValidateFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Identity, IdentityError>> + Send + 'a>>;
 
+/// The future a readiness probe returns: `Err` says why the backend cannot be used.
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// Validates a bearer token into an identity. Implementations fail closed: any doubt is an error.
 pub trait TokenValidator: Send + Sync {
     /// Validates `token`.
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a>;
+
+    /// Whether the backend is reachable (keys fetched, API server answering).
+    fn probe(&self) -> ProbeFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -19,10 +19,30 @@ impl ClusterRouter {
         Self { default, clusters }
     }
 
+    /// A router over `clusters`; `default` must be one of them.
+    pub fn from_clusters(
+        default: ClusterId,
+        clusters: impl IntoIterator<Item = (ClusterId, Arc<dyn TokenValidator>)>,
+    ) -> Result<Self, String> {
+        let clusters: BTreeMap<_, _> = clusters.into_iter().collect();
+        if !clusters.contains_key(&default) {
+            return Err(format!("default cluster {default} has no validator"));
+        }
+        Ok(Self { default, clusters })
+    }
+
     /// Adds (or replaces) a cluster.
     pub fn with_cluster(mut self, id: ClusterId, validator: Arc<dyn TokenValidator>) -> Self {
         self.clusters.insert(id, validator);
         self
+    }
+
+    /// Probes every cluster's backend; the first failure names its cluster.
+    pub async fn probe_all(&self) -> Result<(), String> {
+        for (id, v) in &self.clusters {
+            v.probe().await.map_err(|e| format!("cluster {id}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Validates `token` with the validator of `cluster` (the default when `None` or empty).

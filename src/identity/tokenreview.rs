@@ -55,6 +55,7 @@ impl TokenReviewConfig {
 
 /// Validates tokens by asking the cluster's API server.
 pub struct TokenReviewValidator {
+    client: kube::Client,
     api: Api<TokenReview>,
     cfg: TokenReviewConfig,
     limiter: RateLimiter,
@@ -67,7 +68,8 @@ pub struct TokenReviewValidator {
 impl TokenReviewValidator {
     pub fn new(client: kube::Client, cfg: TokenReviewConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            client,
             limiter: RateLimiter::new(cfg.rate),
             cfg,
             clock,
@@ -210,5 +212,20 @@ fn map_kube_error(e: kube::Error) -> IdentityError {
 impl TokenValidator for TokenReviewValidator {
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a> {
         Box::pin(self.review(token))
+    }
+
+    fn probe(&self) -> super::ProbeFuture<'_> {
+        Box::pin(async move {
+            self.client
+                .apiserver_version()
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "API server of cluster {} unreachable: {e}",
+                        self.cfg.cluster
+                    )
+                })
+        })
     }
 }

@@ -7,4 +7,6 @@ mod identity;
 mod openssl;
 mod plugin_import;
 mod profiles;
+mod server;
+mod server_support;
 mod support;

@@ -1,0 +1,17 @@
+//! Wire surfaces: Istio's CSR API and Envoy SDS. Domain errors become `tonic::Status` here
+//! and only here (`status.rs`).
+
+mod auth;
+mod csr;
+mod sds;
+mod status;
+
+pub use auth::Authenticator;
+pub use csr::CsrService;
+pub use sds::{SdsService, SECRET_TYPE_URL};
+
+/// Istio's CA service types, compiled from `proto/istio/v1/auth/ca.proto`.
+pub mod istio {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("istio.v1.auth");
+}

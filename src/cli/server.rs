@@ -1,0 +1,188 @@
+//! `meshid server`: the CA service proxies and istio-agents talk to.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::{
+    clock::SystemClock,
+    config::{self, Config},
+    identity::dev_issuer::DevIssuer,
+    telemetry::{init_logging, LogFormat},
+};
+
+/// Flags override the config file; without `--config`, flags alone describe the server.
+#[derive(Debug, Args)]
+pub(super) struct ServerArgs {
+    /// TOML config file (see deploy/meshid.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of the CA state (overrides state_dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// gRPC over TLS address (overrides listen.grpc; default 0.0.0.0:15012).
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<SocketAddr>,
+    /// HTTP address for /metrics, /healthz, /readyz (overrides listen.http; default 0.0.0.0:15014).
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Also serve gRPC on this Unix socket (overrides listen.unix).
+    #[arg(long, value_name = "PATH")]
+    unix_socket: Option<PathBuf>,
+    /// DNS name for meshid's serving certificate (repeatable; overrides server_identity.dns_names).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// Accept tokens of a `meshid dev issuer` (replaces the clusters with one named "default").
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["jwks", "kubeconfig"])]
+    dev_issuer_dir: Option<PathBuf>,
+    /// Accept tokens verified against this JWKS file (with --issuer; replaces the clusters).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "issuer",
+        conflicts_with = "kubeconfig"
+    )]
+    jwks: Option<PathBuf>,
+    /// The `iss` of tokens, with --jwks.
+    #[arg(long)]
+    issuer: Option<String>,
+    /// Accept tokens by TokenReview through this kubeconfig (replaces the clusters).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Log format (overrides logging.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Log level or filter, e.g. info or meshid=debug (overrides logging.level; RUST_LOG wins).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl ServerArgs {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        let cfg = self.into_config()?;
+        init_logging(cfg.logging.format, &cfg.logging.level);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let running = crate::server::start(cfg, Arc::new(SystemClock)).await?;
+            println!(
+                "meshid server: gRPC (TLS) on {}, HTTP on {}",
+                running.grpc_addr, running.http_addr
+            );
+            if let Some(p) = &running.unix_path {
+                println!("meshid server: gRPC on unix:{}", p.display());
+            }
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            println!("meshid server: shutting down");
+            running.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        })
+    }
+
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                parse_config(&text).map_err(|errs| {
+                    anyhow::anyhow!("{}:\n  - {}", path.display(), errs.join("\n  - "))
+                })?
+            }
+            None => Config {
+                state_dir: self
+                    .state_dir
+                    .clone()
+                    .context("--state-dir is required without --config")?,
+                listen: Default::default(),
+                server_identity: Default::default(),
+                issuance: Default::default(),
+                rotation: Default::default(),
+                logging: Default::default(),
+                state_poll_interval: std::time::Duration::from_secs(1),
+                clusters: Vec::new(),
+            },
+        };
+        if let Some(d) = self.state_dir {
+            cfg.state_dir = d;
+        }
+        if let Some(a) = self.grpc_listen {
+            cfg.listen.grpc = a;
+        }
+        if let Some(a) = self.http_listen {
+            cfg.listen.http = a;
+        }
+        if self.unix_socket.is_some() {
+            cfg.listen.unix = self.unix_socket;
+        }
+        if !self.dns_names.is_empty() {
+            cfg.server_identity.dns_names = self.dns_names;
+        }
+        if let Some(f) = self.log_format {
+            cfg.logging.format = match f {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+        }
+        if let Some(l) = self.log_level {
+            cfg.logging.level = l;
+        }
+        let cluster = |tokenreview, jwks| config::Cluster {
+            name: "default".into(),
+            default: true,
+            audiences: vec![crate::identity::DEFAULT_AUDIENCE.into()],
+            allow_legacy_tokens: false,
+            cache_ttl: std::time::Duration::from_secs(60),
+            cache_max_entries: 100_000,
+            tokenreview,
+            jwks,
+        };
+        if let Some(dir) = self.dev_issuer_dir {
+            let issuer = DevIssuer::load(&dir)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--dev-issuer-dir {}", dir.display()))?;
+            let jwks = config::Jwks {
+                issuer: issuer.issuer().into(),
+                file: Some(DevIssuer::jwks_path(&dir)),
+                url: None,
+                oidc_issuer: None,
+                ca_file: None,
+            };
+            cfg.clusters = vec![cluster(None, Some(jwks))];
+        } else if let Some(file) = self.jwks {
+            let jwks = config::Jwks {
+                issuer: self.issuer.unwrap_or_default(),
+                file: Some(file),
+                url: None,
+                oidc_issuer: None,
+                ca_file: None,
+            };
+            cfg.clusters = vec![cluster(None, Some(jwks))];
+        } else if let Some(kc) = self.kubeconfig {
+            let tr = config::TokenReview {
+                kubeconfig: Some(kc),
+                rate: Default::default(),
+                timeout: std::time::Duration::from_secs(5),
+            };
+            cfg.clusters = vec![cluster(Some(tr), None)];
+        }
+        cfg.validate().map_err(|errs| {
+            anyhow::anyhow!("configuration is invalid:\n  - {}", errs.join("\n  - "))
+        })?;
+        Ok(cfg)
+    }
+}
+
+fn parse_config(text: &str) -> Result<Config, Vec<String>> {
+    // Parse only; validation runs once flags are applied.
+    toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])
+}

@@ -1,0 +1,348 @@
+//! Server configuration: plain data read from TOML (or built from flags), checked in one place
+//! that names every wrong key at once.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ca::IssuancePolicy,
+    duration::fmt_duration,
+    identity::{RateLimit, DEFAULT_AUDIENCE},
+    rotation::RefreshPolicy,
+    telemetry::LogFormat,
+};
+
+fn d<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    crate::ca::serde_duration_de(de)
+}
+
+/// The whole server configuration. See `deploy/meshid.toml` for a documented example.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the CA state (`meshid ca init --state-dir`).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub server_identity: ServerIdentity,
+    #[serde(default)]
+    pub issuance: IssuancePolicy,
+    #[serde(default)]
+    pub rotation: RefreshPolicy,
+    #[serde(default)]
+    pub logging: Logging,
+    /// How often the state store is checked for changes (root rotation from the CLI).
+    #[serde(
+        default = "default_poll",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub state_poll_interval: Duration,
+    /// Clusters whose service-account tokens are accepted.
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Where the server listens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// gRPC over TLS (SDS and the CSR API).
+    pub grpc: SocketAddr,
+    /// HTTP: /metrics, /healthz, /readyz.
+    pub http: SocketAddr,
+    /// Optional gRPC over a Unix socket (plaintext; for a node-local deployment).
+    pub unix: Option<PathBuf>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            grpc: ([0, 0, 0, 0], 15012).into(),
+            http: ([0, 0, 0, 0], 15014).into(),
+            unix: None,
+        }
+    }
+}
+
+/// The identity meshid's own serving certificate carries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerIdentity {
+    pub namespace: String,
+    pub service_account: String,
+    /// DNS names clients dial, added after the SPIFFE ID.
+    pub dns_names: Vec<String>,
+}
+
+impl Default for ServerIdentity {
+    fn default() -> Self {
+        Self {
+            namespace: "istio-system".into(),
+            service_account: "meshid".into(),
+            dns_names: vec!["meshid.istio-system.svc".into(), "localhost".into()],
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// One cluster: how its tokens are validated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// The `ClusterID` callers name.
+    pub name: String,
+    /// Used when the caller names no cluster (needed when there is more than one cluster).
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub allow_legacy_tokens: bool,
+    /// How long a validated token is reused (capped by its exp).
+    #[serde(
+        default = "default_cache_ttl",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub cache_ttl: Duration,
+    #[serde(default = "default_cache_max")]
+    pub cache_max_entries: usize,
+    pub tokenreview: Option<TokenReview>,
+    pub jwks: Option<Jwks>,
+}
+
+fn default_audiences() -> Vec<String> {
+    vec![DEFAULT_AUDIENCE.into()]
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cache_max() -> usize {
+    100_000
+}
+
+/// TokenReview through the kube client.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenReview {
+    /// A kubeconfig; absent means in-cluster configuration (or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default, flatten)]
+    pub rate: RateLimit,
+    #[serde(
+        default = "default_review_timeout",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_review_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Local verification against the issuer's keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwks {
+    /// The expected `iss`.
+    pub issuer: String,
+    pub file: Option<PathBuf>,
+    pub url: Option<String>,
+    pub oidc_issuer: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+// === validation ===
+
+impl Config {
+    /// Parses TOML, naming the key of any error.
+    pub fn from_toml(text: &str) -> Result<Self, Vec<String>> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every problem at once, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errs = Vec::new();
+        if let Err(e) = self.issuance.validate() {
+            errs.push(format!("issuance: {e}"));
+        }
+        if self.issuance.max_ttl > Duration::from_secs(30 * 86_400) {
+            errs.push(format!("issuance.max_ttl: {} is above 30d; workload certificates are meant to be short-lived", fmt_duration(self.issuance.max_ttl)));
+        }
+        if let Err(e) = self.rotation.validate() {
+            errs.push(format!("rotation: {e}"));
+        }
+        if self.state_poll_interval.is_zero() {
+            errs.push("state_poll_interval: must be above zero".into());
+        }
+        let si = &self.server_identity;
+        let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
+        if let Err(e) =
+            crate::spiffe::SpiffeId::for_service_account(&td, &si.namespace, &si.service_account)
+        {
+            errs.push(format!("server_identity: {e}"));
+        }
+        if self.clusters.is_empty() {
+            errs.push("clusters: at least one cluster is needed to authenticate callers".into());
+        }
+        let defaults = self.clusters.iter().filter(|c| c.default).count();
+        if self.clusters.len() > 1 && defaults != 1 {
+            errs.push(format!(
+                "clusters: exactly one cluster must have default = true; {defaults} do"
+            ));
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            let at = format!("clusters[{i}] ({})", c.name);
+            if c.name.is_empty() {
+                errs.push(format!("clusters[{i}].name: must not be empty"));
+            }
+            if self.clusters[..i].iter().any(|o| o.name == c.name) {
+                errs.push(format!("{at}.name: duplicate cluster name"));
+            }
+            if c.audiences.is_empty() {
+                errs.push(format!("{at}.audiences: at least one audience is needed"));
+            }
+            match (&c.tokenreview, &c.jwks) {
+                (Some(_), Some(_)) | (None, None) => {
+                    errs.push(format!("{at}: set exactly one of [tokenreview] or [jwks]"))
+                }
+                (Some(tr), None) => {
+                    if tr.rate.qps <= 0.0 || tr.rate.burst == 0 {
+                        errs.push(format!(
+                            "{at}.tokenreview: qps and burst must be above zero"
+                        ));
+                    }
+                }
+                (None, Some(j)) => {
+                    let n = [j.file.is_some(), j.url.is_some(), j.oidc_issuer.is_some()]
+                        .iter()
+                        .filter(|b| **b)
+                        .count();
+                    if n != 1 {
+                        errs.push(format!(
+                            "{at}.jwks: set exactly one of file, url or oidc_issuer"
+                        ));
+                    }
+                    if j.issuer.is_empty() {
+                        errs.push(format!("{at}.jwks.issuer: must not be empty"));
+                    }
+                }
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// The default cluster's name.
+    pub fn default_cluster(&self) -> &Cluster {
+        self.clusters
+            .iter()
+            .find(|c| c.default)
+            .unwrap_or(&self.clusters[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "/var/lib/meshid"
+[[clusters]]
+name = "primary"
+[clusters.jwks]
+issuer = "https://kubernetes.default.svc.cluster.local"
+file = "/etc/meshid/jwks.json"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.listen.grpc.port(), 15012);
+        assert_eq!(c.issuance, IssuancePolicy::default());
+        assert_eq!(c.default_cluster().name, "primary");
+        assert_eq!(c.clusters[0].audiences, vec!["istio-ca"]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let errs =
+            Config::from_toml(&GOOD.replace("[[clusters]]", "statedir = \"x\"\n[[clusters]]"))
+                .unwrap_err();
+        assert!(errs[0].contains("statedir"), "{errs:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+state_dir = "/x"
+[issuance]
+default_ttl = "48h"
+max_ttl = "24h"
+backdate = "60s"
+[rotation]
+ratio = 0.99
+jitter = 0.05
+[[clusters]]
+name = "a"
+[[clusters]]
+name = "a"
+[clusters.jwks]
+issuer = "i"
+file = "f"
+url = "u"
+"#;
+        let errs = Config::from_toml(text).unwrap_err();
+        let all = errs.join("\n");
+        for key in [
+            "issuance:",
+            "rotation:",
+            "exactly one cluster must have default",
+            "clusters[0] (a): set exactly one of",
+            "duplicate cluster name",
+            "exactly one of file, url or oidc_issuer",
+        ] {
+            assert!(all.contains(key), "missing {key:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let errs =
+            Config::from_toml(&format!("{GOOD}\n[issuance]\ndefault_ttl = \"1w\"\n")).unwrap_err();
+        assert!(
+            errs[0].contains("default_ttl") || errs[0].contains("issuance"),
+            "{errs:?}"
+        );
+    }
+}

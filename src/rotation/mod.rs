@@ -1,0 +1,5 @@
+//! Lifecycles: when a leaf is refreshed. (The root state machine joins here later.)
+
+mod schedule;
+
+pub use schedule::{RefreshPolicy, DEFAULT_JITTER, DEFAULT_RATIO};

@@ -1,0 +1,472 @@
+//! Composition: builds every part from the config and runs it. No logic of its own.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use thiserror::Error;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    api::{
+        istio::istio_certificate_service_server::IstioCertificateServiceServer, Authenticator,
+        CsrService, SdsService,
+    },
+    clock::Clock,
+    config::{self, Config},
+    identity::{
+        CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
+        JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
+    },
+    rotation::RefreshPolicy,
+    spiffe::{SpiffeId, TrustDomain},
+    state::DirStore,
+    telemetry::{serve_http, Health, Metrics},
+    tls::{certified_key, grpc_server_config, RotatingCert},
+    trust::{CaSnapshot, LiveCa, LiveCaError},
+};
+
+/// Why the server could not start. Each names what to fix.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("configuration is invalid:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    #[error("loading the CA: {0}")]
+    Ca(#[from] LiveCaError),
+    #[error("identity backend for cluster {cluster}: {why}")]
+    Identity { cluster: String, why: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving certificate: {0}")]
+    ServingCert(String),
+}
+
+/// A started server. Dropping it does not stop it; call `shutdown`.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub unix_path: Option<PathBuf>,
+    pub live: Arc<LiveCa>,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every listener and stream, and waits for them (at most 5 s, then aborts).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Builds and starts everything `cfg` describes.
+pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
+    cfg.validate().map_err(ServerError::Config)?;
+    let store = Arc::new(DirStore::new(&cfg.state_dir));
+    let (policy, c2) = (cfg.issuance, clock.clone());
+    let live = tokio::task::spawn_blocking(move || LiveCa::load(store, policy, c2))
+        .await
+        .expect("CA load task does not panic")?;
+    let live = Arc::new(live);
+    let td = live.current().authority.trust_domain().clone();
+    let metrics = Arc::new(Metrics::new());
+    let router = build_router(&cfg, &td, &clock).await?;
+    let auth = Authenticator::new(router.clone(), metrics.clone());
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // meshid's own serving certificate, renewed like any leaf.
+    let server_id = SpiffeId::for_service_account(
+        &td,
+        &cfg.server_identity.namespace,
+        &cfg.server_identity.service_account,
+    )
+    .map_err(|e| ServerError::ServingCert(e.to_string()))?;
+    let serving = ServingCert::issue(
+        &live.current(),
+        &server_id,
+        &cfg.server_identity.dns_names,
+        cfg.rotation,
+        &clock,
+    )?;
+    let resolver = Arc::new(RotatingCert::new(serving.key.clone()));
+    tasks.push(tokio::spawn(serving.renew_loop(
+        live.subscribe(),
+        resolver.clone(),
+        server_id,
+        cfg.server_identity.dns_names.clone(),
+        cfg.rotation,
+        clock.clone(),
+        stop_rx.clone(),
+    )));
+
+    let sds = SdsService::new(
+        auth.clone(),
+        live.subscribe(),
+        stop_rx.clone(),
+        clock.clone(),
+        cfg.rotation,
+        metrics.clone(),
+    );
+    let csr = CsrService::new(auth, live.subscribe(), metrics.clone());
+    let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
+    let grpc = bind(cfg.listen.grpc, "gRPC").await?;
+    let grpc_addr = grpc.local_addr().map_err(io("gRPC listener address"))?;
+    let incoming = tls_incoming(
+        grpc,
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        stop_rx.clone(),
+    );
+    let routes = grpc_router(&sds, &csr);
+    let shutdown = wait_stop(stop_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = routes
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let unix_path = match &cfg.listen.unix {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(io(&format!("binding Unix socket {}", path.display())))?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let routes = grpc_router(&sds, &csr);
+            let shutdown = wait_stop(stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = routes
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "gRPC (Unix socket) server failed");
+                }
+            }));
+            Some(path.clone())
+        }
+        None => None,
+    };
+
+    let readiness = Arc::new(Readiness::default());
+    tasks.push(tokio::spawn(probe_loop(
+        router,
+        readiness.clone(),
+        stop_rx.clone(),
+    )));
+    let http = bind(cfg.listen.http, "HTTP").await?;
+    let http_addr = http.local_addr().map_err(io("HTTP listener address"))?;
+    tasks.push(tokio::spawn(serve_http(
+        http,
+        metrics.clone(),
+        readiness,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(expiry_gauges(
+        live.subscribe(),
+        metrics.clone(),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(
+        live.clone().watch_store(cfg.state_poll_interval, stop_rx),
+    ));
+    tracing::info!(%grpc_addr, %http_addr, trust_domain = %td, "meshid server started");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        unix_path,
+        live,
+        metrics,
+        stop,
+        tasks,
+    })
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Io {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Io {
+            what: format!("binding {what} listener {addr}"),
+            source,
+        })
+}
+
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn grpc_router(sds: &SdsService, csr: &CsrService) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(1024))
+        .add_service(SecretDiscoveryServiceServer::new(sds.clone()))
+        .add_service(IstioCertificateServiceServer::new(csr.clone()))
+}
+
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn build_router(
+    cfg: &Config,
+    td: &TrustDomain,
+    clock: &Arc<dyn Clock>,
+) -> Result<ClusterRouter, ServerError> {
+    let mut clusters = Vec::new();
+    for c in &cfg.clusters {
+        let v = validator_for(c, td, clock)
+            .await
+            .map_err(|why| ServerError::Identity {
+                cluster: c.name.clone(),
+                why,
+            })?;
+        clusters.push((ClusterId(c.name.clone()), v));
+    }
+    let default = ClusterId(cfg.default_cluster().name.clone());
+    ClusterRouter::from_clusters(default, clusters)
+        .map_err(|e| ServerError::Config(vec![format!("clusters: {e}")]))
+}
+
+async fn validator_for(
+    c: &config::Cluster,
+    td: &TrustDomain,
+    clock: &Arc<dyn Clock>,
+) -> Result<Arc<dyn TokenValidator>, String> {
+    let cache = CacheConfig {
+        ttl: c.cache_ttl,
+        max_entries: c.cache_max_entries,
+    };
+    let id = ClusterId(c.name.clone());
+    if let Some(tr) = &c.tokenreview {
+        let client = match &tr.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                kube::Client::try_from(config).map_err(|e| e.to_string())?
+            }
+            None => kube::Client::try_default()
+                .await
+                .map_err(|e| format!("no in-cluster or KUBECONFIG configuration: {e}"))?,
+        };
+        let mut rc = TokenReviewConfig::new(id, td.clone());
+        rc.audiences = c.audiences.clone();
+        rc.allow_legacy_tokens = c.allow_legacy_tokens;
+        rc.rate = tr.rate;
+        rc.timeout = tr.timeout;
+        let v = TokenReviewValidator::new(client, rc, clock.clone());
+        return Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())));
+    }
+    let j = c.jwks.as_ref().ok_or("set [tokenreview] or [jwks]")?;
+    let mut jc = JwtConfig::new(id, td.clone(), Some(j.issuer.clone()));
+    jc.audiences = c.audiences.clone();
+    jc.allow_legacy_tokens = c.allow_legacy_tokens;
+    if let Some(ca) = &j.ca_file {
+        jc.extra_ca_pem =
+            Some(std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?);
+    }
+    let source = match (&j.file, &j.url, &j.oidc_issuer) {
+        (Some(f), _, _) => JwksSource::File(f.clone()),
+        (_, Some(u), _) => JwksSource::Url(u.clone()),
+        (_, _, Some(i)) => JwksSource::Discovery(i.clone()),
+        _ => return Err("set one of file, url or oidc_issuer".into()),
+    };
+    let v = JwksValidator::new(jc, source, clock.clone()).map_err(|e| e.to_string())?;
+    Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())))
+}
+
+/// meshid's serving certificate and when to renew it.
+struct ServingCert {
+    key: Arc<rustls::sign::CertifiedKey>,
+    refresh_at: time::OffsetDateTime,
+}
+
+impl ServingCert {
+    fn issue(
+        snapshot: &CaSnapshot,
+        id: &SpiffeId,
+        dns: &[String],
+        refresh: RefreshPolicy,
+        _clock: &Arc<dyn Clock>,
+    ) -> Result<Self, ServerError> {
+        let (issued, key) = snapshot
+            .authority
+            .issue_server_cert(id, dns, None)
+            .map_err(|e| ServerError::ServingCert(e.to_string()))?;
+        let ck =
+            certified_key(&issued, &key).map_err(|e| ServerError::ServingCert(e.to_string()))?;
+        Ok(Self {
+            key: ck,
+            refresh_at: refresh.refresh_at(issued.not_before, issued.not_after),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn renew_loop(
+        mut self,
+        mut live: watch::Receiver<Arc<CaSnapshot>>,
+        resolver: Arc<RotatingCert>,
+        id: SpiffeId,
+        dns: Vec<String>,
+        refresh: RefreshPolicy,
+        clock: Arc<dyn Clock>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = clock.sleep_until(self.refresh_at) => {}
+                r = live.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let snapshot = live.borrow_and_update().clone();
+            match Self::issue(&snapshot, &id, &dns, refresh, &clock) {
+                Ok(next) => {
+                    resolver.set(next.key.clone());
+                    self = next;
+                    tracing::info!(refresh_at = %self.refresh_at, "serving certificate renewed");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "serving certificate renewal failed; retrying in 30s");
+                    self.refresh_at = clock.now() + Duration::from_secs(30);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Readiness {
+    identity_ok: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl Health for Readiness {
+    fn ready(&self) -> Result<(), String> {
+        if self.identity_ok.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Err(if why.is_empty() {
+                "identity backends not probed yet".into()
+            } else {
+                why
+            })
+        }
+    }
+}
+
+async fn probe_loop(
+    router: ClusterRouter,
+    readiness: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let wait = match router.probe_all().await {
+            Ok(()) => {
+                readiness.identity_ok.store(true, Ordering::Release);
+                Duration::from_secs(30)
+            }
+            Err(why) => {
+                tracing::warn!(%why, "identity backend not ready");
+                *readiness.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                readiness.identity_ok.store(false, Ordering::Release);
+                Duration::from_secs(2)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn expiry_gauges(
+    mut live: watch::Receiver<Arc<CaSnapshot>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let snap = live.borrow_and_update().clone();
+        metrics
+            .chain_expiry
+            .set(snap.authority.chain_not_after().unix_timestamp());
+        let root_expiry = snap
+            .bundle
+            .own_roots()
+            .iter()
+            .filter_map(|r| {
+                x509_parser::parse_x509_certificate(r)
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+            })
+            .max()
+            .unwrap_or(0);
+        metrics.root_expiry.set(root_expiry);
+        tokio::select! {
+            r = live.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! TLS with SPIFFE identities over rustls (ring): a serving config whose certificate can be
+//! swapped without a restart, and a verifier that checks a peer's chain against trust roots
+//! and then its SPIFFE ID (rustls' default verifier wants DNS names; SVIDs carry a URI SAN).
+
+use std::sync::{Arc, RwLock};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{
+        ring as provider, verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms,
+    },
+    server::{
+        danger::ClientCertVerified, danger::ClientCertVerifier, ClientHello, ResolvesServerCert,
+    },
+    sign::CertifiedKey,
+    DigitallySignedStruct, DistinguishedName, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use x509_parser::extensions::GeneralName;
+
+use crate::{
+    ca::{CertDer, IssuedCert, PrivateKey},
+    spiffe::{SpiffeId, TrustDomain},
+};
+
+/// The provider every meshid TLS config uses.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(provider::default_provider())
+}
+
+/// A certificate and key as rustls serves them.
+pub fn certified_key(
+    issued: &IssuedCert,
+    key: &PrivateKey,
+) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let chain: Vec<CertificateDer<'static>> = std::iter::once(&issued.leaf)
+        .chain(issued.chain.iter())
+        .cloned()
+        .collect();
+    let der = key.secret_pkcs8_der();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.as_slice()).clone_key());
+    let signing = provider::sign::any_supported_type(&key_der)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// A server certificate that can be replaced while the listener runs.
+#[derive(Debug)]
+pub struct RotatingCert(RwLock<Arc<CertifiedKey>>);
+
+impl RotatingCert {
+    pub fn new(initial: Arc<CertifiedKey>) -> Self {
+        Self(RwLock::new(initial))
+    }
+
+    /// Serves `next` from the next handshake on.
+    pub fn set(&self, next: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// A TLS 1.2/1.3 server config for gRPC (ALPN h2) serving `cert`, without client certificates.
+pub fn grpc_server_config(cert: Arc<RotatingCert>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Which peers a `SpiffeVerifier` accepts.
+#[derive(Clone, Debug)]
+pub enum PeerPolicy {
+    /// Any SVID of this trust domain.
+    TrustDomain(TrustDomain),
+    /// Exactly this SPIFFE ID.
+    Exact(SpiffeId),
+}
+
+/// Verifies a peer's chain against `roots` (webpki, with the TLS purpose of the side), then
+/// requires exactly one URI SAN that is a SPIFFE ID allowed by the policy.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    roots: Vec<CertDer>,
+    policy: PeerPolicy,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeVerifier {
+    pub fn new(roots: Vec<CertDer>, policy: PeerPolicy) -> Arc<Self> {
+        Arc::new(Self {
+            roots,
+            policy,
+            algs: provider::default_provider().signature_verification_algorithms,
+        })
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        server: bool,
+    ) -> Result<(), rustls::Error> {
+        let bad = |e: String| rustls::Error::General(e);
+        let anchors = self
+            .roots
+            .iter()
+            .map(webpki::anchor_from_trusted_cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("trust root unusable: {e}")))?;
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| bad(format!("peer certificate: {e}")))?;
+        let usage = if server {
+            webpki::KeyUsage::server_auth()
+        } else {
+            webpki::KeyUsage::client_auth()
+        };
+        ee.verify_for_usage(
+            self.algs.all,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        let id = peer_spiffe_id(end_entity).map_err(bad)?;
+        let ok = match &self.policy {
+            PeerPolicy::TrustDomain(td) => id.trust_domain() == td,
+            PeerPolicy::Exact(want) => &id == want,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "peer {id} is not allowed by {:?}",
+                self.policy
+            )))
+        }
+    }
+}
+
+/// The SPIFFE ID of a certificate: its one URI SAN.
+pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("peer certificate does not parse: {e}"))?;
+    let san = c
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .ok_or("peer certificate has no SAN")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => SpiffeId::parse(one).map_err(|e| format!("peer URI SAN {one:?}: {e}")),
+        other => Err(format!(
+            "peer certificate has {} URI SANs; an SVID has exactly one",
+            other.len()
+        )),
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, true)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, false)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

@@ -1,0 +1,61 @@
+use std::collections::BTreeMap;
+
+use crate::{
+    ca::{cert, CertDer},
+    spiffe::TrustDomain,
+};
+
+/// Roots per trust domain: our own (from the CA state) and, later, federated ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustBundleSet {
+    own: TrustDomain,
+    domains: BTreeMap<TrustDomain, Vec<CertDer>>,
+    /// Bumped on every change (SPIFFE bundle `spiffe_sequence`).
+    sequence: u64,
+}
+
+impl TrustBundleSet {
+    /// A set holding only our own trust domain's roots.
+    pub fn own(td: TrustDomain, roots: Vec<CertDer>, sequence: u64) -> Self {
+        let mut domains = BTreeMap::new();
+        domains.insert(td.clone(), roots);
+        Self {
+            own: td,
+            domains,
+            sequence,
+        }
+    }
+
+    /// Our trust domain.
+    pub fn own_trust_domain(&self) -> &TrustDomain {
+        &self.own
+    }
+
+    /// Our own roots.
+    pub fn own_roots(&self) -> &[CertDer] {
+        self.domains
+            .get(&self.own)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The roots of `td`, if it is trusted.
+    pub fn roots_of(&self, td: &TrustDomain) -> Option<&[CertDer]> {
+        self.domains.get(td).map(Vec::as_slice)
+    }
+
+    /// Every trusted trust domain with its roots, ours included.
+    pub fn iter(&self) -> impl Iterator<Item = (&TrustDomain, &[CertDer])> {
+        self.domains.iter().map(|(td, r)| (td, r.as_slice()))
+    }
+
+    /// The change counter.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// PEM of `td`'s roots.
+    pub fn pem_of(&self, td: &TrustDomain) -> Option<String> {
+        self.roots_of(td).map(cert::to_pem_bundle)
+    }
+}
