@@ -346,3 +346,13 @@ url = "u"
         );
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_deploy_example_parses_and_validates() {
+        let text = include_str!("../deploy/meshid.toml");
+        let cfg = super::Config::from_toml(text).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(cfg.clusters[0].tokenreview.as_ref().unwrap().rate.qps, 50.0);
+    }
+}

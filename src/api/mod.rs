@@ -2,6 +2,7 @@
 //! and only here (`status.rs`).
 
 mod auth;
+pub mod client;
 mod csr;
 mod sds;
 mod status;

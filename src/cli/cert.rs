@@ -19,6 +19,8 @@ pub(super) enum CertCommand {
     Issue(IssueArgs),
     /// Print what a PEM file's certificates say, and whether the chain verifies against a root.
     Inspect(InspectArgs),
+    /// Ask a running server for a certificate over Istio's CSR API (the key stays here).
+    Request(super::client::RequestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +50,7 @@ impl CertCommand {
         match self {
             Self::Issue(a) => issue(a).map(|()| ExitCode::SUCCESS),
             Self::Inspect(a) => a.run(),
+            Self::Request(a) => a.run(),
         }
     }
 }

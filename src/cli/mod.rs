@@ -2,6 +2,7 @@
 
 mod ca;
 mod cert;
+mod client;
 mod dev;
 mod inspect;
 mod server;
@@ -30,11 +31,20 @@ enum Command {
     /// Check service-account tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Talk to a running server's SDS.
+    #[command(subcommand)]
+    Sds(SdsCommand),
     /// Run the CA service: Envoy SDS and Istio's CSR API over gRPC+TLS, plus /metrics and health.
     Server(server::ServerArgs),
     /// Local stand-ins for cluster parts, for development and tests.
     #[command(subcommand)]
     Dev(dev::DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SdsCommand {
+    /// Fetch secrets (FetchSecrets) as a proxy would, and print or write them.
+    Get(client::SdsGetArgs),
 }
 
 /// Output format of commands that print a report.
@@ -54,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::Token(c) => c.run(),
         Command::Dev(c) => c.run(),
         Command::Server(c) => c.run(),
+        Command::Sds(SdsCommand::Get(a)) => a.run(),
     };
     match result {
         Ok(code) => code,
