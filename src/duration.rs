@@ -1,49 +1,53 @@
-//! Human durations for flags and config: `90s`, `30m`, `1h`, `7d`, `10y` (a year is 365 days).
+//! Human durations for flags and config: `250ms`, `90s`, `30m`, `1h`, `7d`, `10y` (a year is 365 days).
 
 use std::time::Duration;
 
+/// Units in milliseconds, largest first.
 const UNITS: &[(&str, u64)] = &[
-    ("y", 365 * 86_400),
-    ("d", 86_400),
-    ("h", 3_600),
-    ("m", 60),
-    ("s", 1),
+    ("y", 365 * 86_400_000),
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1_000),
+    ("ms", 1),
 ];
 
-/// Parses `<number><unit>` where unit is one of s, m, h, d, y; a bare number means seconds.
+/// Parses `<number><unit>` where unit is one of ms, s, m, h, d, y; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (expected e.g. 90s, 30m, 1h, 7d, 10y)"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration (expected e.g. 250ms, 90s, 30m, 1h, 7d, 10y)")
+    })?;
     let mult = if unit.is_empty() {
-        1
+        1_000
     } else {
         UNITS
             .iter()
             .find(|(u, _)| *u == unit)
             .map(|(_, m)| *m)
-            .ok_or_else(|| format!("{s:?} has an unknown unit {unit:?} (use s, m, h, d or y)"))?
+            .ok_or_else(|| {
+                format!("{s:?} has an unknown unit {unit:?} (use ms, s, m, h, d or y)")
+            })?
     };
     n.checked_mul(mult)
-        .map(Duration::from_secs)
+        .map(Duration::from_millis)
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Formats a duration with the largest unit that divides it exactly (`86400s` → `1d`).
 pub fn fmt_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
+    let ms = d.as_millis() as u64;
+    if ms == 0 {
         return "0s".into();
     }
     let (unit, mult) = UNITS
         .iter()
-        .find(|(_, m)| secs.is_multiple_of(*m))
+        .find(|(_, m)| ms.is_multiple_of(*m))
         .copied()
-        .unwrap_or(("s", 1));
-    format!("{}{unit}", secs / mult)
+        .unwrap_or(("ms", 1));
+    format!("{}{unit}", ms / mult)
 }
 
 #[cfg(test)]
@@ -64,6 +68,8 @@ mod tests {
             assert_eq!(d.as_secs(), secs, "{s}");
             assert_eq!(fmt_duration(d), back);
         }
+        let d = parse_duration("250ms").unwrap();
+        assert_eq!((d.as_millis(), fmt_duration(d).as_str()), (250, "250ms"));
     }
 
     #[test]

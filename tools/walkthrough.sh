@@ -48,4 +48,31 @@ if command -v openssl >/dev/null; then
 else
   echo "(openssl not installed: skipping the independent check)"
 fi
+echo "==> meshid server: SDS and the Istio CSR API over gRPC+TLS, tokens from the dev issuer"
+bin=target/release/meshid
+"$bin" server --state-dir "$work/state" --dev-issuer-dir "$work/issuer" \
+  --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 > "$work/server.out" 2> "$work/server.log" &
+server_pid=$!
+trap 'kill $server_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do grep -q "gRPC (TLS) on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+grpc=$(sed -n 's/.*gRPC (TLS) on \([^,]*\),.*/\1/p' "$work/server.out")
+http=$(sed -n 's/.*HTTP on \(.*\)$/\1/p' "$work/server.out")
+echo "$token" > "$work/token"
+
+echo "==> meshid cert request: a CSR to the server; the key never leaves this directory"
+"$bin" cert request --server "https://$grpc" --ca-file "$work/product/root-cert.pem" \
+  --token-file "$work/token" --out-dir "$work/via-csr-api"
+
+echo "==> meshid sds get: default + ROOTCA as an Envoy would fetch them"
+"$bin" sds get --server "https://$grpc" --ca-file "$work/product/root-cert.pem" \
+  --token-file "$work/token" --name default --name ROOTCA --out-dir "$work/via-sds"
+if command -v openssl >/dev/null; then
+  openssl verify -x509_strict -purpose sslclient -CAfile "$work/via-sds/ROOTCA.pem" "$work/via-sds/cert-chain.pem"
+  openssl verify -x509_strict -purpose sslserver -CAfile "$work/via-csr-api/root-cert.pem" "$work/via-csr-api/cert-chain.pem"
+fi
+if command -v curl >/dev/null; then
+  curl -fsS "http://$http/readyz"
+  curl -fsS "http://$http/metrics" | grep -E '^meshid_certs_issued_total'
+fi
+kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
 echo "==> done; files are in $work"

@@ -1,0 +1,362 @@
+//! Server load benchmark, against a real `meshid server` process on 127.0.0.1:
+//! (1) CSR issuance over gRPC+TLS with C concurrent callers, pre-made CSRs and tokens:
+//!     certificates/s and p50/p99 latency, next to the raw ring ECDSA P-256 sign+verify rate
+//!     measured in this run (the crypto-only ceiling for 2 cores is twice the one-core rate);
+//! (2) SDS: N open StreamSecrets streams (default + ROOTCA): the server's RSS per stream, and
+//!     the time from a trust-bundle change in the state store until every stream has it.
+//!
+//! Run: `cargo bench --bench server` (options after `--`: `--seconds 5 --concurrency 64
+//! --streams 10000`). The load generator shares the machine's cores with the server.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use envoy_types::pb::envoy::service::{
+    discovery::v3::DiscoveryRequest,
+    secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
+};
+use meshid::{
+    api::{
+        client::{connect, BearerToken},
+        istio::{
+            istio_certificate_service_client::IstioCertificateServiceClient,
+            IstioCertificateRequest,
+        },
+        SECRET_TYPE_URL,
+    },
+    ca::{cert, root, KeyType},
+    identity::dev_issuer::{DevIssuer, TokenRequest},
+    spiffe::TrustDomain,
+    state::{CaState, DirStore, RootOrigin, RootRecord, RootState, StateStore},
+};
+use ring::{
+    rand::SystemRandom,
+    signature::{self, EcdsaKeyPair, KeyPair},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rate(budget: Duration, mut op: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        for _ in 0..64 {
+            op();
+        }
+        n += 64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn crypto_ceiling_one_core(budget: Duration) -> (f64, f64, f64) {
+    let rng = SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let kp = EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let msg = vec![7u8; 400];
+    let sig = kp.sign(&rng, &msg).unwrap();
+    let pk = signature::UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        kp.public_key().as_ref().to_vec(),
+    );
+    let s = rate(budget, || {
+        std::hint::black_box(kp.sign(&rng, &msg).unwrap());
+    });
+    let v = rate(budget, || pk.verify(&msg, sig.as_ref()).unwrap());
+    (s, v, 1.0 / (1.0 / s + 1.0 / v))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct ServerProc {
+    child: Child,
+    grpc: String,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &std::path::Path, issuer_dir: &std::path::Path) -> ServerProc {
+    let cfg = format!(
+        "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n",
+        dir.join("state"),
+        DevIssuer::jwks_path(issuer_dir)
+    );
+    std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args([
+            "server",
+            "--config",
+            dir.join("meshid.toml").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start meshid server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // "meshid server: gRPC (TLS) on 127.0.0.1:PORT, HTTP on ..."
+    let addr = line
+        .split("on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("server address line")
+        .trim()
+        .to_owned();
+    ServerProc {
+        child,
+        grpc: format!("https://{addr}"),
+    }
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15), in USER_HZ = 100
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let budget = Duration::from_secs_f64(arg("--seconds", 5.0));
+    let concurrency: usize = arg("--concurrency", 64);
+    let n_streams: usize = arg("--streams", 10_000);
+
+    let (sign, verify, one_core) = crypto_ceiling_one_core(Duration::from_secs(2));
+    let ceiling = 2.0 * one_core;
+
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+    let root_pem = cert::to_pem(&ca.cert);
+    let store = DirStore::new(dir.path().join("state"));
+    store
+        .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
+        .unwrap();
+    let issuer_dir = dir.path().join("issuer");
+    let issuer = DevIssuer::init(
+        &issuer_dir,
+        "https://kubernetes.default.svc.cluster.local",
+        None,
+    )
+    .unwrap();
+    let server = start_server(dir.path(), &issuer_dir);
+    let pid = server.child.id();
+    let token = |i: usize| {
+        let req = TokenRequest {
+            namespace: "bench".into(),
+            service_account: format!("sa-{i}"),
+            audiences: vec!["istio-ca".into()],
+            ttl: Duration::from_secs(7200),
+            pod: None,
+        };
+        issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap()
+    };
+    let tokens: Vec<String> = (0..100).map(token).collect();
+    let csrs: Vec<String> = (0..512)
+        .map(|_| {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.serialize_request(&key).unwrap().pem().unwrap()
+        })
+        .collect();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // (1) CSR issuance.
+        let channels: Vec<_> = futures::future::join_all((0..8).map(|_| connect(&server.grpc, Some(root_pem.as_bytes()), "localhost"))).await;
+        let channels: Vec<_> = channels.into_iter().map(Result::unwrap).collect();
+        let (tokens, csrs) = (Arc::new(tokens), Arc::new(csrs));
+        let run = |secs: Duration| {
+            let (channels, tokens, csrs) = (channels.clone(), tokens.clone(), csrs.clone());
+            async move {
+                let start = Instant::now();
+                let workers: Vec<_> = (0..concurrency)
+                    .map(|w| {
+                        let ch = channels[w % channels.len()].clone();
+                        let (tokens, csrs) = (tokens.clone(), csrs.clone());
+                        tokio::spawn(async move {
+                            let auth = BearerToken::new(&tokens[w % tokens.len()], None).unwrap();
+                            let mut client = IstioCertificateServiceClient::new(InterceptedService::new(ch, auth));
+                            let mut lat = Vec::new();
+                            let mut i = w;
+                            while start.elapsed() < secs {
+                                let t = Instant::now();
+                                let req = IstioCertificateRequest { csr: csrs[i % csrs.len()].clone(), validity_duration: 0, metadata: None };
+                                client.create_certificate(req).await.unwrap();
+                                lat.push(t.elapsed());
+                                i += concurrency;
+                            }
+                            lat
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for w in workers {
+                    all.extend(w.await.unwrap());
+                }
+                (all, start.elapsed())
+            }
+        };
+        run(Duration::from_millis(500)).await; // warm-up: token cache, connections
+        let cpu0 = cpu_secs(pid);
+        let (mut lat, took) = run(budget).await;
+        let server_cores = (cpu_secs(pid) - cpu0) / took.as_secs_f64();
+        lat.sort();
+        let issued = lat.len() as f64 / took.as_secs_f64();
+        println!("meshid server benchmark (server process and load generator share 2 cores)");
+        println!("  ring ECDSA P-256 sign (1 core)        {sign:>10.0} /s");
+        println!("  ring ECDSA P-256 verify (1 core)      {verify:>10.0} /s");
+        println!("  crypto ceiling, 1 verify + 1 sign, 2 cores {ceiling:>7.0} /s");
+        println!(
+            "  CSR issuance over gRPC+TLS, C={concurrency}     {issued:>8.0} /s   ratio {:.2} of the 2-core ceiling; p50 {:.2} ms, p99 {:.2} ms",
+            issued / ceiling,
+            percentile(&lat, 0.50).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3
+        );
+        println!(
+            "    the server process used {server_cores:.2} cores: {:.2} of the crypto ceiling of the cores it had",
+            issued / (server_cores * one_core)
+        );
+
+        // (2) SDS streams.
+        let rss_before = rss_kib(pid);
+        let per_conn = 100;
+        let received = Arc::new(AtomicUsize::new(0));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Instant>();
+        let mut keep = Vec::new();
+        let opened = Instant::now();
+        for c in 0..n_streams.div_ceil(per_conn) {
+            let ch = connect(&server.grpc, Some(root_pem.as_bytes()), "localhost").await.unwrap();
+            for s in 0..per_conn.min(n_streams - c * per_conn) {
+                let auth = BearerToken::new(&tokens[(c * per_conn + s) % tokens.len()], None).unwrap();
+                let mut client = SecretDiscoveryServiceClient::new(InterceptedService::new(ch.clone(), auth));
+                let (tx, rx) = mpsc::channel(4);
+                let first = DiscoveryRequest { resource_names: vec!["default".into(), "ROOTCA".into()], type_url: SECRET_TYPE_URL.into(), ..Default::default() };
+                tx.send(first).await.unwrap();
+                let (received, done_tx) = (received.clone(), done_tx.clone());
+                keep.push(tokio::spawn(async move {
+                    let mut inbound = client.stream_secrets(ReceiverStream::new(rx)).await.unwrap().into_inner();
+                    let mut n = 0;
+                    while let Ok(Some(resp)) = inbound.message().await {
+                        n += 1;
+                        let ack = DiscoveryRequest {
+                            resource_names: vec!["default".into(), "ROOTCA".into()],
+                            type_url: SECRET_TYPE_URL.into(),
+                            response_nonce: resp.nonce.clone(),
+                            version_info: resp.version_info.clone(),
+                            ..Default::default()
+                        };
+                        let _ = tx.send(ack).await;
+                        if n == 1 {
+                            received.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            let _ = done_tx.send(Instant::now());
+                        }
+                    }
+                }));
+            }
+        }
+        while received.load(Ordering::SeqCst) < n_streams {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open_time = opened.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after = rss_kib(pid);
+        println!(
+            "  SDS: {n_streams} streams open (default + ROOTCA each) in {:.2} s; server RSS {} MiB -> {} MiB = {:.1} KiB per stream",
+            open_time.as_secs_f64(),
+            rss_before / 1024,
+            rss_after / 1024,
+            (rss_after.saturating_sub(rss_before)) as f64 / n_streams as f64
+        );
+
+        // A trust-bundle change: a second root lands in the store; the server polls every 100 ms.
+        let current = store.load_existing().unwrap();
+        let mut next = current.state.clone();
+        let extra = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, time::OffsetDateTime::now_utc()).unwrap();
+        next.roots.push(RootRecord {
+            id: cert::fingerprint_id(&extra.cert),
+            state: RootState::Active,
+            origin: RootOrigin::Plugin,
+            created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+            certificate: cert::to_pem(&extra.cert),
+            private_key: None,
+            signer: None,
+        });
+        store.compare_and_swap(Some(current.generation), &next).unwrap();
+        let changed = Instant::now();
+        let mut first = None;
+        let mut last = changed;
+        for _ in 0..n_streams {
+            let t = tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await.expect("every stream gets the new bundle").unwrap();
+            first.get_or_insert(t);
+            last = last.max(t);
+        }
+        let first = first.unwrap();
+        println!(
+            "  bundle fan-out to {n_streams} streams: {:.3} s from the store write (poll interval 0.1 s), {:.3} s from first to last stream",
+            (last - changed).as_secs_f64(),
+            (last - first).as_secs_f64()
+        );
+        println!("  server RSS after fan-out: {} MiB", rss_kib(pid) / 1024);
+        for k in keep {
+            k.abort();
+        }
+    });
+    drop(server);
+}
