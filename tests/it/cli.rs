@@ -287,3 +287,26 @@ fn help_reads_well() {
         assert!(h.contains("Usage: meshid"), "{h}");
     }
 }
+
+#[test]
+fn server_config_errors_are_reported_at_start_up_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("meshid.toml");
+    std::fs::write(
+        &cfg,
+        "state_dir = \"/nonexistent\"\n[issuance]\ndefault_ttl = \"48h\"\nmax_ttl = \"24h\"\n[rotation]\nratio = 0.99\n",
+    )
+    .unwrap();
+    let o = meshid(&["server", "--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    for key in ["issuance:", "rotation:", "clusters:"] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    std::fs::write(&cfg, "state_dir = \"/x\"\nlisten_grpc = \"1.2.3.4:5\"\n").unwrap();
+    let o = meshid(&["server", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("listen_grpc"),
+        "unknown key named"
+    );
+}
