@@ -3,6 +3,7 @@
 mod ca;
 mod cert;
 mod client;
+mod describe;
 mod dev;
 mod inspect;
 mod server;
@@ -31,6 +32,9 @@ enum Command {
     /// Check service-account tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Explain auto mTLS: why a connection to a service or pod is mTLS, plaintext, or will fail.
+    #[command(subcommand)]
+    Describe(describe::DescribeCommand),
     /// Talk to a running server's SDS.
     #[command(subcommand)]
     Sds(SdsCommand),
@@ -65,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Dev(c) => c.run(),
         Command::Server(c) => c.run(),
         Command::Sds(SdsCommand::Get(a)) => a.run(),
+        Command::Describe(c) => c.run(),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,202 @@
+//! `meshid describe service|pod NAME.NS`: why a connection is mTLS or plaintext.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::Output;
+use crate::{
+    discovery::{
+        describe_pod, describe_service, envoy_cluster, MeshObjects, MeshSettings, PodReport,
+        ServiceReport,
+    },
+    spiffe::TrustDomain,
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum DescribeCommand {
+    /// A service: each endpoint, its sidecar, PeerAuthentication, DestinationRule TLS, and the decision.
+    Service(ServiceArgs),
+    /// A pod: its sidecar, PeerAuthentication per port, and how clients of its services reach it.
+    Pod(PodArgs),
+}
+
+/// Where the mesh objects come from, and mesh-wide settings.
+#[derive(Debug, Args)]
+pub(super) struct Source {
+    /// A snapshot: `kubectl get pods,endpointslices,services,namespaces,peerauthentications,destinationrules -A -o json` (or -o yaml).
+    #[arg(long, value_name = "FILE")]
+    snapshot: PathBuf,
+    /// Istio's root namespace (its selector-less PeerAuthentication is mesh-wide).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    domain: String,
+    /// Describe as if auto mTLS were off (Istio's enableAutoMtls: false).
+    #[arg(long)]
+    auto_mtls_off: bool,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+impl Source {
+    fn load(&self) -> anyhow::Result<(MeshObjects, MeshSettings)> {
+        let bytes = std::fs::read(&self.snapshot)
+            .with_context(|| format!("reading {}", self.snapshot.display()))?;
+        let objs = MeshObjects::from_snapshot(&bytes)
+            .with_context(|| format!("reading snapshot {}", self.snapshot.display()))?;
+        let settings = MeshSettings {
+            auto_mtls: !self.auto_mtls_off,
+            root_namespace: self.root_namespace.clone(),
+            domain: self.domain.clone(),
+        };
+        Ok((objs, settings))
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ServiceArgs {
+    /// The service, as NAME.NAMESPACE.
+    name: String,
+    #[command(flatten)]
+    source: Source,
+    /// Decide for this client pod (NAME.NAMESPACE) instead of a client with a sidecar.
+    #[arg(long, value_name = "POD.NS")]
+    from: Option<String>,
+    /// Print the Envoy cluster (transport_socket_matches tlsMode-istio / tlsMode-disabled) for this port instead.
+    #[arg(long, value_name = "PORT")]
+    envoy_cluster: Option<u16>,
+    /// Trust domain, for the SPIFFE IDs in --envoy-cluster.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: TrustDomain,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PodArgs {
+    /// The pod, as NAME.NAMESPACE.
+    name: String,
+    #[command(flatten)]
+    source: Source,
+}
+
+impl DescribeCommand {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Service(a) => {
+                let (objs, settings) = a.source.load()?;
+                if let Some(port) = a.envoy_cluster {
+                    let cluster =
+                        envoy_cluster(&objs, &settings, &a.name, port, &a.trust_domain, "meshid")?;
+                    println!("{}", serde_json::to_string_pretty(&cluster)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let report = describe_service(&objs, &settings, &a.name, a.from.as_deref())?;
+                if a.source.output.is_json() {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_service(&report);
+                }
+            }
+            Self::Pod(a) => {
+                let (objs, settings) = a.source.load()?;
+                let report = describe_pod(&objs, &settings, &a.name)?;
+                if a.source.output.is_json() {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_pod(&report);
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn print_service(r: &ServiceReport) {
+    println!(
+        "Service: {} ({}){}",
+        r.service,
+        r.fqdn,
+        if r.headless { ", headless" } else { "" }
+    );
+    if r.mesh_external {
+        println!("  mesh-external (ExternalName): auto mTLS does not apply");
+    }
+    println!("  Decisions for:          {}", r.client);
+    println!(
+        "  Auto mTLS:              {}",
+        if r.auto_mtls { "on" } else { "off" }
+    );
+    println!(
+        "  PeerAuthentication:     {} from {}",
+        r.namespace_peer_authentication.mode, r.namespace_peer_authentication.source
+    );
+    match &r.destination_rule {
+        Some(d) => println!(
+            "  DestinationRule:        {}/{} (host {})",
+            d.namespace, d.name, d.host
+        ),
+        None => println!("  DestinationRule:        none (auto mTLS decides per endpoint)"),
+    }
+    println!("  Endpoints:");
+    for e in &r.endpoints {
+        println!(
+            "    {}:{} (service port {})  pod {}  sidecar: {}  -> {}",
+            e.address,
+            e.port,
+            e.service_port,
+            e.pod.as_deref().unwrap_or("(none)"),
+            if e.sidecar { "yes" } else { "no" },
+            e.decision.label()
+        );
+        println!(
+            "      why: {}; PeerAuthentication {} from {}",
+            e.why, e.peer_authentication.mode, e.peer_authentication.source
+        );
+        for w in &e.warnings {
+            println!("      warning: {w}");
+        }
+    }
+    let s = &r.summary;
+    println!(
+        "  Summary: {} mTLS, {} plaintext, {} TLS, {} will fail",
+        s.mtls, s.plaintext, s.tls, s.will_fail
+    );
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+fn print_pod(r: &PodReport) {
+    println!("Pod: {} (service account {})", r.pod, r.service_account);
+    println!(
+        "  Sidecar: {} (tlsMode {}, runs istio-proxy: {})",
+        if r.sidecar.tls_mode == crate::discovery::TlsMode::Istio {
+            "yes"
+        } else {
+            "no"
+        },
+        r.sidecar.tls_mode,
+        r.sidecar.runs_proxy
+    );
+    for w in &r.sidecar.warnings {
+        println!("  warning: pod {w}");
+    }
+    for (port, pa) in &r.peer_authentication {
+        match port {
+            None => println!(
+                "  PeerAuthentication:        {} from {}",
+                pa.mode, pa.source
+            ),
+            Some(p) => println!(
+                "  PeerAuthentication :{p:<5}  {} from {}",
+                pa.mode, pa.source
+            ),
+        }
+    }
+    for s in &r.services {
+        println!();
+        print_service(s);
+    }
+}

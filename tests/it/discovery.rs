@@ -1,0 +1,275 @@
+//! Auto mTLS on the mission's example (product-service and inventory-service with sidecars,
+//! legacy-db without): describe says mTLS for the first and plaintext for the second; per-endpoint
+//! decisions where Istio would decide per service; the Envoy cluster template.
+
+use meshid::discovery::{
+    describe_pod, describe_service, envoy_cluster, Decision, MeshObjects, MeshSettings,
+    PeerAuthMode,
+};
+
+use crate::support::meshid;
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/mixed-traffic.yaml"
+);
+
+fn mission() -> MeshObjects {
+    MeshObjects::from_snapshot(&std::fs::read(FIXTURE).unwrap()).unwrap()
+}
+
+#[test]
+fn the_snapshot_reads_as_yaml_and_as_json() {
+    let objs = mission();
+    assert_eq!(
+        (
+            objs.pods.len(),
+            objs.services.len(),
+            objs.endpoint_slices.len(),
+            objs.namespaces.len()
+        ),
+        (3, 3, 3, 3)
+    );
+    assert_eq!(objs.peer_authentications.len(), 1);
+    // The same objects as a kubectl JSON List.
+    let yaml: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    let from_json =
+        MeshObjects::from_snapshot(serde_json::to_string(&yaml).unwrap().as_bytes()).unwrap();
+    assert_eq!(from_json.pods.len(), 3);
+}
+
+#[test]
+fn inventory_is_mtls_and_legacy_db_is_plaintext() {
+    let objs = mission();
+    let s = MeshSettings::default();
+    let inv = describe_service(&objs, &s, "inventory-service.shop", None).unwrap();
+    assert_eq!(inv.endpoints.len(), 1);
+    let e = &inv.endpoints[0];
+    assert_eq!(
+        (e.decision, e.sidecar, e.pod.as_deref()),
+        (
+            Decision::Mtls,
+            true,
+            Some("inventory-service-5c8f7-k9p2m.shop")
+        )
+    );
+    assert_eq!(e.peer_authentication.mode, PeerAuthMode::Permissive);
+    assert!(
+        e.peer_authentication.source.contains("mesh-wide"),
+        "{}",
+        e.peer_authentication.source
+    );
+    let db = describe_service(&objs, &s, "legacy-db.legacy", None).unwrap();
+    assert_eq!(
+        (db.endpoints[0].decision, db.endpoints[0].sidecar),
+        (Decision::Plaintext, false)
+    );
+    assert!(db.endpoints[0].why.contains("no sidecar"));
+    assert_eq!((db.summary.mtls, db.summary.plaintext), (0, 1));
+}
+
+#[test]
+fn strict_destination_fails_for_a_client_without_sidecar() {
+    let mut objs = mission();
+    let mut strict = objs.peer_authentications[0].clone();
+    strict.metadata.namespace = Some("shop".into());
+    strict.spec.mtls.as_mut().unwrap().mode = PeerAuthMode::Strict;
+    objs.peer_authentications.push(strict);
+    let s = MeshSettings::default();
+    let from_db = describe_service(
+        &objs,
+        &s,
+        "inventory-service.shop",
+        Some("legacy-db-0.legacy"),
+    )
+    .unwrap();
+    assert_eq!(from_db.endpoints[0].decision, Decision::WillFail);
+    assert!(from_db.client.contains("without a sidecar"));
+    let from_product = describe_service(
+        &objs,
+        &s,
+        "inventory-service.shop",
+        Some("product-service-7d4b9-x2x7q.shop"),
+    )
+    .unwrap();
+    assert_eq!(from_product.endpoints[0].decision, Decision::Mtls);
+}
+
+/// Istio issue 49584: one backend without a sidecar must not turn mTLS off for the others.
+#[test]
+fn decisions_are_per_endpoint_not_per_service() {
+    let mut objs = mission();
+    let mut plain = objs
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("inventory-service-5c8f7-k9p2m"))
+        .unwrap()
+        .clone();
+    plain.metadata.name = Some("inventory-service-legacy-1".into());
+    plain
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .remove("security.istio.io/tlsMode");
+    plain.metadata.annotations = None;
+    plain
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers
+        .retain(|c| c.name != "istio-proxy");
+    objs.pods.push(plain);
+    let slice = objs
+        .endpoint_slices
+        .iter_mut()
+        .find(|e| e.metadata.name.as_deref() == Some("inventory-service-abc12"))
+        .unwrap();
+    let mut ep = slice.endpoints[0].clone();
+    ep.addresses = vec!["10.244.1.99".into()];
+    ep.target_ref.as_mut().unwrap().name = Some("inventory-service-legacy-1".into());
+    slice.endpoints.push(ep);
+    // Headless too (Istio issue 19703).
+    objs.services
+        .iter_mut()
+        .find(|x| x.metadata.name.as_deref() == Some("inventory-service"))
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .cluster_ip = Some("None".into());
+    let r = describe_service(
+        &objs,
+        &MeshSettings::default(),
+        "inventory-service.shop",
+        None,
+    )
+    .unwrap();
+    assert!(r.headless);
+    let decisions: Vec<(String, Decision)> = r
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.decision))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("10.244.1.11".to_string(), Decision::Mtls),
+            ("10.244.1.99".to_string(), Decision::Plaintext)
+        ]
+    );
+}
+
+#[test]
+fn label_and_container_disagreements_are_warned() {
+    let mut objs = mission();
+    let db = objs
+        .pods
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("legacy-db-0"))
+        .unwrap();
+    db.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("security.istio.io/tlsMode".into(), "istio".into());
+    let r = describe_pod(&objs, &MeshSettings::default(), "legacy-db-0.legacy").unwrap();
+    assert!(
+        r.sidecar.warnings[0].contains("runs no istio-proxy"),
+        "{:?}",
+        r.sidecar.warnings
+    );
+    assert_eq!(r.services.len(), 1);
+    assert!(r.services[0].endpoints[0]
+        .warnings
+        .iter()
+        .any(|w| w.contains("mTLS to it will fail")));
+}
+
+#[test]
+fn envoy_cluster_has_both_socket_matches() {
+    let objs = mission();
+    let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
+    let c = envoy_cluster(
+        &objs,
+        &MeshSettings::default(),
+        "inventory-service.shop",
+        8080,
+        &td,
+        "meshid",
+    )
+    .unwrap();
+    assert_eq!(
+        c["name"],
+        "outbound|8080||inventory-service.shop.svc.cluster.local"
+    );
+    let m = c["transport_socket_matches"].as_array().unwrap();
+    assert_eq!(
+        (m[0]["name"].as_str(), m[1]["name"].as_str()),
+        (Some("tlsMode-istio"), Some("tlsMode-disabled"))
+    );
+    assert_eq!(m[0]["match"]["tlsMode"], "istio");
+    let ctx = &m[0]["transport_socket"]["typed_config"]["common_tls_context"];
+    assert_eq!(
+        ctx["tls_certificate_sds_secret_configs"][0]["name"],
+        "default"
+    );
+    assert_eq!(
+        ctx["combined_validation_context"]["validation_context_sds_secret_config"]["name"],
+        "ROOTCA"
+    );
+    assert_eq!(
+        ctx["combined_validation_context"]["default_validation_context"]
+            ["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+        "spiffe://cluster.local/ns/shop/sa/inventory-service"
+    );
+    assert_eq!(
+        m[1]["transport_socket"]["name"],
+        "envoy.transport_sockets.raw_buffer"
+    );
+}
+
+#[test]
+fn describe_cli_answers_why_plaintext() {
+    let o = meshid(&[
+        "describe",
+        "service",
+        "legacy-db.legacy",
+        "--snapshot",
+        FIXTURE,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("pod legacy-db-0.legacy  sidecar: no  -> plaintext"),
+        "{text}"
+    );
+    assert!(
+        text.contains("why: auto mTLS: the endpoint has no sidecar"),
+        "{text}"
+    );
+    let o = meshid(&[
+        "describe",
+        "service",
+        "inventory-service.shop",
+        "--snapshot",
+        FIXTURE,
+        "--output",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["endpoints"][0]["decision"], "mtls");
+    assert_eq!(v["endpoints"][0]["tls_mode"], "istio");
+    let o = meshid(&["describe", "service", "nope.shop", "--snapshot", FIXTURE]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("service nope.shop not found; known: "));
+    let o = meshid(&[
+        "describe",
+        "pod",
+        "product-service-7d4b9-x2x7q.shop",
+        "--snapshot",
+        FIXTURE,
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Sidecar: yes"));
+}
