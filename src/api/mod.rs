@@ -6,6 +6,7 @@ pub mod client;
 mod csr;
 mod sds;
 mod status;
+pub mod xds;
 
 pub use auth::Authenticator;
 pub use csr::CsrService;

@@ -8,12 +8,7 @@
 //! answered with the same resources; the subscription may change on any request. Each stream
 //! holds one `watch` receiver of the CA snapshot, so a bundle change reaches every stream at once.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    pin::Pin,
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
 use envoy_types::{
     pb::envoy::{
@@ -25,20 +20,22 @@ use envoy_types::{
         service::{
             discovery::v3::{
                 DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-                Resource,
             },
             secret::v3::secret_discovery_service_server::SecretDiscoveryService,
         },
     },
+    pb::google::protobuf::Any,
     util::pack_any,
 };
-use futures::Stream;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{status, Authenticator};
+use super::{
+    status,
+    xds::{self, content_version, Out, ResourceSource, XdsMetrics},
+    Authenticator,
+};
 use crate::{
     ca::{cert, IssuedCert, PrivateKey},
     clock::Clock,
@@ -59,8 +56,6 @@ const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 /// How long to wait before retrying a failed renewal.
 const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
 /// The SDS service.
 #[derive(Clone)]
 pub struct SdsService(Arc<Shared>);
@@ -73,6 +68,7 @@ struct Shared {
     clock: Arc<dyn Clock>,
     refresh: RefreshPolicy,
     metrics: Arc<Metrics>,
+    xds: Arc<XdsMetrics>,
 }
 
 impl SdsService {
@@ -84,6 +80,12 @@ impl SdsService {
         refresh: RefreshPolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let xds = Arc::new(XdsMetrics {
+            streams: metrics.sds_streams.clone(),
+            pushes: metrics.sds_pushes.clone(),
+            nacks: metrics.sds_nacks.clone(),
+            latency: metrics.sds_push_latency.clone(),
+        });
         Self(Arc::new(Shared {
             auth,
             live,
@@ -91,6 +93,7 @@ impl SdsService {
             clock,
             refresh,
             metrics,
+            xds,
         }))
     }
 }
@@ -106,23 +109,29 @@ struct Credential {
 struct Workload {
     shared: Arc<Shared>,
     identity: Identity,
+    live: watch::Receiver<Arc<CaSnapshot>>,
     snapshot: Arc<CaSnapshot>,
     cred: Option<Credential>,
 }
 
 impl Workload {
     fn new(shared: Arc<Shared>, identity: Identity) -> Self {
-        let snapshot = shared.live.borrow().clone();
+        let mut live = shared.live.clone();
+        let snapshot = live.borrow_and_update().clone();
         Self {
             shared,
             identity,
+            live,
             snapshot,
             cred: None,
         }
     }
 
     /// Refuses names SDS does not serve, naming them.
-    fn check_names<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Result<(), Status> {
+    fn check_names_in<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), Status> {
         let unknown: Vec<&str> = names
             .into_iter()
             .filter(|n| !self.known(n))
@@ -186,7 +195,7 @@ impl Workload {
         }
     }
 
-    fn render(&mut self, name: &str) -> Result<Secret, Status> {
+    fn render_secret(&mut self, name: &str) -> Result<Secret, Status> {
         let inline = |b: Vec<u8>| {
             Some(DataSource {
                 specifier: Some(Specifier::InlineBytes(b)),
@@ -249,37 +258,14 @@ impl Workload {
         })
     }
 
-    /// A content version of a resource: the serial for `default`, a digest of the roots otherwise.
-    fn version_of(&mut self, name: &str) -> Result<String, Status> {
-        if name == DEFAULT {
-            if self.cred.is_none() {
-                self.renew()?;
-            }
-            return Ok(self
-                .cred
-                .as_ref()
-                .expect("issued above")
-                .issued
-                .serial
-                .to_string());
-        }
-        let secret = self.render(name)?;
-        let bytes = prost::Message::encode_to_vec(&secret);
-        Ok(cert::hex(
-            &ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()[..8],
-        ))
-    }
-
-    /// Takes a new CA snapshot; returns (trust changed, signer changed).
-    fn update_snapshot(&mut self, next: Arc<CaSnapshot>) -> (bool, bool) {
-        let trust = !next.bundle.iter().eq(self.snapshot.bundle.iter());
+    /// Takes a new CA snapshot; a new signer means re-issuing `default` now, so the chain
+    /// matches what peers are told to trust.
+    fn update_snapshot(&mut self, next: Arc<CaSnapshot>) {
         let signer = next.signer_id != self.snapshot.signer_id;
         self.snapshot = next;
         if signer && self.cred.is_some() {
-            // A new signer: re-issue now so the chain matches what peers are told to trust.
             self.renew_or_retry();
         }
-        (trust, signer)
     }
 
     fn next_refresh(&self, default_subscribed: bool) -> Option<OffsetDateTime> {
@@ -290,160 +276,10 @@ impl Workload {
     }
 }
 
-/// Decrements the open-streams gauge when a stream ends, however it ends.
-struct StreamGauge(Arc<Metrics>);
-
-impl StreamGauge {
-    fn open(m: &Arc<Metrics>) -> Self {
-        m.sds_streams.inc();
-        Self(m.clone())
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.0.sds_streams.dec();
-    }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-fn check_type(type_url: &str) -> Result<(), Status> {
-    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "type_url {type_url:?} is not served here; SDS serves {SECRET_TYPE_URL}"
-        )))
-    }
-}
-
 fn sleep_or_never(clock: &Arc<dyn Clock>, at: Option<OffsetDateTime>) -> crate::clock::Sleep {
     match at {
         Some(t) => clock.sleep_until(t),
         None => Box::pin(std::future::pending()),
-    }
-}
-
-// === StreamSecrets (state of the world) ===
-
-struct SotwStream {
-    w: Workload,
-    subscribed: BTreeSet<String>,
-    version: u64,
-    nonce: u64,
-    last_nonce: String,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-}
-
-impl SotwStream {
-    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        let _gauge = StreamGauge::open(&self.w.shared.metrics);
-        let mut live = self.w.shared.live.clone();
-        live.mark_unchanged();
-        let mut stop = self.w.shared.stop.clone();
-        loop {
-            let wake = sleep_or_never(
-                &self.w.shared.clock,
-                self.w.next_refresh(self.subscribed.contains(DEFAULT)),
-            );
-            let result = tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
-                    Ok(None) | Err(_) => return,
-                },
-                changed = live.changed() => {
-                    if changed.is_err() { return; }
-                    let next = live.borrow_and_update().clone();
-                    self.on_snapshot(next).await
-                }
-                _ = wake => {
-                    let start = Instant::now();
-                    if self.w.renew_or_retry() { self.push(start).await } else { Ok(()) }
-                }
-                _ = self.tx.closed() => return,
-                () = stopped(&mut stop) => {
-                    let _ = self.tx.send(Err(Status::unavailable("meshid is shutting down; reconnect"))).await;
-                    return;
-                }
-            };
-            if let Err(status) = result {
-                let _ = self.tx.send(Err(status)).await;
-                return;
-            }
-        }
-    }
-
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        check_type(&req.type_url)?;
-        let initial = req.response_nonce.is_empty();
-        if !initial && req.response_nonce != self.last_nonce {
-            tracing::debug!(nonce = %req.response_nonce, latest = %self.last_nonce, "stale SDS request ignored");
-            return Ok(());
-        }
-        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
-        if let Some(detail) = &req.error_detail {
-            self.w.shared.metrics.sds_nacks.inc();
-            tracing::warn!(id = %self.w.identity.spiffe_id, version = %req.version_info, resources = ?names,
-                code = detail.code, detail = %detail.message, "SDS NACK");
-            if names == self.subscribed {
-                return Ok(()); // never answer a NACK with the same resources again
-            }
-        } else if !initial && names == self.subscribed {
-            tracing::debug!(id = %self.w.identity.spiffe_id, version = %req.version_info, "SDS ACK");
-            return Ok(());
-        }
-        self.w.check_names(&names)?;
-        self.subscribed = names;
-        if self.subscribed.is_empty() {
-            return Ok(());
-        }
-        self.push(Instant::now()).await
-    }
-
-    async fn on_snapshot(&mut self, next: Arc<CaSnapshot>) -> Result<(), Status> {
-        let start = Instant::now();
-        let (trust, signer) = self.w.update_snapshot(next);
-        let trust_subscribed = self.subscribed.iter().any(|n| n != DEFAULT);
-        let default_subscribed = self.subscribed.contains(DEFAULT);
-        if (trust && trust_subscribed) || (signer && default_subscribed) {
-            self.push(start).await?;
-        }
-        Ok(())
-    }
-
-    async fn push(&mut self, started: Instant) -> Result<(), Status> {
-        let mut resources = Vec::with_capacity(self.subscribed.len());
-        let names: Vec<String> = self.subscribed.iter().cloned().collect();
-        for name in &names {
-            if name.starts_with("spiffe://") && self.w.trust_domain_of(name).is_none() {
-                continue; // a trust domain that is no longer trusted is left out of the state of the world
-            }
-            resources.push(pack_any(self.w.render(name)?));
-        }
-        self.version += 1;
-        self.nonce += 1;
-        self.last_nonce = self.nonce.to_string();
-        let resp = DiscoveryResponse {
-            version_info: self.version.to_string(),
-            resources,
-            type_url: SECRET_TYPE_URL.into(),
-            nonce: self.last_nonce.clone(),
-            ..Default::default()
-        };
-        if self.tx.send(Ok(resp)).await.is_err() {
-            return Ok(()); // the client went away; run() notices
-        }
-        let m = &self.w.shared.metrics;
-        for name in &names {
-            m.sds_pushes
-                .get_or_create(&Metrics::label("resource", resource_label(name)))
-                .inc();
-        }
-        m.sds_push_latency.observe(started.elapsed().as_secs_f64());
-        Ok(())
     }
 }
 
@@ -455,129 +291,64 @@ fn resource_label(name: &str) -> &str {
     }
 }
 
-// === DeltaSecrets (incremental) ===
+impl ResourceSource for Workload {
+    fn type_url(&self) -> &'static str {
+        SECRET_TYPE_URL
+    }
 
-struct DeltaStream {
-    w: Workload,
-    subscribed: BTreeSet<String>,
-    /// What the client holds: name → version.
-    sent: HashMap<String, String>,
-    nonce: u64,
-    last_nonce: String,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-}
+    fn peer(&self) -> String {
+        self.identity.spiffe_id.to_string()
+    }
 
-impl DeltaStream {
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        let _gauge = StreamGauge::open(&self.w.shared.metrics);
-        let mut live = self.w.shared.live.clone();
-        live.mark_unchanged();
-        let mut stop = self.w.shared.stop.clone();
-        loop {
+    fn check_names(&self, names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
+        self.check_names_in(names)
+    }
+
+    /// The serial for `default`; a digest of the content for the trust resources.
+    fn version(&mut self, name: &str) -> Result<Option<String>, Status> {
+        if name == DEFAULT {
+            if self.cred.is_none() {
+                self.renew()?;
+            }
+            return Ok(self.cred.as_ref().map(|c| c.issued.serial.to_string()));
+        }
+        Ok(self.render(name)?.map(|any| content_version(&any)))
+    }
+
+    fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
+        if name.starts_with("spiffe://") && self.trust_domain_of(name).is_none() {
+            return Ok(None); // no longer trusted: left out (delta: removed)
+        }
+        self.render_secret(name).map(|s| Some(pack_any(s)))
+    }
+
+    fn changed<'a>(
+        &'a mut self,
+        subscribed: &'a BTreeSet<String>,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
             let wake = sleep_or_never(
-                &self.w.shared.clock,
-                self.w.next_refresh(self.subscribed.contains(DEFAULT)),
+                &self.shared.clock,
+                self.next_refresh(subscribed.contains(DEFAULT)),
             );
-            let result = tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
-                    Ok(None) | Err(_) => return,
-                },
-                changed = live.changed() => {
-                    if changed.is_err() { return; }
-                    let next = live.borrow_and_update().clone();
-                    self.w.update_snapshot(next);
-                    self.push_changed(Instant::now()).await
+            tokio::select! {
+                r = self.live.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                    let next = self.live.borrow_and_update().clone();
+                    self.update_snapshot(next);
                 }
                 _ = wake => {
-                    let start = Instant::now();
-                    if self.w.renew_or_retry() { self.push_changed(start).await } else { Ok(()) }
+                    self.renew_or_retry();
                 }
-                _ = self.tx.closed() => return,
-                () = stopped(&mut stop) => {
-                    let _ = self.tx.send(Err(Status::unavailable("meshid is shutting down; reconnect"))).await;
-                    return;
-                }
-            };
-            if let Err(status) = result {
-                let _ = self.tx.send(Err(status)).await;
-                return;
             }
-        }
+            true
+        })
     }
 
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        check_type(&req.type_url)?;
-        if req.response_nonce.is_empty() {
-            // A (re)connecting client tells us what it already holds.
-            self.sent.extend(req.initial_resource_versions);
-        } else if req.response_nonce == self.last_nonce {
-            match &req.error_detail {
-                Some(d) => {
-                    self.w.shared.metrics.sds_nacks.inc();
-                    tracing::warn!(id = %self.w.identity.spiffe_id, code = d.code, detail = %d.message, "SDS delta NACK");
-                }
-                None => {
-                    tracing::debug!(id = %self.w.identity.spiffe_id, nonce = %req.response_nonce, "SDS delta ACK")
-                }
-            }
-        }
-        // Subscription changes count whatever the nonce.
-        for n in &req.resource_names_unsubscribe {
-            self.subscribed.remove(n);
-            self.sent.remove(n);
-        }
-        self.w.check_names(&req.resource_names_subscribe)?;
-        self.subscribed.extend(req.resource_names_subscribe);
-        self.push_changed(Instant::now()).await
-    }
-
-    async fn push_changed(&mut self, started: Instant) -> Result<(), Status> {
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        let names: Vec<String> = self.subscribed.iter().cloned().collect();
-        for name in names {
-            if name.starts_with("spiffe://") && self.w.trust_domain_of(&name).is_none() {
-                if self.sent.remove(&name).is_some() {
-                    removed.push(name);
-                }
-                continue;
-            }
-            let version = self.w.version_of(&name)?;
-            if self.sent.get(&name) == Some(&version) {
-                continue;
-            }
-            let secret = self.w.render(&name)?;
-            self.sent.insert(name.clone(), version.clone());
-            resources.push(Resource {
-                name,
-                version,
-                resource: Some(pack_any(secret)),
-                ..Default::default()
-            });
-        }
-        if resources.is_empty() && removed.is_empty() {
-            return Ok(());
-        }
-        self.nonce += 1;
-        self.last_nonce = self.nonce.to_string();
-        let m = &self.w.shared.metrics;
-        for r in &resources {
-            m.sds_pushes
-                .get_or_create(&Metrics::label("resource", resource_label(&r.name)))
-                .inc();
-        }
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: self.w.snapshot.generation.to_string(),
-            resources,
-            type_url: SECRET_TYPE_URL.into(),
-            removed_resources: removed,
-            nonce: self.last_nonce.clone(),
-            ..Default::default()
-        };
-        let _ = self.tx.send(Ok(resp)).await;
-        m.sds_push_latency.observe(started.elapsed().as_secs_f64());
-        Ok(())
+    fn label(name: &str) -> String {
+        resource_label(name).to_owned()
     }
 }
 
@@ -593,17 +364,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
-        let (tx, rx) = mpsc::channel(4);
-        let stream = SotwStream {
-            w: Workload::new(self.0.clone(), identity),
-            subscribed: BTreeSet::new(),
-            version: 0,
-            nonce: 0,
-            last_nonce: String::new(),
-            tx,
-        };
-        tokio::spawn(stream.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let w = Workload::new(self.0.clone(), identity);
+        Ok(Response::new(xds::spawn_sotw(
+            w,
+            request.into_inner(),
+            self.0.xds.clone(),
+            self.0.stop.clone(),
+        )))
     }
 
     async fn delta_secrets(
@@ -611,17 +378,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
-        let (tx, rx) = mpsc::channel(4);
-        let stream = DeltaStream {
-            w: Workload::new(self.0.clone(), identity),
-            subscribed: BTreeSet::new(),
-            sent: HashMap::new(),
-            nonce: 0,
-            last_nonce: String::new(),
-            tx,
-        };
-        tokio::spawn(stream.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let w = Workload::new(self.0.clone(), identity);
+        Ok(Response::new(xds::spawn_delta(
+            w,
+            request.into_inner(),
+            self.0.xds.clone(),
+            self.0.stop.clone(),
+        )))
     }
 
     async fn fetch_secrets(
@@ -630,14 +393,19 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
         let req = request.into_inner();
-        check_type(&req.type_url)?;
+        if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+            return Err(Status::invalid_argument(format!(
+                "type_url {:?} is not served here; SDS serves {SECRET_TYPE_URL}",
+                req.type_url
+            )));
+        }
         let mut w = Workload::new(self.0.clone(), identity);
-        w.check_names(&req.resource_names)?;
+        w.check_names_in(&req.resource_names)?;
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         for name in &req.resource_names {
-            versions.push(w.version_of(name)?);
-            resources.push(pack_any(w.render(name)?));
+            versions.push(w.version(name)?.unwrap_or_default());
+            resources.extend(w.render(name)?);
             self.0
                 .metrics
                 .sds_pushes
