@@ -43,6 +43,34 @@ pub struct Config {
     /// Clusters whose service-account tokens are accepted.
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Auto mTLS discovery and EDS (off when absent).
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+}
+
+/// Where endpoints come from, and Istio's mesh-wide settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// A snapshot file (kubectl `-o json` or `-o yaml` of pods, endpointslices, services,
+    /// namespaces, peerauthentications, destinationrules), re-read when it changes.
+    pub snapshot: PathBuf,
+    #[serde(default = "default_root_ns")]
+    pub root_namespace: String,
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    #[serde(default = "default_true")]
+    pub auto_mtls: bool,
+}
+
+fn default_root_ns() -> String {
+    "istio-system".into()
+}
+fn default_domain() -> String {
+    "cluster.local".into()
+}
+fn default_true() -> bool {
+    true
 }
 
 fn default_poll() -> Duration {

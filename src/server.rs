@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::{
+    endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer,
+    secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer,
+};
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,10 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     api::{
         istio::istio_certificate_service_server::IstioCertificateServiceServer, Authenticator,
-        CsrService, SdsService,
+        CsrService, EdsService, SdsService,
     },
     clock::Clock,
     config::{self, Config},
+    discovery::{DiscoveryView, MeshSettings, SnapshotSource},
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -130,8 +134,30 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         cfg.rotation,
         metrics.clone(),
     );
-    let csr = CsrService::new(auth, live.subscribe(), metrics.clone());
+    let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
+    let eds = match &cfg.discovery {
+        Some(d) => {
+            let settings = MeshSettings {
+                auto_mtls: d.auto_mtls,
+                root_namespace: d.root_namespace.clone(),
+                domain: d.domain.clone(),
+            };
+            let source = SnapshotSource::load(d.snapshot.clone(), settings)
+                .map_err(|e| ServerError::Config(vec![format!("discovery.snapshot: {e}")]))?;
+            let view = source.subscribe();
+            tasks.push(tokio::spawn(
+                source.watch_file(cfg.state_poll_interval, stop_rx.clone()),
+            ));
+            tasks.push(tokio::spawn(discovery_gauges(
+                view.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+            Some(EdsService::new(auth, view, stop_rx.clone(), &metrics))
+        }
+        None => None,
+    };
     let grpc = bind(cfg.listen.grpc, "gRPC").await?;
     let grpc_addr = grpc.local_addr().map_err(io("gRPC listener address"))?;
     let incoming = tls_incoming(
@@ -139,7 +165,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         stop_rx.clone(),
     );
-    let routes = grpc_router(&sds, &csr);
+    let routes = grpc_router(&sds, &csr, eds.as_ref());
     let shutdown = wait_stop(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = routes
@@ -156,7 +182,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
             let listener = tokio::net::UnixListener::bind(path)
                 .map_err(io(&format!("binding Unix socket {}", path.display())))?;
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            let routes = grpc_router(&sds, &csr);
+            let routes = grpc_router(&sds, &csr, eds.as_ref());
             let shutdown = wait_stop(stop_rx.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = routes
@@ -225,12 +251,32 @@ async fn wait_stop(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn grpc_router(sds: &SdsService, csr: &CsrService) -> tonic::transport::server::Router {
+fn grpc_router(
+    sds: &SdsService,
+    csr: &CsrService,
+    eds: Option<&EdsService>,
+) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(1024))
         .add_service(SecretDiscoveryServiceServer::new(sds.clone()))
         .add_service(IstioCertificateServiceServer::new(csr.clone()))
+        .add_optional_service(eds.map(|e| EndpointDiscoveryServiceServer::new(e.clone())))
+}
+
+async fn discovery_gauges(
+    mut view: watch::Receiver<Arc<DiscoveryView>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let v = view.borrow_and_update().clone();
+        metrics.set_discovery(&v.stats);
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;

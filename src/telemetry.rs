@@ -28,6 +28,13 @@ pub struct Metrics {
     pub sds_pushes: Family<Labels, Counter>,
     pub sds_nacks: Counter,
     pub sds_push_latency: Histogram,
+    pub eds_streams: Gauge,
+    pub eds_pushes: Family<Labels, Counter>,
+    pub eds_nacks: Counter,
+    pub eds_push_latency: Histogram,
+    pub discovery_endpoints: Family<Labels, Gauge>,
+    pub discovery_mtls_coverage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub discovery_mismatches: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,9 +56,14 @@ impl Metrics {
             sds_streams: Gauge::default(),
             sds_pushes: Family::default(),
             sds_nacks: Counter::default(),
-            sds_push_latency: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
-            ),
+            sds_push_latency: latency_histogram(),
+            eds_streams: Gauge::default(),
+            eds_pushes: Family::default(),
+            eds_nacks: Counter::default(),
+            eds_push_latency: latency_histogram(),
+            discovery_endpoints: Family::default(),
+            discovery_mtls_coverage: Family::default(),
+            discovery_mismatches: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -104,7 +116,58 @@ impl Metrics {
             "Time from a change to its SDS response",
             m.sds_push_latency.clone(),
         );
+        r.register(
+            "meshid_eds_streams_open",
+            "Open EDS streams",
+            m.eds_streams.clone(),
+        );
+        r.register(
+            "meshid_eds_pushes",
+            "EDS responses sent",
+            m.eds_pushes.clone(),
+        );
+        r.register(
+            "meshid_eds_nacks",
+            "EDS NACKs received",
+            m.eds_nacks.clone(),
+        );
+        r.register(
+            "meshid_eds_push_latency_seconds",
+            "Time from a change to its EDS response",
+            m.eds_push_latency.clone(),
+        );
+        r.register(
+            "meshid_discovery_endpoints",
+            "Service endpoints, by tlsMode",
+            m.discovery_endpoints.clone(),
+        );
+        r.register(
+            "meshid_discovery_mtls_coverage_ratio",
+            "Share of pods with a sidecar, by namespace",
+            m.discovery_mtls_coverage.clone(),
+        );
+        r.register(
+            "meshid_discovery_sidecar_mismatches",
+            "Pods whose tlsMode label disagrees with what they run",
+            m.discovery_mismatches.clone(),
+        );
         Self { registry: r, ..m }
+    }
+
+    /// Publishes the discovery counts.
+    pub fn set_discovery(&self, st: &crate::discovery::DiscoveryStats) {
+        self.discovery_endpoints
+            .get_or_create(&Self::label("tls_mode", "istio"))
+            .set(st.endpoints_istio as i64);
+        self.discovery_endpoints
+            .get_or_create(&Self::label("tls_mode", "disabled"))
+            .set(st.endpoints_disabled as i64);
+        for (ns, ratio) in &st.mtls_coverage {
+            self.discovery_mtls_coverage
+                .get_or_create(&Self::label("namespace", ns))
+                .set(*ratio);
+        }
+        self.discovery_mismatches.set(st.sidecar_mismatches as i64);
     }
 
     /// One label, for the families above.
@@ -118,6 +181,12 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 14,
+    ))
 }
 
 /// What the health endpoints report.

@@ -4,12 +4,14 @@
 mod auth;
 pub mod client;
 mod csr;
+mod eds;
 mod sds;
 mod status;
 pub mod xds;
 
 pub use auth::Authenticator;
 pub use csr::CsrService;
+pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
 pub use sds::{SdsService, SECRET_TYPE_URL};
 
 /// Istio's CA service types, compiled from `proto/istio/v1/auth/ca.proto`.

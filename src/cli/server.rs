@@ -50,6 +50,9 @@ pub(super) struct ServerArgs {
     /// Accept tokens by TokenReview through this kubeconfig (replaces the clusters).
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// Serve EDS for auto mTLS from this snapshot file (overrides discovery.snapshot).
+    #[arg(long, value_name = "FILE")]
+    discovery_snapshot: Option<PathBuf>,
     /// Log format (overrides logging.format).
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -110,6 +113,7 @@ impl ServerArgs {
                 logging: Default::default(),
                 state_poll_interval: std::time::Duration::from_secs(1),
                 clusters: Vec::new(),
+                discovery: None,
             },
         };
         if let Some(d) = self.state_dir {
@@ -132,6 +136,19 @@ impl ServerArgs {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,
             };
+        }
+        if let Some(path) = self.discovery_snapshot {
+            match &mut cfg.discovery {
+                Some(d) => d.snapshot = path,
+                None => {
+                    cfg.discovery = Some(config::Discovery {
+                        snapshot: path,
+                        root_namespace: "istio-system".into(),
+                        domain: "cluster.local".into(),
+                        auto_mtls: true,
+                    })
+                }
+            }
         }
         if let Some(l) = self.log_level {
             cfg.logging.level = l;

@@ -273,3 +273,149 @@ fn describe_cli_answers_why_plaintext() {
     ]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("Sidecar: yes"));
 }
+
+mod eds {
+    use std::{sync::Arc, time::Duration};
+
+    use envoy_types::pb::envoy::{
+        config::endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment},
+        service::{
+            discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+            endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient,
+        },
+    };
+    use meshid::{api::ENDPOINT_TYPE_URL, clock::SystemClock, config};
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use crate::server_support::{bearer, TestServer};
+
+    const INVENTORY: &str = "outbound|8080||inventory-service.shop.svc.cluster.local";
+    const LEGACY_DB: &str = "outbound|5432||legacy-db.legacy.svc.cluster.local";
+
+    /// (address, tlsMode metadata) per endpoint.
+    fn endpoints(cla: &ClusterLoadAssignment) -> Vec<(String, Option<String>)> {
+        cla.endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| {
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!("no endpoint")
+                };
+                let addr = match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+                    Some(
+                        envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
+                            s,
+                        ),
+                    ) => s.address.clone(),
+                    other => panic!("{other:?}"),
+                };
+                let tls = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+                    .and_then(|s| match s.fields.get("tlsMode")?.kind.as_ref()? {
+                        envoy_types::pb::google::protobuf::value::Kind::StringValue(v) => {
+                            Some(v.clone())
+                        }
+                        _ => None,
+                    });
+                (addr, tls)
+            })
+            .collect()
+    }
+
+    fn by_name(r: &DiscoveryResponse) -> std::collections::BTreeMap<String, ClusterLoadAssignment> {
+        r.resources
+            .iter()
+            .map(|a| ClusterLoadAssignment::decode(a.value.as_slice()).unwrap())
+            .map(|c| (c.cluster_name.clone(), c))
+            .collect()
+    }
+
+    async fn recv(rx: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("a response")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eds_carries_tls_mode_and_follows_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("mesh.yaml");
+        std::fs::copy(super::FIXTURE, &snapshot).unwrap();
+        let snap = snapshot.clone();
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                snapshot: snap,
+                root_namespace: "istio-system".into(),
+                domain: "cluster.local".into(),
+                auto_mtls: true,
+            });
+        })
+        .await;
+        let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "product-service"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = client
+            .stream_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        let req = |nonce: &str| DiscoveryRequest {
+            resource_names: vec![INVENTORY.into(), LEGACY_DB.into()],
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        tx.send(req("")).await.unwrap();
+        let r1 = recv(&mut rx).await;
+        let clas = by_name(&r1);
+        assert_eq!(
+            endpoints(&clas[INVENTORY]),
+            [("10.244.1.11".to_string(), Some("istio".to_string()))]
+        );
+        assert_eq!(
+            endpoints(&clas[LEGACY_DB]),
+            [("10.244.2.20".to_string(), None)]
+        );
+        tx.send(req(&r1.nonce)).await.unwrap(); // ACK
+                                                // legacy-db gets a sidecar (injected, restarted): its endpoint flips to mTLS.
+        let text = std::fs::read_to_string(&snapshot).unwrap().replacen(
+            "      labels:\n        app: \"legacy-db\"",
+            "      labels:\n        app: \"legacy-db\"\n        security.istio.io/tlsMode: \"istio\"",
+            1,
+        );
+        assert!(
+            text.contains("tlsMode: \"istio\"\n"),
+            "fixture layout changed"
+        );
+        std::fs::write(&snapshot, text).unwrap();
+        let started = std::time::Instant::now();
+        let r2 = recv(&mut rx).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "flipped within a second: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            endpoints(&by_name(&r2)[LEGACY_DB]),
+            [("10.244.2.20".to_string(), Some("istio".to_string()))]
+        );
+        // Malformed cluster names are refused, naming them.
+        let err = client
+            .fetch_endpoints(DiscoveryRequest {
+                resource_names: vec!["inventory".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("\"inventory\""), "{}", err.message());
+        server.running.shutdown().await;
+    }
+}

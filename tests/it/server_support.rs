@@ -95,6 +95,7 @@ impl TestServer {
                     ca_file: None,
                 }),
             }],
+            discovery: None,
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();

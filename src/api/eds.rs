@@ -1,0 +1,274 @@
+//! Envoy EDS v3 for auto mTLS: `ClusterLoadAssignment`s named `outbound|<port>||<fqdn>`, with
+//! `envoy.transport_socket_match: {tlsMode: istio}` on endpoints whose pod has a sidecar, so
+//! the cluster's `tlsMode-istio` socket match picks mTLS for them and raw_buffer for the rest.
+//! StreamEndpoints and DeltaEndpoints run on the shared xDS engine; FetchEndpoints is unary.
+
+use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
+
+use envoy_types::{
+    pb::{
+        envoy::{
+            config::{
+                core::v3::{
+                    address, socket_address::PortSpecifier, Address, HealthStatus, Metadata,
+                    SocketAddress,
+                },
+                endpoint::v3::{
+                    lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
+                    LocalityLbEndpoints,
+                },
+            },
+            service::{
+                discovery::v3::{
+                    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+                    DiscoveryResponse,
+                },
+                endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryService,
+            },
+        },
+        google::protobuf::{value::Kind, Any, Struct, Value},
+    },
+    util::pack_any,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    xds::{self, content_version, Out, ResourceSource, XdsMetrics},
+    Authenticator,
+};
+use crate::{
+    discovery::{DiscoveryView, EndpointEntry, TlsMode},
+    identity::Identity,
+    telemetry::Metrics,
+};
+
+/// The type URL of EDS resources.
+pub const ENDPOINT_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
+
+/// The EDS service.
+#[derive(Clone)]
+pub struct EdsService(Arc<Shared>);
+
+struct Shared {
+    auth: Authenticator,
+    view: watch::Receiver<Arc<DiscoveryView>>,
+    stop: watch::Receiver<bool>,
+    xds: Arc<XdsMetrics>,
+}
+
+impl EdsService {
+    pub fn new(
+        auth: Authenticator,
+        view: watch::Receiver<Arc<DiscoveryView>>,
+        stop: watch::Receiver<bool>,
+        metrics: &Metrics,
+    ) -> Self {
+        let xds = Arc::new(XdsMetrics {
+            streams: metrics.eds_streams.clone(),
+            pushes: metrics.eds_pushes.clone(),
+            nacks: metrics.eds_nacks.clone(),
+            latency: metrics.eds_push_latency.clone(),
+        });
+        Self(Arc::new(Shared {
+            auth,
+            view,
+            stop,
+            xds,
+        }))
+    }
+}
+
+/// The assignment EDS serves for `name` (empty when the service has no endpoints or is gone:
+/// the cluster still exists in the proxy's configuration).
+pub fn load_assignment(name: &str, endpoints: &[EndpointEntry]) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .map(|e| {
+            let address = Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: e.address.clone(),
+                    port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+                    ..Default::default()
+                })),
+            };
+            let metadata = (e.tls_mode == TlsMode::Istio).then(|| {
+                let tls = Struct {
+                    fields: [(
+                        "tlsMode".to_owned(),
+                        Value {
+                            kind: Some(Kind::StringValue("istio".into())),
+                        },
+                    )]
+                    .into_iter()
+                    .collect(),
+                };
+                Metadata {
+                    filter_metadata: [(SOCKET_MATCH_KEY.to_owned(), tls)].into_iter().collect(),
+                    ..Default::default()
+                }
+            });
+            LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                    address: Some(address),
+                    ..Default::default()
+                })),
+                health_status: if e.ready {
+                    HealthStatus::Healthy
+                } else {
+                    HealthStatus::Unhealthy
+                } as i32,
+                metadata,
+                ..Default::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn check_cluster_names(names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
+    let bad: Vec<&str> = names
+        .filter(|n| {
+            let mut parts = n.split('|');
+            !matches!(
+                (parts.next(), parts.next().map(|p| p.parse::<u16>().is_ok()), parts.next(), parts.next(), parts.next()),
+                (Some("outbound"), Some(true), Some(_), Some(h), None) if !h.is_empty()
+            )
+        })
+        .map(String::as_str)
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "cluster name(s) {bad:?} are not of the form outbound|<port>|<subset>|<service fqdn>"
+        )))
+    }
+}
+
+/// One stream's view.
+struct Stream {
+    identity: Identity,
+    view: watch::Receiver<Arc<DiscoveryView>>,
+}
+
+impl ResourceSource for Stream {
+    fn type_url(&self) -> &'static str {
+        ENDPOINT_TYPE_URL
+    }
+
+    fn peer(&self) -> String {
+        self.identity.spiffe_id.to_string()
+    }
+
+    fn check_names(&self, names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
+        check_cluster_names(names)
+    }
+
+    fn version(&mut self, name: &str) -> Result<Option<String>, Status> {
+        Ok(self.render(name)?.map(|any| content_version(&any)))
+    }
+
+    fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
+        let view = self.view.borrow().clone();
+        let endpoints = view
+            .clusters
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        Ok(Some(pack_any(load_assignment(name, endpoints))))
+    }
+
+    fn changed<'a>(
+        &'a mut self,
+        _subscribed: &'a BTreeSet<String>,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let alive = self.view.changed().await.is_ok();
+            self.view.borrow_and_update();
+            alive
+        })
+    }
+
+    fn label(_name: &str) -> String {
+        "cluster".into()
+    }
+}
+
+#[tonic::async_trait]
+impl EndpointDiscoveryService for EdsService {
+    type StreamEndpointsStream = Out<DiscoveryResponse>;
+    type DeltaEndpointsStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_endpoints(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamEndpointsStream>, Status> {
+        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let mut view = self.0.view.clone();
+        view.mark_unchanged();
+        let s = Stream { identity, view };
+        Ok(Response::new(xds::spawn_sotw(
+            s,
+            request.into_inner(),
+            self.0.xds.clone(),
+            self.0.stop.clone(),
+        )))
+    }
+
+    async fn delta_endpoints(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
+        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let mut view = self.0.view.clone();
+        view.mark_unchanged();
+        let s = Stream { identity, view };
+        Ok(Response::new(xds::spawn_delta(
+            s,
+            request.into_inner(),
+            self.0.xds.clone(),
+            self.0.stop.clone(),
+        )))
+    }
+
+    async fn fetch_endpoints(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        self.0.auth.authenticate(request.metadata()).await?;
+        let req = request.into_inner();
+        check_cluster_names(&mut req.resource_names.iter())?;
+        let view = self.0.view.borrow().clone();
+        let resources: Vec<Any> = req
+            .resource_names
+            .iter()
+            .map(|n| {
+                pack_any(load_assignment(
+                    n,
+                    view.clusters.get(n).map(Vec::as_slice).unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let version = resources
+            .iter()
+            .map(content_version)
+            .collect::<Vec<_>>()
+            .join(".");
+        Ok(Response::new(DiscoveryResponse {
+            version_info: version,
+            resources,
+            type_url: ENDPOINT_TYPE_URL.into(),
+            ..Default::default()
+        }))
+    }
+}
