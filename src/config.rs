@@ -48,13 +48,20 @@ pub struct Config {
     pub discovery: Option<Discovery>,
 }
 
-/// Where endpoints come from, and Istio's mesh-wide settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Where endpoints come from (exactly one source), and Istio's mesh-wide settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Discovery {
     /// A snapshot file (kubectl `-o json` or `-o yaml` of pods, endpointslices, services,
     /// namespaces, peerauthentications, destinationrules), re-read when it changes.
-    pub snapshot: PathBuf,
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    /// Watch a cluster through this kubeconfig.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch the cluster meshid runs in.
+    #[serde(default)]
+    pub in_cluster: bool,
     #[serde(default = "default_root_ns")]
     pub root_namespace: String,
     #[serde(default = "default_domain")]
@@ -282,6 +289,17 @@ impl Config {
                         errs.push(format!("{at}.jwks.issuer: must not be empty"));
                     }
                 }
+            }
+        }
+        if let Some(d) = &self.discovery {
+            let n = [d.snapshot.is_some(), d.kubeconfig.is_some(), d.in_cluster]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if n != 1 {
+                errs.push(
+                    "discovery: set exactly one of snapshot, kubeconfig or in_cluster".into(),
+                );
             }
         }
         if errs.is_empty() {

@@ -25,7 +25,7 @@ use crate::{
     },
     clock::Clock,
     config::{self, Config},
-    discovery::{DiscoveryView, MeshSettings, SnapshotSource},
+    discovery::{start_kube_source, DiscoveryView, MeshSettings, SnapshotSource},
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -143,12 +143,26 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 root_namespace: d.root_namespace.clone(),
                 domain: d.domain.clone(),
             };
-            let source = SnapshotSource::load(d.snapshot.clone(), settings)
-                .map_err(|e| ServerError::Config(vec![format!("discovery.snapshot: {e}")]))?;
-            let view = source.subscribe();
-            tasks.push(tokio::spawn(
-                source.watch_file(cfg.state_poll_interval, stop_rx.clone()),
-            ));
+            let view = match (&d.snapshot, &d.kubeconfig) {
+                (Some(path), _) => {
+                    let source = SnapshotSource::load(path.clone(), settings).map_err(|e| {
+                        ServerError::Config(vec![format!("discovery.snapshot: {e}")])
+                    })?;
+                    let view = source.subscribe();
+                    tasks.push(tokio::spawn(
+                        source.watch_file(cfg.state_poll_interval, stop_rx.clone()),
+                    ));
+                    view
+                }
+                (None, kubeconfig) => {
+                    let client = kube_client(kubeconfig.as_deref())
+                        .await
+                        .map_err(|why| ServerError::Config(vec![format!("discovery: {why}")]))?;
+                    let (view, watchers) = start_kube_source(client, settings, stop_rx.clone());
+                    tasks.extend(watchers);
+                    view
+                }
+            };
             tasks.push(tokio::spawn(discovery_gauges(
                 view.clone(),
                 metrics.clone(),
@@ -333,6 +347,23 @@ async fn build_router(
         .map_err(|e| ServerError::Config(vec![format!("clusters: {e}")]))
 }
 
+/// A kube client from a kubeconfig file, or in-cluster/`KUBECONFIG` configuration.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            kube::Client::try_from(config).map_err(|e| e.to_string())
+        }
+        None => kube::Client::try_default()
+            .await
+            .map_err(|e| format!("no in-cluster or KUBECONFIG configuration: {e}")),
+    }
+}
+
 async fn validator_for(
     c: &config::Cluster,
     td: &TrustDomain,
@@ -344,19 +375,7 @@ async fn validator_for(
     };
     let id = ClusterId(c.name.clone());
     if let Some(tr) = &c.tokenreview {
-        let client = match &tr.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                kube::Client::try_from(config).map_err(|e| e.to_string())?
-            }
-            None => kube::Client::try_default()
-                .await
-                .map_err(|e| format!("no in-cluster or KUBECONFIG configuration: {e}"))?,
-        };
+        let client = kube_client(tr.kubeconfig.as_deref()).await?;
         let mut rc = TokenReviewConfig::new(id, td.clone());
         rc.audiences = c.audiences.clone();
         rc.allow_legacy_tokens = c.allow_legacy_tokens;

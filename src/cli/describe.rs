@@ -24,10 +24,19 @@ pub(super) enum DescribeCommand {
 
 /// Where the mesh objects come from, and mesh-wide settings.
 #[derive(Debug, Args)]
+#[group(id = "source_group")]
 pub(super) struct Source {
     /// A snapshot: `kubectl get pods,endpointslices,services,namespaces,peerauthentications,destinationrules -A -o json` (or -o yaml).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    snapshot: Option<PathBuf>,
+    /// Read the objects from the cluster of this kubeconfig instead.
     #[arg(long, value_name = "FILE")]
-    snapshot: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// Istio's root namespace (its selector-less PeerAuthentication is mesh-wide).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
@@ -43,10 +52,25 @@ pub(super) struct Source {
 
 impl Source {
     fn load(&self) -> anyhow::Result<(MeshObjects, MeshSettings)> {
-        let bytes = std::fs::read(&self.snapshot)
-            .with_context(|| format!("reading {}", self.snapshot.display()))?;
-        let objs = MeshObjects::from_snapshot(&bytes)
-            .with_context(|| format!("reading snapshot {}", self.snapshot.display()))?;
+        let objs = match (&self.snapshot, &self.kubeconfig) {
+            (Some(path), _) => {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                MeshObjects::from_snapshot(&bytes)
+                    .with_context(|| format!("reading snapshot {}", path.display()))?
+            }
+            (None, kubeconfig) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let client = crate::server::kube_client(kubeconfig.as_deref())
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    Ok::<_, anyhow::Error>(crate::discovery::list_all(client).await?)
+                })?
+            }
+        };
         let settings = MeshSettings {
             auto_mtls: !self.auto_mtls_off,
             root_namespace: self.root_namespace.clone(),

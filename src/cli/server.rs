@@ -50,9 +50,12 @@ pub(super) struct ServerArgs {
     /// Accept tokens by TokenReview through this kubeconfig (replaces the clusters).
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
-    /// Serve EDS for auto mTLS from this snapshot file (overrides discovery.snapshot).
-    #[arg(long, value_name = "FILE")]
+    /// Serve EDS for auto mTLS from this snapshot file (replaces the discovery source).
+    #[arg(long, value_name = "FILE", conflicts_with = "discovery_kubeconfig")]
     discovery_snapshot: Option<PathBuf>,
+    /// Serve EDS for auto mTLS from the cluster of this kubeconfig (replaces the discovery source).
+    #[arg(long, value_name = "FILE")]
+    discovery_kubeconfig: Option<PathBuf>,
     /// Log format (overrides logging.format).
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -137,18 +140,16 @@ impl ServerArgs {
                 LogFormatArg::Json => LogFormat::Json,
             };
         }
-        if let Some(path) = self.discovery_snapshot {
-            match &mut cfg.discovery {
-                Some(d) => d.snapshot = path,
-                None => {
-                    cfg.discovery = Some(config::Discovery {
-                        snapshot: path,
-                        root_namespace: "istio-system".into(),
-                        domain: "cluster.local".into(),
-                        auto_mtls: true,
-                    })
-                }
-            }
+        if self.discovery_snapshot.is_some() || self.discovery_kubeconfig.is_some() {
+            let d = cfg.discovery.get_or_insert_with(|| config::Discovery {
+                root_namespace: "istio-system".into(),
+                domain: "cluster.local".into(),
+                auto_mtls: true,
+                ..Default::default()
+            });
+            d.snapshot = self.discovery_snapshot;
+            d.kubeconfig = self.discovery_kubeconfig;
+            d.in_cluster = false;
         }
         if let Some(l) = self.log_level {
             cfg.logging.level = l;

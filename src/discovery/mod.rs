@@ -6,12 +6,14 @@ mod describe;
 mod endpoints;
 mod error;
 mod istio;
+mod kube;
 mod peer_auth;
 mod sidecar;
 mod snapshot;
 mod source;
 mod template;
 
+pub use self::kube::{list_all, start_kube_source};
 pub use decide::{decide, Decision, DecisionInput, DrTlsMode};
 pub use describe::{describe_pod, describe_service, EndpointReport, PodReport, ServiceReport};
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};

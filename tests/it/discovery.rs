@@ -350,10 +350,11 @@ mod eds {
         let snap = snapshot.clone();
         let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
             cfg.discovery = Some(config::Discovery {
-                snapshot: snap,
+                snapshot: Some(snap),
                 root_namespace: "istio-system".into(),
                 domain: "cluster.local".into(),
                 auto_mtls: true,
+                ..Default::default()
             });
         })
         .await;
@@ -416,6 +417,101 @@ mod eds {
             .await
             .unwrap_err();
         assert!(err.message().contains("\"inventory\""), "{}", err.message());
+        server.running.shutdown().await;
+    }
+
+    /// Live: the kube watchers over the fake apiserver's list + watch. A pod gaining the label
+    /// (sidecar injected, restarted) flips its endpoint to mTLS in the EDS stream within a second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_updates_flip_an_endpoint_within_a_second() {
+        let api = crate::fake_apiserver::FakeApiServer::start().await;
+        let fixture: serde_json::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(super::FIXTURE).unwrap()).unwrap();
+        api.put_all(&fixture);
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig_yaml()).unwrap();
+        let kc = kubeconfig.clone();
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kc),
+                root_namespace: "istio-system".into(),
+                domain: "cluster.local".into(),
+                auto_mtls: true,
+                ..Default::default()
+            });
+        })
+        .await;
+        let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "product-service"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = client
+            .stream_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        let req = |nonce: &str| DiscoveryRequest {
+            resource_names: vec![LEGACY_DB.into()],
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        tx.send(req("")).await.unwrap();
+        // The first answer may precede the initial list; wait until the endpoint is there.
+        let mut last = recv(&mut rx).await;
+        while by_name(&last)[LEGACY_DB]
+            .endpoints
+            .iter()
+            .all(|l| l.lb_endpoints.is_empty())
+        {
+            tx.send(req(&last.nonce)).await.unwrap();
+            last = recv(&mut rx).await;
+        }
+        assert_eq!(
+            endpoints(&by_name(&last)[LEGACY_DB]),
+            [("10.244.2.20".to_string(), None)]
+        );
+        tx.send(req(&last.nonce)).await.unwrap();
+        let mut pod = fixture["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == "legacy-db-0")
+            .unwrap()
+            .clone();
+        pod["metadata"]["labels"]["security.istio.io/tlsMode"] = serde_json::json!("istio");
+        let started = std::time::Instant::now();
+        api.put(pod);
+        let flipped = recv(&mut rx).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "flipped in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            endpoints(&by_name(&flipped)[LEGACY_DB]),
+            [("10.244.2.20".to_string(), Some("istio".to_string()))]
+        );
+        // The same objects, listed once, for `meshid describe --kubeconfig`.
+        let o = tokio::task::spawn_blocking(move || {
+            crate::support::meshid(&[
+                "describe",
+                "service",
+                "legacy-db.legacy",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ])
+        })
+        .await
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("sidecar: yes  -> mTLS"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         server.running.shutdown().await;
     }
 }

@@ -1,6 +1,7 @@
 //! A fake kube-apiserver: HTTPS on 127.0.0.1 speaking the real REST wire format, so the real
 //! `kube` client talks to it. Serves TokenReview (scriptable: answers, errors, slowness),
-//! OIDC discovery and the JWKS. Routes are a table, built to grow (pods, endpointslices, ...).
+//! OIDC discovery and the JWKS, and list + watch of pods, services, namespaces,
+//! endpointslices, peerauthentications and destinationrules (seeded and changed by tests).
 //! It runs on the test's tokio runtime and stops with it.
 
 use std::{
@@ -14,7 +15,7 @@ use std::{
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
@@ -33,8 +34,39 @@ pub enum Reply {
 
 type Reviewer = Arc<dyn Fn(&str, &[String]) -> Reply + Send + Sync>;
 
+/// Collections served with list and watch: path → list kind.
+const COLLECTIONS: &[(&str, &str, &str)] = &[
+    ("/api/v1/pods", "v1", "Pod"),
+    ("/api/v1/services", "v1", "Service"),
+    ("/api/v1/namespaces", "v1", "Namespace"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+    ),
+    (
+        "/apis/security.istio.io/v1/peerauthentications",
+        "security.istio.io/v1",
+        "PeerAuthentication",
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "networking.istio.io/v1",
+        "DestinationRule",
+    ),
+];
+
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+/// A stored change: (collection path, resourceVersion, watch event).
+type Event = (String, u64, Value);
+
 pub struct Shared {
     pub issuer: String,
+    objects: Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>>,
+    rv: std::sync::atomic::AtomicU64,
+    history: Mutex<Vec<Event>>,
+    events: tokio::sync::broadcast::Sender<Event>,
     reviewer: Mutex<Reviewer>,
     pub tokenreview_calls: AtomicUsize,
     pub last_review: Mutex<Option<Value>>,
@@ -146,6 +178,10 @@ impl FakeApiServer {
             delay: Mutex::new(Duration::ZERO),
             jwks: Mutex::new(json!({"keys": []})),
             jwks_fetches: AtomicUsize::new(0),
+            objects: Mutex::default(),
+            rv: std::sync::atomic::AtomicU64::new(100),
+            history: Mutex::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -184,6 +220,46 @@ impl FakeApiServer {
         *self.shared.jwks.lock().unwrap() = serde_json::to_value(jwks).unwrap();
     }
 
+    /// Creates or replaces an object (by apiVersion, kind, namespace, name) and tells watchers.
+    pub fn put(&self, mut obj: Value) {
+        let (api, kind) = (
+            obj["apiVersion"].as_str().unwrap_or("").to_owned(),
+            obj["kind"].as_str().unwrap_or("").to_owned(),
+        );
+        let Some((path, _, _)) = COLLECTIONS.iter().find(|(_, a, k)| *a == api && *k == kind)
+        else {
+            panic!("the fake apiserver does not serve {api} {kind}");
+        };
+        let rv = self.shared.rv.fetch_add(1, Ordering::SeqCst) + 1;
+        obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            obj["metadata"]["namespace"].as_str().unwrap_or(""),
+            obj["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let existed = self
+            .shared
+            .objects
+            .lock()
+            .unwrap()
+            .entry(path.to_string())
+            .or_default()
+            .insert(key, obj.clone())
+            .is_some();
+        let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
+        let e: Event = (path.to_string(), rv, event);
+        self.shared.history.lock().unwrap().push(e.clone());
+        let _ = self.shared.events.send(e);
+    }
+
+    /// Every object of a kubectl-style List (or a single object).
+    pub fn put_all(&self, doc: &Value) {
+        match doc.get("items") {
+            Some(Value::Array(items)) => items.iter().for_each(|i| self.put(i.clone())),
+            _ => self.put(doc.clone()),
+        }
+    }
+
     pub fn tokenreview_calls(&self) -> usize {
         self.shared.tokenreview_calls.load(Ordering::SeqCst)
     }
@@ -207,15 +283,79 @@ impl FakeApiServer {
     }
 }
 
-fn json_response(code: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(v).unwrap())))
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).unwrap())).boxed())
         .unwrap()
 }
 
-fn status_error(code: u16, message: &str) -> Response<Full<Bytes>> {
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn list(s: &Shared, path: &str, kind: &str) -> Response<Body> {
+    let items: Vec<Value> = s
+        .objects
+        .lock()
+        .unwrap()
+        .get(path)
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let rv = s.rv.load(Ordering::SeqCst);
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+    )
+}
+
+/// A watch: every event after `resourceVersion`, then new ones as they happen, one JSON per line.
+fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
+    let after: u64 = query_param(query, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut live = s.events.subscribe();
+    let backlog: Vec<Event> = s
+        .history
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(p, rv, _)| p == path && *rv > after)
+        .cloned()
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(64);
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let line = |e: &Value| Ok(hyper::body::Frame::data(Bytes::from(format!("{e}\n"))));
+        let mut last = after;
+        for (_, rv, e) in backlog {
+            last = rv;
+            if tx.send(line(&e)).await.is_err() {
+                return;
+            }
+        }
+        while let Ok((p, rv, e)) = live.recv().await {
+            if p == path && rv > last {
+                last = rv;
+                if tx.send(line(&e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+        .unwrap()
+}
+
+fn status_error(code: u16, message: &str) -> Response<Body> {
     let reason = match code {
         403 => "Forbidden",
         404 => "NotFound",
@@ -227,11 +367,18 @@ fn status_error(code: u16, message: &str) -> Response<Full<Bytes>> {
     json_response(StatusCode::from_u16(code).unwrap(), &body)
 }
 
-async fn handle(
-    s: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if method == Method::GET {
+        if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) {
+            return Ok(if query_param(&query, "watch") == Some("true") {
+                watch(&s, p, &query)
+            } else {
+                list(&s, p, kind)
+            });
+        }
+    }
     Ok(match (method, path.as_str()) {
         (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let body = req.into_body().collect().await?.to_bytes();
@@ -255,7 +402,7 @@ async fn handle(
     })
 }
 
-async fn tokenreview(s: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
+async fn tokenreview(s: &Shared, body: &[u8]) -> Response<Body> {
     s.tokenreview_calls.fetch_add(1, Ordering::SeqCst);
     let Ok(review) = serde_json::from_slice::<Value>(body) else {
         return status_error(400, "bad TokenReview body");

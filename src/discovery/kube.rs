@@ -1,0 +1,205 @@
+//! The live source: Pods, EndpointSlices, Services, Namespaces, PeerAuthentications and
+//! DestinationRules through `kube` watchers into reflector stores; every change rebuilds the
+//! view (debounced), so a pod gaining its sidecar label reaches EDS streams within a second.
+//! Istio's CRDs may be absent: their watchers retry in the background and count as empty.
+
+use std::{fmt::Debug, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    runtime::{reflector, watcher, WatchStreamExt},
+    Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use super::{
+    DestinationRule, DiscoveryError, DiscoveryView, MeshObjects, MeshSettings, PeerAuthentication,
+};
+
+fn peer_auth_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("security.istio.io", "v1", "PeerAuthentication"),
+        "peerauthentications",
+    )
+}
+
+fn dest_rule_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1", "DestinationRule"),
+        "destinationrules",
+    )
+}
+
+fn from_dynamic<T: DeserializeOwned>(objs: impl IntoIterator<Item = Arc<DynamicObject>>) -> Vec<T> {
+    objs.into_iter()
+        .filter_map(|o| {
+            let v = serde_json::to_value(o.as_ref()).ok()?;
+            serde_json::from_value(v)
+                .map_err(
+                    |e| tracing::warn!(error = %e, "skipping an Istio object that does not parse"),
+                )
+                .ok()
+        })
+        .collect()
+}
+
+/// Runs a watcher into a store, poking `notify` on every event.
+fn watch_into<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    notify: mpsc::Sender<()>,
+    what: &'static str,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash,
+{
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    let _ = notify.try_send(());
+                }
+                Err(e) => tracing::debug!(kind = what, error = %e, "watch error; retrying"),
+            }
+        }
+    })
+}
+
+/// Starts the watchers; the returned view is rebuilt on every change until `stop` fires.
+pub fn start_kube_source(
+    client: kube::Client,
+    settings: MeshSettings,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<DiscoveryView>>, Vec<JoinHandle<()>>) {
+    let (notify, mut changes) = mpsc::channel::<()>(1);
+    let (pods, pw) = reflector::store::<Pod>();
+    let (services, sw) = reflector::store::<Service>();
+    let (slices, ew) = reflector::store::<EndpointSlice>();
+    let (namespaces, nw) = reflector::store::<Namespace>();
+    let paw = reflector::store::Writer::<DynamicObject>::new(peer_auth_resource());
+    let drw = reflector::store::Writer::<DynamicObject>::new(dest_rule_resource());
+    let (peer_auths, dest_rules) = (paw.as_reader(), drw.as_reader());
+    let mut tasks = vec![
+        watch_into(Api::<Pod>::all(client.clone()), pw, notify.clone(), "Pod"),
+        watch_into(
+            Api::<Service>::all(client.clone()),
+            sw,
+            notify.clone(),
+            "Service",
+        ),
+        watch_into(
+            Api::<EndpointSlice>::all(client.clone()),
+            ew,
+            notify.clone(),
+            "EndpointSlice",
+        ),
+        watch_into(
+            Api::<Namespace>::all(client.clone()),
+            nw,
+            notify.clone(),
+            "Namespace",
+        ),
+        watch_into(
+            Api::<DynamicObject>::all_with(client.clone(), &peer_auth_resource()),
+            paw,
+            notify.clone(),
+            "PeerAuthentication",
+        ),
+        watch_into(
+            Api::<DynamicObject>::all_with(client, &dest_rule_resource()),
+            drw,
+            notify,
+            "DestinationRule",
+        ),
+    ];
+    let (tx, rx) = watch::channel(Arc::new(DiscoveryView::default()));
+    let watchers: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                c = changes.recv() => if c.is_none() { break },
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            // Let a burst of events settle into one rebuild.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while changes.try_recv().is_ok() {}
+            let objs = MeshObjects {
+                pods: pods.state().iter().map(|p| p.as_ref().clone()).collect(),
+                services: services
+                    .state()
+                    .iter()
+                    .map(|p| p.as_ref().clone())
+                    .collect(),
+                endpoint_slices: slices.state().iter().map(|p| p.as_ref().clone()).collect(),
+                namespaces: namespaces
+                    .state()
+                    .iter()
+                    .map(|p| p.as_ref().clone())
+                    .collect(),
+                peer_authentications: from_dynamic(peer_auths.state()),
+                destination_rules: from_dynamic(dest_rules.state()),
+                ignored_kinds: Vec::new(),
+            };
+            tx.send_replace(DiscoveryView::build(&objs, &settings));
+        }
+        for w in watchers {
+            w.abort();
+        }
+    }));
+    (rx, tasks)
+}
+
+/// Lists every object once (for `meshid describe --kubeconfig`). Absent Istio CRDs are empty.
+pub async fn list_all(client: kube::Client) -> Result<MeshObjects, DiscoveryError> {
+    async fn typed<K>(api: Api<K>) -> Result<Vec<K>, DiscoveryError>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        api.list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(|e| {
+                DiscoveryError::NotADocument(format!("listing {}: {e}", std::any::type_name::<K>()))
+            })
+    }
+    async fn dynamic<T: DeserializeOwned>(
+        client: kube::Client,
+        ar: ApiResource,
+    ) -> Result<Vec<T>, DiscoveryError> {
+        match Api::<DynamicObject>::all_with(client, &ar)
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(l) => Ok(from_dynamic(l.items.into_iter().map(Arc::new))),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()), // Istio not installed
+            Err(e) => Err(DiscoveryError::NotADocument(format!(
+                "listing {}: {e}",
+                ar.plural
+            ))),
+        }
+    }
+    Ok(MeshObjects {
+        pods: typed(Api::<Pod>::all(client.clone())).await?,
+        services: typed(Api::<Service>::all(client.clone())).await?,
+        endpoint_slices: typed(Api::<EndpointSlice>::all(client.clone())).await?,
+        namespaces: typed(Api::<Namespace>::all(client.clone())).await?,
+        peer_authentications: dynamic::<PeerAuthentication>(client.clone(), peer_auth_resource())
+            .await?,
+        destination_rules: dynamic::<DestinationRule>(client, dest_rule_resource()).await?,
+        ignored_kinds: Vec::new(),
+    })
+}
