@@ -48,9 +48,14 @@ if command -v openssl >/dev/null; then
 else
   echo "(openssl not installed: skipping the independent check)"
 fi
+echo "==> meshid describe: auto mTLS on the mixed-traffic example (legacy-db has no sidecar)"
+meshid describe service inventory-service.shop --snapshot deploy/examples/mixed-traffic.yaml
+meshid describe service legacy-db.legacy --snapshot deploy/examples/mixed-traffic.yaml
+
 echo "==> meshid server: SDS and the Istio CSR API over gRPC+TLS, tokens from the dev issuer"
 bin=target/release/meshid
 "$bin" server --state-dir "$work/state" --dev-issuer-dir "$work/issuer" \
+  --discovery-snapshot deploy/examples/mixed-traffic.yaml \
   --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 > "$work/server.out" 2> "$work/server.log" &
 server_pid=$!
 trap 'kill $server_pid 2>/dev/null || true' EXIT
@@ -72,7 +77,7 @@ if command -v openssl >/dev/null; then
 fi
 if command -v curl >/dev/null; then
   curl -fsS "http://$http/readyz"
-  curl -fsS "http://$http/metrics" | grep -E '^meshid_certs_issued_total'
+  curl -fsS "http://$http/metrics" | grep -E '^meshid_(certs_issued_total|discovery_endpoints)'
 fi
 kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
 echo "==> done; files are in $work"

@@ -11,7 +11,7 @@ use crate::support::meshid;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/mixed-traffic.yaml"
+    "/deploy/examples/mixed-traffic.yaml"
 );
 
 fn mission() -> MeshObjects {
@@ -408,6 +408,27 @@ mod eds {
             endpoints(&by_name(&r2)[LEGACY_DB]),
             [("10.244.2.20".to_string(), Some("istio".to_string()))]
         );
+        // The discovery metrics follow the model.
+        let mut http = tokio::net::TcpStream::connect(server.running.http_addr)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut http,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut metrics = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut http, &mut metrics)
+            .await
+            .unwrap();
+        for line in [
+            "meshid_discovery_endpoints{tls_mode=\"istio\"} 3",
+            "meshid_discovery_mtls_coverage_ratio{namespace=\"legacy\"} 1.0",
+            "meshid_discovery_sidecar_mismatches 1",
+        ] {
+            assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+        }
         // Malformed cluster names are refused, naming them.
         let err = client
             .fetch_endpoints(DiscoveryRequest {
