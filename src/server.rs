@@ -180,15 +180,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         stop_rx.clone(),
     );
     let routes = grpc_router(&sds, &csr, eds.as_ref());
-    let shutdown = wait_stop(stop_rx.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = routes
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push(tokio::spawn(serve(
+        routes,
+        incoming,
+        stop_rx.clone(),
+        "TCP",
+    )));
 
     let unix_path = match &cfg.listen.unix {
         Some(path) => {
@@ -197,15 +194,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 .map_err(io(&format!("binding Unix socket {}", path.display())))?;
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let routes = grpc_router(&sds, &csr, eds.as_ref());
-            let shutdown = wait_stop(stop_rx.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = routes
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-                {
-                    tracing::error!(error = %e, "gRPC (Unix socket) server failed");
-                }
-            }));
+            tasks.push(tokio::spawn(serve(
+                routes,
+                incoming,
+                stop_rx.clone(),
+                "Unix socket",
+            )));
             Some(path.clone())
         }
         None => None,
@@ -263,6 +257,31 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> 
 
 async fn wait_stop(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves gRPC on `incoming` until `stop` fires.
+async fn serve<I, IO, IE>(
+    routes: tonic::transport::server::Router,
+    incoming: I,
+    stop: watch::Receiver<bool>,
+    what: &'static str,
+) where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(e) = routes
+        .serve_with_incoming_shutdown(incoming, wait_stop(stop))
+        .await
+    {
+        tracing::error!(error = %e, listener = what, "gRPC server failed");
+    }
 }
 
 fn grpc_router(

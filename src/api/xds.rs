@@ -106,7 +106,7 @@ pub fn spawn_sotw<R: ResourceSource>(
         tx,
         metrics,
     };
-    tokio::spawn(s.run(inbound, stop));
+    tokio::spawn(drive(s, inbound, stop));
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -127,8 +127,70 @@ pub fn spawn_delta<R: ResourceSource>(
         tx,
         metrics,
     };
-    tokio::spawn(d.run(inbound, stop));
+    tokio::spawn(drive(d, inbound, stop));
     Box::pin(ReceiverStream::new(rx))
+}
+
+// === the stream loop both flavours share ===
+
+/// The resource source, the subscription and the response sender of a stream, borrowed at once.
+type Parts<'a, R, T> = (
+    &'a mut R,
+    &'a BTreeSet<String>,
+    &'a mpsc::Sender<Result<T, Status>>,
+);
+
+/// One flavour of xDS stream (state of the world, or delta).
+trait Flavour: Send + 'static {
+    type Req: prost::Message + Default + Send + 'static;
+    type Resp: Send + 'static;
+    type Res: ResourceSource;
+    /// The resource source, the current subscription and the response sender, borrowed at once.
+    fn parts(&mut self) -> Parts<'_, Self::Res, Self::Resp>;
+    fn metrics(&self) -> &XdsMetrics;
+    fn on_request(&mut self, req: Self::Req) -> impl Future<Output = Result<(), Status>> + Send;
+    fn on_change(&mut self, started: Instant) -> impl Future<Output = Result<(), Status>> + Send;
+}
+
+enum Step<T> {
+    Request(T),
+    Changed,
+    Closed,
+    Stop,
+}
+
+/// Serves one stream until the client leaves, the source is gone, or the server stops.
+async fn drive<F: Flavour>(
+    mut f: F,
+    mut inbound: Streaming<F::Req>,
+    mut stop: watch::Receiver<bool>,
+) {
+    f.metrics().streams.inc();
+    let _open = OpenStream(f.metrics().streams.clone());
+    loop {
+        let step = {
+            let (res, subscribed, tx) = f.parts();
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => Step::Request(req),
+                    Ok(None) | Err(_) => Step::Closed,
+                },
+                alive = res.changed(subscribed) => if alive { Step::Changed } else { Step::Closed },
+                _ = tx.closed() => Step::Closed,
+                () = stopped(&mut stop) => Step::Stop,
+            }
+        };
+        let result = match step {
+            Step::Request(req) => f.on_request(req).await,
+            Step::Changed => f.on_change(Instant::now()).await,
+            Step::Closed => return,
+            Step::Stop => Err(Status::unavailable("meshid is shutting down; reconnect")),
+        };
+        if let Err(status) = result {
+            let _ = f.parts().2.send(Err(status)).await;
+            return;
+        }
+    }
 }
 
 // === state of the world ===
@@ -145,35 +207,30 @@ struct Sotw<R> {
     metrics: Arc<XdsMetrics>,
 }
 
-impl<R: ResourceSource> Sotw<R> {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<DiscoveryRequest>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        self.metrics.streams.inc();
-        let _open = OpenStream(self.metrics.streams.clone());
-        loop {
-            let result = tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
-                    Ok(None) | Err(_) => return,
-                },
-                alive = self.res.changed(&self.subscribed) => {
-                    if !alive { return; }
-                    self.on_change(Instant::now()).await
-                }
-                _ = self.tx.closed() => return,
-                () = stopped(&mut stop) => Err(Status::unavailable("meshid is shutting down; reconnect")),
-            };
-            if let Err(status) = result {
-                let _ = self.tx.send(Err(status)).await;
-                return;
-            }
-        }
+impl<R: ResourceSource> Flavour for Sotw<R> {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    type Res = R;
+
+    fn parts(&mut self) -> Parts<'_, R, DiscoveryResponse> {
+        (&mut self.res, &self.subscribed, &self.tx)
+    }
+
+    fn metrics(&self) -> &XdsMetrics {
+        &self.metrics
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        self.handle_request(req).await
+    }
+
+    async fn on_change(&mut self, started: Instant) -> Result<(), Status> {
+        self.push_if_changed(started).await
+    }
+}
+
+impl<R: ResourceSource> Sotw<R> {
+    async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
         let initial = req.response_nonce.is_empty();
         if !initial && req.response_nonce != self.last_nonce {
@@ -200,7 +257,7 @@ impl<R: ResourceSource> Sotw<R> {
         self.push(Instant::now()).await
     }
 
-    async fn on_change(&mut self, started: Instant) -> Result<(), Status> {
+    async fn push_if_changed(&mut self, started: Instant) -> Result<(), Status> {
         let mut now = BTreeMap::new();
         for name in self.subscribed.clone() {
             if let Some(v) = self.res.version(&name)? {
@@ -265,35 +322,30 @@ struct Delta<R> {
     metrics: Arc<XdsMetrics>,
 }
 
-impl<R: ResourceSource> Delta<R> {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        self.metrics.streams.inc();
-        let _open = OpenStream(self.metrics.streams.clone());
-        loop {
-            let result = tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
-                    Ok(None) | Err(_) => return,
-                },
-                alive = self.res.changed(&self.subscribed) => {
-                    if !alive { return; }
-                    self.push_changed(Instant::now()).await
-                }
-                _ = self.tx.closed() => return,
-                () = stopped(&mut stop) => Err(Status::unavailable("meshid is shutting down; reconnect")),
-            };
-            if let Err(status) = result {
-                let _ = self.tx.send(Err(status)).await;
-                return;
-            }
-        }
+impl<R: ResourceSource> Flavour for Delta<R> {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    type Res = R;
+
+    fn parts(&mut self) -> Parts<'_, R, DeltaDiscoveryResponse> {
+        (&mut self.res, &self.subscribed, &self.tx)
+    }
+
+    fn metrics(&self) -> &XdsMetrics {
+        &self.metrics
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        self.handle_request(req).await
+    }
+
+    async fn on_change(&mut self, started: Instant) -> Result<(), Status> {
+        self.push_changed(started).await
+    }
+}
+
+impl<R: ResourceSource> Delta<R> {
+    async fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
         if req.response_nonce.is_empty() {
             // A (re)connecting client tells us what it already holds.

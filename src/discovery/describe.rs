@@ -10,8 +10,6 @@ use super::{
 };
 use crate::discovery::resolve_peer_auth;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
 /// One endpoint on one service port.
 #[derive(Clone, Debug, Serialize)]
 pub struct EndpointReport {
@@ -203,105 +201,71 @@ fn build_report(
     let dr = destination_rule(objs, s, &fqdn, &lookup_ns);
     let mut warnings = Vec::new();
     let mut endpoints = Vec::new();
-    for slice in objs.endpoint_slices.iter().filter(|e| {
-        e.metadata.namespace.as_deref() == Some(ns.as_str())
-            && e.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                == Some(&svc_name)
-    }) {
-        for sp in spec.ports.iter().flatten() {
-            let Some(ep_port) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
-            else {
-                continue;
-            };
-            let port = ep_port.port.unwrap_or(sp.port) as u16;
-            let dr_mode_raw = dr.and_then(|d| d.tls_mode_for(sp.port as u16));
-            let dr_tls = dr_mode_raw.as_deref().and_then(DrTlsMode::parse);
-            if let (Some(raw), None) = (&dr_mode_raw, dr_tls) {
-                let w = format!("DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored");
-                if !warnings.contains(&w) {
-                    warnings.push(w);
-                }
+    for j in super::join::service_endpoints(objs, svc) {
+        if only_pod.is_some() && j.pod_name.as_deref() != only_pod {
+            continue;
+        }
+        let dr_mode_raw = dr.and_then(|d| d.tls_mode_for(j.service_port.port as u16));
+        let dr_tls = dr_mode_raw.as_deref().and_then(DrTlsMode::parse);
+        if let (Some(raw), None) = (&dr_mode_raw, dr_tls) {
+            let w = format!("DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored");
+            if !warnings.contains(&w) {
+                warnings.push(w);
             }
-            for ep in &slice.endpoints {
-                let pod = ep
-                    .target_ref
+        }
+        let side = j.pod.map(sidecar_of);
+        let labels = j
+            .pod
+            .and_then(|p| p.metadata.labels.clone())
+            .unwrap_or_default();
+        let pa = resolve_peer_auth(
+            &objs.peer_authentications,
+            &s.root_namespace,
+            &ns,
+            &labels,
+            Some(j.port),
+        );
+        let sidecar = side.as_ref().is_some_and(|x| x.tls_mode == TlsMode::Istio);
+        let (decision, why) = decide(DecisionInput {
+            dr_tls,
+            mesh_external,
+            auto_mtls: s.auto_mtls,
+            endpoint_sidecar: sidecar,
+            endpoint_peer_auth: pa.mode,
+            client_sidecar,
+        });
+        let pod_name = j.pod_name.clone().unwrap_or_default();
+        let mut ep_warnings: Vec<String> = side
+            .as_ref()
+            .map(|x| {
+                x.warnings
+                    .iter()
+                    .map(|w| format!("pod {pod_name} {w}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if j.pod.is_none() && j.pod_name.is_some() {
+            ep_warnings.push(format!("pod {pod_name} is not in the input"));
+        }
+        for address in &j.endpoint.addresses {
+            endpoints.push(EndpointReport {
+                address: address.clone(),
+                port: j.port,
+                service_port: j.service_port.port as u16,
+                pod: j.pod_name.clone(),
+                ready: j
+                    .endpoint
+                    .conditions
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        find_pod(
-                            objs,
-                            r.name.as_deref()?,
-                            r.namespace.as_deref().unwrap_or(&ns),
-                        )
-                    });
-                let pod_name = ep.target_ref.as_ref().and_then(|r| {
-                    Some(format!(
-                        "{}.{}",
-                        r.name.as_deref()?,
-                        r.namespace.as_deref().unwrap_or(&ns)
-                    ))
-                });
-                if only_pod.is_some() && pod_name.as_deref() != only_pod {
-                    continue;
-                }
-                let side = pod.map(sidecar_of);
-                let labels = pod
-                    .and_then(|p| p.metadata.labels.clone())
-                    .unwrap_or_default();
-                let pa = resolve_peer_auth(
-                    &objs.peer_authentications,
-                    &s.root_namespace,
-                    &ns,
-                    &labels,
-                    Some(port),
-                );
-                let sidecar = side.as_ref().is_some_and(|x| x.tls_mode == TlsMode::Istio);
-                let (decision, why) = decide(DecisionInput {
-                    dr_tls,
-                    mesh_external,
-                    auto_mtls: s.auto_mtls,
-                    endpoint_sidecar: sidecar,
-                    endpoint_peer_auth: pa.mode,
-                    client_sidecar,
-                });
-                let mut ep_warnings: Vec<String> = side
-                    .as_ref()
-                    .map(|x| {
-                        x.warnings
-                            .iter()
-                            .map(|w| format!("pod {} {w}", pod_name.clone().unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if pod.is_none() && pod_name.is_some() {
-                    ep_warnings.push(format!(
-                        "pod {} is not in the input",
-                        pod_name.clone().unwrap_or_default()
-                    ));
-                }
-                for address in &ep.addresses {
-                    endpoints.push(EndpointReport {
-                        address: address.clone(),
-                        port,
-                        service_port: sp.port as u16,
-                        pod: pod_name.clone(),
-                        ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
-                        sidecar,
-                        tls_mode: side.as_ref().map_or(TlsMode::Disabled, |x| x.tls_mode),
-                        peer_authentication: pa.clone(),
-                        decision,
-                        why: why.to_owned(),
-                        warnings: ep_warnings.clone(),
-                    });
-                }
-            }
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true),
+                sidecar,
+                tls_mode: side.as_ref().map_or(TlsMode::Disabled, |x| x.tls_mode),
+                peer_authentication: pa.clone(),
+                decision,
+                why: why.to_owned(),
+                warnings: ep_warnings.clone(),
+            });
         }
     }
     if endpoints.is_empty() && only_pod.is_none() && !mesh_external {

@@ -7,8 +7,6 @@ use serde::Serialize;
 
 use super::{sidecar_of, MeshObjects, MeshSettings, TlsMode};
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
 /// One endpoint of a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointEntry {
@@ -55,49 +53,31 @@ impl DiscoveryView {
             };
             let fqdn = format!("{name}.{ns}.svc.{}", s.domain);
             for sp in svc.spec.iter().flat_map(|x| x.ports.iter().flatten()) {
-                let mut entries = Vec::new();
-                for slice in objs.endpoint_slices.iter().filter(|e| {
-                    e.metadata.namespace.as_deref() == Some(ns)
-                        && e.metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                            .map(String::as_str)
-                            == Some(name)
-                }) {
-                    let Some(port) = slice.ports.iter().flatten().find(|p| {
-                        p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
-                    }) else {
-                        continue;
-                    };
-                    let port = port.port.unwrap_or(sp.port) as u16;
-                    for ep in &slice.endpoints {
-                        let pod = ep
-                            .target_ref
-                            .as_ref()
-                            .filter(|r| r.kind.as_deref() == Some("Pod"))
-                            .and_then(|r| {
-                                let pns = r.namespace.as_deref().unwrap_or(ns);
-                                objs.pods.iter().find(|p| {
-                                    p.metadata.name.as_deref() == r.name.as_deref()
-                                        && p.metadata.namespace.as_deref() == Some(pns)
-                                })
-                            });
-                        let tls_mode = pod.map_or(TlsMode::Disabled, |p| sidecar_of(p).tls_mode);
-                        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                        for address in &ep.addresses {
-                            entries.push(EndpointEntry {
-                                address: address.clone(),
-                                port,
-                                ready,
-                                tls_mode,
-                            });
-                        }
-                    }
-                }
-                entries.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-                clusters.insert(cluster_name(sp.port as u16, &fqdn), entries);
+                clusters.insert(cluster_name(sp.port as u16, &fqdn), Vec::new());
             }
+            for j in super::join::service_endpoints(objs, svc) {
+                let tls_mode = j.pod.map_or(TlsMode::Disabled, |p| sidecar_of(p).tls_mode);
+                let ready = j
+                    .endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true);
+                let entries = clusters
+                    .entry(cluster_name(j.service_port.port as u16, &fqdn))
+                    .or_default();
+                for address in &j.endpoint.addresses {
+                    entries.push(EndpointEntry {
+                        address: address.clone(),
+                        port: j.port,
+                        ready,
+                        tls_mode,
+                    });
+                }
+            }
+        }
+        for entries in clusters.values_mut() {
+            entries.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
         }
         Arc::new(Self {
             stats: stats(objs, &clusters),

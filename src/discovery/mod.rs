@@ -6,6 +6,7 @@ mod describe;
 mod endpoints;
 mod error;
 mod istio;
+mod join;
 mod kube;
 mod peer_auth;
 mod sidecar;
