@@ -5,6 +5,9 @@
 //! Run: `cargo bench --bench identity` (optionally `-- --seconds 3`). Needs the `openssl`
 //! binary to make an RSA-2048 signing key (ring cannot generate RSA keys).
 
+#[path = "common.rs"]
+mod common;
+
 #[path = "../../tests/it/fake_apiserver.rs"]
 #[allow(dead_code)]
 mod fake_apiserver;
@@ -25,17 +28,6 @@ use meshid::{
     spiffe::TrustDomain,
 };
 use time::OffsetDateTime;
-
-fn seconds_arg() -> Duration {
-    let args: Vec<String> = std::env::args().collect();
-    let secs = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(secs)
-}
 
 async fn rate_async<F: std::future::Future<Output = ()>>(
     budget: Duration,
@@ -66,7 +58,7 @@ fn req(sa: &str) -> TokenRequest {
 }
 
 fn main() {
-    let budget = seconds_arg();
+    let budget = common::seconds_arg();
     let dir = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("openssl")
         .args(["genrsa", "-out", "sa.key", "2048"])

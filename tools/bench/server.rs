@@ -8,6 +8,10 @@
 //! Run: `cargo bench --bench server` (options after `--`: `--seconds 5 --concurrency 64
 //! --streams 10000`). The load generator shares the machine's cores with the server.
 
+#[path = "common.rs"]
+mod common;
+
+use common::arg;
 use std::{
     process::{Child, Command, Stdio},
     sync::{
@@ -35,57 +39,9 @@ use meshid::{
     spiffe::TrustDomain,
     state::{CaState, DirStore, RootOrigin, RootRecord, RootState, StateStore},
 };
-use ring::{
-    rand::SystemRandom,
-    signature::{self, EcdsaKeyPair, KeyPair},
-};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rate(budget: Duration, mut op: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < budget {
-        for _ in 0..64 {
-            op();
-        }
-        n += 64;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
-fn crypto_ceiling_one_core(budget: Duration) -> (f64, f64, f64) {
-    let rng = SystemRandom::new();
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-    let kp = EcdsaKeyPair::from_pkcs8(
-        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        pkcs8.as_ref(),
-        &rng,
-    )
-    .unwrap();
-    let msg = vec![7u8; 400];
-    let sig = kp.sign(&rng, &msg).unwrap();
-    let pk = signature::UnparsedPublicKey::new(
-        &signature::ECDSA_P256_SHA256_ASN1,
-        kp.public_key().as_ref().to_vec(),
-    );
-    let s = rate(budget, || {
-        std::hint::black_box(kp.sign(&rng, &msg).unwrap());
-    });
-    let v = rate(budget, || pk.verify(&msg, sig.as_ref()).unwrap());
-    (s, v, 1.0 / (1.0 / s + 1.0 / v))
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -170,7 +126,7 @@ fn main() {
     let concurrency: usize = arg("--concurrency", 64);
     let n_streams: usize = arg("--streams", 10_000);
 
-    let (sign, verify, one_core) = crypto_ceiling_one_core(Duration::from_secs(2));
+    let (sign, verify, one_core) = common::ecdsa_p256_rates(Duration::from_secs(2));
     let ceiling = 2.0 * one_core;
 
     let dir = tempfile::tempdir().unwrap();
