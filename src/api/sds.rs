@@ -112,6 +112,8 @@ struct Workload {
     live: watch::Receiver<Arc<CaSnapshot>>,
     snapshot: Arc<CaSnapshot>,
     cred: Option<Credential>,
+    /// Trust resources rendered for a snapshot generation.
+    rendered: std::collections::HashMap<String, (crate::state::Generation, Any)>,
 }
 
 impl Workload {
@@ -124,6 +126,7 @@ impl Workload {
             live,
             snapshot,
             cred: None,
+            rendered: Default::default(),
         }
     }
 
@@ -319,7 +322,21 @@ impl ResourceSource for Workload {
         if name.starts_with("spiffe://") && self.trust_domain_of(name).is_none() {
             return Ok(None); // no longer trusted: left out (delta: removed)
         }
-        self.render_secret(name).map(|s| Some(pack_any(s)))
+        if name == DEFAULT {
+            return self.render_secret(name).map(|s| Some(pack_any(s)));
+        }
+        // Trust resources depend only on the snapshot: render each once per snapshot, not once
+        // for the version check and again for the push.
+        let generation = self.snapshot.generation;
+        if let Some((g, any)) = self.rendered.get(name) {
+            if *g == generation {
+                return Ok(Some(any.clone()));
+            }
+        }
+        let any = pack_any(self.render_secret(name)?);
+        self.rendered
+            .insert(name.to_owned(), (generation, any.clone()));
+        Ok(Some(any))
     }
 
     fn changed<'a>(
