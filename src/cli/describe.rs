@@ -46,6 +46,7 @@ pub(super) struct Source {
     /// Describe as if auto mTLS were off (Istio's enableAutoMtls: false).
     #[arg(long)]
     auto_mtls_off: bool,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }

@@ -54,6 +54,7 @@ pub(super) struct VerifyArgs {
     /// Accept legacy secret-based tokens.
     #[arg(long)]
     allow_legacy_tokens: bool,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
