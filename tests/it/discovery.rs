@@ -535,4 +535,79 @@ mod eds {
         );
         server.running.shutdown().await;
     }
+
+    async fn next_delta(
+        rx: &mut tonic::Streaming<
+            envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+        >,
+    ) -> envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("a response")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delta_endpoints_send_only_what_changed() {
+        use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("mesh.yaml");
+        std::fs::copy(super::FIXTURE, &snapshot).unwrap();
+        let snap = snapshot.clone();
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                snapshot: Some(snap),
+                root_namespace: "istio-system".into(),
+                domain: "cluster.local".into(),
+                auto_mtls: true,
+                ..Default::default()
+            });
+        })
+        .await;
+        let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "a"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = client
+            .delta_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(DeltaDiscoveryRequest {
+            type_url: ENDPOINT_TYPE_URL.into(),
+            resource_names_subscribe: vec![INVENTORY.into(), LEGACY_DB.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let r1 = next_delta(&mut rx).await;
+        assert_eq!(r1.resources.len(), 2);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: r1.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let text = std::fs::read_to_string(&snapshot).unwrap().replacen(
+            "      labels:\n        app: \"legacy-db\"",
+            "      labels:\n        app: \"legacy-db\"\n        security.istio.io/tlsMode: \"istio\"",
+            1,
+        );
+        std::fs::write(&snapshot, text).unwrap();
+        let r2 = next_delta(&mut rx).await;
+        let names: Vec<&str> = r2.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, [LEGACY_DB], "only the changed cluster is sent");
+        let cla = ClusterLoadAssignment::decode(
+            r2.resources[0].resource.as_ref().unwrap().value.as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&cla),
+            [("10.244.2.20".to_string(), Some("istio".to_string()))]
+        );
+        server.running.shutdown().await;
+    }
 }
