@@ -69,6 +69,36 @@ struct Shared {
     refresh: RefreshPolicy,
     metrics: Arc<Metrics>,
     xds: Arc<XdsMetrics>,
+    rendered: RenderCache,
+}
+
+/// Trust resources rendered for one CA snapshot generation, shared by every stream.
+#[derive(Default)]
+struct RenderCache(
+    std::sync::RwLock<(
+        Option<crate::state::Generation>,
+        std::collections::HashMap<String, Any>,
+    )>,
+);
+
+impl RenderCache {
+    fn get(&self, generation: crate::state::Generation, name: &str) -> Option<Any> {
+        let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0 == Some(generation))
+            .then(|| guard.1.get(name).cloned())
+            .flatten()
+    }
+
+    fn put(&self, generation: crate::state::Generation, name: &str, any: Any) {
+        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match guard.0 {
+            // A stream still on an older snapshot does not evict the newer one.
+            Some(current) if current > generation => return,
+            Some(current) if current == generation => {}
+            _ => *guard = (Some(generation), Default::default()),
+        }
+        guard.1.insert(name.to_owned(), any);
+    }
 }
 
 impl SdsService {
@@ -94,6 +124,7 @@ impl SdsService {
             refresh,
             metrics,
             xds,
+            rendered: RenderCache::default(),
         }))
     }
 }
@@ -112,8 +143,6 @@ struct Workload {
     live: watch::Receiver<Arc<CaSnapshot>>,
     snapshot: Arc<CaSnapshot>,
     cred: Option<Credential>,
-    /// Trust resources rendered for a snapshot generation.
-    rendered: std::collections::HashMap<String, (crate::state::Generation, Any)>,
 }
 
 impl Workload {
@@ -126,7 +155,6 @@ impl Workload {
             live,
             snapshot,
             cred: None,
-            rendered: Default::default(),
         }
     }
 
@@ -325,17 +353,14 @@ impl ResourceSource for Workload {
         if name == DEFAULT {
             return self.render_secret(name).map(|s| Some(pack_any(s)));
         }
-        // Trust resources depend only on the snapshot: render each once per snapshot, not once
-        // for the version check and again for the push.
+        // Trust resources depend only on the snapshot: rendered once per snapshot for every
+        // stream, not per stream and per check.
         let generation = self.snapshot.generation;
-        if let Some((g, any)) = self.rendered.get(name) {
-            if *g == generation {
-                return Ok(Some(any.clone()));
-            }
+        if let Some(any) = self.shared.rendered.get(generation, name) {
+            return Ok(Some(any));
         }
         let any = pack_any(self.render_secret(name)?);
-        self.rendered
-            .insert(name.to_owned(), (generation, any.clone()));
+        self.shared.rendered.put(generation, name, any.clone());
         Ok(Some(any))
     }
 
