@@ -65,7 +65,7 @@ impl IstioCertificateService for CsrService {
         // Leaf first, then intermediates, then the root bundle (every trusted root) last.
         let mut cert_chain = vec![cert::to_pem(&issued.leaf)];
         cert_chain.extend(issued.chain.iter().map(|c| cert::to_pem(c)));
-        cert_chain.push(cert::to_pem_bundle(snapshot.bundle.own_roots()));
+        cert_chain.push(snapshot.bundle.own_roots_pem().to_owned());
         Ok(Response::new(IstioCertificateResponse { cert_chain }))
     }
 }

@@ -249,7 +249,7 @@ impl Workload {
                 }))
             }
             ROOTCA => validation(CertificateValidationContext {
-                trusted_ca: inline(cert::to_pem_bundle(bundle.own_roots()).into_bytes()),
+                trusted_ca: inline(bundle.own_roots_pem().as_bytes().to_vec()),
                 ..Default::default()
             }),
             ALL => {

@@ -12,6 +12,8 @@ pub struct TrustBundleSet {
     domains: BTreeMap<TrustDomain, Vec<CertDer>>,
     /// Bumped on every change (SPIFFE bundle `spiffe_sequence`).
     sequence: u64,
+    /// Our roots as PEM, encoded once: every CSR response and ROOTCA push carries it.
+    own_pem: String,
 }
 
 impl TrustBundleSet {
@@ -19,10 +21,12 @@ impl TrustBundleSet {
     pub fn own(td: TrustDomain, roots: Vec<CertDer>, sequence: u64) -> Self {
         let mut domains = BTreeMap::new();
         domains.insert(td.clone(), roots);
+        let own_pem = cert::to_pem_bundle(domains.get(&td).into_iter().flatten());
         Self {
             own: td,
             domains,
             sequence,
+            own_pem,
         }
     }
 
@@ -37,6 +41,11 @@ impl TrustBundleSet {
             .get(&self.own)
             .map(Vec::as_slice)
             .unwrap_or_default()
+    }
+
+    /// Our own roots, PEM.
+    pub fn own_roots_pem(&self) -> &str {
+        &self.own_pem
     }
 
     /// The roots of `td`, if it is trusted.

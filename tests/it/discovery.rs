@@ -326,6 +326,21 @@ mod eds {
             .collect()
     }
 
+    /// Istio's default mesh settings, with no source yet.
+    fn discovery() -> config::Discovery {
+        config::Discovery {
+            root_namespace: "istio-system".into(),
+            domain: "cluster.local".into(),
+            auto_mtls: true,
+            ..Default::default()
+        }
+    }
+
+    /// A test server serving EDS from `d`.
+    async fn with_discovery(d: config::Discovery) -> TestServer {
+        TestServer::start_with(Arc::new(SystemClock), move |cfg| cfg.discovery = Some(d)).await
+    }
+
     fn by_name(r: &DiscoveryResponse) -> std::collections::BTreeMap<String, ClusterLoadAssignment> {
         r.resources
             .iter()
@@ -348,14 +363,9 @@ mod eds {
         let snapshot = dir.path().join("mesh.yaml");
         std::fs::copy(super::FIXTURE, &snapshot).unwrap();
         let snap = snapshot.clone();
-        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-            cfg.discovery = Some(config::Discovery {
-                snapshot: Some(snap),
-                root_namespace: "istio-system".into(),
-                domain: "cluster.local".into(),
-                auto_mtls: true,
-                ..Default::default()
-            });
+        let server = with_discovery(config::Discovery {
+            snapshot: Some(snap),
+            ..discovery()
         })
         .await;
         let mut client = EndpointDiscoveryServiceClient::with_interceptor(
@@ -453,14 +463,9 @@ mod eds {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig_yaml()).unwrap();
         let kc = kubeconfig.clone();
-        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-            cfg.discovery = Some(config::Discovery {
-                kubeconfig: Some(kc),
-                root_namespace: "istio-system".into(),
-                domain: "cluster.local".into(),
-                auto_mtls: true,
-                ..Default::default()
-            });
+        let server = with_discovery(config::Discovery {
+            kubeconfig: Some(kc),
+            ..discovery()
         })
         .await;
         let mut client = EndpointDiscoveryServiceClient::with_interceptor(
@@ -555,14 +560,9 @@ mod eds {
         let snapshot = dir.path().join("mesh.yaml");
         std::fs::copy(super::FIXTURE, &snapshot).unwrap();
         let snap = snapshot.clone();
-        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-            cfg.discovery = Some(config::Discovery {
-                snapshot: Some(snap),
-                root_namespace: "istio-system".into(),
-                domain: "cluster.local".into(),
-                auto_mtls: true,
-                ..Default::default()
-            });
+        let server = with_discovery(config::Discovery {
+            snapshot: Some(snap),
+            ..discovery()
         })
         .await;
         let mut client = EndpointDiscoveryServiceClient::with_interceptor(
