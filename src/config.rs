@@ -46,6 +46,151 @@ pub struct Config {
     /// Auto mTLS discovery and EDS (off when absent).
     #[serde(default)]
     pub discovery: Option<Discovery>,
+    /// Connection, request and stream limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Connection, request and stream limits; each default is safe for a mesh of ~10,000 proxies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// SDS and EDS streams end gracefully after this (± 10 %), and at the caller's token expiry.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub max_stream_age: Duration,
+    /// Open gRPC connections (TCP and Unix socket each); further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Concurrent gRPC streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams_per_connection: u32,
+    /// A TLS handshake not finished by then is dropped.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub tls_handshake_timeout: Duration,
+    /// Unary calls (CreateCertificate, FetchSecrets, FetchEndpoints) not answered by then fail
+    /// with DEADLINE_EXCEEDED.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub unary_timeout: Duration,
+    /// Largest CreateCertificate request decoded (a CSR with metadata is a few KiB).
+    pub csr_max_request_bytes: usize,
+    /// Largest xDS request decoded (resource names of a large EDS subscription).
+    pub xds_max_request_bytes: usize,
+    /// HTTP (/metrics, /healthz, /readyz): request headers must arrive within this.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub http_header_read_timeout: Duration,
+    /// HTTP: a connection with no request in flight is closed after this.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub http_idle_timeout: Duration,
+    /// HTTP: open connections at once.
+    pub http_max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_stream_age: Duration::from_secs(30 * 60),
+            max_connections: 20_000,
+            max_concurrent_streams_per_connection: 128,
+            tls_handshake_timeout: Duration::from_secs(10),
+            unary_timeout: Duration::from_secs(10),
+            csr_max_request_bytes: 64 * 1024,
+            xds_max_request_bytes: 1024 * 1024,
+            http_header_read_timeout: Duration::from_secs(5),
+            http_idle_timeout: Duration::from_secs(60),
+            http_max_connections: 256,
+        }
+    }
+}
+
+impl Limits {
+    fn validate(&self, errs: &mut Vec<String>) {
+        let secs = Duration::from_secs;
+        for (key, v, min, max) in [
+            (
+                "max_stream_age",
+                self.max_stream_age,
+                secs(10),
+                secs(24 * 3600),
+            ),
+            (
+                "tls_handshake_timeout",
+                self.tls_handshake_timeout,
+                Duration::from_millis(100),
+                secs(300),
+            ),
+            (
+                "unary_timeout",
+                self.unary_timeout,
+                Duration::from_millis(100),
+                secs(300),
+            ),
+            (
+                "http_header_read_timeout",
+                self.http_header_read_timeout,
+                Duration::from_millis(100),
+                secs(300),
+            ),
+            (
+                "http_idle_timeout",
+                self.http_idle_timeout,
+                secs(1),
+                secs(3600),
+            ),
+        ] {
+            if v < min || v > max {
+                errs.push(format!(
+                    "limits.{key}: {} is outside {}..={}",
+                    fmt_duration(v),
+                    fmt_duration(min),
+                    fmt_duration(max)
+                ));
+            }
+        }
+        for (key, v, min, max) in [
+            ("max_connections", self.max_connections, 1, 1_000_000),
+            (
+                "max_concurrent_streams_per_connection",
+                self.max_concurrent_streams_per_connection as usize,
+                1,
+                65_536,
+            ),
+            (
+                "csr_max_request_bytes",
+                self.csr_max_request_bytes,
+                1024,
+                4 * 1024 * 1024,
+            ),
+            (
+                "xds_max_request_bytes",
+                self.xds_max_request_bytes,
+                1024,
+                16 * 1024 * 1024,
+            ),
+            (
+                "http_max_connections",
+                self.http_max_connections,
+                1,
+                100_000,
+            ),
+        ] {
+            if v < min || v > max {
+                errs.push(format!("limits.{key}: {v} is outside {min}..={max}"));
+            }
+        }
+    }
 }
 
 /// Where endpoints come from (exactly one source), and Istio's mesh-wide settings.
@@ -234,9 +379,12 @@ impl Config {
         if let Err(e) = self.rotation.validate() {
             errs.push(format!("rotation: {e}"));
         }
-        if self.state_poll_interval.is_zero() {
-            errs.push("state_poll_interval: must be above zero".into());
+        if self.state_poll_interval.is_zero()
+            || self.state_poll_interval > Duration::from_secs(3600)
+        {
+            errs.push("state_poll_interval: must be above zero and at most 1h".into());
         }
+        self.limits.validate(&mut errs);
         let si = &self.server_identity;
         let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
         if let Err(e) =
@@ -263,6 +411,20 @@ impl Config {
             }
             if c.audiences.is_empty() {
                 errs.push(format!("{at}.audiences: at least one audience is needed"));
+            }
+            if c.cache_ttl > Duration::from_secs(24 * 3600) {
+                errs.push(format!(
+                    "{at}.cache_ttl: {} is above 1d",
+                    fmt_duration(c.cache_ttl)
+                ));
+            }
+            if let Some(tr) = &c.tokenreview {
+                if tr.timeout.is_zero() || tr.timeout > Duration::from_secs(300) {
+                    errs.push(format!(
+                        "{at}.tokenreview.timeout: {} is outside 1ms..=5m",
+                        fmt_duration(tr.timeout)
+                    ));
+                }
             }
             match (&c.tokenreview, &c.jwks) {
                 (Some(_), Some(_)) | (None, None) => {
@@ -379,6 +541,51 @@ url = "u"
             "exactly one of file, url or oidc_issuer",
         ] {
             assert!(all.contains(key), "missing {key:?} in:\n{all}");
+        }
+    }
+
+    /// Item 8 of the security review: `10000y` used to parse and then panic in `time` when the
+    /// server subtracted the backdate from now; every duration is now bounded at load.
+    #[test]
+    fn durations_that_would_overflow_are_refused_naming_the_key() {
+        for (section, key) in [
+            ("[issuance]", "backdate"),
+            ("[limits]", "max_stream_age"),
+            ("[rotation]", "retry_max"),
+        ] {
+            let text = format!("{GOOD}\n{section}\n{key} = \"10000y\"\n");
+            let errs = Config::from_toml(&text).unwrap_err();
+            assert!(
+                errs[0].contains(key) && errs[0].contains("1000y"),
+                "{key}: {errs:?}"
+            );
+        }
+        let cases = [
+            (
+                "[issuance]\nbackdate = \"2h\"\n",
+                "backdate (2h) is above 1h",
+            ),
+            (
+                "[issuance]\ndefault_ttl = \"60s\"\nbackdate = \"60s\"\n",
+                "default_ttl (1m) must be longer than backdate (1m)",
+            ),
+            (
+                "[limits]\nmax_stream_age = \"1s\"\n",
+                "limits.max_stream_age",
+            ),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[rotation]\nretry_min = \"0s\"\n", "retry_min"),
+            ("state_poll_interval = \"2h\"\n", "state_poll_interval"),
+        ];
+        for (extra, want) in cases {
+            // Top-level keys must come before the first table.
+            let text = if extra.starts_with('[') {
+                format!("{GOOD}\n{extra}")
+            } else {
+                format!("{extra}{GOOD}")
+            };
+            let errs = Config::from_toml(&text).unwrap_err().join("\n");
+            assert!(errs.contains(want), "{want:?} not in {errs}");
         }
     }
 

@@ -12,6 +12,10 @@ const UNITS: &[(&str, u64)] = &[
     ("ms", 1),
 ];
 
+/// The largest duration accepted anywhere (1000 years): far beyond any sensible setting, and
+/// small enough that adding it to or subtracting it from any time of this era cannot overflow.
+const MAX_DURATION_MS: u64 = 1000 * 365 * 86_400_000;
+
 /// Parses `<number><unit>` where unit is one of ms, s, m, h, d, y; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -32,8 +36,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             })?
     };
     n.checked_mul(mult)
+        .filter(|ms| *ms <= MAX_DURATION_MS)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too large"))
+        .ok_or_else(|| format!("{s:?} is above the largest duration accepted (1000y)"))
 }
 
 /// Formats a duration with the largest unit that divides it exactly (`86400s` → `1d`).
@@ -77,5 +82,15 @@ mod tests {
         for s in ["", "h", "1w", "-1h", "1.5h", "99999999999999999999y"] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn durations_that_would_overflow_time_are_refused() {
+        // 10000y parsed before and then panicked in `now - backdate` (time overflow).
+        let e = parse_duration("10000y").unwrap_err();
+        assert!(e.contains("largest duration accepted (1000y)"), "{e}");
+        let max = parse_duration("1000y").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let _ = (now + max, now - max); // no overflow at the bound
     }
 }

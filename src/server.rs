@@ -3,10 +3,12 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -15,10 +17,17 @@ use envoy_types::pb::envoy::service::{
     secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer,
 };
 use thiserror::Error;
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::{
+    api::{gate::Gate, lifetime::StreamLimits},
     api::{
         istio::istio_certificate_service_server::IstioCertificateServiceServer, Authenticator,
         CsrService, EdsService, SdsService,
@@ -30,10 +39,10 @@ use crate::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
     },
-    rotation::RefreshPolicy,
+    rotation::{Issued, Renewer, SignerView},
     spiffe::{SpiffeId, TrustDomain},
     state::DirStore,
-    telemetry::{serve_http, Health, Metrics},
+    telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
     trust::{CaSnapshot, LiveCa, LiveCaError},
 };
@@ -108,30 +117,31 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         &cfg.server_identity.service_account,
     )
     .map_err(|e| ServerError::ServingCert(e.to_string()))?;
-    let serving = ServingCert::issue(
-        &live.current(),
-        &server_id,
-        &cfg.server_identity.dns_names,
-        cfg.rotation,
-        &clock,
-    )?;
-    let resolver = Arc::new(RotatingCert::new(serving.key.clone()));
+    let mut serving = ServingCert {
+        renewer: Renewer::new(cfg.rotation, clock.clone()),
+        id: server_id,
+        dns: cfg.server_identity.dns_names.clone(),
+    };
+    serving.issue(&live.current())?;
+    let resolver = Arc::new(RotatingCert::new(
+        serving.renewer.current().expect("issued above").clone(),
+    ));
     tasks.push(tokio::spawn(serving.renew_loop(
         live.subscribe(),
         resolver.clone(),
-        server_id,
-        cfg.server_identity.dns_names.clone(),
-        cfg.rotation,
-        clock.clone(),
         stop_rx.clone(),
     )));
 
+    let stream_limits = StreamLimits {
+        max_age: cfg.limits.max_stream_age,
+    };
     let sds = SdsService::new(
         auth.clone(),
         live.subscribe(),
         stop_rx.clone(),
         clock.clone(),
         cfg.rotation,
+        stream_limits,
         metrics.clone(),
     );
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
@@ -168,7 +178,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 metrics.clone(),
                 stop_rx.clone(),
             )));
-            Some(EdsService::new(auth, view, stop_rx.clone(), &metrics))
+            Some(EdsService::new(
+                auth.clone(),
+                view,
+                stop_rx.clone(),
+                &metrics,
+            ))
         }
         None => None,
     };
@@ -177,9 +192,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     let incoming = tls_incoming(
         grpc,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        &cfg.limits,
         stop_rx.clone(),
     );
-    let routes = grpc_router(&sds, &csr, eds.as_ref());
+    let routes = grpc_router(&sds, &csr, eds.as_ref(), &auth, &cfg.limits);
     tasks.push(tokio::spawn(serve(
         routes,
         incoming,
@@ -192,8 +208,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
             let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path)
                 .map_err(io(&format!("binding Unix socket {}", path.display())))?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            let routes = grpc_router(&sds, &csr, eds.as_ref());
+            let incoming = unix_incoming(listener, cfg.limits.max_connections, stop_rx.clone());
+            let routes = grpc_router(&sds, &csr, eds.as_ref(), &auth, &cfg.limits);
             tasks.push(tokio::spawn(serve(
                 routes,
                 incoming,
@@ -213,10 +229,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     )));
     let http = bind(cfg.listen.http, "HTTP").await?;
     let http_addr = http.local_addr().map_err(io("HTTP listener address"))?;
+    let http_limits = HttpLimits {
+        header_read_timeout: cfg.limits.http_header_read_timeout,
+        idle_timeout: cfg.limits.http_idle_timeout,
+        max_connections: cfg.limits.http_max_connections,
+    };
     tasks.push(tokio::spawn(serve_http(
         http,
         metrics.clone(),
         readiness,
+        http_limits,
         stop_rx.clone(),
     )));
     tasks.push(tokio::spawn(expiry_gauges(
@@ -284,17 +306,30 @@ async fn serve<I, IO, IE>(
     }
 }
 
+/// The gRPC services with their limits: streams per connection, a timeout on unary calls (a
+/// stream's timeout covers only its opening), per-method decode limits, and the CSR API
+/// authenticated on headers before its body is decoded.
 fn grpc_router(
     sds: &SdsService,
     csr: &CsrService,
     eds: Option<&EdsService>,
+    auth: &Authenticator,
+    limits: &config::Limits,
 ) -> tonic::transport::server::Router {
+    let xds_max = limits.xds_max_request_bytes;
+    let csr_server = IstioCertificateServiceServer::new(csr.clone())
+        .max_decoding_message_size(limits.csr_max_request_bytes);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(Some(1024))
-        .add_service(SecretDiscoveryServiceServer::new(sds.clone()))
-        .add_service(IstioCertificateServiceServer::new(csr.clone()))
-        .add_optional_service(eds.map(|e| EndpointDiscoveryServiceServer::new(e.clone())))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams_per_connection))
+        .timeout(limits.unary_timeout)
+        .add_service(
+            SecretDiscoveryServiceServer::new(sds.clone()).max_decoding_message_size(xds_max),
+        )
+        .add_service(Gate::new(csr_server, auth.clone()))
+        .add_optional_service(eds.map(|e| {
+            EndpointDiscoveryServiceServer::new(e.clone()).max_decoding_message_size(xds_max)
+        }))
 }
 
 async fn discovery_gauges(
@@ -307,35 +342,51 @@ async fn discovery_gauges(
         metrics.set_discovery(&v.stats);
         tokio::select! {
             r = view.changed() => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopping(&mut stop) => return,
         }
     }
 }
 
-type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type TlsConn = Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
-/// Accepts TCP connections and completes TLS handshakes off the accept loop.
+/// Accepts TCP connections and completes TLS handshakes off the accept loop. At most
+/// `max_connections` are open (handshaking or established); at the cap the loop stops
+/// accepting, so further clients wait in the kernel's backlog. Accept errors from resource
+/// exhaustion (EMFILE) back off instead of spinning.
 fn tls_incoming(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    limits: &config::Limits,
     mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshake_timeout = limits.tls_handshake_timeout;
     tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
         loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = stopping(&mut stop) => return,
+            };
             let tcp = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                    Ok((tcp, _)) => { backoff.reset(); tcp }
+                    Err(e) => { backoff.wait(&e, "gRPC").await; continue; }
                 },
-                _ = stop.wait_for(|s| *s) => return,
+                () = stopping(&mut stop) => return,
             };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx
+                            .send(Ok(Limited {
+                                io: tls,
+                                _permit: permit,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -344,6 +395,94 @@ fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Accepts Unix-socket connections, at most `max_connections` open at once.
+fn unix_incoming(
+    listener: tokio::net::UnixListener,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<Limited<tokio::net::UnixStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = stopping(&mut stop) => return,
+            };
+            let conn = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((conn, _)) => { backoff.reset(); conn }
+                    Err(e) => { backoff.wait(&e, "Unix socket").await; continue; }
+                },
+                () = stopping(&mut stop) => return,
+            };
+            let limited = Limited {
+                io: conn,
+                _permit: permit,
+            };
+            if tx.send(Ok(limited)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A connection that holds one of the listener's connection slots until it closes.
+struct Limited<IO> {
+    io: IO,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<IO: Connected> Connected for Limited<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 async fn build_router(
@@ -421,62 +560,73 @@ async fn validator_for(
     Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())))
 }
 
-/// meshid's serving certificate and when to renew it.
+/// meshid's serving certificate, owned by a `Renewer` like every other credential.
 struct ServingCert {
-    key: Arc<rustls::sign::CertifiedKey>,
-    refresh_at: time::OffsetDateTime,
+    renewer: Renewer<Arc<rustls::sign::CertifiedKey>>,
+    id: SpiffeId,
+    dns: Vec<String>,
 }
 
 impl ServingCert {
-    fn issue(
-        snapshot: &CaSnapshot,
-        id: &SpiffeId,
-        dns: &[String],
-        refresh: RefreshPolicy,
-        _clock: &Arc<dyn Clock>,
-    ) -> Result<Self, ServerError> {
-        let (issued, key) = snapshot
-            .authority
-            .issue_server_cert(id, dns, None)
-            .map_err(|e| ServerError::ServingCert(e.to_string()))?;
-        let ck =
-            certified_key(&issued, &key).map_err(|e| ServerError::ServingCert(e.to_string()))?;
-        Ok(Self {
-            key: ck,
-            refresh_at: refresh.refresh_at(issued.not_before, issued.not_after),
+    fn issue(&mut self, snapshot: &CaSnapshot) -> Result<(), ServerError> {
+        let (id, dns) = (&self.id, &self.dns);
+        self.renewer.renew(|| {
+            let (issued, key) = snapshot
+                .authority
+                .issue_server_cert(id, dns, None)
+                .map_err(|e| ServerError::ServingCert(e.to_string()))?;
+            let ck = certified_key(&issued, &key)
+                .map_err(|e| ServerError::ServingCert(e.to_string()))?;
+            Ok(Issued {
+                value: ck,
+                signer_id: snapshot.signer_id.clone(),
+                not_after: issued.not_after,
+            })
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn renew_loop(
         mut self,
         mut live: watch::Receiver<Arc<CaSnapshot>>,
         resolver: Arc<RotatingCert>,
-        id: SpiffeId,
-        dns: Vec<String>,
-        refresh: RefreshPolicy,
-        clock: Arc<dyn Clock>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let clock = self.renewer_clock();
         loop {
+            let wake = match self.renewer.next_wake() {
+                Some(t) => clock.sleep_until(t),
+                None => Box::pin(std::future::pending()),
+            };
             tokio::select! {
-                _ = clock.sleep_until(self.refresh_at) => {}
-                r = live.changed() => if r.is_err() { return },
-                _ = stop.wait_for(|s| *s) => return,
+                _ = wake => {}
+                r = live.changed() => {
+                    if r.is_err() { return }
+                    let snap = live.borrow_and_update().clone();
+                    let never = |_: &str| false;
+                    self.renewer.observe(&SignerView { current: &snap.signer_id, is_tainted: &never });
+                }
+                () = stopping(&mut stop) => return,
+            }
+            if !self.renewer.is_due() {
+                continue;
             }
             let snapshot = live.borrow_and_update().clone();
-            match Self::issue(&snapshot, &id, &dns, refresh, &clock) {
-                Ok(next) => {
-                    resolver.set(next.key.clone());
-                    self = next;
-                    tracing::info!(refresh_at = %self.refresh_at, "serving certificate renewed");
+            match self.issue(&snapshot) {
+                Ok(()) => {
+                    if let Some(ck) = self.renewer.current() {
+                        resolver.set(ck.clone());
+                    }
+                    tracing::info!(refresh_at = ?self.renewer.next_wake(), "serving certificate renewed");
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "serving certificate renewal failed; retrying in 30s");
-                    self.refresh_at = clock.now() + Duration::from_secs(30);
+                    tracing::error!(error = %e, retry_at = ?self.renewer.next_wake(), "serving certificate renewal failed; retrying with backoff");
                 }
             }
         }
+    }
+
+    fn renewer_clock(&self) -> Arc<dyn Clock> {
+        self.renewer.clock()
     }
 }
 
@@ -521,7 +671,7 @@ async fn probe_loop(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopping(&mut stop) => return,
         }
     }
 }
@@ -550,7 +700,7 @@ async fn expiry_gauges(
         metrics.root_expiry.set(root_expiry);
         tokio::select! {
             r = live.changed() => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopping(&mut stop) => return,
         }
     }
 }

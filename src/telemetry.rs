@@ -208,15 +208,28 @@ pub async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<dyn Health>,
+    limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut backoff = AcceptBackoff::default();
     loop {
+        // At the connection cap, stop accepting: further clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = stopping(&mut stop) => return,
+        };
         let tcp = tokio::select! {
-            r = listener.accept() => match r { Ok((tcp, _)) => tcp, Err(_) => continue },
-            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => { backoff.reset(); tcp }
+                Err(e) => { backoff.wait(&e, "HTTP").await; continue }
+            },
+            () = stopping(&mut stop) => return,
         };
         let (metrics, health) = (metrics.clone(), health.clone());
+        let mut stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let resp = match req.uri().path() {
                     "/metrics" => text(StatusCode::OK, metrics.render()),
@@ -235,10 +248,149 @@ pub async fn serve_http(
                 };
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let (io, idle) = IdleIo::new(tcp);
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = idle.expired(limits.idle_timeout) => {
+                    tracing::debug!("HTTP connection idle; closed");
+                }
+                () = stopping(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+                }
+            }
         });
+    }
+}
+
+/// Completes when `stop` turns true (or its sender is gone).
+pub async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Limits of the HTTP listener.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    pub header_read_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub max_connections: usize,
+}
+
+/// Backoff for accept errors: a process out of file descriptors (EMFILE/ENFILE) or memory gets
+/// the same error at once on every retry, so retrying in a loop would spin a core.
+#[derive(Default)]
+pub struct AcceptBackoff(std::time::Duration);
+
+impl AcceptBackoff {
+    /// Waits after an accept error: 5 ms doubling up to 1 s for resource exhaustion; nothing
+    /// for errors of one connection (aborted or reset before accept).
+    pub async fn wait(&mut self, e: &std::io::Error, listener: &str) {
+        use std::io::ErrorKind::*;
+        if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
+            return;
+        }
+        self.0 = (self.0 * 2).clamp(
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_secs(1),
+        );
+        tracing::warn!(error = %e, listener, backoff_ms = self.0.as_millis() as u64, "accept failed; backing off");
+        tokio::time::sleep(self.0).await;
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = std::time::Duration::ZERO;
+    }
+
+    /// The current delay (for tests).
+    pub fn current(&self) -> std::time::Duration {
+        self.0
+    }
+}
+
+/// A connection that remembers when it last read or wrote, so an idle one can be closed.
+struct IdleIo<T> {
+    io: T,
+    last: Arc<std::sync::Mutex<tokio::time::Instant>>,
+}
+
+struct IdleWatch(Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl<T> IdleIo<T> {
+    fn new(io: T) -> (Self, IdleWatch) {
+        let last = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        (
+            Self {
+                io,
+                last: last.clone(),
+            },
+            IdleWatch(last),
+        )
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+}
+
+impl IdleWatch {
+    /// Completes once nothing was read or written for `idle`.
+    async fn expired(&self, idle: std::time::Duration) {
+        loop {
+            let last = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let at = last + idle;
+            if tokio::time::Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -251,15 +403,71 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether text logs are coloured: only on a terminal, and never with `NO_COLOR` set (no-color.org).
+/// Logs written to a file or a pipe (a container's log) carry no escape codes.
+pub fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global tracing subscriber (`RUST_LOG` overrides `level`). Safe to call twice.
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = use_colour(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(
+            !use_colour(false, None),
+            "a file or a pipe gets no escape codes"
+        );
+        assert!(!use_colour(true, Some(std::ffi::OsStr::new("1"))));
+        assert!(use_colour(true, Some(std::ffi::OsStr::new(""))));
+    }
+
+    /// EMFILE used to be retried at once, forever: a spinning accept loop.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_from_exhaustion_back_off_and_per_connection_ones_do_not() {
+        let mut b = AcceptBackoff::default();
+        let emfile = std::io::Error::from_raw_os_error(24);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let t = tokio::time::Instant::now();
+            b.wait(&emfile, "test").await;
+            waits.push(t.elapsed());
+        }
+        assert_eq!(waits[0], std::time::Duration::from_millis(5));
+        assert_eq!(waits[1], std::time::Duration::from_millis(10));
+        assert_eq!(
+            *waits.last().unwrap(),
+            std::time::Duration::from_secs(1),
+            "capped"
+        );
+        let t = tokio::time::Instant::now();
+        b.wait(
+            &std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+            "test",
+        )
+        .await;
+        assert!(t.elapsed().is_zero());
+        b.reset();
+        assert!(b.current().is_zero());
+    }
 }

@@ -69,3 +69,38 @@ fn bearer(meta: &MetadataMap) -> Result<Token, IdentityError> {
     }
     Ok(token)
 }
+
+/// What a stream needs to re-check its caller later: the token and the cluster it named.
+#[derive(Clone)]
+pub struct Credentials {
+    pub token: Token,
+    pub cluster: Option<String>,
+}
+
+/// The bearer token and `ClusterID` of a request, if it carries a well-formed bearer token.
+pub fn credentials(meta: &MetadataMap) -> Option<Credentials> {
+    let token = bearer(meta).ok()?;
+    let cluster = meta
+        .get(CLUSTER_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Some(Credentials { token, cluster })
+}
+
+impl Authenticator {
+    /// Re-checks credentials a stream was opened with (through the validator and its cache, so
+    /// TokenReview mode sees a deleted pod or service account once the cache entry lapses).
+    pub async fn revalidate(&self, creds: &Credentials) -> Result<Identity, IdentityError> {
+        let r = self
+            .router
+            .validate(creds.cluster.as_deref(), &creds.token)
+            .await;
+        if let Err(e) = &r {
+            self.metrics
+                .auth_failures
+                .get_or_create(&Metrics::label("reason", e.reason()))
+                .inc();
+        }
+        r
+    }
+}

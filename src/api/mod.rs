@@ -5,11 +5,13 @@ mod auth;
 pub mod client;
 mod csr;
 mod eds;
+pub mod gate;
+pub mod lifetime;
 mod sds;
 mod status;
 pub mod xds;
 
-pub use auth::Authenticator;
+pub use auth::{credentials, Authenticator, Credentials};
 pub use csr::CsrService;
 pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
 pub use sds::{SdsService, SECRET_TYPE_URL};

@@ -32,6 +32,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
+    auth::{credentials, Credentials},
+    lifetime::{self, StreamEnd, StreamLimits},
     status,
     xds::{self, content_version, Out, ResourceSource, XdsMetrics},
     Authenticator,
@@ -40,7 +42,7 @@ use crate::{
     ca::{cert, IssuedCert, PrivateKey},
     clock::Clock,
     identity::Identity,
-    rotation::RefreshPolicy,
+    rotation::{Issued, RefreshPolicy, Renewer, SignerView},
     spiffe::TrustDomain,
     telemetry::Metrics,
     trust::CaSnapshot,
@@ -53,8 +55,6 @@ const DEFAULT: &str = "default";
 const ROOTCA: &str = "ROOTCA";
 const ALL: &str = "ALL";
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
-/// How long to wait before retrying a failed renewal.
-const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The SDS service.
 #[derive(Clone)]
@@ -67,6 +67,7 @@ struct Shared {
     stop: watch::Receiver<bool>,
     clock: Arc<dyn Clock>,
     refresh: RefreshPolicy,
+    limits: StreamLimits,
     metrics: Arc<Metrics>,
     xds: Arc<XdsMetrics>,
     rendered: RenderCache,
@@ -108,6 +109,7 @@ impl SdsService {
         stop: watch::Receiver<bool>,
         clock: Arc<dyn Clock>,
         refresh: RefreshPolicy,
+        limits: StreamLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
         let xds = Arc::new(XdsMetrics {
@@ -122,6 +124,7 @@ impl SdsService {
             stop,
             clock,
             refresh,
+            limits,
             metrics,
             xds,
             rendered: RenderCache::default(),
@@ -131,31 +134,51 @@ impl SdsService {
 
 // === Workload: one caller's credential and the resources rendered for it ===
 
-struct Credential {
+/// `default`: a leaf and the key made for it on the server.
+struct Leaf {
     issued: IssuedCert,
     key: PrivateKey,
-    refresh_at: OffsetDateTime,
 }
 
 struct Workload {
     shared: Arc<Shared>,
     identity: Identity,
+    /// What the stream was opened with, re-checked before every renewal (absent for Fetch).
+    creds: Option<Credentials>,
+    /// Ends the stream when a re-check fails (absent for Fetch).
+    end: Option<StreamEnd>,
     live: watch::Receiver<Arc<CaSnapshot>>,
     snapshot: Arc<CaSnapshot>,
-    cred: Option<Credential>,
+    cred: Renewer<Leaf>,
 }
 
 impl Workload {
     fn new(shared: Arc<Shared>, identity: Identity) -> Self {
         let mut live = shared.live.clone();
         let snapshot = live.borrow_and_update().clone();
+        let cred = Renewer::new(shared.refresh, shared.clock.clone());
         Self {
             shared,
             identity,
+            creds: None,
+            end: None,
             live,
             snapshot,
-            cred: None,
+            cred,
         }
+    }
+
+    /// A stream's workload: re-checks `creds` before each renewal and ends through `end`.
+    fn for_stream(
+        shared: Arc<Shared>,
+        identity: Identity,
+        creds: Option<Credentials>,
+        end: StreamEnd,
+    ) -> Self {
+        let mut w = Self::new(shared, identity);
+        w.creds = creds;
+        w.end = Some(end);
+        w
     }
 
     /// Refuses names SDS does not serve, naming them.
@@ -186,44 +209,74 @@ impl Workload {
         self.snapshot.bundle.roots_of(&td).map(|_| td)
     }
 
-    /// Issues (or re-issues) `default` with a fresh key.
+    /// Issues (or re-issues) `default` with a fresh key; a failure is retried with backoff by
+    /// the renewer, and the previous leaf stays in service meanwhile.
     fn renew(&mut self) -> Result<(), Status> {
-        let authority = &self.snapshot.authority;
-        let (issued, key) = authority.issue_with_new_key(&self.identity.spiffe_id, None).map_err(|e| {
-            self.shared.metrics.sign_errors.get_or_create(&Metrics::label("kind", status::ca_kind(&e))).inc();
-            tracing::error!(id = %self.identity.spiffe_id, error = %e, "SDS certificate issuance failed");
-            status::ca(&e)
-        })?;
-        self.shared
-            .metrics
-            .certs_issued
-            .get_or_create(&Metrics::label("api", "sds"))
-            .inc();
-        let refresh_at = self
-            .shared
-            .refresh
-            .refresh_at(issued.not_before, issued.not_after);
-        tracing::debug!(id = %self.identity.spiffe_id, serial = %issued.serial, refresh_at = %refresh_at, "SDS certificate issued");
-        self.cred = Some(Credential {
-            issued,
-            key,
-            refresh_at,
-        });
-        Ok(())
+        let (snapshot, shared, id) = (&self.snapshot, &self.shared, &self.identity.spiffe_id);
+        self.cred.renew(|| {
+            let (issued, key) = snapshot.authority.issue_with_new_key(id, None).map_err(|e| {
+                shared.metrics.sign_errors.get_or_create(&Metrics::label("kind", status::ca_kind(&e))).inc();
+                tracing::error!(id = %id, error = %e, "SDS certificate issuance failed; retrying with backoff");
+                status::ca(&e)
+            })?;
+            shared
+                .metrics
+                .certs_issued
+                .get_or_create(&Metrics::label("api", "sds"))
+                .inc();
+            tracing::debug!(id = %id, serial = %issued.serial, "SDS certificate issued");
+            Ok(Issued {
+                signer_id: snapshot.signer_id.clone(),
+                not_after: issued.not_after,
+                value: Leaf { issued, key },
+            })
+        })
     }
 
-    /// Renews on schedule; a failure is retried in 30 s (never past the current notAfter).
-    fn renew_or_retry(&mut self) -> bool {
-        match self.renew() {
-            Ok(()) => true,
-            Err(_) => {
-                if let Some(c) = &mut self.cred {
-                    let now = self.shared.clock.now();
-                    c.refresh_at = (now + RETRY).min(c.issued.not_after);
+    /// The held leaf, issuing the first one if there is none yet.
+    fn leaf(&mut self) -> Result<&Leaf, Status> {
+        if self.cred.current().is_none() {
+            self.renew()?;
+        }
+        self.cred
+            .current()
+            .ok_or_else(|| Status::unavailable("no certificate could be issued yet; retry"))
+    }
+
+    /// A scheduled renewal: first re-checks the caller's token (a refused token ends the stream;
+    /// an unavailable backend defers the renewal with backoff: no certificate on a doubt), then
+    /// re-issues.
+    async fn renew_checked(&mut self) {
+        if let Some(creds) = &self.creds {
+            match self.shared.auth.revalidate(creds).await {
+                Ok(id) if id.spiffe_id == self.identity.spiffe_id => {}
+                Ok(id) => {
+                    tracing::warn!(was = %self.identity.spiffe_id, now = %id.spiffe_id, "token now names another identity; ending the stream");
+                    return self.end_stream(Status::permission_denied(
+                        "the token no longer names the identity this stream was opened for; reconnect",
+                    ));
                 }
-                false
+                Err(e) if e.is_unavailable() => {
+                    tracing::warn!(id = %self.identity.spiffe_id, error = %e, "cannot re-check the caller before renewal; retrying with backoff");
+                    return self.cred.backoff();
+                }
+                Err(e) => {
+                    tracing::info!(id = %self.identity.spiffe_id, reason = e.reason(), error = %e, "caller's token no longer valid; ending the stream");
+                    return self.end_stream(status::identity(&e));
+                }
             }
         }
+        let _ = self.renew();
+    }
+
+    fn end_stream(&mut self, status: Status) {
+        if let Some(end) = &self.end {
+            end.end(status);
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.end.as_ref().is_some_and(StreamEnd::is_ended)
     }
 
     fn render_secret(&mut self, name: &str) -> Result<Secret, Status> {
@@ -238,10 +291,7 @@ impl Workload {
         let bundle = &self.snapshot.bundle;
         let r#type = match name {
             DEFAULT => {
-                if self.cred.is_none() {
-                    self.renew()?;
-                }
-                let c = self.cred.as_ref().expect("issued above");
+                let c = self.leaf()?;
                 Some(secret::Type::TlsCertificate(TlsCertificate {
                     certificate_chain: inline(c.issued.chain_pem().into_bytes()),
                     private_key: inline(c.key.secret_pkcs8_pem().as_bytes().to_vec()),
@@ -289,21 +339,19 @@ impl Workload {
         })
     }
 
-    /// Takes a new CA snapshot; a new signer means re-issuing `default` now, so the chain
-    /// matches what peers are told to trust.
+    /// Takes a new CA snapshot; a new signer makes `default` due within the spread window, a
+    /// tainted one at once (the renewer decides; the renewal itself runs from `changed`).
     fn update_snapshot(&mut self, next: Arc<CaSnapshot>) {
-        let signer = next.signer_id != self.snapshot.signer_id;
         self.snapshot = next;
-        if signer && self.cred.is_some() {
-            self.renew_or_retry();
-        }
+        let never = |_: &str| false;
+        self.cred.observe(&SignerView {
+            current: &self.snapshot.signer_id,
+            is_tainted: &never,
+        });
     }
 
     fn next_refresh(&self, default_subscribed: bool) -> Option<OffsetDateTime> {
-        self.cred
-            .as_ref()
-            .filter(|_| default_subscribed)
-            .map(|c| c.refresh_at)
+        self.cred.next_wake().filter(|_| default_subscribed)
     }
 }
 
@@ -338,10 +386,7 @@ impl ResourceSource for Workload {
     /// The serial for `default`; a digest of the content for the trust resources.
     fn version(&mut self, name: &str) -> Result<Option<String>, Status> {
         if name == DEFAULT {
-            if self.cred.is_none() {
-                self.renew()?;
-            }
-            return Ok(self.cred.as_ref().map(|c| c.issued.serial.to_string()));
+            return Ok(Some(self.leaf()?.issued.serial.to_string()));
         }
         Ok(self.render(name)?.map(|any| content_version(&any)))
     }
@@ -369,10 +414,11 @@ impl ResourceSource for Workload {
         subscribed: &'a BTreeSet<String>,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         Box::pin(async move {
-            let wake = sleep_or_never(
-                &self.shared.clock,
-                self.next_refresh(subscribed.contains(DEFAULT)),
-            );
+            if self.ended() {
+                return false;
+            }
+            let default = subscribed.contains(DEFAULT);
+            let wake = sleep_or_never(&self.shared.clock, self.next_refresh(default));
             tokio::select! {
                 r = self.live.changed() => {
                     if r.is_err() {
@@ -381,11 +427,12 @@ impl ResourceSource for Workload {
                     let next = self.live.borrow_and_update().clone();
                     self.update_snapshot(next);
                 }
-                _ = wake => {
-                    self.renew_or_retry();
-                }
+                _ = wake => {}
             }
-            true
+            if default && self.cred.current().is_some() && self.cred.is_due() {
+                self.renew_checked().await;
+            }
+            !self.ended()
         })
     }
 
@@ -395,6 +442,36 @@ impl ResourceSource for Workload {
 }
 
 // === the service ===
+
+impl SdsService {
+    /// The workload of a new stream and the bound of its lifetime (token expiry, maximum age,
+    /// or a failed re-check).
+    fn open<T>(&self, request: &Request<T>, identity: Identity) -> (Workload, Bound) {
+        let (end, ended) = lifetime::stream_end();
+        let deadline = lifetime::deadline(&identity, &self.0.limits, self.0.clock.now());
+        let creds = credentials(request.metadata());
+        let w = Workload::for_stream(self.0.clone(), identity, creds, end);
+        let bound = Bound {
+            clock: self.0.clock.clone(),
+            deadline,
+            ended,
+        };
+        (w, bound)
+    }
+}
+
+/// A stream's lifetime bound, applied to its response stream.
+struct Bound {
+    clock: Arc<dyn Clock>,
+    deadline: (OffsetDateTime, Status),
+    ended: watch::Receiver<Option<Status>>,
+}
+
+impl Bound {
+    fn apply<T: Send + 'static>(self, out: Out<T>) -> Out<T> {
+        lifetime::bound(out, &self.clock, self.deadline, self.ended)
+    }
+}
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsService {
@@ -406,13 +483,14 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
-        let w = Workload::new(self.0.clone(), identity);
-        Ok(Response::new(xds::spawn_sotw(
+        let (w, bound) = self.open(&request, identity);
+        let out = xds::spawn_sotw(
             w,
             request.into_inner(),
             self.0.xds.clone(),
             self.0.stop.clone(),
-        )))
+        );
+        Ok(Response::new(bound.apply(out)))
     }
 
     async fn delta_secrets(
@@ -420,13 +498,14 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
-        let w = Workload::new(self.0.clone(), identity);
-        Ok(Response::new(xds::spawn_delta(
+        let (w, bound) = self.open(&request, identity);
+        let out = xds::spawn_delta(
             w,
             request.into_inner(),
             self.0.xds.clone(),
             self.0.stop.clone(),
-        )))
+        );
+        Ok(Response::new(bound.apply(out)))
     }
 
     async fn fetch_secrets(

@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default notBefore backdating, to absorb clock skew between the CA and peers.
 pub const DEFAULT_BACKDATE: Duration = Duration::from_secs(60);
 
+/// The largest backdate accepted (clock skew beyond an hour is a broken clock, not skew).
+pub const MAX_BACKDATE: Duration = Duration::from_secs(3600);
+
 /// What the authority decides for every leaf, whatever the request says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +54,20 @@ impl IssuancePolicy {
                 "default_ttl ({}) is above max_ttl ({})",
                 crate::duration::fmt_duration(self.default_ttl),
                 crate::duration::fmt_duration(self.max_ttl)
+            ));
+        }
+        if self.backdate > MAX_BACKDATE {
+            return Err(format!(
+                "backdate ({}) is above {}; it only absorbs clock skew between peers",
+                crate::duration::fmt_duration(self.backdate),
+                crate::duration::fmt_duration(MAX_BACKDATE)
+            ));
+        }
+        if self.default_ttl <= self.backdate {
+            return Err(format!(
+                "default_ttl ({}) must be longer than backdate ({}): a leaf must stay valid after it is issued",
+                crate::duration::fmt_duration(self.default_ttl),
+                crate::duration::fmt_duration(self.backdate)
             ));
         }
         Ok(())

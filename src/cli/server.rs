@@ -86,10 +86,8 @@ impl ServerArgs {
             if let Some(p) = &running.unix_path {
                 println!("meshid server: gRPC on unix:{}", p.display());
             }
-            tokio::signal::ctrl_c()
-                .await
-                .context("waiting for Ctrl-C")?;
-            println!("meshid server: shutting down");
+            let signal = shutdown_signal().await?;
+            println!("meshid server: {signal} received; draining and shutting down");
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
         })
@@ -117,6 +115,7 @@ impl ServerArgs {
                 state_poll_interval: std::time::Duration::from_secs(1),
                 clusters: Vec::new(),
                 discovery: None,
+                limits: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {
@@ -203,4 +202,15 @@ impl ServerArgs {
 fn parse_config(text: &str) -> Result<Config, Vec<String>> {
     // Parse only; validation runs once flags are applied.
     toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])
+}
+
+/// Waits for SIGTERM (what Kubernetes sends before SIGKILL) or Ctrl-C (SIGINT); both drain:
+/// stop accepting, end streams, exit 0 within the shutdown cap.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; Ok("SIGINT") }
+        _ = term.recv() => Ok("SIGTERM"),
+    }
 }

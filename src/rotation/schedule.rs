@@ -1,4 +1,5 @@
-use ring::rand::{SecureRandom, SystemRandom};
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -7,12 +8,35 @@ pub const DEFAULT_RATIO: f64 = 0.5;
 /// ± 5 % of the lifetime, so a fleet started together does not renew together.
 pub const DEFAULT_JITTER: f64 = 0.05;
 
-/// When a leaf is renewed: at `ratio` of its lifetime, ± `jitter` of the lifetime.
+/// First retry after a failed renewal; doubled on every further failure ...
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_secs(1);
+/// ... up to this.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+/// After a new signer is activated, leaves are re-issued at random points of this window.
+pub const DEFAULT_SIGNER_CHANGE_SPREAD: Duration = Duration::from_secs(2);
+
+/// When a leaf is renewed: at `ratio` of its remaining lifetime from the issue time, ± `jitter`
+/// of it; how failures are retried; how a signer change is spread.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RefreshPolicy {
     pub ratio: f64,
     pub jitter: f64,
+    #[serde(
+        deserialize_with = "crate::ca::serde_duration_de",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub retry_min: Duration,
+    #[serde(
+        deserialize_with = "crate::ca::serde_duration_de",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub retry_max: Duration,
+    #[serde(
+        deserialize_with = "crate::ca::serde_duration_de",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub signer_change_spread: Duration,
 }
 
 impl Default for RefreshPolicy {
@@ -20,23 +44,34 @@ impl Default for RefreshPolicy {
         Self {
             ratio: DEFAULT_RATIO,
             jitter: DEFAULT_JITTER,
+            retry_min: DEFAULT_RETRY_MIN,
+            retry_max: DEFAULT_RETRY_MAX,
+            signer_change_spread: DEFAULT_SIGNER_CHANGE_SPREAD,
         }
     }
 }
 
 impl RefreshPolicy {
-    /// Checks 0 < ratio - jitter and ratio + jitter < 1.
+    /// Checks 0 < ratio - jitter and ratio + jitter < 1, and the retry and spread bounds.
     pub fn validate(&self) -> Result<(), String> {
         let ok =
             self.jitter >= 0.0 && self.ratio - self.jitter > 0.0 && self.ratio + self.jitter < 1.0;
-        if ok {
-            Ok(())
-        } else {
-            Err(format!(
+        if !ok {
+            return Err(format!(
                 "ratio {} ± jitter {} must stay strictly between 0 and 1 of the lifetime",
                 self.ratio, self.jitter
-            ))
+            ));
         }
+        if self.retry_min < Duration::from_millis(100) || self.retry_min > self.retry_max {
+            return Err("retry_min must be at least 100ms and at most retry_max".into());
+        }
+        if self.retry_max > Duration::from_secs(3600) {
+            return Err("retry_max must be at most 1h".into());
+        }
+        if self.signer_change_spread > Duration::from_secs(3600) {
+            return Err("signer_change_spread must be at most 1h".into());
+        }
+        Ok(())
     }
 
     /// The refresh time of a certificate valid from `not_before` to `not_after`.
@@ -45,12 +80,7 @@ impl RefreshPolicy {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> OffsetDateTime {
-        let mut b = [0u8; 4];
-        let unit = match SystemRandom::new().fill(&mut b) {
-            Ok(()) => u32::from_le_bytes(b) as f64 / u32::MAX as f64,
-            Err(_) => 0.5,
-        };
-        self.refresh_at_with(not_before, not_after, unit)
+        self.refresh_at_with(not_before, not_after, super::renewer::unit_random())
     }
 
     /// As `refresh_at`, with the random draw `unit` in [0, 1] given (0 → earliest, 1 → latest).
@@ -68,8 +98,6 @@ impl RefreshPolicy {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -99,13 +127,21 @@ mod tests {
     fn incoherent_policy_is_refused() {
         assert!(RefreshPolicy {
             ratio: 0.98,
-            jitter: 0.05
+            jitter: 0.05,
+            ..Default::default()
         }
         .validate()
         .is_err());
         assert!(RefreshPolicy {
             ratio: 0.5,
-            jitter: -0.1
+            jitter: -0.1,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(RefreshPolicy {
+            retry_min: Duration::ZERO,
+            ..Default::default()
         }
         .validate()
         .is_err());

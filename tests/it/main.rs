@@ -4,6 +4,7 @@ mod cli;
 mod csr_refusals;
 mod discovery;
 mod fake_apiserver;
+mod hardening;
 mod identity;
 mod openssl;
 mod plugin_import;

@@ -366,7 +366,11 @@ async fn default_is_rotated_at_half_life_on_the_injected_clock() {
             .replace_nanosecond(0)
             .unwrap(),
     );
-    let server = TestServer::start(Arc::new(clock.clone())).await;
+    // Streams outlive the half-life here (their maximum age is 30 min by default).
+    let server = TestServer::start_with(Arc::new(clock.clone()), |c| {
+        c.limits.max_stream_age = Duration::from_secs(2 * 3600)
+    })
+    .await;
     let mut s = Sds::open(&server, server.token("shop", "a")).await.unwrap();
     s.send(req(&["default"], "", "")).await;
     let r1 = s.recv().await;

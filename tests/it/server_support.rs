@@ -46,13 +46,22 @@ impl TestServer {
     }
 
     pub async fn start_with(clock: Arc<dyn Clock>, edit: impl FnOnce(&mut Config)) -> Self {
+        Self::start_custom(clock, root::DEFAULT_ROOT_TTL, edit).await
+    }
+
+    /// As `start_with`, with a root valid for `root_ttl` from a minute before the clock's now.
+    pub async fn start_custom(
+        clock: Arc<dyn Clock>,
+        root_ttl: Duration,
+        edit: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("cluster.local").unwrap();
         let now = clock.now();
         let ca = root::generate_root(
             &td,
             KeyType::EcdsaP256,
-            root::DEFAULT_ROOT_TTL,
+            root_ttl + Duration::from_secs(60),
             now - Duration::from_secs(60),
         )
         .unwrap();
@@ -96,6 +105,7 @@ impl TestServer {
                 }),
             }],
             discovery: None,
+            limits: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
@@ -114,11 +124,16 @@ impl TestServer {
 
     /// A projected-style token for ns/sa, issued at the server clock's now.
     pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.token_for(ns, sa, Duration::from_secs(3600))
+    }
+
+    /// As `token`, valid for `ttl`.
+    pub fn token_for(&self, ns: &str, sa: &str, ttl: Duration) -> String {
         let req = TokenRequest {
             namespace: ns.into(),
             service_account: sa.into(),
             audiences: vec!["istio-ca".into()],
-            ttl: Duration::from_secs(3600),
+            ttl,
             pod: None,
         };
         // Tokens are checked against the system clock by nothing here: the validator uses the

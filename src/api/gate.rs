@@ -1,0 +1,90 @@
+//! Authentication on headers, before the request body is decoded: a unary call's message is
+//! read only once its caller is known, so an unauthenticated caller cannot make the server
+//! buffer and decode a large body. The identity rides in the request's extensions.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::{
+    body::Body,
+    codegen::http,
+    metadata::MetadataMap,
+    server::NamedService,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+use tower::Service;
+
+use super::Authenticator;
+use crate::identity::Identity;
+
+/// The caller proven by the gate, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct GateIdentity(pub Identity);
+
+/// Wraps a gRPC service so every call is authenticated from its headers first.
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    auth: Authenticator,
+}
+
+impl<S> Gate<S> {
+    pub fn new(inner: S, auth: Authenticator) -> Self {
+        Self { inner, auth }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The request's headers and connection info as a body-less tonic request.
+fn head_of(req: &http::Request<Body>) -> tonic::Request<()> {
+    let mut head = tonic::Request::new(());
+    *head.metadata_mut() = MetadataMap::from_headers(req.headers().clone());
+    if let Some(ci) = req.extensions().get::<TcpConnectInfo>() {
+        head.extensions_mut().insert(ci.clone());
+    }
+    if let Some(ci) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+        head.extensions_mut().insert(ci.clone());
+    }
+    head
+}
+
+impl<S> Service<http::Request<Body>> for Gate<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The ready service goes with this call; a fresh clone stays for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let head = head_of(&req);
+            match auth.authenticate(head.metadata()).await {
+                Ok(identity) => {
+                    req.extensions_mut().insert(GateIdentity(identity));
+                    inner.call(req).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
