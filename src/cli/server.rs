@@ -117,6 +117,7 @@ impl ServerArgs {
                 state_poll_interval: std::time::Duration::from_secs(1),
                 clusters: Vec::new(),
                 discovery: None,
+                xds: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

@@ -30,6 +30,16 @@ impl TrustBundleSet {
         }
     }
 
+    /// This set, also trusting `td` with `roots` (a federated trust domain); `td` may be our
+    /// own, replacing our roots.
+    pub fn with_trust_domain(mut self, td: TrustDomain, roots: Vec<CertDer>) -> Self {
+        if td == self.own {
+            self.own_pem = cert::to_pem_bundle(&roots);
+        }
+        self.domains.insert(td, roots);
+        self
+    }
+
     /// Our trust domain.
     pub fn own_trust_domain(&self) -> &TrustDomain {
         &self.own

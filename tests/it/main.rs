@@ -11,3 +11,4 @@ mod profiles;
 mod server;
 mod server_support;
 mod support;
+mod xds_conformance;

@@ -96,6 +96,7 @@ impl TestServer {
                 }),
             }],
             discovery: None,
+            xds: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
