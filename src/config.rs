@@ -49,6 +49,41 @@ pub struct Config {
     /// Connection, request and stream limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Limits of the xDS streams (SDS, EDS).
+    #[serde(default)]
+    pub xds: Xds,
+}
+
+/// Default of `xds.max_resource_names_per_stream.sds`: a proxy needs a handful of secrets.
+pub const DEFAULT_SDS_MAX_NAMES: usize = 128;
+/// Default of `xds.max_resource_names_per_stream.eds`: one cluster per service port it calls.
+pub const DEFAULT_EDS_MAX_NAMES: usize = 10_000;
+/// The largest accepted value of either cap.
+const MAX_NAMES_CEILING: usize = 1_000_000;
+
+/// Limits of the xDS streams.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Xds {
+    pub max_resource_names_per_stream: MaxNames,
+}
+
+/// Resource names one stream may subscribe to at once, per service; a stream asking for more
+/// ends with `ResourceExhausted` naming the key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaxNames {
+    pub sds: usize,
+    pub eds: usize,
+}
+
+impl Default for MaxNames {
+    fn default() -> Self {
+        Self {
+            sds: DEFAULT_SDS_MAX_NAMES,
+            eds: DEFAULT_EDS_MAX_NAMES,
+        }
+    }
 }
 
 /// Connection, request and stream limits; each default is safe for a mesh of ~10,000 proxies.
@@ -453,6 +488,14 @@ impl Config {
                 }
             }
         }
+        let caps = &self.xds.max_resource_names_per_stream;
+        for (key, v) in [("sds", caps.sds), ("eds", caps.eds)] {
+            if v == 0 || v > MAX_NAMES_CEILING {
+                errs.push(format!(
+                    "xds.max_resource_names_per_stream.{key}: {v} is not between 1 and {MAX_NAMES_CEILING}"
+                ));
+            }
+        }
         if let Some(d) = &self.discovery {
             let n = [d.snapshot.is_some(), d.kubeconfig.is_some(), d.in_cluster]
                 .iter()
@@ -587,6 +630,32 @@ url = "u"
             let errs = Config::from_toml(&text).unwrap_err().join("\n");
             assert!(errs.contains(want), "{want:?} not in {errs}");
         }
+    }
+
+    #[test]
+    fn xds_name_caps_default_and_are_bounded() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(
+            c.xds.max_resource_names_per_stream.sds,
+            DEFAULT_SDS_MAX_NAMES
+        );
+        assert_eq!(
+            c.xds.max_resource_names_per_stream.eds,
+            DEFAULT_EDS_MAX_NAMES
+        );
+        let errs = Config::from_toml(&format!(
+            "{GOOD}\n[xds.max_resource_names_per_stream]\nsds = 0\neds = 2000000\n"
+        ))
+        .unwrap_err();
+        let all = errs.join("\n");
+        assert!(
+            all.contains("xds.max_resource_names_per_stream.sds: 0"),
+            "{all}"
+        );
+        assert!(
+            all.contains("xds.max_resource_names_per_stream.eds: 2000000"),
+            "{all}"
+        );
     }
 
     #[test]

@@ -143,7 +143,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         cfg.rotation,
         stream_limits,
         metrics.clone(),
-    );
+    )
+    .with_name_limit(cfg.xds.max_resource_names_per_stream.sds);
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
@@ -178,12 +179,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 metrics.clone(),
                 stop_rx.clone(),
             )));
-            Some(EdsService::new(
-                auth.clone(),
-                view,
-                stop_rx.clone(),
-                &metrics,
-            ))
+            Some(
+                EdsService::new(auth.clone(), view, stop_rx.clone(), &metrics)
+                    .with_name_limit(cfg.xds.max_resource_names_per_stream.eds),
+            )
         }
         None => None,
     };

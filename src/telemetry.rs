@@ -32,6 +32,7 @@ pub struct Metrics {
     pub eds_pushes: Family<Labels, Counter>,
     pub eds_nacks: Counter,
     pub eds_push_latency: Histogram,
+    pub xds_unknown_names: Family<Labels, Counter>,
     pub discovery_endpoints: Family<Labels, Gauge>,
     pub discovery_mtls_coverage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub discovery_mismatches: Gauge,
@@ -61,6 +62,7 @@ impl Metrics {
             eds_pushes: Family::default(),
             eds_nacks: Counter::default(),
             eds_push_latency: latency_histogram(),
+            xds_unknown_names: Family::default(),
             discovery_endpoints: Family::default(),
             discovery_mtls_coverage: Family::default(),
             discovery_mismatches: Gauge::default(),
@@ -135,6 +137,11 @@ impl Metrics {
             "meshid_eds_push_latency_seconds",
             "Time from a change to its EDS response",
             m.eds_push_latency.clone(),
+        );
+        r.register(
+            "meshid_xds_unknown_resource_names",
+            "Resource names subscribed on SDS/EDS streams that were not served then, by type",
+            m.xds_unknown_names.clone(),
         );
         r.register(
             "meshid_discovery_endpoints",

@@ -2,6 +2,15 @@
 //! `envoy.transport_socket_match: {tlsMode: istio}` on endpoints whose pod has a sidecar, so
 //! the cluster's `tlsMode-istio` socket match picks mTLS for them and raw_buffer for the rest.
 //! StreamEndpoints and DeltaEndpoints run on the shared xDS engine; FetchEndpoints is unary.
+//!
+//! Names: EDS serves the clusters of service ports discovery knows. A name of that form for a
+//! service (or port) not known now is unknown: streams keep it, leave it out (Delta: list it in
+//! `removed_resources`) and send it once the service appears; a malformed name is unknown for
+//! good (kept, counted and logged, never sent). Neither ends the stream; FetchEndpoints refuses
+//! both (`InvalidArgument` for malformed, `NotFound` for unknown clusters). When a cluster that
+//! was sent goes away, SotW streams get an empty assignment for it (SotW cannot delete an
+//! assignment; Envoy then drops its endpoints), Delta streams get it in `removed_resources`.
+//! At most `xds.max_resource_names_per_stream.eds` names per stream.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
@@ -71,6 +80,12 @@ impl EdsService {
             pushes: metrics.eds_pushes.clone(),
             nacks: metrics.eds_nacks.clone(),
             latency: metrics.eds_push_latency.clone(),
+            unknown_names: metrics
+                .xds_unknown_names
+                .get_or_create(&Metrics::label("type", "eds"))
+                .clone(),
+            kind: "eds",
+            max_names: crate::config::DEFAULT_EDS_MAX_NAMES,
         });
         Self(Arc::new(Shared {
             auth,
@@ -78,6 +93,15 @@ impl EdsService {
             stop,
             xds,
         }))
+    }
+
+    /// Caps the resource names one stream may subscribe to
+    /// (`xds.max_resource_names_per_stream.eds`). Call before the service is shared.
+    pub fn with_name_limit(mut self, max: usize) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            Arc::make_mut(&mut shared.xds).max_names = max;
+        }
+        self
     }
 }
 
@@ -135,22 +159,39 @@ pub fn load_assignment(name: &str, endpoints: &[EndpointEntry]) -> ClusterLoadAs
     }
 }
 
-fn check_cluster_names(names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
+/// Whether `name` has the form `outbound|<port>|<subset>|<service fqdn>`.
+fn well_formed(name: &str) -> bool {
+    let mut parts = name.split('|');
+    matches!(
+        (parts.next(), parts.next().map(|p| p.parse::<u16>().is_ok()), parts.next(), parts.next(), parts.next()),
+        (Some("outbound"), Some(true), Some(_), Some(h), None) if !h.is_empty()
+    )
+}
+
+const FORM: &str = "outbound|<port>|<subset>|<service fqdn>";
+
+/// Refuses malformed names, then names of clusters not served now, naming them (FetchEndpoints).
+fn check_cluster_names(view: &DiscoveryView, names: &[String]) -> Result<(), Status> {
     let bad: Vec<&str> = names
-        .filter(|n| {
-            let mut parts = n.split('|');
-            !matches!(
-                (parts.next(), parts.next().map(|p| p.parse::<u16>().is_ok()), parts.next(), parts.next(), parts.next()),
-                (Some("outbound"), Some(true), Some(_), Some(h), None) if !h.is_empty()
-            )
-        })
+        .iter()
+        .filter(|n| !well_formed(n))
         .map(String::as_str)
         .collect();
-    if bad.is_empty() {
+    if !bad.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "cluster name(s) {bad:?} are not of the form {FORM}"
+        )));
+    }
+    let unknown: Vec<&str> = names
+        .iter()
+        .filter(|n| !view.clusters.contains_key(n.as_str()))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
-            "cluster name(s) {bad:?} are not of the form outbound|<port>|<subset>|<service fqdn>"
+        Err(Status::not_found(format!(
+            "cluster(s) {unknown:?} are not served: discovery knows no such service port"
         )))
     }
 }
@@ -170,8 +211,14 @@ impl ResourceSource for Stream {
         self.identity.spiffe_id.to_string()
     }
 
-    fn check_names(&self, names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
-        check_cluster_names(names)
+    fn unknown_reason(&self, name: &str) -> Option<String> {
+        if !well_formed(name) {
+            Some(format!("not of the form {FORM}; never served"))
+        } else if !self.view.borrow().clusters.contains_key(name) {
+            Some("discovery knows no such service port now; sent if it appears".into())
+        } else {
+            None
+        }
     }
 
     fn version(&mut self, name: &str) -> Result<Option<String>, Status> {
@@ -180,12 +227,15 @@ impl ResourceSource for Stream {
 
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
         let view = self.view.borrow().clone();
-        let endpoints = view
+        Ok(view
             .clusters
             .get(name)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        Ok(Some(pack_any(load_assignment(name, endpoints))))
+            .map(|endpoints| pack_any(load_assignment(name, endpoints))))
+    }
+
+    /// An empty assignment: Envoy drops the endpoints of a cluster that went away.
+    fn tombstone(&self, name: &str) -> Option<Any> {
+        Some(pack_any(load_assignment(name, &[])))
     }
 
     fn changed<'a>(
@@ -247,8 +297,8 @@ impl EndpointDiscoveryService for EdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         self.0.auth.authenticate(request.metadata()).await?;
         let req = request.into_inner();
-        check_cluster_names(&mut req.resource_names.iter())?;
         let view = self.0.view.borrow().clone();
+        check_cluster_names(&view, &req.resource_names)?;
         let resources: Vec<Any> = req
             .resource_names
             .iter()

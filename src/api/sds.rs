@@ -1,12 +1,20 @@
 //! Envoy SDS v3: StreamSecrets (state of the world), DeltaSecrets (incremental) and
 //! FetchSecrets (unary). Resources: `default` (the caller's certificate and a server-generated
 //! key), `ROOTCA` (our trust domain's roots), `ALL` (the SPIFFE validator with every trusted
-//! trust domain) and `spiffe://<td>` (one trust domain's roots).
+//! trust domain) and `spiffe://<td>` (one trust domain's roots, while it is trusted).
 //!
-//! xDS rules kept: `version_info` and `nonce` on every response; a request whose nonce is not
-//! the latest is stale and ignored; `error_detail` marks a NACK, which is logged and not
-//! answered with the same resources; the subscription may change on any request. Each stream
-//! holds one `watch` receiver of the CA snapshot, so a bundle change reaches every stream at once.
+//! The xDS rules are the engine's (`xds.rs`). Names: any other name, and `spiffe://<td>` for a
+//! trust domain not trusted now, is unknown: streams keep it, leave it out (Delta: list it in
+//! `removed_resources`) and send it once it exists; FetchSecrets refuses it (`InvalidArgument`,
+//! naming it). istio-agent's `file-root:`/`file-cert:` names are unknown here: the central server
+//! never reads files. At most `xds.max_resource_names_per_stream.sds` names per stream.
+//!
+//! Distrusting a trust domain: when it leaves the CA state, `spiffe://<td>` is no longer sent,
+//! but that does not make Envoy forget it (SotW cannot delete a secret, and newer Envoys ignore
+//! Delta SDS removals), so a proxy validating with `spiffe://<td>` keeps trusting it until it
+//! restarts. `ALL` is the way to distrust: it is re-sent without the trust domain, and Envoy
+//! replaces its validation context. Each stream holds one `watch` receiver of the CA snapshot,
+//! so a bundle change reaches every stream at once.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
@@ -117,6 +125,12 @@ impl SdsService {
             pushes: metrics.sds_pushes.clone(),
             nacks: metrics.sds_nacks.clone(),
             latency: metrics.sds_push_latency.clone(),
+            unknown_names: metrics
+                .xds_unknown_names
+                .get_or_create(&Metrics::label("type", "sds"))
+                .clone(),
+            kind: "sds",
+            max_names: crate::config::DEFAULT_SDS_MAX_NAMES,
         });
         Self(Arc::new(Shared {
             auth,
@@ -129,6 +143,15 @@ impl SdsService {
             xds,
             rendered: RenderCache::default(),
         }))
+    }
+
+    /// Caps the resource names one stream may subscribe to
+    /// (`xds.max_resource_names_per_stream.sds`). Call before the service is shared.
+    pub fn with_name_limit(mut self, max: usize) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            Arc::make_mut(&mut shared.xds).max_names = max;
+        }
+        self
     }
 }
 
@@ -181,7 +204,7 @@ impl Workload {
         w
     }
 
-    /// Refuses names SDS does not serve, naming them.
+    /// Refuses names SDS does not serve now, naming them (FetchSecrets).
     fn check_names_in<'a>(
         &self,
         names: impl IntoIterator<Item = &'a String>,
@@ -196,12 +219,43 @@ impl Workload {
         }
         Err(Status::invalid_argument(format!(
             "unknown secret name(s) {unknown:?}; meshid serves \"default\", \"ROOTCA\", \"ALL\" and \"spiffe://<trust domain>\" for {}",
-            self.snapshot.bundle.iter().map(|(td, _)| td.id_string()).collect::<Vec<_>>().join(", ")
+            self.trusted_list()
         )))
+    }
+
+    fn trusted_list(&self) -> String {
+        let tds: Vec<String> = self
+            .snapshot
+            .bundle
+            .iter()
+            .map(|(td, _)| td.id_string())
+            .collect();
+        tds.join(", ")
     }
 
     fn known(&self, name: &str) -> bool {
         matches!(name, DEFAULT | ROOTCA | ALL) || self.trust_domain_of(name).is_some()
+    }
+
+    /// Why a stream's `name` is not served now (`None` when it is), for the log.
+    fn unknown_reason_of(&self, name: &str) -> Option<String> {
+        if self.known(name) {
+            return None;
+        }
+        Some(match name.strip_prefix("spiffe://") {
+            Some(td) if TrustDomain::new(td).is_ok() => format!(
+                "trust domain {td} is not trusted now (trusted: {}); sent if it becomes trusted",
+                self.trusted_list()
+            ),
+            Some(_) => "not a valid SPIFFE trust domain".to_owned(),
+            None if name.starts_with("file-root:") || name.starts_with("file-cert:") => {
+                "istio-agent file-mounted name; the central server does not read files".to_owned()
+            }
+            None => {
+                "meshid serves \"default\", \"ROOTCA\", \"ALL\" and \"spiffe://<trust domain>\""
+                    .to_owned()
+            }
+        })
     }
 
     fn trust_domain_of(&self, name: &str) -> Option<TrustDomain> {
@@ -379,8 +433,8 @@ impl ResourceSource for Workload {
         self.identity.spiffe_id.to_string()
     }
 
-    fn check_names(&self, names: &mut dyn Iterator<Item = &String>) -> Result<(), Status> {
-        self.check_names_in(names)
+    fn unknown_reason(&self, name: &str) -> Option<String> {
+        self.unknown_reason_of(name)
     }
 
     /// The serial for `default`; a digest of the content for the trust resources.
@@ -392,8 +446,8 @@ impl ResourceSource for Workload {
     }
 
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
-        if name.starts_with("spiffe://") && self.trust_domain_of(name).is_none() {
-            return Ok(None); // no longer trusted: left out (delta: removed)
+        if !self.known(name) {
+            return Ok(None); // unknown, or no longer trusted: left out (delta: removed)
         }
         if name == DEFAULT {
             return self.render_secret(name).map(|s| Some(pack_any(s)));

@@ -1,12 +1,29 @@
 //! The xDS protocol, once, for every resource type meshid serves (SDS, EDS): state of the
 //! world (Stream*) and incremental (Delta*). A per-stream `ResourceSource` says which names
 //! exist, renders them, versions them, and wakes the stream when something may have changed;
-//! the engine decides what to send:
-//! - `version_info` and `nonce` on every response; a request whose nonce is not the latest is
-//!   stale and ignored (delta: subscription changes still count);
-//! - `error_detail` marks a NACK: logged and counted, never answered with the same resources;
-//! - the subscription may change on any request; unknown names are refused, naming them;
-//! - on a change, only streams whose subscribed resources changed version get a response.
+//! the engine decides what to send. The rules (Envoy's `api-docs/xds_protocol.rst`, istiod's
+//! `pilot/pkg/xds` `shouldRespond`/`shouldRespondDelta`, go-control-plane `pkg/server`):
+//! - `version_info` and `nonce` on every response. SotW: a request whose nonce is not the
+//!   latest one sent is stale and ignored; the first request of a stream is answered whatever
+//!   its nonce (a client reconnecting after a server restart carries the old server's nonce).
+//!   Delta: subscription changes count whatever the nonce.
+//! - `error_detail` marks a NACK: logged and counted, never answered with the same resources.
+//! - Unknown names do not end the stream: they stay in the subscription, are left out of SotW
+//!   responses (Delta: listed in `removed_resources`, "Knowing When a Requested Resource Does
+//!   Not Exist"), are counted (`meshid_xds_unknown_resource_names_total{type}`) and logged once
+//!   when subscribed, and are sent as soon as they exist.
+//! - SotW: a response is sent when the subscription gains names or a subscribed resource
+//!   changes; a request that only drops names (including the empty list, "no longer interested
+//!   in any resources") gets none, and no response is ever empty (for these types an empty
+//!   response is a no-op for the client). A resource that stops existing is left out, or, where
+//!   the source says so (EDS), replaced by a tombstone (an empty assignment).
+//! - Delta: every name in `resource_names_subscribe` is answered, even one the client already
+//!   holds at the current version ("the server *must* still provide those resources"); only on
+//!   a stream's first request does `initial_resource_versions` spare resources the client holds.
+//! - Per stream at most `max_names` names are subscribed (`initial_resource_versions` too), each
+//!   at most `MAX_NAME_LEN` bytes: beyond that the stream ends with `ResourceExhausted` /
+//!   `InvalidArgument` naming the limit and its config key.
+//! - On a change, only streams whose subscribed resources changed version get a response.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -34,18 +51,28 @@ use tonic::{Status, Streaming};
 /// A boxed response stream for tonic.
 pub type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The longest resource name a stream may subscribe to: every name meshid serves is far
+/// shorter (a DNS name is at most 253 bytes), and a stream's memory stays bounded.
+pub const MAX_NAME_LEN: usize = 1024;
+
 /// One stream's view of a resource type.
 pub trait ResourceSource: Send + 'static {
     /// The type URL served.
     fn type_url(&self) -> &'static str;
     /// Who the stream belongs to, for logs.
     fn peer(&self) -> String;
-    /// Refuses names that are not served, naming them.
-    fn check_names(&self, names: &mut dyn Iterator<Item = &String>) -> Result<(), Status>;
+    /// Why `name` is not served now, `None` when it is. Unknown names are kept (they may
+    /// appear later), never an error.
+    fn unknown_reason(&self, name: &str) -> Option<String>;
     /// The current version of `name`, `None` if it does not exist now.
     fn version(&mut self, name: &str) -> Result<Option<String>, Status>;
     /// The resource itself.
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status>;
+    /// What a SotW response carries for `name` once it stops existing after having been sent
+    /// (SotW cannot delete these types); `None` leaves it out.
+    fn tombstone(&self, _name: &str) -> Option<Any> {
+        None
+    }
     /// Completes when resources may have changed; `false` when the source is gone.
     fn changed<'a>(
         &'a mut self,
@@ -57,13 +84,61 @@ pub trait ResourceSource: Send + 'static {
         Self: Sized;
 }
 
-/// Counters of one xDS service.
+/// Counters and limits shared by every stream of one xDS service.
 #[derive(Clone)]
 pub struct XdsMetrics {
     pub streams: Gauge,
     pub pushes: Family<Vec<(String, String)>, Counter>,
     pub nacks: Counter,
     pub latency: Histogram,
+    /// Unknown names subscribed (`meshid_xds_unknown_resource_names_total{type}`).
+    pub unknown_names: Counter,
+    /// Short name of the service (`sds`, `eds`): log field and config key suffix.
+    pub kind: &'static str,
+    /// Names one stream may subscribe to at once.
+    pub max_names: usize,
+}
+
+impl XdsMetrics {
+    /// Refuses a subscription of `total` names, or a name that is too long, naming the limit.
+    fn check_limits<'a>(
+        &self,
+        total: usize,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), Status> {
+        if total > self.max_names {
+            return Err(Status::resource_exhausted(format!(
+                "{total} resource names on one {} stream; the limit is {} (xds.max_resource_names_per_stream.{})",
+                self.kind, self.max_names, self.kind
+            )));
+        }
+        if let Some(long) = names.into_iter().find(|n| n.len() > MAX_NAME_LEN) {
+            let start: String = long.chars().take(64).collect();
+            return Err(Status::invalid_argument(format!(
+                "resource name {start:?}... is {} bytes; names are at most {MAX_NAME_LEN} bytes",
+                long.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Counts and logs (once per subscription) the names in `added` that are not served now.
+fn note_unknown<'a, R: ResourceSource>(
+    res: &R,
+    metrics: &XdsMetrics,
+    added: impl IntoIterator<Item = &'a String>,
+) {
+    let unknown: Vec<(&str, String)> = added
+        .into_iter()
+        .filter_map(|n| res.unknown_reason(n).map(|why| (n.as_str(), why)))
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    metrics.unknown_names.inc_by(unknown.len() as u64);
+    tracing::info!(peer = %res.peer(), service = metrics.kind, unknown = ?unknown,
+        "subscribed to resource names not served now; kept, and sent if they appear");
 }
 
 struct OpenStream(Gauge);
@@ -122,6 +197,8 @@ pub fn spawn_delta<R: ResourceSource>(
         res,
         subscribed: BTreeSet::new(),
         sent: HashMap::new(),
+        answer: BTreeSet::new(),
+        started: false,
         nonce: 0,
         last_nonce: String::new(),
         tx,
@@ -195,13 +272,17 @@ async fn drive<F: Flavour>(
 
 // === state of the world ===
 
+/// The version recorded for a resource answered by its tombstone.
+const GONE: &str = "";
+
 struct Sotw<R> {
     res: R,
     subscribed: BTreeSet<String>,
-    /// Versions in the last response.
+    /// Versions in the last response (`GONE` for a tombstone).
     sent: BTreeMap<String, String>,
     version: u64,
     nonce: u64,
+    /// The nonce of the latest response; empty until the first one.
     last_nonce: String,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     metrics: Arc<XdsMetrics>,
@@ -232,12 +313,15 @@ impl<R: ResourceSource> Flavour for Sotw<R> {
 impl<R: ResourceSource> Sotw<R> {
     async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
-        let initial = req.response_nonce.is_empty();
+        // Nothing sent yet on this stream: whatever nonce the request carries (a reconnect to a
+        // restarted server), it is an initial request (istiod shouldRespond: no previous info).
+        let initial = req.response_nonce.is_empty() || self.last_nonce.is_empty();
         if !initial && req.response_nonce != self.last_nonce {
             tracing::debug!(peer = %self.res.peer(), nonce = %req.response_nonce, latest = %self.last_nonce, "stale xDS request ignored");
             return Ok(());
         }
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        self.metrics.check_limits(names.len(), &names)?;
         if let Some(detail) = &req.error_detail {
             self.metrics.nacks.inc();
             tracing::warn!(peer = %self.res.peer(), type_url = self.res.type_url(), version = %req.version_info,
@@ -249,38 +333,67 @@ impl<R: ResourceSource> Sotw<R> {
             tracing::debug!(peer = %self.res.peer(), version = %req.version_info, "xDS ACK");
             return Ok(());
         }
-        self.res.check_names(&mut names.iter())?;
+        let added = names.difference(&self.subscribed).count() > 0;
+        note_unknown(&self.res, &self.metrics, names.difference(&self.subscribed));
         self.subscribed = names;
-        if self.subscribed.is_empty() {
-            return Ok(());
+        self.sent.retain(|n, _| self.subscribed.contains(n));
+        if !initial && !added {
+            return Ok(()); // only names dropped: nothing new to send (istiod shouldRespond)
         }
-        self.push(Instant::now()).await
+        let now = self.current()?;
+        self.push(now, Instant::now()).await
+    }
+
+    /// The versions of the subscribed resources that exist now (`GONE` for tombstones).
+    fn current(&mut self) -> Result<BTreeMap<String, String>, Status> {
+        let mut now = BTreeMap::new();
+        for name in &self.subscribed {
+            match self.res.version(name)? {
+                Some(v) => {
+                    now.insert(name.clone(), v);
+                }
+                None if self.sent.contains_key(name) && self.res.tombstone(name).is_some() => {
+                    now.insert(name.clone(), GONE.to_owned());
+                }
+                None => {}
+            }
+        }
+        Ok(now)
     }
 
     async fn push_if_changed(&mut self, started: Instant) -> Result<(), Status> {
-        let mut now = BTreeMap::new();
-        for name in self.subscribed.clone() {
-            if let Some(v) = self.res.version(&name)? {
-                now.insert(name, v);
-            }
-        }
+        let now = self.current()?;
         if now != self.sent {
-            self.push(started).await?;
+            self.push(now, started).await?;
         }
         Ok(())
     }
 
-    async fn push(&mut self, started: Instant) -> Result<(), Status> {
-        let mut resources = Vec::with_capacity(self.subscribed.len());
-        let mut sent = BTreeMap::new();
-        for name in self.subscribed.clone() {
-            let Some(version) = self.res.version(&name)? else {
-                continue;
+    /// Sends `now`'s resources; an empty response is never sent.
+    async fn push(
+        &mut self,
+        mut now: BTreeMap<String, String>,
+        started: Instant,
+    ) -> Result<(), Status> {
+        let mut resources = Vec::with_capacity(now.len());
+        let mut missing = Vec::new();
+        for (name, version) in &now {
+            let any = if version == GONE {
+                self.res.tombstone(name)
+            } else {
+                self.res.render(name)?
             };
-            if let Some(any) = self.res.render(&name)? {
-                resources.push(any);
-                sent.insert(name, version);
+            match any {
+                Some(any) => resources.push(any),
+                None => missing.push(name.clone()),
             }
+        }
+        for name in missing {
+            now.remove(&name);
+        }
+        if resources.is_empty() {
+            self.sent = now;
+            return Ok(());
         }
         self.version += 1;
         self.nonce += 1;
@@ -295,13 +408,13 @@ impl<R: ResourceSource> Sotw<R> {
         if self.tx.send(Ok(resp)).await.is_err() {
             return Ok(()); // the client went away; run() notices
         }
-        for name in sent.keys() {
+        for name in now.keys() {
             self.metrics
                 .pushes
                 .get_or_create(&vec![("resource".into(), R::label(name))])
                 .inc();
         }
-        self.sent = sent;
+        self.sent = now;
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
@@ -316,6 +429,11 @@ struct Delta<R> {
     subscribed: BTreeSet<String>,
     /// What the client holds: name → version.
     sent: HashMap<String, String>,
+    /// Subscribed names to answer in the next response even if unchanged (with the resource,
+    /// or in `removed_resources` when it does not exist).
+    answer: BTreeSet<String>,
+    /// Whether a request has been seen on this stream.
+    started: bool,
     nonce: u64,
     last_nonce: String,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -345,12 +463,17 @@ impl<R: ResourceSource> Flavour for Delta<R> {
 }
 
 impl<R: ResourceSource> Delta<R> {
-    async fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+    async fn handle_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
-        if req.response_nonce.is_empty() {
-            // A (re)connecting client tells us what it already holds.
-            self.sent.extend(req.initial_resource_versions);
-        } else if req.response_nonce == self.last_nonce {
+        // What a (re)connecting client holds counts on a stream's first request only, whatever
+        // its nonce (istiod shouldRespondDelta: no previous info means initial or reconnect).
+        let initial = if self.started {
+            HashMap::new()
+        } else {
+            std::mem::take(&mut req.initial_resource_versions)
+        };
+        self.started = true;
+        if !req.response_nonce.is_empty() && req.response_nonce == self.last_nonce {
             match &req.error_detail {
                 Some(d) => {
                     self.metrics.nacks.inc();
@@ -365,36 +488,62 @@ impl<R: ResourceSource> Delta<R> {
         for n in &req.resource_names_unsubscribe {
             self.subscribed.remove(n);
             self.sent.remove(n);
+            self.answer.remove(n);
         }
-        self.res
-            .check_names(&mut req.resource_names_subscribe.iter())?;
-        self.subscribed.extend(req.resource_names_subscribe);
+        let added: BTreeSet<&String> = req
+            .resource_names_subscribe
+            .iter()
+            .filter(|n| !self.subscribed.contains(*n))
+            .collect();
+        self.metrics.check_limits(
+            (self.subscribed.len() + added.len()).max(initial.len()),
+            req.resource_names_subscribe.iter().chain(initial.keys()),
+        )?;
+        note_unknown(&self.res, &self.metrics, added);
+        for name in req.resource_names_subscribe {
+            match initial.get(&name) {
+                Some(held) => {
+                    self.sent.insert(name.clone(), held.clone());
+                }
+                None => {
+                    self.answer.insert(name.clone());
+                }
+            }
+            self.subscribed.insert(name);
+        }
         self.push_changed(Instant::now()).await
     }
 
     async fn push_changed(&mut self, started: Instant) -> Result<(), Status> {
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        for name in self.subscribed.clone() {
-            let Some(version) = self.res.version(&name)? else {
-                if self.sent.remove(&name).is_some() {
-                    removed.push(name);
-                }
-                continue;
-            };
-            if self.sent.get(&name) == Some(&version) {
+        let answer = std::mem::take(&mut self.answer);
+        for name in &self.subscribed {
+            let must = answer.contains(name);
+            let version = self.res.version(name)?;
+            if version.is_some() && !must && self.sent.get(name) == version.as_ref() {
                 continue;
             }
-            let Some(any) = self.res.render(&name)? else {
-                continue;
+            let any = match &version {
+                Some(_) => self.res.render(name)?,
+                None => None,
             };
-            self.sent.insert(name.clone(), version.clone());
-            resources.push(Resource {
-                name,
-                version,
-                resource: Some(any),
-                ..Default::default()
-            });
+            match (version, any) {
+                (Some(version), Some(any)) => {
+                    self.sent.insert(name.clone(), version.clone());
+                    resources.push(Resource {
+                        name: name.clone(),
+                        version,
+                        resource: Some(any),
+                        ..Default::default()
+                    });
+                }
+                _ => {
+                    if self.sent.remove(name).is_some() || must {
+                        removed.push(name.clone());
+                    }
+                }
+            }
         }
         if resources.is_empty() && removed.is_empty() {
             return Ok(());

@@ -116,6 +116,7 @@ impl ServerArgs {
                 clusters: Vec::new(),
                 discovery: None,
                 limits: Default::default(),
+                xds: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

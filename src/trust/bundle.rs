@@ -30,6 +30,16 @@ impl TrustBundleSet {
         }
     }
 
+    /// This set, also trusting `td` with `roots` (a federated trust domain); `td` may be our
+    /// own, replacing our roots.
+    pub fn with_trust_domain(mut self, td: TrustDomain, roots: Vec<CertDer>) -> Self {
+        if td == self.own {
+            self.own_pem = cert::to_pem_bundle(&roots);
+        }
+        self.domains.insert(td, roots);
+        self
+    }
+
     /// Our trust domain.
     pub fn own_trust_domain(&self) -> &TrustDomain {
         &self.own
@@ -66,5 +76,43 @@ impl TrustBundleSet {
     /// PEM of `td`'s roots.
     pub fn pem_of(&self, td: &TrustDomain) -> Option<String> {
         self.roots_of(td).map(cert::to_pem_bundle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(td: &TrustDomain) -> CertDer {
+        let now = time::OffsetDateTime::now_utc();
+        crate::ca::root::generate_root(
+            td,
+            crate::ca::KeyType::EcdsaP256,
+            crate::ca::root::DEFAULT_ROOT_TTL,
+            now,
+        )
+        .unwrap()
+        .cert
+    }
+
+    #[test]
+    fn another_trust_domain_is_added_and_ours_can_be_replaced() {
+        let own = TrustDomain::new("cluster.local").unwrap();
+        let other = TrustDomain::new("other.example").unwrap();
+        let (a, b, c) = (root(&own), root(&other), root(&own));
+        let set = TrustBundleSet::own(own.clone(), vec![a.clone()], 7)
+            .with_trust_domain(other.clone(), vec![b.clone()]);
+        let tds: Vec<&TrustDomain> = set.iter().map(|(td, _)| td).collect();
+        assert_eq!(tds, [&own, &other]);
+        assert_eq!(set.roots_of(&other), Some(&[b][..]));
+        assert_eq!(set.own_roots_pem(), cert::to_pem(&a));
+        let set = set.with_trust_domain(own, vec![c.clone()]);
+        assert_eq!(set.own_roots(), &[c.clone()][..]);
+        assert_eq!(
+            set.own_roots_pem(),
+            cert::to_pem(&c),
+            "our PEM follows our roots"
+        );
+        assert_eq!(set.sequence(), 7);
     }
 }

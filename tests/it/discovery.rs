@@ -418,26 +418,28 @@ mod eds {
             endpoints(&by_name(&r2)[LEGACY_DB]),
             [("10.244.2.20".to_string(), Some("istio".to_string()))]
         );
-        // The discovery metrics follow the model.
-        let mut http = tokio::net::TcpStream::connect(server.running.http_addr)
-            .await
-            .unwrap();
-        tokio::io::AsyncWriteExt::write_all(
-            &mut http,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut metrics = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut http, &mut metrics)
-            .await
-            .unwrap();
-        for line in [
+        // The discovery metrics follow the model (updated by their own task: wait for it).
+        let expected = [
             "meshid_discovery_endpoints{tls_mode=\"istio\"} 3",
             "meshid_discovery_mtls_coverage_ratio{namespace=\"legacy\"} 1.0",
             "meshid_discovery_sidecar_mismatches 1",
-        ] {
-            assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = server.running.metrics.render();
+            let missing: Vec<&str> = expected
+                .iter()
+                .copied()
+                .filter(|l| !metrics.contains(l))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "missing {missing:?}:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Malformed cluster names are refused, naming them.
         let err = client

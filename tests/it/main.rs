@@ -12,3 +12,4 @@ mod profiles;
 mod server;
 mod server_support;
 mod support;
+mod xds_conformance;

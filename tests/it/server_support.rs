@@ -106,6 +106,7 @@ impl TestServer {
             }],
             discovery: None,
             limits: Default::default(),
+            xds: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
