@@ -1,5 +1,11 @@
-//! Lifecycles: when a leaf is refreshed. (The root state machine joins here later.)
+//! Lifecycles: when a leaf is refreshed, and the root state machine with its journal.
 
+mod roots;
 mod schedule;
 
+pub use roots::{
+    activate, apply, expiry_warning, next_step, no_gate, prepare, resolve, revoke, taint,
+    valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target, Transition,
+    EXPIRY_WARNING, REVOKE_MARGIN,
+};
 pub use schedule::{RefreshPolicy, DEFAULT_JITTER, DEFAULT_RATIO};

@@ -429,15 +429,15 @@ async fn a_bundle_change_reaches_every_open_stream() {
         now(),
     )
     .unwrap();
-    next.roots.push(RootRecord {
-        id: cert::fingerprint_id(&extra.cert),
-        state: RootState::Active,
-        origin: RootOrigin::Plugin,
-        created_at: now().replace_nanosecond(0).unwrap(),
-        certificate: cert::to_pem(&extra.cert),
-        private_key: None,
-        signer: None,
-    });
+    // Prepared: trusted by every peer, not signing (the first step of a rotation).
+    next.roots.push(RootRecord::new(
+        &extra.cert,
+        RootState::Prepared,
+        RootOrigin::Plugin,
+        now(),
+        None,
+        None,
+    ));
     store
         .compare_and_swap(Some(current.generation), &next)
         .unwrap();
