@@ -9,7 +9,7 @@ use envoy_types::pb::{
     google::rpc::Status as RpcStatus,
 };
 use meshid::{
-    ca::{cert, root, KeyType},
+    ca::{root, KeyType},
     clock::{ManualClock, SystemClock},
     spiffe::SpiffeId,
     state::{RootOrigin, RootRecord, RootState, StateStore},
