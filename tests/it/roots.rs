@@ -484,7 +484,7 @@ fn bundle_and_signer_follow_the_rotation() {
         "after prepare: both"
     );
     assert_eq!(live.current().signer_id, a, "prepared does not sign");
-    leaf_verifies_with(&[a_cert.clone()]).unwrap();
+    leaf_verifies_with(std::slice::from_ref(&a_cert)).unwrap();
 
     rotation::apply(store.as_ref(), &ctx(t0()), |s, c| {
         rotation::activate(s, &b, false, &rotation::no_gate, c)
@@ -492,9 +492,9 @@ fn bundle_and_signer_follow_the_rotation() {
     .unwrap();
     assert!(live.reload_if_changed().unwrap());
     assert_eq!(live.current().signer_id, b);
-    leaf_verifies_with(&[b_cert.clone()]).unwrap();
+    leaf_verifies_with(std::slice::from_ref(&b_cert)).unwrap();
     assert!(
-        leaf_verifies_with(&[a_cert.clone()]).is_err(),
+        leaf_verifies_with(std::slice::from_ref(&a_cert)).is_err(),
         "new leaves chain to the new root only"
     );
     assert!(live.current().tainted_signers.is_empty());
