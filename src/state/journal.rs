@@ -121,3 +121,41 @@ impl CaState {
         &self.journal[self.journal.len().saturating_sub(n)..]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ca::{root, KeyType},
+        spiffe::TrustDomain,
+    };
+
+    #[test]
+    fn journal_is_bounded_and_keeps_counting() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+        let mut s = CaState::with_generated_root(td, &ca, now);
+        for _ in 0..JOURNAL_MAX + 50 {
+            s.record(JournalEntry {
+                seq: 0,
+                at: now,
+                actor: Actor::auto(),
+                action: JournalAction::Taint,
+                root: "r".into(),
+                signer: None,
+                from_state: Some(RootState::Old),
+                to_state: RootState::Tainted,
+                reason: None,
+                from_generation: None,
+                forced: false,
+            });
+        }
+        assert_eq!(s.journal.len(), JOURNAL_MAX);
+        assert_eq!(s.journal[0].seq, 51);
+        assert_eq!(
+            s.journal_tail(2).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [249, 250]
+        );
+    }
+}
