@@ -601,8 +601,8 @@ impl ServingCert {
                 r = live.changed() => {
                     if r.is_err() { return }
                     let snap = live.borrow_and_update().clone();
-                    let never = |_: &str| false;
-                    self.renewer.observe(&SignerView { current: &snap.signer_id, is_tainted: &never });
+                    let tainted = |s: &str| snap.tainted_signers.contains(s);
+                    self.renewer.observe(&SignerView { current: &snap.signer_id, is_tainted: &tainted });
                 }
                 () = stopping(&mut stop) => return,
             }

@@ -81,24 +81,23 @@ struct Shared {
     rendered: RenderCache,
 }
 
-/// Trust resources rendered for one CA snapshot generation, shared by every stream.
+/// Which snapshot trust resources were rendered for: the bundle's sequence (it moves on every
+/// bundle change, even when a replaced state file keeps its generation), then the generation.
+type RenderKey = (u64, crate::state::Generation);
+
+/// Trust resources rendered for one CA snapshot, shared by every stream.
 #[derive(Default)]
-struct RenderCache(
-    std::sync::RwLock<(
-        Option<crate::state::Generation>,
-        std::collections::HashMap<String, Any>,
-    )>,
-);
+struct RenderCache(std::sync::RwLock<(Option<RenderKey>, std::collections::HashMap<String, Any>)>);
 
 impl RenderCache {
-    fn get(&self, generation: crate::state::Generation, name: &str) -> Option<Any> {
+    fn get(&self, generation: RenderKey, name: &str) -> Option<Any> {
         let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
         (guard.0 == Some(generation))
             .then(|| guard.1.get(name).cloned())
             .flatten()
     }
 
-    fn put(&self, generation: crate::state::Generation, name: &str, any: Any) {
+    fn put(&self, generation: RenderKey, name: &str, any: Any) {
         let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
         match guard.0 {
             // A stream still on an older snapshot does not evict the newer one.
@@ -397,10 +396,10 @@ impl Workload {
     /// tainted one at once (the renewer decides; the renewal itself runs from `changed`).
     fn update_snapshot(&mut self, next: Arc<CaSnapshot>) {
         self.snapshot = next;
-        let never = |_: &str| false;
+        let tainted = |s: &str| self.snapshot.tainted_signers.contains(s);
         self.cred.observe(&SignerView {
             current: &self.snapshot.signer_id,
-            is_tainted: &never,
+            is_tainted: &tainted,
         });
     }
 
@@ -454,7 +453,7 @@ impl ResourceSource for Workload {
         }
         // Trust resources depend only on the snapshot: rendered once per snapshot for every
         // stream, not per stream and per check.
-        let generation = self.snapshot.generation;
+        let generation = (self.snapshot.bundle.sequence(), self.snapshot.generation);
         if let Some(any) = self.shared.rendered.get(generation, name) {
             return Ok(Some(any));
         }

@@ -274,20 +274,20 @@ impl std::fmt::Debug for Authority {
     }
 }
 
-/// The earliest notAfter along the path and the root that anchors it.
+/// The earliest notAfter along the path and the root that anchors it (found by signature:
+/// two roots may share a subject, and the one that did not sign must not cap the chain).
 fn chain_not_after(path: &[CertDer], roots: &[CertDer]) -> Result<OffsetDateTime, CaError> {
     let mut min = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
-    let mut last_issuer = Vec::new();
     for c in path {
         let p = cert::parse(c, "chain")?;
         min = min.min(p.validity().not_after.to_datetime());
-        last_issuer = p.issuer().as_raw().to_vec();
     }
-    for r in roots {
-        let p = cert::parse(r, "root")?;
-        if p.subject().as_raw() == last_issuer.as_slice() {
-            min = min.min(p.validity().not_after.to_datetime());
-        }
+    if let Some(i) = path
+        .last()
+        .and_then(|last| chain::anchor_index(last, roots))
+    {
+        let p = cert::parse(&roots[i], "root")?;
+        min = min.min(p.validity().not_after.to_datetime());
     }
     Ok(min)
 }

@@ -100,6 +100,19 @@ pub fn verify_ca_chain(
     Err("chain is too long".into())
 }
 
+/// Which of `roots` anchors `c`: the root that is `c` itself, or the root whose subject is
+/// `c`'s issuer *and* whose key verifies `c`'s signature. Roots are told apart by their key,
+/// never by name alone: Istio's tools give every root the same subject (`O=Istio, CN=Root CA`).
+pub fn anchor_index(c: &CertDer, roots: &[CertDer]) -> Option<usize> {
+    if let Some(i) = roots.iter().position(|r| r.as_ref() == c.as_ref()) {
+        return Some(i);
+    }
+    let cp = parsed(c, "chain").ok()?;
+    roots.iter().position(|r| {
+        parsed(r, "root").is_ok_and(|rp| rp.subject() == cp.issuer() && signed_by(&cp, &rp).is_ok())
+    })
+}
+
 fn parsed<'a>(c: &'a CertDer, what: &str) -> Result<X509Certificate<'a>, String> {
     cert::parse(c, what).map_err(|e| e.to_string())
 }

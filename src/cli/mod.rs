@@ -6,6 +6,7 @@ mod client;
 mod describe;
 mod dev;
 mod inspect;
+mod root;
 mod server;
 mod token;
 
@@ -26,6 +27,9 @@ enum Command {
     /// Create and manage the certificate authority (roots, intermediates).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Rotate roots: status, prepare, activate, taint, revoke.
+    #[command(subcommand)]
+    Root(root::RootCommand),
     /// Issue and inspect certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -64,6 +68,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ca(c) => c.run(),
+        Command::Root(c) => c.run(),
         Command::Cert(c) => c.run(),
         Command::Token(c) => c.run(),
         Command::Dev(c) => c.run(),

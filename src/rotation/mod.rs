@@ -1,9 +1,15 @@
 //! Lifecycles: one credential's cycle (`Renewer`, used by the serving certificate and every
-//! SDS `default`) and when a leaf is refreshed. (The root state machine joins here.)
+//! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
 
 mod renewer;
+mod roots;
 mod schedule;
 
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
+pub use roots::{
+    activate, apply, expiry_warning, next_step, no_gate, prepare, resolve, revoke, taint,
+    valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target, Transition,
+    EXPIRY_WARNING, REVOKE_MARGIN,
+};
 pub use schedule::{RefreshPolicy, DEFAULT_JITTER, DEFAULT_RATIO};

@@ -43,8 +43,15 @@ pub(crate) fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf
         .mode(mode)
         .open(&tmp)
         .map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
+    let written = f
+        .write_all(bytes)
+        .map_err(io("write", &tmp))
+        .and_then(|()| f.sync_all().map_err(io("fsync", &tmp)));
+    if let Err(e) = written {
+        // A partial temp file may hold key material: never leave it behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(tmp)
 }
 

@@ -1,10 +1,19 @@
 //! The embedded state store: one checksummed JSON document in a directory, written
 //! atomically under an exclusive lock, with compare-and-swap on its generation.
+//!
+//! Permissions: `state.json` holds private keys, so a file that group or others can access is
+//! refused (like ssh does with keys); a directory that group or others can access is allowed
+//! (volume mounts with an `fsGroup` make it so) but logged as a warning once per store.
 
 use std::{
     fs::{self, File, OpenOptions},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    io::Read,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -43,13 +52,17 @@ fn checksum(format: &str, generation: u64, body: &str) -> String {
 #[derive(Clone, Debug)]
 pub struct DirStore {
     dir: PathBuf,
+    warned_dir_mode: Arc<AtomicBool>,
 }
 
-/// Where a write stops, to simulate a crash in tests.
+/// Where a write stops, to simulate a crash or a failure in tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
 enum CrashPoint {
     None,
     BeforeRename,
+    /// The rename fails (as on EXDEV, EIO or a read-only remount).
+    RenameFails,
 }
 
 // === impl DirStore ===
@@ -57,7 +70,10 @@ enum CrashPoint {
 impl DirStore {
     /// A store in `dir`; nothing is touched until the first read or write.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            warned_dir_mode: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The state file's path.
@@ -111,12 +127,50 @@ impl DirStore {
         }
     }
 
+    /// Reads the file, refusing it when group or others can access it (it holds keys).
+    fn read_private(&self, path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io("read", path)(e)),
+        };
+        let mode = file
+            .metadata()
+            .map_err(self.io("stat", path))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StateError::InsecurePermissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        self.warn_on_open_dir();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(self.io("read", path))?;
+        Ok(Some(bytes))
+    }
+
+    fn warn_on_open_dir(&self) {
+        let Ok(meta) = fs::metadata(&self.dir) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && !self.warned_dir_mode.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                mode = format!("{mode:04o}"),
+                "the CA state directory is accessible to group or others; make it 0700 (chmod 700)"
+            );
+        }
+    }
+
     fn read(&self) -> Result<Option<Versioned>, StateError> {
         let path = self.state_path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io("read", &path)(e)),
+        let Some(bytes) = self.read_private(&path)? else {
+            return Ok(None);
         };
         let corrupted = |why: String| StateError::Corrupted {
             path: path.clone(),
@@ -183,10 +237,20 @@ impl DirStore {
         let bytes = serde_json::to_vec(&env).map_err(|e| StateError::Invalid(e.to_string()))?;
         let path = self.state_path();
         let tmp = write_temp(&path, &bytes, 0o600)?;
-        if crash == CrashPoint::BeforeRename {
-            return Err(StateError::Invalid("simulated crash before rename".into()));
-        }
-        commit_temp(&tmp, &path)?;
+        let committed = match crash {
+            CrashPoint::BeforeRename => {
+                // A crash leaves the temp file; the next write sweeps it.
+                return Err(StateError::Invalid("simulated crash before rename".into()));
+            }
+            CrashPoint::RenameFails => Err(self.io("rename", &path)(std::io::Error::other(
+                "simulated rename failure",
+            ))),
+            CrashPoint::None => commit_temp(&tmp, &path),
+        };
+        // A failed write must not leave a key-bearing temp file behind.
+        committed.inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
         Ok(Generation(generation))
     }
 }
@@ -211,16 +275,12 @@ impl StateStore for DirStore {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        os::unix::fs::PermissionsExt,
-        sync::{Arc, Barrier},
-    };
+    use std::sync::{Arc, Barrier};
 
     use super::*;
     use crate::{
-        ca::{cert, root, KeyType},
+        ca::{root, KeyType},
         spiffe::TrustDomain,
-        state::{RootOrigin, RootRecord, RootState, SecretPem},
     };
 
     fn mode_of(path: &Path) -> u32 {
@@ -231,20 +291,7 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let now = time::OffsetDateTime::now_utc();
         let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-        CaState {
-            trust_domain: td,
-            key_type: KeyType::EcdsaP256,
-            roots: vec![RootRecord {
-                id: cert::fingerprint_id(&ca.cert),
-                state: RootState::Active,
-                origin: RootOrigin::Generated,
-                created_at: now.replace_nanosecond(0).unwrap(),
-                certificate: cert::to_pem(&ca.cert),
-                private_key: Some(SecretPem::from_key(&ca.key)),
-                signer: None,
-            }],
-            intermediates: vec![],
-        }
+        CaState::with_generated_root(td, &ca, now)
     }
 
     #[test]
@@ -362,6 +409,74 @@ mod tests {
             other => panic!("expected a conflict, got {other}"),
         }
         assert_eq!(store.load().unwrap().unwrap().generation, Generation(2));
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp."))
+            .collect()
+    }
+
+    /// Issue 8 item 9: a failed write (the rename fails) used to leave the temp file, which
+    /// holds every private key, until the next successful write.
+    #[test]
+    fn failed_write_removes_its_key_bearing_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        let first = sample_state();
+        store.compare_and_swap(None, &first).unwrap();
+        let err = store
+            .write(
+                Some(Generation(1)),
+                &sample_state(),
+                CrashPoint::RenameFails,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("simulated rename failure"),
+            "{err}"
+        );
+        assert_eq!(temp_files(tmp.path()), Vec::<String>::new());
+        let v = store.load().unwrap().unwrap();
+        assert_eq!((v.generation, &v.state), (Generation(1), &first));
+    }
+
+    /// Issue 8 item 9: a state file group or others can read is refused (it holds keys),
+    /// naming the file, its mode and the fix; an open directory only warns.
+    #[test]
+    fn state_file_accessible_to_others_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path());
+        store.compare_and_swap(None, &sample_state()).unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            store.load().unwrap().is_some(),
+            "an open directory is a warning only"
+        );
+        for mode in [0o640, 0o604, 0o660] {
+            fs::set_permissions(store.state_path(), fs::Permissions::from_mode(mode)).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(
+                matches!(err, StateError::InsecurePermissions { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("chmod 600") && msg.contains("state.json"),
+                "{msg}"
+            );
+            let err = store
+                .compare_and_swap(Some(Generation(1)), &sample_state())
+                .unwrap_err();
+            assert!(
+                matches!(err, StateError::InsecurePermissions { .. }),
+                "{err}"
+            );
+        }
+        fs::set_permissions(store.state_path(), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().generation, Generation(1));
     }
 
     #[test]

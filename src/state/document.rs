@@ -1,4 +1,5 @@
-//! The CA state document: roots with their lifecycle state, the signer, issued intermediates.
+//! The CA state document: roots with their lifecycle state, the signer, issued intermediates,
+//! and the rotation journal.
 
 use std::fmt;
 
@@ -6,19 +7,92 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::StateError;
+use super::{JournalEntry, StateError};
 use crate::{
-    ca::{cert, CertDer, KeyType, PrivateKey, SigningMaterial},
+    ca::{cert, chain, CertDer, KeyType, PrivateKey, SigningMaterial},
     spiffe::TrustDomain,
 };
 
-/// Lifecycle state of a root. Only `Active` exists so far; the rotation work adds
-/// `prepared`, `old`, `tainted` and `revoked`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Lifecycle state of a root: prepared → active → old → tainted → revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RootState {
-    /// Trusted, and (if it holds signing material) signing.
+    /// Trusted (in every bundle), not signing yet.
+    Prepared,
+    /// Trusted and signing; exactly one root is active.
     Active,
+    /// Trusted, no longer signing: leaves it signed stay valid until they expire.
+    Old,
+    /// Trusted, but every leaf it signed is re-issued from the active root now.
+    Tainted,
+    /// In no bundle; its keys are wiped, the record stays for the journal.
+    Revoked,
+}
+
+impl fmt::Display for RootState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Old => "old",
+            Self::Tainted => "tainted",
+            Self::Revoked => "revoked",
+        })
+    }
+}
+
+/// When a root entered each state (absent: not yet, or a state file older than the journal).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateTimes {
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub prepared: Option<OffsetDateTime>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub active: Option<OffsetDateTime>,
+    /// When it stopped signing: the bound on its last issuance.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub old: Option<OffsetDateTime>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tainted: Option<OffsetDateTime>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revoked: Option<OffsetDateTime>,
+}
+
+impl StateTimes {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Records that the root entered `state` at `at`.
+    pub fn set(&mut self, state: RootState, at: OffsetDateTime) {
+        let at = Some(at.replace_nanosecond(0).unwrap_or(at));
+        match state {
+            RootState::Prepared => self.prepared = at,
+            RootState::Active => self.active = at,
+            RootState::Old => self.old = at,
+            RootState::Tainted => self.tainted = at,
+            RootState::Revoked => self.revoked = at,
+        }
+    }
 }
 
 /// Where a root came from.
@@ -74,7 +148,8 @@ pub struct SignerRecord {
     pub private_key: SecretPem,
 }
 
-/// A root of trust for the trust domain.
+/// A root of trust for the trust domain. Roots are told apart by `id` (their certificate's
+/// fingerprint), never by subject: several roots may share one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootRecord {
     /// First 8 bytes of SHA-256 over the certificate DER, hex.
@@ -91,12 +166,57 @@ pub struct RootRecord {
     /// A signer below this root, when leaves are not signed by the root itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signer: Option<SignerRecord>,
+    /// When the root entered each state.
+    #[serde(default, skip_serializing_if = "StateTimes::is_empty")]
+    pub since: StateTimes,
+    /// A new signer under this (active) root, staged by `root prepare --from-plugin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared_signer: Option<SignerRecord>,
+    /// Fingerprint ids of signers this root used before its current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_signers: Vec<String>,
 }
 
 impl RootRecord {
+    /// A root record entering `state` at `now`, with the given key material.
+    pub fn new(
+        cert: &CertDer,
+        state: RootState,
+        origin: RootOrigin,
+        now: OffsetDateTime,
+        private_key: Option<SecretPem>,
+        signer: Option<SignerRecord>,
+    ) -> Self {
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let mut since = StateTimes::default();
+        since.set(state, now);
+        Self {
+            id: cert::fingerprint_id(cert),
+            state,
+            origin,
+            created_at: now,
+            certificate: cert::to_pem(cert),
+            private_key,
+            signer,
+            since,
+            prepared_signer: None,
+            retired_signers: Vec::new(),
+        }
+    }
+
     /// Whether this root can sign leaves (itself or through its signer).
     pub fn can_sign(&self) -> bool {
         self.private_key.is_some() || self.signer.is_some()
+    }
+
+    /// Whether peers trust it (every state but revoked).
+    pub fn is_trusted(&self) -> bool {
+        self.state != RootState::Revoked
+    }
+
+    /// When it became active (state files from before the journal: its creation).
+    pub fn active_since(&self) -> OffsetDateTime {
+        self.since.active.unwrap_or(self.created_at)
     }
 
     /// The root certificate, parsed from PEM.
@@ -111,6 +231,53 @@ impl RootRecord {
             )));
         }
         Ok(certs.remove(0))
+    }
+
+    /// Fingerprint id of the certificate that signs leaves for this root: its signer's, or its own.
+    pub fn signer_id(&self) -> Result<String, StateError> {
+        match &self.signer {
+            Some(s) => s.signer_id(),
+            None => Ok(self.id.clone()),
+        }
+    }
+
+    /// The root's subject, for display.
+    pub fn subject(&self) -> Result<String, StateError> {
+        let der = self.cert_der()?;
+        let p = cert::parse(&der, "root").map_err(|e| StateError::Invalid(e.to_string()))?;
+        Ok(p.subject().to_string())
+    }
+
+    /// The root's notAfter.
+    pub fn not_after(&self) -> Result<OffsetDateTime, StateError> {
+        let der = self.cert_der()?;
+        let p = cert::parse(&der, "root").map_err(|e| StateError::Invalid(e.to_string()))?;
+        Ok(p.validity().not_after.to_datetime())
+    }
+
+    /// Drops every key this record holds (on revoke): the record stays, the keys do not.
+    pub fn wipe_keys(&mut self) {
+        self.private_key = None;
+        self.signer = None;
+        self.prepared_signer = None;
+    }
+
+    fn holds_keys(&self) -> bool {
+        self.can_sign() || self.prepared_signer.is_some()
+    }
+}
+
+impl SignerRecord {
+    /// The signing certificate (first of the chain).
+    pub fn signer_cert(&self) -> Result<CertDer, StateError> {
+        let mut chain = cert::certs_from_pem(self.certificate_chain.as_bytes(), "signer chain")
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        Ok(chain.remove(0))
+    }
+
+    /// Fingerprint id of the signing certificate.
+    pub fn signer_id(&self) -> Result<String, StateError> {
+        Ok(cert::fingerprint_id(&self.signer_cert()?))
     }
 }
 
@@ -134,13 +301,18 @@ pub struct CaState {
     pub roots: Vec<RootRecord>,
     #[serde(default)]
     pub intermediates: Vec<IssuedIntermediate>,
+    /// Transitions, oldest first, bounded (see `JOURNAL_MAX`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal: Vec<JournalEntry>,
 }
 
 // === impl CaState ===
 
 impl CaState {
-    /// Checks the document's invariants: roots parse, ids match, exactly one active root signs.
+    /// Checks the document's invariants: roots parse, ids match and are unique, exactly one
+    /// active root and it signs, at most one prepared root or signer, revoked roots hold no keys.
     pub fn validate(&self) -> Result<(), StateError> {
+        let mut ids = std::collections::HashSet::new();
         for r in &self.roots {
             let der = r.cert_der()?;
             if cert::fingerprint_id(&der) != r.id {
@@ -149,15 +321,41 @@ impl CaState {
                     r.id
                 )));
             }
+            if !ids.insert(r.id.as_str()) {
+                return Err(StateError::Invalid(format!(
+                    "root {} is listed twice",
+                    r.id
+                )));
+            }
+            if r.state == RootState::Revoked && r.holds_keys() {
+                return Err(StateError::Invalid(format!(
+                    "root {} is revoked but still holds key material",
+                    r.id
+                )));
+            }
+            if r.prepared_signer.is_some() && r.state != RootState::Active {
+                return Err(StateError::Invalid(format!(
+                    "root {} is {} but holds a prepared signer; only the active root may",
+                    r.id, r.state
+                )));
+            }
         }
+        let count = |s: RootState| self.roots.iter().filter(|r| r.state == s).count();
         let signing = self
             .roots
             .iter()
             .filter(|r| r.state == RootState::Active && r.can_sign())
             .count();
-        if signing != 1 {
+        if count(RootState::Active) != 1 || signing != 1 {
             return Err(StateError::Invalid(format!(
-                "exactly one active root must hold signing material; found {signing}"
+                "exactly one active root must hold signing material; found {} active, {signing} of them signing",
+                count(RootState::Active)
+            )));
+        }
+        if count(RootState::Prepared) > 1 {
+            return Err(StateError::Invalid(format!(
+                "at most one root may be prepared; found {}",
+                count(RootState::Prepared)
             )));
         }
         Ok(())
@@ -171,9 +369,25 @@ impl CaState {
             .ok_or_else(|| StateError::Invalid("no active root holds signing material".into()))
     }
 
-    /// Every root peers should trust, PEM-parsed.
+    /// Every root peers should trust (prepared, active, old, tainted; never revoked), parsed.
     pub fn trusted_roots(&self) -> Result<Vec<CertDer>, StateError> {
-        self.roots.iter().map(|r| r.cert_der()).collect()
+        self.roots
+            .iter()
+            .filter(|r| r.is_trusted())
+            .map(|r| r.cert_der())
+            .collect()
+    }
+
+    /// Fingerprint ids of every signer under a tainted root (current and retired): leaves from
+    /// these are re-issued at once.
+    pub fn tainted_signers(&self) -> Result<std::collections::HashSet<String>, StateError> {
+        let mut out = std::collections::HashSet::new();
+        for r in self.roots.iter().filter(|r| r.state == RootState::Tainted) {
+            out.insert(r.id.clone());
+            out.insert(r.signer_id()?);
+            out.extend(r.retired_signers.iter().cloned());
+        }
+        Ok(out)
     }
 
     /// Loads the keys and certificates the authority signs with.
@@ -221,68 +435,43 @@ impl CaState {
     ) -> Self {
         Self {
             key_type: ca.key.key_type(),
-            roots: vec![RootRecord {
-                id: cert::fingerprint_id(&ca.cert),
-                state: RootState::Active,
-                origin: RootOrigin::Generated,
-                created_at: now.replace_nanosecond(0).unwrap_or(now),
-                certificate: cert::to_pem(&ca.cert),
-                private_key: Some(SecretPem::from_key(&ca.key)),
-                signer: None,
-            }],
+            roots: vec![RootRecord::new(
+                &ca.cert,
+                RootState::Active,
+                RootOrigin::Generated,
+                now,
+                Some(SecretPem::from_key(&ca.key)),
+                None,
+            )],
             trust_domain: td,
             intermediates: Vec::new(),
+            journal: Vec::new(),
         }
     }
 
-    /// A state from an imported plug-in CA: the root that anchors the signer carries it;
-    /// other roots in the bundle are trusted only.
+    /// A state from an imported plug-in CA. The root that anchors the signer (found by
+    /// signature, not by name) is active and carries it; the other roots of a multi-root
+    /// `root-cert.pem` (Istio's `ISTIO_MULTIROOT_MESH` shape) are trusted, not signing: state
+    /// `old` from `now`, as Istio trusts them without signing with them.
     pub fn from_plugin(
         td: TrustDomain,
         m: &SigningMaterial,
         now: OffsetDateTime,
     ) -> Result<Self, StateError> {
-        let invalid = |e: crate::ca::CaError| StateError::Invalid(e.to_string());
-        let last = m.intermediates.last().unwrap_or(&m.signer_cert);
-        let last_issuer = cert::parse(last, "chain")
-            .map_err(invalid)?
-            .issuer()
-            .as_raw()
-            .to_vec();
-        let signer_is_root = m.roots.iter().any(|r| r.as_ref() == m.signer_cert.as_ref());
+        let anchor = anchor_of(m)?;
         let mut roots = Vec::new();
-        for r in &m.roots {
-            let subject = cert::parse(r, "root")
-                .map_err(invalid)?
-                .subject()
-                .as_raw()
-                .to_vec();
-            let anchors = if signer_is_root {
-                r.as_ref() == m.signer_cert.as_ref()
+        for (i, r) in m.roots.iter().enumerate() {
+            if roots
+                .iter()
+                .any(|x: &RootRecord| x.id == cert::fingerprint_id(r))
+            {
+                continue; // the same root listed twice
+            }
+            roots.push(if i == anchor {
+                let (key, signer) = signing_parts(m);
+                RootRecord::new(r, RootState::Active, RootOrigin::Plugin, now, key, signer)
             } else {
-                subject == last_issuer
-            };
-            let anchors = anchors && !roots.iter().any(RootRecord::can_sign);
-            let (private_key, signer) = match (anchors, signer_is_root) {
-                (true, true) => (Some(SecretPem::from_key(&m.signer_key)), None),
-                (true, false) => {
-                    let chain = std::iter::once(&m.signer_cert).chain(m.intermediates.iter());
-                    let signer = SignerRecord {
-                        certificate_chain: cert::to_pem_bundle(chain),
-                        private_key: SecretPem::from_key(&m.signer_key),
-                    };
-                    (None, Some(signer))
-                }
-                (false, _) => (None, None),
-            };
-            roots.push(RootRecord {
-                id: cert::fingerprint_id(r),
-                state: RootState::Active,
-                origin: RootOrigin::Plugin,
-                created_at: now.replace_nanosecond(0).unwrap_or(now),
-                certificate: cert::to_pem(r),
-                private_key,
-                signer,
+                RootRecord::new(r, RootState::Old, RootOrigin::Plugin, now, None, None)
             });
         }
         let state = Self {
@@ -290,8 +479,30 @@ impl CaState {
             key_type: m.signer_key.key_type(),
             roots,
             intermediates: Vec::new(),
+            journal: Vec::new(),
         };
         state.validate()?;
         Ok(state)
     }
+}
+
+/// The index of the root (in `m.roots`) that anchors the signing chain, by signature.
+pub(crate) fn anchor_of(m: &SigningMaterial) -> Result<usize, StateError> {
+    let last = m.intermediates.last().unwrap_or(&m.signer_cert);
+    chain::anchor_index(last, &m.roots)
+        .ok_or_else(|| StateError::Invalid("no root in the bundle signed the signing chain".into()))
+}
+
+/// The key material a root record carries for `m`: the root's own key when the signer is the
+/// root itself, else the signer chain and its key.
+pub(crate) fn signing_parts(m: &SigningMaterial) -> (Option<SecretPem>, Option<SignerRecord>) {
+    if m.roots.iter().any(|r| r.as_ref() == m.signer_cert.as_ref()) {
+        return (Some(SecretPem::from_key(&m.signer_key)), None);
+    }
+    let chain = std::iter::once(&m.signer_cert).chain(m.intermediates.iter());
+    let signer = SignerRecord {
+        certificate_chain: cert::to_pem_bundle(chain),
+        private_key: SecretPem::from_key(&m.signer_key),
+    };
+    (None, Some(signer))
 }

@@ -35,6 +35,8 @@ pub enum StateError {
         "timed out after {secs}s waiting for the lock on {path}; is another meshid process stuck?"
     )]
     LockTimeout { path: PathBuf, secs: u64 },
+    #[error("{path} holds private keys but is accessible to group or others (mode {mode:04o}); refusing to use it: run `chmod 600 {}` and check who could have read it", path.display())]
+    InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("CA state is invalid: {0}")]
     Invalid(String),
 }

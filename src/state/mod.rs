@@ -1,16 +1,20 @@
 //! Persistence of the CA state: the document, atomic file writes, and stores with
-//! compare-and-swap on a generation number.
+//! compare-and-swap on a generation number; the rotation journal inside the document.
 
 mod atomic;
 mod dir;
 mod document;
 mod error;
+mod journal;
 mod store;
 
 pub use atomic::write_file_atomic;
 pub use dir::DirStore;
+pub(crate) use document::{anchor_of, signing_parts};
 pub use document::{
     CaState, IssuedIntermediate, RootOrigin, RootRecord, RootState, SecretPem, SignerRecord,
+    StateTimes,
 };
 pub use error::StateError;
+pub use journal::{Actor, JournalAction, JournalEntry, JOURNAL_MAX};
 pub use store::{Generation, StateStore, Versioned};

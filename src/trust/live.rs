@@ -1,7 +1,7 @@
 //! The live CA: the authority and trust bundle built from the state store, republished on a
 //! `watch` channel whenever the store's generation moves (polled; applied within the interval).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::sync::watch;
@@ -10,7 +10,7 @@ use super::TrustBundleSet;
 use crate::{
     ca::{cert, Authority, CaError, IssuancePolicy},
     clock::Clock,
-    state::{Generation, StateError, StateStore},
+    state::{CaState, Generation, StateError, StateStore},
 };
 
 /// What every reader sees: the authority, the bundle, and the state generation they came from.
@@ -21,6 +21,12 @@ pub struct CaSnapshot {
     pub generation: Generation,
     /// Fingerprint of the certificate that signs leaves; a change means re-issue.
     pub signer_id: String,
+    /// Fingerprint ids of signer certificates under tainted roots: a leaf from one of these is
+    /// re-issued at once.
+    pub tainted_signers: HashSet<String>,
+    /// SHA-256 of the state the snapshot was built from: a replaced state with the same
+    /// generation (a restored backup) is still noticed.
+    pub state_digest: String,
 }
 
 /// Why the CA could not be (re)loaded.
@@ -47,7 +53,7 @@ impl LiveCa {
         policy: IssuancePolicy,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, LiveCaError> {
-        let snapshot = build(store.as_ref(), &policy, &clock)?;
+        let snapshot = build(store.as_ref(), &policy, &clock, 0)?;
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Self {
             store,
@@ -67,14 +73,17 @@ impl LiveCa {
         self.tx.borrow().clone()
     }
 
-    /// Reloads if the store's generation moved; returns whether a new snapshot was published.
-    /// A state that fails to load keeps the current snapshot in service.
+    /// Reloads if the store's generation or content moved; returns whether a new snapshot was
+    /// published. A state that fails to load keeps the current snapshot in service.
     pub fn reload_if_changed(&self) -> Result<bool, LiveCaError> {
-        let stored = self.store.load_existing()?.generation;
-        if stored == self.current().generation {
+        let stored = self.store.load_existing()?;
+        let current = self.current();
+        if stored.generation == current.generation && digest(&stored.state)? == current.state_digest
+        {
             return Ok(false);
         }
-        let next = build(self.store.as_ref(), &self.policy, &self.clock)?;
+        let min_sequence = current.bundle.sequence() + 1;
+        let next = build(self.store.as_ref(), &self.policy, &self.clock, min_sequence)?;
         self.tx.send_replace(Arc::new(next));
         Ok(true)
     }
@@ -105,6 +114,7 @@ fn build(
     store: &dyn StateStore,
     policy: &IssuancePolicy,
     clock: &Arc<dyn Clock>,
+    min_sequence: u64,
 ) -> Result<CaSnapshot, LiveCaError> {
     let v = store.load_existing()?;
     let material = v.state.signing_material()?;
@@ -117,11 +127,84 @@ fn build(
         clock.clone(),
     )?;
     authority.self_test()?;
-    let bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, v.generation.0);
+    // The sequence follows the generation but never goes back or repeats, even when a
+    // restored backup brings an equal or older generation.
+    let sequence = v.generation.0.max(min_sequence);
+    let bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence);
     Ok(CaSnapshot {
         authority: Arc::new(authority),
         bundle: Arc::new(bundle),
         generation: v.generation,
         signer_id,
+        tainted_signers: v.state.tainted_signers()?,
+        state_digest: digest(&v.state)?,
     })
+}
+
+/// A digest of the state's content, independent of how the store encodes it.
+fn digest(state: &CaState) -> Result<String, StateError> {
+    let json = serde_json::to_vec(state).map_err(|e| StateError::Invalid(e.to_string()))?;
+    let d = ring::digest::digest(&ring::digest::SHA256, &json);
+    Ok(cert::hex(d.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ca::{root, KeyType},
+        clock::SystemClock,
+        spiffe::TrustDomain,
+        state::{CaState, DirStore},
+    };
+
+    fn init(dir: &std::path::Path) -> DirStore {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+        let store = DirStore::new(dir);
+        store
+            .compare_and_swap(None, &CaState::with_generated_root(td, &ca, now))
+            .unwrap();
+        store
+    }
+
+    /// Issue 8 item 9: a state file replaced by another with the same generation (a restored
+    /// backup, another cluster's state copied in) used to be ignored until the next write.
+    #[test]
+    fn replacement_with_the_same_generation_is_reloaded() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (store_a, store_b) = (init(a.path()), init(b.path()));
+        let live = LiveCa::load(
+            Arc::new(store_a.clone()),
+            IssuancePolicy::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let before = live.current();
+        assert!(!live.reload_if_changed().unwrap(), "nothing changed yet");
+        std::fs::copy(store_b.state_path(), store_a.state_path()).unwrap();
+        assert_eq!(
+            store_a.load_existing().unwrap().generation,
+            before.generation
+        );
+
+        assert!(
+            live.reload_if_changed().unwrap(),
+            "same generation, new content"
+        );
+        let after = live.current();
+        let want = store_b
+            .load_existing()
+            .unwrap()
+            .state
+            .signing_root()
+            .unwrap()
+            .id
+            .clone();
+        assert_eq!(after.signer_id, want);
+        assert_ne!(after.signer_id, before.signer_id);
+        assert!(after.bundle.sequence() > before.bundle.sequence());
+        assert!(!live.reload_if_changed().unwrap(), "and only once");
+    }
 }

@@ -9,6 +9,7 @@ mod identity;
 mod openssl;
 mod plugin_import;
 mod profiles;
+mod roots;
 mod server;
 mod server_support;
 mod support;

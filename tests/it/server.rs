@@ -9,7 +9,7 @@ use envoy_types::pb::{
     google::rpc::Status as RpcStatus,
 };
 use meshid::{
-    ca::{cert, root, KeyType},
+    ca::{root, KeyType},
     clock::{ManualClock, SystemClock},
     spiffe::SpiffeId,
     state::{RootOrigin, RootRecord, RootState, StateStore},
@@ -430,15 +430,15 @@ async fn a_bundle_change_reaches_every_open_stream() {
         now(),
     )
     .unwrap();
-    next.roots.push(RootRecord {
-        id: cert::fingerprint_id(&extra.cert),
-        state: RootState::Active,
-        origin: RootOrigin::Plugin,
-        created_at: now().replace_nanosecond(0).unwrap(),
-        certificate: cert::to_pem(&extra.cert),
-        private_key: None,
-        signer: None,
-    });
+    // Prepared: trusted by every peer, not signing (the first step of a rotation).
+    next.roots.push(RootRecord::new(
+        &extra.cert,
+        RootState::Prepared,
+        RootOrigin::Plugin,
+        now(),
+        None,
+        None,
+    ));
     store
         .compare_and_swap(Some(current.generation), &next)
         .unwrap();

@@ -160,15 +160,14 @@ fn add_root(server: &TestServer) {
         now(),
     )
     .unwrap();
-    next.roots.push(RootRecord {
-        id: cert::fingerprint_id(&extra.cert),
-        state: RootState::Active,
-        origin: RootOrigin::Plugin,
-        created_at: now().replace_nanosecond(0).unwrap(),
-        certificate: cert::to_pem(&extra.cert),
-        private_key: None,
-        signer: None,
-    });
+    next.roots.push(RootRecord::new(
+        &extra.cert,
+        RootState::Prepared,
+        RootOrigin::Plugin,
+        now(),
+        None,
+        None,
+    ));
     store
         .compare_and_swap(Some(current.generation), &next)
         .unwrap();
@@ -590,6 +589,8 @@ impl Fed {
             bundle: Arc::new(bundle),
             generation: Generation(self.base.generation.0 + generation),
             signer_id: self.base.signer_id.clone(),
+            tainted_signers: Default::default(),
+            state_digest: format!("{}-{generation}", self.base.state_digest),
         }));
     }
 

@@ -285,15 +285,15 @@ fn main() {
         let current = store.load_existing().unwrap();
         let mut next = current.state.clone();
         let extra = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, time::OffsetDateTime::now_utc()).unwrap();
-        next.roots.push(RootRecord {
-            id: cert::fingerprint_id(&extra.cert),
-            state: RootState::Active,
-            origin: RootOrigin::Plugin,
-            created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-            certificate: cert::to_pem(&extra.cert),
-            private_key: None,
-            signer: None,
-        });
+        // Prepared: trusted by every peer, not signing (the first step of a rotation).
+        next.roots.push(RootRecord::new(
+            &extra.cert,
+            RootState::Prepared,
+            RootOrigin::Plugin,
+            time::OffsetDateTime::now_utc(),
+            None,
+            None,
+        ));
         store.compare_and_swap(Some(current.generation), &next).unwrap();
         let changed = Instant::now();
         let mut first = None;

@@ -1,0 +1,335 @@
+//! `meshid root ...`: see and move roots through prepared → active → old → tainted → revoked.
+//! Thin: each command resolves the store, calls `rotation::roots`, prints.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::Output;
+use crate::{
+    ca::{cert, plugin, root, KeyType, DEFAULT_MAX_TTL},
+    clock::{rfc3339, Clock, SystemClock},
+    config::Config,
+    rotation::{self, Candidate, Ctx},
+    state::{Actor, CaState, DirStore, JournalEntry, RootRecord, StateStore},
+};
+
+const JOURNAL_SHOWN: usize = 10;
+
+#[derive(Debug, Subcommand)]
+pub(super) enum RootCommand {
+    /// Show every root (id, state, subject, not after, fingerprint, origin), the journal's last
+    /// entries, the next step of a rotation in progress, and expiry warnings.
+    Status(StatusArgs),
+    /// Add a root that every peer trusts but nothing signs with yet: generated, or from a
+    /// plug-in cacerts directory (a new intermediate under the active root is staged as its
+    /// next signer instead, with no bundle change).
+    Prepare(PrepareArgs),
+    /// Make a prepared root (or a staged signer) the one that signs; the active root becomes old.
+    Activate(TransitionArgs),
+    /// Taint an old root: still trusted, but every leaf it signed is re-issued now.
+    Taint(TransitionArgs),
+    /// Remove a tainted root from every bundle and wipe its keys.
+    Revoke(RevokeArgs),
+}
+
+/// Where the state is: `--state-dir`, or the `state_dir` of a server config file.
+#[derive(Debug, Args)]
+pub(super) struct StoreArgs {
+    /// Directory of the CA state.
+    #[arg(long, required_unless_present = "config")]
+    state_dir: Option<PathBuf>,
+    /// The server's TOML config: its state_dir (unless --state-dir) and issuance.max_ttl.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct StatusArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PrepareArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Take the new root or signer from a plug-in CA directory (Istio's cacerts layout, or
+    /// tls.crt, tls.key, ca.crt) instead of generating a root.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["key_type", "root_ttl"])]
+    from_plugin: Option<PathBuf>,
+    /// Key algorithm of the generated root (default: the state's key type).
+    #[arg(long, value_enum)]
+    key_type: Option<KeyType>,
+    /// Lifetime of the generated root.
+    #[arg(long, value_parser = super::duration_arg, default_value = "10y")]
+    root_ttl: Duration,
+    /// Why, recorded in the journal.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct TransitionArgs {
+    /// The root's id (or a staged signer's, for activate): a unique prefix is enough.
+    id: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Activate even if the propagation check fails (only with a server-side check).
+    #[arg(long)]
+    force: bool,
+    /// Why, recorded in the journal.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RevokeArgs {
+    /// The root's id: a unique prefix is enough.
+    id: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Revoke although certificates it anchors may still be valid (they fail at once).
+    #[arg(long)]
+    force: bool,
+    /// Longest leaf lifetime the server issues (default: the config's issuance.max_ttl, else 24h).
+    #[arg(long, value_parser = super::duration_arg)]
+    max_ttl: Option<Duration>,
+    /// Why, recorded in the journal.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+impl RootCommand {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Status(a) => status(a),
+            Self::Prepare(a) => prepare(a),
+            Self::Activate(a) => {
+                let ctx = ctx(a.reason)?;
+                let (store, _) = a.store.open()?;
+                // No propagation gate here: `meshid root rotate --server` is the gated path.
+                let id = a.id;
+                let applied = rotation::apply(&store, &ctx, |s, c| {
+                    rotation::activate(s, &id, a.force, &rotation::no_gate, c)
+                })?;
+                report(&applied)
+            }
+            Self::Taint(a) => {
+                let ctx = ctx(a.reason)?;
+                let (store, _) = a.store.open()?;
+                let applied = rotation::apply(&store, &ctx, |s, c| rotation::taint(s, &a.id, c))?;
+                report(&applied)
+            }
+            Self::Revoke(a) => {
+                let ctx = ctx(a.reason)?;
+                let (store, max) = a.store.open()?;
+                let max_ttl = a.max_ttl.unwrap_or(max);
+                let applied = rotation::apply(&store, &ctx, |s, c| {
+                    rotation::revoke(s, &a.id, a.force, max_ttl, c)
+                })?;
+                report(&applied)
+            }
+        }
+        .map(|()| ExitCode::SUCCESS)
+    }
+}
+
+impl StoreArgs {
+    /// The store, and the max leaf TTL to assume.
+    fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
+        let cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let cfg = Config::from_toml(&text).map_err(|errs| {
+                    anyhow::anyhow!("{} is invalid: {}", path.display(), errs.join("; "))
+                })?;
+                Some(cfg)
+            }
+            None => None,
+        };
+        let dir = match (&self.state_dir, &cfg) {
+            (Some(d), _) => d.clone(),
+            (None, Some(c)) => c.state_dir.clone(),
+            (None, None) => bail!("give --state-dir or --config"),
+        };
+        let max_ttl = cfg.map_or(DEFAULT_MAX_TTL, |c| c.issuance.max_ttl);
+        Ok((DirStore::new(dir), max_ttl))
+    }
+}
+
+/// The journal's actor for this CLI: `user@host`.
+fn ctx(reason: Option<String>) -> anyhow::Result<Ctx> {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    Ok(Ctx::new(
+        Actor::user(&user, &host),
+        SystemClock.now(),
+        reason,
+    )?)
+}
+
+fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
+    let ctx = ctx(a.reason)?;
+    let (store, _) = a.store.open()?;
+    let current = store.load_existing()?;
+    let candidate = match &a.from_plugin {
+        Some(dir) => Candidate::Plugin(plugin::load_plugin_dir(dir, ctx.now)?),
+        None => {
+            let key_type = a.key_type.unwrap_or(current.state.key_type);
+            let td = &current.state.trust_domain;
+            Candidate::Generated(root::generate_root(td, key_type, a.root_ttl, ctx.now)?)
+        }
+    };
+    let applied = rotation::apply(&store, &ctx, |s, c| rotation::prepare(s, candidate, c))?;
+    report(&applied)
+}
+
+fn report(applied: &rotation::Applied) -> anyhow::Result<()> {
+    let o = &applied.outcome;
+    match &o.signer {
+        Some(s) => println!(
+            "{}: signer {s} under root {} (generation {})",
+            o.action, o.root, applied.generation
+        ),
+        None => println!(
+            "{}: root {} is now {} (generation {})",
+            o.action, o.root, o.to, applied.generation
+        ),
+    }
+    for n in &o.notes {
+        println!("  {n}");
+    }
+    Ok(())
+}
+
+// === status ===
+
+fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let (store, max_ttl) = a.store.open()?;
+    let v = store.load_existing()?;
+    let now = SystemClock.now();
+    let state = &v.state;
+    let next = rotation::next_step(state, max_ttl, now);
+    let warnings: Vec<String> = rotation::expiry_warning(state, now).into_iter().collect();
+    let roots = state
+        .roots
+        .iter()
+        .map(root_json)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let journal = state.journal_tail(JOURNAL_SHOWN);
+    match a.output {
+        Output::Json => {
+            let doc = json!({
+                "trust_domain": state.trust_domain.to_string(),
+                "generation": v.generation.0,
+                "roots": roots,
+                "journal": journal,
+                "next_step": next,
+                "warnings": warnings,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        Output::Text => print_text(state, v.generation.0, &roots, journal, next, &warnings),
+    }
+    Ok(())
+}
+
+fn root_json(r: &RootRecord) -> anyhow::Result<serde_json::Value> {
+    let der = r.cert_der()?;
+    let sha = ring::digest::digest(&ring::digest::SHA256, &der);
+    let prepared_signer = match &r.prepared_signer {
+        Some(s) => Some(s.signer_id()?),
+        None => None,
+    };
+    Ok(json!({
+        "id": r.id,
+        "state": r.state,
+        "subject": r.subject()?,
+        "not_after": rfc3339(r.not_after()?),
+        "fingerprint_sha256": cert::hex(sha.as_ref()),
+        "origin": r.origin,
+        "since": r.since,
+        "signs": r.state == crate::state::RootState::Active,
+        "signer": if r.can_sign() { Some(r.signer_id()?) } else { None },
+        "prepared_signer": prepared_signer,
+    }))
+}
+
+fn print_text(
+    state: &CaState,
+    generation: u64,
+    roots: &[serde_json::Value],
+    journal: &[JournalEntry],
+    next: Option<String>,
+    warnings: &[String],
+) {
+    println!(
+        "trust domain {} (state generation {generation})",
+        state.trust_domain
+    );
+    println!(
+        "{:<18} {:<9} {:<9} {:<22} SUBJECT",
+        "ID", "STATE", "ORIGIN", "NOT AFTER"
+    );
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    for r in roots {
+        println!(
+            "{:<18} {:<9} {:<9} {:<22} {}",
+            s(&r["id"]),
+            s(&r["state"]),
+            s(&r["origin"]),
+            s(&r["not_after"]),
+            s(&r["subject"])
+        );
+        println!("    sha256 {}", s(&r["fingerprint_sha256"]));
+        if r["signer"].is_string() && r["signer"] != r["id"] {
+            println!("    signer {}", s(&r["signer"]));
+        }
+        if r["prepared_signer"].is_string() {
+            println!("    prepared signer {}", s(&r["prepared_signer"]));
+        }
+    }
+    if !journal.is_empty() {
+        println!("journal (last {}):", journal.len());
+    }
+    for e in journal {
+        let from = e.from_state.map_or("new".into(), |s| s.to_string());
+        println!(
+            "  #{} {} {} {} {} {from} -> {}{}{}{}",
+            e.seq,
+            rfc3339(e.at),
+            e.actor,
+            e.action,
+            e.signer
+                .as_ref()
+                .map_or(e.root.clone(), |s| format!("{} (signer {s})", e.root)),
+            e.to_state,
+            if e.forced { " [forced]" } else { "" },
+            e.from_generation
+                .map_or(String::new(), |g| format!(" (from generation {g})")),
+            e.reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}")),
+        );
+    }
+    if let Some(n) = next {
+        println!("next step: {n}");
+    }
+    for w in warnings {
+        println!("warning: {w}");
+    }
+}
