@@ -7,7 +7,7 @@ use tonic::{metadata::MetadataMap, Status};
 
 use super::status;
 use crate::{
-    identity::{ClusterRouter, Identity, IdentityError, Token},
+    identity::{ClusterRouter, Identity, IdentityError, Peer, Token},
     telemetry::Metrics,
 };
 
@@ -26,15 +26,19 @@ impl Authenticator {
         Self { router, metrics }
     }
 
-    /// The caller's identity, or `Unauthenticated` / `Unavailable`.
-    pub async fn authenticate(&self, meta: &MetadataMap) -> Result<Identity, Status> {
+    /// The caller's identity, or `Unauthenticated` / `Unavailable` with a short reason (the
+    /// details go to the log and the metric's `reason` label). Reads only metadata and the peer
+    /// address, so it also serves an interceptor (`Request<()>`).
+    pub async fn authenticate<T>(&self, req: &tonic::Request<T>) -> Result<Identity, Status> {
+        // Unix sockets have no remote address: all local callers are one peer.
+        let peer = Peer(req.remote_addr().map(|a| a.ip()));
+        let meta = req.metadata();
         let result = match bearer(meta) {
             Ok(token) => {
-                let cluster = meta
-                    .get(CLUSTER_ID_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                self.router.validate(cluster.as_deref(), &token).await
+                let cluster = cluster_id(meta);
+                self.router
+                    .validate_from(cluster.as_deref(), &token, peer)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -43,9 +47,19 @@ impl Authenticator {
                 .auth_failures
                 .get_or_create(&Metrics::label("reason", e.reason()))
                 .inc();
-            tracing::info!(reason = e.reason(), error = %e, "caller refused");
+            tracing::info!(reason = e.reason(), error = %e, %peer, "caller refused");
             status::identity(&e)
         })
+    }
+}
+
+/// The `ClusterID` the caller names: exactly one value, else none (the default cluster), as
+/// istiod's `kubeauth.ExtractClusterID` reads it.
+fn cluster_id(meta: &MetadataMap) -> Option<String> {
+    let mut values = meta.get_all(CLUSTER_ID_KEY).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().ok().map(str::to_owned),
+        _ => None,
     }
 }
 

@@ -39,7 +39,7 @@ impl IstioCertificateService for CsrService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.metrics.csr_requests.inc();
-        let identity = self.auth.authenticate(request.metadata()).await?;
+        let identity = self.auth.authenticate(&request).await?;
         let req = request.into_inner();
         let csr_sha256 =
             cert::hex(ring::digest::digest(&ring::digest::SHA256, req.csr.as_bytes()).as_ref());

@@ -405,7 +405,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let w = Workload::new(self.0.clone(), identity);
         Ok(Response::new(xds::spawn_sotw(
             w,
@@ -419,7 +419,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let w = Workload::new(self.0.clone(), identity);
         Ok(Response::new(xds::spawn_delta(
             w,
@@ -433,7 +433,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let req = request.into_inner();
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
             return Err(Status::invalid_argument(format!(
