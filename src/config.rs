@@ -477,5 +477,6 @@ mod example_tests {
         let text = include_str!("../deploy/meshid.toml");
         let cfg = super::Config::from_toml(text).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(cfg.clusters[0].tokenreview.as_ref().unwrap().rate.qps, 50.0);
+        assert_eq!(cfg.clusters[0].name, crate::identity::DEFAULT_CLUSTER);
     }
 }

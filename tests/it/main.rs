@@ -5,6 +5,7 @@ mod csr_refusals;
 mod discovery;
 mod fake_apiserver;
 mod identity;
+mod identity_hardening;
 mod openssl;
 mod plugin_import;
 mod profiles;
