@@ -313,9 +313,11 @@ impl Config {
                 errs.push(format!("{at}.audiences: at least one audience is needed"));
             }
             for a in &c.aliases {
-                let taken = self.clusters.iter().enumerate().any(|(j, o)| {
-                    o.name == *a || (j < i && o.aliases.contains(a))
-                });
+                let taken = self
+                    .clusters
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| o.name == *a || (j < i && o.aliases.contains(a)));
                 if a.is_empty() || taken || c.aliases.iter().filter(|x| *x == a).count() > 1 {
                     errs.push(format!(
                         "{at}.aliases: {a:?} is empty or already names a cluster or alias"
@@ -323,7 +325,10 @@ impl Config {
                 }
             }
             if c.leeway > Duration::from_secs(3600) {
-                errs.push(format!("{at}.leeway: {} is above 1h", fmt_duration(c.leeway)));
+                errs.push(format!(
+                    "{at}.leeway: {} is above 1h",
+                    fmt_duration(c.leeway)
+                ));
             }
             if c.negative_cache_ttl > Duration::from_secs(300) {
                 errs.push(format!(
@@ -457,6 +462,42 @@ url = "u"
         ] {
             assert!(all.contains(key), "missing {key:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn identity_keys_are_validated_by_name() {
+        let text = r#"
+state_dir = "/x"
+[[clusters]]
+name = "Kubernetes"
+default = true
+aliases = ["east", "primary"]
+negative_cache_ttl = "1h"
+leeway = "2h"
+[clusters.tokenreview]
+max_queue_per_peer = 0
+[[clusters]]
+name = "east"
+aliases = ["primary"]
+[clusters.jwks]
+issuer = "i"
+additional_issuers = ["j"]
+[clusters.jwks.api_server]
+"#;
+        let all = Config::from_toml(text).unwrap_err().join("\n");
+        for key in [
+            "clusters[0] (Kubernetes).aliases: \"east\"",
+            "clusters[1] (east).aliases: \"primary\"",
+            "negative_cache_ttl",
+            "leeway",
+            "max_queue_per_peer",
+        ] {
+            assert!(all.contains(key), "missing {key:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("api_server\n"),
+            "api_server is one source: {all}"
+        );
     }
 
     #[test]

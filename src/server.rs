@@ -595,3 +595,53 @@ async fn expiry_gauges(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ProbeFuture, Token, ValidateFuture};
+
+    /// A backend whose probe says `up` or not.
+    struct Backend(bool);
+
+    impl TokenValidator for Backend {
+        fn validate<'a>(&'a self, _: &'a Token) -> ValidateFuture<'a> {
+            Box::pin(async { Err(crate::identity::IdentityError::NoToken) })
+        }
+
+        fn probe(&self) -> ProbeFuture<'_> {
+            let up = self.0;
+            Box::pin(async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err("API server down".into())
+                }
+            })
+        }
+    }
+
+    fn router(local: bool, remote: bool) -> ClusterRouter {
+        ClusterRouter::new(ClusterId("Kubernetes".into()), Arc::new(Backend(local)))
+            .with_cluster(ClusterId("east".into()), Arc::new(Backend(remote)))
+    }
+
+    /// Issue 8 item 19: a remote cluster's API server does not gate readiness (the old loop
+    /// probed every cluster and went unready on the first failure); it is exported instead.
+    #[tokio::test]
+    async fn only_the_default_cluster_gates_readiness() {
+        let metrics = Metrics::new();
+        let readiness = Readiness::default();
+        assert!(probe_once(&router(true, false), &readiness, &metrics).await);
+        assert!(readiness.ready().is_ok());
+        let up = |c: &str| {
+            metrics
+                .identity_backend_up
+                .get_or_create(&Metrics::label("cluster", c))
+                .get()
+        };
+        assert_eq!((up("Kubernetes"), up("east")), (1, 0));
+        assert!(!probe_once(&router(false, true), &readiness, &metrics).await);
+        assert!(readiness.ready().unwrap_err().contains("API server down"));
+    }
+}

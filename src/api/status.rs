@@ -22,16 +22,23 @@ pub(crate) fn identity(e: &IdentityError) -> Status {
         AudienceMismatch { .. } | ReviewAudienceMismatch { .. } => {
             (Code::Unauthenticated, "token audience not accepted")
         }
-        MissingClaim(_) | NotServiceAccount(_) => {
-            (Code::Unauthenticated, "token is not a service-account token")
-        }
-        LegacyToken => (Code::Unauthenticated, "legacy service-account tokens are refused"),
+        MissingClaim(_) | NotServiceAccount(_) => (
+            Code::Unauthenticated,
+            "token is not a service-account token",
+        ),
+        LegacyToken => (
+            Code::Unauthenticated,
+            "legacy service-account tokens are refused",
+        ),
         ReviewNotAuthenticated { .. } => (Code::Unauthenticated, "token not authenticated"),
         UnknownCluster { .. } => (Code::Unauthenticated, "unknown ClusterID"),
         TokenReviewFailed(_) | JwksUnavailable(_) => {
             (Code::Unavailable, "identity backend unavailable; retry")
         }
-        Overloaded(_) => (Code::Unavailable, "identity backend overloaded; retry with backoff"),
+        Overloaded(_) => (
+            Code::Unavailable,
+            "identity backend overloaded; retry with backoff",
+        ),
     };
     Status::new(code, why)
 }

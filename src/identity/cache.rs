@@ -112,12 +112,18 @@ impl<V: TokenValidator> CachingValidator<V> {
 
     /// Refusals currently cached.
     pub fn refusals_len(&self) -> usize {
-        self.refusals.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.refusals
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Validations in flight (tokens with at least one waiter).
     pub fn in_flight_len(&self) -> usize {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     fn hit(&self, key: &Key, now: OffsetDateTime) -> Option<Result<Identity, IdentityError>> {
@@ -140,7 +146,14 @@ impl<V: TokenValidator> CachingValidator<V> {
                 if let Some(exp) = identity.expires_at {
                     until = until.min(exp);
                 }
-                insert_bounded(&self.entries, self.cfg.max_entries, key, identity, until, now);
+                insert_bounded(
+                    &self.entries,
+                    self.cfg.max_entries,
+                    key,
+                    identity,
+                    until,
+                    now,
+                );
             }
             // The backend's failures are not the token's: never cached.
             Err(e) if !e.is_unavailable() => {
@@ -270,7 +283,11 @@ mod tests {
             drop(a);
             assert_eq!(c.in_flight_len(), 1, "one waiter is still there");
         }
-        assert_eq!(c.in_flight_len(), 0, "the last waiter took the flight with it");
+        assert_eq!(
+            c.in_flight_len(),
+            0,
+            "the last waiter took the flight with it"
+        );
         assert_eq!(c.inner().0.load(Ordering::SeqCst), 1);
     }
 
@@ -286,7 +303,10 @@ mod tests {
         let calls = || c.inner().0.load(Ordering::SeqCst);
         let t = Token::new("x.y.z");
         for _ in 0..3 {
-            assert!(matches!(c.validate(&t).await, Err(IdentityError::Malformed(_))));
+            assert!(matches!(
+                c.validate(&t).await,
+                Err(IdentityError::Malformed(_))
+            ));
         }
         assert_eq!(calls(), 1, "the refusal is reused");
         clock.advance(Duration::from_secs(6));

@@ -259,7 +259,10 @@ pub(crate) fn check_times(
 pub(crate) const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
 /// `iss` must be one of `issuers` (any when empty); legacy tokens may also carry the legacy one.
-pub(crate) fn check_issuer(c: &ServiceAccountClaims, issuers: &[String]) -> Result<(), IdentityError> {
+pub(crate) fn check_issuer(
+    c: &ServiceAccountClaims,
+    issuers: &[String],
+) -> Result<(), IdentityError> {
     if issuers.is_empty() {
         return Ok(());
     }

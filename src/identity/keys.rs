@@ -353,9 +353,7 @@ async fn kube_get(client: &kube::Client, path: &str) -> Result<String, IdentityE
 /// `initial · 2^(failures-1)`, capped.
 fn backoff(p: &KeyPolicy, failures: u32) -> Duration {
     let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(30));
-    p.backoff_initial
-        .saturating_mul(factor)
-        .min(p.backoff_max)
+    p.backoff_initial.saturating_mul(factor).min(p.backoff_max)
 }
 
 #[cfg(test)]

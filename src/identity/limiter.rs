@@ -188,9 +188,18 @@ mod tests {
         let other = Peer(Some([10, 0, 0, 2].into()));
         let a = l.acquire(greedy).await.unwrap();
         let mut b = Box::pin(l.acquire(greedy));
-        assert!(futures::poll!(b.as_mut()).is_pending(), "second call queues");
-        let refused = l.acquire(greedy).await.err().expect("third is over the share");
-        assert!(matches!(refused, IdentityError::Overloaded(m) if m.contains("max_queue_per_peer")));
+        assert!(
+            futures::poll!(b.as_mut()).is_pending(),
+            "second call queues"
+        );
+        let refused = l
+            .acquire(greedy)
+            .await
+            .err()
+            .expect("third is over the share");
+        assert!(
+            matches!(refused, IdentityError::Overloaded(m) if m.contains("max_queue_per_peer"))
+        );
         assert_eq!(l.outstanding(greedy), 2);
         // Another peer still gets in line.
         let mut c = Box::pin(l.acquire(other));

@@ -17,8 +17,8 @@ mod tokenreview;
 pub use cache::{CacheConfig, CachingValidator};
 pub use error::IdentityError;
 pub use jwks::{Jwk, JwkSet, JwksValidator, JwtConfig};
-pub use keys::JwksSource;
 pub use jwt::{sign_token, ServiceAccountClaims};
+pub use keys::JwksSource;
 pub use limiter::{RateLimit, RateLimiter};
 pub use model::{
     ClusterId, Identity, Peer, PodRef, ProbeFuture, Token, TokenValidator, ValidateFuture,

@@ -12,9 +12,9 @@ use meshid::{
     clock::{Clock, ManualClock, SystemClock},
     identity::{
         dev_issuer::{DevIssuer, TokenRequest},
-        CacheConfig, CachingValidator, ClusterId, ClusterRouter, IdentityError, Jwk,
-        JwksSource, JwksValidator, JwtConfig, Peer, RateLimit, Token, TokenReviewConfig,
-        TokenReviewValidator, TokenValidator,
+        CacheConfig, CachingValidator, ClusterId, ClusterRouter, IdentityError, Jwk, JwksSource,
+        JwksValidator, JwtConfig, Peer, RateLimit, Token, TokenReviewConfig, TokenReviewValidator,
+        TokenValidator,
     },
 };
 use serde_json::json;
@@ -46,7 +46,11 @@ fn forged(token: &str, forger: &DevIssuer, claims: &serde_json::Value) -> String
     format!("{head}.{}", theirs.rsplit_once('.').unwrap().1)
 }
 
-async fn reviewer(api: &FakeApiServer, clock: Arc<dyn Clock>, rate: RateLimit) -> TokenReviewValidator {
+async fn reviewer(
+    api: &FakeApiServer,
+    clock: Arc<dyn Clock>,
+    rate: RateLimit,
+) -> TokenReviewValidator {
     let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td());
     cfg.rate = rate;
     cfg.timeout = Duration::from_secs(5);
@@ -105,7 +109,9 @@ async fn a_flooding_peer_does_not_starve_another() {
                 let token = if i % 2 == 0 {
                     format!("garbage-{i}")
                 } else {
-                    forger.token(&req("forged", &format!("sa-{i}")), now).unwrap()
+                    forger
+                        .token(&req("forged", &format!("sa-{i}")), now)
+                        .unwrap()
                 };
                 let v = v.clone();
                 tokio::spawn(async move { v.validate_from(&Token::new(token), attacker).await });
@@ -121,7 +127,10 @@ async fn a_flooding_peer_does_not_starve_another() {
         .expect("the victim was validated within 2 s")
         .expect("and accepted");
     assert_eq!(id.service_account, "cart");
-    assert!(api.tokenreview_calls() > 1, "forged tokens did reach TokenReview");
+    assert!(
+        api.tokenreview_calls() > 1,
+        "forged tokens did reach TokenReview"
+    );
     assert!(!saw_garbage.load(Ordering::SeqCst), "garbage never did");
 }
 
@@ -147,7 +156,9 @@ async fn only_well_signed_plausible_tokens_cost_a_tokenreview() {
     let good = issuer.token(&req("shop", "a"), now).unwrap();
     type Check = fn(&IdentityError) -> bool;
     let rows: Vec<(&str, String, Check)> = vec![
-        ("garbage", "not-a-jwt".into(), |e| matches!(e, IdentityError::Malformed(_))),
+        ("garbage", "not-a-jwt".into(), |e| {
+            matches!(e, IdentityError::Malformed(_))
+        }),
         (
             "forged signature, real kid",
             forged(&good, &forger, &claims(&|_| {})),
@@ -167,7 +178,9 @@ async fn only_well_signed_plausible_tokens_cost_a_tokenreview() {
         ),
         (
             "foreign audience",
-            issuer.sign(&claims(&|c| c["aud"] = json!(["vault"]))).unwrap(),
+            issuer
+                .sign(&claims(&|c| c["aud"] = json!(["vault"])))
+                .unwrap(),
             |e| matches!(e, IdentityError::AudienceMismatch { .. }),
         ),
         (
@@ -177,18 +190,36 @@ async fn only_well_signed_plausible_tokens_cost_a_tokenreview() {
                 .unwrap(),
             |e| matches!(e, IdentityError::WrongIssuer { .. }),
         ),
-        ("alg none", format!("{}.{}.", b64(&json!({"alg": "none"})), good.split('.').nth(1).unwrap()), |e| {
-            matches!(e, IdentityError::AlgorithmNotAllowed { .. })
-        }),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none"})),
+                good.split('.').nth(1).unwrap()
+            ),
+            |e| matches!(e, IdentityError::AlgorithmNotAllowed { .. }),
+        ),
     ];
     for (name, token, check) in rows {
         let err = v.validate(&Token::new(token)).await.expect_err(name);
         assert!(check(&err), "{name}: {err:?}");
     }
-    assert_eq!(api.tokenreview_calls(), 0, "nothing above reached TokenReview");
+    assert_eq!(
+        api.tokenreview_calls(),
+        0,
+        "nothing above reached TokenReview"
+    );
     v.validate(&Token::new(good)).await.unwrap();
-    assert_eq!(api.tokenreview_calls(), 1, "the pod/SA question is still asked");
-    assert_eq!(v.key_fetch_count(), 2, "one load, one gated unknown-kid refresh");
+    assert_eq!(
+        api.tokenreview_calls(),
+        1,
+        "the pod/SA question is still asked"
+    );
+    assert_eq!(
+        v.key_fetch_count(),
+        2,
+        "one load, one gated unknown-kid refresh"
+    );
 }
 
 /// Issue 8 item 22: the pre-check's leeway is configurable (default 60 s, the API server's).
@@ -204,8 +235,12 @@ async fn the_precheck_leeway_is_configurable() {
     let token = Token::new(issuer.token(&r, start).unwrap());
     clock.advance(Duration::from_secs(630));
     let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td());
-    let lenient = TokenReviewValidator::new(api.client().await, cfg.clone(), Arc::new(clock.clone()));
-    lenient.validate(&token).await.expect("30 s past exp is inside 60 s");
+    let lenient =
+        TokenReviewValidator::new(api.client().await, cfg.clone(), Arc::new(clock.clone()));
+    lenient
+        .validate(&token)
+        .await
+        .expect("30 s past exp is inside 60 s");
     cfg.leeway = Duration::ZERO;
     let strict = TokenReviewValidator::new(api.client().await, cfg, Arc::new(clock.clone()));
     let err = strict.validate(&token).await.unwrap_err();
@@ -238,11 +273,17 @@ async fn tokenreview_probe_checks_the_permission() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_from_the_api_server_use_the_kube_client_credentials() {
     let api = FakeApiServer::start().await;
-    api.shared.discovery_requires_auth.store(true, Ordering::SeqCst);
+    api.shared
+        .discovery_requires_auth
+        .store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::init(dir.path(), &api.shared.issuer, None).unwrap();
     api.set_jwks(&issuer.jwks());
-    let token = Token::new(issuer.token(&req("shop", "a"), OffsetDateTime::now_utc()).unwrap());
+    let token = Token::new(
+        issuer
+            .token(&req("shop", "a"), OffsetDateTime::now_utc())
+            .unwrap(),
+    );
     let cfg = |iss: &str| {
         let mut c = JwtConfig::new(ClusterId("Kubernetes".into()), td(), Some(iss.into()));
         c.extra_ca_pem = Some(api.ca_pem.clone().into_bytes());
@@ -256,7 +297,10 @@ async fn jwks_from_the_api_server_use_the_kube_client_credentials() {
     )
     .unwrap();
     let err = anonymous.validate(&token).await.unwrap_err();
-    assert!(matches!(&err, IdentityError::JwksUnavailable(m) if m.contains("401")), "{err:?}");
+    assert!(
+        matches!(&err, IdentityError::JwksUnavailable(m) if m.contains("401")),
+        "{err:?}"
+    );
     let v = JwksValidator::new(
         cfg(&api.shared.issuer),
         JwksSource::ApiServer(api.client().await),
@@ -308,7 +352,12 @@ async fn jwks_that_never_loaded_back_off() {
 fn jwks_with(issuer: &DevIssuer, iss: &str) -> JwksValidator {
     let mut cfg = JwtConfig::new(ClusterId("Kubernetes".into()), td(), Some(iss.into()));
     cfg.allow_legacy_tokens = true;
-    JwksValidator::new(cfg, JwksSource::Static(issuer.jwks()), Arc::new(SystemClock)).unwrap()
+    JwksValidator::new(
+        cfg,
+        JwksSource::Static(issuer.jwks()),
+        Arc::new(SystemClock),
+    )
+    .unwrap()
 }
 
 /// Issue 8 item 18: legacy is "no kubernetes.io block and the legacy claims", not the `iss`;
@@ -324,9 +373,17 @@ async fn legacy_is_decided_by_the_claims_and_the_audience_is_always_checked() {
         Some("kubernetes/serviceaccount".into()),
     );
     cfg.allow_legacy_tokens = false;
-    let strict = JwksValidator::new(cfg, JwksSource::Static(issuer.jwks()), Arc::new(SystemClock)).unwrap();
+    let strict = JwksValidator::new(
+        cfg,
+        JwksSource::Static(issuer.jwks()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     let projected = Token::new(issuer.token(&req("shop", "a"), now).unwrap());
-    let id = strict.validate(&projected).await.expect("a projected token, whatever its iss");
+    let id = strict
+        .validate(&projected)
+        .await
+        .expect("a projected token, whatever its iss");
     assert_eq!(id.service_account, "a");
 
     let lenient = jwks_with(&issuer, "https://kubernetes.default.svc");
@@ -340,11 +397,23 @@ async fn legacy_is_decided_by_the_claims_and_the_audience_is_always_checked() {
                 .unwrap(),
         )
     };
-    let err = lenient.validate(&legacy(json!(["vault"]))).await.unwrap_err();
-    assert!(matches!(err, IdentityError::AudienceMismatch { .. }), "{err:?}");
+    let err = lenient
+        .validate(&legacy(json!(["vault"])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::AudienceMismatch { .. }),
+        "{err:?}"
+    );
     let err = lenient.validate(&legacy(json!([]))).await.unwrap_err();
-    assert!(matches!(err, IdentityError::AudienceMismatch { .. }), "{err:?}");
-    let id = lenient.validate(&legacy(json!(["istio-ca"]))).await.unwrap();
+    assert!(
+        matches!(err, IdentityError::AudienceMismatch { .. }),
+        "{err:?}"
+    );
+    let id = lenient
+        .validate(&legacy(json!(["istio-ca"])))
+        .await
+        .unwrap();
     assert_eq!((id.namespace.as_str(), id.expires_at), ("shop", None));
 }
 
@@ -358,7 +427,12 @@ async fn node_without_uid_es512_and_issuer_migration() {
     let now = OffsetDateTime::now_utc();
     let mut cfg = JwtConfig::new(ClusterId("Kubernetes".into()), td(), Some(old_iss.into()));
     cfg.issuers.push(new_iss.into());
-    let v = JwksValidator::new(cfg, JwksSource::Static(issuer.jwks()), Arc::new(SystemClock)).unwrap();
+    let v = JwksValidator::new(
+        cfg,
+        JwksSource::Static(issuer.jwks()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     let with = |edit: &dyn Fn(&mut serde_json::Value)| {
         let mut c = serde_json::to_value(issuer.claims(&req("shop", "a"), now)).unwrap();
         edit(&mut c);
@@ -367,7 +441,9 @@ async fn node_without_uid_es512_and_issuer_migration() {
     // The API server drops node.uid when the Node is gone (kube pkg/serviceaccount/claims.go).
     let no_uid = with(&|c| c["kubernetes.io"]["node"] = json!({"name": "node-1"}));
     v.validate(&no_uid).await.expect("node without uid is fine");
-    v.validate(&with(&|c| c["iss"] = json!(new_iss))).await.expect("second issuer");
+    v.validate(&with(&|c| c["iss"] = json!(new_iss)))
+        .await
+        .expect("second issuer");
     let err = v
         .validate(&with(&|c| c["iss"] = json!("https://third.example")))
         .await
@@ -415,12 +491,20 @@ async fn cluster_aliases_route_to_the_renamed_cluster() {
     let router = ClusterRouter::new(ClusterId("Kubernetes".into()), v.clone())
         .with_cluster(ClusterId("east".into()), v)
         .with_alias("primary", ClusterId("Kubernetes".into()));
-    let token = Token::new(issuer.token(&req("a", "b"), OffsetDateTime::now_utc()).unwrap());
+    let token = Token::new(
+        issuer
+            .token(&req("a", "b"), OffsetDateTime::now_utc())
+            .unwrap(),
+    );
     for name in [None, Some("Kubernetes"), Some("primary"), Some("east")] {
         router.validate(name, &token).await.unwrap();
     }
     let err = router.validate(Some("west"), &token).await.unwrap_err();
     assert!(matches!(err, IdentityError::UnknownCluster { .. }));
     let cfg = meshid::config::Config::from_toml(include_str!("../../deploy/meshid.toml")).unwrap();
-    assert_eq!(cfg.default_cluster().name, "Kubernetes", "the example matches stock sidecars");
+    assert_eq!(
+        cfg.default_cluster().name,
+        "Kubernetes",
+        "the example matches stock sidecars"
+    );
 }
