@@ -327,8 +327,11 @@ impl Default for Logging {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
-    /// The `ClusterID` callers name.
+    /// The `ClusterID` callers name (stock Istio sidecars send `Kubernetes`).
     pub name: String,
+    /// Other `ClusterID`s that mean this cluster (istiod's `CLUSTER_ALIASES`), e.g. its old name.
+    #[serde(default)]
+    pub aliases: Vec<String>,
     /// Used when the caller names no cluster (needed when there is more than one cluster).
     #[serde(default)]
     pub default: bool,
@@ -345,6 +348,22 @@ pub struct Cluster {
     pub cache_ttl: Duration,
     #[serde(default = "default_cache_max")]
     pub cache_max_entries: usize,
+    /// How long a refused token is refused again without re-checking it.
+    #[serde(
+        default = "default_negative_ttl",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub negative_cache_ttl: Duration,
+    #[serde(default = "default_negative_max")]
+    pub negative_cache_max_entries: usize,
+    /// Clock-skew tolerance for `exp`, `nbf`, `iat` (the API server's is 60s).
+    #[serde(
+        default = "default_leeway",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub leeway: Duration,
     pub tokenreview: Option<TokenReview>,
     pub jwks: Option<Jwks>,
 }
@@ -357,6 +376,15 @@ fn default_cache_ttl() -> Duration {
 }
 fn default_cache_max() -> usize {
     100_000
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_negative_max() -> usize {
+    10_000
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// TokenReview through the kube client.
@@ -373,6 +401,12 @@ pub struct TokenReview {
         serialize_with = "crate::ca::serde_duration_ser"
     )]
     pub timeout: Duration,
+    /// Accepted token issuers, checked before any API call (empty: left to the API server).
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Verify signatures against the API server's `/openid/v1/jwks` before calling TokenReview.
+    #[serde(default = "default_true")]
+    pub verify_signatures: bool,
 }
 
 fn default_review_timeout() -> Duration {
@@ -385,10 +419,24 @@ fn default_review_timeout() -> Duration {
 pub struct Jwks {
     /// The expected `iss`.
     pub issuer: String,
+    /// More accepted issuers (an issuer migration, as with several `--service-account-issuer`).
+    #[serde(default)]
+    pub additional_issuers: Vec<String>,
     pub file: Option<PathBuf>,
     pub url: Option<String>,
     pub oidc_issuer: Option<String>,
+    /// The cluster's own API server, through the kube client and its credentials.
+    #[serde(default)]
+    pub api_server: Option<ApiServerJwks>,
     pub ca_file: Option<PathBuf>,
+}
+
+/// Keys and discovery from the API server (`/.well-known/openid-configuration`, `/openid/v1/jwks`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiServerJwks {
+    /// A kubeconfig; absent means in-cluster configuration (or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 // === validation ===
@@ -461,6 +509,30 @@ impl Config {
                     ));
                 }
             }
+            for a in &c.aliases {
+                let taken = self
+                    .clusters
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| o.name == *a || (j < i && o.aliases.contains(a)));
+                if a.is_empty() || taken || c.aliases.iter().filter(|x| *x == a).count() > 1 {
+                    errs.push(format!(
+                        "{at}.aliases: {a:?} is empty or already names a cluster or alias"
+                    ));
+                }
+            }
+            if c.leeway > Duration::from_secs(3600) {
+                errs.push(format!(
+                    "{at}.leeway: {} is above 1h",
+                    fmt_duration(c.leeway)
+                ));
+            }
+            if c.negative_cache_ttl > Duration::from_secs(300) {
+                errs.push(format!(
+                    "{at}.negative_cache_ttl: {} is above 5m; a refused token that became valid would stay refused",
+                    fmt_duration(c.negative_cache_ttl)
+                ));
+            }
             match (&c.tokenreview, &c.jwks) {
                 (Some(_), Some(_)) | (None, None) => {
                     errs.push(format!("{at}: set exactly one of [tokenreview] or [jwks]"))
@@ -471,15 +543,25 @@ impl Config {
                             "{at}.tokenreview: qps and burst must be above zero"
                         ));
                     }
+                    if tr.rate.max_queue_per_peer == 0 {
+                        errs.push(format!(
+                            "{at}.tokenreview.max_queue_per_peer: must be above zero"
+                        ));
+                    }
                 }
                 (None, Some(j)) => {
-                    let n = [j.file.is_some(), j.url.is_some(), j.oidc_issuer.is_some()]
-                        .iter()
-                        .filter(|b| **b)
-                        .count();
+                    let n = [
+                        j.file.is_some(),
+                        j.url.is_some(),
+                        j.oidc_issuer.is_some(),
+                        j.api_server.is_some(),
+                    ]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
                     if n != 1 {
                         errs.push(format!(
-                            "{at}.jwks: set exactly one of file, url or oidc_issuer"
+                            "{at}.jwks: set exactly one of file, url, oidc_issuer or api_server"
                         ));
                     }
                     if j.issuer.is_empty() {
@@ -530,7 +612,7 @@ mod tests {
     const GOOD: &str = r#"
 state_dir = "/var/lib/meshid"
 [[clusters]]
-name = "primary"
+name = "Kubernetes"
 [clusters.jwks]
 issuer = "https://kubernetes.default.svc.cluster.local"
 file = "/etc/meshid/jwks.json"
@@ -541,7 +623,7 @@ file = "/etc/meshid/jwks.json"
         let c = Config::from_toml(GOOD).unwrap();
         assert_eq!(c.listen.grpc.port(), 15012);
         assert_eq!(c.issuance, IssuancePolicy::default());
-        assert_eq!(c.default_cluster().name, "primary");
+        assert_eq!(c.default_cluster().name, "Kubernetes");
         assert_eq!(c.clusters[0].audiences, vec!["istio-ca"]);
     }
 
@@ -581,7 +663,7 @@ url = "u"
             "exactly one cluster must have default",
             "clusters[0] (a): set exactly one of",
             "duplicate cluster name",
-            "exactly one of file, url or oidc_issuer",
+            "exactly one of file, url, oidc_issuer or api_server",
         ] {
             assert!(all.contains(key), "missing {key:?} in:\n{all}");
         }
@@ -659,6 +741,42 @@ url = "u"
     }
 
     #[test]
+    fn identity_keys_are_validated_by_name() {
+        let text = r#"
+state_dir = "/x"
+[[clusters]]
+name = "Kubernetes"
+default = true
+aliases = ["east", "primary"]
+negative_cache_ttl = "1h"
+leeway = "2h"
+[clusters.tokenreview]
+max_queue_per_peer = 0
+[[clusters]]
+name = "east"
+aliases = ["primary"]
+[clusters.jwks]
+issuer = "i"
+additional_issuers = ["j"]
+[clusters.jwks.api_server]
+"#;
+        let all = Config::from_toml(text).unwrap_err().join("\n");
+        for key in [
+            "clusters[0] (Kubernetes).aliases: \"east\"",
+            "clusters[1] (east).aliases: \"primary\"",
+            "negative_cache_ttl",
+            "leeway",
+            "max_queue_per_peer",
+        ] {
+            assert!(all.contains(key), "missing {key:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("api_server\n"),
+            "api_server is one source: {all}"
+        );
+    }
+
+    #[test]
     fn bad_duration_names_the_key() {
         let errs =
             Config::from_toml(&format!("{GOOD}\n[issuance]\ndefault_ttl = \"1w\"\n")).unwrap_err();
@@ -676,5 +794,6 @@ mod example_tests {
         let text = include_str!("../deploy/meshid.toml");
         let cfg = super::Config::from_toml(text).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(cfg.clusters[0].tokenreview.as_ref().unwrap().rate.qps, 50.0);
+        assert_eq!(cfg.clusters[0].name, crate::identity::DEFAULT_CLUSTER);
     }
 }

@@ -224,6 +224,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     tasks.push(tokio::spawn(probe_loop(
         router,
         readiness.clone(),
+        metrics.clone(),
         stop_rx.clone(),
     )));
     let http = bind(cfg.listen.http, "HTTP").await?;
@@ -500,8 +501,14 @@ async fn build_router(
         clusters.push((ClusterId(c.name.clone()), v));
     }
     let default = ClusterId(cfg.default_cluster().name.clone());
-    ClusterRouter::from_clusters(default, clusters)
-        .map_err(|e| ServerError::Config(vec![format!("clusters: {e}")]))
+    let mut router = ClusterRouter::from_clusters(default, clusters)
+        .map_err(|e| ServerError::Config(vec![format!("clusters: {e}")]))?;
+    for c in &cfg.clusters {
+        for alias in &c.aliases {
+            router = router.with_alias(alias.clone(), ClusterId(c.name.clone()));
+        }
+    }
+    Ok(router)
 }
 
 /// A kube client from a kubeconfig file, or in-cluster/`KUBECONFIG` configuration.
@@ -529,6 +536,8 @@ async fn validator_for(
     let cache = CacheConfig {
         ttl: c.cache_ttl,
         max_entries: c.cache_max_entries,
+        negative_ttl: c.negative_cache_ttl,
+        negative_max_entries: c.negative_cache_max_entries,
     };
     let id = ClusterId(c.name.clone());
     if let Some(tr) = &c.tokenreview {
@@ -538,22 +547,28 @@ async fn validator_for(
         rc.allow_legacy_tokens = c.allow_legacy_tokens;
         rc.rate = tr.rate;
         rc.timeout = tr.timeout;
+        rc.issuers = tr.issuers.clone();
+        rc.leeway = c.leeway;
+        rc.verify_signatures = tr.verify_signatures;
         let v = TokenReviewValidator::new(client, rc, clock.clone());
         return Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())));
     }
     let j = c.jwks.as_ref().ok_or("set [tokenreview] or [jwks]")?;
     let mut jc = JwtConfig::new(id, td.clone(), Some(j.issuer.clone()));
+    jc.issuers.extend(j.additional_issuers.iter().cloned());
     jc.audiences = c.audiences.clone();
     jc.allow_legacy_tokens = c.allow_legacy_tokens;
+    jc.leeway = c.leeway;
     if let Some(ca) = &j.ca_file {
         jc.extra_ca_pem =
             Some(std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?);
     }
-    let source = match (&j.file, &j.url, &j.oidc_issuer) {
-        (Some(f), _, _) => JwksSource::File(f.clone()),
-        (_, Some(u), _) => JwksSource::Url(u.clone()),
-        (_, _, Some(i)) => JwksSource::Discovery(i.clone()),
-        _ => return Err("set one of file, url or oidc_issuer".into()),
+    let source = match (&j.file, &j.url, &j.oidc_issuer, &j.api_server) {
+        (Some(f), ..) => JwksSource::File(f.clone()),
+        (_, Some(u), ..) => JwksSource::Url(u.clone()),
+        (_, _, Some(i), _) => JwksSource::Discovery(i.clone()),
+        (.., Some(a)) => JwksSource::ApiServer(kube_client(a.kubeconfig.as_deref()).await?),
+        _ => return Err("set one of file, url, oidc_issuer or api_server".into()),
     };
     let v = JwksValidator::new(jc, source, clock.clone()).map_err(|e| e.to_string())?;
     Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())))
@@ -650,23 +665,49 @@ impl Health for Readiness {
     }
 }
 
+/// Probes once: the default (local) cluster's backend gates readiness; a remote cluster's API
+/// server being down is logged and exported (`meshid_identity_backend_up`) but does not take
+/// this replica out of service for every local workload. Returns whether ready.
+async fn probe_once(router: &ClusterRouter, readiness: &Readiness, metrics: &Metrics) -> bool {
+    let up = |id: &ClusterId, ok: bool| {
+        metrics
+            .identity_backend_up
+            .get_or_create(&Metrics::label("cluster", &id.0))
+            .set(i64::from(ok));
+    };
+    for (id, result) in router.probe_remotes().await {
+        if let Err(why) = &result {
+            tracing::warn!(cluster = %id, %why, "remote cluster's identity backend is unavailable; its callers are refused until it recovers");
+        }
+        up(&id, result.is_ok());
+    }
+    let result = router.probe_default().await;
+    up(router.default_cluster(), result.is_ok());
+    match result {
+        Ok(()) => {
+            readiness.identity_ok.store(true, Ordering::Release);
+            true
+        }
+        Err(why) => {
+            tracing::warn!(%why, "identity backend not ready");
+            *readiness.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+            readiness.identity_ok.store(false, Ordering::Release);
+            false
+        }
+    }
+}
+
 async fn probe_loop(
     router: ClusterRouter,
     readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let wait = match router.probe_all().await {
-            Ok(()) => {
-                readiness.identity_ok.store(true, Ordering::Release);
-                Duration::from_secs(30)
-            }
-            Err(why) => {
-                tracing::warn!(%why, "identity backend not ready");
-                *readiness.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
-                readiness.identity_ok.store(false, Ordering::Release);
-                Duration::from_secs(2)
-            }
+        let wait = if probe_once(&router, &readiness, &metrics).await {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(2)
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -701,5 +742,55 @@ async fn expiry_gauges(
             r = live.changed() => if r.is_err() { return },
             () = stopping(&mut stop) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ProbeFuture, Token, ValidateFuture};
+
+    /// A backend whose probe says `up` or not.
+    struct Backend(bool);
+
+    impl TokenValidator for Backend {
+        fn validate<'a>(&'a self, _: &'a Token) -> ValidateFuture<'a> {
+            Box::pin(async { Err(crate::identity::IdentityError::NoToken) })
+        }
+
+        fn probe(&self) -> ProbeFuture<'_> {
+            let up = self.0;
+            Box::pin(async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err("API server down".into())
+                }
+            })
+        }
+    }
+
+    fn router(local: bool, remote: bool) -> ClusterRouter {
+        ClusterRouter::new(ClusterId("Kubernetes".into()), Arc::new(Backend(local)))
+            .with_cluster(ClusterId("east".into()), Arc::new(Backend(remote)))
+    }
+
+    /// Issue 8 item 19: a remote cluster's API server does not gate readiness (the old loop
+    /// probed every cluster and went unready on the first failure); it is exported instead.
+    #[tokio::test]
+    async fn only_the_default_cluster_gates_readiness() {
+        let metrics = Metrics::new();
+        let readiness = Readiness::default();
+        assert!(probe_once(&router(true, false), &readiness, &metrics).await);
+        assert!(readiness.ready().is_ok());
+        let up = |c: &str| {
+            metrics
+                .identity_backend_up
+                .get_or_create(&Metrics::label("cluster", c))
+                .get()
+        };
+        assert_eq!((up("Kubernetes"), up("east")), (1, 0));
+        assert!(!probe_once(&router(false, true), &readiness, &metrics).await);
+        assert!(readiness.ready().unwrap_err().contains("API server down"));
     }
 }

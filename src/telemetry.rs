@@ -36,6 +36,7 @@ pub struct Metrics {
     pub discovery_endpoints: Family<Labels, Gauge>,
     pub discovery_mtls_coverage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub discovery_mismatches: Gauge,
+    pub identity_backend_up: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -66,12 +67,18 @@ impl Metrics {
             discovery_endpoints: Family::default(),
             discovery_mtls_coverage: Family::default(),
             discovery_mismatches: Gauge::default(),
+            identity_backend_up: Family::default(),
             registry: Registry::default(),
         };
         r.register(
             "meshid_csr_requests",
             "CreateCertificate requests received",
             m.csr_requests.clone(),
+        );
+        r.register(
+            "meshid_identity_backend_up",
+            "1 when a cluster's token backend passed its last probe, by cluster",
+            m.identity_backend_up.clone(),
         );
         r.register(
             "meshid_authentication_failures",

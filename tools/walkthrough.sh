@@ -68,9 +68,9 @@ echo "==> meshid cert request: a CSR to the server; the key never leaves this di
 "$bin" cert request --server "https://$grpc" --ca-file "$work/product/root-cert.pem" \
   --token-file "$work/token" --out-dir "$work/via-csr-api"
 
-echo "==> meshid sds get: default + ROOTCA as an Envoy would fetch them"
+echo "==> meshid sds get: default + ROOTCA as an Envoy would fetch them (ClusterID: Kubernetes, as stock sidecars send)"
 "$bin" sds get --server "https://$grpc" --ca-file "$work/product/root-cert.pem" \
-  --token-file "$work/token" --name default --name ROOTCA --out-dir "$work/via-sds"
+  --token-file "$work/token" --cluster-id Kubernetes --name default --name ROOTCA --out-dir "$work/via-sds"
 if command -v openssl >/dev/null; then
   openssl verify -x509_strict -purpose sslclient -CAfile "$work/via-sds/ROOTCA.pem" "$work/via-sds/cert-chain.pem"
   openssl verify -x509_strict -purpose sslserver -CAfile "$work/via-csr-api/root-cert.pem" "$work/via-csr-api/cert-chain.pem"

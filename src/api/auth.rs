@@ -7,7 +7,7 @@ use tonic::{metadata::MetadataMap, Status};
 
 use super::status;
 use crate::{
-    identity::{ClusterRouter, Identity, IdentityError, Token},
+    identity::{ClusterRouter, Identity, IdentityError, Peer, Token},
     telemetry::Metrics,
 };
 
@@ -26,15 +26,19 @@ impl Authenticator {
         Self { router, metrics }
     }
 
-    /// The caller's identity, or `Unauthenticated` / `Unavailable`.
-    pub async fn authenticate(&self, meta: &MetadataMap) -> Result<Identity, Status> {
+    /// The caller's identity, or `Unauthenticated` / `Unavailable` with a short reason (the
+    /// details go to the log and the metric's `reason` label). Reads only metadata and the peer
+    /// address, so it also serves an interceptor (`Request<()>`).
+    pub async fn authenticate<T>(&self, req: &tonic::Request<T>) -> Result<Identity, Status> {
+        // Unix sockets have no remote address: all local callers are one peer.
+        let peer = Peer(req.remote_addr().map(|a| a.ip()));
+        let meta = req.metadata();
         let result = match bearer(meta) {
             Ok(token) => {
-                let cluster = meta
-                    .get(CLUSTER_ID_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                self.router.validate(cluster.as_deref(), &token).await
+                let cluster = cluster_id(meta);
+                self.router
+                    .validate_from(cluster.as_deref(), &token, peer)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -43,9 +47,19 @@ impl Authenticator {
                 .auth_failures
                 .get_or_create(&Metrics::label("reason", e.reason()))
                 .inc();
-            tracing::info!(reason = e.reason(), error = %e, "caller refused");
+            tracing::info!(reason = e.reason(), error = %e, %peer, "caller refused");
             status::identity(&e)
         })
+    }
+}
+
+/// The `ClusterID` the caller names: exactly one value, else none (the default cluster), as
+/// istiod's `kubeauth.ExtractClusterID` reads it.
+fn cluster_id(meta: &MetadataMap) -> Option<String> {
+    let mut values = meta.get_all(CLUSTER_ID_KEY).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().ok().map(str::to_owned),
+        _ => None,
     }
 }
 
@@ -70,21 +84,23 @@ fn bearer(meta: &MetadataMap) -> Result<Token, IdentityError> {
     Ok(token)
 }
 
-/// What a stream needs to re-check its caller later: the token and the cluster it named.
+/// What a stream needs to re-check its caller later: the token, the cluster it named, and the
+/// peer it came from (re-checks count against that peer's share of the TokenReview queue).
 #[derive(Clone)]
 pub struct Credentials {
     pub token: Token,
     pub cluster: Option<String>,
+    pub peer: Peer,
 }
 
-/// The bearer token and `ClusterID` of a request, if it carries a well-formed bearer token.
-pub fn credentials(meta: &MetadataMap) -> Option<Credentials> {
-    let token = bearer(meta).ok()?;
-    let cluster = meta
-        .get(CLUSTER_ID_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    Some(Credentials { token, cluster })
+/// The credentials of a request, if it carries a well-formed bearer token.
+pub fn credentials<T>(req: &tonic::Request<T>) -> Option<Credentials> {
+    let meta = req.metadata();
+    Some(Credentials {
+        token: bearer(meta).ok()?,
+        cluster: cluster_id(meta),
+        peer: Peer(req.remote_addr().map(|a| a.ip())),
+    })
 }
 
 impl Authenticator {
@@ -93,7 +109,7 @@ impl Authenticator {
     pub async fn revalidate(&self, creds: &Credentials) -> Result<Identity, IdentityError> {
         let r = self
             .router
-            .validate(creds.cluster.as_deref(), &creds.token)
+            .validate_from(creds.cluster.as_deref(), &creds.token, creds.peer)
             .await;
         if let Err(e) = &r {
             self.metrics

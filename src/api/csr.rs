@@ -42,7 +42,7 @@ impl IstioCertificateService for CsrService {
         // Normally proven by the gate on the headers, before the body was decoded.
         let identity = match request.extensions().get::<super::gate::GateIdentity>() {
             Some(g) => g.0.clone(),
-            None => self.auth.authenticate(request.metadata()).await?,
+            None => self.auth.authenticate(&request).await?,
         };
         let req = request.into_inner();
         let csr_sha256 =

@@ -263,7 +263,7 @@ impl EndpointDiscoveryService for EdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamEndpointsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let mut view = self.0.view.clone();
         view.mark_unchanged();
         let s = Stream { identity, view };
@@ -279,7 +279,7 @@ impl EndpointDiscoveryService for EdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let mut view = self.0.view.clone();
         view.mark_unchanged();
         let s = Stream { identity, view };
@@ -295,7 +295,7 @@ impl EndpointDiscoveryService for EdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        self.0.auth.authenticate(request.metadata()).await?;
+        self.0.auth.authenticate(&request).await?;
         let req = request.into_inner();
         let view = self.0.view.borrow().clone();
         check_cluster_names(&view, &req.resource_names)?;

@@ -78,7 +78,7 @@ where
         let auth = self.auth.clone();
         Box::pin(async move {
             let head = head_of(&req);
-            match auth.authenticate(head.metadata()).await {
+            match auth.authenticate(&head).await {
                 Ok(identity) => {
                     req.extensions_mut().insert(GateIdentity(identity));
                     inner.call(req).await

@@ -502,7 +502,7 @@ impl SdsService {
     fn open<T>(&self, request: &Request<T>, identity: Identity) -> (Workload, Bound) {
         let (end, ended) = lifetime::stream_end();
         let deadline = lifetime::deadline(&identity, &self.0.limits, self.0.clock.now());
-        let creds = credentials(request.metadata());
+        let creds = credentials(request);
         let w = Workload::for_stream(self.0.clone(), identity, creds, end);
         let bound = Bound {
             clock: self.0.clock.clone(),
@@ -535,7 +535,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_sotw(
             w,
@@ -550,7 +550,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_delta(
             w,
@@ -565,7 +565,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let req = request.into_inner();
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
             return Err(Status::invalid_argument(format!(

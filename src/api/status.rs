@@ -5,13 +5,42 @@ use tonic::{Code, Status};
 use crate::{ca::CaError, identity::IdentityError};
 
 /// Identity failures: the backend's fault is `Unavailable` (retry), the token's `Unauthenticated`.
+/// The caller is not yet authenticated, so it gets a short reason only: never the expected
+/// issuer or audiences, cluster names, key URLs or API server errors (those are logged).
 pub(crate) fn identity(e: &IdentityError) -> Status {
-    let code = if e.is_unavailable() {
-        Code::Unavailable
-    } else {
-        Code::Unauthenticated
+    use IdentityError::*;
+    let (code, why) = match e {
+        NoToken => (Code::Unauthenticated, "no bearer token"),
+        TooLarge { .. } | Malformed(_) => (Code::Unauthenticated, "malformed token"),
+        AlgorithmNotAllowed { .. } | AlgorithmUnsupported { .. } => {
+            (Code::Unauthenticated, "token algorithm not accepted")
+        }
+        UnknownKid { .. } | BadSignature => (Code::Unauthenticated, "token signature not valid"),
+        Expired { .. } => (Code::Unauthenticated, "token expired"),
+        NotYetValid { .. } => (Code::Unauthenticated, "token not yet valid"),
+        WrongIssuer { .. } => (Code::Unauthenticated, "token issuer not accepted"),
+        AudienceMismatch { .. } | ReviewAudienceMismatch { .. } => {
+            (Code::Unauthenticated, "token audience not accepted")
+        }
+        MissingClaim(_) | NotServiceAccount(_) => (
+            Code::Unauthenticated,
+            "token is not a service-account token",
+        ),
+        LegacyToken => (
+            Code::Unauthenticated,
+            "legacy service-account tokens are refused",
+        ),
+        ReviewNotAuthenticated { .. } => (Code::Unauthenticated, "token not authenticated"),
+        UnknownCluster { .. } => (Code::Unauthenticated, "unknown ClusterID"),
+        TokenReviewFailed(_) | JwksUnavailable(_) => {
+            (Code::Unavailable, "identity backend unavailable; retry")
+        }
+        Overloaded(_) => (
+            Code::Unavailable,
+            "identity backend overloaded; retry with backoff",
+        ),
     };
-    Status::new(code, e.to_string())
+    Status::new(code, why)
 }
 
 /// Issuance failures.
@@ -47,5 +76,63 @@ pub(crate) fn ca_kind(e: &CaError) -> &'static str {
         TtlAboveMax { .. } => "ttl",
         SignerExpired { .. } => "signer_expired",
         _ => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8 item 7: the old mapping sent `e.to_string()`, details included.
+    #[test]
+    fn refusals_tell_the_caller_no_details() {
+        let secret = "https://issuer.internal.example";
+        let rows: Vec<(IdentityError, Code)> = vec![
+            (
+                IdentityError::WrongIssuer {
+                    got: "x".into(),
+                    want: secret.into(),
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::AudienceMismatch {
+                    got: vec!["x".into()],
+                    want: vec![secret.into()],
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::UnknownCluster {
+                    got: "x".into(),
+                    known: vec![secret.into()],
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::JwksUnavailable(format!("GET {secret}/jwks: HTTP 403")),
+                Code::Unavailable,
+            ),
+            (
+                IdentityError::TokenReviewFailed(format!("HTTP 500: etcd at {secret} down")),
+                Code::Unavailable,
+            ),
+            (
+                IdentityError::ReviewNotAuthenticated {
+                    error: Some(format!("[{secret}] invalid bearer token")),
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::Overloaded(format!("queue of {secret} full")),
+                Code::Unavailable,
+            ),
+        ];
+        for (e, code) in rows {
+            let s = identity(&e);
+            assert_eq!(s.code(), code, "{e}");
+            assert!(!s.message().contains(secret), "{e} leaks: {}", s.message());
+            assert!(s.message().len() < 60, "{}", s.message());
+        }
     }
 }

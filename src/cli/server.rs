@@ -33,7 +33,7 @@ pub(super) struct ServerArgs {
     /// DNS name for meshid's serving certificate (repeatable; overrides server_identity.dns_names).
     #[arg(long = "dns-name", value_name = "NAME")]
     dns_names: Vec<String>,
-    /// Accept tokens of a `meshid dev issuer` (replaces the clusters with one named "default").
+    /// Accept tokens of a `meshid dev issuer` (replaces the clusters with one named "Kubernetes", the ClusterID stock Istio sidecars send).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["jwks", "kubeconfig"])]
     dev_issuer_dir: Option<PathBuf>,
     /// Accept tokens verified against this JWKS file (with --issuer; replaces the clusters).
@@ -155,12 +155,16 @@ impl ServerArgs {
             cfg.logging.level = l;
         }
         let cluster = |tokenreview, jwks| config::Cluster {
-            name: "default".into(),
+            name: crate::identity::DEFAULT_CLUSTER.into(),
+            aliases: Vec::new(),
             default: true,
             audiences: vec![crate::identity::DEFAULT_AUDIENCE.into()],
             allow_legacy_tokens: false,
             cache_ttl: std::time::Duration::from_secs(60),
             cache_max_entries: 100_000,
+            negative_cache_ttl: std::time::Duration::from_secs(5),
+            negative_cache_max_entries: 10_000,
+            leeway: std::time::Duration::from_secs(60),
             tokenreview,
             jwks,
         };
@@ -170,18 +174,22 @@ impl ServerArgs {
                 .with_context(|| format!("--dev-issuer-dir {}", dir.display()))?;
             let jwks = config::Jwks {
                 issuer: issuer.issuer().into(),
+                additional_issuers: Vec::new(),
                 file: Some(DevIssuer::jwks_path(&dir)),
                 url: None,
                 oidc_issuer: None,
+                api_server: None,
                 ca_file: None,
             };
             cfg.clusters = vec![cluster(None, Some(jwks))];
         } else if let Some(file) = self.jwks {
             let jwks = config::Jwks {
                 issuer: self.issuer.unwrap_or_default(),
+                additional_issuers: Vec::new(),
                 file: Some(file),
                 url: None,
                 oidc_issuer: None,
+                api_server: None,
                 ca_file: None,
             };
             cfg.clusters = vec![cluster(None, Some(jwks))];
@@ -190,6 +198,8 @@ impl ServerArgs {
                 kubeconfig: Some(kc),
                 rate: Default::default(),
                 timeout: std::time::Duration::from_secs(5),
+                issuers: Vec::new(),
+                verify_signatures: true,
             };
             cfg.clusters = vec![cluster(Some(tr), None)];
         }

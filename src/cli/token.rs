@@ -116,7 +116,7 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn build(a: &VerifyArgs) -> anyhow::Result<Box<dyn TokenValidator>> {
-    let cluster = ClusterId("default".into());
+    let cluster = ClusterId(crate::identity::DEFAULT_CLUSTER.into());
     if let Some(path) = &a.kubeconfig {
         let kc = kube::config::Kubeconfig::read_from(path)
             .with_context(|| format!("reading {}", path.display()))?;

@@ -11,6 +11,8 @@ pub enum IdentityError {
     Malformed(String),
     #[error("token algorithm {alg:?} is not accepted (allowed: RS256/384/512, PS256/384/512, ES256/384)")]
     AlgorithmNotAllowed { alg: String },
+    #[error("token algorithm {alg} is not supported: {why}")]
+    AlgorithmUnsupported { alg: String, why: String },
     #[error("token is signed with unknown key id {kid:?}")]
     UnknownKid { kid: String },
     #[error("token signature does not verify")]
@@ -19,7 +21,7 @@ pub enum IdentityError {
     Expired { expired_at: String, now: String },
     #[error("token is not valid before {not_before} (now {now})")]
     NotYetValid { not_before: String, now: String },
-    #[error("token issuer {got:?} is not the expected {want:?}")]
+    #[error("token issuer {got:?} is not the expected {want}")]
     WrongIssuer { got: String, want: String },
     #[error("token audiences {got:?} include none of {want:?}")]
     AudienceMismatch { got: Vec<String>, want: Vec<String> },
@@ -58,7 +60,7 @@ impl IdentityError {
             Self::NoToken => "no_token",
             Self::TooLarge { .. } => "too_large",
             Self::Malformed(_) => "malformed",
-            Self::AlgorithmNotAllowed { .. } => "algorithm",
+            Self::AlgorithmNotAllowed { .. } | Self::AlgorithmUnsupported { .. } => "algorithm",
             Self::UnknownKid { .. } => "unknown_kid",
             Self::BadSignature => "bad_signature",
             Self::Expired { .. } => "expired",

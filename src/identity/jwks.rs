@@ -2,12 +2,7 @@
 //! Keys come from a static set, a file, a JWKS URL or OIDC discovery; they are refreshed
 //! periodically and on an unknown `kid`, at most once per `unknown_kid_min_interval`.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use serde::{Deserialize, Serialize};
@@ -15,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::{
     jwt::{self, ServiceAccountClaims, VerifyKey},
+    keys::{JwksSource, KeyPolicy, KeyStore},
     ClusterId, Identity, IdentityError, PodRef, Token, TokenValidator, ValidateFuture,
 };
 use crate::{
@@ -51,7 +47,7 @@ pub struct JwkSet {
 }
 
 impl Jwk {
-    fn to_verify_key(&self) -> Option<VerifyKey> {
+    pub(crate) fn to_verify_key(&self) -> Option<VerifyKey> {
         let b = |v: &Option<String>| v.as_deref().and_then(|s| URL_SAFE_NO_PAD.decode(s).ok());
         match (self.kty.as_str(), self.crv.as_deref()) {
             ("RSA", _) => Some(VerifyKey::Rsa {
@@ -103,26 +99,15 @@ impl JwkSet {
     }
 }
 
-/// Where the signing keys come from.
-#[derive(Debug, Clone)]
-pub enum JwksSource {
-    /// A fixed set.
-    Static(JwkSet),
-    /// A file, re-read on refresh.
-    File(PathBuf),
-    /// A JWKS URL (https).
-    Url(String),
-    /// OIDC discovery: `<issuer>/.well-known/openid-configuration` → `jwks_uri`.
-    Discovery(String),
-}
-
 /// Rules applied to every token.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub cluster: ClusterId,
     pub trust_domain: TrustDomain,
-    /// The expected `iss`; `None` only for diagnostics (`meshid token verify` without --issuer).
-    pub issuer: Option<String>,
+    /// The accepted `iss` values (several during an issuer migration, as the API server accepts
+    /// every `--service-account-issuer`); empty only for diagnostics (`meshid token verify`
+    /// without --issuer).
+    pub issuers: Vec<String>,
     /// At least one must be in the token's `aud`.
     pub audiences: Vec<String>,
     /// Tolerance for `exp`, `nbf`, `iat`.
@@ -134,6 +119,9 @@ pub struct JwtConfig {
     pub unknown_kid_min_interval: Duration,
     /// Extra CA certificates (PEM) for fetching keys over HTTPS, besides the system roots.
     pub extra_ca_pem: Option<Vec<u8>>,
+    /// First wait after keys failed to load; doubles per failure up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
 }
 
 impl JwtConfig {
@@ -142,38 +130,36 @@ impl JwtConfig {
         Self {
             cluster,
             trust_domain,
-            issuer,
+            issuers: issuer.into_iter().collect(),
             audiences: vec![super::DEFAULT_AUDIENCE.into()],
             leeway: Duration::from_secs(60),
             allow_legacy_tokens: false,
             refresh_interval: Duration::from_secs(300),
             unknown_kid_min_interval: Duration::from_secs(10),
             extra_ca_pem: None,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+
+    pub(crate) fn key_policy(&self) -> KeyPolicy {
+        KeyPolicy {
+            issuers: self.issuers.clone(),
+            refresh_interval: self.refresh_interval,
+            unknown_kid_min_interval: self.unknown_kid_min_interval,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
         }
     }
 }
 
-struct KeyCache {
-    keys: HashMap<String, VerifyKey>,
-    /// Keys without a `kid`, tried in order when the token names none.
-    anonymous: Vec<VerifyKey>,
-    fetched_at: Option<Instant>,
-    last_forced: Option<Instant>,
-}
-
 /// Verifies tokens locally against the issuer's keys. Stale keys are refreshed in the
-/// background while the current ones keep serving; only the very first fetch is on a request.
-pub struct JwksValidator(Arc<Inner>);
-
-struct Inner {
+/// background while the current ones keep serving; only the very first fetch is on a request,
+/// and while keys have never loaded, fetches back off exponentially (requests fail fast).
+pub struct JwksValidator {
     cfg: JwtConfig,
-    source: JwksSource,
-    keys: RwLock<KeyCache>,
-    fetch_lock: tokio::sync::Mutex<()>,
-    http: super::http::HttpsGetter,
+    keys: Arc<KeyStore>,
     clock: Arc<dyn Clock>,
-    fetches: std::sync::atomic::AtomicU64,
-    refreshing: std::sync::atomic::AtomicBool,
 }
 
 // === impl JwksValidator ===
@@ -185,153 +171,22 @@ impl JwksValidator {
         source: JwksSource,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityError> {
-        Inner::new(cfg, source, clock).map(|i| Self(Arc::new(i)))
+        let keys = KeyStore::new(
+            source,
+            cfg.key_policy(),
+            cfg.extra_ca_pem.as_deref(),
+            clock.clone(),
+        )?;
+        Ok(Self {
+            cfg,
+            keys: Arc::new(keys),
+            clock,
+        })
     }
 
     /// How many times keys were fetched (for tests and metrics).
     pub fn fetch_count(&self) -> u64 {
-        self.0.fetches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn refresh_in_background(&self) {
-        use std::sync::atomic::Ordering::{AcqRel, Release};
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.0.refreshing.swap(true, AcqRel) {
-            return; // one refresh at a time
-        }
-        let inner = self.0.clone();
-        rt.spawn(async move {
-            // A failed refresh keeps the current keys; the next stale check tries again.
-            let _ = inner.refresh(false).await;
-            inner.refreshing.store(false, Release);
-        });
-    }
-}
-
-// === impl Inner ===
-
-impl Inner {
-    fn new(
-        cfg: JwtConfig,
-        source: JwksSource,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, IdentityError> {
-        let http = super::http::HttpsGetter::new(cfg.extra_ca_pem.as_deref())?;
-        Ok(Self {
-            cfg,
-            source,
-            keys: RwLock::new(KeyCache {
-                keys: HashMap::new(),
-                anonymous: Vec::new(),
-                fetched_at: None,
-                last_forced: None,
-            }),
-            fetch_lock: tokio::sync::Mutex::new(()),
-            http,
-            clock,
-            fetches: Default::default(),
-            refreshing: Default::default(),
-        })
-    }
-
-    async fn fetch(&self) -> Result<JwkSet, IdentityError> {
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let unavailable = |e: String| IdentityError::JwksUnavailable(e);
-        match &self.source {
-            JwksSource::Static(set) => Ok(set.clone()),
-            JwksSource::File(p) => {
-                let bytes = tokio::fs::read(p)
-                    .await
-                    .map_err(|e| unavailable(format!("reading {}: {e}", p.display())))?;
-                JwkSet::from_json(&bytes)
-            }
-            JwksSource::Url(url) => JwkSet::from_json(&self.http.get(url).await?),
-            JwksSource::Discovery(issuer) => {
-                #[derive(Deserialize)]
-                struct Discovery {
-                    jwks_uri: String,
-                }
-                let url = format!(
-                    "{}/.well-known/openid-configuration",
-                    issuer.trim_end_matches('/')
-                );
-                let doc: Discovery =
-                    serde_json::from_slice(&self.http.get(&url).await?).map_err(|e| {
-                        unavailable(format!("{url} is not an OIDC discovery document: {e}"))
-                    })?;
-                JwkSet::from_json(&self.http.get(&doc.jwks_uri).await?)
-            }
-        }
-    }
-
-    /// Re-fetches keys if `needed(cache)` still holds once the fetch lock is held.
-    async fn refresh(&self, forced: bool) -> Result<(), IdentityError> {
-        let _guard = self.fetch_lock.lock().await;
-        {
-            let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            let fresh = k
-                .fetched_at
-                .is_some_and(|t| t.elapsed() < self.cfg.refresh_interval);
-            let gated = k
-                .last_forced
-                .is_some_and(|t| t.elapsed() < self.cfg.unknown_kid_min_interval);
-            if (!forced && fresh) || (forced && gated) {
-                return Ok(()); // someone else refreshed while we waited, or the kid gate is closed
-            }
-        }
-        let set = self.fetch().await;
-        let mut k = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        if forced {
-            k.last_forced = Some(Instant::now());
-        }
-        let set = set?;
-        k.keys.clear();
-        k.anonymous.clear();
-        for jwk in &set.keys {
-            if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
-                continue;
-            }
-            let Some(vk) = jwk.to_verify_key() else {
-                continue;
-            };
-            match &jwk.kid {
-                Some(kid) => {
-                    k.keys.insert(kid.clone(), vk);
-                }
-                None => k.anonymous.push(vk),
-            }
-        }
-        k.fetched_at = Some(Instant::now());
-        Ok(())
-    }
-
-    fn lookup(&self, kid: Option<&str>) -> Option<Vec<VerifyKey>> {
-        let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        match kid {
-            Some(kid) => k.keys.get(kid).map(|v| vec![v.clone()]),
-            None if k.anonymous.is_empty() && k.keys.len() == 1 => {
-                Some(k.keys.values().cloned().collect())
-            }
-            None if !k.anonymous.is_empty() => Some(k.anonymous.clone()),
-            None => None,
-        }
-    }
-
-    fn has_keys(&self) -> bool {
-        self.keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .fetched_at
-            .is_some()
-    }
-
-    fn stale(&self) -> bool {
-        let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        k.fetched_at
-            .is_none_or(|t| t.elapsed() >= self.cfg.refresh_interval)
+        self.keys.fetch_count()
     }
 
     async fn validate_token(&self, token: &Token) -> Result<Identity, IdentityError> {
@@ -339,57 +194,20 @@ impl Inner {
         if jws.claims.is_legacy() && !self.cfg.allow_legacy_tokens {
             return Err(IdentityError::LegacyToken);
         }
-        if !matches!(
-            jws.header.alg.as_str(),
-            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384"
-        ) {
-            return Err(IdentityError::AlgorithmNotAllowed {
-                alg: jws.header.alg.clone(),
-            });
-        }
-        if !self.has_keys() {
-            self.refresh(false).await?;
-        }
-        let kid = jws.header.kid.as_deref();
-        let keys = match self.lookup(kid) {
-            Some(keys) => keys,
-            None => {
-                self.refresh(true).await?;
-                self.lookup(kid).ok_or_else(|| IdentityError::UnknownKid {
-                    kid: kid.unwrap_or("(none)").into(),
-                })?
-            }
-        };
-        let mut last = IdentityError::BadSignature;
-        let verified = keys.iter().any(|k| match jwt::verify_signature(&jws, k) {
-            Ok(()) => true,
-            Err(e) => {
-                last = e;
-                false
-            }
-        });
-        if !verified {
-            return Err(last);
-        }
+        jwt::check_alg(&jws.header.alg)?;
+        self.keys.verify(&jws).await?;
         check_claims(&jws.claims, &self.cfg, self.clock.now())
     }
 }
 
 impl TokenValidator for JwksValidator {
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a> {
-        if self.0.has_keys() && self.0.stale() {
-            self.refresh_in_background();
-        }
-        Box::pin(self.0.validate_token(token))
+        self.keys.refresh_if_stale();
+        Box::pin(self.validate_token(token))
     }
 
     fn probe(&self) -> super::ProbeFuture<'_> {
-        Box::pin(async move {
-            if self.0.has_keys() {
-                return Ok(());
-            }
-            self.0.refresh(false).await.map_err(|e| e.to_string())
-        })
+        Box::pin(async move { self.keys.ensure_loaded().await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -399,27 +217,27 @@ fn ts(t: i64) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-/// Checks time, issuer and audience claims and maps the Kubernetes claims to an identity.
-pub(crate) fn check_claims(
+/// `exp` (required unless legacy), `nbf` and `iat` against `now` with `leeway`, as go-jose's
+/// `ValidateWithLeeway` does for the API server (kube `pkg/serviceaccount/claims.go`).
+pub(crate) fn check_times(
     c: &ServiceAccountClaims,
-    cfg: &JwtConfig,
+    leeway: Duration,
     now: OffsetDateTime,
-) -> Result<Identity, IdentityError> {
+) -> Result<(), IdentityError> {
     let now_s = now.unix_timestamp();
-    let leeway = cfg.leeway.as_secs() as i64;
-    let legacy = c.is_legacy();
+    let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
     match c.exp {
-        Some(exp) if now_s > exp + leeway => {
+        Some(exp) if now_s > exp.saturating_add(leeway) => {
             return Err(IdentityError::Expired {
                 expired_at: ts(exp),
                 now: ts(now_s),
             })
         }
-        None if !legacy => return Err(IdentityError::MissingClaim("exp")),
+        None if !c.is_legacy() => return Err(IdentityError::MissingClaim("exp")),
         _ => {}
     }
     if let Some(nbf) = c.nbf {
-        if now_s + leeway < nbf {
+        if now_s.saturating_add(leeway) < nbf {
             return Err(IdentityError::NotYetValid {
                 not_before: ts(nbf),
                 now: ts(now_s),
@@ -427,23 +245,48 @@ pub(crate) fn check_claims(
         }
     }
     if let Some(iat) = c.iat {
-        if now_s + leeway < iat {
+        if now_s.saturating_add(leeway) < iat {
             return Err(IdentityError::NotYetValid {
                 not_before: format!("{} (issued-at)", ts(iat)),
                 now: ts(now_s),
             });
         }
     }
-    if let Some(want) = &cfg.issuer {
-        let got = c.iss.as_deref().ok_or(IdentityError::MissingClaim("iss"))?;
-        if got != want {
-            return Err(IdentityError::WrongIssuer {
-                got: got.into(),
-                want: want.clone(),
-            });
-        }
+    Ok(())
+}
+
+/// The issuer of legacy secret-based tokens (kube `serviceaccount.LegacyIssuer`).
+pub(crate) const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
+/// `iss` must be one of `issuers` (any when empty); legacy tokens may also carry the legacy one.
+pub(crate) fn check_issuer(
+    c: &ServiceAccountClaims,
+    issuers: &[String],
+) -> Result<(), IdentityError> {
+    if issuers.is_empty() {
+        return Ok(());
     }
-    if !legacy && !c.aud.iter().any(|a| cfg.audiences.contains(a)) {
+    let got = c.iss.as_deref().ok_or(IdentityError::MissingClaim("iss"))?;
+    if issuers.iter().any(|i| i == got) || (c.is_legacy() && got == LEGACY_ISSUER) {
+        return Ok(());
+    }
+    Err(IdentityError::WrongIssuer {
+        got: got.into(),
+        want: issuers.join(", "),
+    })
+}
+
+/// Checks time, issuer and audience claims and maps the Kubernetes claims to an identity.
+pub(crate) fn check_claims(
+    c: &ServiceAccountClaims,
+    cfg: &JwtConfig,
+    now: OffsetDateTime,
+) -> Result<Identity, IdentityError> {
+    let legacy = c.is_legacy();
+    check_times(c, cfg.leeway, now)?;
+    check_issuer(c, &cfg.issuers)?;
+    // Always checked, legacy or not: a token minted for another audience is not for us.
+    if !c.aud.iter().any(|a| cfg.audiences.contains(a)) {
         return Err(IdentityError::AudienceMismatch {
             got: c.aud.clone(),
             want: cfg.audiences.clone(),

@@ -30,6 +30,15 @@ pub struct NameUid {
     pub uid: String,
 }
 
+/// The node a token was bound to. The API server omits `uid` when the Node object is gone
+/// (kube `pkg/serviceaccount/claims.go`: every `ref` field is `omitempty`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
 /// The `kubernetes.io` claim block of a projected service-account token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubernetesClaims {
@@ -38,7 +47,7 @@ pub struct KubernetesClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<NameUid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<NameUid>,
+    pub node: Option<NodeRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warnafter: Option<i64>,
 }
@@ -84,11 +93,12 @@ pub struct ServiceAccountClaims {
 }
 
 impl ServiceAccountClaims {
-    /// A legacy, secret-based token: issuer `kubernetes/serviceaccount` or the legacy claims
-    /// without the `kubernetes.io` block.
+    /// A legacy, secret-based token: no `kubernetes.io` block, and the legacy claims. The issuer
+    /// says nothing: clusters run with `--service-account-issuer=kubernetes/serviceaccount` issue
+    /// projected tokens with that `iss` (kube `pkg/serviceaccount/legacy.go` vs `claims.go`).
     pub fn is_legacy(&self) -> bool {
-        self.iss.as_deref() == Some("kubernetes/serviceaccount")
-            || (self.kubernetes.is_none() && self.legacy_namespace.is_some())
+        self.kubernetes.is_none()
+            && (self.legacy_namespace.is_some() || self.legacy_service_account.is_some())
     }
 }
 
@@ -153,12 +163,6 @@ pub(crate) fn parse(token: &str) -> Result<Jws<'_>, IdentityError> {
     })
 }
 
-/// Reads the claims without verifying anything: only for tokens another authority
-/// (TokenReview) has vouched for, or to refuse early.
-pub(crate) fn peek_claims(token: &str) -> Option<ServiceAccountClaims> {
-    parse(token).ok().map(|j| j.claims)
-}
-
 /// A public key from a JWK, ready for ring.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum VerifyKey {
@@ -203,6 +207,7 @@ pub(crate) fn verify_signature(jws: &Jws<'_>, key: &VerifyKey) -> Result<(), Ide
         ("RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384", _) => {
             return Err(mismatch())
         }
+        ("ES512", _) => return Err(es512_unsupported()),
         _ => {
             return Err(IdentityError::AlgorithmNotAllowed {
                 alg: alg.to_owned(),
@@ -213,6 +218,32 @@ pub(crate) fn verify_signature(jws: &Jws<'_>, key: &VerifyKey) -> Result<(), Ide
         Ok(())
     } else {
         Err(IdentityError::BadSignature)
+    }
+}
+
+/// The algorithms meshid verifies.
+pub(crate) const ALLOWED_ALGS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+];
+
+/// Checks `alg` before any key is looked up: `none`, HMAC and unknown names are refused, and
+/// ES512 gets its own precise reason.
+pub(crate) fn check_alg(alg: &str) -> Result<(), IdentityError> {
+    if alg == "ES512" {
+        return Err(es512_unsupported());
+    }
+    if !ALLOWED_ALGS.contains(&alg) {
+        return Err(IdentityError::AlgorithmNotAllowed { alg: alg.into() });
+    }
+    Ok(())
+}
+
+/// ring 0.17 (meshid's only crypto library) implements ECDSA over P-256 and P-384 only: it has
+/// no P-521 curve, so an ES512 signature cannot be checked and is refused, never skipped.
+fn es512_unsupported() -> IdentityError {
+    IdentityError::AlgorithmUnsupported {
+        alg: "ES512".into(),
+        why: "ECDSA P-521 cannot be verified: ring 0.17 has no P-521 support; sign service-account tokens with an RSA, P-256 or P-384 key".into(),
     }
 }
 

@@ -1,14 +1,17 @@
 //! A client-side rate limit with a bounded queue (GCRA): calls beyond the rate wait their
 //! turn; when the wait would exceed the queue, the call is refused at once as `Overloaded`.
+//! Each peer may hold only `max_queue_per_peer` calls (queued or running), so one caller cannot
+//! fill the queue for everyone; a caller that goes away gives its place back.
 
 use std::{
+    collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::IdentityError;
+use super::{IdentityError, Peer};
 
 /// Rate, burst and queue bound.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -20,16 +23,20 @@ pub struct RateLimit {
     pub burst: u32,
     /// Calls that may wait for a slot; one more is refused.
     pub max_queue: u32,
+    /// Calls one peer (remote IP; all local callers are one peer) may have queued or running.
+    pub max_queue_per_peer: u32,
 }
 
 impl Default for RateLimit {
     /// 50 qps, burst 100, 1,000 queued: the API server's default client QPS class, with room for
-    /// a node's worth of pods starting at once.
+    /// a node's worth of pods starting at once; 50 per peer, so one caller delays others by at
+    /// most about a second.
     fn default() -> Self {
         Self {
             qps: 50.0,
             burst: 100,
             max_queue: 1000,
+            max_queue_per_peer: 50,
         }
     }
 }
@@ -41,6 +48,42 @@ pub struct RateLimiter {
     interval: Duration,
     /// Theoretical arrival time of the next call.
     tat: Mutex<Instant>,
+    /// Calls queued or running, per peer (peers with none are removed).
+    peers: Mutex<HashMap<Peer, u32>>,
+}
+
+/// A peer's place: held while its call waits and runs; dropping it frees the place.
+#[must_use]
+pub struct Permit<'a> {
+    limiter: &'a RateLimiter,
+    peer: Peer,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut peers = self.limiter.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// A reserved slot not yet reached: dropped early (the caller went away), it is given back.
+struct Reservation<'a> {
+    limiter: &'a RateLimiter,
+    reached: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.reached {
+            let mut tat = self.limiter.tat.lock().unwrap_or_else(|e| e.into_inner());
+            *tat = tat.checked_sub(self.limiter.interval).unwrap_or(*tat);
+        }
+    }
 }
 
 impl RateLimiter {
@@ -50,16 +93,45 @@ impl RateLimiter {
             limit,
             interval,
             tat: Mutex::new(Instant::now()),
+            peers: Mutex::default(),
         }
     }
 
-    /// Waits for a slot, or refuses when the queue is full.
-    pub async fn acquire(&self) -> Result<(), IdentityError> {
+    /// Waits for a slot for `peer`, or refuses when the queue or the peer's share is full. Hold
+    /// the permit until the call it guards is done.
+    pub async fn acquire(&self, peer: Peer) -> Result<Permit<'_>, IdentityError> {
+        let permit = self.admit(peer)?;
         let wait = self.reserve(Instant::now())?;
         if !wait.is_zero() {
+            let mut r = Reservation {
+                limiter: self,
+                reached: false,
+            };
             tokio::time::sleep(wait).await;
+            r.reached = true;
         }
-        Ok(())
+        Ok(permit)
+    }
+
+    /// Calls currently queued or running for `peer`.
+    pub fn outstanding(&self, peer: Peer) -> u32 {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.get(&peer).copied().unwrap_or(0)
+    }
+
+    fn admit(&self, peer: Peer) -> Result<Permit<'_>, IdentityError> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = peers.entry(peer).or_insert(0);
+        if *n >= self.limit.max_queue_per_peer {
+            return Err(IdentityError::Overloaded(format!(
+                "caller {peer} already has {n} TokenReview calls queued or running (max_queue_per_peer)"
+            )));
+        }
+        *n += 1;
+        Ok(Permit {
+            limiter: self,
+            peer,
+        })
     }
 
     /// Reserves the next slot at `now`, returning how long to wait for it.
@@ -89,6 +161,7 @@ mod tests {
             qps: 10.0,
             burst: 3,
             max_queue: 2,
+            max_queue_per_peer: 10,
         });
         let now = Instant::now();
         let waits: Vec<_> = (0..5).map(|_| l.reserve(now).unwrap()).collect();
@@ -101,5 +174,58 @@ mod tests {
         );
         // Time passing frees slots again.
         assert!(l.reserve(now + Duration::from_secs(1)).unwrap().is_zero());
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_take_the_whole_queue() {
+        let l = RateLimiter::new(RateLimit {
+            qps: 1.0,
+            burst: 1,
+            max_queue: 100,
+            max_queue_per_peer: 2,
+        });
+        let greedy = Peer(Some([10, 0, 0, 1].into()));
+        let other = Peer(Some([10, 0, 0, 2].into()));
+        let a = l.acquire(greedy).await.unwrap();
+        let mut b = Box::pin(l.acquire(greedy));
+        assert!(
+            futures::poll!(b.as_mut()).is_pending(),
+            "second call queues"
+        );
+        let refused = l
+            .acquire(greedy)
+            .await
+            .err()
+            .expect("third is over the share");
+        assert!(
+            matches!(refused, IdentityError::Overloaded(m) if m.contains("max_queue_per_peer"))
+        );
+        assert_eq!(l.outstanding(greedy), 2);
+        // Another peer still gets in line.
+        let mut c = Box::pin(l.acquire(other));
+        assert!(futures::poll!(c.as_mut()).is_pending());
+        assert_eq!(l.outstanding(other), 1);
+        drop((a, b, c));
+        assert_eq!((l.outstanding(greedy), l.outstanding(other)), (0, 0));
+    }
+
+    /// A caller that goes away while queued gives its slot back (issue 8 item 2).
+    #[tokio::test]
+    async fn a_dropped_waiter_gives_its_slot_back() {
+        let l = RateLimiter::new(RateLimit {
+            qps: 1.0,
+            burst: 1,
+            max_queue: 100,
+            max_queue_per_peer: 100,
+        });
+        let _first = l.acquire(Peer::LOCAL).await.unwrap();
+        for _ in 0..10 {
+            let mut waiting = Box::pin(l.acquire(Peer::LOCAL));
+            assert!(futures::poll!(waiting.as_mut()).is_pending());
+        }
+        // Ten cancelled waiters left nothing behind: the next call waits one interval, not 11.
+        let wait = l.reserve(Instant::now()).unwrap();
+        assert!(wait <= Duration::from_secs(1), "waits {wait:?}");
+        assert_eq!(l.outstanding(Peer::LOCAL), 1);
     }
 }

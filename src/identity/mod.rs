@@ -8,6 +8,7 @@ mod error;
 mod http;
 mod jwks;
 mod jwt;
+mod keys;
 mod limiter;
 mod model;
 mod router;
@@ -15,12 +16,19 @@ mod tokenreview;
 
 pub use cache::{CacheConfig, CachingValidator};
 pub use error::IdentityError;
-pub use jwks::{Jwk, JwkSet, JwksSource, JwksValidator, JwtConfig};
+pub use jwks::{Jwk, JwkSet, JwksValidator, JwtConfig};
 pub use jwt::{sign_token, ServiceAccountClaims};
+pub use keys::JwksSource;
 pub use limiter::{RateLimit, RateLimiter};
-pub use model::{ClusterId, Identity, PodRef, ProbeFuture, Token, TokenValidator, ValidateFuture};
+pub use model::{
+    ClusterId, Identity, Peer, PodRef, ProbeFuture, Token, TokenValidator, ValidateFuture,
+};
 pub use router::ClusterRouter;
 pub use tokenreview::{TokenReviewConfig, TokenReviewValidator};
+
+/// The `ClusterID` of the default cluster: what stock Istio sidecars send (the injection
+/// template's `ISTIO_META_CLUSTER_ID` default).
+pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 
 /// The audience meshid asks for by default (Istio's).
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";

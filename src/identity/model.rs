@@ -1,4 +1,4 @@
-use std::{fmt, future::Future, pin::Pin};
+use std::{fmt, future::Future, net::IpAddr, pin::Pin};
 
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -73,6 +73,26 @@ pub struct Identity {
     pub expires_at: Option<OffsetDateTime>,
 }
 
+/// Who is asking: the remote IP of the caller's connection, `None` for a local caller (a Unix
+/// socket, or meshid itself re-checking a token). Limits that share a backend between callers
+/// are kept per peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl Peer {
+    /// Every local caller, as one peer.
+    pub const LOCAL: Peer = Peer(None);
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(ip) => write!(f, "{ip}"),
+            None => f.write_str("local"),
+        }
+    }
+}
+
 /// The future a validator returns.
 pub type ValidateFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Identity, IdentityError>> + Send + 'a>>;
@@ -84,6 +104,12 @@ pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Sen
 pub trait TokenValidator: Send + Sync {
     /// Validates `token`.
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a>;
+
+    /// Validates `token` for `peer`, whose share of any shared backend is bounded.
+    fn validate_from<'a>(&'a self, token: &'a Token, peer: Peer) -> ValidateFuture<'a> {
+        let _ = peer;
+        self.validate(token)
+    }
 
     /// Whether the backend is reachable (keys fetched, API server answering).
     fn probe(&self) -> ProbeFuture<'_> {

@@ -1,14 +1,17 @@
-//! One validator per cluster, chosen by the caller's `ClusterID` metadata.
+//! One validator per cluster, chosen by the caller's `ClusterID` metadata: a cluster's own name
+//! first, then its aliases (istiod `kubeauth.KubeJWTAuthenticator.getKubeClient` with
+//! `CLUSTER_ALIASES`); no `ClusterID` means the default (local) cluster.
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use super::{ClusterId, IdentityError, Token, TokenValidator, ValidateFuture};
+use super::{ClusterId, IdentityError, Peer, Token, TokenValidator, ValidateFuture};
 
 /// Routes a token to its cluster's validator.
 #[derive(Clone)]
 pub struct ClusterRouter {
     default: ClusterId,
     clusters: BTreeMap<ClusterId, Arc<dyn TokenValidator>>,
+    aliases: BTreeMap<String, ClusterId>,
 }
 
 impl ClusterRouter {
@@ -16,7 +19,11 @@ impl ClusterRouter {
     pub fn new(default: ClusterId, validator: Arc<dyn TokenValidator>) -> Self {
         let mut clusters = BTreeMap::new();
         clusters.insert(default.clone(), validator);
-        Self { default, clusters }
+        Self {
+            default,
+            clusters,
+            aliases: BTreeMap::new(),
+        }
     }
 
     /// A router over `clusters`; `default` must be one of them.
@@ -28,7 +35,22 @@ impl ClusterRouter {
         if !clusters.contains_key(&default) {
             return Err(format!("default cluster {default} has no validator"));
         }
-        Ok(Self { default, clusters })
+        Ok(Self {
+            default,
+            clusters,
+            aliases: BTreeMap::new(),
+        })
+    }
+
+    /// Lets callers name `cluster` as `alias` too (a cluster's own name wins over an alias).
+    pub fn with_alias(mut self, alias: impl Into<String>, cluster: ClusterId) -> Self {
+        self.aliases.insert(alias.into(), cluster);
+        self
+    }
+
+    /// The default (local) cluster.
+    pub fn default_cluster(&self) -> &ClusterId {
+        &self.default
     }
 
     /// Adds (or replaces) a cluster.
@@ -45,18 +67,62 @@ impl ClusterRouter {
         Ok(())
     }
 
-    /// Validates `token` with the validator of `cluster` (the default when `None` or empty).
-    pub fn validate<'a>(&'a self, cluster: Option<&str>, token: &'a Token) -> ValidateFuture<'a> {
-        let id = match cluster.filter(|c| !c.is_empty()) {
-            Some(c) => ClusterId(c.to_owned()),
-            None => self.default.clone(),
-        };
-        match self.clusters.get(&id) {
-            Some(v) => v.validate(token),
-            None => {
-                let known = self.clusters.keys().map(|k| k.0.clone()).collect();
-                Box::pin(async move { Err(IdentityError::UnknownCluster { got: id.0, known }) })
-            }
+    /// Probes the default cluster's backend: the one readiness depends on.
+    pub async fn probe_default(&self) -> Result<(), String> {
+        match self.clusters.get(&self.default) {
+            Some(v) => v.probe().await,
+            None => Err(format!("default cluster {} has no validator", self.default)),
         }
+    }
+
+    /// Probes every other cluster's backend, each with its result.
+    pub async fn probe_remotes(&self) -> Vec<(ClusterId, Result<(), String>)> {
+        let mut out = Vec::new();
+        for (id, v) in self.clusters.iter().filter(|(id, _)| **id != self.default) {
+            out.push((id.clone(), v.probe().await));
+        }
+        out
+    }
+
+    /// Validates `token` with the validator of `cluster` (the default when `None` or empty),
+    /// as a local caller. Cheap for a token still in its cluster's cache.
+    pub fn validate<'a>(&'a self, cluster: Option<&str>, token: &'a Token) -> ValidateFuture<'a> {
+        self.validate_from(cluster, token, Peer::LOCAL)
+    }
+
+    /// Validates `token` for `peer` with the validator of `cluster`.
+    pub fn validate_from<'a>(
+        &'a self,
+        cluster: Option<&str>,
+        token: &'a Token,
+        peer: Peer,
+    ) -> ValidateFuture<'a> {
+        match self.resolve(cluster) {
+            Ok(v) => v.validate_from(token, peer),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn resolve(&self, cluster: Option<&str>) -> Result<&Arc<dyn TokenValidator>, IdentityError> {
+        let Some(name) = cluster.filter(|c| !c.is_empty()) else {
+            return self.by_id(&self.default.clone());
+        };
+        let id = ClusterId(name.to_owned());
+        if let Some(v) = self.clusters.get(&id) {
+            return Ok(v);
+        }
+        match self.aliases.get(name) {
+            Some(target) => self.by_id(target),
+            None => self.by_id(&id),
+        }
+    }
+
+    fn by_id(&self, id: &ClusterId) -> Result<&Arc<dyn TokenValidator>, IdentityError> {
+        self.clusters
+            .get(id)
+            .ok_or_else(|| IdentityError::UnknownCluster {
+                got: id.0.clone(),
+                known: self.clusters.keys().map(|k| k.0.clone()).collect(),
+            })
     }
 }

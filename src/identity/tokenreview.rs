@@ -1,5 +1,11 @@
 //! TokenReview through the real `kube` client: the API server decides; meshid checks the
 //! answer fails closed (authenticated, no error, audience-aware, a service account).
+//!
+//! Only tokens that could be valid cost an API call: everything else (not a JWT, a disallowed
+//! algorithm, expired or not yet valid by the API server's own 60 s leeway, a foreign audience or
+//! issuer, and — when the cluster's keys could be read from `/openid/v1/jwks` — a bad signature or
+//! unknown key) is refused locally. TokenReview then answers what only it knows: whether the pod
+//! and service account still exist. Calls are rate limited with a bounded share per peer.
 
 use std::{
     sync::{
@@ -14,8 +20,10 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 
 use super::{
-    jwt, ClusterId, Identity, IdentityError, PodRef, RateLimit, RateLimiter, Token, TokenValidator,
-    ValidateFuture,
+    jwks, jwt,
+    keys::{JwksSource, KeyPolicy, KeyStore},
+    ClusterId, Identity, IdentityError, Peer, PodRef, RateLimit, RateLimiter, Token,
+    TokenValidator, ValidateFuture,
 };
 use crate::{
     clock::Clock,
@@ -37,10 +45,18 @@ pub struct TokenReviewConfig {
     pub rate: RateLimit,
     /// Deadline of one TokenReview call.
     pub timeout: Duration,
+    /// Accepted `iss` values, checked before the call (empty: left to the API server).
+    pub issuers: Vec<String>,
+    /// Tolerance for `exp`, `nbf`, `iat` in the local pre-check (the API server's is 60 s).
+    pub leeway: Duration,
+    /// Verify signatures locally against the API server's `/openid/v1/jwks` (read with the kube
+    /// client's credentials) before calling TokenReview; without readable keys, calls go ahead.
+    pub verify_signatures: bool,
 }
 
 impl TokenReviewConfig {
-    /// Defaults: audience `istio-ca`, legacy tokens refused, 50 qps / burst 100 / queue 1000, 5 s.
+    /// Defaults: audience `istio-ca`, legacy tokens refused, 50 qps / burst 100 / queue 1000
+    /// (50 per peer), 5 s, 60 s leeway, signatures verified locally when the keys are readable.
     pub fn new(cluster: ClusterId, trust_domain: TrustDomain) -> Self {
         Self {
             cluster,
@@ -49,6 +65,9 @@ impl TokenReviewConfig {
             allow_legacy_tokens: false,
             rate: RateLimit::default(),
             timeout: Duration::from_secs(5),
+            issuers: Vec::new(),
+            leeway: Duration::from_secs(60),
+            verify_signatures: true,
         }
     }
 }
@@ -59,6 +78,7 @@ pub struct TokenReviewValidator {
     api: Api<TokenReview>,
     cfg: TokenReviewConfig,
     limiter: RateLimiter,
+    keys: Option<Arc<KeyStore>>,
     clock: Arc<dyn Clock>,
     calls: AtomicU64,
 }
@@ -67,13 +87,74 @@ pub struct TokenReviewValidator {
 
 impl TokenReviewValidator {
     pub fn new(client: kube::Client, cfg: TokenReviewConfig, clock: Arc<dyn Clock>) -> Self {
+        let keys = cfg.verify_signatures.then(|| {
+            let policy = KeyPolicy {
+                issuers: cfg.issuers.clone(),
+                refresh_interval: Duration::from_secs(300),
+                unknown_kid_min_interval: Duration::from_secs(10),
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+            };
+            let source = JwksSource::ApiServer(client.clone());
+            KeyStore::new(source, policy, None, clock.clone()).map(Arc::new)
+        });
+        let keys = match keys.transpose() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(cluster = %cfg.cluster, error = %e, "local token verification is off");
+                None
+            }
+        };
         Self {
             api: Api::all(client.clone()),
             client,
             limiter: RateLimiter::new(cfg.rate),
+            keys,
             cfg,
             clock,
             calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Signing-key fetches from the API server so far.
+    pub fn key_fetch_count(&self) -> u64 {
+        self.keys.as_ref().map_or(0, |k| k.fetch_count())
+    }
+
+    /// Refuses, without an API call, every token that cannot be valid.
+    async fn precheck(&self, jws: &jwt::Jws<'_>) -> Result<(), IdentityError> {
+        let c = &jws.claims;
+        if c.is_legacy() && !self.cfg.allow_legacy_tokens {
+            return Err(IdentityError::LegacyToken);
+        }
+        let alg = jws.header.alg.as_str();
+        // The API server (Go) verifies ES512; ring cannot, so that one is left to it.
+        if alg != "ES512" {
+            jwt::check_alg(alg)?;
+        }
+        if c.kubernetes.is_none() && !c.is_legacy() {
+            return Err(IdentityError::MissingClaim("kubernetes.io"));
+        }
+        jwks::check_times(c, self.cfg.leeway, self.clock.now())?;
+        jwks::check_issuer(c, &self.cfg.issuers)?;
+        // A token without `aud` gets the API server's implicit audiences; one with `aud` must
+        // name one of ours (kube `pkg/serviceaccount/jwt.go` intersects them).
+        if !c.aud.is_empty() && !c.aud.iter().any(|a| self.cfg.audiences.contains(a)) {
+            return Err(IdentityError::AudienceMismatch {
+                got: c.aud.clone(),
+                want: self.cfg.audiences.clone(),
+            });
+        }
+        let Some(keys) = self.keys.as_ref().filter(|_| alg != "ES512") else {
+            return Ok(());
+        };
+        keys.refresh_if_stale();
+        match keys.verify(jws).await {
+            Err(IdentityError::JwksUnavailable(why)) => {
+                tracing::debug!(cluster = %self.cfg.cluster, %why, "signing keys unavailable; TokenReview decides alone");
+                Ok(())
+            }
+            other => other,
         }
     }
 
@@ -82,32 +163,16 @@ impl TokenReviewValidator {
         self.calls.load(Ordering::Relaxed)
     }
 
-    async fn review(&self, token: &Token) -> Result<Identity, IdentityError> {
+    async fn review(&self, token: &Token, peer: Peer) -> Result<Identity, IdentityError> {
         let text = token.secret_str();
-        if text.is_empty() {
-            return Err(IdentityError::NoToken);
-        }
-        if text.len() > jwt::MAX_TOKEN_LEN {
-            return Err(IdentityError::TooLarge {
-                len: text.len(),
-                max: jwt::MAX_TOKEN_LEN,
-            });
-        }
-        // Refuse what we can refuse without spending an API call.
-        let claims = jwt::peek_claims(text);
-        if let Some(c) = &claims {
-            if c.is_legacy() && !self.cfg.allow_legacy_tokens {
-                return Err(IdentityError::LegacyToken);
-            }
-            let now = self.clock.now().unix_timestamp();
-            if let Some(exp) = c.exp.filter(|e| now > *e) {
-                return Err(IdentityError::Expired {
-                    expired_at: exp.to_string(),
-                    now: now.to_string(),
-                });
-            }
-        }
-        self.limiter.acquire().await?;
+        let jws = jwt::parse(text)?;
+        self.precheck(&jws).await?;
+        let expires_at = jws
+            .claims
+            .exp
+            .and_then(|e| OffsetDateTime::from_unix_timestamp(e).ok());
+        // Held until the answer is in: the peer's share covers queued and running calls.
+        let _permit = self.limiter.acquire(peer).await?;
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(text.to_owned()),
@@ -130,9 +195,6 @@ impl TokenReviewValidator {
         let status = answer
             .status
             .ok_or_else(|| IdentityError::TokenReviewFailed("answer has no status".into()))?;
-        let expires_at = claims
-            .and_then(|c| c.exp)
-            .and_then(|e| OffsetDateTime::from_unix_timestamp(e).ok());
         self.identity_from(status, expires_at)
     }
 
@@ -211,21 +273,65 @@ fn map_kube_error(e: kube::Error) -> IdentityError {
 
 impl TokenValidator for TokenReviewValidator {
     fn validate<'a>(&'a self, token: &'a Token) -> ValidateFuture<'a> {
-        Box::pin(self.review(token))
+        Box::pin(self.review(token, Peer::LOCAL))
     }
 
+    fn validate_from<'a>(&'a self, token: &'a Token, peer: Peer) -> ValidateFuture<'a> {
+        Box::pin(self.review(token, peer))
+    }
+
+    /// Ready when meshid may `create tokenreviews` (a SelfSubjectAccessReview, as `kubectl auth
+    /// can-i` asks), not merely when the API server answers. Also loads the signing keys.
     fn probe(&self) -> super::ProbeFuture<'_> {
         Box::pin(async move {
-            self.client
-                .apiserver_version()
+            if let Some(keys) = &self.keys {
+                if let Err(e) = keys.ensure_loaded().await {
+                    tracing::warn!(cluster = %self.cfg.cluster, error = %e, "cannot read the API server's signing keys; every well-formed token costs a TokenReview");
+                }
+            }
+            can_create_tokenreviews(&self.client)
                 .await
-                .map(|_| ())
-                .map_err(|e| {
-                    format!(
-                        "API server of cluster {} unreachable: {e}",
-                        self.cfg.cluster
-                    )
-                })
+                .map_err(|e| format!("cluster {}: {e}", self.cfg.cluster))
         })
     }
+}
+
+/// Asks the API server whether this client may create TokenReviews.
+async fn can_create_tokenreviews(client: &kube::Client) -> Result<(), String> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                group: Some("authentication.k8s.io".into()),
+                resource: Some("tokenreviews".into()),
+                verb: Some("create".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let params = PostParams::default();
+    let call = api.create(&params, &review);
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "API server did not answer a SelfSubjectAccessReview within 5s".to_string())?
+        .map_err(|e| format!("SelfSubjectAccessReview failed: {e}"))?;
+    let status = answer.status.unwrap_or_default();
+    if status.allowed {
+        return Ok(());
+    }
+    let why = [status.reason, status.evaluation_error]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(format!(
+        "meshid may not create tokenreviews.authentication.k8s.io{}; bind its service account to the ClusterRole system:auth-delegator",
+        if why.is_empty() { String::new() } else { format!(" ({why})") }
+    ))
 }

@@ -1,6 +1,8 @@
 //! A fake kube-apiserver: HTTPS on 127.0.0.1 speaking the real REST wire format, so the real
 //! `kube` client talks to it. Serves TokenReview (scriptable: answers, errors, slowness),
-//! OIDC discovery and the JWKS, and list + watch of pods, services, namespaces,
+//! OIDC discovery and the JWKS (optionally only to authenticated callers, as self-managed
+//! clusters grant `system:service-account-issuer-discovery`), SelfSubjectAccessReview
+//! (scriptable allowed/denied), and list + watch of pods, services, namespaces,
 //! endpointslices, peerauthentications and destinationrules (seeded and changed by tests).
 //! It runs on the test's tokio runtime and stops with it.
 
@@ -73,6 +75,11 @@ pub struct Shared {
     pub delay: Mutex<Duration>,
     pub jwks: Mutex<Value>,
     pub jwks_fetches: AtomicUsize,
+    /// Discovery and JWKS answer 401 without the kubeconfig's bearer token.
+    pub discovery_requires_auth: std::sync::atomic::AtomicBool,
+    /// The answer to a SelfSubjectAccessReview.
+    pub ssar_allowed: std::sync::atomic::AtomicBool,
+    pub last_ssar: Mutex<Option<Value>>,
 }
 
 pub struct FakeApiServer {
@@ -178,6 +185,9 @@ impl FakeApiServer {
             delay: Mutex::new(Duration::ZERO),
             jwks: Mutex::new(json!({"keys": []})),
             jwks_fetches: AtomicUsize::new(0),
+            discovery_requires_auth: Default::default(),
+            ssar_allowed: std::sync::atomic::AtomicBool::new(true),
+            last_ssar: Mutex::default(),
             objects: Mutex::default(),
             rv: std::sync::atomic::AtomicU64::new(100),
             history: Mutex::default(),
@@ -267,7 +277,7 @@ impl FakeApiServer {
     /// A kubeconfig pointing at this server, with a bearer token for the client itself.
     pub fn kubeconfig_yaml(&self) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: meshid\nusers:\n- name: meshid\n  user:\n    token: meshid-client-token\n",
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: meshid\nusers:\n- name: meshid\n  user:\n    token: {CLIENT_TOKEN}\n",
             self.addr,
             STANDARD.encode(&self.ca_pem)
         )
@@ -357,6 +367,7 @@ fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
 
 fn status_error(code: u16, message: &str) -> Response<Body> {
     let reason = match code {
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "NotFound",
         429 => "TooManyRequests",
@@ -367,9 +378,21 @@ fn status_error(code: u16, message: &str) -> Response<Body> {
     json_response(StatusCode::from_u16(code).unwrap(), &body)
 }
 
+/// The bearer token of the kubeconfig `kubeconfig_yaml` writes.
+const CLIENT_TOKEN: &str = "meshid-client-token";
+
 async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let query = req.uri().query().unwrap_or("").to_owned();
+    let authed = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {CLIENT_TOKEN}"));
+    let discovery = path == "/.well-known/openid-configuration" || path == "/openid/v1/jwks";
+    if discovery && !authed && s.discovery_requires_auth.load(Ordering::SeqCst) {
+        return Ok(status_error(401, "Unauthorized"));
+    }
     if method == Method::GET {
         if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) {
             return Ok(if query_param(&query, "watch") == Some("true") {
@@ -383,6 +406,18 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
         (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let body = req.into_body().collect().await?.to_bytes();
             tokenreview(&s, &body).await
+        }
+        (Method::POST, "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews") => {
+            let body = req.into_body().collect().await?.to_bytes();
+            let mut review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            *s.last_ssar.lock().unwrap() = Some(review.clone());
+            let allowed = s.ssar_allowed.load(Ordering::SeqCst);
+            review["status"] = if allowed {
+                json!({"allowed": true, "reason": "RBAC: allowed by ClusterRoleBinding"})
+            } else {
+                json!({"allowed": false})
+            };
+            json_response(StatusCode::CREATED, &review)
         }
         (Method::GET, "/.well-known/openid-configuration") => json_response(
             StatusCode::OK,

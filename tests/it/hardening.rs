@@ -185,6 +185,8 @@ async fn a_renewal_rechecks_the_token_and_ends_the_stream_when_refused() {
             kubeconfig: Some(kc),
             rate: Default::default(),
             timeout: Duration::from_secs(5),
+            issuers: vec![],
+            verify_signatures: true,
         });
     })
     .await;

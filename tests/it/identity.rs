@@ -40,7 +40,7 @@ fn req(ns: &str, sa: &str) -> TokenRequest {
 
 fn jwks_validator(issuer: &DevIssuer, clock: Arc<dyn Clock>) -> JwksValidator {
     let cfg = JwtConfig::new(
-        ClusterId("primary".into()),
+        ClusterId("Kubernetes".into()),
         td(),
         Some(issuer.issuer().into()),
     );
@@ -71,7 +71,7 @@ async fn jwks_accepts_a_projected_token() {
         ("shop", "product-service")
     );
     assert_eq!(id.pod.unwrap().name, "product-7d4b9");
-    assert_eq!(id.cluster, ClusterId("primary".into()));
+    assert_eq!(id.cluster, ClusterId("Kubernetes".into()));
     assert!(id.expires_at.is_some());
     assert_eq!(format!("{token:?}"), "Token([redacted])");
 }
@@ -243,7 +243,7 @@ async fn reviewer(
     clock: Arc<dyn Clock>,
     rate: RateLimit,
 ) -> TokenReviewValidator {
-    let mut cfg = TokenReviewConfig::new(ClusterId("primary".into()), td());
+    let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td());
     cfg.rate = rate;
     cfg.timeout = Duration::from_secs(2);
     TokenReviewValidator::new(api.client().await, cfg, clock)
@@ -369,6 +369,7 @@ async fn cache_hits_make_no_call_and_expired_tokens_are_refused() {
         CacheConfig {
             ttl: Duration::from_secs(7200),
             max_entries: 10,
+            ..CacheConfig::default()
         },
         Arc::new(clock.clone()),
     );
@@ -382,12 +383,17 @@ async fn cache_hits_make_no_call_and_expired_tokens_are_refused() {
         1,
         "second validation served from the cache"
     );
-    clock.advance(Duration::from_secs(601));
+    // Within the API server's 60 s leeway (go-jose `ValidateWithLeeway` in kube
+    // `pkg/serviceaccount/claims.go`) the token is still good: the old pre-check refused it.
+    clock.advance(Duration::from_secs(630));
+    cached.validate(&token).await.unwrap();
+    assert_eq!(api.tokenreview_calls(), 2, "the cache entry ended at exp");
+    clock.advance(Duration::from_secs(31));
     let err = cached.validate(&token).await.unwrap_err();
     assert!(matches!(err, IdentityError::Expired { .. }), "{err:?}");
     assert_eq!(
         api.tokenreview_calls(),
-        1,
+        2,
         "an expired token costs no API call"
     );
 }
@@ -431,6 +437,7 @@ async fn a_full_queue_is_refused_as_overloaded() {
         qps: 2.0,
         burst: 1,
         max_queue: 2,
+        max_queue_per_peer: 100,
     };
     let v = Arc::new(reviewer(&api, Arc::new(SystemClock), rate).await);
     let now = OffsetDateTime::now_utc();
@@ -498,7 +505,7 @@ async fn unknown_cluster_names_the_known_ones() {
     let dir = tempfile::tempdir().unwrap();
     let issuer = issuer_in(dir.path());
     let v: Arc<dyn TokenValidator> = Arc::new(jwks_validator(&issuer, Arc::new(SystemClock)));
-    let router = ClusterRouter::new(ClusterId("primary".into()), v.clone())
+    let router = ClusterRouter::new(ClusterId("Kubernetes".into()), v.clone())
         .with_cluster(ClusterId("east".into()), v);
     let token = Token::new(
         issuer
@@ -512,7 +519,7 @@ async fn unknown_cluster_names_the_known_ones() {
         err,
         IdentityError::UnknownCluster {
             got: "west".into(),
-            known: vec!["east".into(), "primary".into()]
+            known: vec!["Kubernetes".into(), "east".into()]
         }
     );
 }

@@ -6,6 +6,7 @@ mod discovery;
 mod fake_apiserver;
 mod hardening;
 mod identity;
+mod identity_hardening;
 mod openssl;
 mod plugin_import;
 mod profiles;

@@ -157,6 +157,7 @@ fn main() {
             qps: 1e6,
             burst: 1_000_000,
             max_queue: 1_000_000,
+            max_queue_per_peer: 1_000_000,
         };
         let v = Arc::new(TokenReviewValidator::new(
             api.client().await,
