@@ -320,6 +320,51 @@ async fn the_csr_api_authenticates_before_decoding_and_limits_the_body() {
     server.running.shutdown().await;
 }
 
+/// A unary call that is not answered within `limits.unary_timeout` fails instead of holding its
+/// caller (here TokenReview answers after 3 s and the timeout is 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_is_bounded_by_the_unary_timeout() {
+    let api = crate::fake_apiserver::FakeApiServer::start().await;
+    api.set_reviewer(crate::fake_apiserver::reviewer_from_claims);
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(kubeconfig.path(), api.kubeconfig_yaml()).unwrap();
+    let kc = kubeconfig.path().to_owned();
+    let server = TestServer::start_with(Arc::new(meshid::clock::SystemClock), move |c| {
+        c.limits.unary_timeout = Duration::from_millis(500);
+        c.clusters[0].jwks = None;
+        c.clusters[0].tokenreview = Some(meshid::config::TokenReview {
+            kubeconfig: Some(kc),
+            rate: Default::default(),
+            timeout: Duration::from_secs(30),
+            issuers: vec![],
+            verify_signatures: true,
+        });
+    })
+    .await;
+    api.set_jwks(&server.issuer.jwks());
+    api.set_delay(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let err = server
+        .csr(Some(server.token("shop", "a")))
+        .await
+        .create_certificate(IstioCertificateRequest {
+            csr: "irrelevant: the caller is never authenticated in time".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "answered after {:?}, before TokenReview did",
+        started.elapsed()
+    );
+    server.running.shutdown().await;
+}
+
 /// An HTTP request whose headers never finish is dropped after `http_header_read_timeout`
 /// (it used to be held open indefinitely); an idle keep-alive connection after
 /// `http_idle_timeout`.
