@@ -2,6 +2,7 @@
 
 mod cli;
 mod csr_refusals;
+mod demo;
 mod discovery;
 mod fake_apiserver;
 mod hardening;
