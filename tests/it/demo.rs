@@ -117,7 +117,7 @@ async fn the_demo_runs_the_mixed_traffic_story_for_real() {
     for s in [&world.product, &world.inventory] {
         let st = s.state();
         let roots: Vec<String> = st.roots.iter().map(|r| fingerprint_id(r)).collect();
-        assert_eq!(roots, [rot.new_root.clone()], "{}", s.name);
+        assert_eq!(roots, vec![rot.new_root.to_string()], "{}", s.name);
         let chain = &st.default.as_ref().unwrap().chain;
         assert_eq!(
             meshid::demo::anchor_id(chain, &st.roots).as_deref(),
