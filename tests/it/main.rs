@@ -3,6 +3,7 @@
 mod cli;
 mod csr_refusals;
 mod demo;
+mod deploy;
 mod discovery;
 mod fake_apiserver;
 mod hardening;
