@@ -165,3 +165,53 @@ async fn the_demo_refuses_a_directory_that_is_not_empty() {
         "mine"
     );
 }
+
+/// `meshid demo --keep-running` (the binary): every step passes, it stays up, and SIGTERM stops
+/// it with exit 0.
+#[test]
+fn the_demo_binary_keeps_running_until_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args(["demo", "--keep-running", "--state-dir"])
+        .arg(tmp.path().join("demo"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // A watchdog so a hung demo fails the test instead of hanging it; it stands down (and so
+    // never signals a reused pid) once the child has been reaped.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        for _ in 0..3000 {
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.starts_with("still running") {
+            let term = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(term.success());
+        }
+    }
+    let status = child.wait().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    let text = seen.join("\n");
+    assert!(text.contains("meshid demo: every step passed"), "{text}");
+    assert!(text.contains("SIGTERM received; stopping"), "{text}");
+    assert!(status.success(), "{status:?}\n{text}");
+}
