@@ -5,19 +5,23 @@
 //! real TCP connection, mTLS or plaintext by the endpoint's tlsMode.
 
 mod apps;
+mod cluster;
 mod control;
 mod error;
+mod report;
+mod rotation;
 mod sidecar;
+mod snapshot;
 mod steps;
 mod world;
 
 pub use apps::{EchoApp, Received};
-pub use control::{ClusterConfig, ClusterTls, ProxyState, Secrets, XdsEndpoint};
+pub use cluster::{ClusterConfig, ClusterTls, EndpointDecision};
+pub use control::{ProxyState, Secrets, XdsEndpoint};
 pub use error::DemoError;
+pub use rotation::RotationCheck;
 pub use sidecar::{anchor_id, Call, Inbound, Sidecar, Transport};
-pub use steps::{
-    run_steps, MtlsCheck, PlainCheck, RotationCheck, StepOutcome, StepResult, TroubleshootCheck,
-};
+pub use steps::{run_steps, MtlsCheck, PlainCheck, StepOutcome, StepResult, TroubleshootCheck};
 pub use world::{DemoOptions, Progress, World};
 
 /// Sets up the world and runs every step. The world stays up until `World::shutdown`.

@@ -17,7 +17,8 @@ use tokio::{
 };
 
 use super::{
-    control::{client_config, ClusterConfig, ClusterSource, ClusterTls, ProxyState},
+    cluster::{ClusterConfig, ClusterSource, ClusterTls},
+    control::{client_config, ProxyState},
     DemoError,
 };
 use crate::{
