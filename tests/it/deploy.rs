@@ -387,11 +387,19 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
 
 /// Envoy's protos as shipped in the envoy-types crate (found through `cargo metadata`).
 fn envoy_proto_dir() -> PathBuf {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(root().join("Cargo.toml"))
-        .output()
-        .unwrap();
+    // Offline first (everything is usually cached); online if some platform's crates are not.
+    let metadata = |offline: bool| {
+        let mut c = std::process::Command::new(env!("CARGO"));
+        c.args(["metadata", "--format-version", "1", "--manifest-path"])
+            .arg(root().join("Cargo.toml"));
+        if offline {
+            c.arg("--offline");
+        }
+        c.output().unwrap()
+    };
+    let out = Some(metadata(true))
+        .filter(|o| o.status.success())
+        .unwrap_or_else(|| metadata(false));
     assert!(
         out.status.success(),
         "{}",
