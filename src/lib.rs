@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod discovery;
 pub mod duration;
 pub mod identity;

@@ -38,6 +38,10 @@ pub(super) struct InitArgs {
     /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) or tls.crt, tls.key, ca.crt.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["key_type", "root_ttl"])]
     from_plugin: Option<PathBuf>,
+    /// Exit 0 without writing anything when a state already exists (a Kubernetes init
+    /// container runs this on every start).
+    #[arg(long)]
+    if_absent: bool,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +80,13 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", store.location()))?
         .is_some()
     {
+        if a.if_absent {
+            println!(
+                "a CA state already exists in {}; left unchanged (--if-absent)",
+                store.location()
+            );
+            return Ok(());
+        }
         bail!(
             "a CA state already exists in {}; refusing to overwrite it",
             store.location()

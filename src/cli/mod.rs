@@ -3,6 +3,7 @@
 mod ca;
 mod cert;
 mod client;
+mod demo;
 mod describe;
 mod dev;
 mod inspect;
@@ -44,6 +45,8 @@ enum Command {
     Sds(SdsCommand),
     /// Run the CA service: Envoy SDS and Istio's CSR API over gRPC+TLS, plus /metrics and health.
     Server(server::ServerArgs),
+    /// Run the mixed-traffic example end to end on this machine: CA, server, sidecars, rotation.
+    Demo(demo::DemoArgs),
     /// Local stand-ins for cluster parts, for development and tests.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Server(c) => c.run(),
         Command::Sds(SdsCommand::Get(a)) => a.run(),
         Command::Describe(c) => c.run(),
+        Command::Demo(c) => c.run(),
     };
     match result {
         Ok(code) => code,

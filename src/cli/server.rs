@@ -217,7 +217,7 @@ fn parse_config(text: &str) -> Result<Config, Vec<String>> {
 
 /// Waits for SIGTERM (what Kubernetes sends before SIGKILL) or Ctrl-C (SIGINT); both drain:
 /// stop accepting, end streams, exit 0 within the shutdown cap.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+pub(super) async fn shutdown_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -80,6 +80,8 @@ pub struct Shared {
     /// The answer to a SelfSubjectAccessReview.
     pub ssar_allowed: std::sync::atomic::AtomicBool,
     pub last_ssar: Mutex<Option<Value>>,
+    /// Every request: (method, path, query), for the RBAC coverage test.
+    pub requests: Mutex<Vec<(String, String, String)>>,
 }
 
 pub struct FakeApiServer {
@@ -188,6 +190,7 @@ impl FakeApiServer {
             discovery_requires_auth: Default::default(),
             ssar_allowed: std::sync::atomic::AtomicBool::new(true),
             last_ssar: Mutex::default(),
+            requests: Mutex::default(),
             objects: Mutex::default(),
             rv: std::sync::atomic::AtomicU64::new(100),
             history: Mutex::default(),
@@ -384,6 +387,10 @@ const CLIENT_TOKEN: &str = "meshid-client-token";
 async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let query = req.uri().query().unwrap_or("").to_owned();
+    s.requests
+        .lock()
+        .unwrap()
+        .push((method.to_string(), path.clone(), query.clone()));
     let authed = req
         .headers()
         .get("authorization")

@@ -2,6 +2,8 @@
 
 mod cli;
 mod csr_refusals;
+mod demo;
+mod deploy;
 mod discovery;
 mod fake_apiserver;
 mod hardening;

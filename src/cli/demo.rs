@@ -1,0 +1,58 @@
+//! `meshid demo`: the mixed-traffic story end to end on this machine (see `crate::demo`).
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::Args;
+
+use crate::demo::{DemoOptions, Progress};
+
+#[derive(Debug, Args)]
+pub(super) struct DemoArgs {
+    /// Work directory for the CA state, the dev issuer and the snapshot (new or empty).
+    /// Default: a new directory under the system temp dir, kept after the demo.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Leave the server, sidecars and apps running after the steps, until Ctrl-C or SIGTERM.
+    #[arg(long)]
+    keep_running: bool,
+}
+
+impl DemoArgs {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        crate::telemetry::init_logging(crate::telemetry::LogFormat::Text, "warn");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let progress: Progress = Arc::new(|line: &str| println!("{line}"));
+            let opts = DemoOptions {
+                dir: self.state_dir,
+            };
+            let (world, results) = crate::demo::run(opts, progress).await?;
+            let failed: Vec<u8> = results
+                .iter()
+                .filter(|r| !r.passed())
+                .map(|r| r.number)
+                .collect();
+            if failed.is_empty() {
+                println!("\nmeshid demo: every step passed");
+            } else {
+                println!("\nmeshid demo: step(s) {failed:?} FAILED (see above: expected vs seen)");
+            }
+            if self.keep_running {
+                println!(
+                    "still running (gRPC {}, metrics http://{}/metrics); Ctrl-C or SIGTERM stops it",
+                    world.grpc_addr, world.http_addr
+                );
+                let signal = super::server::shutdown_signal().await?;
+                println!("{signal} received; stopping");
+            }
+            world.shutdown().await;
+            Ok(if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        })
+    }
+}

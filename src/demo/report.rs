@@ -1,0 +1,98 @@
+//! Step 5: /metrics read back, then the summary table and where to look next.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{
+    steps::{expect, show, StepOutcome, StepResult},
+    world::{World, WAIT},
+    DemoError,
+};
+
+/// Reads /metrics and returns the lines worth showing; fails if the endpoint does not answer
+/// or shows no issuance.
+pub(super) async fn step5_metrics(w: &World) -> Result<Vec<String>, DemoError> {
+    let mut tcp = tokio::net::TcpStream::connect(w.http_addr)
+        .await
+        .map_err(|e| DemoError::conn("connecting to /metrics", e))?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| DemoError::conn("GET /metrics", e))?;
+    let mut body = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut body))
+        .await
+        .map_err(|_| DemoError::Timeout {
+            what: "/metrics".into(),
+            secs: WAIT.as_secs(),
+        })?
+        .map_err(|e| DemoError::conn("reading /metrics", e))?;
+    let lines: Vec<String> = body
+        .lines()
+        .filter(|l| {
+            [
+                "meshid_certs_issued_total",
+                "meshid_sds_streams_open",
+                "meshid_eds_streams_open",
+                "meshid_discovery_endpoints",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+        })
+        .map(str::to_owned)
+        .collect();
+    let issued: f64 = lines
+        .iter()
+        .filter(|l| l.starts_with("meshid_certs_issued_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    expect(
+        issued > 0.0,
+        "meshid_certs_issued_total > 0 on /metrics",
+        format!("{issued}"),
+    )?;
+    Ok(lines)
+}
+
+pub(super) fn print_summary(w: &World, results: &[StepResult]) {
+    w.say("\n  step | what                                   | result");
+    w.say("  -----+----------------------------------------+---------------------------------------------");
+    for r in results {
+        let detail = match &r.outcome {
+            Ok(StepOutcome::Mtls(c)) => format!(
+                "ok: mTLS, {} ⇄ {}",
+                show(&c.call.own_id),
+                show(&c.call.peer_id)
+            ),
+            Ok(StepOutcome::Plaintext(c)) => format!("ok: plaintext to {}", c.call.endpoint),
+            Ok(StepOutcome::Troubleshoot(_)) => "ok: DISABLE → plaintext; removed → mTLS".into(),
+            Ok(StepOutcome::Rotation(c)) => format!(
+                "ok: {} → {}, {} handshakes, {} failures",
+                c.old_root,
+                c.new_root,
+                c.handshakes,
+                c.failures.len()
+            ),
+            Ok(StepOutcome::Summary { .. }) => "ok: /metrics answers".into(),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        w.say(&format!("  {:>4} | {:<38} | {detail}", r.number, r.title));
+    }
+    let state = w.state_dir();
+    w.say("\nWhere to look next:");
+    w.say(&format!(
+        "  metrics:     curl http://{}/metrics   (while the demo runs: add --keep-running)",
+        w.http_addr
+    ));
+    w.say(&format!("  state dir:   {}", state.display()));
+    w.say(&format!(
+        "  root status: meshid root status --state-dir {}",
+        state.display()
+    ));
+    w.say(&format!(
+        "  auto mTLS:   meshid describe service inventory-service.shop --snapshot {}",
+        w.snapshot.display()
+    ));
+    w.say(&format!(
+        "               meshid describe service legacy-db.legacy --snapshot {}",
+        w.snapshot.display()
+    ));
+}
