@@ -207,6 +207,10 @@ fn latency_histogram() -> Histogram {
 pub trait Health: Send + Sync + 'static {
     /// `Ok` when the server can do its job; otherwise why not.
     fn ready(&self) -> Result<(), String>;
+    /// A JSON status document served at `path` (e.g. `/debug/rotation`), if there is one.
+    fn json_page(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -255,10 +259,17 @@ pub async fn serve_http(
                             format!("not ready: {why}\n"),
                         ),
                     },
-                    other => text(
-                        StatusCode::NOT_FOUND,
-                        format!("no such endpoint {other}; try /metrics, /healthz, /readyz\n"),
-                    ),
+                    other => match health.json_page(other) {
+                        Some(body) => Response::builder()
+                            .status(StatusCode::OK)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response parts"),
+                        None => text(
+                            StatusCode::NOT_FOUND,
+                            format!("no such endpoint {other}; try /metrics, /healthz, /readyz, /debug/rotation\n"),
+                        ),
+                    },
                 };
                 async move { Ok::<_, Infallible>(resp) }
             });

@@ -11,6 +11,7 @@ mod openssl;
 mod plugin_import;
 mod profiles;
 mod roots;
+mod rotation_server;
 mod server;
 mod server_support;
 mod support;
