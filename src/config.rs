@@ -52,6 +52,9 @@ pub struct Config {
     /// Limits of the xDS streams (SDS, EDS).
     #[serde(default)]
     pub xds: Xds,
+    /// Automatic rotation of generated roots (`[auto_rotation]`, off by default).
+    #[serde(default)]
+    pub auto_rotation: crate::rotation::AutoRotation,
 }
 
 /// Default of `xds.max_resource_names_per_stream.sds`: a proxy needs a handful of secrets.
@@ -468,6 +471,7 @@ impl Config {
             errs.push("state_poll_interval: must be above zero and at most 1h".into());
         }
         self.limits.validate(&mut errs);
+        errs.extend(self.auto_rotation.validate());
         let si = &self.server_identity;
         let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
         if let Err(e) =

@@ -258,6 +258,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         metrics.clone(),
         stop_rx.clone(),
     )));
+    let schedule = crate::rotation::Schedule {
+        cfg: cfg.auto_rotation,
+        store: Arc::new(DirStore::new(&cfg.state_dir)),
+        live: live.clone(),
+        registry: propagation.clone(),
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        replica: crate::rotation::replica_name(),
+    };
+    tasks.push(tokio::spawn(schedule.run(stop_rx.clone())));
     tasks.push(tokio::spawn(
         live.clone().watch_store(cfg.state_poll_interval, stop_rx),
     ));

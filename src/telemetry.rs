@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sign_errors: Family<Labels, Counter>,
     pub certs_issued: Family<Labels, Counter>,
     pub root_expiry: Gauge,
+    /// 1 while the active root expires within 30 days and no successor is prepared.
+    pub root_expiry_warning: Gauge,
     pub chain_expiry: Gauge,
     pub sds_streams: Gauge,
     pub sds_pushes: Family<Labels, Counter>,
@@ -54,6 +56,7 @@ impl Metrics {
             sign_errors: Family::default(),
             certs_issued: Family::default(),
             root_expiry: Gauge::default(),
+            root_expiry_warning: Gauge::default(),
             chain_expiry: Gauge::default(),
             sds_streams: Gauge::default(),
             sds_pushes: Family::default(),
@@ -99,6 +102,11 @@ impl Metrics {
             "meshid_root_cert_expiry_timestamp_seconds",
             "notAfter of the root that anchors the signer",
             m.root_expiry.clone(),
+        );
+        r.register(
+            "meshid_root_expiry_warning",
+            "1 while the active root expires within 30 days and no successor is prepared",
+            m.root_expiry_warning.clone(),
         );
         r.register(
             "meshid_cert_chain_expiry_timestamp_seconds",

@@ -117,6 +117,7 @@ impl ServerArgs {
                 discovery: None,
                 limits: Default::default(),
                 xds: Default::default(),
+                auto_rotation: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

@@ -1,12 +1,14 @@
 //! Lifecycles: one credential's cycle (`Renewer`, used by the serving certificate and every
 //! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
 
+mod auto;
 mod guided;
 mod propagation;
 mod renewer;
 mod roots;
 mod schedule;
 
+pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
 pub use guided::{rotate, Finished, GuidedError, GuidedOptions, HttpStatus, StatusSource};
 pub use propagation::{
     replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,

@@ -623,3 +623,59 @@ async fn two_workloads_handshake_without_failure_through_a_whole_rotation() {
     b.task.abort();
     server.running.shutdown().await;
 }
+
+/// `[auto_rotation]` on a generated root: the server prepares a successor once half the root's
+/// life (at most 30 d) remains, and activates it once a sixth (at most 7 d) remains, journaled
+/// with actor `auto` (SPIRE `pkg/server/ca/manager` `preparationThreshold`,
+/// `keyActivationThreshold`). The expiry warning metric is set while no successor exists. Old
+/// code had no schedule: nothing was ever prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_rotation_prepares_then_activates_a_generated_root() {
+    let clock = Arc::new(meshid::clock::ManualClock::new(OffsetDateTime::now_utc()));
+    let day = Duration::from_secs(86_400);
+    let server = TestServer::start_custom(clock.clone(), 12 * day, |c| {
+        c.auto_rotation.enabled = true;
+        c.auto_rotation.check_interval = Duration::from_secs(1);
+    })
+    .await;
+    let st = store(&server);
+    let first = root_id_in(&st, RootState::Active);
+    let journal = |st: &DirStore| st.load_existing().unwrap().state.journal;
+    eventually("a 12-day root with no successor is a warning", || {
+        server.running.metrics.root_expiry_warning.get() == 1
+    })
+    .await;
+    assert!(
+        journal(&st).is_empty(),
+        "more than half its life left: nothing yet"
+    );
+
+    clock.advance(6 * day + Duration::from_secs(3600)); // under half of 12 d left
+    eventually("the schedule prepares a successor", || {
+        journal(&st)
+            .iter()
+            .any(|e| e.action == JournalAction::Prepare)
+    })
+    .await;
+    let prepare = journal(&st)[0].clone();
+    assert_eq!(prepare.actor.as_str(), "auto");
+    let prepared = root_id_in(&st, RootState::Prepared);
+    assert_eq!(
+        server.running.metrics.root_expiry_warning.get(),
+        0,
+        "a successor exists: no warning"
+    );
+
+    clock.advance(4 * day); // under a sixth of 12 d (2 d) left
+    eventually("the schedule activates it", || {
+        root_id_in(&st, RootState::Active) == prepared
+    })
+    .await;
+    let last = journal(&st).last().unwrap().clone();
+    assert_eq!(
+        (last.action, last.actor.as_str()),
+        (JournalAction::Activate, "auto")
+    );
+    assert_eq!(root_id_in(&st, RootState::Old), first);
+    server.running.shutdown().await;
+}

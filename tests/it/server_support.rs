@@ -113,6 +113,7 @@ impl TestServer {
             discovery: None,
             limits: Default::default(),
             xds: Default::default(),
+            auto_rotation: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
