@@ -268,6 +268,22 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         replica: crate::rotation::replica_name(),
     };
     tasks.push(tokio::spawn(schedule.run(stop_rx.clone())));
+    if cfg.root_cert_configmap.enabled {
+        let rc = &cfg.root_cert_configmap;
+        let selector =
+            crate::trust::configmap::Selector::parse(&rc.namespace_selector).map_err(|e| {
+                ServerError::Config(vec![format!("root_cert_configmap.namespace_selector: {e}")])
+            })?;
+        let client = kube_client(rc.kubeconfig.as_deref())
+            .await
+            .map_err(|why| ServerError::Config(vec![format!("root_cert_configmap: {why}")]))?;
+        tasks.push(tokio::spawn(crate::trust::configmap::publish(
+            client,
+            selector,
+            live.subscribe(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(
         live.clone().watch_store(cfg.state_poll_interval, stop_rx),
     ));

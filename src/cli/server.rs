@@ -118,6 +118,7 @@ impl ServerArgs {
                 limits: Default::default(),
                 xds: Default::default(),
                 auto_rotation: Default::default(),
+                root_cert_configmap: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

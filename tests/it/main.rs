@@ -10,6 +10,7 @@ mod identity_hardening;
 mod openssl;
 mod plugin_import;
 mod profiles;
+mod root_configmap;
 mod roots;
 mod rotation_server;
 mod server;

@@ -114,6 +114,7 @@ impl TestServer {
             limits: Default::default(),
             xds: Default::default(),
             auto_rotation: Default::default(),
+            root_cert_configmap: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
