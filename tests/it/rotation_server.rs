@@ -679,3 +679,127 @@ async fn auto_rotation_prepares_then_activates_a_generated_root() {
     assert_eq!(root_id_in(&st, RootState::Old), first);
     server.running.shutdown().await;
 }
+
+fn trust_pems(r: &DiscoveryResponse) -> Vec<(String, usize)> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        secret, SpiffeCertValidatorConfig,
+    };
+    use prost::Message;
+    secrets(r)
+        .into_iter()
+        .map(|s| {
+            let n = match &s.r#type {
+                Some(secret::Type::ValidationContext(vc)) if s.name == "ALL" => {
+                    let ext = vc.custom_validator_config.as_ref().unwrap();
+                    let cfg = SpiffeCertValidatorConfig::decode(
+                        ext.typed_config.as_ref().unwrap().value.as_slice(),
+                    )
+                    .unwrap();
+                    let td = &cfg.trust_domains[0];
+                    match td.trust_bundle.as_ref().and_then(|d| d.specifier.as_ref()) {
+                        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) => {
+                            pem_certs(std::str::from_utf8(b).unwrap()).len()
+                        }
+                        _ => 0,
+                    }
+                }
+                _ => pem_certs(&trusted_ca(&s)).len(),
+            };
+            (s.name, n)
+        })
+        .collect()
+}
+
+/// Issue 9 "How changes reach the running server", with the default 1 s store poll: a prepared
+/// root is pushed to every trust resource (`ROOTCA`, `ALL`, `spiffe://<own td>`) within 2 s, and
+/// the CSR API's last `cert_chain` element holds every trusted root concatenated (istiod
+/// `security/pkg/server/ca/server.go` CreateCertificate appends the root bundle last; ztunnel
+/// and istio-agent read it as the trust bundle); a taint re-keys a leaf at once even with a
+/// one-hour activation spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_reaches_every_trust_resource_the_csr_chain_and_tainted_leaves_quickly() {
+    let server = TestServer::start_with(Arc::new(SystemClock), |c| {
+        c.state_poll_interval = Duration::from_secs(1);
+        c.rotation.signer_change_spread = Duration::from_secs(3600);
+    })
+    .await;
+    let names = ["ALL", "ROOTCA", "spiffe://cluster.local"];
+    let mut s = Raw::open(&server, "trust").await;
+    s.tx.send(req(&names, "", "")).await.unwrap();
+    let r = s.recv().await;
+    assert_eq!(
+        trust_pems(&r),
+        names.iter().map(|n| (n.to_string(), 1)).collect::<Vec<_>>()
+    );
+    s.tx.send(req(&names, &r.nonce, &r.version_info))
+        .await
+        .unwrap();
+    let w = Workload::start(&server, "leaf").await;
+
+    let st = store(&server);
+    let ctx = || Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None).unwrap();
+    let ca = meshid::ca::root::generate_root(
+        &meshid::spiffe::TrustDomain::new("cluster.local").unwrap(),
+        meshid::ca::KeyType::EcdsaP256,
+        meshid::ca::root::DEFAULT_ROOT_TTL,
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    rotation::apply(&st, &ctx(), |s, c| {
+        rotation::prepare(s, rotation::Candidate::Generated(ca), c)
+    })
+    .unwrap();
+    let r = s.recv().await;
+    let took = started.elapsed();
+    assert_eq!(
+        trust_pems(&r),
+        names.iter().map(|n| (n.to_string(), 2)).collect::<Vec<_>>(),
+        "every trust resource carries both roots"
+    );
+    assert!(took < Duration::from_secs(2), "pushed after {took:?}");
+    s.tx.send(req(&names, &r.nonce, &r.version_info))
+        .await
+        .unwrap();
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut csr = server.csr(Some(server.token("shop", "agent"))).await;
+    let chain = csr
+        .create_certificate(meshid::api::istio::IstioCertificateRequest {
+            csr: crate::support::csr(&key, &[]),
+            validity_duration: 1800,
+            metadata: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    let bundle = pem_certs(chain.last().unwrap());
+    assert_eq!(bundle.len(), 2, "the last element holds both roots");
+
+    let (old, new) = (
+        root_id_in(&st, RootState::Active),
+        root_id_in(&st, RootState::Prepared),
+    );
+    rotation::apply(&st, &ctx(), |s, c| {
+        rotation::activate(s, &new, false, &rotation::no_gate, c)
+    })
+    .unwrap();
+    eventually("the server signs with the new root", || {
+        status(&server).signer == new
+    })
+    .await;
+    let started = std::time::Instant::now();
+    rotation::apply(&st, &ctx(), |s, c| rotation::taint(s, &old, c)).unwrap();
+    eventually("the tainted leaf is re-issued from the new root", || {
+        status(&server).signer_propagated(&new).is_ok()
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "re-keyed at once, not over the 1 h spread: {took:?}"
+    );
+    let _ = w;
+    server.running.shutdown().await;
+}
