@@ -253,7 +253,7 @@ async fn the_status_endpoint_counts_acked_bundles_and_signers() {
     })
     .await;
     let st = status(&server);
-    assert_eq!(st.trusted_roots, [root.clone()]);
+    assert_eq!(st.trusted_roots, std::slice::from_ref(&root));
     assert_eq!(st.signer, root);
     assert_eq!(
         (
@@ -617,7 +617,7 @@ async fn two_workloads_handshake_without_failure_through_a_whole_rotation() {
         );
     }
     let st_now = status(&server);
-    assert_eq!(st_now.trusted_roots, [new.clone()]);
+    assert_eq!(st_now.trusted_roots, std::slice::from_ref(&new));
     assert_eq!(st_now.counts.signers.get(&new), Some(&2));
     a.task.abort();
     b.task.abort();
@@ -801,5 +801,57 @@ async fn a_rotation_reaches_every_trust_resource_the_csr_chain_and_tainted_leave
         "re-keyed at once, not over the 1 h spread: {took:?}"
     );
     let _ = w;
+    server.running.shutdown().await;
+}
+
+/// Delta xDS ACKs count too: a DeltaSecrets stream that ACKs `ROOTCA` and `default` (a request
+/// with the response's nonce and no error_detail, Envoy xds_protocol.rst "Incremental xDS") is
+/// counted for both; before its ACK it lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_acks_are_tracked() {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let server = TestServer::start(Arc::new(SystemClock)).await;
+    let (tx, out) = mpsc::channel(8);
+    let mut client = server.sds(Some(server.token("shop", "delta"))).await;
+    let mut rx = client
+        .delta_secrets(ReceiverStream::new(out))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: TYPE.into(),
+        resource_names_subscribe: vec!["default".into(), "ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.resources.len(), 2);
+    let root = root_id_in(&store(&server), RootState::Active);
+    eventually("the stream is registered", || {
+        status(&server).counts.streams == 1
+    })
+    .await;
+    let before = status(&server);
+    assert_eq!(before.counts.laggard_count, 1, "not ACKed yet");
+    assert!(before.counts.roots.is_empty() && before.counts.signers.is_empty());
+    tx.send(DeltaDiscoveryRequest {
+        type_url: TYPE.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually("the delta ACK is counted", || {
+        let st = status(&server);
+        st.root_propagated(&root).is_ok() && st.signer_propagated(&root).is_ok()
+    })
+    .await;
+    assert_eq!(status(&server).counts.laggard_count, 0);
+    drop(tx);
     server.running.shutdown().await;
 }
