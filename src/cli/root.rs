@@ -12,7 +12,7 @@ use crate::{
     ca::{cert, plugin, root, KeyType, DEFAULT_MAX_TTL},
     clock::{rfc3339, Clock, SystemClock},
     config::Config,
-    rotation::{self, Candidate, Ctx, Finished, GuidedOptions, HttpStatus, StatusSource},
+    rotation::{self, Candidate, Ctx, Finished, GuidedOptions, HttpStatus},
     state::{Actor, CaState, DirStore, JournalEntry, RootRecord, StateStore},
 };
 
@@ -44,9 +44,10 @@ pub(super) enum RootCommand {
 pub(super) struct RotateArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// The server's HTTP port (where /metrics is), e.g. http://127.0.0.1:15014.
-    #[arg(long, value_name = "URL")]
-    server: String,
+    /// The server's HTTP port (where /metrics is), e.g. http://127.0.0.1:15014; give it once
+    /// per replica to wait on every one.
+    #[arg(long, value_name = "URL", required = true)]
+    server: Vec<String>,
     /// Longest wait for each propagation step.
     #[arg(long, value_parser = super::duration_arg, default_value = "5m")]
     timeout: Duration,
@@ -79,9 +80,10 @@ pub(super) struct StoreArgs {
 pub(super) struct StatusArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// Also show what the running server's SDS streams have acknowledged (its HTTP port).
+    /// Also show what the running server's SDS streams have acknowledged (its HTTP port; once
+    /// per replica).
     #[arg(long, value_name = "URL")]
-    server: Option<String>,
+    server: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -115,9 +117,10 @@ pub(super) struct TransitionArgs {
     /// Activate even if the propagation check fails (only with --server).
     #[arg(long)]
     force: bool,
-    /// Activate only once every stream of this server (its HTTP port) has the prepared root.
+    /// Activate only once every stream of this server (its HTTP port; once per replica) has the
+    /// prepared root.
     #[arg(long, value_name = "URL")]
-    server: Option<String>,
+    server: Vec<String>,
     /// Why, recorded in the journal.
     #[arg(long)]
     reason: Option<String>,
@@ -149,19 +152,15 @@ impl RootCommand {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
                 let id = a.id;
-                let server = match &a.server {
-                    Some(url) => Some(HttpStatus::new(url).map_err(anyhow::Error::msg)?),
-                    None => None,
-                };
-                let gate = |r: &RootRecord| match &server {
-                    Some(srv) => srv.status()?.root_propagated(&r.id),
-                    None => Ok(()),
+                let servers = servers(&a.server)?;
+                let gate = |r: &RootRecord| {
+                    rotation::check_servers(&servers, |st| st.root_propagated(&r.id))
                 };
                 let applied = rotation::apply(&store, &ctx, |s, c| {
                     rotation::activate(s, &id, a.force, &gate, c)
                 })?;
                 report(&applied)?;
-                if server.is_none() && applied.outcome.signer.is_none() {
+                if servers.is_empty() && applied.outcome.signer.is_none() {
                     println!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
                 }
                 Ok(())
@@ -265,8 +264,14 @@ fn report(applied: &rotation::Applied) -> anyhow::Result<()> {
 
 // === rotate ===
 
+fn servers(urls: &[String]) -> anyhow::Result<Vec<HttpStatus>> {
+    urls.iter()
+        .map(|u| HttpStatus::new(u).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
-    let server = HttpStatus::new(&a.server).map_err(anyhow::Error::msg)?;
+    let servers = servers(&a.server)?;
     let (store, max) = a.store.open()?;
     let opts = GuidedOptions {
         timeout: a.timeout,
@@ -288,7 +293,7 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
     let mut progress = |line: &str| println!("{line}");
     let finished = rotation::rotate(
         &store,
-        &server,
+        &servers,
         &opts,
         &make_ctx,
         &mut progress,
@@ -327,14 +332,10 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .map(root_json)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let journal = state.journal_tail(JOURNAL_SHOWN);
-    let server = match &a.server {
-        Some(url) => Some(
-            HttpStatus::new(url)
-                .and_then(|s| s.status())
-                .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
-    };
+    let server = servers(&a.server)?
+        .iter()
+        .map(|s| s.status().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -344,13 +345,13 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "journal": journal,
                 "next_step": next,
                 "warnings": warnings,
-                "server": server,
+                "servers": server,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
         Output::Text => {
             print_text(state, v.generation.0, &roots, journal, next, &warnings);
-            if let Some(st) = &server {
+            for st in &server {
                 print_server(st);
             }
         }

@@ -27,10 +27,31 @@ use crate::{
     state::{CaState, JournalAction, RootState, StateStore},
 };
 
-/// Reads a server's rotation status.
+/// Reads the rotation status of one or more server replicas.
 pub trait StatusSource {
-    /// The status now, or why it could not be read.
-    fn status(&self) -> Result<RotationStatus, String>;
+    /// Each replica's status now, or why one could not be read.
+    fn statuses(&self) -> Result<Vec<RotationStatus>, String>;
+}
+
+/// `Ok` when `check` passes on every replica; otherwise every replica's reason.
+pub fn on_every_replica(
+    statuses: &[RotationStatus],
+    check: impl Fn(&RotationStatus) -> Result<(), String>,
+) -> Result<(), String> {
+    let why: Vec<String> = statuses.iter().filter_map(|s| check(s).err()).collect();
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("; "))
+    }
+}
+
+/// Checks `check` against every replica of `server` now.
+pub fn check_servers(
+    server: &dyn StatusSource,
+    check: impl Fn(&RotationStatus) -> Result<(), String>,
+) -> Result<(), String> {
+    on_every_replica(&server.statuses()?, check)
 }
 
 /// Why a guided rotation stopped before its end. The state says where it stands; run again to
@@ -145,7 +166,9 @@ pub fn rotate(
                     "waiting until every connected stream has acknowledged a bundle with root {p}"
                 ));
                 wait(server, opts, |st| st.root_propagated(&p), progress)?;
-                let gate = |r: &crate::state::RootRecord| server.status()?.root_propagated(&r.id);
+                let gate = |r: &crate::state::RootRecord| {
+                    check_servers(server, |st| st.root_propagated(&r.id))
+                };
                 apply(store, &ctx()?, |s, c| activate(s, &p, false, &gate, c))?
             }
             Phase::StagedSigner(sid) => {
@@ -217,8 +240,8 @@ fn wait(
     let start = Instant::now();
     let mut last = String::new();
     loop {
-        let why = match server.status() {
-            Ok(st) => match done(&st) {
+        let why = match server.statuses() {
+            Ok(st) => match on_every_replica(&st, &done) {
                 Ok(()) => return Ok(()),
                 Err(why) => why,
             },
@@ -304,10 +327,24 @@ impl HttpStatus {
     }
 }
 
-impl StatusSource for HttpStatus {
-    fn status(&self) -> Result<RotationStatus, String> {
+impl HttpStatus {
+    /// This server's status now.
+    pub fn status(&self) -> Result<RotationStatus, String> {
         let body = self.get()?;
         serde_json::from_str(&body)
             .map_err(|e| format!("{} sent an unreadable rotation status: {e}", self.addr))
+    }
+}
+
+impl StatusSource for HttpStatus {
+    fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
+        Ok(vec![self.status()?])
+    }
+}
+
+/// Several replicas (`--server` given more than once): every one must pass.
+impl StatusSource for Vec<HttpStatus> {
+    fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
+        self.iter().map(HttpStatus::status).collect()
     }
 }

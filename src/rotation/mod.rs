@@ -9,7 +9,10 @@ mod roots;
 mod schedule;
 
 pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
-pub use guided::{rotate, Finished, GuidedError, GuidedOptions, HttpStatus, StatusSource};
+pub use guided::{
+    check_servers, on_every_replica, rotate, Finished, GuidedError, GuidedOptions, HttpStatus,
+    StatusSource,
+};
 pub use propagation::{
     replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,
     LAGGARDS_SHOWN, STATUS_PATH,

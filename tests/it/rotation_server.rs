@@ -19,9 +19,7 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use meshid::{
     clock::SystemClock,
-    rotation::{
-        self, Ctx, Finished, GuidedError, GuidedOptions, HttpStatus, RotationStatus, StatusSource,
-    },
+    rotation::{self, Ctx, Finished, GuidedError, GuidedOptions, HttpStatus, RotationStatus},
     spiffe::SpiffeId,
     state::{Actor, DirStore, JournalAction, RootState, StateStore},
     tls::{PeerPolicy, SpiffeVerifier},
@@ -854,4 +852,68 @@ async fn delta_acks_are_tracked() {
     assert_eq!(status(&server).counts.laggard_count, 0);
     drop(tx);
     server.running.shutdown().await;
+}
+
+/// Several replicas share one state: `--server` given once per replica makes the gate and the
+/// waits hold on every one, so a stream that has not ACKed on the second replica blocks the
+/// activation even though the first replica is done (the architecture's "with several replicas
+/// the CLI sees all of them").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_given_must_have_propagated() {
+    let one = TestServer::start(Arc::new(SystemClock)).await;
+    let shared_state = one.state_dir();
+    let mut two = TestServer::start_with(Arc::new(SystemClock), |c| {
+        c.state_dir = shared_state.clone();
+    })
+    .await;
+    two.root_pem = one.root_pem.clone(); // its serving certificate comes from the shared state
+    let _good = Workload::start(&one, "good").await;
+    let mut stuck = Raw::open(&two, "stuck-on-two").await;
+    stuck.tx.send(req(&["ROOTCA"], "", "")).await.unwrap();
+    let _ = stuck.recv().await; // never ACKed
+
+    let st = store(&one);
+    let ctx = Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None).unwrap();
+    let ca = meshid::ca::root::generate_root(
+        &meshid::spiffe::TrustDomain::new("cluster.local").unwrap(),
+        meshid::ca::KeyType::EcdsaP256,
+        meshid::ca::root::DEFAULT_ROOT_TTL,
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let new = rotation::apply(&st, &ctx, |s, c| {
+        rotation::prepare(s, rotation::Candidate::Generated(ca), c)
+    })
+    .unwrap()
+    .outcome
+    .root;
+    let http =
+        |s: &TestServer| HttpStatus::new(&format!("http://{}", s.running.http_addr)).unwrap();
+    let (h1, both) = (http(&one), vec![http(&one), http(&two)]);
+    eventually("replica one has propagated", || {
+        rotation::check_servers(&h1, |s| s.root_propagated(&new)).is_ok()
+    })
+    .await;
+    let why = rotation::check_servers(&both, |s| s.root_propagated(&new)).unwrap_err();
+    assert!(why.contains("sa/stuck-on-two"), "{why}");
+    let refused = rotation::apply(&st, &ctx, |s, c| {
+        rotation::activate(
+            s,
+            &new,
+            false,
+            &|r| rotation::check_servers(&both, |s| s.root_propagated(&r.id)),
+            c,
+        )
+    });
+    assert!(
+        matches!(refused, Err(rotation::RootError::Refused { .. })),
+        "{refused:?}"
+    );
+    drop(stuck);
+    eventually("both replicas have propagated", || {
+        rotation::check_servers(&both, |s| s.root_propagated(&new)).is_ok()
+    })
+    .await;
+    one.running.shutdown().await;
+    two.running.shutdown().await;
 }

@@ -335,7 +335,7 @@ fn main() {
 /// (3): a fresh server with `n` Envoy-like streams; prepare and activate through the library,
 /// timed until the server's propagation status says every stream has the new root / signer.
 fn rotation_bench(n: usize, rt: &tokio::runtime::Runtime) {
-    use meshid::rotation::{self, Candidate, Ctx, HttpStatus, StatusSource};
+    use meshid::rotation::{self, Candidate, Ctx, HttpStatus};
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new("cluster.local").unwrap();
     let now = time::OffsetDateTime::now_utc();
