@@ -166,13 +166,18 @@ impl Schedule {
             match auto_step(&state, &self.cfg, now) {
                 AutoStep::Nothing => {}
                 AutoStep::Prepare { root_ttl } => {
-                    let ca = crate::ca::root::generate_root(
+                    let ca = match crate::ca::root::generate_root(
                         &state.trust_domain,
                         state.key_type,
                         root_ttl,
                         now,
-                    )
-                    .map_err(super::RootError::AuthorityCheck)?;
+                    ) {
+                        Ok(ca) => ca,
+                        Err(e) => {
+                            tracing::error!(error = %e, "automatic rotation: generating the successor root failed; retrying at the next check");
+                            return Ok(super::expiry_warning(&state, now));
+                        }
+                    };
                     let a = super::apply(self.store.as_ref(), &ctx, |s, c| {
                         super::prepare(s, super::Candidate::Generated(ca), c)
                     })?;

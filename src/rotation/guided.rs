@@ -146,6 +146,14 @@ pub fn rotate(
         let step = phase(&state)?;
         let applied = match step {
             Phase::Idle if first => {
+                let active = state.signing_root().map_err(RootError::from)?;
+                if active.origin == crate::state::RootOrigin::Plugin {
+                    return Err(RootError::Refused {
+                        refused: format!("the active root {} is a plug-in CA; `root rotate` does not replace it with a generated root", active.id),
+                        next: "prepare the successor from its cacerts directory with `meshid root prepare --from-plugin DIR`, then re-run `meshid root rotate`".into(),
+                    }
+                    .into());
+                }
                 let c = ctx()?;
                 let key_type = opts.key_type.unwrap_or(state.key_type);
                 let ca = root::generate_root(&state.trust_domain, key_type, opts.root_ttl, c.now)
@@ -346,5 +354,57 @@ impl StatusSource for HttpStatus {
 impl StatusSource for Vec<HttpStatus> {
     fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
         self.iter().map(HttpStatus::status).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ca::root::DEFAULT_ROOT_TTL,
+        spiffe::TrustDomain,
+        state::{Actor, DirStore, RootOrigin},
+    };
+
+    struct NoServer;
+
+    impl StatusSource for NoServer {
+        fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A plug-in CA is never replaced by a generated root: `root rotate` with nothing prepared
+    /// refuses, names the plug-in path, and writes nothing.
+    #[test]
+    fn a_plugin_ca_is_not_replaced_by_a_generated_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path());
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = root::generate_root(&td, KeyType::EcdsaP256, DEFAULT_ROOT_TTL, now).unwrap();
+        let mut state = CaState::with_generated_root(td, &ca, now);
+        state.roots[0].origin = RootOrigin::Plugin;
+        let generation = store.compare_and_swap(None, &state).unwrap();
+        let opts = GuidedOptions {
+            timeout: Duration::from_secs(1),
+            poll: Duration::from_millis(10),
+            max_ttl: Duration::from_secs(86_400),
+            key_type: None,
+            root_ttl: DEFAULT_ROOT_TTL,
+        };
+        let ctx = || Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None);
+        let err = rotate(&store, &NoServer, &opts, &ctx, &mut |_| {}, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is a plug-in CA") && err.contains("--from-plugin DIR"),
+            "{err}"
+        );
+        assert_eq!(
+            store.load_existing().unwrap().generation,
+            generation,
+            "nothing written"
+        );
     }
 }
