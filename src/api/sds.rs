@@ -15,6 +15,11 @@
 //! restarts. `ALL` is the way to distrust: it is re-sent without the trust domain, and Envoy
 //! replaces its validation context. Each stream holds one `watch` receiver of the CA snapshot,
 //! so a bundle change reaches every stream at once.
+//!
+//! Propagation: every stream has an entry in a shared `rotation::Propagation` registry, updated
+//! when the client ACKs: the own root ids of an ACKed `ROOTCA`/`ALL`/`spiffe://<own td>` (when its
+//! version is the one served now) and the signer of an ACKed `default` (when its serial is the
+//! held leaf's). The server serves the counts on `GET /debug/rotation`.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
