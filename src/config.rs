@@ -52,6 +52,12 @@ pub struct Config {
     /// Limits of the xDS streams (SDS, EDS).
     #[serde(default)]
     pub xds: Xds,
+    /// Automatic rotation of generated roots (`[auto_rotation]`, off by default).
+    #[serde(default)]
+    pub auto_rotation: crate::rotation::AutoRotation,
+    /// ConfigMap `istio-ca-root-cert` in every namespace (`[root_cert_configmap]`, off by default).
+    #[serde(default)]
+    pub root_cert_configmap: crate::trust::configmap::RootCertConfigMap,
 }
 
 /// Default of `xds.max_resource_names_per_stream.sds`: a proxy needs a handful of secrets.
@@ -468,6 +474,8 @@ impl Config {
             errs.push("state_poll_interval: must be above zero and at most 1h".into());
         }
         self.limits.validate(&mut errs);
+        errs.extend(self.auto_rotation.validate());
+        errs.extend(self.root_cert_configmap.validate());
         let si = &self.server_identity;
         let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
         if let Err(e) =

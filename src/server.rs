@@ -39,7 +39,7 @@ use crate::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
     },
-    rotation::{Issued, Renewer, SignerView},
+    rotation::{Issued, Propagation, Renewer, SignerView},
     spiffe::{SpiffeId, TrustDomain},
     state::DirStore,
     telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
@@ -73,6 +73,8 @@ pub struct Running {
     pub unix_path: Option<PathBuf>,
     pub live: Arc<LiveCa>,
     pub metrics: Arc<Metrics>,
+    /// What every SDS stream has ACKed (served on `GET /debug/rotation`).
+    pub propagation: Arc<Propagation>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -144,7 +146,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         stream_limits,
         metrics.clone(),
     )
-    .with_name_limit(cfg.xds.max_resource_names_per_stream.sds);
+    .with_name_limit(cfg.xds.max_resource_names_per_stream.sds)
+    .with_propagation(Arc::default());
+    let propagation = sds.propagation();
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
@@ -234,10 +238,18 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         idle_timeout: cfg.limits.http_idle_timeout,
         max_connections: cfg.limits.http_max_connections,
     };
+    let surface = Arc::new(HttpSurface {
+        readiness,
+        rotation: RotationPage {
+            registry: propagation.clone(),
+            live: live.clone(),
+            replica: crate::rotation::replica_name(),
+        },
+    });
     tasks.push(tokio::spawn(serve_http(
         http,
         metrics.clone(),
-        readiness,
+        surface,
         http_limits,
         stop_rx.clone(),
     )));
@@ -246,6 +258,32 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         metrics.clone(),
         stop_rx.clone(),
     )));
+    let schedule = crate::rotation::Schedule {
+        cfg: cfg.auto_rotation,
+        store: Arc::new(DirStore::new(&cfg.state_dir)),
+        live: live.clone(),
+        registry: propagation.clone(),
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        replica: crate::rotation::replica_name(),
+    };
+    tasks.push(tokio::spawn(schedule.run(stop_rx.clone())));
+    if cfg.root_cert_configmap.enabled {
+        let rc = &cfg.root_cert_configmap;
+        let selector =
+            crate::trust::configmap::Selector::parse(&rc.namespace_selector).map_err(|e| {
+                ServerError::Config(vec![format!("root_cert_configmap.namespace_selector: {e}")])
+            })?;
+        let client = kube_client(rc.kubeconfig.as_deref())
+            .await
+            .map_err(|why| ServerError::Config(vec![format!("root_cert_configmap: {why}")]))?;
+        tasks.push(tokio::spawn(crate::trust::configmap::publish(
+            client,
+            selector,
+            live.subscribe(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(
         live.clone().watch_store(cfg.state_poll_interval, stop_rx),
     ));
@@ -256,6 +294,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         unix_path,
         live,
         metrics,
+        propagation,
         stop,
         tasks,
     })
@@ -662,6 +701,37 @@ impl Health for Readiness {
                 why
             })
         }
+    }
+}
+
+/// What the HTTP port serves besides metrics: readiness and the rotation status.
+struct HttpSurface {
+    readiness: Arc<Readiness>,
+    rotation: RotationPage,
+}
+
+impl Health for HttpSurface {
+    fn ready(&self) -> Result<(), String> {
+        self.readiness.ready()
+    }
+
+    fn json_page(&self, path: &str) -> Option<String> {
+        (path == crate::rotation::STATUS_PATH).then(|| self.rotation.render())
+    }
+}
+
+/// `GET /debug/rotation`: what every open SDS stream has ACKed, against the snapshot served now.
+struct RotationPage {
+    registry: Arc<Propagation>,
+    live: Arc<LiveCa>,
+    replica: String,
+}
+
+impl RotationPage {
+    fn render(&self) -> String {
+        let status =
+            crate::rotation::status_of(&self.registry, &self.live.current(), &self.replica);
+        serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sign_errors: Family<Labels, Counter>,
     pub certs_issued: Family<Labels, Counter>,
     pub root_expiry: Gauge,
+    /// 1 while the active root expires within 30 days and no successor is prepared.
+    pub root_expiry_warning: Gauge,
     pub chain_expiry: Gauge,
     pub sds_streams: Gauge,
     pub sds_pushes: Family<Labels, Counter>,
@@ -54,6 +56,7 @@ impl Metrics {
             sign_errors: Family::default(),
             certs_issued: Family::default(),
             root_expiry: Gauge::default(),
+            root_expiry_warning: Gauge::default(),
             chain_expiry: Gauge::default(),
             sds_streams: Gauge::default(),
             sds_pushes: Family::default(),
@@ -99,6 +102,11 @@ impl Metrics {
             "meshid_root_cert_expiry_timestamp_seconds",
             "notAfter of the root that anchors the signer",
             m.root_expiry.clone(),
+        );
+        r.register(
+            "meshid_root_expiry_warning",
+            "1 while the active root expires within 30 days and no successor is prepared",
+            m.root_expiry_warning.clone(),
         );
         r.register(
             "meshid_cert_chain_expiry_timestamp_seconds",
@@ -207,6 +215,10 @@ fn latency_histogram() -> Histogram {
 pub trait Health: Send + Sync + 'static {
     /// `Ok` when the server can do its job; otherwise why not.
     fn ready(&self) -> Result<(), String>;
+    /// A JSON status document served at `path` (e.g. `/debug/rotation`), if there is one.
+    fn json_page(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -255,10 +267,17 @@ pub async fn serve_http(
                             format!("not ready: {why}\n"),
                         ),
                     },
-                    other => text(
-                        StatusCode::NOT_FOUND,
-                        format!("no such endpoint {other}; try /metrics, /healthz, /readyz\n"),
-                    ),
+                    other => match health.json_page(other) {
+                        Some(body) => Response::builder()
+                            .status(StatusCode::OK)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response parts"),
+                        None => text(
+                            StatusCode::NOT_FOUND,
+                            format!("no such endpoint {other}; try /metrics, /healthz, /readyz, /debug/rotation\n"),
+                        ),
+                    },
                 };
                 async move { Ok::<_, Infallible>(resp) }
             });

@@ -15,6 +15,11 @@
 //! restarts. `ALL` is the way to distrust: it is re-sent without the trust domain, and Envoy
 //! replaces its validation context. Each stream holds one `watch` receiver of the CA snapshot,
 //! so a bundle change reaches every stream at once.
+//!
+//! Propagation: every stream has an entry in a shared `rotation::Propagation` registry, updated
+//! when the client ACKs: the own root ids of an ACKed `ROOTCA`/`ALL`/`spiffe://<own td>` (when its
+//! version is the one served now) and the signer of an ACKed `default` (when its serial is the
+//! held leaf's). The server serves the counts on `GET /debug/rotation`.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
@@ -50,7 +55,7 @@ use crate::{
     ca::{cert, IssuedCert, PrivateKey},
     clock::Clock,
     identity::Identity,
-    rotation::{Issued, RefreshPolicy, Renewer, SignerView},
+    rotation::{Issued, Propagation, RefreshPolicy, Renewer, SignerView, StreamTrack},
     spiffe::TrustDomain,
     telemetry::Metrics,
     trust::CaSnapshot,
@@ -79,6 +84,31 @@ struct Shared {
     metrics: Arc<Metrics>,
     xds: Arc<XdsMetrics>,
     rendered: RenderCache,
+    /// Which bundle and signer every stream has ACKed.
+    propagation: Arc<Propagation>,
+    root_ids: RootIds,
+}
+
+/// Own root ids of the latest bundle, computed once per bundle sequence for every stream.
+#[derive(Default)]
+struct RootIds(std::sync::Mutex<Option<(u64, Arc<[String]>)>>);
+
+impl RootIds {
+    fn of(&self, bundle: &crate::trust::TrustBundleSet) -> Arc<[String]> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*guard {
+            Some((seq, ids)) if *seq == bundle.sequence() => ids.clone(),
+            _ => {
+                let ids: Arc<[String]> = bundle
+                    .own_roots()
+                    .iter()
+                    .map(|r| cert::fingerprint_id(r))
+                    .collect();
+                *guard = Some((bundle.sequence(), ids.clone()));
+                ids
+            }
+        }
+    }
 }
 
 /// Which snapshot trust resources were rendered for: the bundle's sequence (it moves on every
@@ -141,7 +171,23 @@ impl SdsService {
             metrics,
             xds,
             rendered: RenderCache::default(),
+            propagation: Arc::default(),
+            root_ids: RootIds::default(),
         }))
+    }
+
+    /// Records propagation into `registry` (shared with the status endpoint). Call before the
+    /// service is shared.
+    pub fn with_propagation(mut self, registry: Arc<Propagation>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.propagation = registry;
+        }
+        self
+    }
+
+    /// The registry of what every open stream has ACKed.
+    pub fn propagation(&self) -> Arc<Propagation> {
+        self.0.propagation.clone()
     }
 
     /// Caps the resource names one stream may subscribe to
@@ -172,6 +218,8 @@ struct Workload {
     live: watch::Receiver<Arc<CaSnapshot>>,
     snapshot: Arc<CaSnapshot>,
     cred: Renewer<Leaf>,
+    /// This stream's entry in the propagation registry (absent for Fetch).
+    track: Option<StreamTrack>,
 }
 
 impl Workload {
@@ -187,6 +235,7 @@ impl Workload {
             live,
             snapshot,
             cred,
+            track: None,
         }
     }
 
@@ -197,9 +246,12 @@ impl Workload {
         creds: Option<Credentials>,
         end: StreamEnd,
     ) -> Self {
+        let pod = identity.pod.as_ref().map(|p| p.name.clone());
+        let track = shared.propagation.open(identity.spiffe_id.to_string(), pod);
         let mut w = Self::new(shared, identity);
         w.creds = creds;
         w.end = Some(end);
+        w.track = Some(track);
         w
     }
 
@@ -403,6 +455,49 @@ impl Workload {
         });
     }
 
+    /// Whether `name` carries the own trust domain's roots.
+    fn is_own_bundle(&self, name: &str) -> bool {
+        match name {
+            ROOTCA | ALL => true,
+            other => other
+                .strip_prefix("spiffe://")
+                .is_some_and(|td| td == self.snapshot.bundle.own_trust_domain().to_string()),
+        }
+    }
+
+    /// Records what the client now holds: the signer of `default` when its serial is the held
+    /// leaf's, and the own roots of a bundle resource whose version is the current one (an
+    /// older version is being replaced by a push already on its way).
+    fn record_ack(&mut self, acked: &[(String, String)]) {
+        if self.track.is_none() {
+            return;
+        }
+        let mut bundle_acked = false;
+        for (name, version) in acked {
+            if name == DEFAULT {
+                if let (Some(h), Some(track)) = (self.cred.held(), &self.track) {
+                    if h.value.issued.serial.to_string() == *version {
+                        track.acked_leaf(&h.signer_id);
+                    }
+                }
+            } else if !bundle_acked && self.is_own_bundle(name) {
+                let current = self
+                    .render(name)
+                    .ok()
+                    .flatten()
+                    .map(|a| content_version(&a));
+                if current.as_ref() == Some(version) {
+                    bundle_acked = true;
+                }
+            }
+        }
+        if bundle_acked {
+            if let Some(track) = &self.track {
+                track.acked_bundle(self.shared.root_ids.of(&self.snapshot.bundle));
+            }
+        }
+    }
+
     fn next_refresh(&self, default_subscribed: bool) -> Option<OffsetDateTime> {
         self.cred.next_wake().filter(|_| default_subscribed)
     }
@@ -491,6 +586,17 @@ impl ResourceSource for Workload {
 
     fn label(name: &str) -> String {
         resource_label(name).to_owned()
+    }
+
+    fn on_subscribe(&mut self, subscribed: &BTreeSet<String>) {
+        if let Some(track) = &self.track {
+            let bundle = subscribed.iter().any(|n| self.is_own_bundle(n));
+            track.subscribed(bundle, subscribed.contains(DEFAULT));
+        }
+    }
+
+    fn on_ack(&mut self, acked: &[(String, String)]) {
+        self.record_ack(acked);
     }
 }
 

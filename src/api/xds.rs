@@ -24,6 +24,9 @@
 //!   at most `MAX_NAME_LEN` bytes: beyond that the stream ends with `ResourceExhausted` /
 //!   `InvalidArgument` naming the limit and its config key.
 //! - On a change, only streams whose subscribed resources changed version get a response.
+//! - A request carrying the latest nonce and no `error_detail` ACKs that response: the source
+//!   hears `on_ack` with what the client now holds (propagation tracking), and `on_subscribe`
+//!   after every subscription change.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -82,6 +85,10 @@ pub trait ResourceSource: Send + 'static {
     fn label(name: &str) -> String
     where
         Self: Sized;
+    /// The subscription changed (after a request was applied).
+    fn on_subscribe(&mut self, _subscribed: &BTreeSet<String>) {}
+    /// The client ACKed the latest response: it now holds these `(name, version)` pairs.
+    fn on_ack(&mut self, _acked: &[(String, String)]) {}
 }
 
 /// Counters and limits shared by every stream of one xDS service.
@@ -322,6 +329,16 @@ impl<R: ResourceSource> Sotw<R> {
         }
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
         self.metrics.check_limits(names.len(), &names)?;
+        if !initial && req.error_detail.is_none() {
+            // The latest response is acknowledged: the client holds what it carried.
+            let acked: Vec<(String, String)> = self
+                .sent
+                .iter()
+                .filter(|(_, v)| v.as_str() != GONE)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            self.res.on_ack(&acked);
+        }
         if let Some(detail) = &req.error_detail {
             self.metrics.nacks.inc();
             tracing::warn!(peer = %self.res.peer(), type_url = self.res.type_url(), version = %req.version_info,
@@ -337,6 +354,7 @@ impl<R: ResourceSource> Sotw<R> {
         note_unknown(&self.res, &self.metrics, names.difference(&self.subscribed));
         self.subscribed = names;
         self.sent.retain(|n, _| self.subscribed.contains(n));
+        self.res.on_subscribe(&self.subscribed);
         if !initial && !added {
             return Ok(()); // only names dropped: nothing new to send (istiod shouldRespond)
         }
@@ -480,7 +498,13 @@ impl<R: ResourceSource> Delta<R> {
                     tracing::warn!(peer = %self.res.peer(), code = d.code, detail = %d.message, "xDS delta NACK");
                 }
                 None => {
-                    tracing::debug!(peer = %self.res.peer(), nonce = %req.response_nonce, "xDS delta ACK")
+                    tracing::debug!(peer = %self.res.peer(), nonce = %req.response_nonce, "xDS delta ACK");
+                    let acked: Vec<(String, String)> = self
+                        .sent
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect();
+                    self.res.on_ack(&acked);
                 }
             }
         }
@@ -511,6 +535,7 @@ impl<R: ResourceSource> Delta<R> {
             }
             self.subscribed.insert(name);
         }
+        self.res.on_subscribe(&self.subscribed);
         self.push_changed(Instant::now()).await
     }
 

@@ -40,11 +40,13 @@ impl DemoArgs {
                 println!("\nmeshid demo: step(s) {failed:?} FAILED (see above: expected vs seen)");
             }
             if self.keep_running {
+                // Handlers first: a SIGTERM right after the line below must stop cleanly.
+                let signal = super::server::shutdown_signal()?;
                 println!(
                     "still running (gRPC {}, metrics http://{}/metrics); Ctrl-C or SIGTERM stops it",
                     world.grpc_addr, world.http_addr
                 );
-                let signal = super::server::shutdown_signal().await?;
+                let signal = signal.await?;
                 println!("{signal} received; stopping");
             }
             world.shutdown().await;

@@ -12,7 +12,7 @@ use crate::{
     ca::{cert, plugin, root, KeyType, DEFAULT_MAX_TTL},
     clock::{rfc3339, Clock, SystemClock},
     config::Config,
-    rotation::{self, Candidate, Ctx},
+    rotation::{self, Candidate, Ctx, Finished, GuidedOptions, HttpStatus},
     state::{Actor, CaState, DirStore, JournalEntry, RootRecord, StateStore},
 };
 
@@ -31,8 +31,38 @@ pub(super) enum RootCommand {
     Activate(TransitionArgs),
     /// Taint an old root: still trusted, but every leaf it signed is re-issued now.
     Taint(TransitionArgs),
-    /// Remove a tainted root from every bundle and wipe its keys.
+    /// Remove a tainted root from every bundle and wipe its keys (or withdraw a prepared root
+    /// or staged signer, which never signed).
     Revoke(RevokeArgs),
+    /// The guided rotation against a running server: prepare, wait until every stream has the
+    /// new root, activate, wait until every stream runs on the new signer, taint the old root,
+    /// revoke it when safe. Interrupted, it continues from the state when run again.
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RotateArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The server's HTTP port (where /metrics is), e.g. http://127.0.0.1:15014; give it once
+    /// per replica to wait on every one.
+    #[arg(long, value_name = "URL", required = true)]
+    server: Vec<String>,
+    /// Longest wait for each propagation step.
+    #[arg(long, value_parser = super::duration_arg, default_value = "5m")]
+    timeout: Duration,
+    /// Key algorithm of the generated root (default: the state's key type).
+    #[arg(long, value_enum)]
+    key_type: Option<KeyType>,
+    /// Lifetime of the generated root.
+    #[arg(long, value_parser = super::duration_arg, default_value = "10y")]
+    root_ttl: Duration,
+    /// Longest leaf lifetime the server issues (default: the config's issuance.max_ttl, else 24h).
+    #[arg(long, value_parser = super::duration_arg)]
+    max_ttl: Option<Duration>,
+    /// Why, recorded in the journal.
+    #[arg(long)]
+    reason: Option<String>,
 }
 
 /// Where the state is: `--state-dir`, or the `state_dir` of a server config file.
@@ -50,6 +80,10 @@ pub(super) struct StoreArgs {
 pub(super) struct StatusArgs {
     #[command(flatten)]
     store: StoreArgs,
+    /// Also show what the running server's SDS streams have acknowledged (its HTTP port; once
+    /// per replica).
+    #[arg(long, value_name = "URL")]
+    server: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -80,9 +114,13 @@ pub(super) struct TransitionArgs {
     id: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Activate even if the propagation check fails (only with a server-side check).
+    /// Activate even if the propagation check fails (only with --server).
     #[arg(long)]
     force: bool,
+    /// Activate only once every stream of this server (its HTTP port; once per replica) has the
+    /// prepared root.
+    #[arg(long, value_name = "URL")]
+    server: Vec<String>,
     /// Why, recorded in the journal.
     #[arg(long)]
     reason: Option<String>,
@@ -113,12 +151,19 @@ impl RootCommand {
             Self::Activate(a) => {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
-                // No propagation gate here: `meshid root rotate --server` is the gated path.
                 let id = a.id;
+                let servers = servers(&a.server)?;
+                let gate = |r: &RootRecord| {
+                    rotation::check_servers(&servers, |st| st.root_propagated(&r.id))
+                };
                 let applied = rotation::apply(&store, &ctx, |s, c| {
-                    rotation::activate(s, &id, a.force, &rotation::no_gate, c)
+                    rotation::activate(s, &id, a.force, &gate, c)
                 })?;
-                report(&applied)
+                report(&applied)?;
+                if servers.is_empty() && applied.outcome.signer.is_none() {
+                    println!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
+                }
+                Ok(())
             }
             Self::Taint(a) => {
                 let ctx = ctx(a.reason)?;
@@ -135,6 +180,7 @@ impl RootCommand {
                 })?;
                 report(&applied)
             }
+            Self::Rotate(a) => return rotate(a),
         }
         .map(|()| ExitCode::SUCCESS)
     }
@@ -216,6 +262,61 @@ fn report(applied: &rotation::Applied) -> anyhow::Result<()> {
     Ok(())
 }
 
+// === rotate ===
+
+fn servers(urls: &[String]) -> anyhow::Result<Vec<HttpStatus>> {
+    urls.iter()
+        .map(|u| HttpStatus::new(u).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
+    let servers = servers(&a.server)?;
+    let (store, max) = a.store.open()?;
+    let opts = GuidedOptions {
+        timeout: a.timeout,
+        poll: Duration::from_millis(500),
+        max_ttl: a.max_ttl.unwrap_or(max),
+        key_type: a.key_type,
+        root_ttl: a.root_ttl,
+    };
+    let reason = a.reason;
+    let make_ctx = || {
+        ctx(reason.clone()).map_err(|e| match e.downcast::<rotation::RootError>() {
+            Ok(r) => r,
+            Err(e) => rotation::RootError::Refused {
+                refused: e.to_string(),
+                next: "fix it and re-run".into(),
+            },
+        })
+    };
+    let mut progress = |line: &str| println!("{line}");
+    let finished = rotation::rotate(
+        &store,
+        &servers,
+        &opts,
+        &make_ctx,
+        &mut progress,
+        &mut |_| Ok(()),
+    )?;
+    match finished {
+        Finished::Revoked { root } => {
+            println!("done: root {root} is revoked; the rotation is complete")
+        }
+        Finished::SignerActivated { signer } => {
+            println!("done: every stream runs on signer {signer}")
+        }
+        Finished::RevokeLater { root, at, command } => {
+            println!(
+                "stopped: root {root} is tainted; revoke it at {} or later with:",
+                rfc3339(at)
+            );
+            println!("  {command}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 // === status ===
 
 fn status(a: StatusArgs) -> anyhow::Result<()> {
@@ -231,6 +332,10 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .map(root_json)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let journal = state.journal_tail(JOURNAL_SHOWN);
+    let server = servers(&a.server)?
+        .iter()
+        .map(|s| s.status().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -240,12 +345,47 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "journal": journal,
                 "next_step": next,
                 "warnings": warnings,
+                "servers": server,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
-        Output::Text => print_text(state, v.generation.0, &roots, journal, next, &warnings),
+        Output::Text => {
+            print_text(state, v.generation.0, &roots, journal, next, &warnings);
+            for st in &server {
+                print_server(st);
+            }
+        }
     }
     Ok(())
+}
+
+fn print_server(st: &rotation::RotationStatus) {
+    let c = &st.counts;
+    println!(
+        "server {} (generation {}, bundle sequence {}): {} SDS streams, {} with a bundle, {} with a leaf",
+        st.replica, st.generation, st.bundle_sequence, c.streams, c.bundle_streams, c.leaf_streams
+    );
+    for r in &st.trusted_roots {
+        println!(
+            "  root {r}: in the acknowledged bundle of {} of {} streams",
+            c.roots.get(r).copied().unwrap_or(0),
+            c.bundle_streams
+        );
+    }
+    for (s, n) in &c.signers {
+        let now = if *s == st.signer {
+            " (signing now)"
+        } else {
+            ""
+        };
+        println!(
+            "  signer {s}{now}: leaves of {n} of {} streams",
+            c.leaf_streams
+        );
+    }
+    if c.laggard_count > 0 {
+        println!("  behind: {}", st.laggard_names());
+    }
 }
 
 fn root_json(r: &RootRecord) -> anyhow::Result<serde_json::Value> {

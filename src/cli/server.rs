@@ -79,6 +79,8 @@ impl ServerArgs {
             .build()?;
         rt.block_on(async move {
             let running = crate::server::start(cfg, Arc::new(SystemClock)).await?;
+            // Handlers first: a SIGTERM right after the address line must drain, not kill.
+            let signal = shutdown_signal()?;
             println!(
                 "meshid server: gRPC (TLS) on {}, HTTP on {}",
                 running.grpc_addr, running.http_addr
@@ -86,7 +88,7 @@ impl ServerArgs {
             if let Some(p) = &running.unix_path {
                 println!("meshid server: gRPC on unix:{}", p.display());
             }
-            let signal = shutdown_signal().await?;
+            let signal = signal.await?;
             println!("meshid server: {signal} received; draining and shutting down");
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
@@ -117,6 +119,8 @@ impl ServerArgs {
                 discovery: None,
                 limits: Default::default(),
                 xds: Default::default(),
+                auto_rotation: Default::default(),
+                root_cert_configmap: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {
@@ -217,11 +221,16 @@ fn parse_config(text: &str) -> Result<Config, Vec<String>> {
 
 /// Waits for SIGTERM (what Kubernetes sends before SIGKILL) or Ctrl-C (SIGINT); both drain:
 /// stop accepting, end streams, exit 0 within the shutdown cap.
-pub(super) async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on the first signal.
+pub(super) fn shutdown_signal(
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<&'static str>>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; Ok("SIGINT") }
-        _ = term.recv() => Ok("SIGTERM"),
-    }
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => Ok("SIGINT"),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    })
 }

@@ -1,10 +1,22 @@
 //! Lifecycles: one credential's cycle (`Renewer`, used by the serving certificate and every
 //! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
 
+mod auto;
+mod guided;
+mod propagation;
 mod renewer;
 mod roots;
 mod schedule;
 
+pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
+pub use guided::{
+    check_servers, on_every_replica, rotate, Finished, GuidedError, GuidedOptions, HttpStatus,
+    StatusSource,
+};
+pub use propagation::{
+    replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,
+    LAGGARDS_SHOWN, STATUS_PATH,
+};
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
 pub use roots::{

@@ -564,7 +564,8 @@ pub fn valid_certs_until(
 }
 
 /// Revokes a tainted root: it leaves every bundle and its keys are wiped. Refused while
-/// certificates it anchors may still be valid, unless `force`.
+/// certificates it anchors may still be valid, unless `force`. A prepared root (or a staged
+/// signer) never signed anything, so it can be withdrawn at once.
 pub fn revoke(
     state: &CaState,
     id: &str,
@@ -572,7 +573,13 @@ pub fn revoke(
     max_ttl: Duration,
     ctx: &Ctx,
 ) -> Result<Transition, RootError> {
+    if let Target::PreparedSigner { root, signer } = resolve(state, id)? {
+        return withdraw_signer(state, &root, &signer, ctx);
+    }
     let root = root_of(state, id)?;
+    if root.state == RootState::Prepared {
+        return withdraw_prepared(state, root, ctx);
+    }
     if root.state != RootState::Tainted {
         let next = match root.state {
             RootState::Old => format!("taint it first with `meshid root taint {}`", root.id),
@@ -630,6 +637,69 @@ pub fn revoke(
             signer: None,
             to: RootState::Revoked,
             notes,
+        },
+    })
+}
+
+/// A prepared root leaves every bundle before it ever signed: nothing it anchors exists.
+fn withdraw_prepared(
+    state: &CaState,
+    root: &RootRecord,
+    ctx: &Ctx,
+) -> Result<Transition, RootError> {
+    let mut next = state.clone();
+    let r = root_mut(&mut next, &root.id);
+    r.state = RootState::Revoked;
+    r.since.set(RootState::Revoked, ctx.now);
+    r.wipe_keys();
+    next.record(ctx.entry(
+        JournalAction::Revoke,
+        &root.id,
+        Some(RootState::Prepared),
+        RootState::Revoked,
+    ));
+    Ok(Transition {
+        state: next,
+        outcome: Outcome {
+            action: JournalAction::Revoke,
+            root: root.id.clone(),
+            signer: None,
+            to: RootState::Revoked,
+            notes: vec![format!(
+                "root {} was prepared and never signed: it left every bundle and its keys were wiped; prepare another with `meshid root prepare`",
+                root.id
+            )],
+        },
+    })
+}
+
+/// A staged signer is dropped before it ever signed; the active root keeps its signer.
+fn withdraw_signer(
+    state: &CaState,
+    root: &str,
+    signer: &str,
+    ctx: &Ctx,
+) -> Result<Transition, RootError> {
+    let mut next = state.clone();
+    root_mut(&mut next, root).prepared_signer = None;
+    let mut e = ctx.entry(
+        JournalAction::Revoke,
+        root,
+        Some(RootState::Active),
+        RootState::Active,
+    );
+    e.signer = Some(signer.to_owned());
+    next.record(e);
+    Ok(Transition {
+        state: next,
+        outcome: Outcome {
+            action: JournalAction::Revoke,
+            root: root.to_owned(),
+            signer: Some(signer.to_owned()),
+            to: RootState::Active,
+            notes: vec![format!(
+                "staged signer {signer} was dropped before it signed; root {root} keeps its signer"
+            )],
         },
     })
 }

@@ -3,7 +3,9 @@
 //! OIDC discovery and the JWKS (optionally only to authenticated callers, as self-managed
 //! clusters grant `system:service-account-issuer-discovery`), SelfSubjectAccessReview
 //! (scriptable allowed/denied), and list + watch of pods, services, namespaces,
-//! endpointslices, peerauthentications and destinationrules (seeded and changed by tests).
+//! endpointslices, peerauthentications, destinationrules and configmaps (seeded and changed by
+//! tests), and ConfigMap get/create/update per namespace (create of an existing one: 409
+//! AlreadyExists; update with a stale resourceVersion: 409 Conflict, as kube-apiserver does).
 //! It runs on the test's tokio runtime and stops with it.
 
 use std::{
@@ -41,6 +43,7 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
     ("/api/v1/pods", "v1", "Pod"),
     ("/api/v1/services", "v1", "Service"),
     ("/api/v1/namespaces", "v1", "Namespace"),
+    ("/api/v1/configmaps", "v1", "ConfigMap"),
     (
         "/apis/discovery.k8s.io/v1/endpointslices",
         "discovery.k8s.io/v1",
@@ -82,6 +85,93 @@ pub struct Shared {
     pub last_ssar: Mutex<Option<Value>>,
     /// Every request: (method, path, query), for the RBAC coverage test.
     pub requests: Mutex<Vec<(String, String, String)>>,
+    pub configmap_writes: AtomicUsize,
+}
+
+const CONFIGMAPS: &str = "/api/v1/configmaps";
+
+/// Stores `obj` under `collection` with a new resourceVersion and tells watchers.
+fn store_object(s: &Shared, collection: &str, mut obj: Value) -> Value {
+    let rv = s.rv.fetch_add(1, Ordering::SeqCst) + 1;
+    obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+    let key = format!(
+        "{}/{}",
+        obj["metadata"]["namespace"].as_str().unwrap_or(""),
+        obj["metadata"]["name"].as_str().unwrap_or("")
+    );
+    let existed = s
+        .objects
+        .lock()
+        .unwrap()
+        .entry(collection.to_string())
+        .or_default()
+        .insert(key, obj.clone())
+        .is_some();
+    let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
+    let e: Event = (collection.to_string(), rv, event);
+    s.history.lock().unwrap().push(e.clone());
+    let _ = s.events.send(e);
+    obj
+}
+
+/// `GET|POST /api/v1/namespaces/{ns}/configmaps[/{name}]` and `PUT .../{name}`.
+async fn configmap_call(
+    s: &Shared,
+    method: Method,
+    ns: &str,
+    name: Option<&str>,
+    body: &[u8],
+) -> Response<Body> {
+    let stored = |n: &str| {
+        s.objects
+            .lock()
+            .unwrap()
+            .get(CONFIGMAPS)
+            .and_then(|m| m.get(&format!("{ns}/{n}")).cloned())
+    };
+    let not_found = |n: &str| status_error(404, &format!("configmaps \"{n}\" not found"));
+    match (method, name) {
+        (Method::GET, Some(n)) => match stored(n) {
+            Some(cm) => json_response(StatusCode::OK, &cm),
+            None => not_found(n),
+        },
+        (Method::POST, None) => {
+            let Ok(mut cm) = serde_json::from_slice::<Value>(body) else {
+                return status_error(400, "bad ConfigMap body");
+            };
+            let n = cm["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            if stored(&n).is_some() {
+                return conflict(
+                    "AlreadyExists",
+                    &format!("configmaps \"{n}\" already exists"),
+                );
+            }
+            cm["metadata"]["namespace"] = json!(ns);
+            s.configmap_writes.fetch_add(1, Ordering::SeqCst);
+            json_response(StatusCode::CREATED, &store_object(s, CONFIGMAPS, cm))
+        }
+        (Method::PUT, Some(n)) => {
+            let Ok(mut cm) = serde_json::from_slice::<Value>(body) else {
+                return status_error(400, "bad ConfigMap body");
+            };
+            let Some(current) = stored(n) else {
+                return not_found(n);
+            };
+            if cm["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return conflict("Conflict", &format!("Operation cannot be fulfilled on configmaps \"{n}\": the object has been modified; please apply your changes to the latest version and try again"));
+            }
+            cm["metadata"]["namespace"] = json!(ns);
+            s.configmap_writes.fetch_add(1, Ordering::SeqCst);
+            json_response(StatusCode::OK, &store_object(s, CONFIGMAPS, cm))
+        }
+        _ => status_error(405, "method not allowed"),
+    }
+}
+
+fn conflict(reason: &str, message: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": 409});
+    json_response(StatusCode::CONFLICT, &body)
 }
 
 pub struct FakeApiServer {
@@ -191,6 +281,7 @@ impl FakeApiServer {
             ssar_allowed: std::sync::atomic::AtomicBool::new(true),
             last_ssar: Mutex::default(),
             requests: Mutex::default(),
+            configmap_writes: AtomicUsize::new(0),
             objects: Mutex::default(),
             rv: std::sync::atomic::AtomicU64::new(100),
             history: Mutex::default(),
@@ -234,7 +325,7 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces an object (by apiVersion, kind, namespace, name) and tells watchers.
-    pub fn put(&self, mut obj: Value) {
+    pub fn put(&self, obj: Value) {
         let (api, kind) = (
             obj["apiVersion"].as_str().unwrap_or("").to_owned(),
             obj["kind"].as_str().unwrap_or("").to_owned(),
@@ -243,26 +334,22 @@ impl FakeApiServer {
         else {
             panic!("the fake apiserver does not serve {api} {kind}");
         };
-        let rv = self.shared.rv.fetch_add(1, Ordering::SeqCst) + 1;
-        obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let key = format!(
-            "{}/{}",
-            obj["metadata"]["namespace"].as_str().unwrap_or(""),
-            obj["metadata"]["name"].as_str().unwrap_or("")
-        );
-        let existed = self
-            .shared
+        store_object(&self.shared, path, obj);
+    }
+
+    /// A ConfigMap as stored, if any.
+    pub fn configmap(&self, ns: &str, name: &str) -> Option<Value> {
+        self.shared
             .objects
             .lock()
             .unwrap()
-            .entry(path.to_string())
-            .or_default()
-            .insert(key, obj.clone())
-            .is_some();
-        let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
-        let e: Event = (path.to_string(), rv, event);
-        self.shared.history.lock().unwrap().push(e.clone());
-        let _ = self.shared.events.send(e);
+            .get(CONFIGMAPS)
+            .and_then(|m| m.get(&format!("{ns}/{name}")).cloned())
+    }
+
+    /// ConfigMap writes (create and update) meshid made.
+    pub fn configmap_writes(&self) -> usize {
+        self.shared.configmap_writes.load(Ordering::SeqCst)
     }
 
     /// Every object of a kubectl-style List (or a single object).
@@ -399,6 +486,14 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
     let discovery = path == "/.well-known/openid-configuration" || path == "/openid/v1/jwks";
     if discovery && !authed && s.discovery_requires_auth.load(Ordering::SeqCst) {
         return Ok(status_error(401, "Unauthorized"));
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.len() >= 2 && parts[1] == "configmaps" && parts.len() <= 3 {
+            let (ns, name) = (parts[0].to_owned(), parts.get(2).map(|n| n.to_string()));
+            let body = req.into_body().collect().await?.to_bytes();
+            return Ok(configmap_call(&s, method, &ns, name.as_deref(), &body).await);
+        }
     }
     if method == Method::GET {
         if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) {

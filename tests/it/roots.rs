@@ -898,3 +898,36 @@ fn cli_stages_and_activates_a_new_plugin_signer_under_the_same_root() {
     );
     assert_eq!(bundle.len(), 1);
 }
+
+/// Issue 9 item 6: a prepared root never signed, so it can be withdrawn at once (old code
+/// refused: "only a tainted root can be revoked", leaving no way to throw it away); it leaves
+/// every bundle, its keys are wiped, the journal says prepared → revoked, and a new root can be
+/// prepared after it. A staged plug-in signer is dropped the same way.
+#[test]
+fn a_prepared_root_can_be_withdrawn() {
+    let now = t0();
+    let w = walk(now);
+    let prepared = &w.states[1];
+    let t = rotation::revoke(prepared, &w.b, false, MAX_TTL, &ctx(now)).unwrap();
+    assert!(
+        t.outcome.notes[0].contains("never signed"),
+        "{:?}",
+        t.outcome.notes
+    );
+    let b = t.state.roots.iter().find(|r| r.id == w.b).unwrap();
+    assert_eq!(b.state, RootState::Revoked);
+    assert!(b.private_key.is_none() && !b.can_sign());
+    assert_eq!(t.state.trusted_roots().unwrap().len(), 1);
+    let last = t.state.journal.last().unwrap();
+    assert_eq!(
+        (last.action, last.from_state, last.to_state),
+        (
+            JournalAction::Revoke,
+            Some(RootState::Prepared),
+            RootState::Revoked
+        )
+    );
+    t.state.validate().unwrap();
+    rotation::prepare(&t.state, Candidate::Generated(generated(now)), &ctx(now))
+        .expect("a new root can be prepared after the withdrawn one");
+}

@@ -113,6 +113,8 @@ impl TestServer {
             discovery: None,
             limits: Default::default(),
             xds: Default::default(),
+            auto_rotation: Default::default(),
+            root_cert_configmap: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();

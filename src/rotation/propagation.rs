@@ -1,0 +1,371 @@
+//! Propagation tracking: which bundle (own trust domain's root ids) and which leaf signer each
+//! open SDS stream has acknowledged. One entry per stream, updated on ACK and removed when the
+//! stream ends; counts are computed on demand (`summary`), so 10,000 streams cost a map entry
+//! each and nothing per push.
+//!
+//! A stream counts for the bundle when it subscribes to `ROOTCA`, `ALL` or `spiffe://<own td>`
+//! (or has not said what it wants yet: conservative), and for the leaf when it subscribes to
+//! `default`. It lags when its ACKed bundle misses a root the server trusts now, or its ACKed
+//! leaf is not from the server's current signer. `meshid root rotate` waits on these counts
+//! (the "activation waits for propagation" rule of the architecture).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use serde::{Deserialize, Serialize};
+
+/// At most this many laggards are listed in a summary.
+pub const LAGGARDS_SHOWN: usize = 20;
+
+/// The shared registry of one server's SDS streams.
+#[derive(Default)]
+pub struct Propagation {
+    streams: Mutex<HashMap<u64, Entry>>,
+    next: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    peer: String,
+    pod: Option<String>,
+    /// `None` until the stream's first request says what it subscribes to.
+    wants: Option<Wants>,
+    bundle: Option<Arc<[String]>>,
+    signer: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Wants {
+    bundle: bool,
+    leaf: bool,
+}
+
+impl Entry {
+    fn wants_bundle(&self) -> bool {
+        self.wants.is_none_or(|w| w.bundle)
+    }
+
+    fn wants_leaf(&self) -> bool {
+        self.wants.is_none_or(|w| w.leaf)
+    }
+}
+
+/// One stream's entry; removed from the registry when dropped.
+pub struct StreamTrack {
+    registry: Arc<Propagation>,
+    id: u64,
+}
+
+impl Propagation {
+    /// Registers a stream of `peer` (a SPIFFE ID) and, when known, its pod.
+    pub fn open(self: &Arc<Self>, peer: String, pod: Option<String>) -> StreamTrack {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            peer,
+            pod,
+            wants: None,
+            bundle: None,
+            signer: None,
+        };
+        self.lock().insert(id, entry);
+        StreamTrack {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open streams.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts against the server's view now: `trusted` own root ids and the current `signer`.
+    pub fn counts(&self, trusted: &[String], signer: &str) -> Counts {
+        let streams = self.lock();
+        let mut c = Counts {
+            streams: streams.len(),
+            ..Counts::default()
+        };
+        for e in streams.values() {
+            let mut lag = Vec::new();
+            if e.wants_bundle() {
+                c.bundle_streams += 1;
+                let held = e.bundle.as_deref().unwrap_or_default();
+                for r in held {
+                    *c.roots.entry(r.clone()).or_default() += 1;
+                }
+                if let Some(missing) = trusted.iter().find(|t| !held.contains(t)) {
+                    lag.push(format!("bundle without root {missing}"));
+                }
+            }
+            if e.wants_leaf() {
+                c.leaf_streams += 1;
+                if let Some(s) = &e.signer {
+                    *c.signers.entry(s.clone()).or_default() += 1;
+                }
+                if e.signer.as_deref() != Some(signer) {
+                    lag.push(match &e.signer {
+                        Some(s) => format!("leaf from signer {s}"),
+                        None => "no leaf acknowledged".into(),
+                    });
+                }
+            }
+            if !lag.is_empty() {
+                c.laggard_count += 1;
+                if c.laggards.len() < LAGGARDS_SHOWN {
+                    c.laggards.push(Laggard {
+                        peer: e.peer.clone(),
+                        pod: e.pod.clone(),
+                        why: lag.join("; "),
+                    });
+                }
+            }
+        }
+        c.laggards.sort_by(|a, b| a.peer.cmp(&b.peer));
+        c
+    }
+}
+
+impl StreamTrack {
+    fn update(&self, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.registry.lock().get_mut(&self.id) {
+            f(e);
+        }
+    }
+
+    /// What the stream subscribes to now.
+    pub fn subscribed(&self, bundle: bool, leaf: bool) {
+        self.update(|e| e.wants = Some(Wants { bundle, leaf }));
+    }
+
+    /// The stream ACKed a bundle holding these own root ids.
+    pub fn acked_bundle(&self, roots: Arc<[String]>) {
+        self.update(|e| e.bundle = Some(roots));
+    }
+
+    /// The stream ACKed a leaf from `signer`.
+    pub fn acked_leaf(&self, signer: &str) {
+        self.update(|e| {
+            if e.signer.as_deref() != Some(signer) {
+                e.signer = Some(signer.to_owned());
+            }
+        });
+    }
+}
+
+impl Drop for StreamTrack {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+/// A stream that has not caught up with the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Laggard {
+    /// The caller's SPIFFE ID.
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub why: String,
+}
+
+/// Counts over the open streams.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Open SDS streams.
+    pub streams: usize,
+    /// Streams that subscribe to a bundle of the own trust domain.
+    pub bundle_streams: usize,
+    /// Streams that subscribe to `default`.
+    pub leaf_streams: usize,
+    /// Root id → streams whose ACKed bundle holds it.
+    pub roots: BTreeMap<String, usize>,
+    /// Signer id → streams whose ACKed leaf it signed.
+    pub signers: BTreeMap<String, usize>,
+    /// Streams behind the server's current bundle or signer.
+    pub laggard_count: usize,
+    /// The first `LAGGARDS_SHOWN` of them.
+    pub laggards: Vec<Laggard>,
+}
+
+/// The rotation status a server publishes on `GET /debug/rotation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationStatus {
+    /// The replica (host name).
+    pub replica: String,
+    /// The state generation the server runs.
+    pub generation: u64,
+    /// The bundle's `spiffe_sequence`.
+    pub bundle_sequence: u64,
+    /// Own root ids in the bundle the server serves.
+    pub trusted_roots: Vec<String>,
+    /// The signer of new leaves.
+    pub signer: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+impl RotationStatus {
+    /// `Err(why)` unless the server trusts `root` and every bundle stream has ACKed it.
+    pub fn root_propagated(&self, root: &str) -> Result<(), String> {
+        if !self.trusted_roots.iter().any(|r| r == root) {
+            return Err(format!(
+                "server {} (generation {}) does not serve root {root} yet",
+                self.replica, self.generation
+            ));
+        }
+        let have = self.counts.roots.get(root).copied().unwrap_or(0);
+        if have < self.counts.bundle_streams {
+            return Err(format!(
+                "{have} of {} streams on {} have acknowledged a bundle with root {root}; waiting for {}",
+                self.counts.bundle_streams,
+                self.replica,
+                self.laggard_names()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `Err(why)` unless the server signs with `signer` and every leaf stream runs on it.
+    pub fn signer_propagated(&self, signer: &str) -> Result<(), String> {
+        if self.signer != signer {
+            return Err(format!(
+                "server {} (generation {}) does not sign with {signer} yet",
+                self.replica, self.generation
+            ));
+        }
+        let have = self.counts.signers.get(signer).copied().unwrap_or(0);
+        if have < self.counts.leaf_streams {
+            return Err(format!(
+                "{have} of {} streams on {} run on a leaf from signer {signer}; waiting for {}",
+                self.counts.leaf_streams,
+                self.replica,
+                self.laggard_names()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The laggards, named (capped), for messages.
+    pub fn laggard_names(&self) -> String {
+        let c = &self.counts;
+        let mut names: Vec<String> = c
+            .laggards
+            .iter()
+            .map(|l| match &l.pod {
+                Some(p) => format!("{} (pod {p}: {})", l.peer, l.why),
+                None => format!("{} ({})", l.peer, l.why),
+            })
+            .collect();
+        if c.laggard_count > names.len() {
+            names.push(format!("and {} more", c.laggard_count - names.len()));
+        }
+        if names.is_empty() {
+            "no stream".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// Where the server's HTTP port serves `RotationStatus`.
+pub const STATUS_PATH: &str = "/debug/rotation";
+
+/// The status of `registry` against `snapshot`, the one this server serves now.
+pub fn status_of(
+    registry: &Propagation,
+    snapshot: &crate::trust::CaSnapshot,
+    replica: &str,
+) -> RotationStatus {
+    let trusted: Vec<String> = snapshot
+        .bundle
+        .own_roots()
+        .iter()
+        .map(|r| crate::ca::cert::fingerprint_id(r))
+        .collect();
+    let counts = registry.counts(&trusted, &snapshot.signer_id);
+    RotationStatus {
+        replica: replica.to_owned(),
+        generation: snapshot.generation.0,
+        bundle_sequence: snapshot.bundle.sequence(),
+        trusted_roots: trusted,
+        signer: snapshot.signer_id.clone(),
+        counts,
+    }
+}
+
+/// This replica's name: the host name (a pod's name in Kubernetes).
+pub fn replica_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshid".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Arc<[String]> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn counts_follow_acks_and_entries_leave_with_their_stream() {
+        let reg = Arc::new(Propagation::default());
+        let a = reg.open("spiffe://td/ns/a/sa/a".into(), Some("a-1".into()));
+        let b = reg.open("spiffe://td/ns/b/sa/b".into(), None);
+        let leaf_only = reg.open("spiffe://td/ns/c/sa/c".into(), None);
+        a.subscribed(true, true);
+        b.subscribed(true, true);
+        leaf_only.subscribed(false, true);
+        a.acked_bundle(ids(&["old", "new"]));
+        a.acked_leaf("new");
+        b.acked_bundle(ids(&["old"]));
+        b.acked_leaf("old");
+        leaf_only.acked_leaf("new");
+
+        let trusted = ["old".to_string(), "new".to_string()];
+        let c = reg.counts(&trusted, "new");
+        assert_eq!((c.streams, c.bundle_streams, c.leaf_streams), (3, 2, 3));
+        assert_eq!(c.roots.get("new"), Some(&1));
+        assert_eq!(c.roots.get("old"), Some(&2));
+        assert_eq!(c.signers.get("new"), Some(&2));
+        assert_eq!(c.laggard_count, 1);
+        assert_eq!(c.laggards[0].peer, "spiffe://td/ns/b/sa/b");
+        assert!(c.laggards[0].why.contains("bundle without root new"));
+        assert!(c.laggards[0].why.contains("leaf from signer old"));
+
+        drop(b);
+        let c = reg.counts(&trusted, "new");
+        assert_eq!((c.streams, c.laggard_count), (2, 0));
+        drop((a, leaf_only));
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_stream_that_said_nothing_yet_lags_for_both() {
+        let reg = Arc::new(Propagation::default());
+        let _s = reg.open("spiffe://td/ns/x/sa/y".into(), None);
+        let c = reg.counts(&["r".into()], "r");
+        assert_eq!(
+            (c.bundle_streams, c.leaf_streams, c.laggard_count),
+            (1, 1, 1)
+        );
+    }
+}
