@@ -229,7 +229,7 @@ impl Limits {
 }
 
 /// Where endpoints come from (exactly one source), and Istio's mesh-wide settings.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Discovery {
     /// A snapshot file (kubectl `-o json` or `-o yaml` of pods, endpointslices, services,
@@ -248,6 +248,39 @@ pub struct Discovery {
     pub domain: String,
     #[serde(default = "default_true")]
     pub auto_mtls: bool,
+    /// Serve a pod labelled tlsMode=istio as tlsMode disabled until one of its proxies holds an
+    /// SDS stream or obtained a certificate within `proxy_proof_grace` (off: the label decides,
+    /// as in Istio; silent sidecars are still shown by `describe` and counted in
+    /// `meshid_discovery_declared_without_proxy`).
+    #[serde(default)]
+    pub require_proxy_proof: bool,
+    /// How long a certificate fetched over the CSR API (or an SDS stream that closed) proves
+    /// the pod's proxy. Covers istio-agent's renewal at half the certificate's lifetime.
+    #[serde(
+        default = "default_proof_grace",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub proxy_proof_grace: Duration,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            snapshot: None,
+            kubeconfig: None,
+            in_cluster: false,
+            root_namespace: default_root_ns(),
+            domain: default_domain(),
+            auto_mtls: true,
+            require_proxy_proof: false,
+            proxy_proof_grace: default_proof_grace(),
+        }
+    }
+}
+
+fn default_proof_grace() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_root_ns() -> String {
@@ -587,6 +620,13 @@ impl Config {
                 errs.push(
                     "discovery: set exactly one of snapshot, kubeconfig or in_cluster".into(),
                 );
+            }
+            let grace = d.proxy_proof_grace;
+            if grace.is_zero() || grace > Duration::from_secs(7 * 24 * 3600) {
+                errs.push(format!(
+                    "discovery.proxy_proof_grace: {} is not between 1s and 7d",
+                    fmt_duration(grace)
+                ));
             }
         }
         if errs.is_empty() {

@@ -34,7 +34,9 @@ use crate::{
     },
     clock::Clock,
     config::{self, Config},
-    discovery::{start_kube_source, DiscoveryView, MeshSettings, SnapshotSource},
+    discovery::{
+        spawn_view, start_kube_source, DiscoveryView, MeshSettings, ProxyRegistry, SnapshotSource,
+    },
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -73,6 +75,8 @@ pub struct Running {
     pub unix_path: Option<PathBuf>,
     pub live: Arc<LiveCa>,
     pub metrics: Arc<Metrics>,
+    /// Which pods' proxies meshid has seen (present when discovery is on).
+    pub proxies: Option<Arc<ProxyRegistry>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -146,6 +150,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     )
     .with_name_limit(cfg.xds.max_resource_names_per_stream.sds);
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
+    // Which pods' proxies hold an SDS stream or got a certificate (auto mTLS proof by proxy).
+    let proxies = (cfg.discovery.as_ref())
+        .map(|d| ProxyRegistry::new(clock.clone(), d.proxy_proof_grace));
+    let (sds, csr) = match &proxies {
+        Some(p) => (
+            sds.with_proxy_registry(p.clone()),
+            csr.with_proxy_registry(p.clone()),
+        ),
+        None => (sds, csr),
+    };
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
         Some(d) => {
@@ -153,10 +167,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 auto_mtls: d.auto_mtls,
                 root_namespace: d.root_namespace.clone(),
                 domain: d.domain.clone(),
+                require_proxy_proof: d.require_proxy_proof,
             };
-            let view = match (&d.snapshot, &d.kubeconfig) {
+            let objects = match (&d.snapshot, &d.kubeconfig) {
                 (Some(path), _) => {
-                    let source = SnapshotSource::load(path.clone(), settings).map_err(|e| {
+                    let source = SnapshotSource::load(path.clone()).map_err(|e| {
                         ServerError::Config(vec![format!("discovery.snapshot: {e}")])
                     })?;
                     let view = source.subscribe();
@@ -169,11 +184,19 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                     let client = kube_client(kubeconfig.as_deref())
                         .await
                         .map_err(|why| ServerError::Config(vec![format!("discovery: {why}")]))?;
-                    let (view, watchers) = start_kube_source(client, settings, stop_rx.clone());
+                    let (objects, watchers) = start_kube_source(client, stop_rx.clone());
                     tasks.extend(watchers);
-                    view
+                    objects
                 }
             };
+            let (view, builder) = spawn_view(
+                objects,
+                settings,
+                proxies.clone(),
+                cfg.state_poll_interval,
+                stop_rx.clone(),
+            );
+            tasks.push(builder);
             tasks.push(tokio::spawn(discovery_gauges(
                 view.clone(),
                 metrics.clone(),
@@ -256,6 +279,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         unix_path,
         live,
         metrics,
+        proxies,
         stop,
         tasks,
     })

@@ -5,6 +5,7 @@ mod auth;
 pub mod client;
 mod csr;
 mod eds;
+mod proof_hook;
 pub mod gate;
 pub mod lifetime;
 mod sds;

@@ -79,6 +79,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     xds: Arc<XdsMetrics>,
     rendered: RenderCache,
+    /// Told which pods' proxies hold a stream (auto mTLS proof by proxy).
+    proxies: Option<Arc<crate::discovery::ProxyRegistry>>,
 }
 
 /// Which snapshot trust resources were rendered for: the bundle's sequence (it moves on every
@@ -141,7 +143,16 @@ impl SdsService {
             metrics,
             xds,
             rendered: RenderCache::default(),
+            proxies: None,
         }))
+    }
+
+    /// Reports each stream's pod to `registry`. Call before the service is shared.
+    pub fn with_proxy_registry(mut self, registry: Arc<crate::discovery::ProxyRegistry>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.proxies = Some(registry);
+        }
+        self
     }
 
     /// Caps the resource names one stream may subscribe to
@@ -536,6 +547,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(&request).await?;
+        let proof = super::proof_hook::opened(self.0.proxies.as_ref(), &identity);
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_sotw(
             w,
@@ -543,7 +555,7 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(bound.apply(out)))
+        Ok(Response::new(super::proof_hook::hold(bound.apply(out), proof)))
     }
 
     async fn delta_secrets(
@@ -551,6 +563,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(&request).await?;
+        let proof = super::proof_hook::opened(self.0.proxies.as_ref(), &identity);
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_delta(
             w,
@@ -558,7 +571,7 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(bound.apply(out)))
+        Ok(Response::new(super::proof_hook::hold(bound.apply(out), proof)))
     }
 
     async fn fetch_secrets(
