@@ -3,7 +3,8 @@
 //! OIDC discovery and the JWKS (optionally only to authenticated callers, as self-managed
 //! clusters grant `system:service-account-issuer-discovery`), SelfSubjectAccessReview
 //! (scriptable allowed/denied), and list + watch of pods, services, namespaces,
-//! endpointslices, peerauthentications and destinationrules (seeded and changed by tests).
+//! endpointslices, peerauthentications, destinationrules, serviceentries, workloadentries and
+//! secrets (seeded and changed by tests).
 //! It runs on the test's tokio runtime and stops with it.
 
 use std::{
@@ -56,6 +57,17 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
         "networking.istio.io/v1",
         "DestinationRule",
     ),
+    (
+        "/apis/networking.istio.io/v1/serviceentries",
+        "networking.istio.io/v1",
+        "ServiceEntry",
+    ),
+    (
+        "/apis/networking.istio.io/v1/workloadentries",
+        "networking.istio.io/v1",
+        "WorkloadEntry",
+    ),
+    ("/api/v1/secrets", "v1", "Secret"),
 ];
 
 type Body = BoxBody<Bytes, std::convert::Infallible>;

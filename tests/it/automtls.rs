@@ -1,0 +1,507 @@
+//! Auto mTLS exactly as Istio decides it, and one decision for what meshid serves (EDS, the
+//! Envoy cluster template) and what it explains (`describe`, with Istio's prediction next to
+//! meshid's). Each row of the rules table names the Istio function it follows.
+
+use meshid::discovery::{
+    describe_service, describe_service_with, envoy_cluster, Decision, DiscoveryView,
+    MeshObjects, MeshSettings, NoProofs, TlsMode,
+};
+use serde_json::{json, Value};
+
+/// Builds kubectl-shaped objects in code.
+#[derive(Default)]
+pub struct Mesh {
+    items: Vec<Value>,
+    ip: u8,
+}
+
+/// A pod's sidecar as the pod declares it.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Side {
+    /// Labelled tlsMode=istio and running istio-proxy.
+    Sidecar,
+    /// Neither.
+    None,
+    /// Runs istio-proxy without the label.
+    Unlabelled,
+}
+
+impl Mesh {
+    pub fn new() -> Self {
+        let mut m = Self::default();
+        m.items.push(json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "istio-system", "creationTimestamp": "2026-11-01T00:00:00Z"},
+            "spec": {"mtls": {"mode": "PERMISSIVE"}}}));
+        m
+    }
+
+    /// A pod `name` in `ns` with labels `app: <app>` (+ extra), returning its IP.
+    pub fn pod(&mut self, ns: &str, name: &str, app: &str, side: Side, extra: &[(&str, &str)]) -> String {
+        self.ip += 1;
+        let ip = format!("10.250.0.{}", self.ip);
+        let mut labels = json!({"app": app});
+        for (k, v) in extra {
+            labels[*k] = json!(v);
+        }
+        let mut containers = vec![json!({"name": app, "image": "example/app", "ports": [{"containerPort": 8080}]})];
+        if side != Side::None {
+            containers.push(json!({"name": "istio-proxy", "image": "istio/proxyv2"}));
+        }
+        if side == Side::Sidecar {
+            labels["security.istio.io/tlsMode"] = json!("istio");
+        }
+        self.items.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels, "uid": format!("uid-{name}")},
+            "spec": {"serviceAccountName": app, "containers": containers},
+            "status": {"phase": "Running", "podIP": ip}}));
+        ip
+    }
+
+    /// A Service `name` on port 8080 ("http") selecting `app: name`, with an EndpointSlice
+    /// naming `pods` (name, ip).
+    pub fn service(&mut self, ns: &str, name: &str, headless: bool, pods: &[(&str, &str)]) {
+        self.items.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080, "targetPort": 8080}],
+                     "clusterIP": if headless { "None" } else { "10.96.1.1" }}}));
+        let endpoints: Vec<Value> = pods
+            .iter()
+            .map(|(p, ip)| json!({"addresses": [ip], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": p, "namespace": ns}}))
+            .collect();
+        self.items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "addressType": "IPv4",
+            "metadata": {"name": format!("{name}-x1"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+            "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints}));
+    }
+
+    /// A service `name` in `ns` with one pod per `sides` entry (`name-<i>`).
+    pub fn app(&mut self, ns: &str, name: &str, headless: bool, sides: &[Side]) {
+        let mut pods = Vec::new();
+        for (i, s) in sides.iter().enumerate() {
+            let pn = format!("{name}-{i}");
+            let ip = self.pod(ns, &pn, name, *s, &[]);
+            pods.push((pn, ip));
+        }
+        let refs: Vec<(&str, &str)> = pods.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        self.service(ns, name, headless, &refs);
+    }
+
+    pub fn peer_auth(&mut self, ns: &str, name: &str, selector: Option<(&str, &str)>, mode: &str) {
+        let mut spec = json!({"mtls": {"mode": mode}});
+        if let Some((k, v)) = selector {
+            spec["selector"] = json!({"matchLabels": {k: v}});
+        }
+        self.items.push(json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": "2026-11-02T00:00:00Z"}, "spec": spec}));
+    }
+
+    pub fn dr(&mut self, ns: &str, name: &str, spec: Value) {
+        self.items.push(json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": "2026-11-02T00:00:00Z"}, "spec": spec}));
+    }
+
+    pub fn raw(&mut self, v: Value) {
+        self.items.push(v);
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"apiVersion": "v1", "kind": "List", "items": self.items})
+    }
+
+    pub fn objects(&self) -> MeshObjects {
+        MeshObjects::from_snapshot(self.json().to_string().as_bytes()).unwrap()
+    }
+}
+
+use Decision::{Mtls, Plaintext, Tls, WillFail};
+use Side::{None as NoSidecar, Sidecar, Unlabelled};
+
+/// One row: the rule (with the Istio function it follows), the service, and per endpoint
+/// (meshid's decision, Istio's decision, meshid's EDS tlsMode).
+struct Row {
+    rule: &'static str,
+    service: &'static str,
+    want: Vec<(Decision, Decision, TlsMode)>,
+}
+
+/// The rules fixture: one service per rule, in namespace `rules` (and `nsdis`, whose
+/// namespace policy is DISABLE).
+fn rules_mesh() -> (Mesh, Vec<Row>) {
+    use TlsMode::{Disabled as D, Istio as I};
+    let mut m = Mesh::new();
+    let mut rows = Vec::new();
+    // 1
+    m.app("rules", "nomode", false, &[Sidecar]);
+    m.dr("rules", "nomode", json!({"host": "nomode", "trafficPolicy": {"tls": {}}}));
+    rows.push(Row {
+        rule: "ClientTLSSettings: a tls block without mode is DISABLE (the enum's zero value; buildAutoMtlsSettings)",
+        service: "nomode.rules",
+        want: vec![(Plaintext, Plaintext, D)],
+    });
+    // 2
+    m.app("rules", "portauto", false, &[Sidecar, NoSidecar]);
+    m.dr("rules", "portauto", json!({"host": "portauto", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+        "portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "ROUND_ROBIN"}}]}}));
+    rows.push(Row {
+        rule: "util.go GetPortLevelTrafficPolicy: a port entry without tls means auto mTLS on the cluster; mtls_checker.go trafficPolicyTLSModeForPort falls back to the top-level ISTIO_MUTUAL for the endpoint metadata",
+        service: "portauto.rules",
+        want: vec![(Mtls, Mtls, I), (WillFail, WillFail, I)],
+    });
+    // 3
+    m.app("rules", "portdisable", false, &[Sidecar]);
+    m.dr("rules", "portdisable", json!({"host": "portdisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+        "portLevelSettings": [{"port": {"number": 8080}, "tls": {}}]}}));
+    rows.push(Row {
+        rule: "GetPortLevelTrafficPolicy + trafficPolicyTLSModeForPort: a port entry's tls without mode is DISABLE on both sides",
+        service: "portdisable.rules",
+        want: vec![(Plaintext, Plaintext, D)],
+    });
+    // 4
+    m.app("rules", "padisable", false, &[Sidecar]);
+    m.peer_auth("rules", "padisable", Some(("app", "padisable")), "DISABLE");
+    m.dr("rules", "padisable", json!({"host": "padisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    rows.push(Row {
+        rule: "buildAutoMtlsSettings (user-supplied ISTIO_MUTUAL) to a sidecar whose PeerAuthentication is DISABLE: its inbound is plaintext only, will fail",
+        service: "padisable.rules",
+        want: vec![(WillFail, WillFail, I)],
+    });
+    // 5
+    m.app("rules", "wldisable", false, &[Sidecar]);
+    m.peer_auth("rules", "wldisable", Some(("app", "wldisable")), "DISABLE");
+    rows.push(Row {
+        rule: "mtls_checker.go checkMtlsEnabled: a workload PeerAuthentication DISABLE takes the endpoint's metadata off tlsMode istio",
+        service: "wldisable.rules",
+        want: vec![(Plaintext, Plaintext, D)],
+    });
+    // 6
+    m.peer_auth("nsdis", "default", None, "DISABLE");
+    m.app("nsdis", "wlstrict", false, &[Sidecar]);
+    m.peer_auth("nsdis", "wlstrict", Some(("app", "wlstrict")), "STRICT");
+    rows.push(Row {
+        rule: "push_context.go BestEffortInferServiceMTLSMode: namespace DISABLE with a workload STRICT override: Istio sends plaintext and fails; meshid follows the workload policy",
+        service: "wlstrict.nsdis",
+        want: vec![(Mtls, WillFail, I)],
+    });
+    // 7
+    m.app("rules", "headless", true, &[Sidecar, NoSidecar]);
+    rows.push(Row {
+        rule: "BestEffortInferServiceMTLSMode: a passthrough (headless) service with an endpoint without sidecar gets plaintext to every endpoint",
+        service: "headless.rules",
+        want: vec![(Mtls, Plaintext, I), (Plaintext, Plaintext, D)],
+    });
+    // 8
+    let a = m.pod("rules", "headless2-0", "headless2", Sidecar, &[]);
+    let b = m.pod("rules", "headless2-1", "headless2", Sidecar, &[("instance", "b")]);
+    m.service("rules", "headless2", true, &[("headless2-0", &a), ("headless2-1", &b)]);
+    m.peer_auth("rules", "headless2-1", Some(("instance", "b")), "DISABLE");
+    rows.push(Row {
+        rule: "BestEffortInferServiceMTLSMode + applyUpstreamTLSSettings: a headless service all with sidecars gets ISTIO_MUTUAL on an ORIGINAL_DST cluster with no socket matches: a DISABLE endpoint fails",
+        service: "headless2.rules",
+        want: vec![(Mtls, Mtls, I), (Plaintext, WillFail, D)],
+    });
+    // 9
+    m.app("rules", "unlabelled", false, &[Unlabelled]);
+    m.peer_auth("rules", "unlabelled", Some(("app", "unlabelled")), "STRICT");
+    rows.push(Row {
+        rule: "model.GetTLSModeFromEndpointLabels: the label decides, not the running container: a pod running istio-proxy without it is sent plaintext and fails under STRICT",
+        service: "unlabelled.rules",
+        want: vec![(WillFail, WillFail, D)],
+    });
+    // 10
+    m.app("rules", "dotted", false, &[NoSidecar]);
+    m.dr("rules", "dotted", json!({"host": "dotted.rules", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    rows.push(Row {
+        rule: "model.ResolveShortnameToFQDN: only a host without a dot is expanded; dotted.rules is not dotted.rules.svc.cluster.local",
+        service: "dotted.rules",
+        want: vec![(Plaintext, Plaintext, D)],
+    });
+    // 11
+    m.app("rules", "plainsvc", false, &[Sidecar, NoSidecar]);
+    rows.push(Row {
+        rule: "checkMtlsEnabled: for ClusterIP services Istio already decides per endpoint (the label)",
+        service: "plainsvc.rules",
+        want: vec![(Mtls, Mtls, I), (Plaintext, Plaintext, D)],
+    });
+    (m, rows)
+}
+
+/// What the client proxy sends through `cluster` (Envoy JSON) to an endpoint with `meta`.
+fn sends(cluster: &Value, meta: TlsMode) -> &'static str {
+    if let Some(matches) = cluster["transport_socket_matches"].as_array() {
+        let chosen = matches
+            .iter()
+            .find(|m| {
+                m["match"].as_object().unwrap().iter().all(|(k, v)| {
+                    k == "tlsMode" && v == "istio" && meta == TlsMode::Istio
+                })
+            })
+            .unwrap();
+        return match chosen["transport_socket"]["name"].as_str().unwrap() {
+            "envoy.transport_sockets.tls" => "mtls",
+            _ => "plaintext",
+        };
+    }
+    let ts = &cluster["transport_socket"];
+    if ts.is_null() {
+        return "plaintext";
+    }
+    let ctx = &ts["typed_config"]["common_tls_context"];
+    if ctx["tls_certificate_sds_secret_configs"].is_array() {
+        "mtls"
+    } else {
+        "tls"
+    }
+}
+
+/// The table, against `describe` (meshid's and Istio's answers) and against what meshid serves
+/// (EDS metadata and the cluster template), which must agree with `describe`.
+#[test]
+fn istio_rules_table_against_describe_eds_and_template() {
+    let (m, rows) = rules_mesh();
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    let view = DiscoveryView::build(&objs, &s);
+    let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
+    for row in &rows {
+        let r = describe_service(&objs, &s, row.service, None).unwrap();
+        let got: Vec<(Decision, Decision, TlsMode)> = r
+            .endpoints
+            .iter()
+            .map(|e| (e.decision, e.istio.decision, e.eds_tls_mode))
+            .collect();
+        assert_eq!(got, row.want, "rule: {}\n{r:#?}", row.rule);
+        // What meshid serves says the same as what it explains.
+        let cluster = envoy_cluster(&objs, &s, row.service, 8080, &td, "meshid").unwrap();
+        let eds = &view.clusters[cluster["name"].as_str().unwrap()];
+        for e in &r.endpoints {
+            let served = eds
+                .iter()
+                .find(|x| x.address == e.address)
+                .unwrap_or_else(|| panic!("rule: {}: {} not served", row.rule, e.address));
+            assert_eq!(served.tls_mode, e.eds_tls_mode, "rule: {}", row.rule);
+            let sent = sends(&cluster, served.tls_mode);
+            match e.decision {
+                Mtls => assert_eq!(sent, "mtls", "rule: {}", row.rule),
+                Plaintext => assert_eq!(sent, "plaintext", "rule: {}", row.rule),
+                Tls => assert_eq!(sent, "tls", "rule: {}", row.rule),
+                WillFail => {
+                    let said = match sent {
+                        "mtls" => "mTLS is sent",
+                        "plaintext" => "plaintext is sent",
+                        _ => "TLS without a mesh certificate is sent",
+                    };
+                    assert!(e.why.contains(said), "rule: {}: sent {sent}, why {}", row.rule, e.why);
+                }
+                other => panic!("rule: {}: {other:?}", row.rule),
+            }
+        }
+        assert!(
+            r.clusters[0].tls_why.len() > 3 && !r.endpoints.iter().any(|e| e.why.is_empty()),
+            "rule: {}",
+            row.rule
+        );
+    }
+}
+
+/// Which side decided is said, and Istio's cluster-side limits are explained.
+#[test]
+fn describe_says_which_side_decided_and_why_istio_differs() {
+    let (m, _) = rules_mesh();
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    let r = describe_service(&objs, &s, "portauto.rules", None).unwrap();
+    let dr = r.destination_rule.as_ref().unwrap();
+    assert!(dr.cluster_side.starts_with("port 8080 entry"), "{dr:?}");
+    assert!(dr.endpoint_side.ends_with("IstioMutual"), "{dr:?}");
+    assert_eq!(r.endpoints[1].decided_by, "endpoint");
+    let r = describe_service(&objs, &s, "wlstrict.nsdis", None).unwrap();
+    assert_eq!(r.istio_differs, 1);
+    assert!(r.clusters[0].istio_tls_why.contains("BestEffortInferServiceMTLSMode"));
+    assert!(r.endpoints[0].istio.why.contains("plaintext is sent to a STRICT destination"));
+    let r = describe_service(&objs, &s, "headless2.rules", None).unwrap();
+    assert_eq!(r.endpoints[1].istio.decided_by, "cluster");
+    assert!(r.endpoints[1].istio.why.contains("DISABLE"), "{}", r.endpoints[1].istio.why);
+}
+
+/// `push_context.go` `destinationRule`: the client's namespace first, then the service's
+/// (only rules exported to the client), then the root namespace; a selector-bearing rule only
+/// for the clients it selects.
+#[test]
+fn destination_rule_lookup_order_export_to_and_workload_selector() {
+    let mut m = Mesh::new();
+    m.app("svcns", "api", false, &[Sidecar]);
+    m.pod("client1", "c1", "c1", Sidecar, &[]);
+    m.pod("client2", "c2", "c2", Sidecar, &[]);
+    m.pod("client3", "c3", "c3", Sidecar, &[("role", "special")]);
+    m.pod("client3", "c4", "c4", Sidecar, &[]);
+    // The service's namespace: SIMPLE, exported only to its own namespace.
+    m.dr("svcns", "api", json!({"host": "api.svcns.svc.cluster.local", "exportTo": ["."],
+        "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}));
+    // client1's own rule wins for client1.
+    m.dr("client1", "api", json!({"host": "api.svcns.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "DISABLE"}}}));
+    // client3: a selector-bearing rule in its namespace, only for role=special.
+    m.dr("client3", "api-special", json!({"host": "api.svcns.svc.cluster.local",
+        "workloadSelector": {"matchLabels": {"role": "special"}}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}));
+    // The root namespace: ISTIO_MUTUAL, for everyone else.
+    m.dr("istio-system", "mesh", json!({"host": "*.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    let from = |c: Option<&str>| {
+        let r = describe_service(&objs, &s, "api.svcns", c).unwrap();
+        (
+            r.destination_rule.map(|d| format!("{}/{}", d.namespace, d.name)),
+            r.endpoints[0].decision,
+        )
+    };
+    assert_eq!(from(Some("c1.client1")), (Some("client1/api".into()), Plaintext));
+    assert_eq!(
+        from(Some("c2.client2")),
+        (Some("istio-system/mesh".into()), Mtls),
+        "the service namespace's rule is not exported to client2"
+    );
+    assert_eq!(from(Some("c3.client3")), (Some("client3/api-special".into()), Plaintext));
+    assert_eq!(
+        from(Some("c4.client3")),
+        (Some("istio-system/mesh".into()), Mtls),
+        "the selector-bearing rule does not select c4"
+    );
+    assert_eq!(from(None), (Some("svcns/api".into()), Tls));
+}
+
+const EXTERNAL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/examples/external-service.yaml"
+);
+
+/// The mission document's external-service example: a MESH_EXTERNAL ServiceEntry with a
+/// DestinationRule SIMPLE is TLS origination, not mTLS (`cluster_tls.go`
+/// `buildAutoMtlsSettings`: a user-supplied mode wins; mesh-external never gets auto mTLS).
+#[test]
+fn external_service_example_is_tls_origination() {
+    let objs = MeshObjects::from_snapshot(&std::fs::read(EXTERNAL).unwrap()).unwrap();
+    let s = MeshSettings::default();
+    let r = describe_service(&objs, &s, "api.external-service.com", None).unwrap();
+    assert_eq!((r.kind, r.mesh_external, r.resolution.as_str()), ("ServiceEntry", true, "DNS"));
+    let e = &r.endpoints[0];
+    assert_eq!((e.address.as_str(), e.port, e.decision), ("api.external-service.com", 443, Tls));
+    assert_eq!(e.decided_by, "cluster");
+    assert!(e.why.contains("TLS origination"), "{}", e.why);
+    assert!(!r.clusters[0].served_by_eds, "DNS entries are not EDS clusters");
+    // The same by the ServiceEntry's name.
+    let by_name = describe_service(&objs, &s, "external-api.shop", None).unwrap();
+    assert_eq!(by_name.endpoints[0].decision, Tls);
+    let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
+    let c = envoy_cluster(&objs, &s, "api.external-service.com", 443, &td, "meshid").unwrap();
+    assert_eq!(c["type"], "STRICT_DNS");
+    assert!(c["transport_socket_matches"].is_null());
+    assert_eq!(c["transport_socket"]["typed_config"]["sni"], "api.external-service.com");
+    assert_eq!(sends(&c, TlsMode::Disabled), "tls");
+    // Without the DestinationRule: plaintext, because auto mTLS does not apply to it.
+    let mut bare = objs.clone();
+    bare.destination_rules.clear();
+    let r = describe_service(&bare, &s, "api.external-service.com", None).unwrap();
+    assert_eq!(r.endpoints[0].decision, Plaintext);
+    assert!(r.endpoints[0].why.contains("mesh-external"), "{}", r.endpoints[0].why);
+    // And the CLI says so.
+    let o = crate::support::meshid(&["describe", "service", "api.external-service.com", "--snapshot", EXTERNAL]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("-> TLS origination (SIMPLE)"), "{text}");
+    assert!(text.contains("external-api-tls"), "{text}");
+}
+
+/// VMs: WorkloadEntries with and without the tlsMode label, selected by a MESH_INTERNAL STATIC
+/// ServiceEntry's workloadSelector (and one by a Service's selector): EDS serves them with
+/// their tlsMode, on the WorkloadEntry's own port for the port name.
+#[test]
+fn workload_entries_selected_by_service_entry_and_service() {
+    let mut m = Mesh::new();
+    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "vms", "namespace": "vm", },
+        "spec": {"hosts": ["vm.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                 "exportTo": ["."],
+                 "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                 "workloadSelector": {"labels": {"app": "vm"}}}}));
+    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-a", "namespace": "vm"},
+        "spec": {"address": "10.1.0.5", "ports": {"http": 9080}, "network": "vpc-1",
+                 "serviceAccount": "vm-sa",
+                 "labels": {"app": "vm", "security.istio.io/tlsMode": "istio"}}}));
+    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-b", "namespace": "vm"},
+        "spec": {"address": "10.1.0.6", "ports": {"http": 9080}, "labels": {"app": "vm"}}}));
+    // A Service whose selector picks a WorkloadEntry (and no pod).
+    m.service("vm", "db", false, &[]);
+    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "db-vm", "namespace": "vm"},
+        "spec": {"address": "10.1.0.7", "labels": {"app": "db", "security.istio.io/tlsMode": "istio"}}}));
+    m.pod("other", "client", "client", Sidecar, &[]);
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    let view = DiscoveryView::build(&objs, &s);
+    let served: Vec<(String, u16, TlsMode, Option<String>)> = view.clusters["outbound|8080||vm.internal"]
+        .iter()
+        .map(|e| (e.address.clone(), e.port, e.tls_mode, e.cluster.clone()))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("10.1.0.5".into(), 9080, TlsMode::Istio, Some("vpc-1".into())),
+            ("10.1.0.6".into(), 9080, TlsMode::Disabled, None)
+        ]
+    );
+    let r = describe_service(&objs, &s, "vm.internal", None).unwrap();
+    let got: Vec<(&str, Decision)> = r.endpoints.iter().map(|e| (e.workload.as_str(), e.decision)).collect();
+    assert_eq!(got, [("workloadentry vm-a.vm", Mtls), ("workloadentry vm-b.vm", Plaintext)]);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // exportTo ".": a client in another namespace does not see it, and describe says so.
+    let r = describe_service(&objs, &s, "vm.internal", Some("client.other")).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("not exported to namespace other")), "{:?}", r.warnings);
+    // The Service selecting a WorkloadEntry: its endpoint, on the service's target port.
+    assert_eq!(
+        view.clusters["outbound|8080||db.vm.svc.cluster.local"]
+            .iter()
+            .map(|e| (e.address.as_str(), e.port, e.tls_mode))
+            .collect::<Vec<_>>(),
+        [("10.1.0.7", 8080, TlsMode::Istio)]
+    );
+    // The template's SANs come from the WorkloadEntry's service account.
+    let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
+    let c = envoy_cluster(&objs, &s, "vms.vm", 8080, &td, "meshid").unwrap();
+    let ctx = &c["transport_socket_matches"][0]["transport_socket"]["typed_config"]["common_tls_context"];
+    assert_eq!(
+        ctx["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+        "spiffe://cluster.local/ns/vm/sa/vm-sa"
+    );
+}
+
+/// Subsets: EDS serves `outbound|<port>|<subset>|<host>` with the subset's endpoints; a
+/// subset's own traffic policy decides its endpoints' metadata (`tlsModeForDestinationRule`)
+/// and, merged over the top level, its cluster (`MergeSubsetTrafficPolicy`).
+#[test]
+fn subsets_are_served_by_eds() {
+    let mut m = Mesh::new();
+    let a = m.pod("rules", "reviews-v1", "reviews", Sidecar, &[("version", "v1")]);
+    let b = m.pod("rules", "reviews-v2", "reviews", Sidecar, &[("version", "v2")]);
+    m.service("rules", "reviews", false, &[("reviews-v1", &a), ("reviews-v2", &b)]);
+    m.dr("rules", "reviews", json!({"host": "reviews", "subsets": [
+        {"name": "v1", "labels": {"version": "v1"}},
+        {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}]}));
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    let view = DiscoveryView::build(&objs, &s);
+    let fqdn = "reviews.rules.svc.cluster.local";
+    let get = |subset: &str| -> Vec<(String, TlsMode)> {
+        view.clusters[&format!("outbound|8080|{subset}|{fqdn}")]
+            .iter()
+            .map(|e| (e.address.clone(), e.tls_mode))
+            .collect()
+    };
+    assert_eq!(get(""), [(a.clone(), TlsMode::Istio), (b.clone(), TlsMode::Istio)]);
+    assert_eq!(get("v1"), [(a, TlsMode::Istio)]);
+    assert_eq!(get("v2"), [(b, TlsMode::Disabled)]);
+    let r = describe_service(&objs, &s, "reviews.rules", None).unwrap();
+    let v2 = r.clusters.iter().find(|c| c.subset.as_deref() == Some("v2")).unwrap();
+    assert_eq!(v2.tls, meshid::discovery::ClusterTls::Plain);
+}
