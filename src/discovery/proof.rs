@@ -197,6 +197,11 @@ impl ProofSnapshot {
         v
     }
 
+    /// The proof for a pod by name, whatever its UID.
+    pub fn proof_of(&self, namespace: &str, name: &str) -> ProxyProof {
+        self.proof(namespace, name, None)
+    }
+
     fn state(&self, s: &Seen) -> ProxyProof {
         if let Some(since) = s.connected_since.filter(|_| s.streams > 0) {
             return ProxyProof::Connected { since };

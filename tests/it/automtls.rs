@@ -3,8 +3,8 @@
 //! meshid's). Each row of the rules table names the Istio function it follows.
 
 use meshid::discovery::{
-    describe_service, describe_service_with, envoy_cluster, Decision, DiscoveryView,
-    MeshObjects, MeshSettings, NoProofs, TlsMode,
+    describe_service, envoy_cluster, Decision, DiscoveryView,
+    MeshObjects, MeshSettings, TlsMode,
 };
 use serde_json::{json, Value};
 
@@ -504,4 +504,171 @@ fn subsets_are_served_by_eds() {
     let r = describe_service(&objs, &s, "reviews.rules", None).unwrap();
     let v2 = r.clusters.iter().find(|c| c.subset.as_deref() == Some("v2")).unwrap();
     assert_eq!(v2.tls, meshid::discovery::ClusterTls::Plain);
+}
+
+/// Sidecars proven by their proxies (`discovery.require_proxy_proof`): a pod labelled for a
+/// sidecar with no SDS stream is served tlsMode disabled and counted; once a stream whose token
+/// names the pod (name and UID) is open it is served tlsMode istio, and `describe` says
+/// "proxy connected since"; after the stream closes and the grace period is over (the injected
+/// clock moves), it is served disabled again.
+mod proof_by_proxy {
+    use std::{sync::Arc, time::Duration};
+
+    use envoy_types::pb::envoy::service::{
+        discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+        endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient,
+    };
+    use meshid::{
+        api::ENDPOINT_TYPE_URL,
+        clock::{Clock, ManualClock},
+        config,
+        discovery::{describe_service_with, MeshSettings, ProxyProof},
+        identity::dev_issuer::TokenRequest,
+    };
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::{Mesh, Side};
+    use crate::server_support::{bearer, now, TestServer};
+
+    const WEB: &str = "outbound|8080||web.shop.svc.cluster.local";
+
+    /// The tlsMode metadata of the only endpoint of WEB in `r`.
+    fn tls_of(r: &DiscoveryResponse) -> Option<String> {
+        use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+        use prost::Message;
+        let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+        let ep = &cla.endpoints[0].lb_endpoints[0];
+        ep.metadata
+            .as_ref()
+            .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+            .and_then(|s| match s.fields.get("tlsMode")?.kind.as_ref()? {
+                envoy_types::pb::google::protobuf::value::Kind::StringValue(v) => Some(v.clone()),
+                _ => None,
+            })
+    }
+
+    async fn recv<T>(rx: &mut tonic::Streaming<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("a response within 5 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn gauge(server: &TestServer) -> String {
+        server
+            .running
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("meshid_discovery_declared_without_proxy "))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_declared_sidecar_counts_only_once_its_proxy_fetched_a_certificate() {
+        let mut m = Mesh::new();
+        m.app("shop", "web", false, &[Side::Sidecar]);
+        let objs = m.objects();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("mesh.json");
+        std::fs::write(&snapshot, m.json().to_string()).unwrap();
+        let clock = Arc::new(ManualClock::new(now()));
+        let snap = snapshot.clone();
+        let server = TestServer::start_with(clock.clone(), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                snapshot: Some(snap),
+                require_proxy_proof: true,
+                proxy_proof_grace: Duration::from_secs(60),
+                ..Default::default()
+            })
+        })
+        .await;
+        let registry = server.running.proxies.clone().expect("a registry with discovery on");
+        let settings = MeshSettings {
+            require_proxy_proof: true,
+            ..Default::default()
+        };
+        // A client's EDS stream for web.
+        let mut eds = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "client"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = eds.stream_endpoints(ReceiverStream::new(out)).await.unwrap().into_inner();
+        let req = |nonce: &str| DiscoveryRequest {
+            resource_names: vec![WEB.into()],
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        tx.send(req("")).await.unwrap();
+        let r = recv(&mut rx).await;
+        assert_eq!(tls_of(&r), None, "declared but silent: served disabled");
+        let report = describe_service_with(&objs, &settings, &registry.snapshot(), "web.shop", None, false).unwrap();
+        assert_eq!(
+            report.endpoints[0].sidecar_state,
+            "declared (tlsMode=istio) but no proxy has fetched a certificate"
+        );
+        assert!(report.endpoints[0].eds_tls_mode == meshid::discovery::TlsMode::Disabled);
+        // The gauge is set by its own task: wait for it (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while gauge(&server) != "meshid_discovery_declared_without_proxy 1" {
+            assert!(std::time::Instant::now() < deadline, "{}", gauge(&server));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tx.send(req(&r.nonce)).await.unwrap();
+
+        // The pod's proxy opens its SDS stream; its token names the pod.
+        let token = server
+            .issuer
+            .token(
+                &TokenRequest {
+                    namespace: "shop".into(),
+                    service_account: "web".into(),
+                    audiences: vec!["istio-ca".into()],
+                    ttl: Duration::from_secs(3600),
+                    pod: Some(("web-0".into(), "uid-web-0".into())),
+                },
+                clock.now(),
+            )
+            .unwrap();
+        let mut sds = server.sds(Some(token)).await;
+        let (stx, sout) = mpsc::channel(8);
+        let mut srx = sds.stream_secrets(ReceiverStream::new(sout)).await.unwrap().into_inner();
+        stx.send(DiscoveryRequest {
+            resource_names: vec!["default".into()],
+            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let _ = recv(&mut srx).await;
+        let r = recv(&mut rx).await;
+        assert_eq!(tls_of(&r).as_deref(), Some("istio"), "proven: served istio");
+        let report = describe_service_with(&objs, &settings, &registry.snapshot(), "web.shop", None, false).unwrap();
+        assert!(
+            report.endpoints[0].sidecar_state.starts_with("proxy connected since "),
+            "{}",
+            report.endpoints[0].sidecar_state
+        );
+        tx.send(req(&r.nonce)).await.unwrap();
+
+        // The stream closes: still proven within the grace period ...
+        drop(stx);
+        drop(srx);
+        drop(sds);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !matches!(registry.snapshot().proof_of("shop", "web-0"), ProxyProof::Recent { .. }) {
+            assert!(std::time::Instant::now() < deadline, "the closed stream was not noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ... and not after it.
+        clock.advance(Duration::from_secs(61));
+        let r = recv(&mut rx).await;
+        assert_eq!(tls_of(&r), None, "grace over: served disabled again");
+        server.running.shutdown().await;
+    }
 }
