@@ -817,6 +817,31 @@ additional_issuers = ["j"]
     }
 
     #[test]
+    fn discovery_proxy_proof_keys() {
+        let base = format!("{GOOD}\n[discovery]\nsnapshot = \"/m.yaml\"\n");
+        let cfg = Config::from_toml(&base).unwrap();
+        let d = cfg.discovery.unwrap();
+        assert_eq!(
+            (d.require_proxy_proof, d.proxy_proof_grace),
+            (false, Duration::from_secs(3600))
+        );
+        let cfg = Config::from_toml(&format!(
+            "{base}require_proxy_proof = true\nproxy_proof_grace = \"5m\"\n"
+        ))
+        .unwrap();
+        let d = cfg.discovery.unwrap();
+        assert_eq!(
+            (d.require_proxy_proof, d.proxy_proof_grace),
+            (true, Duration::from_secs(300))
+        );
+        let errs = Config::from_toml(&format!("{base}proxy_proof_grace = \"0s\"\n")).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("discovery.proxy_proof_grace")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn bad_duration_names_the_key() {
         let errs =
             Config::from_toml(&format!("{GOOD}\n[issuance]\ndefault_ttl = \"1w\"\n")).unwrap_err();

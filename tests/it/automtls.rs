@@ -672,3 +672,31 @@ mod proof_by_proxy {
         server.running.shutdown().await;
     }
 }
+
+/// `describe --mesh istio` prints Istio's answer where it differs (`BestEffortInferServiceMTLSMode`
+/// on a namespace DISABLE with a workload STRICT), and `--clients` lists each client pod and
+/// how it reaches the service, like `istioctl x describe`.
+#[test]
+fn describe_cli_mesh_istio_and_clients() {
+    let (mut m, _) = rules_mesh();
+    m.pod("nsdis", "legacy-client", "legacy-client", NoSidecar, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.json");
+    std::fs::write(&path, m.json().to_string()).unwrap();
+    let snap = path.to_str().unwrap();
+    let o = crate::support::meshid(&["describe", "service", "wlstrict.nsdis", "--snapshot", snap, "--mesh", "istio", "--clients"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("-> mTLS"), "{text}");
+    assert!(text.contains("istio: will fail (cluster side): plaintext is sent to a STRICT destination"), "{text}");
+    assert!(text.contains("istio: no TLS (namespace/mesh PeerAuthentication DISABLE"), "{text}");
+    assert!(text.contains("Istio would decide otherwise for 1 endpoint(s)"), "{text}");
+    assert!(text.contains("legacy-client.nsdis (no sidecar): will fail (1 of 1 endpoints)"), "{text}");
+    assert!(text.contains("wlstrict-0.nsdis (sidecar): mTLS"), "{text}");
+    // Without --mesh istio, Istio's answer is only in the JSON.
+    let o = crate::support::meshid(&["describe", "service", "wlstrict.nsdis", "--snapshot", snap, "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["endpoints"][0]["istio"]["decision"], "will-fail");
+    assert_eq!(v["endpoints"][0]["decision"], "mtls");
+    assert_eq!(v["istio_differs"], 1);
+}
