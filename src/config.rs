@@ -262,6 +262,28 @@ pub struct Discovery {
         serialize_with = "crate::ca::serde_duration_ser"
     )]
     pub proxy_proof_grace: Duration,
+    /// This cluster's name, shown next to its endpoints (multi-cluster discovery).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Other clusters whose pods, services and endpointslices are merged per service hostname.
+    #[serde(default)]
+    pub clusters: Vec<RemoteCluster>,
+    /// Also follow Istio's remote secrets: Secrets in `root_namespace` labelled
+    /// `istio/multiCluster=true`, one kubeconfig per data key (the key names the cluster).
+    #[serde(default)]
+    pub remote_secrets: bool,
+}
+
+/// A remote cluster for multi-cluster discovery.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCluster {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+}
+
+fn default_cluster_name() -> String {
+    crate::identity::DEFAULT_CLUSTER.into()
 }
 
 impl Default for Discovery {
@@ -275,6 +297,9 @@ impl Default for Discovery {
             auto_mtls: true,
             require_proxy_proof: false,
             proxy_proof_grace: default_proof_grace(),
+            cluster_name: default_cluster_name(),
+            clusters: Vec::new(),
+            remote_secrets: false,
         }
     }
 }
@@ -619,6 +644,21 @@ impl Config {
             if n != 1 {
                 errs.push(
                     "discovery: set exactly one of snapshot, kubeconfig or in_cluster".into(),
+                );
+            }
+            let mut names = vec![d.cluster_name.as_str()];
+            for (i, c) in d.clusters.iter().enumerate() {
+                if c.name.is_empty() || names.contains(&c.name.as_str()) {
+                    errs.push(format!(
+                        "discovery.clusters[{i}].name: {:?} is empty or not unique (discovery.cluster_name is {:?})",
+                        c.name, d.cluster_name
+                    ));
+                }
+                names.push(&c.name);
+            }
+            if d.snapshot.is_some() && (!d.clusters.is_empty() || d.remote_secrets) {
+                errs.push(
+                    "discovery.clusters / discovery.remote_secrets: need a live source (kubeconfig or in_cluster), not a snapshot".into(),
                 );
             }
             let grace = d.proxy_proof_grace;

@@ -35,7 +35,8 @@ use crate::{
     clock::Clock,
     config::{self, Config},
     discovery::{
-        spawn_view, start_kube_source, DiscoveryView, MeshSettings, ProxyRegistry, SnapshotSource,
+        spawn_view, start_kube_source, watch_remote_secrets, DiscoveryView, MeshSettings,
+        MultiCluster, ProxyRegistry, SnapshotSource,
     },
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
@@ -168,6 +169,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 root_namespace: d.root_namespace.clone(),
                 domain: d.domain.clone(),
                 require_proxy_proof: d.require_proxy_proof,
+                cluster_name: d.cluster_name.clone(),
             };
             let objects = match (&d.snapshot, &d.kubeconfig) {
                 (Some(path), _) => {
@@ -184,7 +186,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                     let client = kube_client(kubeconfig.as_deref())
                         .await
                         .map_err(|why| ServerError::Config(vec![format!("discovery: {why}")]))?;
-                    let (objects, watchers) = start_kube_source(client, stop_rx.clone());
+                    let mc = remote_clusters(d, &client, &mut tasks).await?;
+                    let (objects, watchers) = start_kube_source(client, mc, stop_rx.clone());
                     tasks.extend(watchers);
                     objects
                 }
@@ -354,6 +357,31 @@ fn grpc_router(
         .add_optional_service(eds.map(|e| {
             EndpointDiscoveryServiceServer::new(e.clone()).max_decoding_message_size(xds_max)
         }))
+}
+
+/// The remote clusters of multi-cluster discovery: configured ones, and Istio's remote secrets.
+async fn remote_clusters(
+    d: &config::Discovery,
+    primary: &kube::Client,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<MultiCluster, ServerError> {
+    let mc = MultiCluster::new();
+    for (i, c) in d.clusters.iter().enumerate() {
+        let client = kube_client(Some(&c.kubeconfig)).await.map_err(|why| {
+            ServerError::Config(vec![format!("discovery.clusters[{i}] ({}): {why}", c.name)])
+        })?;
+        mc.add(&c.name, client);
+    }
+    if d.remote_secrets {
+        tasks.push(watch_remote_secrets(
+            primary.clone(),
+            &d.root_namespace,
+            mc.remotes.clone(),
+            d.clusters.iter().map(|c| c.name.clone()).collect(),
+            mc.notify.clone(),
+        ));
+    }
+    Ok(mc)
 }
 
 async fn discovery_gauges(

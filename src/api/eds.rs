@@ -19,8 +19,8 @@ use envoy_types::{
         envoy::{
             config::{
                 core::v3::{
-                    address, socket_address::PortSpecifier, Address, HealthStatus, Metadata,
-                    SocketAddress,
+                    address, socket_address::PortSpecifier, Address, HealthStatus, Locality,
+                    Metadata, SocketAddress,
                 },
                 endpoint::v3::{
                     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
@@ -56,6 +56,8 @@ use crate::{
 pub const ENDPOINT_TYPE_URL: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
+/// Endpoint metadata marking an endpoint kept from an unreachable cluster.
+const STALE_KEY: &str = "meshid.discovery";
 
 /// The EDS service.
 #[derive(Clone)]
@@ -105,56 +107,91 @@ impl EdsService {
     }
 }
 
+fn string(v: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(v.into())),
+    }
+}
+
+fn lb_endpoint(e: &EndpointEntry) -> LbEndpoint {
+    let address = Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: e.address.clone(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+            ..Default::default()
+        })),
+    };
+    let mut filter_metadata = std::collections::HashMap::new();
+    if e.tls_mode == TlsMode::Istio {
+        let tls = Struct {
+            fields: [("tlsMode".to_owned(), string("istio"))].into_iter().collect(),
+        };
+        filter_metadata.insert(SOCKET_MATCH_KEY.to_owned(), tls);
+    }
+    if e.stale {
+        // Kept from a cluster whose API server cannot be reached, and marked so.
+        let mark = Struct {
+            fields: [
+                ("cluster".to_owned(), string(&e.cluster)),
+                (
+                    "stale".to_owned(),
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        filter_metadata.insert(STALE_KEY.to_owned(), mark);
+    }
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(address),
+            ..Default::default()
+        })),
+        health_status: if e.ready {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        } as i32,
+        metadata: (!filter_metadata.is_empty()).then(|| Metadata {
+            filter_metadata,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The assignment EDS serves for `name` (empty when the service has no endpoints or is gone:
-/// the cluster still exists in the proxy's configuration).
+/// the cluster still exists in the proxy's configuration). One locality per Kubernetes cluster
+/// the endpoints come from, the cluster's name as its sub-zone.
 pub fn load_assignment(name: &str, endpoints: &[EndpointEntry]) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .iter()
-        .map(|e| {
-            let address = Address {
-                address: Some(address::Address::SocketAddress(SocketAddress {
-                    address: e.address.clone(),
-                    port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+    let mut localities: Vec<LocalityLbEndpoints> = Vec::new();
+    for e in endpoints {
+        let same = localities
+            .last()
+            .and_then(|l| l.locality.as_ref())
+            .is_some_and(|l| l.sub_zone == e.cluster);
+        if !same {
+            localities.push(LocalityLbEndpoints {
+                locality: Some(Locality {
+                    sub_zone: e.cluster.clone(),
                     ..Default::default()
-                })),
-            };
-            let metadata = (e.tls_mode == TlsMode::Istio).then(|| {
-                let tls = Struct {
-                    fields: [(
-                        "tlsMode".to_owned(),
-                        Value {
-                            kind: Some(Kind::StringValue("istio".into())),
-                        },
-                    )]
-                    .into_iter()
-                    .collect(),
-                };
-                Metadata {
-                    filter_metadata: [(SOCKET_MATCH_KEY.to_owned(), tls)].into_iter().collect(),
-                    ..Default::default()
-                }
-            });
-            LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(address),
-                    ..Default::default()
-                })),
-                health_status: if e.ready {
-                    HealthStatus::Healthy
-                } else {
-                    HealthStatus::Unhealthy
-                } as i32,
-                metadata,
+                }),
                 ..Default::default()
-            }
-        })
-        .collect();
+            });
+        }
+        if let Some(l) = localities.last_mut() {
+            l.lb_endpoints.push(lb_endpoint(e));
+        }
+    }
+    if localities.is_empty() {
+        localities.push(LocalityLbEndpoints::default());
+    }
     ClusterLoadAssignment {
         cluster_name: name.to_owned(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
+        endpoints: localities,
         ..Default::default()
     }
 }

@@ -77,6 +77,7 @@ impl Source {
             root_namespace: self.root_namespace.clone(),
             domain: self.domain.clone(),
             require_proxy_proof: false,
+            cluster_name: "Kubernetes".into(),
         };
         Ok((objs, settings))
     }
@@ -229,7 +230,16 @@ fn print_service(r: &ServiceReport, istio: bool) {
             if e.sidecar { "yes" } else { "no" },
             e.decision.label()
         );
-        println!("      sidecar state: {}", e.sidecar_state);
+        println!(
+            "      cluster {}{}; sidecar state: {}",
+            e.cluster,
+            if e.stale {
+                " (STALE: its API server cannot be reached; last known endpoint)"
+            } else {
+                ""
+            },
+            e.sidecar_state
+        );
         println!(
             "      why ({} side): {}; PeerAuthentication {} from {}",
             e.decided_by, e.why, e.peer_authentication.mode, e.peer_authentication.source

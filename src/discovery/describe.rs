@@ -26,6 +26,10 @@ pub struct EndpointReport {
     /// What backs the endpoint: `pod N.NS`, `workloadentry N.NS`, `serviceentry N.NS`, `dns HOST`.
     pub workload: String,
     pub network: Option<String>,
+    /// The Kubernetes cluster it comes from.
+    pub cluster: String,
+    /// Its cluster's API server cannot be reached: the last known endpoint.
+    pub stale: bool,
     pub ready: bool,
     /// Whether meshid treats the endpoint as having a sidecar.
     pub sidecar: bool,
@@ -264,6 +268,8 @@ fn endpoint_report(
         pod: b.pod.as_ref().map(|p| format!("{}.{}", p.name, b.namespace)),
         workload: b.workload.clone(),
         network: b.network.clone(),
+        cluster: b.cluster.clone(),
+        stale: b.stale,
         ready: b.ready,
         sidecar: e.sidecar,
         sidecar_state: e.sidecar_state(),

@@ -20,8 +20,12 @@ pub struct EndpointEntry {
     pub ready: bool,
     /// The decision's EDS metadata: `istio` endpoints get the transport-socket-match metadata.
     pub tls_mode: TlsMode,
-    /// The Kubernetes cluster (or network) the endpoint comes from: EDS locality's sub-zone.
-    pub cluster: Option<String>,
+    /// The Kubernetes cluster the endpoint comes from (EDS: its locality's sub-zone).
+    pub cluster: String,
+    /// The WorkloadEntry's network, if any.
+    pub network: Option<String>,
+    /// Its cluster's API server cannot be reached: the last known endpoint, kept and marked.
+    pub stale: bool,
 }
 
 /// The cluster name Istio gives a service port.
@@ -76,11 +80,13 @@ impl DiscoveryView {
                         port: e.backend.port,
                         ready: e.backend.ready,
                         tls_mode: e.eds_tls_mode,
-                        cluster: e.backend.network.clone(),
+                        cluster: e.backend.cluster.clone(),
+                        network: e.backend.network.clone(),
+                        stale: e.backend.stale,
                     }
                 })
                 .collect();
-            entries.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+            entries.sort_by(|a, b| (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port)));
             clusters.insert(plan.name, entries);
         }
         let mut stats = stats(objs, &clusters);

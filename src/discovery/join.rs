@@ -47,15 +47,24 @@ pub struct Backend {
     /// Whether the pod runs `istio-proxy` (or carries the injection annotation).
     pub runs_proxy: bool,
     pub network: Option<String>,
+    /// The Kubernetes cluster the endpoint comes from.
+    pub cluster: String,
+    /// Its cluster's API server cannot be reached: this is the last known endpoint.
+    pub stale: bool,
     pub warnings: Vec<String>,
 }
 
 /// Lookups built once per model.
 pub(crate) struct Index<'a> {
-    pods: HashMap<(&'a str, &'a str), &'a Pod>,
+    /// By (cluster, namespace, name); cluster 0 is the primary, i + 1 is `objs.remotes[i]`.
+    pods: HashMap<(usize, &'a str, &'a str), &'a Pod>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Pod>>,
-    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    slices: HashMap<(&'a str, &'a str), Vec<(usize, &'a EndpointSlice)>>,
     workload_entries: HashMap<&'a str, Vec<&'a WorkloadEntry>>,
+    /// (name, stale) per cluster index.
+    clusters: Vec<(&'a str, bool)>,
+    /// Every Service by (namespace, name), first seen (the primary's first).
+    pub services: Vec<&'a Service>,
 }
 
 fn selects(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -70,28 +79,48 @@ fn label_mode(labels: &BTreeMap<String, String>) -> TlsMode {
 }
 
 impl<'a> Index<'a> {
-    pub fn new(objs: &'a MeshObjects) -> Self {
+    pub fn new(objs: &'a MeshObjects, primary: &'a str) -> Self {
         let mut idx = Self {
             pods: HashMap::new(),
             pods_by_ns: HashMap::new(),
             slices: HashMap::new(),
             workload_entries: HashMap::new(),
+            clusters: vec![(primary, false)],
+            services: Vec::new(),
         };
-        for p in &objs.pods {
-            if let (Some(n), Some(ns)) = (p.metadata.name.as_deref(), p.metadata.namespace.as_deref())
-            {
-                idx.pods.insert((ns, n), p);
-                idx.pods_by_ns.entry(ns).or_default().push(p);
-            }
+        let mut sets = vec![(0, &objs.pods, &objs.endpoint_slices, &objs.services)];
+        for (i, r) in objs.remotes.iter().enumerate() {
+            idx.clusters.push((r.name.as_str(), r.stale));
+            sets.push((i + 1, &r.pods, &r.endpoint_slices, &r.services));
         }
-        for e in &objs.endpoint_slices {
-            let svc = e
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if let (Some(ns), Some(svc)) = (e.metadata.namespace.as_deref(), svc) {
-                idx.slices.entry((ns, svc.as_str())).or_default().push(e);
+        let mut seen = std::collections::HashSet::new();
+        for (c, pods, slices, services) in sets {
+            for p in pods {
+                if let (Some(n), Some(ns)) =
+                    (p.metadata.name.as_deref(), p.metadata.namespace.as_deref())
+                {
+                    idx.pods.insert((c, ns, n), p);
+                    if c == 0 {
+                        idx.pods_by_ns.entry(ns).or_default().push(p);
+                    }
+                }
+            }
+            for e in slices {
+                let svc = e
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL));
+                if let (Some(ns), Some(svc)) = (e.metadata.namespace.as_deref(), svc) {
+                    idx.slices.entry((ns, svc.as_str())).or_default().push((c, e));
+                }
+            }
+            // One service per hostname, merged across clusters (Istio's rule).
+            for svc in services {
+                let key = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref());
+                if seen.insert(key) {
+                    idx.services.push(svc);
+                }
             }
         }
         for w in &objs.workload_entries {
@@ -102,7 +131,14 @@ impl<'a> Index<'a> {
         idx
     }
 
-    fn pod_backend(&self, pod: &Pod, address: String, port: u16, ready: bool) -> Backend {
+    fn pod_backend(
+        &self,
+        pod: &Pod,
+        address: String,
+        port: u16,
+        ready: bool,
+        cluster: usize,
+    ) -> Backend {
         let info = sidecar_of(pod);
         let name = pod.metadata.name.clone().unwrap_or_default();
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -131,10 +167,13 @@ impl<'a> Index<'a> {
             tls_label: info.tls_mode,
             runs_proxy: info.runs_proxy,
             network: None,
+            cluster: self.clusters[cluster].0.to_owned(),
+            stale: self.clusters[cluster].1,
         }
     }
 
     fn entry_backend(
+        &self,
         spec: &WorkloadEntrySpec,
         workload: String,
         ns: &str,
@@ -152,6 +191,8 @@ impl<'a> Index<'a> {
             tls_label: label_mode(&spec.labels),
             runs_proxy: false,
             network: spec.network.clone(),
+            cluster: self.clusters[0].0.to_owned(),
+            stale: false,
             warnings: Vec::new(),
         }
     }
@@ -166,7 +207,7 @@ impl<'a> Index<'a> {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for slice in self.slices.get(&(ns, name)).into_iter().flatten() {
+        for (cluster, slice) in self.slices.get(&(ns, name)).into_iter().flatten() {
             let Some(ep_port) = slice
                 .ports
                 .iter()
@@ -191,12 +232,14 @@ impl<'a> Index<'a> {
                     });
                 let pod = pod_ref
                     .as_ref()
-                    .and_then(|(pn, pns)| self.pods.get(&(pns.as_str(), pn.as_str())));
+                    .and_then(|(pn, pns)| self.pods.get(&(*cluster, pns.as_str(), pn.as_str())));
                 for address in &endpoint.addresses {
                     out.push(match (pod, &pod_ref) {
-                        (Some(p), _) => self.pod_backend(p, address.clone(), port, ready),
+                        (Some(p), _) => {
+                            self.pod_backend(p, address.clone(), port, ready, *cluster)
+                        }
                         (None, named) => {
-                            let mut b = Self::entry_backend(
+                            let mut b = self.entry_backend(
                                 &WorkloadEntrySpec::default(),
                                 named
                                     .as_ref()
@@ -206,6 +249,8 @@ impl<'a> Index<'a> {
                             );
                             b.address = address.clone();
                             b.ready = ready;
+                            b.cluster = self.clusters[*cluster].0.to_owned();
+                            b.stale = self.clusters[*cluster].1;
                             if let Some((n, s)) = named {
                                 b.warnings.push(format!("pod {n}.{s} is not in the input"));
                             }
@@ -233,7 +278,7 @@ impl<'a> Index<'a> {
                         _ => None,
                     })
                     .unwrap_or(sp.port as u16);
-                out.push(Self::entry_backend(
+                out.push(self.entry_backend(
                     &we.spec,
                     format!("workloadentry {}.{ns}", we.metadata.name.as_deref().unwrap_or("")),
                     ns,
@@ -267,7 +312,7 @@ impl<'a> Index<'a> {
             .endpoints
             .iter()
             .map(|e| {
-                Self::entry_backend(
+                self.entry_backend(
                     e,
                     format!("serviceentry {se_name}.{ns}"),
                     ns,
@@ -278,7 +323,7 @@ impl<'a> Index<'a> {
         if let Some(sel) = &se.spec.workload_selector {
             for we in self.workload_entries.get(ns).into_iter().flatten() {
                 if selects(&sel.labels, &we.spec.labels) {
-                    out.push(Self::entry_backend(
+                    out.push(self.entry_backend(
                         &we.spec,
                         format!("workloadentry {}.{ns}", we.metadata.name.as_deref().unwrap_or("")),
                         ns,
@@ -290,12 +335,12 @@ impl<'a> Index<'a> {
                 let labels = pod.metadata.labels.clone().unwrap_or_default();
                 let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
                 if let (true, Some(ip)) = (selects(&sel.labels, &labels), ip) {
-                    out.push(self.pod_backend(pod, ip, target(&BTreeMap::new()), true));
+                    out.push(self.pod_backend(pod, ip, target(&BTreeMap::new()), true, 0));
                 }
             }
         }
         if out.is_empty() && se.resolution().starts_with("DNS") && !host.starts_with('*') {
-            let mut b = Self::entry_backend(
+            let mut b = self.entry_backend(
                 &WorkloadEntrySpec::default(),
                 format!("dns {host}"),
                 ns,

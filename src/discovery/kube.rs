@@ -94,13 +94,53 @@ where
     })
 }
 
+/// The remote clusters the live source merges, and the channel their watchers poke.
+pub struct MultiCluster {
+    pub remotes: super::multicluster::Remotes,
+    pub notify: mpsc::Sender<()>,
+    changes: mpsc::Receiver<()>,
+}
+
+impl MultiCluster {
+    /// No remote clusters yet.
+    pub fn new() -> Self {
+        let (notify, changes) = mpsc::channel(1);
+        Self {
+            remotes: Default::default(),
+            notify,
+            changes,
+        }
+    }
+
+    /// Watches the remote cluster `name` through `client`.
+    pub fn add(&self, name: &str, client: kube::Client) {
+        let r = super::multicluster::Remote::start(name, client, self.notify.clone());
+        self.remotes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), r);
+    }
+}
+
+impl Default for MultiCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Starts the watchers; the returned objects are re-published on every change (debounced)
 /// until `stop` fires.
 pub fn start_kube_source(
     client: kube::Client,
+    mc: MultiCluster,
     mut stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<MeshObjects>>, Vec<JoinHandle<()>>) {
-    let (notify, mut changes) = mpsc::channel::<()>(1);
+    let MultiCluster {
+        remotes,
+        notify,
+        changes,
+    } = mc;
+    let mut changes = changes;
     let (pods, pw) = reflector::store::<Pod>();
     let (services, sw) = reflector::store::<Service>();
     let (slices, ew) = reflector::store::<EndpointSlice>();
@@ -184,6 +224,12 @@ pub fn start_kube_source(
                 destination_rules: from_dynamic(dest_rules.state()),
                 service_entries: from_dynamic(service_entries.state()),
                 workload_entries: from_dynamic(workload_entries.state()),
+                remotes: remotes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .map(super::multicluster::Remote::objects)
+                    .collect(),
                 ignored_kinds: Vec::new(),
             };
             tx.send_replace(Arc::new(objs));
@@ -235,6 +281,7 @@ pub async fn list_all(client: kube::Client) -> Result<MeshObjects, DiscoveryErro
             .await?,
         service_entries: dynamic::<ServiceEntry>(client.clone(), service_entry_resource()).await?,
         workload_entries: dynamic::<WorkloadEntry>(client, workload_entry_resource()).await?,
+        remotes: Vec::new(),
         ignored_kinds: Vec::new(),
     })
 }

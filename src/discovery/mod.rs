@@ -9,6 +9,7 @@ mod error;
 mod istio;
 mod join;
 mod kube;
+mod multicluster;
 mod peer_auth;
 mod plan;
 mod proof;
@@ -17,7 +18,8 @@ mod snapshot;
 mod source;
 mod template;
 
-pub use self::kube::{list_all, start_kube_source};
+pub use self::kube::{list_all, start_kube_source, MultiCluster};
+pub use multicluster::{client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL};
 pub use decide::{
     cluster_tls, endpoint_metadata, outcome, ClusterInput, ClusterTls, Decision, DrTlsMode,
     EndpointInput, Inbound,

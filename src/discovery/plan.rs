@@ -320,9 +320,9 @@ struct Target<'a> {
 
 /// Every cluster of every Service and ServiceEntry, for a client with a sidecar: what EDS serves.
 pub fn plan_all(objs: &MeshObjects, s: &MeshSettings, proofs: &dyn ProofLookup) -> Vec<ClusterPlan> {
-    let idx = Index::new(objs);
+    let idx = Index::new(objs, &s.cluster_name);
     let mut out = Vec::new();
-    for svc in &objs.services {
+    for svc in idx.services.iter().copied() {
         if let Some(t) = service_target(&idx, s, svc) {
             out.extend(plan_target(objs, &idx, s, proofs, &t, None));
         }
@@ -344,9 +344,9 @@ pub fn plan_named(
     name: &str,
     client: Option<&Client>,
 ) -> Option<Vec<ClusterPlan>> {
-    let idx = Index::new(objs);
+    let idx = Index::new(objs, &s.cluster_name);
     if let Some((n, ns)) = name.split_once('.') {
-        if let Some(svc) = objs.services.iter().find(|x| {
+        if let Some(svc) = idx.services.iter().copied().find(|x| {
             x.metadata.name.as_deref() == Some(n) && x.metadata.namespace.as_deref() == Some(ns)
         }) {
             let t = service_target(&idx, s, svc)?;

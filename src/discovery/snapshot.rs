@@ -26,6 +26,8 @@ pub struct MeshSettings {
     /// `discovery.require_proxy_proof`: a pod labelled tlsMode=istio whose proxy has not
     /// fetched a certificate is served as tlsMode disabled.
     pub require_proxy_proof: bool,
+    /// The name of the cluster the objects (other than `MeshObjects::remotes`) come from.
+    pub cluster_name: String,
 }
 
 impl Default for MeshSettings {
@@ -35,6 +37,7 @@ impl Default for MeshSettings {
             root_namespace: "istio-system".into(),
             domain: "cluster.local".into(),
             require_proxy_proof: false,
+            cluster_name: "Kubernetes".into(),
         }
     }
 }
@@ -50,6 +53,8 @@ pub struct MeshObjects {
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
     pub workload_entries: Vec<WorkloadEntry>,
+    /// Pods, services and endpointslices of other clusters (multi-cluster discovery).
+    pub remotes: Vec<super::multicluster::RemoteObjects>,
     /// Kinds present in the input that auto mTLS does not read (reported, not fatal).
     pub ignored_kinds: Vec<String>,
 }

@@ -442,7 +442,7 @@ fn workload_entries_selected_by_service_entry_and_service() {
     let view = DiscoveryView::build(&objs, &s);
     let served: Vec<(String, u16, TlsMode, Option<String>)> = view.clusters["outbound|8080||vm.internal"]
         .iter()
-        .map(|e| (e.address.clone(), e.port, e.tls_mode, e.cluster.clone()))
+        .map(|e| (e.address.clone(), e.port, e.tls_mode, e.network.clone()))
         .collect();
     assert_eq!(
         served,
@@ -699,4 +699,183 @@ fn describe_cli_mesh_istio_and_clients() {
     assert_eq!(v["endpoints"][0]["istio"]["decision"], "will-fail");
     assert_eq!(v["endpoints"][0]["decision"], "mtls");
     assert_eq!(v["istio_differs"], 1);
+}
+
+/// Multi-cluster discovery through two fake API servers: one service with endpoints in both,
+/// merged per hostname, each endpoint in its cluster's locality; one API server stopped: its
+/// endpoints stay, marked stale, and the other cluster carries on. The remote cluster comes
+/// from the config, or from Istio's remote secret in the primary cluster.
+mod multi_cluster {
+    use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+    use envoy_types::pb::envoy::{
+        config::endpoint::v3::ClusterLoadAssignment,
+        service::{
+            discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+            endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient,
+        },
+    };
+    use meshid::{api::ENDPOINT_TYPE_URL, clock::SystemClock, config};
+    use prost::Message;
+    use serde_json::json;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::{Mesh, Side};
+    use crate::{
+        fake_apiserver::FakeApiServer,
+        server_support::{bearer, TestServer},
+    };
+
+    const WEB: &str = "outbound|8080||web.shop.svc.cluster.local";
+
+    /// (cluster, address, tlsMode, stale) per endpoint.
+    type Seen = Vec<(String, String, Option<String>, bool)>;
+
+    fn seen(r: &DiscoveryResponse) -> Seen {
+        use envoy_types::pb::{
+            envoy::config::{core::v3::address::Address, endpoint::v3::lb_endpoint::HostIdentifier},
+            google::protobuf::value::Kind,
+        };
+        let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+        let mut out = Vec::new();
+        for l in &cla.endpoints {
+            let cluster = l.locality.as_ref().map(|x| x.sub_zone.clone()).unwrap_or_default();
+            for e in &l.lb_endpoints {
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else { panic!() };
+                let Some(Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.clone()) else { panic!() };
+                let md = |k: &str, f: &str| {
+                    e.metadata.as_ref()?.filter_metadata.get(k)?.fields.get(f)?.kind.clone()
+                };
+                let tls = match md("envoy.transport_socket_match", "tlsMode") {
+                    Some(Kind::StringValue(v)) => Some(v),
+                    _ => None,
+                };
+                let stale = matches!(md("meshid.discovery", "stale"), Some(Kind::BoolValue(true)));
+                out.push((cluster.clone(), sa.address, tls, stale));
+            }
+        }
+        out
+    }
+
+    fn cluster_objects(api: &FakeApiServer, pod: &str, side: Side) {
+        let mut m = Mesh::default();
+        m.app("shop", "web", false, &[side]);
+        // Distinct pod names and IPs per cluster.
+        let mut doc = m.json();
+        let text = doc.to_string().replace("web-0", pod).replace("10.250.0.1", if pod == "web-a" { "10.1.0.1" } else { "10.2.0.1" });
+        doc = serde_json::from_str(&text).unwrap();
+        api.put_all(&doc);
+    }
+
+    async fn eds_until(
+        server: &TestServer,
+        want: impl Fn(&Seen) -> bool,
+    ) -> Seen {
+        let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "client"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = client.stream_endpoints(ReceiverStream::new(out)).await.unwrap().into_inner();
+        let req = |nonce: String| DiscoveryRequest {
+            resource_names: vec![WEB.into()],
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: nonce,
+            ..Default::default()
+        };
+        tx.send(req(String::new())).await.unwrap();
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
+                .await
+                .expect("EDS reached the wanted state within 10 s")
+                .unwrap()
+                .unwrap();
+            let s = seen(&r);
+            if want(&s) {
+                return s;
+            }
+            tx.send(req(r.nonce)).await.unwrap();
+        }
+    }
+
+    fn kubeconfig(dir: &std::path::Path, name: &str, api: &FakeApiServer) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, api.kubeconfig_yaml()).unwrap();
+        p
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_from_two_clusters_and_one_goes_away() {
+        let (primary, east) = (FakeApiServer::start().await, FakeApiServer::start().await);
+        cluster_objects(&primary, "web-a", Side::Sidecar);
+        cluster_objects(&east, "web-b", Side::None);
+        let dir = tempfile::tempdir().unwrap();
+        let (kp, ke) = (kubeconfig(dir.path(), "p", &primary), kubeconfig(dir.path(), "e", &east));
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kp),
+                clusters: vec![config::RemoteCluster { name: "east".into(), kubeconfig: ke }],
+                ..Default::default()
+            })
+        })
+        .await;
+        let both = eds_until(&server, |s| s.len() == 2).await;
+        assert_eq!(
+            both,
+            [
+                ("Kubernetes".into(), "10.1.0.1".into(), Some("istio".into()), false),
+                ("east".into(), "10.2.0.1".into(), None, false),
+            ]
+        );
+        // The east API server goes away: its endpoint stays, marked stale.
+        east.stop();
+        let after = eds_until(&server, |s| s.iter().any(|e| e.3)).await;
+        assert_eq!(
+            after,
+            [
+                ("Kubernetes".into(), "10.1.0.1".into(), Some("istio".into()), false),
+                ("east".into(), "10.2.0.1".into(), None, true),
+            ]
+        );
+        // The primary carries on: a change there still arrives.
+        let mut m = Mesh::default();
+        m.app("shop", "web", false, &[Side::None]);
+        let text = m.json().to_string().replace("web-0", "web-a").replace("10.250.0.1", "10.1.0.1");
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let pod = doc["items"].as_array().unwrap().iter().find(|i| i["kind"] == "Pod").unwrap().clone();
+        primary.put(pod);
+        eds_until(&server, |s| s.len() == 2 && s[0].2.is_none() && s[1].3).await;
+        server.running.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_secrets_add_a_cluster() {
+        use base64::Engine;
+        let (primary, west) = (FakeApiServer::start().await, FakeApiServer::start().await);
+        cluster_objects(&primary, "web-a", Side::Sidecar);
+        cluster_objects(&west, "web-b", Side::Sidecar);
+        let mut data = BTreeMap::new();
+        data.insert("west", base64::engine::general_purpose::STANDARD.encode(west.kubeconfig_yaml()));
+        primary.put(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "istio-remote-secret-west", "namespace": "istio-system",
+                         "labels": {"istio/multiCluster": "true"}},
+            "data": data}));
+        let dir = tempfile::tempdir().unwrap();
+        let kp = kubeconfig(dir.path(), "p", &primary);
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kp),
+                remote_secrets: true,
+                ..Default::default()
+            })
+        })
+        .await;
+        let both = eds_until(&server, |s| s.len() == 2).await;
+        assert_eq!(
+            both.iter().map(|e| (e.0.as_str(), e.2.as_deref())).collect::<Vec<_>>(),
+            [("Kubernetes", Some("istio")), ("west", Some("istio"))]
+        );
+        server.running.shutdown().await;
+    }
 }

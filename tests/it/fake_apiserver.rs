@@ -92,6 +92,8 @@ pub struct Shared {
     /// The answer to a SelfSubjectAccessReview.
     pub ssar_allowed: std::sync::atomic::AtomicBool,
     pub last_ssar: Mutex<Option<Value>>,
+    /// Flips to true when the server is stopped: open connections and watches end.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct FakeApiServer {
@@ -204,6 +206,7 @@ impl FakeApiServer {
             rv: std::sync::atomic::AtomicU64::new(100),
             history: Mutex::default(),
             events: tokio::sync::broadcast::channel(1024).0,
+            stopped: tokio::sync::watch::channel(false).0,
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -213,10 +216,13 @@ impl FakeApiServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let mut stopped = s.stopped.subscribe();
                     let svc = service_fn(move |req| handle(s.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -226,6 +232,13 @@ impl FakeApiServer {
             shared,
             task,
         }
+    }
+
+    /// Stops the server as if its machine went away: no new connections, open ones (and
+    /// their watches) end.
+    pub fn stop(&self) {
+        self.task.abort();
+        self.shared.stopped.send_replace(true);
     }
 
     /// Replaces the TokenReview answer.
@@ -319,13 +332,17 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn list(s: &Shared, path: &str, kind: &str) -> Response<Body> {
+fn in_ns(obj: &Value, ns: Option<&str>) -> bool {
+    ns.is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+}
+
+fn list(s: &Shared, path: &str, kind: &str, ns: Option<&str>) -> Response<Body> {
     let items: Vec<Value> = s
         .objects
         .lock()
         .unwrap()
         .get(path)
-        .map(|m| m.values().cloned().collect())
+        .map(|m| m.values().filter(|o| in_ns(o, ns)).cloned().collect())
         .unwrap_or_default();
     let rv = s.rv.load(Ordering::SeqCst);
     json_response(
@@ -335,7 +352,7 @@ fn list(s: &Shared, path: &str, kind: &str) -> Response<Body> {
 }
 
 /// A watch: every event after `resourceVersion`, then new ones as they happen, one JSON per line.
-fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
+fn watch(s: &Arc<Shared>, path: &str, query: &str, ns: Option<String>) -> Response<Body> {
     let after: u64 = query_param(query, "resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -345,7 +362,7 @@ fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
         .lock()
         .unwrap()
         .iter()
-        .filter(|(p, rv, _)| p == path && *rv > after)
+        .filter(|(p, rv, e)| p == path && *rv > after && in_ns(&e["object"], ns.as_deref()))
         .cloned()
         .collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<
@@ -362,7 +379,7 @@ fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
             }
         }
         while let Ok((p, rv, e)) = live.recv().await {
-            if p == path && rv > last {
+            if p == path && rv > last && in_ns(&e["object"], ns.as_deref()) {
                 last = rv;
                 if tx.send(line(&e)).await.is_err() {
                     return;
@@ -406,11 +423,22 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
         return Ok(status_error(401, "Unauthorized"));
     }
     if method == Method::GET {
-        if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) {
+        // A namespaced collection (`.../namespaces/<ns>/<plural>`) is the cluster-wide one,
+        // filtered to that namespace.
+        let (collection, ns) = match path.split_once("/namespaces/") {
+            Some((prefix, rest)) => match rest.split_once('/') {
+                Some((ns, plural)) if !plural.contains('/') => {
+                    (format!("{prefix}/{plural}"), Some(ns.to_owned()))
+                }
+                _ => (path.clone(), None),
+            },
+            None => (path.clone(), None),
+        };
+        if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == collection) {
             return Ok(if query_param(&query, "watch") == Some("true") {
-                watch(&s, p, &query)
+                watch(&s, p, &query, ns)
             } else {
-                list(&s, p, kind)
+                list(&s, p, kind, ns.as_deref())
             });
         }
     }
