@@ -874,9 +874,20 @@ additional_issuers = ["j"]
             (d.require_proxy_proof, d.proxy_proof_grace),
             (true, Duration::from_secs(300))
         );
+        let errs = Config::from_toml(&format!(
+            "{base}[[discovery.clusters]]\nname = \"Kubernetes\"\nkubeconfig = \"/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("discovery.clusters[0].name"))
+                && errs.iter().any(|e| e.contains("need a live source")),
+            "{errs:?}"
+        );
         let errs = Config::from_toml(&format!("{base}proxy_proof_grace = \"0s\"\n")).unwrap_err();
         assert!(
-            errs.iter().any(|e| e.contains("discovery.proxy_proof_grace")),
+            errs.iter()
+                .any(|e| e.contains("discovery.proxy_proof_grace")),
             "{errs:?}"
         );
     }

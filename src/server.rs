@@ -152,8 +152,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     .with_name_limit(cfg.xds.max_resource_names_per_stream.sds);
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     // Which pods' proxies hold an SDS stream or got a certificate (auto mTLS proof by proxy).
-    let proxies = (cfg.discovery.as_ref())
-        .map(|d| ProxyRegistry::new(clock.clone(), d.proxy_proof_grace));
+    let proxies =
+        (cfg.discovery.as_ref()).map(|d| ProxyRegistry::new(clock.clone(), d.proxy_proof_grace));
     let (sds, csr) = match &proxies {
         Some(p) => (
             sds.with_proxy_registry(p.clone()),

@@ -124,7 +124,9 @@ fn lb_endpoint(e: &EndpointEntry) -> LbEndpoint {
     let mut filter_metadata = std::collections::HashMap::new();
     if e.tls_mode == TlsMode::Istio {
         let tls = Struct {
-            fields: [("tlsMode".to_owned(), string("istio"))].into_iter().collect(),
+            fields: [("tlsMode".to_owned(), string("istio"))]
+                .into_iter()
+                .collect(),
         };
         filter_metadata.insert(SOCKET_MATCH_KEY.to_owned(), tls);
     }

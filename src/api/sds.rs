@@ -555,7 +555,10 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(super::proof_hook::hold(bound.apply(out), proof)))
+        Ok(Response::new(super::proof_hook::hold(
+            bound.apply(out),
+            proof,
+        )))
     }
 
     async fn delta_secrets(
@@ -571,7 +574,10 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(super::proof_hook::hold(bound.apply(out), proof)))
+        Ok(Response::new(super::proof_hook::hold(
+            bound.apply(out),
+            proof,
+        )))
     }
 
     async fn fetch_secrets(
@@ -588,6 +594,12 @@ impl SecretDiscoveryService for SdsService {
         }
         let mut w = Workload::new(self.0.clone(), identity);
         w.check_names_in(&req.resource_names)?;
+        if let (Some(p), true) = (
+            &self.0.proxies,
+            req.resource_names.iter().any(|n| n == "default"),
+        ) {
+            p.certificate_issued(&w.identity);
+        }
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         for name in &req.resource_names {

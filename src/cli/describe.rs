@@ -162,7 +162,9 @@ impl DescribeCommand {
 
 fn cluster_tls_label(t: ClusterTls) -> String {
     match t {
-        ClusterTls::AutoMatch => "auto mTLS (socket matches tlsMode-istio / tlsMode-disabled)".into(),
+        ClusterTls::AutoMatch => {
+            "auto mTLS (socket matches tlsMode-istio / tlsMode-disabled)".into()
+        }
         ClusterTls::Fixed(m) => format!("{m:?} for every endpoint"),
         ClusterTls::Plain => "no TLS".into(),
     }
@@ -174,7 +176,11 @@ fn print_service(r: &ServiceReport, istio: bool) {
         r.kind,
         r.service,
         r.fqdn,
-        if r.headless { ", headless/passthrough" } else { "" }
+        if r.headless {
+            ", headless/passthrough"
+        } else {
+            ""
+        }
     );
     if r.mesh_external {
         println!("  mesh-external: auto mTLS does not apply");
@@ -208,7 +214,11 @@ fn print_service(r: &ServiceReport, istio: bool) {
             "    {}  {}{}",
             c.name,
             cluster_tls_label(c.tls),
-            if c.served_by_eds { "" } else { "  (not served by EDS)" }
+            if c.served_by_eds {
+                ""
+            } else {
+                "  (not served by EDS)"
+            }
         );
         println!("      why: {}", c.tls_why);
         if istio && c.istio_tls != c.tls {

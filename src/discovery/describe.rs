@@ -196,7 +196,10 @@ pub fn describe_service_with(
     let plans = plan_named(objs, s, proofs, name, c.as_ref()).ok_or_else(not_found)?;
     let mut report = build_report(objs, s, &plans, c.as_ref(), None);
     if let Some(se) = objs.service_entries.iter().find(|se| {
-        meta_name(&se.metadata) == name || plans.first().is_some_and(|p| se.spec.hosts.iter().any(|h| h == &p.fqdn))
+        meta_name(&se.metadata) == name
+            || plans
+                .first()
+                .is_some_and(|p| se.spec.hosts.iter().any(|h| h == &p.fqdn))
     }) {
         let ns = se.metadata.namespace.as_deref().unwrap_or("");
         if !visible(&se.spec.export_to, ns, c.as_ref()) {
@@ -253,11 +256,7 @@ fn client_reports(
     Ok(out)
 }
 
-fn endpoint_report(
-    plan: &ClusterPlan,
-    e: &EndpointPlan,
-    client_sidecar: bool,
-) -> EndpointReport {
+fn endpoint_report(plan: &ClusterPlan, e: &EndpointPlan, client_sidecar: bool) -> EndpointReport {
     let v = plan.verdict(e, Mesh::Meshid, client_sidecar);
     let istio = plan.verdict(e, Mesh::Istio, client_sidecar);
     let b = &e.backend;
@@ -265,7 +264,10 @@ fn endpoint_report(
         address: b.address.clone(),
         port: b.port,
         service_port: plan.port,
-        pod: b.pod.as_ref().map(|p| format!("{}.{}", p.name, b.namespace)),
+        pod: b
+            .pod
+            .as_ref()
+            .map(|p| format!("{}.{}", p.name, b.namespace)),
         workload: b.workload.clone(),
         network: b.network.clone(),
         cluster: b.cluster.clone(),

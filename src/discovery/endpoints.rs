@@ -86,7 +86,9 @@ impl DiscoveryView {
                     }
                 })
                 .collect();
-            entries.sort_by(|a, b| (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port)));
+            entries.sort_by(|a, b| {
+                (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port))
+            });
             clusters.insert(plan.name, entries);
         }
         let mut stats = stats(objs, &clusters);

@@ -112,12 +112,18 @@ impl<'a> Index<'a> {
                     .as_ref()
                     .and_then(|l| l.get(SERVICE_NAME_LABEL));
                 if let (Some(ns), Some(svc)) = (e.metadata.namespace.as_deref(), svc) {
-                    idx.slices.entry((ns, svc.as_str())).or_default().push((c, e));
+                    idx.slices
+                        .entry((ns, svc.as_str()))
+                        .or_default()
+                        .push((c, e));
                 }
             }
             // One service per hostname, merged across clusters (Istio's rule).
             for svc in services {
-                let key = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref());
+                let key = (
+                    svc.metadata.namespace.as_deref(),
+                    svc.metadata.name.as_deref(),
+                );
                 if seen.insert(key) {
                     idx.services.push(svc);
                 }
@@ -228,16 +234,17 @@ impl<'a> Index<'a> {
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
-                        Some((r.name.clone()?, r.namespace.clone().unwrap_or_else(|| ns.into())))
+                        Some((
+                            r.name.clone()?,
+                            r.namespace.clone().unwrap_or_else(|| ns.into()),
+                        ))
                     });
                 let pod = pod_ref
                     .as_ref()
                     .and_then(|(pn, pns)| self.pods.get(&(*cluster, pns.as_str(), pn.as_str())));
                 for address in &endpoint.addresses {
                     out.push(match (pod, &pod_ref) {
-                        (Some(p), _) => {
-                            self.pod_backend(p, address.clone(), port, ready, *cluster)
-                        }
+                        (Some(p), _) => self.pod_backend(p, address.clone(), port, ready, *cluster),
                         (None, named) => {
                             let mut b = self.entry_backend(
                                 &WorkloadEntrySpec::default(),
@@ -266,21 +273,24 @@ impl<'a> Index<'a> {
                 if !selects(sel, &we.spec.labels) {
                     continue;
                 }
+                use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+                let target = match &sp.target_port {
+                    Some(IntOrString::Int(p)) => Some(*p as u16),
+                    _ => None,
+                };
                 let port = sp
                     .name
                     .as_ref()
                     .and_then(|n| we.spec.ports.get(n))
                     .map(|p| *p as u16)
-                    .or_else(|| match &sp.target_port {
-                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
-                            p,
-                        )) => Some(*p as u16),
-                        _ => None,
-                    })
+                    .or(target)
                     .unwrap_or(sp.port as u16);
                 out.push(self.entry_backend(
                     &we.spec,
-                    format!("workloadentry {}.{ns}", we.metadata.name.as_deref().unwrap_or("")),
+                    format!(
+                        "workloadentry {}.{ns}",
+                        we.metadata.name.as_deref().unwrap_or("")
+                    ),
                     ns,
                     port,
                 ));
@@ -325,7 +335,10 @@ impl<'a> Index<'a> {
                 if selects(&sel.labels, &we.spec.labels) {
                     out.push(self.entry_backend(
                         &we.spec,
-                        format!("workloadentry {}.{ns}", we.metadata.name.as_deref().unwrap_or("")),
+                        format!(
+                            "workloadentry {}.{ns}",
+                            we.metadata.name.as_deref().unwrap_or("")
+                        ),
                         ns,
                         target(&we.spec.ports),
                     ));

@@ -277,8 +277,7 @@ pub async fn list_all(client: kube::Client) -> Result<MeshObjects, DiscoveryErro
         namespaces: typed(Api::<Namespace>::all(client.clone())).await?,
         peer_authentications: dynamic::<PeerAuthentication>(client.clone(), peer_auth_resource())
             .await?,
-        destination_rules: dynamic::<DestinationRule>(client.clone(), dest_rule_resource())
-            .await?,
+        destination_rules: dynamic::<DestinationRule>(client.clone(), dest_rule_resource()).await?,
         service_entries: dynamic::<ServiceEntry>(client.clone(), service_entry_resource()).await?,
         workload_entries: dynamic::<WorkloadEntry>(client, workload_entry_resource()).await?,
         remotes: Vec::new(),

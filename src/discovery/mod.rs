@@ -19,7 +19,6 @@ mod source;
 mod template;
 
 pub use self::kube::{list_all, start_kube_source, MultiCluster};
-pub use multicluster::{client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL};
 pub use decide::{
     cluster_tls, endpoint_metadata, outcome, ClusterInput, ClusterTls, Decision, DrTlsMode,
     EndpointInput, Inbound,
@@ -30,10 +29,11 @@ pub use describe::{
 };
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
-pub use istio::{
-    DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry,
-};
+pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry};
 pub use join::Backend;
+pub use multicluster::{
+    client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL,
+};
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
 pub use plan::{plan_all, plan_named, Client, ClusterPlan, EndpointPlan, Mesh, Verdict};
 pub use proof::{NoProofs, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard};

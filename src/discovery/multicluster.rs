@@ -84,7 +84,10 @@ where
             if was != now {
                 stale.store(now, Ordering::SeqCst);
                 if now {
-                    tracing::warn!(cluster, "remote cluster unreachable: its endpoints are kept, marked stale");
+                    tracing::warn!(
+                        cluster,
+                        "remote cluster unreachable: its endpoints are kept, marked stale"
+                    );
                 } else {
                     tracing::info!(cluster, "remote cluster reachable again");
                 }
@@ -102,8 +105,20 @@ impl Remote {
         let (services, sw) = reflector::store::<Service>();
         let (slices, ew) = reflector::store::<EndpointSlice>();
         let tasks = vec![
-            watch_remote(Api::all(client.clone()), pw, notify.clone(), stale.clone(), name.into()),
-            watch_remote(Api::all(client.clone()), sw, notify.clone(), stale.clone(), name.into()),
+            watch_remote(
+                Api::all(client.clone()),
+                pw,
+                notify.clone(),
+                stale.clone(),
+                name.into(),
+            ),
+            watch_remote(
+                Api::all(client.clone()),
+                sw,
+                notify.clone(),
+                stale.clone(),
+                name.into(),
+            ),
             watch_remote(Api::all(client), ew, notify, stale.clone(), name.into()),
         ];
         Self {
@@ -121,9 +136,24 @@ impl Remote {
         RemoteObjects {
             name: self.name.clone(),
             stale: self.stale.load(Ordering::SeqCst),
-            pods: self.pods.state().iter().map(|p| p.as_ref().clone()).collect(),
-            services: self.services.state().iter().map(|p| p.as_ref().clone()).collect(),
-            endpoint_slices: self.slices.state().iter().map(|p| p.as_ref().clone()).collect(),
+            pods: self
+                .pods
+                .state()
+                .iter()
+                .map(|p| p.as_ref().clone())
+                .collect(),
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|p| p.as_ref().clone())
+                .collect(),
+            endpoint_slices: self
+                .slices
+                .state()
+                .iter()
+                .map(|p| p.as_ref().clone())
+                .collect(),
         }
     }
 }
@@ -185,7 +215,10 @@ pub fn watch_remote_secrets(
                 .iter()
                 .filter(|n| !wanted.contains_key(*n) && !configured.contains(n))
             {
-                remotes.lock().unwrap_or_else(|e| e.into_inner()).remove(gone);
+                remotes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(gone);
                 tracing::info!(cluster = gone, "remote secret removed: cluster dropped");
             }
             for (cluster, yaml) in wanted {
@@ -196,9 +229,14 @@ pub fn watch_remote_secrets(
                     Ok(c) => {
                         tracing::info!(cluster, "remote secret: watching cluster");
                         let r = Remote::start(&cluster, c, notify.clone());
-                        remotes.lock().unwrap_or_else(|e| e.into_inner()).insert(cluster, r);
+                        remotes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(cluster, r);
                     }
-                    Err(e) => tracing::warn!(cluster, error = %e, "remote secret: kubeconfig unusable"),
+                    Err(e) => {
+                        tracing::warn!(cluster, error = %e, "remote secret: kubeconfig unusable")
+                    }
                 }
             }
             let _ = notify.try_send(());

@@ -267,8 +267,17 @@ mod tests {
         for (rule, policies, port, want_mode, want_source) in rows {
             if rule.contains("root namespace is ignored") {
                 // Also for a workload that lives in the root namespace.
-                let r = resolve_peer_auth(&policies, "istio-system", "istio-system", &labels(&app), port);
-                assert_eq!(r.mode, want_mode, "rule: {rule} (workload in the root namespace)");
+                let r = resolve_peer_auth(
+                    &policies,
+                    "istio-system",
+                    "istio-system",
+                    &labels(&app),
+                    port,
+                );
+                assert_eq!(
+                    r.mode, want_mode,
+                    "rule: {rule} (workload in the root namespace)"
+                );
             }
             let r = resolve_peer_auth(&policies, "istio-system", "shop", &labels(&app), port);
             assert_eq!(r.mode, want_mode, "rule: {rule}");

@@ -192,15 +192,15 @@ pub fn destination_rule<'a>(
             .iter()
             .filter(|d| d.metadata.namespace.as_deref() == Some(ns))
             .filter(|d| match (&d.spec.workload_selector, client) {
-                (Some(sel), Some(c)) if local => {
-                    sel.match_labels.iter().all(|(k, v)| c.labels.get(k) == Some(v))
-                }
+                (Some(sel), Some(c)) if local => sel
+                    .match_labels
+                    .iter()
+                    .all(|(k, v)| c.labels.get(k) == Some(v)),
                 (Some(sel), _) => sel.match_labels.is_empty(),
                 (None, _) => true,
             })
             .filter(|d| {
-                local
-                    || client.is_none_or(|c| exported_to(&d.spec.export_to, ns, &c.namespace))
+                local || client.is_none_or(|c| exported_to(&d.spec.export_to, ns, &c.namespace))
             })
             .filter_map(|d| Some((d.host_match(fqdn, &s.domain)?, d)))
             .max_by(|(sa, a), (sb, b)| {
@@ -304,7 +304,7 @@ fn dr_tls(dr: &DestinationRule, port: u16, subset: Option<&str>) -> DrTls {
 }
 
 /// What one service (or ServiceEntry host) offers, before decisions.
-struct Target<'a> {
+struct Target {
     service: String,
     kind: &'static str,
     fqdn: String,
@@ -315,21 +315,24 @@ struct Target<'a> {
     served_by_eds: bool,
     /// Per service port: its backends.
     ports: Vec<(u16, Vec<Backend>)>,
-    _p: std::marker::PhantomData<&'a ()>,
 }
 
 /// Every cluster of every Service and ServiceEntry, for a client with a sidecar: what EDS serves.
-pub fn plan_all(objs: &MeshObjects, s: &MeshSettings, proofs: &dyn ProofLookup) -> Vec<ClusterPlan> {
+pub fn plan_all(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    proofs: &dyn ProofLookup,
+) -> Vec<ClusterPlan> {
     let idx = Index::new(objs, &s.cluster_name);
     let mut out = Vec::new();
     for svc in idx.services.iter().copied() {
         if let Some(t) = service_target(&idx, s, svc) {
-            out.extend(plan_target(objs, &idx, s, proofs, &t, None));
+            out.extend(plan_target(objs, s, proofs, &t, None));
         }
     }
     for se in &objs.service_entries {
         for t in service_entry_targets(&idx, s, se) {
-            out.extend(plan_target(objs, &idx, s, proofs, &t, None));
+            out.extend(plan_target(objs, s, proofs, &t, None));
         }
     }
     out
@@ -350,7 +353,7 @@ pub fn plan_named(
             x.metadata.name.as_deref() == Some(n) && x.metadata.namespace.as_deref() == Some(ns)
         }) {
             let t = service_target(&idx, s, svc)?;
-            return Some(plan_target(objs, &idx, s, proofs, &t, client));
+            return Some(plan_target(objs, s, proofs, &t, client));
         }
     }
     let mut out = Vec::new();
@@ -362,7 +365,7 @@ pub fn plan_named(
         );
         for t in service_entry_targets(&idx, s, se) {
             if t.fqdn == name || se_name == name {
-                out.extend(plan_target(objs, &idx, s, proofs, &t, client));
+                out.extend(plan_target(objs, s, proofs, &t, client));
             }
         }
     }
@@ -374,7 +377,7 @@ pub fn visible(export_to: &[String], own_ns: &str, client: Option<&Client>) -> b
     client.is_none_or(|c| exported_to(export_to, own_ns, &c.namespace))
 }
 
-fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Option<Target<'a>> {
+fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Option<Target> {
     let name = svc.metadata.name.as_deref()?;
     let ns = svc.metadata.namespace.as_deref()?;
     let spec = svc.spec.as_ref();
@@ -393,7 +396,6 @@ fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Op
         resolution: "EDS".into(),
         served_by_eds: true,
         ports,
-        _p: Default::default(),
     })
 }
 
@@ -401,7 +403,7 @@ fn service_entry_targets<'a>(
     idx: &Index<'a>,
     s: &MeshSettings,
     se: &'a ServiceEntry,
-) -> Vec<Target<'a>> {
+) -> Vec<Target> {
     let ns = se.metadata.namespace.clone().unwrap_or_default();
     let name = se.metadata.name.clone().unwrap_or_default();
     let resolution = se.resolution().to_owned();
@@ -423,17 +425,15 @@ fn service_entry_targets<'a>(
                 .iter()
                 .map(|p| (p.number as u16, idx.service_entry_backends(se, p, host)))
                 .collect(),
-            _p: Default::default(),
         })
         .collect()
 }
 
 fn plan_target(
     objs: &MeshObjects,
-    _idx: &Index<'_>,
     s: &MeshSettings,
     proofs: &dyn ProofLookup,
-    t: &Target<'_>,
+    t: &Target,
     client: Option<&Client>,
 ) -> Vec<ClusterPlan> {
     let dr = destination_rule(&objs.destination_rules, s, &t.fqdn, &t.namespace, client);
@@ -453,7 +453,8 @@ fn plan_target(
             let chosen: Vec<&Backend> = backends
                 .iter()
                 .filter(|b| {
-                    subset.is_none_or(|ss| ss.labels.iter().all(|(k, v)| b.labels.get(k) == Some(v)))
+                    subset
+                        .is_none_or(|ss| ss.labels.iter().all(|(k, v)| b.labels.get(k) == Some(v)))
                 })
                 .collect();
             out.push(plan_cluster(
@@ -477,7 +478,7 @@ fn plan_cluster(
     objs: &MeshObjects,
     s: &MeshSettings,
     proofs: &dyn ProofLookup,
-    t: &Target<'_>,
+    t: &Target,
     port: u16,
     subset: Option<&str>,
     dr: Option<&DestinationRule>,
@@ -528,11 +529,7 @@ fn plan_cluster(
         });
     }
     ClusterPlan {
-        name: format!(
-            "outbound|{port}|{}|{}",
-            subset.unwrap_or_default(),
-            t.fqdn
-        ),
+        name: format!("outbound|{port}|{}|{}", subset.unwrap_or_default(), t.fqdn),
         service: t.service.clone(),
         kind: t.kind,
         fqdn: t.fqdn.clone(),

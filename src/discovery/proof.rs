@@ -158,11 +158,7 @@ impl ProxyRegistry {
     /// The proofs at this instant.
     pub fn snapshot(&self) -> ProofSnapshot {
         ProofSnapshot {
-            seen: self
-                .seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            seen: self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             now: self.clock.now(),
             grace: self.grace,
         }

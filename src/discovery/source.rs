@@ -7,8 +7,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
-    proof::NoProofs,
-    DiscoveryError, DiscoveryView, MeshObjects, MeshSettings, ProxyRegistry,
+    proof::NoProofs, DiscoveryError, DiscoveryView, MeshObjects, MeshSettings, ProxyRegistry,
 };
 
 /// A snapshot file, polled for changes.

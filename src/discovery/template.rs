@@ -38,7 +38,11 @@ fn istio_mutual(plan: &ClusterPlan, td: &TrustDomain, meshid_cluster: &str) -> V
         .iter()
         .filter_map(|e| {
             let sa = e.backend.service_account.as_deref()?;
-            Some(format!("{}/ns/{}/sa/{sa}", td.id_string(), e.backend.namespace))
+            Some(format!(
+                "{}/ns/{}/sa/{sa}",
+                td.id_string(),
+                e.backend.namespace
+            ))
         })
         .collect();
     accounts.sort();
@@ -79,8 +83,7 @@ pub fn cluster_json(plan: &ClusterPlan, td: &TrustDomain, meshid_cluster: &str) 
     });
     if plan.served_by_eds {
         c["type"] = json!("EDS");
-        c["eds_cluster_config"] =
-            json!({ "service_name": plan.name, "eds_config": { "ads": {}, "resource_api_version": "V3" } });
+        c["eds_cluster_config"] = json!({ "service_name": plan.name, "eds_config": { "ads": {}, "resource_api_version": "V3" } });
     } else if plan.resolution.starts_with("DNS") {
         c["type"] = json!("STRICT_DNS");
     } else {
@@ -120,13 +123,12 @@ pub fn envoy_cluster(
     td: &TrustDomain,
     meshid_cluster: &str,
 ) -> Result<Value, DiscoveryError> {
-    let plans = plan_named(objs, s, &NoProofs, service, None).ok_or_else(|| {
-        DiscoveryError::NotFound {
+    let plans =
+        plan_named(objs, s, &NoProofs, service, None).ok_or_else(|| DiscoveryError::NotFound {
             what: "service",
             name: service.into(),
             known: vec![],
-        }
-    })?;
+        })?;
     let ports: Vec<String> = plans.iter().map(|p| p.port.to_string()).collect();
     let plan = plans
         .iter()

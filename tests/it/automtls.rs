@@ -3,8 +3,7 @@
 //! meshid's). Each row of the rules table names the Istio function it follows.
 
 use meshid::discovery::{
-    describe_service, envoy_cluster, Decision, DiscoveryView,
-    MeshObjects, MeshSettings, TlsMode,
+    describe_service, envoy_cluster, Decision, DiscoveryView, MeshObjects, MeshSettings, TlsMode,
 };
 use serde_json::{json, Value};
 
@@ -36,14 +35,22 @@ impl Mesh {
     }
 
     /// A pod `name` in `ns` with labels `app: <app>` (+ extra), returning its IP.
-    pub fn pod(&mut self, ns: &str, name: &str, app: &str, side: Side, extra: &[(&str, &str)]) -> String {
+    pub fn pod(
+        &mut self,
+        ns: &str,
+        name: &str,
+        app: &str,
+        side: Side,
+        extra: &[(&str, &str)],
+    ) -> String {
         self.ip += 1;
         let ip = format!("10.250.0.{}", self.ip);
         let mut labels = json!({"app": app});
         for (k, v) in extra {
             labels[*k] = json!(v);
         }
-        let mut containers = vec![json!({"name": app, "image": "example/app", "ports": [{"containerPort": 8080}]})];
+        let mut containers =
+            vec![json!({"name": app, "image": "example/app", "ports": [{"containerPort": 8080}]})];
         if side != Side::None {
             containers.push(json!({"name": "istio-proxy", "image": "istio/proxyv2"}));
         }
@@ -66,8 +73,10 @@ impl Mesh {
                      "clusterIP": if headless { "None" } else { "10.96.1.1" }}}));
         let endpoints: Vec<Value> = pods
             .iter()
-            .map(|(p, ip)| json!({"addresses": [ip], "conditions": {"ready": true},
-                "targetRef": {"kind": "Pod", "name": p, "namespace": ns}}))
+            .map(|(p, ip)| {
+                json!({"addresses": [ip], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": p, "namespace": ns}})
+            })
             .collect();
         self.items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "addressType": "IPv4",
@@ -133,7 +142,11 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     let mut rows = Vec::new();
     // 1
     m.app("rules", "nomode", false, &[Sidecar]);
-    m.dr("rules", "nomode", json!({"host": "nomode", "trafficPolicy": {"tls": {}}}));
+    m.dr(
+        "rules",
+        "nomode",
+        json!({"host": "nomode", "trafficPolicy": {"tls": {}}}),
+    );
     rows.push(Row {
         rule: "ClientTLSSettings: a tls block without mode is DISABLE (the enum's zero value; buildAutoMtlsSettings)",
         service: "nomode.rules",
@@ -150,8 +163,12 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     });
     // 3
     m.app("rules", "portdisable", false, &[Sidecar]);
-    m.dr("rules", "portdisable", json!({"host": "portdisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
-        "portLevelSettings": [{"port": {"number": 8080}, "tls": {}}]}}));
+    m.dr(
+        "rules",
+        "portdisable",
+        json!({"host": "portdisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+        "portLevelSettings": [{"port": {"number": 8080}, "tls": {}}]}}),
+    );
     rows.push(Row {
         rule: "GetPortLevelTrafficPolicy + trafficPolicyTLSModeForPort: a port entry's tls without mode is DISABLE on both sides",
         service: "portdisable.rules",
@@ -160,7 +177,11 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     // 4
     m.app("rules", "padisable", false, &[Sidecar]);
     m.peer_auth("rules", "padisable", Some(("app", "padisable")), "DISABLE");
-    m.dr("rules", "padisable", json!({"host": "padisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    m.dr(
+        "rules",
+        "padisable",
+        json!({"host": "padisable", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+    );
     rows.push(Row {
         rule: "buildAutoMtlsSettings (user-supplied ISTIO_MUTUAL) to a sidecar whose PeerAuthentication is DISABLE: its inbound is plaintext only, will fail",
         service: "padisable.rules",
@@ -192,8 +213,19 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     });
     // 8
     let a = m.pod("rules", "headless2-0", "headless2", Sidecar, &[]);
-    let b = m.pod("rules", "headless2-1", "headless2", Sidecar, &[("instance", "b")]);
-    m.service("rules", "headless2", true, &[("headless2-0", &a), ("headless2-1", &b)]);
+    let b = m.pod(
+        "rules",
+        "headless2-1",
+        "headless2",
+        Sidecar,
+        &[("instance", "b")],
+    );
+    m.service(
+        "rules",
+        "headless2",
+        true,
+        &[("headless2-0", &a), ("headless2-1", &b)],
+    );
     m.peer_auth("rules", "headless2-1", Some(("instance", "b")), "DISABLE");
     rows.push(Row {
         rule: "BestEffortInferServiceMTLSMode + applyUpstreamTLSSettings: a headless service all with sidecars gets ISTIO_MUTUAL on an ORIGINAL_DST cluster with no socket matches: a DISABLE endpoint fails",
@@ -210,7 +242,11 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     });
     // 10
     m.app("rules", "dotted", false, &[NoSidecar]);
-    m.dr("rules", "dotted", json!({"host": "dotted.rules", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    m.dr(
+        "rules",
+        "dotted",
+        json!({"host": "dotted.rules", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+    );
     rows.push(Row {
         rule: "model.ResolveShortnameToFQDN: only a host without a dot is expanded; dotted.rules is not dotted.rules.svc.cluster.local",
         service: "dotted.rules",
@@ -232,9 +268,11 @@ fn sends(cluster: &Value, meta: TlsMode) -> &'static str {
         let chosen = matches
             .iter()
             .find(|m| {
-                m["match"].as_object().unwrap().iter().all(|(k, v)| {
-                    k == "tlsMode" && v == "istio" && meta == TlsMode::Istio
-                })
+                m["match"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| k == "tlsMode" && v == "istio" && meta == TlsMode::Istio)
             })
             .unwrap();
         return match chosen["transport_socket"]["name"].as_str().unwrap() {
@@ -291,7 +329,12 @@ fn istio_rules_table_against_describe_eds_and_template() {
                         "plaintext" => "plaintext is sent",
                         _ => "TLS without a mesh certificate is sent",
                     };
-                    assert!(e.why.contains(said), "rule: {}: sent {sent}, why {}", row.rule, e.why);
+                    assert!(
+                        e.why.contains(said),
+                        "rule: {}: sent {sent}, why {}",
+                        row.rule,
+                        e.why
+                    );
                 }
                 other => panic!("rule: {}: {other:?}", row.rule),
             }
@@ -317,11 +360,20 @@ fn describe_says_which_side_decided_and_why_istio_differs() {
     assert_eq!(r.endpoints[1].decided_by, "endpoint");
     let r = describe_service(&objs, &s, "wlstrict.nsdis", None).unwrap();
     assert_eq!(r.istio_differs, 1);
-    assert!(r.clusters[0].istio_tls_why.contains("BestEffortInferServiceMTLSMode"));
-    assert!(r.endpoints[0].istio.why.contains("plaintext is sent to a STRICT destination"));
+    assert!(r.clusters[0]
+        .istio_tls_why
+        .contains("BestEffortInferServiceMTLSMode"));
+    assert!(r.endpoints[0]
+        .istio
+        .why
+        .contains("plaintext is sent to a STRICT destination"));
     let r = describe_service(&objs, &s, "headless2.rules", None).unwrap();
     assert_eq!(r.endpoints[1].istio.decided_by, "cluster");
-    assert!(r.endpoints[1].istio.why.contains("DISABLE"), "{}", r.endpoints[1].istio.why);
+    assert!(
+        r.endpoints[1].istio.why.contains("DISABLE"),
+        "{}",
+        r.endpoints[1].istio.why
+    );
 }
 
 /// `push_context.go` `destinationRule`: the client's namespace first, then the service's
@@ -336,31 +388,46 @@ fn destination_rule_lookup_order_export_to_and_workload_selector() {
     m.pod("client3", "c3", "c3", Sidecar, &[("role", "special")]);
     m.pod("client3", "c4", "c4", Sidecar, &[]);
     // The service's namespace: SIMPLE, exported only to its own namespace.
-    m.dr("svcns", "api", json!({"host": "api.svcns.svc.cluster.local", "exportTo": ["."],
-        "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}));
+    m.dr(
+        "svcns",
+        "api",
+        json!({"host": "api.svcns.svc.cluster.local", "exportTo": ["."],
+        "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}),
+    );
     // client1's own rule wins for client1.
     m.dr("client1", "api", json!({"host": "api.svcns.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "DISABLE"}}}));
     // client3: a selector-bearing rule in its namespace, only for role=special.
     m.dr("client3", "api-special", json!({"host": "api.svcns.svc.cluster.local",
         "workloadSelector": {"matchLabels": {"role": "special"}}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}));
     // The root namespace: ISTIO_MUTUAL, for everyone else.
-    m.dr("istio-system", "mesh", json!({"host": "*.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}));
+    m.dr(
+        "istio-system",
+        "mesh",
+        json!({"host": "*.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+    );
     let objs = m.objects();
     let s = MeshSettings::default();
     let from = |c: Option<&str>| {
         let r = describe_service(&objs, &s, "api.svcns", c).unwrap();
         (
-            r.destination_rule.map(|d| format!("{}/{}", d.namespace, d.name)),
+            r.destination_rule
+                .map(|d| format!("{}/{}", d.namespace, d.name)),
             r.endpoints[0].decision,
         )
     };
-    assert_eq!(from(Some("c1.client1")), (Some("client1/api".into()), Plaintext));
+    assert_eq!(
+        from(Some("c1.client1")),
+        (Some("client1/api".into()), Plaintext)
+    );
     assert_eq!(
         from(Some("c2.client2")),
         (Some("istio-system/mesh".into()), Mtls),
         "the service namespace's rule is not exported to client2"
     );
-    assert_eq!(from(Some("c3.client3")), (Some("client3/api-special".into()), Plaintext));
+    assert_eq!(
+        from(Some("c3.client3")),
+        (Some("client3/api-special".into()), Plaintext)
+    );
     assert_eq!(
         from(Some("c4.client3")),
         (Some("istio-system/mesh".into()), Mtls),
@@ -382,12 +449,21 @@ fn external_service_example_is_tls_origination() {
     let objs = MeshObjects::from_snapshot(&std::fs::read(EXTERNAL).unwrap()).unwrap();
     let s = MeshSettings::default();
     let r = describe_service(&objs, &s, "api.external-service.com", None).unwrap();
-    assert_eq!((r.kind, r.mesh_external, r.resolution.as_str()), ("ServiceEntry", true, "DNS"));
+    assert_eq!(
+        (r.kind, r.mesh_external, r.resolution.as_str()),
+        ("ServiceEntry", true, "DNS")
+    );
     let e = &r.endpoints[0];
-    assert_eq!((e.address.as_str(), e.port, e.decision), ("api.external-service.com", 443, Tls));
+    assert_eq!(
+        (e.address.as_str(), e.port, e.decision),
+        ("api.external-service.com", 443, Tls)
+    );
     assert_eq!(e.decided_by, "cluster");
     assert!(e.why.contains("TLS origination"), "{}", e.why);
-    assert!(!r.clusters[0].served_by_eds, "DNS entries are not EDS clusters");
+    assert!(
+        !r.clusters[0].served_by_eds,
+        "DNS entries are not EDS clusters"
+    );
     // The same by the ServiceEntry's name.
     let by_name = describe_service(&objs, &s, "external-api.shop", None).unwrap();
     assert_eq!(by_name.endpoints[0].decision, Tls);
@@ -395,16 +471,29 @@ fn external_service_example_is_tls_origination() {
     let c = envoy_cluster(&objs, &s, "api.external-service.com", 443, &td, "meshid").unwrap();
     assert_eq!(c["type"], "STRICT_DNS");
     assert!(c["transport_socket_matches"].is_null());
-    assert_eq!(c["transport_socket"]["typed_config"]["sni"], "api.external-service.com");
+    assert_eq!(
+        c["transport_socket"]["typed_config"]["sni"],
+        "api.external-service.com"
+    );
     assert_eq!(sends(&c, TlsMode::Disabled), "tls");
     // Without the DestinationRule: plaintext, because auto mTLS does not apply to it.
     let mut bare = objs.clone();
     bare.destination_rules.clear();
     let r = describe_service(&bare, &s, "api.external-service.com", None).unwrap();
     assert_eq!(r.endpoints[0].decision, Plaintext);
-    assert!(r.endpoints[0].why.contains("mesh-external"), "{}", r.endpoints[0].why);
+    assert!(
+        r.endpoints[0].why.contains("mesh-external"),
+        "{}",
+        r.endpoints[0].why
+    );
     // And the CLI says so.
-    let o = crate::support::meshid(&["describe", "service", "api.external-service.com", "--snapshot", EXTERNAL]);
+    let o = crate::support::meshid(&[
+        "describe",
+        "service",
+        "api.external-service.com",
+        "--snapshot",
+        EXTERNAL,
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("-> TLS origination (SIMPLE)"), "{text}");
@@ -417,20 +506,26 @@ fn external_service_example_is_tls_origination() {
 #[test]
 fn workload_entries_selected_by_service_entry_and_service() {
     let mut m = Mesh::new();
-    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
         "metadata": {"name": "vms", "namespace": "vm", },
         "spec": {"hosts": ["vm.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
                  "exportTo": ["."],
                  "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
-                 "workloadSelector": {"labels": {"app": "vm"}}}}));
-    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                 "workloadSelector": {"labels": {"app": "vm"}}}}),
+    );
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
         "metadata": {"name": "vm-a", "namespace": "vm"},
         "spec": {"address": "10.1.0.5", "ports": {"http": 9080}, "network": "vpc-1",
                  "serviceAccount": "vm-sa",
-                 "labels": {"app": "vm", "security.istio.io/tlsMode": "istio"}}}));
-    m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                 "labels": {"app": "vm", "security.istio.io/tlsMode": "istio"}}}),
+    );
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
         "metadata": {"name": "vm-b", "namespace": "vm"},
-        "spec": {"address": "10.1.0.6", "ports": {"http": 9080}, "labels": {"app": "vm"}}}));
+        "spec": {"address": "10.1.0.6", "ports": {"http": 9080}, "labels": {"app": "vm"}}}),
+    );
     // A Service whose selector picks a WorkloadEntry (and no pod).
     m.service("vm", "db", false, &[]);
     m.raw(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
@@ -440,24 +535,46 @@ fn workload_entries_selected_by_service_entry_and_service() {
     let objs = m.objects();
     let s = MeshSettings::default();
     let view = DiscoveryView::build(&objs, &s);
-    let served: Vec<(String, u16, TlsMode, Option<String>)> = view.clusters["outbound|8080||vm.internal"]
+    let served: Vec<(String, u16, TlsMode, Option<String>)> = view.clusters
+        ["outbound|8080||vm.internal"]
         .iter()
         .map(|e| (e.address.clone(), e.port, e.tls_mode, e.network.clone()))
         .collect();
     assert_eq!(
         served,
         [
-            ("10.1.0.5".into(), 9080, TlsMode::Istio, Some("vpc-1".into())),
+            (
+                "10.1.0.5".into(),
+                9080,
+                TlsMode::Istio,
+                Some("vpc-1".into())
+            ),
             ("10.1.0.6".into(), 9080, TlsMode::Disabled, None)
         ]
     );
     let r = describe_service(&objs, &s, "vm.internal", None).unwrap();
-    let got: Vec<(&str, Decision)> = r.endpoints.iter().map(|e| (e.workload.as_str(), e.decision)).collect();
-    assert_eq!(got, [("workloadentry vm-a.vm", Mtls), ("workloadentry vm-b.vm", Plaintext)]);
+    let got: Vec<(&str, Decision)> = r
+        .endpoints
+        .iter()
+        .map(|e| (e.workload.as_str(), e.decision))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("workloadentry vm-a.vm", Mtls),
+            ("workloadentry vm-b.vm", Plaintext)
+        ]
+    );
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     // exportTo ".": a client in another namespace does not see it, and describe says so.
     let r = describe_service(&objs, &s, "vm.internal", Some("client.other")).unwrap();
-    assert!(r.warnings.iter().any(|w| w.contains("not exported to namespace other")), "{:?}", r.warnings);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("not exported to namespace other")),
+        "{:?}",
+        r.warnings
+    );
     // The Service selecting a WorkloadEntry: its endpoint, on the service's target port.
     assert_eq!(
         view.clusters["outbound|8080||db.vm.svc.cluster.local"]
@@ -469,9 +586,11 @@ fn workload_entries_selected_by_service_entry_and_service() {
     // The template's SANs come from the WorkloadEntry's service account.
     let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
     let c = envoy_cluster(&objs, &s, "vms.vm", 8080, &td, "meshid").unwrap();
-    let ctx = &c["transport_socket_matches"][0]["transport_socket"]["typed_config"]["common_tls_context"];
+    let ctx =
+        &c["transport_socket_matches"][0]["transport_socket"]["typed_config"]["common_tls_context"];
     assert_eq!(
-        ctx["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+        ctx["combined_validation_context"]["default_validation_context"]
+            ["match_typed_subject_alt_names"][0]["matcher"]["exact"],
         "spiffe://cluster.local/ns/vm/sa/vm-sa"
     );
 }
@@ -482,9 +601,26 @@ fn workload_entries_selected_by_service_entry_and_service() {
 #[test]
 fn subsets_are_served_by_eds() {
     let mut m = Mesh::new();
-    let a = m.pod("rules", "reviews-v1", "reviews", Sidecar, &[("version", "v1")]);
-    let b = m.pod("rules", "reviews-v2", "reviews", Sidecar, &[("version", "v2")]);
-    m.service("rules", "reviews", false, &[("reviews-v1", &a), ("reviews-v2", &b)]);
+    let a = m.pod(
+        "rules",
+        "reviews-v1",
+        "reviews",
+        Sidecar,
+        &[("version", "v1")],
+    );
+    let b = m.pod(
+        "rules",
+        "reviews-v2",
+        "reviews",
+        Sidecar,
+        &[("version", "v2")],
+    );
+    m.service(
+        "rules",
+        "reviews",
+        false,
+        &[("reviews-v1", &a), ("reviews-v2", &b)],
+    );
     m.dr("rules", "reviews", json!({"host": "reviews", "subsets": [
         {"name": "v1", "labels": {"version": "v1"}},
         {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}]}));
@@ -498,11 +634,18 @@ fn subsets_are_served_by_eds() {
             .map(|e| (e.address.clone(), e.tls_mode))
             .collect()
     };
-    assert_eq!(get(""), [(a.clone(), TlsMode::Istio), (b.clone(), TlsMode::Istio)]);
+    assert_eq!(
+        get(""),
+        [(a.clone(), TlsMode::Istio), (b.clone(), TlsMode::Istio)]
+    );
     assert_eq!(get("v1"), [(a, TlsMode::Istio)]);
     assert_eq!(get("v2"), [(b, TlsMode::Disabled)]);
     let r = describe_service(&objs, &s, "reviews.rules", None).unwrap();
-    let v2 = r.clusters.iter().find(|c| c.subset.as_deref() == Some("v2")).unwrap();
+    let v2 = r
+        .clusters
+        .iter()
+        .find(|c| c.subset.as_deref() == Some("v2"))
+        .unwrap();
     assert_eq!(v2.tls, meshid::discovery::ClusterTls::Plain);
 }
 
@@ -586,7 +729,11 @@ mod proof_by_proxy {
             })
         })
         .await;
-        let registry = server.running.proxies.clone().expect("a registry with discovery on");
+        let registry = server
+            .running
+            .proxies
+            .clone()
+            .expect("a registry with discovery on");
         let settings = MeshSettings {
             require_proxy_proof: true,
             ..Default::default()
@@ -597,7 +744,11 @@ mod proof_by_proxy {
             bearer(Some(server.token("shop", "client"))),
         );
         let (tx, out) = mpsc::channel(8);
-        let mut rx = eds.stream_endpoints(ReceiverStream::new(out)).await.unwrap().into_inner();
+        let mut rx = eds
+            .stream_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
         let req = |nonce: &str| DiscoveryRequest {
             resource_names: vec![WEB.into()],
             type_url: ENDPOINT_TYPE_URL.into(),
@@ -607,7 +758,15 @@ mod proof_by_proxy {
         tx.send(req("")).await.unwrap();
         let r = recv(&mut rx).await;
         assert_eq!(tls_of(&r), None, "declared but silent: served disabled");
-        let report = describe_service_with(&objs, &settings, &registry.snapshot(), "web.shop", None, false).unwrap();
+        let report = describe_service_with(
+            &objs,
+            &settings,
+            &registry.snapshot(),
+            "web.shop",
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(
             report.endpoints[0].sidecar_state,
             "declared (tlsMode=istio) but no proxy has fetched a certificate"
@@ -637,7 +796,11 @@ mod proof_by_proxy {
             .unwrap();
         let mut sds = server.sds(Some(token)).await;
         let (stx, sout) = mpsc::channel(8);
-        let mut srx = sds.stream_secrets(ReceiverStream::new(sout)).await.unwrap().into_inner();
+        let mut srx = sds
+            .stream_secrets(ReceiverStream::new(sout))
+            .await
+            .unwrap()
+            .into_inner();
         stx.send(DiscoveryRequest {
             resource_names: vec!["default".into()],
             type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
@@ -648,9 +811,19 @@ mod proof_by_proxy {
         let _ = recv(&mut srx).await;
         let r = recv(&mut rx).await;
         assert_eq!(tls_of(&r).as_deref(), Some("istio"), "proven: served istio");
-        let report = describe_service_with(&objs, &settings, &registry.snapshot(), "web.shop", None, false).unwrap();
+        let report = describe_service_with(
+            &objs,
+            &settings,
+            &registry.snapshot(),
+            "web.shop",
+            None,
+            false,
+        )
+        .unwrap();
         assert!(
-            report.endpoints[0].sidecar_state.starts_with("proxy connected since "),
+            report.endpoints[0]
+                .sidecar_state
+                .starts_with("proxy connected since "),
             "{}",
             report.endpoints[0].sidecar_state
         );
@@ -661,8 +834,14 @@ mod proof_by_proxy {
         drop(srx);
         drop(sds);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !matches!(registry.snapshot().proof_of("shop", "web-0"), ProxyProof::Recent { .. }) {
-            assert!(std::time::Instant::now() < deadline, "the closed stream was not noticed");
+        while !matches!(
+            registry.snapshot().proof_of("shop", "web-0"),
+            ProxyProof::Recent { .. }
+        ) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the closed stream was not noticed"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // ... and not after it.
@@ -684,17 +863,46 @@ fn describe_cli_mesh_istio_and_clients() {
     let path = dir.path().join("mesh.json");
     std::fs::write(&path, m.json().to_string()).unwrap();
     let snap = path.to_str().unwrap();
-    let o = crate::support::meshid(&["describe", "service", "wlstrict.nsdis", "--snapshot", snap, "--mesh", "istio", "--clients"]);
+    let o = crate::support::meshid(&[
+        "describe",
+        "service",
+        "wlstrict.nsdis",
+        "--snapshot",
+        snap,
+        "--mesh",
+        "istio",
+        "--clients",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("-> mTLS"), "{text}");
-    assert!(text.contains("istio: will fail (cluster side): plaintext is sent to a STRICT destination"), "{text}");
-    assert!(text.contains("istio: no TLS (namespace/mesh PeerAuthentication DISABLE"), "{text}");
-    assert!(text.contains("Istio would decide otherwise for 1 endpoint(s)"), "{text}");
-    assert!(text.contains("legacy-client.nsdis (no sidecar): will fail (1 of 1 endpoints)"), "{text}");
+    assert!(
+        text.contains("istio: will fail (cluster side): plaintext is sent to a STRICT destination"),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio: no TLS (namespace/mesh PeerAuthentication DISABLE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Istio would decide otherwise for 1 endpoint(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("legacy-client.nsdis (no sidecar): will fail (1 of 1 endpoints)"),
+        "{text}"
+    );
     assert!(text.contains("wlstrict-0.nsdis (sidecar): mTLS"), "{text}");
     // Without --mesh istio, Istio's answer is only in the JSON.
-    let o = crate::support::meshid(&["describe", "service", "wlstrict.nsdis", "--snapshot", snap, "--output", "json"]);
+    let o = crate::support::meshid(&[
+        "describe",
+        "service",
+        "wlstrict.nsdis",
+        "--snapshot",
+        snap,
+        "--output",
+        "json",
+    ]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["endpoints"][0]["istio"]["decision"], "will-fail");
     assert_eq!(v["endpoints"][0]["decision"], "mtls");
@@ -734,18 +942,37 @@ mod multi_cluster {
 
     fn seen(r: &DiscoveryResponse) -> Seen {
         use envoy_types::pb::{
-            envoy::config::{core::v3::address::Address, endpoint::v3::lb_endpoint::HostIdentifier},
+            envoy::config::{
+                core::v3::address::Address, endpoint::v3::lb_endpoint::HostIdentifier,
+            },
             google::protobuf::value::Kind,
         };
         let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
         let mut out = Vec::new();
         for l in &cla.endpoints {
-            let cluster = l.locality.as_ref().map(|x| x.sub_zone.clone()).unwrap_or_default();
+            let cluster = l
+                .locality
+                .as_ref()
+                .map(|x| x.sub_zone.clone())
+                .unwrap_or_default();
             for e in &l.lb_endpoints {
-                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else { panic!() };
-                let Some(Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.clone()) else { panic!() };
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!()
+                };
+                let Some(Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.clone())
+                else {
+                    panic!()
+                };
                 let md = |k: &str, f: &str| {
-                    e.metadata.as_ref()?.filter_metadata.get(k)?.fields.get(f)?.kind.clone()
+                    e.metadata
+                        .as_ref()?
+                        .filter_metadata
+                        .get(k)?
+                        .fields
+                        .get(f)?
+                        .kind
+                        .clone()
                 };
                 let tls = match md("envoy.transport_socket_match", "tlsMode") {
                     Some(Kind::StringValue(v)) => Some(v),
@@ -763,21 +990,29 @@ mod multi_cluster {
         m.app("shop", "web", false, &[side]);
         // Distinct pod names and IPs per cluster.
         let mut doc = m.json();
-        let text = doc.to_string().replace("web-0", pod).replace("10.250.0.1", if pod == "web-a" { "10.1.0.1" } else { "10.2.0.1" });
+        let text = doc.to_string().replace("web-0", pod).replace(
+            "10.250.0.1",
+            if pod == "web-a" {
+                "10.1.0.1"
+            } else {
+                "10.2.0.1"
+            },
+        );
         doc = serde_json::from_str(&text).unwrap();
         api.put_all(&doc);
     }
 
-    async fn eds_until(
-        server: &TestServer,
-        want: impl Fn(&Seen) -> bool,
-    ) -> Seen {
+    async fn eds_until(server: &TestServer, want: impl Fn(&Seen) -> bool) -> Seen {
         let mut client = EndpointDiscoveryServiceClient::with_interceptor(
             server.channel().await,
             bearer(Some(server.token("shop", "client"))),
         );
         let (tx, out) = mpsc::channel(8);
-        let mut rx = client.stream_endpoints(ReceiverStream::new(out)).await.unwrap().into_inner();
+        let mut rx = client
+            .stream_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
         let req = |nonce: String| DiscoveryRequest {
             resource_names: vec![WEB.into()],
             type_url: ENDPOINT_TYPE_URL.into(),
@@ -811,11 +1046,17 @@ mod multi_cluster {
         cluster_objects(&primary, "web-a", Side::Sidecar);
         cluster_objects(&east, "web-b", Side::None);
         let dir = tempfile::tempdir().unwrap();
-        let (kp, ke) = (kubeconfig(dir.path(), "p", &primary), kubeconfig(dir.path(), "e", &east));
+        let (kp, ke) = (
+            kubeconfig(dir.path(), "p", &primary),
+            kubeconfig(dir.path(), "e", &east),
+        );
         let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
             cfg.discovery = Some(config::Discovery {
                 kubeconfig: Some(kp),
-                clusters: vec![config::RemoteCluster { name: "east".into(), kubeconfig: ke }],
+                clusters: vec![config::RemoteCluster {
+                    name: "east".into(),
+                    kubeconfig: ke,
+                }],
                 ..Default::default()
             })
         })
@@ -824,7 +1065,12 @@ mod multi_cluster {
         assert_eq!(
             both,
             [
-                ("Kubernetes".into(), "10.1.0.1".into(), Some("istio".into()), false),
+                (
+                    "Kubernetes".into(),
+                    "10.1.0.1".into(),
+                    Some("istio".into()),
+                    false
+                ),
                 ("east".into(), "10.2.0.1".into(), None, false),
             ]
         );
@@ -834,16 +1080,31 @@ mod multi_cluster {
         assert_eq!(
             after,
             [
-                ("Kubernetes".into(), "10.1.0.1".into(), Some("istio".into()), false),
+                (
+                    "Kubernetes".into(),
+                    "10.1.0.1".into(),
+                    Some("istio".into()),
+                    false
+                ),
                 ("east".into(), "10.2.0.1".into(), None, true),
             ]
         );
         // The primary carries on: a change there still arrives.
         let mut m = Mesh::default();
         m.app("shop", "web", false, &[Side::None]);
-        let text = m.json().to_string().replace("web-0", "web-a").replace("10.250.0.1", "10.1.0.1");
+        let text = m
+            .json()
+            .to_string()
+            .replace("web-0", "web-a")
+            .replace("10.250.0.1", "10.1.0.1");
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let pod = doc["items"].as_array().unwrap().iter().find(|i| i["kind"] == "Pod").unwrap().clone();
+        let pod = doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["kind"] == "Pod")
+            .unwrap()
+            .clone();
         primary.put(pod);
         eds_until(&server, |s| s.len() == 2 && s[0].2.is_none() && s[1].3).await;
         server.running.shutdown().await;
@@ -856,7 +1117,10 @@ mod multi_cluster {
         cluster_objects(&primary, "web-a", Side::Sidecar);
         cluster_objects(&west, "web-b", Side::Sidecar);
         let mut data = BTreeMap::new();
-        data.insert("west", base64::engine::general_purpose::STANDARD.encode(west.kubeconfig_yaml()));
+        data.insert(
+            "west",
+            base64::engine::general_purpose::STANDARD.encode(west.kubeconfig_yaml()),
+        );
         primary.put(json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "istio-remote-secret-west", "namespace": "istio-system",
                          "labels": {"istio/multiCluster": "true"}},
@@ -873,7 +1137,9 @@ mod multi_cluster {
         .await;
         let both = eds_until(&server, |s| s.len() == 2).await;
         assert_eq!(
-            both.iter().map(|e| (e.0.as_str(), e.2.as_deref())).collect::<Vec<_>>(),
+            both.iter()
+                .map(|e| (e.0.as_str(), e.2.as_deref()))
+                .collect::<Vec<_>>(),
             [("Kubernetes", Some("istio")), ("west", Some("istio"))]
         );
         server.running.shutdown().await;

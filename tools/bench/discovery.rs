@@ -89,9 +89,11 @@ fn mesh(pods: usize, services: usize, namespaces: usize, flipped: bool) -> Value
             "metadata": {"name": format!("{svc}-a"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
             "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints}));
         if s % 20 == 0 {
-            items.push(json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            items.push(
+                json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
                 "metadata": {"name": svc, "namespace": ns},
-                "spec": {"host": svc, "subsets": [{"name": "v1", "labels": {"app": svc}}]}}));
+                "spec": {"host": svc, "subsets": [{"name": "v1", "labels": {"app": svc}}]}}),
+            );
         }
     }
     json!({"apiVersion": "v1", "kind": "List", "items": items})
@@ -106,7 +108,11 @@ impl Drop for ServerProc {
     }
 }
 
-fn start_server(dir: &std::path::Path, issuer_dir: &std::path::Path, snapshot: &std::path::Path) -> (ServerProc, String) {
+fn start_server(
+    dir: &std::path::Path,
+    issuer_dir: &std::path::Path,
+    snapshot: &std::path::Path,
+) -> (ServerProc, String) {
     let cfg = format!(
         "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[xds.max_resource_names_per_stream]\neds = 10\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n[discovery]\nsnapshot = {:?}\n",
         dir.join("state"),
@@ -115,7 +121,11 @@ fn start_server(dir: &std::path::Path, issuer_dir: &std::path::Path, snapshot: &
     );
     std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
-        .args(["server", "--config", dir.join("meshid.toml").to_str().unwrap()])
+        .args([
+            "server",
+            "--config",
+            dir.join("meshid.toml").to_str().unwrap(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -183,7 +193,12 @@ fn main() {
         .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
         .unwrap();
     let issuer_dir = dir.path().join("issuer");
-    let issuer = DevIssuer::init(&issuer_dir, "https://kubernetes.default.svc.cluster.local", None).unwrap();
+    let issuer = DevIssuer::init(
+        &issuer_dir,
+        "https://kubernetes.default.svc.cluster.local",
+        None,
+    )
+    .unwrap();
     let (server, grpc) = start_server(dir.path(), &issuer_dir, &snapshot);
     let token = issuer
         .token(
