@@ -155,11 +155,15 @@ impl ProxyRegistry {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// The proofs at this instant.
+    /// The proofs at this instant. Pods with no stream whose grace ran out are forgotten (a
+    /// pod meshid does not know is unproven anyway), so the registry does not grow with churn.
     pub fn snapshot(&self) -> ProofSnapshot {
+        let now = self.clock.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, s| s.streams > 0 || now - s.last <= self.grace);
         ProofSnapshot {
-            seen: self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            now: self.clock.now(),
+            seen: seen.clone(),
+            now,
             grace: self.grace,
         }
     }
@@ -216,5 +220,95 @@ impl ProofLookup for ProofSnapshot {
             Some(s) if uid.is_none_or(|u| u == s.uid) => self.state(s),
             _ => ProxyProof::Never,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        identity::{ClusterId, PodRef},
+        spiffe::{SpiffeId, TrustDomain},
+    };
+
+    fn id(pod: &str, uid: &str) -> Identity {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        Identity {
+            spiffe_id: SpiffeId::for_service_account(&td, "shop", "web").unwrap(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod: Some(PodRef {
+                name: pod.into(),
+                uid: uid.into(),
+            }),
+            cluster: ClusterId("Kubernetes".into()),
+            expires_at: None,
+        }
+    }
+
+    /// One row per proof rule.
+    #[test]
+    fn proof_states() {
+        let clock = Arc::new(ManualClock::new(OffsetDateTime::UNIX_EPOCH));
+        let r = ProxyRegistry::new(clock.clone(), Duration::from_secs(60));
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", Some("u1")),
+            ProxyProof::Never,
+            "never seen"
+        );
+        let guard = r.stream_opened(&id("web-0", "u1")).unwrap();
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", Some("u1")),
+                ProxyProof::Connected { .. }
+            ),
+            "stream open"
+        );
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", Some("u2")),
+            ProxyProof::Never,
+            "a new pod under the same name is not proven by the old one's proxy"
+        );
+        clock.advance(Duration::from_secs(3600));
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", Some("u1")),
+                ProxyProof::Connected { .. }
+            ),
+            "an open stream needs no grace"
+        );
+        drop(guard);
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", None),
+                ProxyProof::Recent { .. }
+            ),
+            "closed: within grace"
+        );
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", None),
+            ProxyProof::Never,
+            "grace over"
+        );
+        assert!(
+            r.snapshot().digest().is_empty(),
+            "forgotten once the grace ran out"
+        );
+        r.certificate_issued(&id("web-1", "u3"));
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-1", Some("u3")),
+                ProxyProof::Recent { .. }
+            ),
+            "CSR issuance"
+        );
+        let mut no_pod = id("x", "y");
+        no_pod.pod = None;
+        assert!(
+            r.stream_opened(&no_pod).is_none(),
+            "a token without a pod proves nothing"
+        );
     }
 }

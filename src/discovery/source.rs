@@ -99,6 +99,7 @@ pub fn spawn_view(
     let mut changes = registry.as_ref().map(|r| r.subscribe());
     let task = tokio::spawn(async move {
         let mut current = current;
+        let mut settle = false;
         loop {
             let proofs_changed = async {
                 match changes.as_mut() {
@@ -113,12 +114,19 @@ pub fn spawn_view(
                 }
                 alive = proofs_changed => {
                     if !alive { return }
-                    if !proofs_moved(registry.as_deref(), &digest) { continue }
+                    settle = true;
                 }
                 _ = tokio::time::sleep(tick), if registry.is_some() => {
                     if !proofs_moved(registry.as_deref(), &digest) { continue }
                 }
                 _ = stop.wait_for(|s| *s) => return,
+            }
+            if std::mem::take(&mut settle) {
+                // Let a burst (a cold-start storm of streams) settle into one rebuild.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !proofs_moved(registry.as_deref(), &digest) {
+                    continue;
+                }
             }
             let (view, d) = build(&current, &settings, registry.as_deref());
             digest = d;
