@@ -1110,6 +1110,75 @@ mod multi_cluster {
         server.running.shutdown().await;
     }
 
+    /// The live source watches ServiceEntries and WorkloadEntries too: a VM registered while
+    /// the server runs is served over EDS with its tlsMode.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_source_serves_a_workload_entry_added_later() {
+        let api = FakeApiServer::start().await;
+        api.put(
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "vms", "namespace": "shop"},
+            "spec": {"hosts": ["vm.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                     "ports": [{"number": 8080, "name": "http"}],
+                     "workloadSelector": {"labels": {"app": "vm"}}}}),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let kp = kubeconfig(dir.path(), "p", &api);
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kp),
+                ..Default::default()
+            })
+        })
+        .await;
+        let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+            server.channel().await,
+            bearer(Some(server.token("shop", "client"))),
+        );
+        let (tx, out) = mpsc::channel(8);
+        let mut rx = client
+            .stream_endpoints(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        let req = |nonce: String| DiscoveryRequest {
+            resource_names: vec!["outbound|8080||vm.internal".into()],
+            type_url: ENDPOINT_TYPE_URL.into(),
+            response_nonce: nonce,
+            ..Default::default()
+        };
+        tx.send(req(String::new())).await.unwrap();
+        let mut added = false;
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
+                .await
+                .expect("a response within 10 s")
+                .unwrap()
+                .unwrap();
+            let s = seen(&r);
+            if s.len() == 1 {
+                assert_eq!(
+                    s[0],
+                    (
+                        "Kubernetes".into(),
+                        "10.9.0.1".into(),
+                        Some("istio".into()),
+                        false
+                    )
+                );
+                break;
+            }
+            tx.send(req(r.nonce)).await.unwrap();
+            if !added {
+                added = true;
+                api.put(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                    "metadata": {"name": "vm-1", "namespace": "shop"},
+                    "spec": {"address": "10.9.0.1", "labels": {"app": "vm", "security.istio.io/tlsMode": "istio"}}}));
+            }
+        }
+        server.running.shutdown().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn remote_secrets_add_a_cluster() {
         use base64::Engine;
