@@ -8,7 +8,10 @@ use serde::Serialize;
 
 use super::{
     decide::ClusterTls,
-    plan::{plan_named, visible, Client, ClusterPlan, DrRef, EndpointPlan, Mesh, Verdict},
+    plan::{
+        plan_named, plan_named_for, visible, Client, ClusterPlan, DrRef, EndpointPlan, Mesh,
+        Verdict,
+    },
     proof::{NoProofs, ProofLookup, ProxyProof},
     sidecar_of, Decision, DiscoveryError, MeshObjects, MeshSettings, PeerAuthResolution, TlsMode,
 };
@@ -222,14 +225,18 @@ fn client_reports(
     proofs: &dyn ProofLookup,
     name: &str,
 ) -> Result<Vec<ClientReport>, DiscoveryError> {
+    let clients = objs
+        .pods
+        .iter()
+        .map(|p| client_of(objs, &meta_name(&p.metadata)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<Option<&Client>> = clients.iter().map(Some).collect();
+    let Some(per_client) = plan_named_for(objs, s, proofs, name, &refs) else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
-    for pod in &objs.pods {
-        let pn = meta_name(&pod.metadata);
-        let c = client_of(objs, &pn)?;
-        let Some(plans) = plan_named(objs, s, proofs, name, Some(&c)) else {
-            continue;
-        };
-        let r = build_report(objs, s, &plans, Some(&c), None);
+    for (c, plans) in clients.iter().zip(per_client) {
+        let r = build_report(objs, s, &plans, Some(c), None);
         let sm = &r.summary;
         let total = sm.mtls + sm.plaintext + sm.tls + sm.will_fail;
         let reaches_with = if sm.will_fail > 0 {
@@ -247,7 +254,7 @@ fn client_reports(
             )
         };
         out.push(ClientReport {
-            pod: pn,
+            pod: c.name.clone(),
             sidecar: c.sidecar,
             reaches_with,
             summary: r.summary,

@@ -35,7 +35,9 @@ pub use multicluster::{
     client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL,
 };
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
-pub use plan::{plan_all, plan_named, Client, ClusterPlan, EndpointPlan, Mesh, Verdict};
+pub use plan::{
+    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Verdict,
+};
 pub use proof::{NoProofs, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard};
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};
 pub use snapshot::{MeshObjects, MeshSettings};

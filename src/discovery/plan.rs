@@ -347,13 +347,42 @@ pub fn plan_named(
     name: &str,
     client: Option<&Client>,
 ) -> Option<Vec<ClusterPlan>> {
+    plan_named_for(objs, s, proofs, name, &[client]).and_then(|mut v| v.pop())
+}
+
+/// As `plan_named`, once per client (the endpoints are joined once; only the DestinationRule
+/// lookup depends on the client).
+pub fn plan_named_for(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    proofs: &dyn ProofLookup,
+    name: &str,
+    clients: &[Option<&Client>],
+) -> Option<Vec<Vec<ClusterPlan>>> {
     let idx = Index::new(objs, &s.cluster_name);
+    let targets = targets_named(objs, &idx, s, name);
+    if targets.is_empty() {
+        return None;
+    }
+    Some(
+        clients
+            .iter()
+            .map(|c| {
+                targets
+                    .iter()
+                    .flat_map(|t| plan_target(objs, s, proofs, t, *c))
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+fn targets_named(objs: &MeshObjects, idx: &Index<'_>, s: &MeshSettings, name: &str) -> Vec<Target> {
     if let Some((n, ns)) = name.split_once('.') {
         if let Some(svc) = idx.services.iter().copied().find(|x| {
             x.metadata.name.as_deref() == Some(n) && x.metadata.namespace.as_deref() == Some(ns)
         }) {
-            let t = service_target(&idx, s, svc)?;
-            return Some(plan_target(objs, s, proofs, &t, client));
+            return service_target(idx, s, svc).into_iter().collect();
         }
     }
     let mut out = Vec::new();
@@ -363,13 +392,13 @@ pub fn plan_named(
             se.metadata.name.as_deref().unwrap_or(""),
             se.metadata.namespace.as_deref().unwrap_or("")
         );
-        for t in service_entry_targets(&idx, s, se) {
+        for t in service_entry_targets(idx, s, se) {
             if t.fqdn == name || se_name == name {
-                out.extend(plan_target(objs, s, proofs, &t, client));
+                out.push(t);
             }
         }
     }
-    (!out.is_empty()).then_some(out)
+    out
 }
 
 /// Whether a ServiceEntry (or Service) is visible to `client` (its `exportTo`).
