@@ -255,6 +255,15 @@ impl ResourceSource for Stream {
             Some(format!("not of the form {FORM}; never served"))
         } else if !self.view.borrow().clusters.contains_key(name) {
             Some("discovery knows no such service port now; sent if it appears".into())
+        } else if !self
+            .view
+            .borrow()
+            .visible_to(name, &self.identity.namespace)
+        {
+            Some(format!(
+                "not exported to namespace {} (exportTo); sent if it becomes visible",
+                self.identity.namespace
+            ))
         } else {
             None
         }
@@ -266,6 +275,9 @@ impl ResourceSource for Stream {
 
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
         let view = self.view.borrow().clone();
+        if !view.visible_to(name, &self.identity.namespace) {
+            return Ok(None);
+        }
         Ok(view
             .clusters
             .get(name)
@@ -334,10 +346,22 @@ impl EndpointDiscoveryService for EdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        self.0.auth.authenticate(&request).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let req = request.into_inner();
         let view = self.0.view.borrow().clone();
         check_cluster_names(&view, &req.resource_names)?;
+        let hidden: Vec<&str> = req
+            .resource_names
+            .iter()
+            .filter(|n| !view.visible_to(n, &identity.namespace))
+            .map(String::as_str)
+            .collect();
+        if !hidden.is_empty() {
+            return Err(Status::not_found(format!(
+                "cluster(s) {hidden:?} are not exported to namespace {} (exportTo)",
+                identity.namespace
+            )));
+        }
         let resources: Vec<Any> = req
             .resource_names
             .iter()

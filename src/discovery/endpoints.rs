@@ -51,10 +51,20 @@ pub struct DiscoveryStats {
 #[derive(Clone, Debug, Default)]
 pub struct DiscoveryView {
     pub clusters: BTreeMap<String, Vec<EndpointEntry>>,
+    /// Clusters visible only in some namespaces (a ServiceEntry's `exportTo`): (own
+    /// namespace, exportTo).
+    pub export_to: BTreeMap<String, (String, Vec<String>)>,
     pub stats: DiscoveryStats,
 }
 
 impl DiscoveryView {
+    /// Whether a stream of a workload in `namespace` may see `cluster` (`exportTo`).
+    pub fn visible_to(&self, cluster: &str, namespace: &str) -> bool {
+        self.export_to
+            .get(cluster)
+            .is_none_or(|(own, to)| super::istio::exported_to(to, own, namespace))
+    }
+
     /// Builds the view of `objs`, with no knowledge of proxies.
     pub fn build(objs: &MeshObjects, s: &MeshSettings) -> Arc<Self> {
         Self::build_with(objs, s, &NoProofs)
@@ -64,6 +74,7 @@ impl DiscoveryView {
     pub fn build_with(objs: &MeshObjects, s: &MeshSettings, proofs: &dyn ProofLookup) -> Arc<Self> {
         let mut clusters = BTreeMap::new();
         let mut silent = std::collections::BTreeSet::new();
+        let mut export_to = BTreeMap::new();
         for plan in plan_all(objs, s, proofs) {
             if !plan.served_by_eds {
                 continue;
@@ -86,6 +97,9 @@ impl DiscoveryView {
                     }
                 })
                 .collect();
+            if !plan.export_to.1.is_empty() {
+                export_to.insert(plan.name.clone(), plan.export_to.clone());
+            }
             entries.sort_by(|a, b| {
                 (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port))
             });
@@ -93,7 +107,11 @@ impl DiscoveryView {
         }
         let mut stats = stats(objs, &clusters);
         stats.declared_without_proxy = silent.len();
-        Arc::new(Self { clusters, stats })
+        Arc::new(Self {
+            clusters,
+            export_to,
+            stats,
+        })
     }
 }
 

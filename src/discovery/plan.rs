@@ -116,6 +116,8 @@ pub struct ClusterPlan {
     pub resolution: String,
     /// Whether meshid's EDS serves this cluster.
     pub served_by_eds: bool,
+    /// Namespace and `exportTo` of the ServiceEntry it comes from (empty list: everywhere).
+    pub export_to: (String, Vec<String>),
     pub destination_rule: Option<DrRef>,
     /// meshid's cluster TLS, and why.
     pub tls: ClusterTls,
@@ -313,6 +315,8 @@ struct Target {
     passthrough: bool,
     resolution: String,
     served_by_eds: bool,
+    /// (own namespace, exportTo) of a ServiceEntry; empty: everywhere.
+    export_to: (String, Vec<String>),
     /// Per service port: its backends.
     ports: Vec<(u16, Vec<Backend>)>,
 }
@@ -424,6 +428,7 @@ fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Op
         passthrough: spec.and_then(|x| x.cluster_ip.as_deref()) == Some("None"),
         resolution: "EDS".into(),
         served_by_eds: true,
+        export_to: (ns.to_owned(), Vec::new()),
         ports,
     })
 }
@@ -448,6 +453,7 @@ fn service_entry_targets<'a>(
             passthrough: resolution == "NONE",
             resolution: resolution.clone(),
             served_by_eds: resolution == "STATIC",
+            export_to: (ns.clone(), se.spec.export_to.clone()),
             ports: se
                 .spec
                 .ports
@@ -568,6 +574,7 @@ fn plan_cluster(
         passthrough,
         resolution: t.resolution.clone(),
         served_by_eds: t.served_by_eds,
+        export_to: t.export_to.clone(),
         destination_rule: drt.map(|d| d.r),
         tls,
         tls_why: tls_why.to_owned(),

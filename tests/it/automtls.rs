@@ -1214,3 +1214,58 @@ mod multi_cluster {
         server.running.shutdown().await;
     }
 }
+
+/// A ServiceEntry's `exportTo` holds on the wire too: EDS serves its cluster only to
+/// workloads of the namespaces it is exported to (the stream's token names the namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eds_respects_service_entry_export_to() {
+    use envoy_types::pb::envoy::service::{
+        discovery::v3::DiscoveryRequest,
+        endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient,
+    };
+    let mut m = Mesh::new();
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "vms", "namespace": "vm"},
+        "spec": {"hosts": ["vm.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                 "exportTo": ["."], "ports": [{"number": 8080, "name": "http"}],
+                 "endpoints": [{"address": "10.1.0.9"}]}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("mesh.json");
+    std::fs::write(&snapshot, m.json().to_string()).unwrap();
+    let server = crate::server_support::TestServer::start_with(
+        std::sync::Arc::new(meshid::clock::SystemClock),
+        move |cfg| {
+            cfg.discovery = Some(meshid::config::Discovery {
+                snapshot: Some(snapshot),
+                ..Default::default()
+            })
+        },
+    )
+    .await;
+    let fetch = |ns: &'static str| {
+        let server = &server;
+        async move {
+            let mut c = EndpointDiscoveryServiceClient::with_interceptor(
+                server.channel().await,
+                crate::server_support::bearer(Some(server.token(ns, "app"))),
+            );
+            c.fetch_endpoints(DiscoveryRequest {
+                resource_names: vec!["outbound|8080||vm.internal".into()],
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let own = fetch("vm").await.unwrap().into_inner();
+    assert_eq!(own.resources.len(), 1);
+    let err = fetch("other").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("not exported to namespace other"),
+        "{}",
+        err.message()
+    );
+    server.running.shutdown().await;
+}
