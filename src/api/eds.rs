@@ -1,6 +1,10 @@
-//! Envoy EDS v3 for auto mTLS: `ClusterLoadAssignment`s named `outbound|<port>||<fqdn>`, with
-//! `envoy.transport_socket_match: {tlsMode: istio}` on endpoints whose pod has a sidecar, so
-//! the cluster's `tlsMode-istio` socket match picks mTLS for them and raw_buffer for the rest.
+//! Envoy EDS v3 for auto mTLS: `ClusterLoadAssignment`s named `outbound|<port>|<subset>|<fqdn>`
+//! (Services, STATIC ServiceEntries, DestinationRule subsets), with
+//! `envoy.transport_socket_match: {tlsMode: istio}` on the endpoints the one decision
+//! (`discovery::plan`) marks, so the cluster's `tlsMode-istio` socket match picks mTLS for them
+//! and raw_buffer for the rest. One locality per Kubernetes cluster (its name as the
+//! sub-zone); endpoints kept from an unreachable cluster carry `meshid.discovery: {stale:
+//! true}`. A ServiceEntry's cluster is served only to namespaces it is exported to.
 //! StreamEndpoints and DeltaEndpoints run on the shared xDS engine; FetchEndpoints is unary.
 //!
 //! Names: EDS serves the clusters of service ports discovery knows. A name of that form for a

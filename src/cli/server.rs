@@ -79,6 +79,9 @@ impl ServerArgs {
             .build()?;
         rt.block_on(async move {
             let running = crate::server::start(cfg, Arc::new(SystemClock)).await?;
+            // Installed before the address line: whoever reads it may signal at once.
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
             println!(
                 "meshid server: gRPC (TLS) on {}, HTTP on {}",
                 running.grpc_addr, running.http_addr
@@ -86,7 +89,7 @@ impl ServerArgs {
             if let Some(p) = &running.unix_path {
                 println!("meshid server: gRPC on unix:{}", p.display());
             }
-            let signal = shutdown_signal().await?;
+            let signal = shutdown_signal(term).await?;
             println!("meshid server: {signal} received; draining and shutting down");
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
@@ -217,9 +220,7 @@ fn parse_config(text: &str) -> Result<Config, Vec<String>> {
 
 /// Waits for SIGTERM (what Kubernetes sends before SIGKILL) or Ctrl-C (SIGINT); both drain:
 /// stop accepting, end streams, exit 0 within the shutdown cap.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+async fn shutdown_signal(mut term: tokio::signal::unix::Signal) -> anyhow::Result<&'static str> {
     tokio::select! {
         r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; Ok("SIGINT") }
         _ = term.recv() => Ok("SIGTERM"),
