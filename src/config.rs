@@ -235,7 +235,7 @@ impl Limits {
 }
 
 /// Where endpoints come from (exactly one source), and Istio's mesh-wide settings.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Discovery {
     /// A snapshot file (kubectl `-o json` or `-o yaml` of pods, endpointslices, services,
@@ -254,6 +254,64 @@ pub struct Discovery {
     pub domain: String,
     #[serde(default = "default_true")]
     pub auto_mtls: bool,
+    /// Serve a pod labelled tlsMode=istio as tlsMode disabled until one of its proxies holds an
+    /// SDS stream or obtained a certificate within `proxy_proof_grace` (off: the label decides,
+    /// as in Istio; silent sidecars are still shown by `describe` and counted in
+    /// `meshid_discovery_declared_without_proxy`).
+    #[serde(default)]
+    pub require_proxy_proof: bool,
+    /// How long a certificate fetched over the CSR API (or an SDS stream that closed) proves
+    /// the pod's proxy. Covers istio-agent's renewal at half the certificate's lifetime.
+    #[serde(
+        default = "default_proof_grace",
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub proxy_proof_grace: Duration,
+    /// This cluster's name, shown next to its endpoints (multi-cluster discovery).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Other clusters whose pods, services and endpointslices are merged per service hostname.
+    #[serde(default)]
+    pub clusters: Vec<RemoteCluster>,
+    /// Also follow Istio's remote secrets: Secrets in `root_namespace` labelled
+    /// `istio/multiCluster=true`, one kubeconfig per data key (the key names the cluster).
+    #[serde(default)]
+    pub remote_secrets: bool,
+}
+
+/// A remote cluster for multi-cluster discovery.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCluster {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+}
+
+fn default_cluster_name() -> String {
+    crate::identity::DEFAULT_CLUSTER.into()
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            snapshot: None,
+            kubeconfig: None,
+            in_cluster: false,
+            root_namespace: default_root_ns(),
+            domain: default_domain(),
+            auto_mtls: true,
+            require_proxy_proof: false,
+            proxy_proof_grace: default_proof_grace(),
+            cluster_name: default_cluster_name(),
+            clusters: Vec::new(),
+            remote_secrets: false,
+        }
+    }
+}
+
+fn default_proof_grace() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_root_ns() -> String {
@@ -596,6 +654,28 @@ impl Config {
                     "discovery: set exactly one of snapshot, kubeconfig or in_cluster".into(),
                 );
             }
+            let mut names = vec![d.cluster_name.as_str()];
+            for (i, c) in d.clusters.iter().enumerate() {
+                if c.name.is_empty() || names.contains(&c.name.as_str()) {
+                    errs.push(format!(
+                        "discovery.clusters[{i}].name: {:?} is empty or not unique (discovery.cluster_name is {:?})",
+                        c.name, d.cluster_name
+                    ));
+                }
+                names.push(&c.name);
+            }
+            if d.snapshot.is_some() && (!d.clusters.is_empty() || d.remote_secrets) {
+                errs.push(
+                    "discovery.clusters / discovery.remote_secrets: need a live source (kubeconfig or in_cluster), not a snapshot".into(),
+                );
+            }
+            let grace = d.proxy_proof_grace;
+            if grace.is_zero() || grace > Duration::from_secs(7 * 24 * 3600) {
+                errs.push(format!(
+                    "discovery.proxy_proof_grace: {} is not between 1s and 7d",
+                    fmt_duration(grace)
+                ));
+            }
         }
         if errs.is_empty() {
             Ok(())
@@ -781,6 +861,42 @@ additional_issuers = ["j"]
         assert!(
             !all.contains("api_server\n"),
             "api_server is one source: {all}"
+        );
+    }
+
+    #[test]
+    fn discovery_proxy_proof_keys() {
+        let base = format!("{GOOD}\n[discovery]\nsnapshot = \"/m.yaml\"\n");
+        let cfg = Config::from_toml(&base).unwrap();
+        let d = cfg.discovery.unwrap();
+        assert_eq!(
+            (d.require_proxy_proof, d.proxy_proof_grace),
+            (false, Duration::from_secs(3600))
+        );
+        let cfg = Config::from_toml(&format!(
+            "{base}require_proxy_proof = true\nproxy_proof_grace = \"5m\"\n"
+        ))
+        .unwrap();
+        let d = cfg.discovery.unwrap();
+        assert_eq!(
+            (d.require_proxy_proof, d.proxy_proof_grace),
+            (true, Duration::from_secs(300))
+        );
+        let errs = Config::from_toml(&format!(
+            "{base}[[discovery.clusters]]\nname = \"Kubernetes\"\nkubeconfig = \"/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("discovery.clusters[0].name"))
+                && errs.iter().any(|e| e.contains("need a live source")),
+            "{errs:?}"
+        );
+        let errs = Config::from_toml(&format!("{base}proxy_proof_grace = \"0s\"\n")).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("discovery.proxy_proof_grace")),
+            "{errs:?}"
         );
     }
 

@@ -34,7 +34,10 @@ use crate::{
     },
     clock::Clock,
     config::{self, Config},
-    discovery::{start_kube_source, DiscoveryView, MeshSettings, SnapshotSource},
+    discovery::{
+        spawn_view, start_kube_source, watch_remote_secrets, DiscoveryView, MeshSettings,
+        MultiCluster, ProxyRegistry, SnapshotSource,
+    },
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -75,6 +78,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// What every SDS stream has ACKed (served on `GET /debug/rotation`).
     pub propagation: Arc<Propagation>,
+    /// Which pods' proxies meshid has seen (present when discovery is on).
+    pub proxies: Option<Arc<ProxyRegistry>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -150,6 +155,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     .with_propagation(Arc::default());
     let propagation = sds.propagation();
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
+    // Which pods' proxies hold an SDS stream or got a certificate (auto mTLS proof by proxy).
+    let proxies =
+        (cfg.discovery.as_ref()).map(|d| ProxyRegistry::new(clock.clone(), d.proxy_proof_grace));
+    let (sds, csr) = match &proxies {
+        Some(p) => (
+            sds.with_proxy_registry(p.clone()),
+            csr.with_proxy_registry(p.clone()),
+        ),
+        None => (sds, csr),
+    };
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
         Some(d) => {
@@ -157,10 +172,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                 auto_mtls: d.auto_mtls,
                 root_namespace: d.root_namespace.clone(),
                 domain: d.domain.clone(),
+                require_proxy_proof: d.require_proxy_proof,
+                cluster_name: d.cluster_name.clone(),
             };
-            let view = match (&d.snapshot, &d.kubeconfig) {
+            let objects = match (&d.snapshot, &d.kubeconfig) {
                 (Some(path), _) => {
-                    let source = SnapshotSource::load(path.clone(), settings).map_err(|e| {
+                    let source = SnapshotSource::load(path.clone()).map_err(|e| {
                         ServerError::Config(vec![format!("discovery.snapshot: {e}")])
                     })?;
                     let view = source.subscribe();
@@ -173,11 +190,20 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                     let client = kube_client(kubeconfig.as_deref())
                         .await
                         .map_err(|why| ServerError::Config(vec![format!("discovery: {why}")]))?;
-                    let (view, watchers) = start_kube_source(client, settings, stop_rx.clone());
+                    let mc = remote_clusters(d, &client, &mut tasks).await?;
+                    let (objects, watchers) = start_kube_source(client, mc, stop_rx.clone());
                     tasks.extend(watchers);
-                    view
+                    objects
                 }
             };
+            let (view, builder) = spawn_view(
+                objects,
+                settings,
+                proxies.clone(),
+                cfg.state_poll_interval,
+                stop_rx.clone(),
+            );
+            tasks.push(builder);
             tasks.push(tokio::spawn(discovery_gauges(
                 view.clone(),
                 metrics.clone(),
@@ -295,6 +321,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         live,
         metrics,
         propagation,
+        proxies,
         stop,
         tasks,
     })
@@ -369,6 +396,31 @@ fn grpc_router(
         .add_optional_service(eds.map(|e| {
             EndpointDiscoveryServiceServer::new(e.clone()).max_decoding_message_size(xds_max)
         }))
+}
+
+/// The remote clusters of multi-cluster discovery: configured ones, and Istio's remote secrets.
+async fn remote_clusters(
+    d: &config::Discovery,
+    primary: &kube::Client,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<MultiCluster, ServerError> {
+    let mc = MultiCluster::new();
+    for (i, c) in d.clusters.iter().enumerate() {
+        let client = kube_client(Some(&c.kubeconfig)).await.map_err(|why| {
+            ServerError::Config(vec![format!("discovery.clusters[{i}] ({}): {why}", c.name)])
+        })?;
+        mc.add(&c.name, client);
+    }
+    if d.remote_secrets {
+        tasks.push(watch_remote_secrets(
+            primary.clone(),
+            &d.root_namespace,
+            mc.remotes.clone(),
+            d.clusters.iter().map(|c| c.name.clone()).collect(),
+            mc.notify.clone(),
+        ));
+    }
+    Ok(mc)
 }
 
 async fn discovery_gauges(

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub discovery_endpoints: Family<Labels, Gauge>,
     pub discovery_mtls_coverage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub discovery_mismatches: Gauge,
+    pub discovery_declared_without_proxy: Gauge,
     pub identity_backend_up: Family<Labels, Gauge>,
 }
 
@@ -70,6 +71,7 @@ impl Metrics {
             discovery_endpoints: Family::default(),
             discovery_mtls_coverage: Family::default(),
             discovery_mismatches: Gauge::default(),
+            discovery_declared_without_proxy: Gauge::default(),
             identity_backend_up: Family::default(),
             registry: Registry::default(),
         };
@@ -173,6 +175,11 @@ impl Metrics {
             "Pods whose tlsMode label disagrees with what they run",
             m.discovery_mismatches.clone(),
         );
+        r.register(
+            "meshid_discovery_declared_without_proxy",
+            "Pods labelled tlsMode=istio whose proxy has not fetched a certificate from meshid",
+            m.discovery_declared_without_proxy.clone(),
+        );
         Self { registry: r, ..m }
     }
 
@@ -190,6 +197,8 @@ impl Metrics {
                 .set(*ratio);
         }
         self.discovery_mismatches.set(st.sidecar_mismatches as i64);
+        self.discovery_declared_without_proxy
+            .set(st.declared_without_proxy as i64);
     }
 
     /// One label, for the families above.

@@ -20,6 +20,7 @@ pub struct CsrService {
     auth: Authenticator,
     ca: watch::Receiver<Arc<CaSnapshot>>,
     metrics: Arc<Metrics>,
+    proxies: Option<Arc<crate::discovery::ProxyRegistry>>,
 }
 
 impl CsrService {
@@ -28,7 +29,18 @@ impl CsrService {
         ca: watch::Receiver<Arc<CaSnapshot>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { auth, ca, metrics }
+        Self {
+            auth,
+            ca,
+            metrics,
+            proxies: None,
+        }
+    }
+
+    /// Reports each certificate's pod to `registry` (auto mTLS proof by proxy).
+    pub fn with_proxy_registry(mut self, registry: Arc<crate::discovery::ProxyRegistry>) -> Self {
+        self.proxies = Some(registry);
+        self
     }
 }
 
@@ -66,6 +78,9 @@ impl IstioCertificateService for CsrService {
             .get_or_create(&Metrics::label("api", "csr"))
             .inc();
         tracing::info!(id = %identity.spiffe_id, serial = %issued.serial, csr_sha256, "certificate issued");
+        if let Some(p) = &self.proxies {
+            p.certificate_issued(&identity);
+        }
         // Leaf first, then intermediates, then the root bundle (every trusted root) last.
         let mut cert_chain = vec![cert::to_pem(&issued.leaf)];
         cert_chain.extend(issued.chain.iter().map(|c| cert::to_pem(c)));

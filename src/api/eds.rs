@@ -1,6 +1,10 @@
-//! Envoy EDS v3 for auto mTLS: `ClusterLoadAssignment`s named `outbound|<port>||<fqdn>`, with
-//! `envoy.transport_socket_match: {tlsMode: istio}` on endpoints whose pod has a sidecar, so
-//! the cluster's `tlsMode-istio` socket match picks mTLS for them and raw_buffer for the rest.
+//! Envoy EDS v3 for auto mTLS: `ClusterLoadAssignment`s named `outbound|<port>|<subset>|<fqdn>`
+//! (Services, STATIC ServiceEntries, DestinationRule subsets), with
+//! `envoy.transport_socket_match: {tlsMode: istio}` on the endpoints the one decision
+//! (`discovery::plan`) marks, so the cluster's `tlsMode-istio` socket match picks mTLS for them
+//! and raw_buffer for the rest. One locality per Kubernetes cluster (its name as the
+//! sub-zone); endpoints kept from an unreachable cluster carry `meshid.discovery: {stale:
+//! true}`. A ServiceEntry's cluster is served only to namespaces it is exported to.
 //! StreamEndpoints and DeltaEndpoints run on the shared xDS engine; FetchEndpoints is unary.
 //!
 //! Names: EDS serves the clusters of service ports discovery knows. A name of that form for a
@@ -19,8 +23,8 @@ use envoy_types::{
         envoy::{
             config::{
                 core::v3::{
-                    address, socket_address::PortSpecifier, Address, HealthStatus, Metadata,
-                    SocketAddress,
+                    address, socket_address::PortSpecifier, Address, HealthStatus, Locality,
+                    Metadata, SocketAddress,
                 },
                 endpoint::v3::{
                     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
@@ -56,6 +60,8 @@ use crate::{
 pub const ENDPOINT_TYPE_URL: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
+/// Endpoint metadata marking an endpoint kept from an unreachable cluster.
+const STALE_KEY: &str = "meshid.discovery";
 
 /// The EDS service.
 #[derive(Clone)]
@@ -105,56 +111,93 @@ impl EdsService {
     }
 }
 
+fn string(v: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(v.into())),
+    }
+}
+
+fn lb_endpoint(e: &EndpointEntry) -> LbEndpoint {
+    let address = Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: e.address.clone(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+            ..Default::default()
+        })),
+    };
+    let mut filter_metadata = std::collections::HashMap::new();
+    if e.tls_mode == TlsMode::Istio {
+        let tls = Struct {
+            fields: [("tlsMode".to_owned(), string("istio"))]
+                .into_iter()
+                .collect(),
+        };
+        filter_metadata.insert(SOCKET_MATCH_KEY.to_owned(), tls);
+    }
+    if e.stale {
+        // Kept from a cluster whose API server cannot be reached, and marked so.
+        let mark = Struct {
+            fields: [
+                ("cluster".to_owned(), string(&e.cluster)),
+                (
+                    "stale".to_owned(),
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        filter_metadata.insert(STALE_KEY.to_owned(), mark);
+    }
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(address),
+            ..Default::default()
+        })),
+        health_status: if e.ready {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        } as i32,
+        metadata: (!filter_metadata.is_empty()).then(|| Metadata {
+            filter_metadata,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The assignment EDS serves for `name` (empty when the service has no endpoints or is gone:
-/// the cluster still exists in the proxy's configuration).
+/// the cluster still exists in the proxy's configuration). One locality per Kubernetes cluster
+/// the endpoints come from, the cluster's name as its sub-zone.
 pub fn load_assignment(name: &str, endpoints: &[EndpointEntry]) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .iter()
-        .map(|e| {
-            let address = Address {
-                address: Some(address::Address::SocketAddress(SocketAddress {
-                    address: e.address.clone(),
-                    port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+    let mut localities: Vec<LocalityLbEndpoints> = Vec::new();
+    for e in endpoints {
+        let same = localities
+            .last()
+            .and_then(|l| l.locality.as_ref())
+            .is_some_and(|l| l.sub_zone == e.cluster);
+        if !same {
+            localities.push(LocalityLbEndpoints {
+                locality: Some(Locality {
+                    sub_zone: e.cluster.clone(),
                     ..Default::default()
-                })),
-            };
-            let metadata = (e.tls_mode == TlsMode::Istio).then(|| {
-                let tls = Struct {
-                    fields: [(
-                        "tlsMode".to_owned(),
-                        Value {
-                            kind: Some(Kind::StringValue("istio".into())),
-                        },
-                    )]
-                    .into_iter()
-                    .collect(),
-                };
-                Metadata {
-                    filter_metadata: [(SOCKET_MATCH_KEY.to_owned(), tls)].into_iter().collect(),
-                    ..Default::default()
-                }
-            });
-            LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(address),
-                    ..Default::default()
-                })),
-                health_status: if e.ready {
-                    HealthStatus::Healthy
-                } else {
-                    HealthStatus::Unhealthy
-                } as i32,
-                metadata,
+                }),
                 ..Default::default()
-            }
-        })
-        .collect();
+            });
+        }
+        if let Some(l) = localities.last_mut() {
+            l.lb_endpoints.push(lb_endpoint(e));
+        }
+    }
+    if localities.is_empty() {
+        localities.push(LocalityLbEndpoints::default());
+    }
     ClusterLoadAssignment {
         cluster_name: name.to_owned(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
+        endpoints: localities,
         ..Default::default()
     }
 }
@@ -216,6 +259,15 @@ impl ResourceSource for Stream {
             Some(format!("not of the form {FORM}; never served"))
         } else if !self.view.borrow().clusters.contains_key(name) {
             Some("discovery knows no such service port now; sent if it appears".into())
+        } else if !self
+            .view
+            .borrow()
+            .visible_to(name, &self.identity.namespace)
+        {
+            Some(format!(
+                "not exported to namespace {} (exportTo); sent if it becomes visible",
+                self.identity.namespace
+            ))
         } else {
             None
         }
@@ -227,6 +279,9 @@ impl ResourceSource for Stream {
 
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
         let view = self.view.borrow().clone();
+        if !view.visible_to(name, &self.identity.namespace) {
+            return Ok(None);
+        }
         Ok(view
             .clusters
             .get(name)
@@ -295,10 +350,22 @@ impl EndpointDiscoveryService for EdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        self.0.auth.authenticate(&request).await?;
+        let identity = self.0.auth.authenticate(&request).await?;
         let req = request.into_inner();
         let view = self.0.view.borrow().clone();
         check_cluster_names(&view, &req.resource_names)?;
+        let hidden: Vec<&str> = req
+            .resource_names
+            .iter()
+            .filter(|n| !view.visible_to(n, &identity.namespace))
+            .map(String::as_str)
+            .collect();
+        if !hidden.is_empty() {
+            return Err(Status::not_found(format!(
+                "cluster(s) {hidden:?} are not exported to namespace {} (exportTo)",
+                identity.namespace
+            )));
+        }
         let resources: Vec<Any> = req
             .resource_names
             .iter()

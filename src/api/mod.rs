@@ -7,6 +7,7 @@ mod csr;
 mod eds;
 pub mod gate;
 pub mod lifetime;
+mod proof_hook;
 mod sds;
 mod status;
 pub mod xds;

@@ -87,6 +87,8 @@ struct Shared {
     /// Which bundle and signer every stream has ACKed.
     propagation: Arc<Propagation>,
     root_ids: RootIds,
+    /// Told which pods' proxies hold a stream (auto mTLS proof by proxy).
+    proxies: Option<Arc<crate::discovery::ProxyRegistry>>,
 }
 
 /// Own root ids of the latest bundle, computed once per bundle sequence for every stream.
@@ -173,6 +175,7 @@ impl SdsService {
             rendered: RenderCache::default(),
             propagation: Arc::default(),
             root_ids: RootIds::default(),
+            proxies: None,
         }))
     }
 
@@ -181,6 +184,14 @@ impl SdsService {
     pub fn with_propagation(mut self, registry: Arc<Propagation>) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.0) {
             shared.propagation = registry;
+        }
+        self
+    }
+
+    /// Reports each stream's pod to `registry`. Call before the service is shared.
+    pub fn with_proxy_registry(mut self, registry: Arc<crate::discovery::ProxyRegistry>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.proxies = Some(registry);
         }
         self
     }
@@ -642,6 +653,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(&request).await?;
+        let proof = super::proof_hook::opened(self.0.proxies.as_ref(), &identity);
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_sotw(
             w,
@@ -649,7 +661,10 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(bound.apply(out)))
+        Ok(Response::new(super::proof_hook::hold(
+            bound.apply(out),
+            proof,
+        )))
     }
 
     async fn delta_secrets(
@@ -657,6 +672,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let identity = self.0.auth.authenticate(&request).await?;
+        let proof = super::proof_hook::opened(self.0.proxies.as_ref(), &identity);
         let (w, bound) = self.open(&request, identity);
         let out = xds::spawn_delta(
             w,
@@ -664,7 +680,10 @@ impl SecretDiscoveryService for SdsService {
             self.0.xds.clone(),
             self.0.stop.clone(),
         );
-        Ok(Response::new(bound.apply(out)))
+        Ok(Response::new(super::proof_hook::hold(
+            bound.apply(out),
+            proof,
+        )))
     }
 
     async fn fetch_secrets(
@@ -681,6 +700,12 @@ impl SecretDiscoveryService for SdsService {
         }
         let mut w = Workload::new(self.0.clone(), identity);
         w.check_names_in(&req.resource_names)?;
+        if let (Some(p), true) = (
+            &self.0.proxies,
+            req.resource_names.iter().any(|n| n == "default"),
+        ) {
+            p.certificate_issued(&w.identity);
+        }
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         for name in &req.resource_names {

@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use super::Output;
 use crate::{
     discovery::{
-        describe_pod, describe_service, envoy_cluster, MeshObjects, MeshSettings, PodReport,
-        ServiceReport,
+        describe_pod, describe_service_with, envoy_cluster, ClusterTls, MeshObjects, MeshSettings,
+        NoProofs, PodReport, ServiceReport,
     },
     spiffe::TrustDomain,
 };
@@ -76,6 +76,8 @@ impl Source {
             auto_mtls: !self.auto_mtls_off,
             root_namespace: self.root_namespace.clone(),
             domain: self.domain.clone(),
+            require_proxy_proof: false,
+            cluster_name: "Kubernetes".into(),
         };
         Ok((objs, settings))
     }
@@ -93,9 +95,22 @@ pub(super) struct ServiceArgs {
     /// Print the Envoy cluster (transport_socket_matches tlsMode-istio / tlsMode-disabled) for this port instead.
     #[arg(long, value_name = "PORT")]
     envoy_cluster: Option<u16>,
+    /// Also predict what an Istio sidecar fed by istiod would do (its limits: namespace-level
+    /// policy only, headless all-or-nothing, the label decides), next to meshid's answer.
+    #[arg(long, value_enum)]
+    mesh: Option<MeshFlavour>,
+    /// List the pods of the input as clients and whether each reaches the service with mTLS.
+    #[arg(long)]
+    clients: bool,
     /// Trust domain, for the SPIFFE IDs in --envoy-cluster.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
+}
+
+/// Whose data plane to predict besides meshid's.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(super) enum MeshFlavour {
+    Istio,
 }
 
 #[derive(Debug, Args)]
@@ -117,11 +132,18 @@ impl DescribeCommand {
                     println!("{}", serde_json::to_string_pretty(&cluster)?);
                     return Ok(ExitCode::SUCCESS);
                 }
-                let report = describe_service(&objs, &settings, &a.name, a.from.as_deref())?;
+                let report = describe_service_with(
+                    &objs,
+                    &settings,
+                    &NoProofs,
+                    &a.name,
+                    a.from.as_deref(),
+                    a.clients,
+                )?;
                 if a.source.output.is_json() {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print_service(&report);
+                    print_service(&report, a.mesh.is_some());
                 }
             }
             Self::Pod(a) => {
@@ -138,15 +160,33 @@ impl DescribeCommand {
     }
 }
 
-fn print_service(r: &ServiceReport) {
+fn cluster_tls_label(t: ClusterTls) -> String {
+    match t {
+        ClusterTls::AutoMatch => {
+            "auto mTLS (socket matches tlsMode-istio / tlsMode-disabled)".into()
+        }
+        ClusterTls::Fixed(m) => format!("{m:?} for every endpoint"),
+        ClusterTls::Plain => "no TLS".into(),
+    }
+}
+
+fn print_service(r: &ServiceReport, istio: bool) {
     println!(
-        "Service: {} ({}){}",
+        "{}: {} ({}){}",
+        r.kind,
         r.service,
         r.fqdn,
-        if r.headless { ", headless" } else { "" }
+        if r.headless {
+            ", headless/passthrough"
+        } else {
+            ""
+        }
     );
     if r.mesh_external {
-        println!("  mesh-external (ExternalName): auto mTLS does not apply");
+        println!("  mesh-external: auto mTLS does not apply");
+    }
+    if r.kind == "ServiceEntry" {
+        println!("  Resolution:             {}", r.resolution);
     }
     println!("  Decisions for:          {}", r.client);
     println!(
@@ -158,27 +198,74 @@ fn print_service(r: &ServiceReport) {
         r.namespace_peer_authentication.mode, r.namespace_peer_authentication.source
     );
     match &r.destination_rule {
-        Some(d) => println!(
-            "  DestinationRule:        {}/{} (host {})",
-            d.namespace, d.name, d.host
-        ),
+        Some(d) => {
+            println!(
+                "  DestinationRule:        {}/{} (host {})",
+                d.namespace, d.name, d.host
+            );
+            println!("    cluster side:         {}", d.cluster_side);
+            println!("    endpoint side:        {}", d.endpoint_side);
+        }
         None => println!("  DestinationRule:        none (auto mTLS decides per endpoint)"),
+    }
+    println!("  Clusters:");
+    for c in &r.clusters {
+        println!(
+            "    {}  {}{}",
+            c.name,
+            cluster_tls_label(c.tls),
+            if c.served_by_eds {
+                ""
+            } else {
+                "  (not served by EDS)"
+            }
+        );
+        println!("      why: {}", c.tls_why);
+        if istio && c.istio_tls != c.tls {
+            println!(
+                "      istio: {} ({})",
+                cluster_tls_label(c.istio_tls),
+                c.istio_tls_why
+            );
+        }
     }
     println!("  Endpoints:");
     for e in &r.endpoints {
         println!(
-            "    {}:{} (service port {})  pod {}  sidecar: {}  -> {}",
+            "    {}:{} (service port {})  {}  sidecar: {}  -> {}",
             e.address,
             e.port,
             e.service_port,
-            e.pod.as_deref().unwrap_or("(none)"),
+            e.workload,
             if e.sidecar { "yes" } else { "no" },
             e.decision.label()
         );
         println!(
-            "      why: {}; PeerAuthentication {} from {}",
-            e.why, e.peer_authentication.mode, e.peer_authentication.source
+            "      cluster {}{}; sidecar state: {}",
+            e.cluster,
+            if e.stale {
+                " (STALE: its API server cannot be reached; last known endpoint)"
+            } else {
+                ""
+            },
+            e.sidecar_state
         );
+        println!(
+            "      why ({} side): {}; PeerAuthentication {} from {}",
+            e.decided_by, e.why, e.peer_authentication.mode, e.peer_authentication.source
+        );
+        if istio {
+            if e.istio.decision == e.decision {
+                println!("      istio: same ({})", e.istio.decision.label());
+            } else {
+                println!(
+                    "      istio: {} ({} side): {}",
+                    e.istio.decision.label(),
+                    e.istio.decided_by,
+                    e.istio.why
+                );
+            }
+        }
         for w in &e.warnings {
             println!("      warning: {w}");
         }
@@ -188,6 +275,23 @@ fn print_service(r: &ServiceReport) {
         "  Summary: {} mTLS, {} plaintext, {} TLS, {} will fail",
         s.mtls, s.plaintext, s.tls, s.will_fail
     );
+    if istio {
+        println!(
+            "  Istio would decide otherwise for {} endpoint(s)",
+            r.istio_differs
+        );
+    }
+    if !r.clients.is_empty() {
+        println!("  Clients:");
+        for c in &r.clients {
+            println!(
+                "    {} ({}): {}",
+                c.pod,
+                if c.sidecar { "sidecar" } else { "no sidecar" },
+                c.reaches_with
+            );
+        }
+    }
     for w in &r.warnings {
         println!("  warning: {w}");
     }
@@ -222,6 +326,6 @@ fn print_pod(r: &PodReport) {
     }
     for s in &r.services {
         println!();
-        print_service(s);
+        print_service(s, false);
     }
 }

@@ -1,12 +1,21 @@
-//! Istio's client-side TLS decision for one endpoint. A DestinationRule's `tls` wins as
-//! written; without one: plaintext for mesh-external services, when auto mTLS is off, or when
-//! the destination's PeerAuthentication is DISABLE; otherwise ISTIO_MUTUAL with per-endpoint
-//! socket matching — mTLS to sidecar endpoints, plaintext to the rest. Combinations that
-//! cannot work are reported as "will fail" with the reason.
+//! Istio's client-side TLS decision, split the way Istio splits it, so that what meshid serves
+//! and what it explains come from the same answers:
 //!
-//! Better than the anchor, on purpose: the decision is per endpoint, so one backend without a
-//! sidecar does not turn auto mTLS off for the whole service (Istio issue 49584), and headless
-//! services are decided per endpoint too (Istio issue 19703).
+//! - the **cluster side** (`cluster_tls`, after pilot's `cluster_tls.go`
+//!   `buildAutoMtlsSettings` / `applyUpstreamTLSSettings`): per service port (and subset),
+//!   whether the Envoy cluster carries one fixed TLS setting from a DestinationRule, no TLS,
+//!   or the auto-mTLS transport socket matches (`tlsMode-istio` / `tlsMode-disabled`);
+//! - the **endpoint side** (`endpoint_metadata`, after `endpoints/mtls_checker.go`
+//!   `checkMtlsEnabled`): per endpoint, whether EDS marks it
+//!   `envoy.transport_socket_match: {tlsMode: istio}`;
+//! - the **data plane** (`outcome`): what the client proxy then sends to the endpoint, and
+//!   whether the endpoint's inbound side (its PeerAuthentication, enforced only by a proxy)
+//!   accepts it. Combinations that cannot work are "will fail", with the reason.
+//!
+//! meshid's own answer and the prediction of what an Istio sidecar does (`describe --mesh
+//! istio`) run through the same three functions; they differ only in their inputs (see
+//! `plan.rs`): Istio infers the service's mode from namespace/mesh PeerAuthentication only and
+//! treats headless services all-or-nothing (`push_context.go` `BestEffortInferServiceMTLSMode`).
 
 use serde::Serialize;
 
@@ -57,34 +66,137 @@ impl Decision {
         match self {
             Self::Mtls => "mTLS",
             Self::Plaintext => "plaintext",
-            Self::Tls => "TLS (SIMPLE)",
+            Self::Tls => "TLS origination (SIMPLE)",
             Self::MutualUser => "mTLS (user certificates)",
             Self::WillFail => "will fail",
         }
     }
 }
 
-/// Everything the decision depends on.
+/// The TLS an Envoy cluster carries for one service port (and subset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "mode")]
+pub enum ClusterTls {
+    /// Auto mTLS: `transport_socket_matches` pick ISTIO_MUTUAL for endpoints whose EDS
+    /// metadata says `tlsMode: istio` and raw_buffer for the rest.
+    AutoMatch,
+    /// One transport socket for every endpoint (a DestinationRule's mode, or Istio's
+    /// auto-detected ISTIO_MUTUAL on an ORIGINAL_DST cluster, which gets no socket matches).
+    Fixed(DrTlsMode),
+    /// No TLS at all.
+    Plain,
+}
+
+/// Inputs of the cluster side.
 #[derive(Clone, Copy, Debug)]
-pub struct DecisionInput {
-    /// The DestinationRule TLS mode for this host and port, if any.
+pub struct ClusterInput {
+    /// The DestinationRule TLS for this cluster (a port entry replaces the whole policy).
     pub dr_tls: Option<DrTlsMode>,
     pub mesh_external: bool,
     pub auto_mtls: bool,
-    /// The endpoint's pod is labelled tlsMode=istio.
-    pub endpoint_sidecar: bool,
-    /// PeerAuthentication in force at the endpoint (for its workload and port).
-    pub endpoint_peer_auth: PeerAuthMode,
-    /// The calling client has a sidecar (a client without one always sends plaintext).
-    pub client_sidecar: bool,
+    /// Istio only: the service-level mode `BestEffortInferServiceMTLSMode` inferred is DISABLE
+    /// (namespace/mesh PeerAuthentication DISABLE, or a passthrough service with an endpoint
+    /// without a sidecar), with why.
+    pub inferred_disable: Option<&'static str>,
+    /// Istio only: a passthrough (headless) service's ORIGINAL_DST cluster, which never gets
+    /// socket matches.
+    pub original_dst: bool,
 }
 
-/// The decision and the rule that made it.
-pub fn decide(i: DecisionInput) -> (Decision, &'static str) {
+/// The cluster side: `cluster_tls.go` `buildAutoMtlsSettings` + `applyUpstreamTLSSettings`.
+pub fn cluster_tls(i: ClusterInput) -> (ClusterTls, &'static str) {
+    if let Some(mode) = i.dr_tls {
+        return match mode {
+            DrTlsMode::Disable => (ClusterTls::Plain, "DestinationRule tls DISABLE"),
+            m => (
+                ClusterTls::Fixed(m),
+                "the DestinationRule sets tls: one setting for every endpoint, no socket matches",
+            ),
+        };
+    }
+    if i.mesh_external {
+        return (
+            ClusterTls::Plain,
+            "mesh-external service: auto mTLS does not apply",
+        );
+    }
+    if !i.auto_mtls {
+        return (
+            ClusterTls::Plain,
+            "auto mTLS is off and no DestinationRule sets tls",
+        );
+    }
+    if let Some(why) = i.inferred_disable {
+        return (ClusterTls::Plain, why);
+    }
+    if i.original_dst {
+        return (
+            ClusterTls::Fixed(DrTlsMode::IstioMutual),
+            "passthrough (headless) service whose endpoints all have sidecars: ORIGINAL_DST cluster with ISTIO_MUTUAL for every endpoint, no socket matches",
+        );
+    }
+    (
+        ClusterTls::AutoMatch,
+        "auto mTLS: socket matches tlsMode-istio / tlsMode-disabled",
+    )
+}
+
+/// Inputs of the endpoint side.
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointInput {
+    /// The DestinationRule TLS for the endpoint's port (port entry's tls, else the top level).
+    pub dr_tls: Option<DrTlsMode>,
+    /// The endpoint counts as having a sidecar (its tlsMode label; for meshid also the proxy
+    /// proof when `discovery.require_proxy_proof` is on).
+    pub sidecar: bool,
+    /// PeerAuthentication in force at the endpoint for its workload and port.
+    pub peer_auth: PeerAuthMode,
+}
+
+/// The endpoint side: `endpoints/mtls_checker.go` `checkMtlsEnabled`. `true` means EDS marks
+/// the endpoint `tlsMode: istio`.
+pub fn endpoint_metadata(i: EndpointInput) -> (bool, &'static str) {
+    if let Some(mode) = i.dr_tls {
+        return (
+            mode == DrTlsMode::IstioMutual,
+            "the DestinationRule's tls for this port decides the endpoint metadata",
+        );
+    }
+    if !i.sidecar {
+        return (false, "no sidecar: EDS marks the endpoint tlsMode disabled");
+    }
+    if i.peer_auth == PeerAuthMode::Disable {
+        return (
+            false,
+            "the endpoint's PeerAuthentication is DISABLE: EDS marks it tlsMode disabled",
+        );
+    }
+    (true, "sidecar: EDS marks the endpoint tlsMode istio")
+}
+
+/// What actually sits in front of the endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Inbound {
+    /// A proxy intercepts inbound traffic (labelled or running istio-proxy).
+    pub proxy: bool,
+    /// That proxy holds a mesh certificate (false when meshid knows no proxy of the pod ever
+    /// fetched one).
+    pub proxy_has_cert: bool,
+    /// The PeerAuthentication the proxy enforces.
+    pub peer_auth: PeerAuthMode,
+}
+
+/// The data plane: what the client sends given the cluster and the endpoint metadata, and
+/// whether the endpoint accepts it.
+pub fn outcome(
+    cluster: ClusterTls,
+    metadata_istio: bool,
+    inbound: Inbound,
+    client_sidecar: bool,
+) -> (Decision, &'static str) {
     use Decision::*;
-    // Only a sidecar enforces PeerAuthentication.
-    let strict = i.endpoint_sidecar && i.endpoint_peer_auth == PeerAuthMode::Strict;
-    if !i.client_sidecar {
+    let strict = inbound.proxy && inbound.peer_auth == PeerAuthMode::Strict;
+    if !client_sidecar {
         return if strict {
             (
                 WillFail,
@@ -97,52 +209,40 @@ pub fn decide(i: DecisionInput) -> (Decision, &'static str) {
             )
         };
     }
-    if let Some(mode) = i.dr_tls {
-        return match mode {
-            DrTlsMode::Disable if strict => (
-                WillFail,
-                "DestinationRule tls DISABLE sends plaintext to a STRICT destination",
-            ),
-            DrTlsMode::Disable => (Plaintext, "DestinationRule tls DISABLE"),
-            DrTlsMode::IstioMutual if !i.endpoint_sidecar => (
-                WillFail,
-                "DestinationRule tls ISTIO_MUTUAL to an endpoint without a sidecar to terminate it",
-            ),
-            DrTlsMode::IstioMutual => (Mtls, "DestinationRule tls ISTIO_MUTUAL"),
-            DrTlsMode::Simple if strict => (
-                WillFail,
-                "DestinationRule tls SIMPLE presents no mesh certificate to a STRICT destination",
-            ),
-            DrTlsMode::Simple => (Tls, "DestinationRule tls SIMPLE"),
-            DrTlsMode::Mutual => (MutualUser, "DestinationRule tls MUTUAL"),
-        };
-    }
-    if i.mesh_external {
-        return (Plaintext, "mesh-external service: auto mTLS does not apply");
-    }
-    if !i.auto_mtls {
-        return if strict {
-            (WillFail, "auto mTLS is off and no DestinationRule sets ISTIO_MUTUAL for a STRICT destination")
-        } else {
-            (
-                Plaintext,
-                "auto mTLS is off and no DestinationRule sets tls",
-            )
-        };
-    }
-    if i.endpoint_sidecar && i.endpoint_peer_auth == PeerAuthMode::Disable {
-        return (Plaintext, "the destination's PeerAuthentication is DISABLE");
-    }
-    if i.endpoint_sidecar {
-        (
-            Mtls,
-            "auto mTLS: the endpoint has a sidecar (tlsMode=istio)",
-        )
-    } else {
-        (
-            Plaintext,
-            "auto mTLS: the endpoint has no sidecar (tlsMode absent)",
-        )
+    let sent = match cluster {
+        ClusterTls::Plain => Plaintext,
+        ClusterTls::AutoMatch if metadata_istio => Mtls,
+        ClusterTls::AutoMatch => Plaintext,
+        ClusterTls::Fixed(DrTlsMode::IstioMutual) => Mtls,
+        ClusterTls::Fixed(DrTlsMode::Simple) => Tls,
+        ClusterTls::Fixed(DrTlsMode::Mutual) => MutualUser,
+        ClusterTls::Fixed(DrTlsMode::Disable) => Plaintext,
+    };
+    match sent {
+        Mtls if !inbound.proxy => (
+            WillFail,
+            "mTLS is sent to an endpoint without a sidecar to terminate it",
+        ),
+        Mtls if !inbound.proxy_has_cert => (
+            WillFail,
+            "mTLS is sent but no proxy of this pod has fetched a certificate",
+        ),
+        Mtls if inbound.peer_auth == PeerAuthMode::Disable => (
+            WillFail,
+            "mTLS is sent to a sidecar whose PeerAuthentication is DISABLE (its inbound is plaintext only)",
+        ),
+        Mtls => (Mtls, "mTLS to the endpoint's sidecar"),
+        Plaintext if strict => (WillFail, "plaintext is sent to a STRICT destination"),
+        Plaintext => (Plaintext, "plaintext, which the destination accepts"),
+        Tls if strict => (
+            WillFail,
+            "TLS without a mesh certificate is sent to a STRICT destination",
+        ),
+        Tls => (
+            Tls,
+            "TLS origination: the proxy opens TLS to the destination without a client certificate",
+        ),
+        other => (other, "mTLS with the DestinationRule's certificates"),
     }
 }
 
@@ -151,139 +251,224 @@ mod tests {
     use super::{Decision::*, DrTlsMode::*, *};
     use PeerAuthMode::{Disable as PaDisable, Permissive, Strict};
 
-    fn input() -> DecisionInput {
-        DecisionInput {
-            dr_tls: None,
+    struct Case {
+        dr_cluster: Option<DrTlsMode>,
+        dr_endpoint: Option<DrTlsMode>,
+        mesh_external: bool,
+        auto_mtls: bool,
+        sidecar: bool,
+        pa: PeerAuthMode,
+        client_sidecar: bool,
+    }
+
+    fn base() -> Case {
+        Case {
+            dr_cluster: None,
+            dr_endpoint: None,
             mesh_external: false,
             auto_mtls: true,
-            endpoint_sidecar: true,
-            endpoint_peer_auth: Permissive,
+            sidecar: true,
+            pa: Permissive,
             client_sidecar: true,
         }
     }
 
-    /// Istio's decision table, one row per rule, named after the rule.
+    fn run(c: &Case) -> Decision {
+        let (cl, _) = cluster_tls(ClusterInput {
+            dr_tls: c.dr_cluster,
+            mesh_external: c.mesh_external,
+            auto_mtls: c.auto_mtls,
+            inferred_disable: None,
+            original_dst: false,
+        });
+        let (meta, _) = endpoint_metadata(EndpointInput {
+            dr_tls: c.dr_endpoint,
+            sidecar: c.sidecar,
+            peer_auth: c.pa,
+        });
+        let inbound = Inbound {
+            proxy: c.sidecar,
+            proxy_has_cert: true,
+            peer_auth: c.pa,
+        };
+        outcome(cl, meta, inbound, c.client_sidecar).0
+    }
+
+    /// The decision table, one row per rule, named after the Istio function it follows.
     #[test]
     fn decision_table() {
-        type Edit = fn(&mut DecisionInput);
+        type Edit = fn(&mut Case);
+        let dr = |c: &mut Case, m: DrTlsMode| {
+            c.dr_cluster = Some(m);
+            c.dr_endpoint = Some(m);
+        };
+        let _ = dr;
         let rows: &[(&str, Edit, Decision)] = &[
-            ("auto mTLS: sidecar endpoint gets mTLS", |_| {}, Mtls),
+            ("checkMtlsEnabled: sidecar endpoint gets mTLS", |_| {}, Mtls),
             (
-                "auto mTLS: endpoint without sidecar gets plaintext",
-                |i| i.endpoint_sidecar = false,
+                "checkMtlsEnabled: endpoint without sidecar gets plaintext",
+                |c| c.sidecar = false,
                 Plaintext,
             ),
             (
-                "auto mTLS: STRICT sidecar endpoint still gets mTLS",
-                |i| i.endpoint_peer_auth = Strict,
+                "checkMtlsEnabled: STRICT sidecar endpoint still gets mTLS",
+                |c| c.pa = Strict,
                 Mtls,
             ),
             (
-                "PeerAuthentication DISABLE gives plaintext",
-                |i| i.endpoint_peer_auth = PaDisable,
+                "checkMtlsEnabled: PeerAuthentication DISABLE gives plaintext",
+                |c| c.pa = PaDisable,
                 Plaintext,
             ),
             (
-                "auto mTLS off gives plaintext",
-                |i| i.auto_mtls = false,
+                "buildAutoMtlsSettings: auto mTLS off gives plaintext",
+                |c| c.auto_mtls = false,
                 Plaintext,
             ),
             (
-                "auto mTLS off to a STRICT destination will fail",
-                |i| {
-                    i.auto_mtls = false;
-                    i.endpoint_peer_auth = Strict
+                "buildAutoMtlsSettings: auto mTLS off to STRICT will fail",
+                |c| {
+                    c.auto_mtls = false;
+                    c.pa = Strict
                 },
                 WillFail,
             ),
             (
-                "mesh-external gives plaintext",
-                |i| i.mesh_external = true,
+                "buildAutoMtlsSettings: mesh-external gives plaintext",
+                |c| c.mesh_external = true,
                 Plaintext,
             ),
-            ("DR DISABLE wins", |i| i.dr_tls = Some(Disable), Plaintext),
             (
-                "DR DISABLE to STRICT will fail",
-                |i| {
-                    i.dr_tls = Some(Disable);
-                    i.endpoint_peer_auth = Strict
+                "buildAutoMtlsSettings: DR DISABLE wins",
+                |c| {
+                    c.dr_cluster = Some(Disable);
+                    c.dr_endpoint = Some(Disable)
+                },
+                Plaintext,
+            ),
+            (
+                "buildAutoMtlsSettings: DR DISABLE to STRICT will fail",
+                |c| {
+                    c.dr_cluster = Some(Disable);
+                    c.dr_endpoint = Some(Disable);
+                    c.pa = Strict
                 },
                 WillFail,
             ),
             (
-                "DR ISTIO_MUTUAL wins over auto mTLS off",
-                |i| {
-                    i.dr_tls = Some(IstioMutual);
-                    i.auto_mtls = false
+                "buildAutoMtlsSettings: DR ISTIO_MUTUAL wins over auto mTLS off",
+                |c| {
+                    c.dr_cluster = Some(IstioMutual);
+                    c.dr_endpoint = Some(IstioMutual);
+                    c.auto_mtls = false
                 },
                 Mtls,
             ),
             (
-                "DR ISTIO_MUTUAL to endpoint without sidecar will fail",
-                |i| {
-                    i.dr_tls = Some(IstioMutual);
-                    i.endpoint_sidecar = false
+                "buildAutoMtlsSettings: DR ISTIO_MUTUAL to an endpoint without sidecar will fail",
+                |c| {
+                    c.dr_cluster = Some(IstioMutual);
+                    c.dr_endpoint = Some(IstioMutual);
+                    c.sidecar = false
                 },
                 WillFail,
             ),
             (
-                "DR SIMPLE originates TLS",
-                |i| {
-                    i.dr_tls = Some(Simple);
-                    i.endpoint_sidecar = false
+                "buildAutoMtlsSettings: DR ISTIO_MUTUAL to a PeerAuthentication DISABLE sidecar will fail",
+                |c| {
+                    c.dr_cluster = Some(IstioMutual);
+                    c.dr_endpoint = Some(IstioMutual);
+                    c.pa = PaDisable
+                },
+                WillFail,
+            ),
+            (
+                "buildAutoMtlsSettings: DR SIMPLE originates TLS",
+                |c| {
+                    c.dr_cluster = Some(Simple);
+                    c.dr_endpoint = Some(Simple);
+                    c.sidecar = false
                 },
                 Tls,
             ),
             (
-                "DR SIMPLE to STRICT will fail",
-                |i| {
-                    i.dr_tls = Some(Simple);
-                    i.endpoint_peer_auth = Strict
+                "buildAutoMtlsSettings: DR SIMPLE to STRICT will fail",
+                |c| {
+                    c.dr_cluster = Some(Simple);
+                    c.dr_endpoint = Some(Simple);
+                    c.pa = Strict
                 },
                 WillFail,
             ),
             (
-                "DR MUTUAL uses user certificates",
-                |i| i.dr_tls = Some(Mutual),
+                "buildAutoMtlsSettings: DR MUTUAL uses user certificates",
+                |c| {
+                    c.dr_cluster = Some(Mutual);
+                    c.dr_endpoint = Some(Mutual)
+                },
                 MutualUser,
             ),
             (
-                "DR wins over mesh-external",
-                |i| {
-                    i.dr_tls = Some(IstioMutual);
-                    i.mesh_external = true
+                "buildAutoMtlsSettings: DR wins over mesh-external",
+                |c| {
+                    c.dr_cluster = Some(IstioMutual);
+                    c.dr_endpoint = Some(IstioMutual);
+                    c.mesh_external = true
                 },
                 Mtls,
             ),
             (
+                "GetPortLevelTrafficPolicy + trafficPolicyTLSModeForPort: port entry without tls under top-level DISABLE: auto on the cluster, DISABLE metadata on the endpoint",
+                |c| c.dr_endpoint = Some(Disable),
+                Plaintext,
+            ),
+            (
                 "client without sidecar to PERMISSIVE: plaintext",
-                |i| i.client_sidecar = false,
+                |c| c.client_sidecar = false,
                 Plaintext,
             ),
             (
                 "client without sidecar to STRICT will fail",
-                |i| {
-                    i.client_sidecar = false;
-                    i.endpoint_peer_auth = Strict
+                |c| {
+                    c.client_sidecar = false;
+                    c.pa = Strict
                 },
                 WillFail,
             ),
             (
                 "STRICT without a sidecar is not enforced",
-                |i| {
-                    i.endpoint_sidecar = false;
-                    i.endpoint_peer_auth = Strict;
-                    i.client_sidecar = false
+                |c| {
+                    c.sidecar = false;
+                    c.pa = Strict;
+                    c.client_sidecar = false
                 },
                 Plaintext,
             ),
         ];
         for (rule, edit, want) in rows {
-            let mut i = input();
-            edit(&mut i);
-            let (got, why) = decide(i);
-            assert_eq!(got, *want, "rule: {rule} (said: {why})");
-            assert!(!why.is_empty());
+            let mut c = base();
+            edit(&mut c);
+            assert_eq!(run(&c), *want, "rule: {rule}");
         }
+    }
+
+    /// `BestEffortInferServiceMTLSMode`: a passthrough service all with sidecars gets one
+    /// ISTIO_MUTUAL setting, so a DISABLE endpoint among them fails.
+    #[test]
+    fn istio_original_dst_is_all_or_nothing() {
+        let (cl, _) = cluster_tls(ClusterInput {
+            dr_tls: None,
+            mesh_external: false,
+            auto_mtls: true,
+            inferred_disable: None,
+            original_dst: true,
+        });
+        assert_eq!(cl, ClusterTls::Fixed(IstioMutual));
+        let inbound = Inbound {
+            proxy: true,
+            proxy_has_cert: true,
+            peer_auth: PaDisable,
+        };
+        assert_eq!(outcome(cl, false, inbound, true).0, WillFail);
     }
 }

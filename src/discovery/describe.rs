@@ -1,12 +1,19 @@
-//! `describe`: for a service (or a pod), every endpoint with its sidecar status, the
-//! PeerAuthentication in force, the DestinationRule TLS if any, and the decision with its reason.
+//! `describe`: for a service (or a pod), every endpoint with its sidecar (as declared and as
+//! proven by its proxy), the PeerAuthentication in force, the DestinationRule TLS, and the
+//! decision with its reason and the side that made it; next to it, what an Istio sidecar fed
+//! by istiod would do. Everything comes from the plans EDS serves (`plan.rs`).
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
 use super::{
-    decide, sidecar_of, Decision, DecisionInput, DestinationRule, DiscoveryError, DrTlsMode,
-    MeshObjects, MeshSettings, PeerAuthResolution, TlsMode,
+    decide::ClusterTls,
+    plan::{
+        plan_named, plan_named_for, visible, Client, ClusterPlan, DrRef, EndpointPlan, Mesh,
+        Verdict,
+    },
+    proof::{NoProofs, ProofLookup, ProxyProof},
+    sidecar_of, Decision, DiscoveryError, MeshObjects, MeshSettings, PeerAuthResolution, TlsMode,
 };
 use crate::discovery::resolve_peer_auth;
 
@@ -19,21 +26,47 @@ pub struct EndpointReport {
     pub service_port: u16,
     /// `name.namespace` of the backing pod, if the endpoint names one.
     pub pod: Option<String>,
+    /// What backs the endpoint: `pod N.NS`, `workloadentry N.NS`, `serviceentry N.NS`, `dns HOST`.
+    pub workload: String,
+    pub network: Option<String>,
+    /// The Kubernetes cluster it comes from.
+    pub cluster: String,
+    /// Its cluster's API server cannot be reached: the last known endpoint.
+    pub stale: bool,
     pub ready: bool,
+    /// Whether meshid treats the endpoint as having a sidecar.
     pub sidecar: bool,
+    /// "proxy connected since T", "declared (tlsMode=istio) but no proxy has fetched a
+    /// certificate", "no sidecar", ...
+    pub sidecar_state: String,
+    pub proof: ProxyProof,
+    /// The `security.istio.io/tlsMode` label.
     pub tls_mode: TlsMode,
+    /// The EDS metadata meshid serves for it.
+    pub eds_tls_mode: TlsMode,
     pub peer_authentication: PeerAuthResolution,
     pub decision: Decision,
     pub why: String,
+    /// "cluster", "endpoint" or "client".
+    pub decided_by: &'static str,
+    /// What an Istio sidecar fed by istiod would do.
+    pub istio: Verdict,
     pub warnings: Vec<String>,
 }
 
-/// The DestinationRule that applies, if any.
+/// One Envoy cluster of the service.
 #[derive(Clone, Debug, Serialize)]
-pub struct DestinationRuleReport {
+pub struct ClusterReport {
     pub name: String,
-    pub namespace: String,
-    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub served_by_eds: bool,
+    pub tls: ClusterTls,
+    pub tls_why: String,
+    pub istio_tls: ClusterTls,
+    pub istio_tls_why: String,
+    /// Addresses of the subset's endpoints (every endpoint for the service cluster).
+    pub endpoints: Vec<String>,
 }
 
 /// Counts by decision.
@@ -45,21 +78,39 @@ pub struct Summary {
     pub will_fail: usize,
 }
 
+/// A client of the service and how it reaches it (`describe service --clients`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientReport {
+    pub pod: String,
+    pub sidecar: bool,
+    /// "mTLS", "plaintext", "mixed (2 mTLS, 1 plaintext)", "will fail (n of m endpoints)".
+    pub reaches_with: String,
+    pub summary: Summary,
+}
+
 /// What `meshid describe service` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServiceReport {
     pub service: String,
+    /// "Service" or "ServiceEntry".
+    pub kind: &'static str,
     pub fqdn: String,
     pub mesh_external: bool,
     pub headless: bool,
+    pub resolution: String,
     pub auto_mtls: bool,
     /// Who the decisions are for.
     pub client: String,
     /// The namespace-level PeerAuthentication (workloads may override it; see each endpoint).
     pub namespace_peer_authentication: PeerAuthResolution,
-    pub destination_rule: Option<DestinationRuleReport>,
+    pub destination_rule: Option<DrRef>,
+    pub clusters: Vec<ClusterReport>,
+    /// The endpoints of the service's clusters (subsets listed in `clusters`).
     pub endpoints: Vec<EndpointReport>,
     pub summary: Summary,
+    /// Endpoints where Istio's data plane would do otherwise than meshid's.
+    pub istio_differs: usize,
+    pub clients: Vec<ClientReport>,
     pub warnings: Vec<String>,
 }
 
@@ -95,184 +146,197 @@ fn find_pod<'a>(objs: &'a MeshObjects, name: &str, ns: &str) -> Option<&'a Pod> 
     })
 }
 
-/// The DestinationRule for `fqdn`: looked up in the client's namespace, then the service's,
-/// then the root namespace; an exact host beats a wildcard.
-fn destination_rule<'a>(
-    objs: &'a MeshObjects,
-    s: &MeshSettings,
-    fqdn: &str,
-    namespaces: &[&str],
-) -> Option<&'a DestinationRule> {
-    for ns in namespaces {
-        let candidates: Vec<&DestinationRule> = objs
-            .destination_rules
-            .iter()
-            .filter(|d| {
-                d.metadata.namespace.as_deref() == Some(*ns) && d.matches_host(fqdn, &s.domain)
-            })
-            .collect();
-        if let Some(d) = candidates
-            .iter()
-            .find(|d| !d.spec.host.starts_with('*'))
-            .or(candidates.first())
-        {
-            return Some(d);
-        }
-    }
-    None
+fn client_of(objs: &MeshObjects, c: &str) -> Result<Client, DiscoveryError> {
+    let (cn, cns) = split(c)?;
+    let pod = find_pod(objs, cn, cns).ok_or_else(|| DiscoveryError::NotFound {
+        what: "client pod",
+        name: c.into(),
+        known: vec![],
+    })?;
+    Ok(Client {
+        name: c.to_owned(),
+        namespace: cns.to_owned(),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        sidecar: sidecar_of(pod).tls_mode == TlsMode::Istio,
+    })
 }
 
-/// Describes `name.namespace` for a client with a sidecar, or for `client` (`pod.namespace`).
+/// Describes `name.namespace` (a Service, or a ServiceEntry by `name.ns` or host) for a client
+/// with a sidecar, or for `client` (`pod.namespace`), with no knowledge of proxies.
 pub fn describe_service(
     objs: &MeshObjects,
     s: &MeshSettings,
     name: &str,
     client: Option<&str>,
 ) -> Result<ServiceReport, DiscoveryError> {
-    let (svc_name, ns) = split(name)?;
-    let svc = objs
-        .services
-        .iter()
-        .find(|x| {
-            x.metadata.name.as_deref() == Some(svc_name)
-                && x.metadata.namespace.as_deref() == Some(ns)
-        })
-        .ok_or_else(|| DiscoveryError::NotFound {
-            what: "service",
-            name: name.into(),
-            known: objs
-                .services
-                .iter()
-                .map(|x| meta_name(&x.metadata))
-                .collect(),
-        })?;
-    let (client_sidecar, client_label, client_ns) = match client {
-        Some(c) => {
-            let (cn, cns) = split(c)?;
-            let pod = find_pod(objs, cn, cns).ok_or_else(|| DiscoveryError::NotFound {
-                what: "client pod",
-                name: c.into(),
-                known: vec![],
-            })?;
-            let side = sidecar_of(pod).tls_mode == TlsMode::Istio;
-            (
-                side,
-                format!(
-                    "pod {c} ({})",
-                    if side {
-                        "with a sidecar"
-                    } else {
-                        "without a sidecar"
-                    }
-                ),
-                Some(cns.to_owned()),
-            )
-        }
-        None => (true, "a client with a sidecar".to_owned(), None),
+    describe_service_with(objs, s, &NoProofs, name, client, false)
+}
+
+/// As `describe_service`, with the proxies `proofs` knows; `clients` lists every pod of the
+/// input as a client and how it reaches the service.
+pub fn describe_service_with(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    proofs: &dyn ProofLookup,
+    name: &str,
+    client: Option<&str>,
+    clients: bool,
+) -> Result<ServiceReport, DiscoveryError> {
+    let not_found = || DiscoveryError::NotFound {
+        what: "service",
+        name: name.into(),
+        known: objs
+            .services
+            .iter()
+            .map(|x| meta_name(&x.metadata))
+            .chain(objs.service_entries.iter().map(|x| meta_name(&x.metadata)))
+            .collect(),
     };
-    Ok(build_report(
-        objs,
-        s,
-        svc,
-        client_sidecar,
-        client_label,
-        client_ns.as_deref(),
-        None,
-    ))
+    if !name.contains('.') {
+        return Err(DiscoveryError::BadName(name.into()));
+    }
+    let c = client.map(|c| client_of(objs, c)).transpose()?;
+    let plans = plan_named(objs, s, proofs, name, c.as_ref()).ok_or_else(not_found)?;
+    let mut report = build_report(objs, s, &plans, c.as_ref(), None);
+    if let Some(se) = objs.service_entries.iter().find(|se| {
+        meta_name(&se.metadata) == name
+            || plans
+                .first()
+                .is_some_and(|p| se.spec.hosts.iter().any(|h| h == &p.fqdn))
+    }) {
+        let ns = se.metadata.namespace.as_deref().unwrap_or("");
+        if !visible(&se.spec.export_to, ns, c.as_ref()) {
+            report.warnings.push(format!(
+                "the ServiceEntry is not exported to namespace {} (exportTo {:?}): this client does not see it",
+                c.as_ref().map_or("", |c| c.namespace.as_str()),
+                se.spec.export_to
+            ));
+        }
+    }
+    if clients {
+        report.clients = client_reports(objs, s, proofs, name)?;
+    }
+    Ok(report)
+}
+
+fn client_reports(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    proofs: &dyn ProofLookup,
+    name: &str,
+) -> Result<Vec<ClientReport>, DiscoveryError> {
+    let clients = objs
+        .pods
+        .iter()
+        .map(|p| client_of(objs, &meta_name(&p.metadata)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<Option<&Client>> = clients.iter().map(Some).collect();
+    let Some(per_client) = plan_named_for(objs, s, proofs, name, &refs) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (c, plans) in clients.iter().zip(per_client) {
+        let r = build_report(objs, s, &plans, Some(c), None);
+        let sm = &r.summary;
+        let total = sm.mtls + sm.plaintext + sm.tls + sm.will_fail;
+        let reaches_with = if sm.will_fail > 0 {
+            format!("will fail ({} of {total} endpoints)", sm.will_fail)
+        } else if sm.mtls == total && total > 0 {
+            "mTLS".into()
+        } else if sm.plaintext == total && total > 0 {
+            "plaintext".into()
+        } else if total == 0 {
+            "no endpoints".into()
+        } else {
+            format!(
+                "mixed ({} mTLS, {} plaintext, {} TLS)",
+                sm.mtls, sm.plaintext, sm.tls
+            )
+        };
+        out.push(ClientReport {
+            pod: c.name.clone(),
+            sidecar: c.sidecar,
+            reaches_with,
+            summary: r.summary,
+        });
+    }
+    Ok(out)
+}
+
+fn endpoint_report(plan: &ClusterPlan, e: &EndpointPlan, client_sidecar: bool) -> EndpointReport {
+    let v = plan.verdict(e, Mesh::Meshid, client_sidecar);
+    let istio = plan.verdict(e, Mesh::Istio, client_sidecar);
+    let b = &e.backend;
+    EndpointReport {
+        address: b.address.clone(),
+        port: b.port,
+        service_port: plan.port,
+        pod: b
+            .pod
+            .as_ref()
+            .map(|p| format!("{}.{}", p.name, b.namespace)),
+        workload: b.workload.clone(),
+        network: b.network.clone(),
+        cluster: b.cluster.clone(),
+        stale: b.stale,
+        ready: b.ready,
+        sidecar: e.sidecar,
+        sidecar_state: e.sidecar_state(),
+        proof: e.proof.clone(),
+        tls_mode: b.tls_label,
+        eds_tls_mode: e.eds_tls_mode,
+        peer_authentication: e.peer_authentication.clone(),
+        decision: v.decision,
+        why: v.why,
+        decided_by: v.decided_by,
+        istio,
+        warnings: e.warnings.clone(),
+    }
 }
 
 fn build_report(
     objs: &MeshObjects,
     s: &MeshSettings,
-    svc: &Service,
-    client_sidecar: bool,
-    client: String,
-    client_ns: Option<&str>,
+    plans: &[ClusterPlan],
+    client: Option<&Client>,
     only_pod: Option<&str>,
 ) -> ServiceReport {
-    let svc_name = svc.metadata.name.clone().unwrap_or_default();
-    let ns = svc.metadata.namespace.clone().unwrap_or_default();
-    let fqdn = format!("{svc_name}.{ns}.svc.{}", s.domain);
-    let spec = svc.spec.clone().unwrap_or_default();
-    let mesh_external = spec.type_.as_deref() == Some("ExternalName");
-    let headless = spec.cluster_ip.as_deref() == Some("None");
-    let mut lookup_ns: Vec<&str> = client_ns.into_iter().collect();
-    lookup_ns.extend([ns.as_str(), s.root_namespace.as_str()]);
-    let dr = destination_rule(objs, s, &fqdn, &lookup_ns);
-    let mut warnings = Vec::new();
+    let first = &plans[0];
+    let client_sidecar = client.is_none_or(|c| c.sidecar);
+    let ns = first.service.split_once('.').map_or("", |x| x.1);
+    let mut warnings: Vec<String> = Vec::new();
     let mut endpoints = Vec::new();
-    for j in super::join::service_endpoints(objs, svc) {
-        if only_pod.is_some() && j.pod_name.as_deref() != only_pod {
-            continue;
-        }
-        let dr_mode_raw = dr.and_then(|d| d.tls_mode_for(j.service_port.port as u16));
-        let dr_tls = dr_mode_raw.as_deref().and_then(DrTlsMode::parse);
-        if let (Some(raw), None) = (&dr_mode_raw, dr_tls) {
-            let w = format!("DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored");
-            if !warnings.contains(&w) {
-                warnings.push(w);
+    let mut clusters = Vec::new();
+    for plan in plans {
+        for w in &plan.warnings {
+            if !warnings.contains(w) && (only_pod.is_none() || !w.starts_with("no endpoints")) {
+                warnings.push(w.clone());
             }
         }
-        let side = j.pod.map(sidecar_of);
-        let labels = j
-            .pod
-            .and_then(|p| p.metadata.labels.clone())
-            .unwrap_or_default();
-        let pa = resolve_peer_auth(
-            &objs.peer_authentications,
-            &s.root_namespace,
-            &ns,
-            &labels,
-            Some(j.port),
-        );
-        let sidecar = side.as_ref().is_some_and(|x| x.tls_mode == TlsMode::Istio);
-        let (decision, why) = decide(DecisionInput {
-            dr_tls,
-            mesh_external,
-            auto_mtls: s.auto_mtls,
-            endpoint_sidecar: sidecar,
-            endpoint_peer_auth: pa.mode,
-            client_sidecar,
+        clusters.push(ClusterReport {
+            name: plan.name.clone(),
+            port: plan.port,
+            subset: plan.subset.clone(),
+            served_by_eds: plan.served_by_eds,
+            tls: plan.tls,
+            tls_why: plan.tls_why.clone(),
+            istio_tls: plan.istio_tls,
+            istio_tls_why: plan.istio_tls_why.clone(),
+            endpoints: plan
+                .endpoints
+                .iter()
+                .map(|e| e.backend.address.clone())
+                .collect(),
         });
-        let pod_name = j.pod_name.clone().unwrap_or_default();
-        let mut ep_warnings: Vec<String> = side
-            .as_ref()
-            .map(|x| {
-                x.warnings
-                    .iter()
-                    .map(|w| format!("pod {pod_name} {w}"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if j.pod.is_none() && j.pod_name.is_some() {
-            ep_warnings.push(format!("pod {pod_name} is not in the input"));
+        if plan.subset.is_some() {
+            continue;
         }
-        for address in &j.endpoint.addresses {
-            endpoints.push(EndpointReport {
-                address: address.clone(),
-                port: j.port,
-                service_port: j.service_port.port as u16,
-                pod: j.pod_name.clone(),
-                ready: j
-                    .endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true),
-                sidecar,
-                tls_mode: side.as_ref().map_or(TlsMode::Disabled, |x| x.tls_mode),
-                peer_authentication: pa.clone(),
-                decision,
-                why: why.to_owned(),
-                warnings: ep_warnings.clone(),
-            });
+        for e in &plan.endpoints {
+            if only_pod.is_some_and(|p| e.backend.workload != format!("pod {p}")) {
+                continue;
+            }
+            endpoints.push(endpoint_report(plan, e, client_sidecar));
         }
-    }
-    if endpoints.is_empty() && only_pod.is_none() && !mesh_external {
-        warnings.push(
-            "no endpoints: no EndpointSlice labelled kubernetes.io/service-name for this service"
-                .into(),
-        );
     }
     let mut summary = Summary::default();
     for e in &endpoints {
@@ -283,27 +347,43 @@ fn build_report(
             Decision::WillFail => summary.will_fail += 1,
         }
     }
+    let client_label = match client {
+        Some(c) => format!(
+            "pod {} ({})",
+            c.name,
+            if c.sidecar {
+                "with a sidecar"
+            } else {
+                "without a sidecar"
+            }
+        ),
+        None => "a client with a sidecar".to_owned(),
+    };
     ServiceReport {
-        service: format!("{svc_name}.{ns}"),
-        fqdn,
-        mesh_external,
-        headless,
+        service: first.service.clone(),
+        kind: first.kind,
+        fqdn: first.fqdn.clone(),
+        mesh_external: first.mesh_external,
+        headless: first.passthrough,
+        resolution: first.resolution.clone(),
         auto_mtls: s.auto_mtls,
-        client,
+        client: client_label,
         namespace_peer_authentication: resolve_peer_auth(
             &objs.peer_authentications,
             &s.root_namespace,
-            &ns,
+            ns,
             &Default::default(),
             None,
         ),
-        destination_rule: dr.map(|d| DestinationRuleReport {
-            name: d.metadata.name.clone().unwrap_or_default(),
-            namespace: d.metadata.namespace.clone().unwrap_or_default(),
-            host: d.spec.host.clone(),
-        }),
+        destination_rule: first.destination_rule.clone(),
+        clusters,
+        istio_differs: endpoints
+            .iter()
+            .filter(|e| e.istio.decision != e.decision)
+            .count(),
         endpoints,
         summary,
+        clients: Vec::new(),
         warnings,
     }
 }
@@ -355,16 +435,9 @@ pub fn describe_pod(
                         !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
                     })
         })
-        .map(|svc| {
-            build_report(
-                objs,
-                s,
-                svc,
-                true,
-                "a client with a sidecar".into(),
-                None,
-                Some(name),
-            )
+        .filter_map(|svc| {
+            let plans = plan_named(objs, s, &NoProofs, &meta_name(&svc.metadata), None)?;
+            Some(build_report(objs, s, &plans, None, Some(name)))
         })
         .collect();
     Ok(PodReport {

@@ -1,11 +1,16 @@
-//! Endpoints per Envoy cluster (`outbound|<port>||<service fqdn>`), with each endpoint's tlsMode:
-//! what EDS serves. Computed once per model change and shared by every stream.
+//! Endpoints per Envoy cluster (`outbound|<port>|<subset>|<fqdn>`), with each endpoint's
+//! tlsMode as the plan decided it: what EDS serves. Computed once per model change and shared
+//! by every stream.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
-use super::{sidecar_of, MeshObjects, MeshSettings, TlsMode};
+use super::{
+    plan::plan_all,
+    proof::{NoProofs, ProofLookup, ProxyProof},
+    sidecar_of, MeshObjects, MeshSettings, TlsMode,
+};
 
 /// One endpoint of a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -13,8 +18,14 @@ pub struct EndpointEntry {
     pub address: String,
     pub port: u16,
     pub ready: bool,
-    /// From the pod label: `istio` endpoints get the transport-socket-match metadata.
+    /// The decision's EDS metadata: `istio` endpoints get the transport-socket-match metadata.
     pub tls_mode: TlsMode,
+    /// The Kubernetes cluster the endpoint comes from (EDS: its locality's sub-zone).
+    pub cluster: String,
+    /// The WorkloadEntry's network, if any.
+    pub network: Option<String>,
+    /// Its cluster's API server cannot be reached: the last known endpoint, kept and marked.
+    pub stale: bool,
 }
 
 /// The cluster name Istio gives a service port.
@@ -31,67 +42,88 @@ pub struct DiscoveryStats {
     pub mtls_coverage: BTreeMap<String, f64>,
     /// Pods whose label disagrees with what they run.
     pub sidecar_mismatches: usize,
+    /// Pods labelled tlsMode=istio whose proxy never fetched a certificate (only counted when
+    /// meshid knows the proxies: the server's registry).
+    pub declared_without_proxy: usize,
 }
 
 /// Everything EDS and the metrics need from one model.
 #[derive(Clone, Debug, Default)]
 pub struct DiscoveryView {
     pub clusters: BTreeMap<String, Vec<EndpointEntry>>,
+    /// Clusters visible only in some namespaces (a ServiceEntry's `exportTo`): (own
+    /// namespace, exportTo).
+    pub export_to: BTreeMap<String, (String, Vec<String>)>,
     pub stats: DiscoveryStats,
 }
 
 impl DiscoveryView {
-    /// Builds the view of `objs`.
+    /// Whether a stream of a workload in `namespace` may see `cluster` (`exportTo`).
+    pub fn visible_to(&self, cluster: &str, namespace: &str) -> bool {
+        self.export_to
+            .get(cluster)
+            .is_none_or(|(own, to)| super::istio::exported_to(to, own, namespace))
+    }
+
+    /// Builds the view of `objs`, with no knowledge of proxies.
     pub fn build(objs: &MeshObjects, s: &MeshSettings) -> Arc<Self> {
+        Self::build_with(objs, s, &NoProofs)
+    }
+
+    /// Builds the view of `objs`, with the proxies `proofs` knows.
+    pub fn build_with(objs: &MeshObjects, s: &MeshSettings, proofs: &dyn ProofLookup) -> Arc<Self> {
         let mut clusters = BTreeMap::new();
-        for svc in &objs.services {
-            let (Some(name), Some(ns)) = (
-                svc.metadata.name.as_deref(),
-                svc.metadata.namespace.as_deref(),
-            ) else {
+        let mut silent = std::collections::BTreeSet::new();
+        let mut export_to = BTreeMap::new();
+        for plan in plan_all(objs, s, proofs) {
+            if !plan.served_by_eds {
                 continue;
-            };
-            let fqdn = format!("{name}.{ns}.svc.{}", s.domain);
-            for sp in svc.spec.iter().flat_map(|x| x.ports.iter().flatten()) {
-                clusters.insert(cluster_name(sp.port as u16, &fqdn), Vec::new());
             }
-            for j in super::join::service_endpoints(objs, svc) {
-                let tls_mode = j.pod.map_or(TlsMode::Disabled, |p| sidecar_of(p).tls_mode);
-                let ready = j
-                    .endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                let entries = clusters
-                    .entry(cluster_name(j.service_port.port as u16, &fqdn))
-                    .or_default();
-                for address in &j.endpoint.addresses {
-                    entries.push(EndpointEntry {
-                        address: address.clone(),
-                        port: j.port,
-                        ready,
-                        tls_mode,
-                    });
-                }
+            let mut entries: Vec<EndpointEntry> = plan
+                .endpoints
+                .iter()
+                .map(|e| {
+                    if e.backend.tls_label == TlsMode::Istio && e.proof == ProxyProof::Never {
+                        silent.insert(e.backend.workload.clone());
+                    }
+                    EndpointEntry {
+                        address: e.backend.address.clone(),
+                        port: e.backend.port,
+                        ready: e.backend.ready,
+                        tls_mode: e.eds_tls_mode,
+                        cluster: e.backend.cluster.clone(),
+                        network: e.backend.network.clone(),
+                        stale: e.backend.stale,
+                    }
+                })
+                .collect();
+            if !plan.export_to.1.is_empty() {
+                export_to.insert(plan.name.clone(), plan.export_to.clone());
             }
+            entries.sort_by(|a, b| {
+                (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port))
+            });
+            clusters.insert(plan.name, entries);
         }
-        for entries in clusters.values_mut() {
-            entries.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-        }
+        let mut stats = stats(objs, &clusters);
+        stats.declared_without_proxy = silent.len();
         Arc::new(Self {
-            stats: stats(objs, &clusters),
             clusters,
+            export_to,
+            stats,
         })
     }
 }
 
 fn stats(objs: &MeshObjects, clusters: &BTreeMap<String, Vec<EndpointEntry>>) -> DiscoveryStats {
     let mut st = DiscoveryStats::default();
-    for e in clusters.values().flatten() {
-        match e.tls_mode {
-            TlsMode::Istio => st.endpoints_istio += 1,
-            TlsMode::Disabled => st.endpoints_disabled += 1,
+    // Subset clusters repeat their service's endpoints: count the service clusters only.
+    for (_, entries) in clusters.iter().filter(|(n, _)| n.contains("||")) {
+        for e in entries {
+            match e.tls_mode {
+                TlsMode::Istio => st.endpoints_istio += 1,
+                TlsMode::Disabled => st.endpoints_disabled += 1,
+            }
         }
     }
     let mut per_ns: BTreeMap<String, (usize, usize)> = BTreeMap::new();

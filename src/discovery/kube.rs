@@ -1,6 +1,7 @@
-//! The live source: Pods, EndpointSlices, Services, Namespaces, PeerAuthentications and
-//! DestinationRules through `kube` watchers into reflector stores; every change rebuilds the
-//! view (debounced), so a pod gaining its sidecar label reaches EDS streams within a second.
+//! The live source: Pods, EndpointSlices, Services, Namespaces, PeerAuthentications,
+//! DestinationRules, ServiceEntries and WorkloadEntries through `kube` watchers into reflector
+//! stores; every change re-publishes the objects (debounced), so a pod gaining its sidecar
+//! label reaches EDS streams within a second.
 //! Istio's CRDs may be absent: their watchers retry in the background and count as empty.
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
@@ -22,7 +23,7 @@ use tokio::{
 };
 
 use super::{
-    DestinationRule, DiscoveryError, DiscoveryView, MeshObjects, MeshSettings, PeerAuthentication,
+    DestinationRule, DiscoveryError, MeshObjects, PeerAuthentication, ServiceEntry, WorkloadEntry,
 };
 
 fn peer_auth_resource() -> ApiResource {
@@ -36,6 +37,20 @@ fn dest_rule_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("networking.istio.io", "v1", "DestinationRule"),
         "destinationrules",
+    )
+}
+
+fn service_entry_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
+        "serviceentries",
+    )
+}
+
+fn workload_entry_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1", "WorkloadEntry"),
+        "workloadentries",
     )
 }
 
@@ -79,20 +94,63 @@ where
     })
 }
 
-/// Starts the watchers; the returned view is rebuilt on every change until `stop` fires.
+/// The remote clusters the live source merges, and the channel their watchers poke.
+pub struct MultiCluster {
+    pub remotes: super::multicluster::Remotes,
+    pub notify: mpsc::Sender<()>,
+    changes: mpsc::Receiver<()>,
+}
+
+impl MultiCluster {
+    /// No remote clusters yet.
+    pub fn new() -> Self {
+        let (notify, changes) = mpsc::channel(1);
+        Self {
+            remotes: Default::default(),
+            notify,
+            changes,
+        }
+    }
+
+    /// Watches the remote cluster `name` through `client`.
+    pub fn add(&self, name: &str, client: kube::Client) {
+        let r = super::multicluster::Remote::start(name, client, self.notify.clone());
+        self.remotes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), r);
+    }
+}
+
+impl Default for MultiCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Starts the watchers; the returned objects are re-published on every change (debounced)
+/// until `stop` fires.
 pub fn start_kube_source(
     client: kube::Client,
-    settings: MeshSettings,
+    mc: MultiCluster,
     mut stop: watch::Receiver<bool>,
-) -> (watch::Receiver<Arc<DiscoveryView>>, Vec<JoinHandle<()>>) {
-    let (notify, mut changes) = mpsc::channel::<()>(1);
+) -> (watch::Receiver<Arc<MeshObjects>>, Vec<JoinHandle<()>>) {
+    let MultiCluster {
+        remotes,
+        notify,
+        changes,
+    } = mc;
+    let mut changes = changes;
     let (pods, pw) = reflector::store::<Pod>();
     let (services, sw) = reflector::store::<Service>();
     let (slices, ew) = reflector::store::<EndpointSlice>();
     let (namespaces, nw) = reflector::store::<Namespace>();
     let paw = reflector::store::Writer::<DynamicObject>::new(peer_auth_resource());
     let drw = reflector::store::Writer::<DynamicObject>::new(dest_rule_resource());
+    let sew = reflector::store::Writer::<DynamicObject>::new(service_entry_resource());
+    let wew = reflector::store::Writer::<DynamicObject>::new(workload_entry_resource());
     let (peer_auths, dest_rules) = (paw.as_reader(), drw.as_reader());
+    let (service_entries, workload_entries) = (sew.as_reader(), wew.as_reader());
     let mut tasks = vec![
         watch_into(Api::<Pod>::all(client.clone()), pw, notify.clone(), "Pod"),
         watch_into(
@@ -120,13 +178,25 @@ pub fn start_kube_source(
             "PeerAuthentication",
         ),
         watch_into(
-            Api::<DynamicObject>::all_with(client, &dest_rule_resource()),
+            Api::<DynamicObject>::all_with(client.clone(), &dest_rule_resource()),
             drw,
-            notify,
+            notify.clone(),
             "DestinationRule",
         ),
+        watch_into(
+            Api::<DynamicObject>::all_with(client.clone(), &service_entry_resource()),
+            sew,
+            notify.clone(),
+            "ServiceEntry",
+        ),
+        watch_into(
+            Api::<DynamicObject>::all_with(client, &workload_entry_resource()),
+            wew,
+            notify,
+            "WorkloadEntry",
+        ),
     ];
-    let (tx, rx) = watch::channel(Arc::new(DiscoveryView::default()));
+    let (tx, rx) = watch::channel(Arc::new(MeshObjects::default()));
     let watchers: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     tasks.push(tokio::spawn(async move {
         loop {
@@ -152,9 +222,17 @@ pub fn start_kube_source(
                     .collect(),
                 peer_authentications: from_dynamic(peer_auths.state()),
                 destination_rules: from_dynamic(dest_rules.state()),
+                service_entries: from_dynamic(service_entries.state()),
+                workload_entries: from_dynamic(workload_entries.state()),
+                remotes: remotes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .map(super::multicluster::Remote::objects)
+                    .collect(),
                 ignored_kinds: Vec::new(),
             };
-            tx.send_replace(DiscoveryView::build(&objs, &settings));
+            tx.send_replace(Arc::new(objs));
         }
         for w in watchers {
             w.abort();
@@ -199,7 +277,10 @@ pub async fn list_all(client: kube::Client) -> Result<MeshObjects, DiscoveryErro
         namespaces: typed(Api::<Namespace>::all(client.clone())).await?,
         peer_authentications: dynamic::<PeerAuthentication>(client.clone(), peer_auth_resource())
             .await?,
-        destination_rules: dynamic::<DestinationRule>(client, dest_rule_resource()).await?,
+        destination_rules: dynamic::<DestinationRule>(client.clone(), dest_rule_resource()).await?,
+        service_entries: dynamic::<ServiceEntry>(client.clone(), service_entry_resource()).await?,
+        workload_entries: dynamic::<WorkloadEntry>(client, workload_entry_resource()).await?,
+        remotes: Vec::new(),
         ignored_kinds: Vec::new(),
     })
 }

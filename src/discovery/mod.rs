@@ -1,5 +1,6 @@
-//! Auto mTLS: which endpoints have a sidecar, and whether a client reaches each one over mTLS
-//! or plaintext — Istio's decision table, made per endpoint.
+//! Auto mTLS: which endpoints have a sidecar (declared by label, proven by their proxies), and
+//! whether a client reaches each one over mTLS or plaintext — one decision (`plan`) read by
+//! EDS, the Envoy cluster template and `describe`, after Istio's own rules.
 
 mod decide;
 mod describe;
@@ -8,23 +9,40 @@ mod error;
 mod istio;
 mod join;
 mod kube;
+mod multicluster;
 mod peer_auth;
+mod plan;
+mod proof;
 mod sidecar;
 mod snapshot;
 mod source;
 mod template;
 
-pub use self::kube::{list_all, start_kube_source};
-pub use decide::{decide, Decision, DecisionInput, DrTlsMode};
-pub use describe::{describe_pod, describe_service, EndpointReport, PodReport, ServiceReport};
+pub use self::kube::{list_all, start_kube_source, MultiCluster};
+pub use decide::{
+    cluster_tls, endpoint_metadata, outcome, ClusterInput, ClusterTls, Decision, DrTlsMode,
+    EndpointInput, Inbound,
+};
+pub use describe::{
+    describe_pod, describe_service, describe_service_with, ClientReport, ClusterReport,
+    EndpointReport, PodReport, ServiceReport,
+};
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
-pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication};
+pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry};
+pub use join::Backend;
+pub use multicluster::{
+    client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL,
+};
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
+pub use plan::{
+    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Verdict,
+};
+pub use proof::{NoProofs, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard};
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};
 pub use snapshot::{MeshObjects, MeshSettings};
-pub use source::SnapshotSource;
-pub use template::envoy_cluster;
+pub use source::{spawn_view, SnapshotSource};
+pub use template::{cluster_json, envoy_cluster};
 
 /// The pod label that marks an endpoint mTLS-capable (Istio's rule).
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";

@@ -90,9 +90,11 @@ pub fn resolve_peer_auth(
             );
         }
     }
+    // `authn` `ComposePeerAuthentication`: a workload policy is "the one with selector and not
+    // in root namespace"; a selector-bearing policy in the root namespace is ignored.
     let matching = in_ns(namespace)
         .into_iter()
-        .filter(|p| !selector_less(p))
+        .filter(|p| !selector_less(p) && namespace != root_namespace)
         .filter(|p| {
             let sel = &p
                 .spec
@@ -245,6 +247,16 @@ mod tests {
                 "workload",
             ),
             (
+                "ComposePeerAuthentication: a selector in the root namespace is ignored",
+                vec![
+                    pa("istio-system", "default", Strict, &[], &[]),
+                    pa("istio-system", "db", Disable, &app, &[]),
+                ],
+                None,
+                Strict,
+                "mesh-wide",
+            ),
+            (
                 "other namespaces do not apply",
                 vec![pa("other", "ns", Strict, &[], &[])],
                 None,
@@ -253,6 +265,20 @@ mod tests {
             ),
         ];
         for (rule, policies, port, want_mode, want_source) in rows {
+            if rule.contains("root namespace is ignored") {
+                // Also for a workload that lives in the root namespace.
+                let r = resolve_peer_auth(
+                    &policies,
+                    "istio-system",
+                    "istio-system",
+                    &labels(&app),
+                    port,
+                );
+                assert_eq!(
+                    r.mode, want_mode,
+                    "rule: {rule} (workload in the root namespace)"
+                );
+            }
             let r = resolve_peer_auth(&policies, "istio-system", "shop", &labels(&app), port);
             assert_eq!(r.mode, want_mode, "rule: {rule}");
             assert!(

@@ -1,5 +1,6 @@
 //! Mesh objects from a snapshot: what `kubectl get pods,endpointslices,services,namespaces,
-//! peerauthentications,destinationrules -A -o json` (or `-o yaml`) prints.
+//! peerauthentications,destinationrules,serviceentries,workloadentries -A -o json` (or `-o yaml`)
+//! prints.
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -8,7 +9,10 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{DestinationRule, DiscoveryError, PeerAuthentication};
+use super::{
+    istio::{ServiceEntry, WorkloadEntry},
+    DestinationRule, DiscoveryError, PeerAuthentication,
+};
 
 /// Mesh-wide settings that are not Kubernetes objects (Istio's MeshConfig).
 #[derive(Clone, Debug)]
@@ -19,6 +23,11 @@ pub struct MeshSettings {
     pub root_namespace: String,
     /// The cluster DNS domain.
     pub domain: String,
+    /// `discovery.require_proxy_proof`: a pod labelled tlsMode=istio whose proxy has not
+    /// fetched a certificate is served as tlsMode disabled.
+    pub require_proxy_proof: bool,
+    /// The name of the cluster the objects (other than `MeshObjects::remotes`) come from.
+    pub cluster_name: String,
 }
 
 impl Default for MeshSettings {
@@ -27,6 +36,8 @@ impl Default for MeshSettings {
             auto_mtls: true,
             root_namespace: "istio-system".into(),
             domain: "cluster.local".into(),
+            require_proxy_proof: false,
+            cluster_name: "Kubernetes".into(),
         }
     }
 }
@@ -40,6 +51,10 @@ pub struct MeshObjects {
     pub namespaces: Vec<Namespace>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub destination_rules: Vec<DestinationRule>,
+    pub service_entries: Vec<ServiceEntry>,
+    pub workload_entries: Vec<WorkloadEntry>,
+    /// Pods, services and endpointslices of other clusters (multi-cluster discovery).
+    pub remotes: Vec<super::multicluster::RemoteObjects>,
     /// Kinds present in the input that auto mTLS does not read (reported, not fatal).
     pub ignored_kinds: Vec<String>,
 }
@@ -98,6 +113,8 @@ impl MeshObjects {
             "Namespace" => self.namespaces.push(parse(&kind, v)?),
             "PeerAuthentication" => self.peer_authentications.push(parse(&kind, v)?),
             "DestinationRule" => self.destination_rules.push(parse(&kind, v)?),
+            "ServiceEntry" => self.service_entries.push(parse(&kind, v)?),
+            "WorkloadEntry" => self.workload_entries.push(parse(&kind, v)?),
             other => {
                 if !self.ignored_kinds.iter().any(|k| k == other) {
                     self.ignored_kinds.push(other.to_owned());

@@ -1,34 +1,36 @@
-//! Where the discovery model comes from while the server runs, published as a `watch` of
-//! `DiscoveryView`: a snapshot file, re-read whenever it changes.
+//! Where the discovery model comes from while the server runs: a snapshot file re-read whenever
+//! it changes (or the kube watchers in `kube.rs`), published as a `watch` of `MeshObjects`; and
+//! `spawn_view`, which turns objects plus the proxy registry into the `DiscoveryView` EDS serves.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 
-use super::{DiscoveryError, DiscoveryView, MeshObjects, MeshSettings};
+use super::{
+    proof::NoProofs, DiscoveryError, DiscoveryView, MeshObjects, MeshSettings, ProxyRegistry,
+};
 
 /// A snapshot file, polled for changes.
 pub struct SnapshotSource {
     path: PathBuf,
-    settings: MeshSettings,
-    tx: watch::Sender<Arc<DiscoveryView>>,
+    tx: watch::Sender<Arc<MeshObjects>>,
 }
 
 impl SnapshotSource {
     /// Reads the file once; a bad file is an error at start-up.
-    pub fn load(path: PathBuf, settings: MeshSettings) -> Result<Self, DiscoveryError> {
-        let view = read(&path, &settings)?;
-        let (tx, _) = watch::channel(view);
-        Ok(Self { path, settings, tx })
+    pub fn load(path: PathBuf) -> Result<Self, DiscoveryError> {
+        let objs = read(&path)?;
+        let (tx, _) = watch::channel(objs);
+        Ok(Self { path, tx })
     }
 
-    /// A receiver of views.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<DiscoveryView>> {
+    /// A receiver of the objects.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MeshObjects>> {
         self.tx.subscribe()
     }
 
     /// Re-reads the file whenever its modification time changes; a file that fails to parse
-    /// keeps the last good view in service.
+    /// keeps the last good objects in service.
     pub async fn watch_file(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let mut seen = mtime(&self.path);
@@ -42,10 +44,10 @@ impl SnapshotSource {
                 continue;
             }
             seen = now;
-            match read(&self.path, &self.settings) {
-                Ok(view) => {
-                    tracing::info!(path = %self.path.display(), clusters = view.clusters.len(), "discovery snapshot reloaded");
-                    self.tx.send_replace(view);
+            match read(&self.path) {
+                Ok(objs) => {
+                    tracing::info!(path = %self.path.display(), services = objs.services.len(), "discovery snapshot reloaded");
+                    self.tx.send_replace(objs);
                 }
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "discovery snapshot unreadable; keeping the last one")
@@ -55,11 +57,81 @@ impl SnapshotSource {
     }
 }
 
-fn read(path: &PathBuf, settings: &MeshSettings) -> Result<Arc<DiscoveryView>, DiscoveryError> {
+fn read(path: &PathBuf) -> Result<Arc<MeshObjects>, DiscoveryError> {
     let bytes = std::fs::read(path)
         .map_err(|e| DiscoveryError::NotADocument(format!("{}: {e}", path.display())))?;
-    Ok(DiscoveryView::build(
-        &MeshObjects::from_snapshot(&bytes)?,
-        settings,
-    ))
+    Ok(Arc::new(MeshObjects::from_snapshot(&bytes)?))
+}
+
+type Digest = Vec<(String, String, String, bool)>;
+
+fn build(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    registry: Option<&ProxyRegistry>,
+) -> (Arc<DiscoveryView>, Digest) {
+    match registry {
+        Some(r) => {
+            let snap = r.snapshot();
+            (DiscoveryView::build_with(objs, s, &snap), snap.digest())
+        }
+        None => (DiscoveryView::build_with(objs, s, &NoProofs), Vec::new()),
+    }
+}
+
+fn proofs_moved(registry: Option<&ProxyRegistry>, digest: &Digest) -> bool {
+    registry.is_some_and(|r| r.snapshot().digest() != *digest)
+}
+
+/// Builds the view now and again whenever the objects change or a proxy's proof does (a
+/// stream opens or closes, a certificate is issued, or a grace period runs out: checked every
+/// `tick`). Stops with `stop`.
+pub fn spawn_view(
+    mut objs: watch::Receiver<Arc<MeshObjects>>,
+    settings: MeshSettings,
+    registry: Option<Arc<ProxyRegistry>>,
+    tick: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<DiscoveryView>>, JoinHandle<()>) {
+    let current = objs.borrow_and_update().clone();
+    let (view, mut digest) = build(&current, &settings, registry.as_deref());
+    let (tx, rx) = watch::channel(view);
+    let mut changes = registry.as_ref().map(|r| r.subscribe());
+    let task = tokio::spawn(async move {
+        let mut current = current;
+        let mut settle = false;
+        loop {
+            let proofs_changed = async {
+                match changes.as_mut() {
+                    Some(c) => c.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = objs.changed() => {
+                    if r.is_err() { return }
+                    current = objs.borrow_and_update().clone();
+                }
+                alive = proofs_changed => {
+                    if !alive { return }
+                    settle = true;
+                }
+                _ = tokio::time::sleep(tick), if registry.is_some() => {
+                    if !proofs_moved(registry.as_deref(), &digest) { continue }
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if std::mem::take(&mut settle) {
+                // Let a burst (a cold-start storm of streams) settle into one rebuild.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !proofs_moved(registry.as_deref(), &digest) {
+                    continue;
+                }
+            }
+            let (view, d) = build(&current, &settings, registry.as_deref());
+            digest = d;
+            tx.send_replace(view);
+        }
+    });
+    (rx, task)
 }

@@ -14,12 +14,15 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
 };
 use meshid::{
     clock::SystemClock,
     config::Config,
-    discovery::{envoy_cluster, start_kube_source, MeshObjects, MeshSettings},
+    discovery::{
+        envoy_cluster, start_kube_source, watch_remote_secrets, MeshObjects, MeshSettings,
+        MultiCluster,
+    },
     identity::{
         dev_issuer::{DevIssuer, TokenRequest},
         ClusterId, Token, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -61,6 +64,8 @@ fn check_manifest(doc: &Value, file: &Path) {
         "ServiceAccount" => roundtrip::<ServiceAccount>(doc, file),
         "ClusterRole" => roundtrip::<ClusterRole>(doc, file),
         "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(doc, file),
+        "Role" => roundtrip::<Role>(doc, file),
+        "RoleBinding" => roundtrip::<RoleBinding>(doc, file),
         "ConfigMap" => roundtrip::<ConfigMap>(doc, file),
         "PersistentVolumeClaim" => roundtrip::<PersistentVolumeClaim>(doc, file),
         "Deployment" => roundtrip::<Deployment>(doc, file),
@@ -209,6 +214,8 @@ fn kubectl_kustomize_renders_every_kustomization() {
                     "Namespace",
                     "PersistentVolumeClaim",
                     "PodDisruptionBudget",
+                    "Role",
+                    "RoleBinding",
                     "Service",
                     "ServiceAccount"
                 ]
@@ -219,30 +226,44 @@ fn kubectl_kustomize_renders_every_kustomization() {
 
 // === RBAC: exactly the calls the code makes ===
 
-/// An RBAC need: (apiGroup, resource, verb) or (nonResourceURL, verb).
+/// An RBAC need: (namespace or "" for cluster-wide, apiGroup, resource, verb) or
+/// (nonResourceURL, verb).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Need {
-    Resource(String, String, String),
+    Resource(String, String, String, String),
     Url(String, String),
 }
 
+/// The RBAC verb of a request, as kube-apiserver's `RequestInfoFactory` derives it.
 fn need_of(method: &str, path: &str, query: &str) -> Need {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, resource) = match parts.as_slice() {
-        ["api", "v1", r] => ("", *r),
-        ["apis", g, _v, r] => (*g, *r),
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", g, _v, rest @ ..] => (*g, rest),
         _ => return Need::Url(path.into(), method.to_ascii_lowercase()),
     };
-    let verb = match method {
-        "POST" => "create",
-        "GET" if query.split('&').any(|q| q == "watch=true") => "watch",
-        "GET" => "list",
-        other => panic!("unexpected {other} {path}"),
+    let (ns, resource, named) = match rest {
+        [r] => ("", *r, false),
+        [r, _name] if *r != "namespaces" => ("", *r, true),
+        ["namespaces", _name] => ("", "namespaces", true),
+        ["namespaces", ns, r] => (*ns, *r, false),
+        ["namespaces", ns, r, _name] => (*ns, *r, true),
+        _ => panic!("unexpected path {path}"),
     };
-    Need::Resource(group.into(), resource.into(), verb.into())
+    let watch = query.split('&').any(|q| q == "watch=true");
+    let verb = match (method, named) {
+        ("POST", _) => "create",
+        ("PUT", true) => "update",
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        (other, _) => panic!("unexpected {other} {path}"),
+    };
+    Need::Resource(ns.into(), group.into(), resource.into(), verb.into())
 }
 
-fn grants(rules: &[PolicyRule]) -> BTreeSet<Need> {
+/// The needs `rules` grant, cluster-wide (ClusterRole) or in `namespace` (Role).
+fn grants(rules: &[PolicyRule], namespace: &str) -> BTreeSet<Need> {
     let mut out = BTreeSet::new();
     for r in rules {
         for verb in &r.verbs {
@@ -251,12 +272,33 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<Need> {
             }
             for g in r.api_groups.iter().flatten() {
                 for res in r.resources.iter().flatten() {
-                    out.insert(Need::Resource(g.clone(), res.clone(), verb.clone()));
+                    out.insert(Need::Resource(
+                        namespace.into(),
+                        g.clone(),
+                        res.clone(),
+                        verb.clone(),
+                    ));
                 }
             }
         }
     }
     out
+}
+
+/// A need is met by a grant in its namespace or by a cluster-wide one.
+fn met(need: &Need, granted: &BTreeSet<Need>) -> bool {
+    match need {
+        Need::Resource(ns, g, r, v) => {
+            granted.contains(need)
+                || granted.contains(&Need::Resource(
+                    String::new(),
+                    g.clone(),
+                    r.clone(),
+                    v.clone(),
+                )) && !ns.is_empty()
+        }
+        Need::Url(..) => granted.contains(need),
+    }
 }
 
 /// Every `kube::Api` type the library uses (and every raw GET path): when this list changes,
@@ -289,12 +331,15 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     assert_eq!(
         api_uses_in_src().into_iter().collect::<Vec<_>>(),
         [
+            "Api::<ConfigMap",
             "Api::<DynamicObject",
             "Api::<EndpointSlice",
             "Api::<Namespace",
             "Api::<Pod",
             "Api::<Service",
+            "Api<ConfigMap",
             "Api<K",
+            "Api<Secret",
             "Api<SelfSubjectAccessReview",
             "Api<TokenReview",
             "kube_get(client, \"/openid/v1/jwks",
@@ -327,12 +372,22 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     let token = issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap();
     v.validate(&Token::new(token)).await.unwrap();
 
-    // Discovery: the live source (list + watch of each kind) and the one-shot list.
+    // Discovery: the live source (list + watch of each kind), Istio's remote secrets in the
+    // root namespace, and the one-shot list.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let (mut view, tasks) = start_kube_source(api.client().await, MeshSettings::default(), stop);
+    let mc = MultiCluster::new();
+    let secrets = watch_remote_secrets(
+        api.client().await,
+        "istio-system",
+        mc.remotes.clone(),
+        vec![],
+        mc.notify.clone(),
+    );
+    let (mut view, mut tasks) = start_kube_source(api.client().await, mc, stop.clone());
+    tasks.push(secrets);
     tokio::time::timeout(
         Duration::from_secs(30),
-        view.wait_for(|v| v.clusters.len() >= 3),
+        view.wait_for(|v| v.services.len() >= 3),
     )
     .await
     .unwrap()
@@ -340,6 +395,65 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     meshid::discovery::list_all(api.client().await)
         .await
         .unwrap();
+    // The istio-ca-root-cert publisher: watches namespaces and the ConfigMaps, creates one per
+    // namespace, and updates one whose content was edited.
+    let state = tempfile::tempdir().unwrap();
+    let ca = meshid::ca::root::generate_root(
+        &TrustDomain::new("cluster.local").unwrap(),
+        meshid::ca::KeyType::EcdsaP256,
+        meshid::ca::root::DEFAULT_ROOT_TTL,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let store = meshid::state::DirStore::new(state.path().join("state"));
+    meshid::state::StateStore::compare_and_swap(
+        &store,
+        None,
+        &meshid::state::CaState::with_generated_root(
+            TrustDomain::new("cluster.local").unwrap(),
+            &ca,
+            time::OffsetDateTime::now_utc(),
+        ),
+    )
+    .unwrap();
+    let live =
+        meshid::trust::LiveCa::load(Arc::new(store), Default::default(), Arc::new(SystemClock))
+            .unwrap();
+    tasks.push(tokio::spawn(meshid::trust::configmap::publish(
+        api.client().await,
+        meshid::trust::configmap::Selector::parse("").unwrap(),
+        live.subscribe(),
+        stop,
+    )));
+    let cm_path = "/api/v1/namespaces/shop/configmaps/istio-ca-root-cert";
+    let has = |method: &str, path: &str| {
+        api.shared
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(m, p, _)| m == method && p == path)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !has("POST", "/api/v1/namespaces/shop/configmaps")
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Someone edits the copy in shop: the publisher reads it and puts the bundle back.
+    let mut edited = api
+        .shared
+        .objects
+        .lock()
+        .unwrap()
+        .get("/api/v1/configmaps")
+        .and_then(|m| m.get("shop/istio-ca-root-cert").cloned())
+        .expect("published in shop");
+    edited["data"]["root-cert.pem"] = Value::String("tampered".into());
+    api.put(edited);
+    while !has("PUT", cm_path) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Wait until every watcher has opened its watch.
     let watched = || {
         api.shared
@@ -353,7 +467,7 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
             .len()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while watched() < 6 && tokio::time::Instant::now() < deadline {
+    while watched() < 10 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);
@@ -369,13 +483,34 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
         .iter()
         .map(|(m, p, q)| need_of(m, p, q))
         .collect();
-    let role: ClusterRole = serde_json::from_value(
-        yaml_docs(&root().join("deploy/kubernetes/base/rbac.yaml")).remove(0),
-    )
-    .unwrap();
-    let granted = grants(&role.rules.unwrap());
-    let missing: Vec<_> = made.difference(&granted).collect();
-    let unused: Vec<_> = granted.difference(&made).collect();
+    let mut granted = BTreeSet::new();
+    for doc in yaml_docs(&root().join("deploy/kubernetes/base/rbac.yaml")) {
+        match doc["kind"].as_str() {
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(doc).unwrap();
+                granted.extend(grants(&role.rules.unwrap(), ""));
+            }
+            Some("Role") => {
+                let role: Role = serde_json::from_value(doc).unwrap();
+                let ns = role
+                    .metadata
+                    .namespace
+                    .clone()
+                    .expect("a Role names its namespace");
+                granted.extend(grants(&role.rules.unwrap(), &ns));
+            }
+            _ => {}
+        }
+    }
+    let missing: Vec<_> = made.iter().filter(|n| !met(n, &granted)).collect();
+    let unused: Vec<_> = granted
+        .iter()
+        .filter(|g| {
+            !made
+                .iter()
+                .any(|n| n == *g || met(n, &BTreeSet::from([(*g).clone()])))
+        })
+        .collect();
     assert!(
         missing.is_empty(),
         "calls the ClusterRole does not allow: {missing:?}"

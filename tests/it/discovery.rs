@@ -246,7 +246,7 @@ fn describe_cli_answers_why_plaintext() {
         "{text}"
     );
     assert!(
-        text.contains("why: auto mTLS: the endpoint has no sidecar"),
+        text.contains("why (endpoint side): plaintext, which the destination accepts (no sidecar"),
         "{text}"
     );
     let o = meshid(&[

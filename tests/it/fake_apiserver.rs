@@ -3,9 +3,10 @@
 //! OIDC discovery and the JWKS (optionally only to authenticated callers, as self-managed
 //! clusters grant `system:service-account-issuer-discovery`), SelfSubjectAccessReview
 //! (scriptable allowed/denied), and list + watch of pods, services, namespaces,
-//! endpointslices, peerauthentications, destinationrules and configmaps (seeded and changed by
-//! tests), and ConfigMap get/create/update per namespace (create of an existing one: 409
-//! AlreadyExists; update with a stale resourceVersion: 409 Conflict, as kube-apiserver does).
+//! endpointslices, peerauthentications, destinationrules, serviceentries, workloadentries,
+//! secrets and configmaps (seeded and changed by tests), and ConfigMap get/create/update per
+//! namespace (create of an existing one: 409 AlreadyExists; update with a stale
+//! resourceVersion: 409 Conflict, as kube-apiserver does).
 //! It runs on the test's tokio runtime and stops with it.
 
 use std::{
@@ -59,6 +60,17 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
         "networking.istio.io/v1",
         "DestinationRule",
     ),
+    (
+        "/apis/networking.istio.io/v1/serviceentries",
+        "networking.istio.io/v1",
+        "ServiceEntry",
+    ),
+    (
+        "/apis/networking.istio.io/v1/workloadentries",
+        "networking.istio.io/v1",
+        "WorkloadEntry",
+    ),
+    ("/api/v1/secrets", "v1", "Secret"),
 ];
 
 type Body = BoxBody<Bytes, std::convert::Infallible>;
@@ -68,7 +80,8 @@ type Event = (String, u64, Value);
 
 pub struct Shared {
     pub issuer: String,
-    objects: Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>>,
+    pub objects:
+        Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>>,
     rv: std::sync::atomic::AtomicU64,
     history: Mutex<Vec<Event>>,
     events: tokio::sync::broadcast::Sender<Event>,
@@ -86,6 +99,8 @@ pub struct Shared {
     /// Every request: (method, path, query), for the RBAC coverage test.
     pub requests: Mutex<Vec<(String, String, String)>>,
     pub configmap_writes: AtomicUsize,
+    /// Flips to true when the server is stopped: open connections and watches end.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 const CONFIGMAPS: &str = "/api/v1/configmaps";
@@ -286,6 +301,7 @@ impl FakeApiServer {
             rv: std::sync::atomic::AtomicU64::new(100),
             history: Mutex::default(),
             events: tokio::sync::broadcast::channel(1024).0,
+            stopped: tokio::sync::watch::channel(false).0,
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -295,10 +311,13 @@ impl FakeApiServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let mut stopped = s.stopped.subscribe();
                     let svc = service_fn(move |req| handle(s.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -308,6 +327,13 @@ impl FakeApiServer {
             shared,
             task,
         }
+    }
+
+    /// Stops the server as if its machine went away: no new connections, open ones (and
+    /// their watches) end.
+    pub fn stop(&self) {
+        self.task.abort();
+        self.shared.stopped.send_replace(true);
     }
 
     /// Replaces the TokenReview answer.
@@ -397,13 +423,17 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn list(s: &Shared, path: &str, kind: &str) -> Response<Body> {
+fn in_ns(obj: &Value, ns: Option<&str>) -> bool {
+    ns.is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+}
+
+fn list(s: &Shared, path: &str, kind: &str, ns: Option<&str>) -> Response<Body> {
     let items: Vec<Value> = s
         .objects
         .lock()
         .unwrap()
         .get(path)
-        .map(|m| m.values().cloned().collect())
+        .map(|m| m.values().filter(|o| in_ns(o, ns)).cloned().collect())
         .unwrap_or_default();
     let rv = s.rv.load(Ordering::SeqCst);
     json_response(
@@ -413,7 +443,7 @@ fn list(s: &Shared, path: &str, kind: &str) -> Response<Body> {
 }
 
 /// A watch: every event after `resourceVersion`, then new ones as they happen, one JSON per line.
-fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
+fn watch(s: &Arc<Shared>, path: &str, query: &str, ns: Option<String>) -> Response<Body> {
     let after: u64 = query_param(query, "resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -423,7 +453,7 @@ fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
         .lock()
         .unwrap()
         .iter()
-        .filter(|(p, rv, _)| p == path && *rv > after)
+        .filter(|(p, rv, e)| p == path && *rv > after && in_ns(&e["object"], ns.as_deref()))
         .cloned()
         .collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<
@@ -440,7 +470,7 @@ fn watch(s: &Arc<Shared>, path: &str, query: &str) -> Response<Body> {
             }
         }
         while let Ok((p, rv, e)) = live.recv().await {
-            if p == path && rv > last {
+            if p == path && rv > last && in_ns(&e["object"], ns.as_deref()) {
                 last = rv;
                 if tx.send(line(&e)).await.is_err() {
                     return;
@@ -496,11 +526,22 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
         }
     }
     if method == Method::GET {
-        if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) {
+        // A namespaced collection (`.../namespaces/<ns>/<plural>`) is the cluster-wide one,
+        // filtered to that namespace.
+        let (collection, ns) = match path.split_once("/namespaces/") {
+            Some((prefix, rest)) => match rest.split_once('/') {
+                Some((ns, plural)) if !plural.contains('/') => {
+                    (format!("{prefix}/{plural}"), Some(ns.to_owned()))
+                }
+                _ => (path.clone(), None),
+            },
+            None => (path.clone(), None),
+        };
+        if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == collection) {
             return Ok(if query_param(&query, "watch") == Some("true") {
-                watch(&s, p, &query)
+                watch(&s, p, &query, ns)
             } else {
-                list(&s, p, kind)
+                list(&s, p, kind, ns.as_deref())
             });
         }
     }

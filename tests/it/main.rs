@@ -1,5 +1,6 @@
 //! Integration tests: one crate (one link) with a module per area.
 
+mod automtls;
 mod cli;
 mod csr_refusals;
 mod demo;

@@ -1,0 +1,314 @@
+//! Sidecars proven by their proxies: which pods have a live SDS stream, or recently obtained a
+//! certificate over SDS or the CSR API (pod name and UID from the projected token's
+//! `kubernetes.io.pod` claim). A pod labelled `tlsMode=istio` whose proxy never fetched a
+//! certificate is the classic "expected mTLS, got connection failures" case.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::{clock::Clock, identity::Identity};
+
+/// What meshid knows about an endpoint's proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum ProxyProof {
+    /// Nothing to go on: no registry (offline `describe`), or not a pod.
+    Unknown,
+    /// A proxy of this pod holds an SDS stream open.
+    Connected {
+        #[serde(with = "time::serde::rfc3339")]
+        since: OffsetDateTime,
+    },
+    /// A proxy of this pod obtained a certificate within `discovery.proxy_proof_grace`.
+    Recent {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
+    /// No proxy of this pod (this UID) has fetched a certificate, or the last one is older
+    /// than the grace period.
+    Never,
+}
+
+/// Looks up the proof for a pod.
+pub trait ProofLookup {
+    fn proof(&self, namespace: &str, name: &str, uid: Option<&str>) -> ProxyProof;
+}
+
+/// No registry: every proof is `Unknown`.
+pub struct NoProofs;
+
+impl ProofLookup for NoProofs {
+    fn proof(&self, _: &str, _: &str, _: Option<&str>) -> ProxyProof {
+        ProxyProof::Unknown
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    uid: String,
+    streams: usize,
+    connected_since: Option<OffsetDateTime>,
+    last: OffsetDateTime,
+}
+
+/// The registry SDS and the CSR API report to.
+pub struct ProxyRegistry {
+    seen: Mutex<HashMap<(String, String), Seen>>,
+    clock: Arc<dyn Clock>,
+    grace: Duration,
+    changes: watch::Sender<u64>,
+}
+
+/// Held by an SDS stream; reports the stream closed when dropped.
+pub struct StreamGuard {
+    registry: Arc<ProxyRegistry>,
+    key: (String, String),
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.registry.closed(&self.key);
+    }
+}
+
+impl ProxyRegistry {
+    pub fn new(clock: Arc<dyn Clock>, grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            seen: Mutex::default(),
+            clock,
+            grace,
+            changes: watch::channel(0).0,
+        })
+    }
+
+    /// Bumped on every stream opened or closed and every certificate issued.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn key(id: &Identity) -> Option<((String, String), String)> {
+        let pod = id.pod.as_ref()?;
+        Some(((id.namespace.clone(), pod.name.clone()), pod.uid.clone()))
+    }
+
+    fn touch(&self, id: &Identity, stream: bool) -> Option<(String, String)> {
+        let (key, uid) = Self::key(id)?;
+        let now = self.clock.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let e = seen.entry(key.clone()).or_insert_with(|| Seen {
+            uid: uid.clone(),
+            streams: 0,
+            connected_since: None,
+            last: now,
+        });
+        if e.uid != uid {
+            // A new pod under the same name: the old one's proof does not carry over.
+            *e = Seen {
+                uid,
+                streams: 0,
+                connected_since: None,
+                last: now,
+            };
+        }
+        e.last = now;
+        if stream {
+            e.streams += 1;
+            e.connected_since.get_or_insert(now);
+        }
+        drop(seen);
+        self.changes.send_modify(|v| *v += 1);
+        Some(key)
+    }
+
+    /// An SDS stream of the token's pod opened; `None` when the token names no pod.
+    pub fn stream_opened(self: &Arc<Self>, id: &Identity) -> Option<StreamGuard> {
+        let key = self.touch(id, true)?;
+        Some(StreamGuard {
+            registry: self.clone(),
+            key,
+        })
+    }
+
+    /// The token's pod obtained a certificate.
+    pub fn certificate_issued(&self, id: &Identity) {
+        self.touch(id, false);
+    }
+
+    fn closed(&self, key: &(String, String)) {
+        let now = self.clock.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = seen.get_mut(key) {
+            e.streams = e.streams.saturating_sub(1);
+            if e.streams == 0 {
+                e.connected_since = None;
+                e.last = now;
+            }
+        }
+        drop(seen);
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The proofs at this instant. Pods with no stream whose grace ran out are forgotten (a
+    /// pod meshid does not know is unproven anyway), so the registry does not grow with churn.
+    pub fn snapshot(&self) -> ProofSnapshot {
+        let now = self.clock.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, s| s.streams > 0 || now - s.last <= self.grace);
+        ProofSnapshot {
+            seen: seen.clone(),
+            now,
+            grace: self.grace,
+        }
+    }
+}
+
+/// The registry at one instant.
+#[derive(Clone)]
+pub struct ProofSnapshot {
+    seen: HashMap<(String, String), Seen>,
+    now: OffsetDateTime,
+    grace: Duration,
+}
+
+impl ProofSnapshot {
+    /// What EDS depends on, for every pod the registry knows: (namespace, name, uid, proven).
+    /// Changes when a proxy appears or a grace period runs out, not on every renewal.
+    pub fn digest(&self) -> Vec<(String, String, String, bool)> {
+        let mut v: Vec<_> = self
+            .seen
+            .iter()
+            .map(|((ns, n), s)| {
+                (
+                    ns.clone(),
+                    n.clone(),
+                    s.uid.clone(),
+                    self.state(s) != ProxyProof::Never,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The proof for a pod by name, whatever its UID.
+    pub fn proof_of(&self, namespace: &str, name: &str) -> ProxyProof {
+        self.proof(namespace, name, None)
+    }
+
+    fn state(&self, s: &Seen) -> ProxyProof {
+        if let Some(since) = s.connected_since.filter(|_| s.streams > 0) {
+            return ProxyProof::Connected { since };
+        }
+        if self.now - s.last <= self.grace {
+            ProxyProof::Recent { at: s.last }
+        } else {
+            ProxyProof::Never
+        }
+    }
+}
+
+impl ProofLookup for ProofSnapshot {
+    fn proof(&self, namespace: &str, name: &str, uid: Option<&str>) -> ProxyProof {
+        match self.seen.get(&(namespace.to_owned(), name.to_owned())) {
+            Some(s) if uid.is_none_or(|u| u == s.uid) => self.state(s),
+            _ => ProxyProof::Never,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        identity::{ClusterId, PodRef},
+        spiffe::{SpiffeId, TrustDomain},
+    };
+
+    fn id(pod: &str, uid: &str) -> Identity {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        Identity {
+            spiffe_id: SpiffeId::for_service_account(&td, "shop", "web").unwrap(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod: Some(PodRef {
+                name: pod.into(),
+                uid: uid.into(),
+            }),
+            cluster: ClusterId("Kubernetes".into()),
+            expires_at: None,
+        }
+    }
+
+    /// One row per proof rule.
+    #[test]
+    fn proof_states() {
+        let clock = Arc::new(ManualClock::new(OffsetDateTime::UNIX_EPOCH));
+        let r = ProxyRegistry::new(clock.clone(), Duration::from_secs(60));
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", Some("u1")),
+            ProxyProof::Never,
+            "never seen"
+        );
+        let guard = r.stream_opened(&id("web-0", "u1")).unwrap();
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", Some("u1")),
+                ProxyProof::Connected { .. }
+            ),
+            "stream open"
+        );
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", Some("u2")),
+            ProxyProof::Never,
+            "a new pod under the same name is not proven by the old one's proxy"
+        );
+        clock.advance(Duration::from_secs(3600));
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", Some("u1")),
+                ProxyProof::Connected { .. }
+            ),
+            "an open stream needs no grace"
+        );
+        drop(guard);
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-0", None),
+                ProxyProof::Recent { .. }
+            ),
+            "closed: within grace"
+        );
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            r.snapshot().proof("shop", "web-0", None),
+            ProxyProof::Never,
+            "grace over"
+        );
+        assert!(
+            r.snapshot().digest().is_empty(),
+            "forgotten once the grace ran out"
+        );
+        r.certificate_issued(&id("web-1", "u3"));
+        assert!(
+            matches!(
+                r.snapshot().proof("shop", "web-1", Some("u3")),
+                ProxyProof::Recent { .. }
+            ),
+            "CSR issuance"
+        );
+        let mut no_pod = id("x", "y");
+        no_pod.pod = None;
+        assert!(
+            r.stream_opened(&no_pod).is_none(),
+            "a token without a pod proves nothing"
+        );
+    }
+}
