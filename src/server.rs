@@ -211,7 +211,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
             )));
             Some(
                 EdsService::new(auth.clone(), view, stop_rx.clone(), &metrics)
-                    .with_name_limit(cfg.xds.max_resource_names_per_stream.eds),
+                    .with_name_limit(cfg.xds.max_resource_names_per_stream.eds)
+                    .with_lifetime(clock.clone(), stream_limits),
             )
         }
         None => None,

@@ -72,6 +72,8 @@ struct Shared {
     view: watch::Receiver<Arc<DiscoveryView>>,
     stop: watch::Receiver<bool>,
     xds: Arc<XdsMetrics>,
+    /// Streams end at the caller's token expiry and after a maximum age, like SDS streams.
+    lifetime: Option<(Arc<dyn crate::clock::Clock>, super::lifetime::StreamLimits)>,
 }
 
 impl EdsService {
@@ -98,7 +100,34 @@ impl EdsService {
             view,
             stop,
             xds,
+            lifetime: None,
         }))
+    }
+
+    /// Bounds every stream by its caller's token expiry and `limits.max_age` on `clock`. Call
+    /// before the service is shared.
+    pub fn with_lifetime(
+        mut self,
+        clock: Arc<dyn crate::clock::Clock>,
+        limits: super::lifetime::StreamLimits,
+    ) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.lifetime = Some((clock, limits));
+        }
+        self
+    }
+
+    /// `out`, ended at the stream's deadline when a lifetime is set.
+    fn bounded<T: Send + 'static>(&self, identity: &Identity, out: Out<T>) -> Out<T> {
+        match &self.0.lifetime {
+            Some((clock, limits)) => {
+                let deadline = super::lifetime::deadline(identity, limits, clock.now());
+                // Nothing ends an EDS stream early: the end handle is dropped at once.
+                let (_, ended) = super::lifetime::stream_end();
+                super::lifetime::bound(out, clock, deadline, ended)
+            }
+            None => out,
+        }
     }
 
     /// Caps the resource names one stream may subscribe to
@@ -321,13 +350,15 @@ impl EndpointDiscoveryService for EdsService {
         let identity = self.0.auth.authenticate(&request).await?;
         let mut view = self.0.view.clone();
         view.mark_unchanged();
+        let bound_for = identity.clone();
         let s = Stream { identity, view };
-        Ok(Response::new(xds::spawn_sotw(
+        let out = xds::spawn_sotw(
             s,
             request.into_inner(),
             self.0.xds.clone(),
             self.0.stop.clone(),
-        )))
+        );
+        Ok(Response::new(self.bounded(&bound_for, out)))
     }
 
     async fn delta_endpoints(
@@ -337,13 +368,15 @@ impl EndpointDiscoveryService for EdsService {
         let identity = self.0.auth.authenticate(&request).await?;
         let mut view = self.0.view.clone();
         view.mark_unchanged();
+        let bound_for = identity.clone();
         let s = Stream { identity, view };
-        Ok(Response::new(xds::spawn_delta(
+        let out = xds::spawn_delta(
             s,
             request.into_inner(),
             self.0.xds.clone(),
             self.0.stop.clone(),
-        )))
+        );
+        Ok(Response::new(self.bounded(&bound_for, out)))
     }
 
     async fn fetch_endpoints(

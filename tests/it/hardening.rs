@@ -140,6 +140,60 @@ async fn a_stream_ends_at_token_expiry_and_a_reconnecting_client_stays_current()
     server.running.shutdown().await;
 }
 
+/// EDS streams are bounded the same way: they end with UNAUTHENTICATED at the token's exp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eds_stream_ends_at_token_expiry_too() {
+    use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
+    let clock = manual_clock();
+    let snapshot = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/mixed-traffic.yaml"
+    );
+    let server = TestServer::start_with(Arc::new(clock.clone()), |c| {
+        c.limits.max_stream_age = Duration::from_secs(24 * 3600);
+        c.discovery = Some(meshid::config::Discovery {
+            snapshot: Some(snapshot.into()),
+            ..Default::default()
+        });
+    })
+    .await;
+    let mut client = EndpointDiscoveryServiceClient::with_interceptor(
+        server.channel().await,
+        bearer(Some(server.token_for(
+            "shop",
+            "product-service",
+            Duration::from_secs(600),
+        ))),
+    );
+    let (tx, out) = mpsc::channel(8);
+    let mut rx = client
+        .stream_endpoints(ReceiverStream::new(out))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["outbound|8080||inventory-service.shop.svc.cluster.local".into()],
+        type_url: meshid::api::ENDPOINT_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.resources.len(), 1);
+    clock.advance(Duration::from_secs(600));
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("the stream ends")
+        .unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    drop(tx);
+    server.running.shutdown().await;
+}
+
 /// After `max_stream_age` (± 10 %) a stream ends gracefully (status OK), like istiod's
 /// MaxServerConnectionAge (30 min in its chart) with grpc-go's jitter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
