@@ -52,6 +52,9 @@ pub struct Config {
     /// Limits of the xDS streams (SDS, EDS).
     #[serde(default)]
     pub xds: Xds,
+    /// SPIFFE federation: our bundle endpoint and the peers whose bundles we trust.
+    #[serde(default)]
+    pub federation: crate::trust::FederationConfig,
 }
 
 /// Default of `xds.max_resource_names_per_stream.sds`: a proxy needs a handful of secrets.
@@ -468,6 +471,7 @@ impl Config {
             errs.push("state_poll_interval: must be above zero and at most 1h".into());
         }
         self.limits.validate(&mut errs);
+        self.federation.validate(None, &mut errs);
         let si = &self.server_identity;
         let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
         if let Err(e) =

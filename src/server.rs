@@ -44,7 +44,11 @@ use crate::{
     state::DirStore,
     telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
-    trust::{CaSnapshot, LiveCa, LiveCaError},
+    trust::{
+        bundle_endpoint::{self, FileCert},
+        federation::{FederationStatus, PeerClient},
+        CaSnapshot, LiveCa, LiveCaError,
+    },
 };
 
 /// Why the server could not start. Each names what to fix.
@@ -73,6 +77,12 @@ pub struct Running {
     pub unix_path: Option<PathBuf>,
     pub live: Arc<LiveCa>,
     pub metrics: Arc<Metrics>,
+    /// The SPIFFE bundle endpoint's address, when `[federation.bundle_endpoint]` is set.
+    pub bundle_addr: Option<SocketAddr>,
+    /// Every federation peer's status.
+    pub federation: FederationStatus,
+    /// Wakes a peer's client to fetch its bundle now (`meshid bundle refresh`).
+    pub federation_refresh: std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -98,8 +108,8 @@ impl Running {
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
     let store = Arc::new(DirStore::new(&cfg.state_dir));
-    let (policy, c2) = (cfg.issuance, clock.clone());
-    let live = tokio::task::spawn_blocking(move || LiveCa::load(store, policy, c2))
+    let (policy, c2, s2) = (cfg.issuance, clock.clone(), store.clone());
+    let live = tokio::task::spawn_blocking(move || LiveCa::load(s2, policy, c2))
         .await
         .expect("CA load task does not panic")?;
     let live = Arc::new(live);
@@ -144,7 +154,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         stream_limits,
         metrics.clone(),
     )
-    .with_name_limit(cfg.xds.max_resource_names_per_stream.sds);
+    .with_name_limit(cfg.xds.max_resource_names_per_stream.sds)
+    .with_merge_into_rootca(cfg.federation.merge_into_rootca);
+    let (bundle_addr, federation, federation_refresh) = start_federation(
+        &cfg, &store, &live, &resolver, &clock, &metrics, &stop_rx, &mut tasks,
+    )
+    .await?;
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
@@ -256,9 +271,105 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         unix_path,
         live,
         metrics,
+        bundle_addr,
+        federation,
+        federation_refresh,
         stop,
         tasks,
     })
+}
+
+/// Wakes a peer's client when `meshid bundle refresh TD` left a request file for it.
+async fn refresh_requests(
+    dir: PathBuf,
+    peers: std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            () = stopping(&mut stop) => return,
+        }
+        for (td, notify) in &peers {
+            let request = dir.join(td.to_string());
+            if std::fs::remove_file(&request).is_ok() {
+                tracing::info!(trust_domain = %td, "bundle refresh requested");
+                notify.notify_one();
+            }
+        }
+    }
+}
+
+type FederationParts = (
+    Option<SocketAddr>,
+    FederationStatus,
+    std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
+);
+
+/// The bundle endpoint (if configured) and one client per federation peer.
+#[allow(clippy::too_many_arguments)]
+async fn start_federation(
+    cfg: &Config,
+    store: &Arc<DirStore>,
+    live: &Arc<LiveCa>,
+    serving: &Arc<RotatingCert>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<FederationParts, ServerError> {
+    let fed = &cfg.federation;
+    let bundle_addr = match &fed.bundle_endpoint {
+        Some(e) => {
+            let resolver: Arc<dyn rustls::server::ResolvesServerCert> =
+                match (&e.cert_file, &e.key_file) {
+                    (Some(c), Some(k)) => {
+                        Arc::new(FileCert::load(c.clone(), k.clone()).map_err(|why| {
+                            ServerError::Config(vec![format!("federation.bundle_endpoint: {why}")])
+                        })?)
+                    }
+                    _ => serving.clone(), // https_spiffe: meshid's own SVID
+                };
+            let listener = bind(e.listen, "bundle endpoint").await?;
+            let addr = listener
+                .local_addr()
+                .map_err(io("bundle endpoint address"))?;
+            tasks.push(tokio::spawn(bundle_endpoint::serve(
+                listener,
+                resolver,
+                live.subscribe(),
+                fed.refresh_hint,
+                stop.clone(),
+            )));
+            Some(addr)
+        }
+        None => None,
+    };
+    let status = FederationStatus::with_file(&cfg.state_dir);
+    let mut refresh = std::collections::BTreeMap::new();
+    for peer in &fed.peers {
+        let client = PeerClient::new(
+            peer.clone(),
+            store.clone(),
+            live.subscribe(),
+            clock.clone(),
+            status.clone(),
+            metrics.clone(),
+        )
+        .map_err(|why| ServerError::Config(vec![why]))?;
+        refresh.insert(peer.trust_domain.clone(), client.refresh_handle());
+        tasks.push(tokio::spawn(client.run(stop.clone())));
+    }
+    if !refresh.is_empty() {
+        tasks.push(tokio::spawn(refresh_requests(
+            cfg.state_dir.join(crate::trust::federation::REFRESH_DIR),
+            refresh.clone(),
+            cfg.state_poll_interval,
+            stop.clone(),
+        )));
+    }
+    Ok((bundle_addr, status, refresh))
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServerError + '_ {

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub discovery_mtls_coverage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub discovery_mismatches: Gauge,
     pub identity_backend_up: Family<Labels, Gauge>,
+    pub federation_refreshes: Family<Labels, Counter>,
+    pub federation_up: Family<Labels, Gauge>,
+    pub federation_sequence: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -68,6 +71,9 @@ impl Metrics {
             discovery_mtls_coverage: Family::default(),
             discovery_mismatches: Gauge::default(),
             identity_backend_up: Family::default(),
+            federation_refreshes: Family::default(),
+            federation_up: Family::default(),
+            federation_sequence: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -164,6 +170,21 @@ impl Metrics {
             "meshid_discovery_sidecar_mismatches",
             "Pods whose tlsMode label disagrees with what they run",
             m.discovery_mismatches.clone(),
+        );
+        r.register(
+            "meshid_federation_refreshes",
+            "Federated bundle fetches, by trust domain and result",
+            m.federation_refreshes.clone(),
+        );
+        r.register(
+            "meshid_federation_up",
+            "1 when a federated trust domain's last bundle fetch succeeded",
+            m.federation_up.clone(),
+        );
+        r.register(
+            "meshid_federation_bundle_sequence",
+            "spiffe_sequence of the bundle held for a federated trust domain",
+            m.federation_sequence.clone(),
         );
         Self { registry: r, ..m }
     }

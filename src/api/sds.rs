@@ -79,6 +79,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     xds: Arc<XdsMetrics>,
     rendered: RenderCache,
+    /// `federation.merge_into_rootca`: ROOTCA also holds every federated trust domain's roots.
+    merge_into_rootca: bool,
 }
 
 /// Which snapshot trust resources were rendered for: the bundle's sequence (it moves on every
@@ -141,7 +143,17 @@ impl SdsService {
             metrics,
             xds,
             rendered: RenderCache::default(),
+            merge_into_rootca: false,
         }))
+    }
+
+    /// Puts federated roots into `ROOTCA` too (`federation.merge_into_rootca`), for proxies
+    /// that take a single bundle. Call before the service is shared.
+    pub fn with_merge_into_rootca(mut self, merge: bool) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.merge_into_rootca = merge;
+        }
+        self
     }
 
     /// Caps the resource names one stream may subscribe to
@@ -351,6 +363,12 @@ impl Workload {
                     ..Default::default()
                 }))
             }
+            ROOTCA if self.shared.merge_into_rootca => validation(CertificateValidationContext {
+                trusted_ca: inline(
+                    cert::to_pem_bundle(bundle.iter().flat_map(|(_, roots)| roots)).into_bytes(),
+                ),
+                ..Default::default()
+            }),
             ROOTCA => validation(CertificateValidationContext {
                 trusted_ca: inline(bundle.own_roots_pem().as_bytes().to_vec()),
                 ..Default::default()

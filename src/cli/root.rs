@@ -114,9 +114,18 @@ impl RootCommand {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
                 // No propagation gate here: `meshid root rotate --server` is the gated path.
+                // With a bundle endpoint, federated peers must have had time to fetch it.
+                let publication = a.store.federation()?.and_then(|f| {
+                    f.bundle_endpoint
+                        .map(|_| rotation::bundle_publication_gate(f.refresh_hint, ctx.now))
+                });
+                let gate: rotation::Gate<'_> = match &publication {
+                    Some(g) => g,
+                    None => &rotation::no_gate,
+                };
                 let id = a.id;
                 let applied = rotation::apply(&store, &ctx, |s, c| {
-                    rotation::activate(s, &id, a.force, &rotation::no_gate, c)
+                    rotation::activate(s, &id, a.force, gate, c)
                 })?;
                 report(&applied)
             }
@@ -141,8 +150,21 @@ impl RootCommand {
 }
 
 impl StoreArgs {
+    /// The config file's `[federation]` section, when a config was given.
+    pub(super) fn federation(&self) -> anyhow::Result<Option<crate::trust::FederationConfig>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg = Config::from_toml(&text).map_err(|errs| {
+            anyhow::anyhow!("{} is invalid: {}", path.display(), errs.join("; "))
+        })?;
+        Ok(Some(cfg.federation))
+    }
+
     /// The store, and the max leaf TTL to assume.
-    fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
+    pub(super) fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
         let cfg = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -231,6 +253,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .map(root_json)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let journal = state.journal_tail(JOURNAL_SHOWN);
+    let federation = federation_json(state, store.dir());
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -240,12 +263,73 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "journal": journal,
                 "next_step": next,
                 "warnings": warnings,
+                "federation": federation,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
-        Output::Text => print_text(state, v.generation.0, &roots, journal, next, &warnings),
+        Output::Text => {
+            print_text(state, v.generation.0, &roots, journal, next, &warnings);
+            print_federation(&federation);
+        }
     }
     Ok(())
+}
+
+/// Every federated trust domain: what the state holds, and the server's last attempt (from the
+/// status file it keeps beside the state).
+fn federation_json(state: &CaState, dir: &std::path::Path) -> serde_json::Value {
+    let mut live = crate::trust::federation::read_status_file(dir);
+    let mut out = serde_json::Map::new();
+    for (td, b) in &state.federated {
+        let roots = b.roots().map(|r| r.len()).unwrap_or(0);
+        out.insert(
+            td.to_string(),
+            json!({
+                "roots": roots,
+                "sequence": b.sequence,
+                "updated_at": rfc3339(b.updated_at),
+                "source": b.source,
+                "client": live.remove(&td.to_string()),
+            }),
+        );
+    }
+    for (td, client) in live {
+        out.insert(td, json!({ "roots": 0, "client": client }));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn print_federation(fed: &serde_json::Value) {
+    let Some(map) = fed.as_object().filter(|m| !m.is_empty()) else {
+        return;
+    };
+    println!("federation:");
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for (td, f) in map {
+        println!(
+            "  {td}: {} root(s), sequence {}, stored {} from {}",
+            s(&f["roots"]),
+            s(&f["sequence"]),
+            s(&f["updated_at"]),
+            s(&f["source"])
+        );
+        let c = &f["client"];
+        if c.is_object() {
+            println!(
+                "    last attempt {}, last success {}, next {}",
+                s(&c["last_attempt"]),
+                s(&c["last_success"]),
+                s(&c["next_attempt"])
+            );
+            if c["last_error"].is_string() {
+                println!("    last error: {}", s(&c["last_error"]));
+            }
+        }
+    }
 }
 
 fn root_json(r: &RootRecord) -> anyhow::Result<serde_json::Value> {

@@ -117,6 +117,7 @@ impl ServerArgs {
                 discovery: None,
                 limits: Default::default(),
                 xds: Default::default(),
+                federation: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

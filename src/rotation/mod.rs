@@ -1,10 +1,12 @@
 //! Lifecycles: one credential's cycle (`Renewer`, used by the serving certificate and every
 //! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
 
+pub mod publication;
 mod renewer;
 mod roots;
 mod schedule;
 
+pub use publication::bundle_publication_gate;
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
 pub use roots::{

@@ -2,7 +2,15 @@
 //! snapshot that every reader holds through a `watch` receiver.
 
 mod bundle;
+pub mod bundle_endpoint;
+pub mod federation;
+mod federation_config;
 mod live;
+mod spiffe_bundle;
 
 pub use bundle::TrustBundleSet;
+pub use federation_config::{
+    poll_interval, BundleEndpointConfig, EndpointProfile, FederationConfig, PeerConfig,
+};
 pub use live::{CaSnapshot, LiveCa, LiveCaError};
+pub use spiffe_bundle::{BundleError, SpiffeBundle, DEFAULT_REFRESH_HINT};

@@ -113,6 +113,7 @@ impl TestServer {
             discovery: None,
             limits: Default::default(),
             xds: Default::default(),
+            federation: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
