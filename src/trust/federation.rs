@@ -93,8 +93,9 @@ pub enum Stored {
     Unchanged,
 }
 
-/// Stores `bundle` as `td`'s last good bundle. Refuses our own trust domain, a sequence below
-/// the stored one, and a root that names another trust domain; writes only on a change, with
+/// Stores `bundle` as `td`'s last good bundle. Refuses our own trust domain, other roots with
+/// a sequence below the stored one, and a root that names another trust domain; writes only
+/// when the roots change, with
 /// compare-and-swap (retried on a concurrent writer).
 pub fn store_bundle(
     store: &dyn StateStore,
@@ -114,15 +115,17 @@ pub fn store_bundle(
             });
         }
         let stored = current.state.federated.get(td);
+        // The same roots are no change, whatever the sequence: a bootstrap file exported from
+        // the peer's state can be a generation ahead of what its endpoint serves yet.
+        if stored.is_some_and(|b| b.roots == roots) {
+            return Ok(Stored::Unchanged);
+        }
         bundle
             .check_successor_of(stored.and_then(|b| b.sequence))
             .map_err(|source_err| FederationError::Bundle {
                 url: source.to_owned(),
                 source: source_err,
             })?;
-        if stored.is_some_and(|b| b.roots == roots && b.sequence == bundle.sequence) {
-            return Ok(Stored::Unchanged);
-        }
         let mut next = current.state.clone();
         next.federated.insert(
             td.clone(),
@@ -180,6 +183,8 @@ fn check_trust_domain(
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PeerStatus {
     pub url: String,
+    /// Fetch attempts since the server started.
+    pub attempts: u64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_attempt: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -197,6 +202,8 @@ pub struct PeerStatus {
 pub struct FederationStatus {
     peers: Arc<Mutex<BTreeMap<TrustDomain, PeerStatus>>>,
     file: Option<std::path::PathBuf>,
+    /// Counts updates: readers wait on it instead of polling.
+    updates: Arc<watch::Sender<u64>>,
 }
 
 /// The status file's name in the state directory.
@@ -217,9 +224,14 @@ impl FederationStatus {
     /// A status that is also written to `state_dir/federation-status.json`.
     pub fn with_file(state_dir: &std::path::Path) -> Self {
         Self {
-            peers: Arc::default(),
             file: Some(state_dir.join(STATUS_FILE)),
+            ..Self::default()
         }
+    }
+
+    /// A receiver that changes on every status update (one per fetch attempt).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.updates.subscribe()
     }
 
     /// A copy of every peer's status.
@@ -236,6 +248,8 @@ impl FederationStatus {
                 tracing::warn!(error = %e, "federation status file not written");
             }
         }
+        drop(map);
+        self.updates.send_modify(|n| *n += 1);
     }
 }
 
@@ -342,6 +356,7 @@ impl PeerClient {
             .get_or_create(&up)
             .set(result.is_ok() as i64);
         self.status.update(td, |s| {
+            s.attempts += 1;
             s.last_attempt = Some(now);
             s.next_attempt = Some(next);
             match result {

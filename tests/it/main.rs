@@ -5,6 +5,7 @@ mod cli;
 mod csr_refusals;
 mod discovery;
 mod fake_apiserver;
+mod federation;
 mod hardening;
 mod identity;
 mod identity_hardening;
