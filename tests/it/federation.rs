@@ -692,3 +692,114 @@ async fn https_spiffe_refuses_an_endpoint_with_another_spiffe_id() {
     a.running.shutdown().await;
     b.running.shutdown().await;
 }
+
+// === one trust domain, several clusters ===
+
+/// Istio's multi-primary layout with a shared root: an offline root signs one intermediate per
+/// cluster (`meshid ca intermediate`), each cluster's meshid runs on its plugged-in
+/// intermediate, and workloads of the two clusters complete mTLS with one ROOTCA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_with_intermediates_of_one_root_complete_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let o = meshid(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["ca", "init", "--trust-domain", "cluster.local", "--state-dir", &p("offline")]);
+    for cluster in ["east", "west"] {
+        run(&["ca", "intermediate", "--state-dir", &p("offline"), "--cluster", cluster, "--out-dir", &p(&format!("{cluster}-cacerts"))]);
+        run(&["ca", "init", "--trust-domain", "cluster.local", "--state-dir", &p(&format!("{cluster}-state")), "--from-plugin", &p(&format!("{cluster}-cacerts"))]);
+    }
+    let root_pem = std::fs::read_to_string(dir.path().join("east-cacerts/root-cert.pem")).unwrap();
+    let mut servers = Vec::new();
+    for cluster in ["east", "west"] {
+        let state = dir.path().join(format!("{cluster}-state"));
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now()));
+        let mut s = TestServer::start_with(clock, move |cfg| cfg.state_dir = state).await;
+        s.root_pem = root_pem.clone(); // its serving certificate chains to the shared root
+        servers.push(s);
+    }
+    let east = creds(&servers[0], "shop", "frontend").await;
+    let west = creds(&servers[1], "pay", "ledger").await;
+    assert_eq!(east.chain.len(), 2, "leaf and the cluster's intermediate");
+    assert_ne!(east.chain[1], west.chain[1], "different intermediates");
+    assert_eq!(east.all, west.all, "one bundle: the shared root");
+    mtls(&east, &west).await.unwrap();
+    mtls(&west, &east).await.unwrap();
+    for s in servers {
+        s.running.shutdown().await;
+    }
+}
+
+/// The bundle endpoint as Istio's and SPIRE's clients read it: 200, application/json, a JWK Set
+/// of x509-svid keys with single-certificate x5c; ETag and If-None-Match give 304; only GET.
+/// The https_web certificate is re-read when its files change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
+    let pki = web_pki();
+    let addr = free_addr();
+    let clock = Arc::new(ManualClock::new(now()));
+    let a = start("a.example", &clock, Some(endpoint(addr, EndpointProfile::HttpsWeb, &pki)), vec![]).await;
+    let get = |extra: String, method: &'static str| {
+        let ca = pki.ca.clone();
+        async move { raw_request(addr, &ca, &format!("{method} / HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}connection: close\r\n\r\n")).await }
+    };
+    let (head, body, _) = get(String::new(), "GET").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    let etag = header(&head, "etag").expect("an ETag");
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["use"], "x509-svid");
+    assert_eq!(keys[0]["x5c"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["spiffe_refresh_hint"], 300);
+    assert!(doc["spiffe_sequence"].as_u64().is_some());
+    assert_eq!(SpiffeBundle::parse(&body).unwrap().roots, a.running.live.current().bundle.own_roots());
+    let (head, body, _) = get(format!("if-none-match: {etag}\r\n"), "GET").await;
+    assert!(head.starts_with("HTTP/1.1 304"), "{head}");
+    assert!(body.is_empty());
+    let (head, _, _) = get(String::new(), "POST").await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+
+    // A new operator certificate (another CA) is served from the next handshake on.
+    let next = web_pki();
+    let (_, _, first_cert) = get(String::new(), "GET").await;
+    std::fs::copy(&next.cert, &pki.cert).unwrap();
+    std::fs::copy(&next.key, &pki.key).unwrap();
+    let (head, _, served) = raw_request(addr, &next.ca, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_ne!(served, first_cert);
+    a.running.shutdown().await;
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+/// One HTTP/1.1 exchange over TLS trusting `ca`: (head, body, the server's certificate).
+async fn raw_request(addr: SocketAddr, ca: &std::path::Path, req: &str) -> (String, Vec<u8>, CertDer) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap());
+    let cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned();
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    (head, out[split + 4..].to_vec(), served)
+}
