@@ -168,7 +168,11 @@ fn extend_path(
         let Ok(rp) = parsed(root, "root") else {
             continue;
         };
-        if rp.subject() != tip_p.issuer() || signed_by(&tip_p, &rp).is_err() {
+        if rp.subject() != tip_p.issuer() {
+            continue;
+        }
+        if let Err(e) = signed_by(&tip_p, &rp) {
+            *last_err = Some(e);
             continue;
         }
         path.push(root.clone());

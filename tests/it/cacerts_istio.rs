@@ -407,3 +407,220 @@ fn tls_crt_takes_precedence_over_the_istio_layout() {
         "{err}"
     );
 }
+
+/// A chain signed with RSASSA-PSS (SHA-256, MGF1-SHA-256, salt 32, as
+/// `openssl x509 -sigopt rsa_padding_mode:pss` makes it) imports and issues; the old code
+/// refused the PSS signature ("not accepted"). A signing key ring cannot sign with (RSA 2560)
+/// is refused naming ring's limits.
+#[test]
+fn rsa_pss_chain_signatures_import_and_rsa_sizes_ring_cannot_sign_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\nbasicConstraints = critical, CA:true\nkeyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n",
+    )
+    .unwrap();
+    for args in [
+        &["genrsa", "-out", "root-key.pem", "2048"][..],
+        &[
+            "req",
+            "-new",
+            "-key",
+            "root-key.pem",
+            "-subj",
+            "/O=Corp/CN=PSS Root",
+            "-out",
+            "root.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-sha256",
+            "-days",
+            "365",
+            "-in",
+            "root.csr",
+            "-signkey",
+            "root-key.pem",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            "root-cert.pem",
+        ],
+        &["genrsa", "-out", "int-key.pem", "3072"],
+        &[
+            "req",
+            "-new",
+            "-key",
+            "int-key.pem",
+            "-subj",
+            "/O=Corp/CN=PSS Issuing",
+            "-out",
+            "int.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-sha256",
+            "-sigopt",
+            "rsa_padding_mode:pss",
+            "-sigopt",
+            "rsa_pss_saltlen:digest",
+            "-days",
+            "365",
+            "-in",
+            "int.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            "int-cert.pem",
+        ],
+    ] {
+        openssl(args, d);
+    }
+    let text = openssl(&["x509", "-in", "int-cert.pem", "-noout", "-text"], d);
+    assert!(text.contains("rsassaPss"), "{text}");
+    let plug = d.join("cacerts");
+    cacerts(d, &plug, "int", "root", &["int", "root"]);
+    let material = load(&plug).unwrap();
+    assert_eq!(material.signer_key.key_type(), meshid::ca::KeyType::Rsa3072);
+    issue_and_verify(&authority(material).unwrap(), d);
+
+    openssl(&["genrsa", "-out", "odd-key.pem", "2560"], d);
+    std::fs::copy(d.join("odd-key.pem"), plug.join("ca-key.pem")).unwrap();
+    let err = load(&plug).unwrap_err().to_string();
+    assert!(
+        err.contains("2048, 3072 or 4096") && err.contains("ring"),
+        "{err}"
+    );
+}
+
+/// What ring cannot do is refused at import, saying so: a P-521 signing key, and an
+/// ECDSA-with-SHA-512 signature on the chain.
+#[test]
+fn p521_keys_and_ecdsa_sha512_signatures_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\nbasicConstraints = critical, CA:true\nkeyUsage = critical, keyCertSign, cRLSign\n",
+    )
+    .unwrap();
+    // P-521 signing key under a P-256 root.
+    ca(d, "root", "/O=Corp/CN=Root CA", None, "CA:true");
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "secp521r1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "p521-key.pem",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-key",
+            "p521-key.pem",
+            "-subj",
+            "/CN=P-521 CA",
+            "-out",
+            "p521.csr",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-sha256",
+            "-days",
+            "30",
+            "-in",
+            "p521.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            "p521-cert.pem",
+        ],
+        d,
+    );
+    let plug = d.join("p521");
+    cacerts(d, &plug, "p521", "root", &[]);
+    let err = load(&plug).unwrap_err().to_string();
+    assert!(err.contains("P-521") && err.contains("ring"), "{err}");
+    // An intermediate the root signed with ECDSA-SHA512.
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "s512-key.pem",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-key",
+            "s512-key.pem",
+            "-subj",
+            "/CN=SHA-512 CA",
+            "-out",
+            "s512.csr",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-sha512",
+            "-days",
+            "30",
+            "-in",
+            "s512.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            "s512-cert.pem",
+        ],
+        d,
+    );
+    let plug = d.join("s512");
+    cacerts(d, &plug, "s512", "root", &[]);
+    let err = load(&plug).unwrap_err().to_string();
+    assert!(err.contains("SHA-512") && err.contains("ring"), "{err}");
+}

@@ -704,12 +704,41 @@ async fn two_clusters_with_intermediates_of_one_root_complete_mtls() {
     let p = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
     let run = |args: &[&str]| {
         let o = meshid(args);
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
-    run(&["ca", "init", "--trust-domain", "cluster.local", "--state-dir", &p("offline")]);
+    run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--state-dir",
+        &p("offline"),
+    ]);
     for cluster in ["east", "west"] {
-        run(&["ca", "intermediate", "--state-dir", &p("offline"), "--cluster", cluster, "--out-dir", &p(&format!("{cluster}-cacerts"))]);
-        run(&["ca", "init", "--trust-domain", "cluster.local", "--state-dir", &p(&format!("{cluster}-state")), "--from-plugin", &p(&format!("{cluster}-cacerts"))]);
+        run(&[
+            "ca",
+            "intermediate",
+            "--state-dir",
+            &p("offline"),
+            "--cluster",
+            cluster,
+            "--out-dir",
+            &p(&format!("{cluster}-cacerts")),
+        ]);
+        run(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--state-dir",
+            &p(&format!("{cluster}-state")),
+            "--from-plugin",
+            &p(&format!("{cluster}-cacerts")),
+        ]);
     }
     let root_pem = std::fs::read_to_string(dir.path().join("east-cacerts/root-cert.pem")).unwrap();
     let mut servers = Vec::new();
@@ -740,14 +769,33 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
     let pki = web_pki();
     let addr = free_addr();
     let clock = Arc::new(ManualClock::new(now()));
-    let a = start("a.example", &clock, Some(endpoint(addr, EndpointProfile::HttpsWeb, &pki)), vec![]).await;
+    let a = start(
+        "a.example",
+        &clock,
+        Some(endpoint(addr, EndpointProfile::HttpsWeb, &pki)),
+        vec![],
+    )
+    .await;
     let get = |extra: String, method: &'static str| {
         let ca = pki.ca.clone();
-        async move { raw_request(addr, &ca, &format!("{method} / HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}connection: close\r\n\r\n")).await }
+        async move {
+            raw_request(
+                addr,
+                &ca,
+                &format!(
+                    "{method} / HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}connection: close\r\n\r\n"
+                ),
+            )
+            .await
+        }
     };
     let (head, body, _) = get(String::new(), "GET").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
     let etag = header(&head, "etag").expect("an ETag");
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let keys = doc["keys"].as_array().unwrap();
@@ -756,7 +804,10 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
     assert_eq!(keys[0]["x5c"].as_array().unwrap().len(), 1);
     assert_eq!(doc["spiffe_refresh_hint"], 300);
     assert!(doc["spiffe_sequence"].as_u64().is_some());
-    assert_eq!(SpiffeBundle::parse(&body).unwrap().roots, a.running.live.current().bundle.own_roots());
+    assert_eq!(
+        SpiffeBundle::parse(&body).unwrap().roots,
+        a.running.live.current().bundle.own_roots()
+    );
     let (head, body, _) = get(format!("if-none-match: {etag}\r\n"), "GET").await;
     assert!(head.starts_with("HTTP/1.1 304"), "{head}");
     assert!(body.is_empty());
@@ -768,7 +819,12 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
     let (_, _, first_cert) = get(String::new(), "GET").await;
     std::fs::copy(&next.cert, &pki.cert).unwrap();
     std::fs::copy(&next.key, &pki.key).unwrap();
-    let (head, _, served) = raw_request(addr, &next.ca, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let (head, _, served) = raw_request(
+        addr,
+        &next.ca,
+        "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_ne!(served, first_cert);
     a.running.shutdown().await;
@@ -777,14 +833,22 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
 fn header(head: &str, name: &str) -> Option<String> {
     head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
     })
 }
 
 /// One HTTP/1.1 exchange over TLS trusting `ca`: (head, body, the server's certificate).
-async fn raw_request(addr: SocketAddr, ca: &std::path::Path, req: &str) -> (String, Vec<u8>, CertDer) {
+async fn raw_request(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    req: &str,
+) -> (String, Vec<u8>, CertDer) {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap());
+    roots.add_parsable_certificates(
+        cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap(),
+    );
     let cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -795,7 +859,9 @@ async fn raw_request(addr: SocketAddr, ca: &std::path::Path, req: &str) -> (Stri
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
         .unwrap();
-    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
