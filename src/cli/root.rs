@@ -247,11 +247,24 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let state = &v.state;
     let next = rotation::next_step(state, max_ttl, now);
     let warnings: Vec<String> = rotation::expiry_warning(state, now).into_iter().collect();
-    let roots = state
+    let mut roots = state
         .roots
         .iter()
         .map(root_json)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // With a bundle endpoint, a prepared root may sign once federated peers have fetched it.
+    if let Some(hint) = a
+        .store
+        .federation()?
+        .and_then(|f| f.bundle_endpoint.map(|_| f.refresh_hint))
+    {
+        for (r, j) in state.roots.iter().zip(roots.iter_mut()) {
+            if r.state == crate::state::RootState::Prepared {
+                j["activatable_from"] =
+                    json!(rfc3339(rotation::publication::publishable_at(r, hint)));
+            }
+        }
+    }
     let journal = state.journal_tail(JOURNAL_SHOWN);
     let federation = federation_json(state, store.dir());
     match a.output {
@@ -385,6 +398,12 @@ fn print_text(
         }
         if r["prepared_signer"].is_string() {
             println!("    prepared signer {}", s(&r["prepared_signer"]));
+        }
+        if r["activatable_from"].is_string() {
+            println!(
+                "    on the bundle endpoint; activatable without --force from {}",
+                s(&r["activatable_from"])
+            );
         }
     }
     if !journal.is_empty() {

@@ -869,3 +869,64 @@ async fn raw_request(
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     (head, out[split + 4..].to_vec(), served)
 }
+
+/// With a bundle endpoint configured, `root activate --config` refuses a root prepared less
+/// than 3x the refresh hint ago (peers have not fetched it yet), `root status` says from when
+/// it may, and `--force` activates anyway (journaled as forced).
+#[test]
+fn activation_waits_three_refresh_hints_when_the_bundle_endpoint_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
+    let run = |args: &[&str]| meshid(args);
+    assert!(run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "a.example",
+        "--state-dir",
+        &p("a")
+    ])
+    .status
+    .success());
+    std::fs::write(
+        dir.path().join("a.toml"),
+        format!(
+            "state_dir = {:?}\n[federation]\nrefresh_hint = \"5m\"\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_spiffe\"\n[[clusters]]\nname = \"Kubernetes\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc\"\nfile = \"jwks.json\"\n",
+            p("a")
+        ),
+    )
+    .unwrap();
+    assert!(run(&["root", "prepare", "--config", &p("a.toml")])
+        .status
+        .success());
+    let out = run(&[
+        "root",
+        "status",
+        "--config",
+        &p("a.toml"),
+        "--output",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prepared = doc["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["state"] == "prepared")
+        .unwrap();
+    assert!(prepared["activatable_from"].is_string(), "{prepared}");
+    let id = prepared["id"].as_str().unwrap().to_owned();
+    let o = run(&["root", "activate", &id, "--config", &p("a.toml")]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("3x the hint") && err.contains("--force"),
+        "{err}"
+    );
+    let o = run(&["root", "activate", &id, "--config", &p("a.toml"), "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = run(&["root", "status", "--state-dir", &p("a"), "--output", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = doc["journal"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["forced"], true, "{last}");
+}
