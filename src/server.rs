@@ -348,6 +348,12 @@ async fn start_federation(
     };
     let status = FederationStatus::with_file(&cfg.state_dir);
     let mut refresh = std::collections::BTreeMap::new();
+    let own = live.current().authority.trust_domain().clone();
+    let mut errs = Vec::new();
+    fed.validate(Some(&own), &mut errs);
+    if !errs.is_empty() {
+        return Err(ServerError::Config(errs));
+    }
     for peer in &fed.peers {
         let client = PeerClient::new(
             peer.clone(),

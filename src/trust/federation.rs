@@ -379,7 +379,7 @@ impl PeerClient {
     /// Fetches, checks and stores the peer's bundle once.
     pub async fn refresh_once(&self) -> Result<SpiffeBundle, FederationError> {
         let url = self.cfg.url.clone();
-        let tls = self.tls_config()?;
+        let tls = self.tls_config().await?;
         let body = tokio::time::timeout(FETCH_TIMEOUT, fetch(&url, tls))
             .await
             .map_err(|_| FederationError::Fetch {
@@ -402,7 +402,7 @@ impl PeerClient {
         Ok(bundle)
     }
 
-    fn tls_config(&self) -> Result<rustls::ClientConfig, FederationError> {
+    async fn tls_config(&self) -> Result<rustls::ClientConfig, FederationError> {
         let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| FederationError::Fetch {
@@ -412,7 +412,7 @@ impl PeerClient {
         let cfg = match (&self.web_roots, &self.cfg.endpoint_spiffe_id) {
             (Some(roots), _) => builder.with_root_certificates(roots.clone()),
             (None, Some(id)) => {
-                let roots = self.spiffe_roots(id)?;
+                let roots = self.spiffe_roots(id).await?;
                 builder
                     .dangerous()
                     .with_custom_certificate_verifier(SpiffeVerifier::new(
@@ -425,23 +425,30 @@ impl PeerClient {
         Ok(cfg.with_no_client_auth())
     }
 
-    /// The latest stored bundle of the endpoint ID's trust domain (ours, or a federated one).
-    fn spiffe_roots(&self, id: &SpiffeId) -> Result<Vec<CertDer>, FederationError> {
-        let snapshot = self.live.borrow().clone();
-        let td = id.trust_domain();
-        let stored = self.store.load_existing()?;
-        let roots = match stored.state.federated.get(td) {
-            Some(b) => b.roots()?,
-            None => snapshot
+    /// The latest stored bundle of the endpoint ID's trust domain: read from the store (a
+    /// bundle just set or fetched counts at once), or our own roots from the live snapshot.
+    async fn spiffe_roots(&self, id: &SpiffeId) -> Result<Vec<CertDer>, FederationError> {
+        let td = id.trust_domain().clone();
+        let store = self.store.clone();
+        let t = td.clone();
+        let stored = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
+            let v = store.load_existing()?;
+            v.state.federated.get(&t).map(|b| b.roots()).transpose()
+        })
+        .await
+        .map_err(|e| FederationError::State(StateError::Invalid(e.to_string())))??;
+        let roots = match stored {
+            Some(roots) => roots,
+            None => self
+                .live
+                .borrow()
                 .bundle
-                .roots_of(td)
+                .roots_of(&td)
                 .map(<[CertDer]>::to_vec)
                 .unwrap_or_default(),
         };
         if roots.is_empty() {
-            return Err(FederationError::NoBootstrapBundle {
-                trust_domain: td.clone(),
-            });
+            return Err(FederationError::NoBootstrapBundle { trust_domain: td });
         }
         Ok(roots)
     }
