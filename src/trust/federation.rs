@@ -420,7 +420,12 @@ impl PeerClient {
                         PeerPolicy::Exact(id.clone()),
                     ))
             }
-            (None, None) => unreachable!("config validation requires endpoint_spiffe_id"),
+            (None, None) => {
+                return Err(FederationError::Fetch {
+                    url: self.cfg.url.clone(),
+                    why: "profile https_spiffe needs endpoint_spiffe_id".into(),
+                })
+            }
         };
         Ok(cfg.with_no_client_auth())
     }

@@ -808,6 +808,25 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
         SpiffeBundle::parse(&body).unwrap().roots,
         a.running.live.current().bundle.own_roots()
     );
+    // `meshid bundle show URL` validates what the endpoint serves.
+    let (url, ca) = (
+        format!("https://{addr}/"),
+        pki.ca.to_str().unwrap().to_owned(),
+    );
+    let out =
+        tokio::task::spawn_blocking(move || meshid(&["bundle", "show", &url, "--ca-file", &ca]))
+            .await
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("refresh hint 300s") && table.contains("O=a.example"),
+        "{table}"
+    );
     let (head, body, _) = get(format!("if-none-match: {etag}\r\n"), "GET").await;
     assert!(head.starts_with("HTTP/1.1 304"), "{head}");
     assert!(body.is_empty());
@@ -929,4 +948,39 @@ fn activation_waits_three_refresh_hints_when_the_bundle_endpoint_publishes() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let last = doc["journal"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["forced"], true, "{last}");
+}
+
+/// `merge_into_rootca = true` puts the federated roots into ROOTCA too (off by default, see
+/// the both-ways test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_into_rootca_adds_federated_roots_to_rootca() {
+    let pki = web_pki();
+    let a_addr = free_addr();
+    let web = EndpointProfile::HttpsWeb;
+    let (ca, cb) = (
+        Arc::new(ManualClock::new(now())),
+        Arc::new(ManualClock::new(now())),
+    );
+    let a = start("a.example", &ca, Some(endpoint(a_addr, web, &pki)), vec![]).await;
+    let peers = vec![peer("a.example", a_addr, web, &pki)];
+    let clock: Arc<dyn Clock> = cb.clone();
+    let b = TestServer::start_in(clock, "b.example", root::DEFAULT_ROOT_TTL, move |cfg| {
+        cfg.federation.peers = peers;
+        cfg.federation.merge_into_rootca = true;
+    })
+    .await;
+    wait_roots(&b.running, "a.example", 1).await;
+    let mut client = b.sds(Some(b.token("pay", "ledger"))).await;
+    let resp = client
+        .fetch_secrets(sds_req(&["ROOTCA"], "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let pem = crate::server_support::trusted_ca(&secrets(&resp)[0]);
+    let got = cert::certs_from_pem(pem.as_bytes(), "ROOTCA").unwrap();
+    let a_root = a.running.live.current().bundle.own_roots().to_vec();
+    assert_eq!(got.len(), 2, "ours and a.example's");
+    assert!(got.contains(&a_root[0]));
+    a.running.shutdown().await;
+    b.running.shutdown().await;
 }
