@@ -44,11 +44,7 @@ use crate::{
     state::DirStore,
     telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
-    trust::{
-        bundle_endpoint::{self, FileCert},
-        federation::{FederationStatus, PeerClient},
-        CaSnapshot, LiveCa, LiveCaError,
-    },
+    trust::{federation::FederationStatus, federation_run, CaSnapshot, LiveCa, LiveCaError},
 };
 
 /// Why the server could not start. Each names what to fix.
@@ -156,10 +152,20 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     )
     .with_name_limit(cfg.xds.max_resource_names_per_stream.sds)
     .with_merge_into_rootca(cfg.federation.merge_into_rootca);
-    let (bundle_addr, federation, federation_refresh) = start_federation(
-        &cfg, &store, &live, &resolver, &clock, &metrics, &stop_rx, &mut tasks,
-    )
-    .await?;
+    let fed = federation_run::start(federation_run::Inputs {
+        cfg: &cfg.federation,
+        state_dir: &cfg.state_dir,
+        poll: cfg.state_poll_interval,
+        store: store.clone(),
+        live: &live,
+        serving: resolver.clone(),
+        clock: &clock,
+        metrics: &metrics,
+        stop: &stop_rx,
+    })
+    .await
+    .map_err(ServerError::Config)?;
+    tasks.extend(fed.tasks);
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     let tls = grpc_server_config(resolver).map_err(|e| ServerError::ServingCert(e.to_string()))?;
     let eds = match &cfg.discovery {
@@ -271,111 +277,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         unix_path,
         live,
         metrics,
-        bundle_addr,
-        federation,
-        federation_refresh,
+        bundle_addr: fed.bundle_addr,
+        federation: fed.status,
+        federation_refresh: fed.refresh,
         stop,
         tasks,
     })
-}
-
-/// Wakes a peer's client when `meshid bundle refresh TD` left a request file for it.
-async fn refresh_requests(
-    dir: PathBuf,
-    peers: std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            () = stopping(&mut stop) => return,
-        }
-        for (td, notify) in &peers {
-            let request = dir.join(td.to_string());
-            if std::fs::remove_file(&request).is_ok() {
-                tracing::info!(trust_domain = %td, "bundle refresh requested");
-                notify.notify_one();
-            }
-        }
-    }
-}
-
-type FederationParts = (
-    Option<SocketAddr>,
-    FederationStatus,
-    std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
-);
-
-/// The bundle endpoint (if configured) and one client per federation peer.
-#[allow(clippy::too_many_arguments)]
-async fn start_federation(
-    cfg: &Config,
-    store: &Arc<DirStore>,
-    live: &Arc<LiveCa>,
-    serving: &Arc<RotatingCert>,
-    clock: &Arc<dyn Clock>,
-    metrics: &Arc<Metrics>,
-    stop: &watch::Receiver<bool>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<FederationParts, ServerError> {
-    let fed = &cfg.federation;
-    let bundle_addr = match &fed.bundle_endpoint {
-        Some(e) => {
-            let resolver: Arc<dyn rustls::server::ResolvesServerCert> =
-                match (&e.cert_file, &e.key_file) {
-                    (Some(c), Some(k)) => {
-                        Arc::new(FileCert::load(c.clone(), k.clone()).map_err(|why| {
-                            ServerError::Config(vec![format!("federation.bundle_endpoint: {why}")])
-                        })?)
-                    }
-                    _ => serving.clone(), // https_spiffe: meshid's own SVID
-                };
-            let listener = bind(e.listen, "bundle endpoint").await?;
-            let addr = listener
-                .local_addr()
-                .map_err(io("bundle endpoint address"))?;
-            tasks.push(tokio::spawn(bundle_endpoint::serve(
-                listener,
-                resolver,
-                live.subscribe(),
-                fed.refresh_hint,
-                stop.clone(),
-            )));
-            Some(addr)
-        }
-        None => None,
-    };
-    let status = FederationStatus::with_file(&cfg.state_dir);
-    let mut refresh = std::collections::BTreeMap::new();
-    let own = live.current().authority.trust_domain().clone();
-    let mut errs = Vec::new();
-    fed.validate(Some(&own), &mut errs);
-    if !errs.is_empty() {
-        return Err(ServerError::Config(errs));
-    }
-    for peer in &fed.peers {
-        let client = PeerClient::new(
-            peer.clone(),
-            store.clone(),
-            live.subscribe(),
-            clock.clone(),
-            status.clone(),
-            metrics.clone(),
-        )
-        .map_err(|why| ServerError::Config(vec![why]))?;
-        refresh.insert(peer.trust_domain.clone(), client.refresh_handle());
-        tasks.push(tokio::spawn(client.run(stop.clone())));
-    }
-    if !refresh.is_empty() {
-        tasks.push(tokio::spawn(refresh_requests(
-            cfg.state_dir.join(crate::trust::federation::REFRESH_DIR),
-            refresh.clone(),
-            cfg.state_poll_interval,
-            stop.clone(),
-        )));
-    }
-    Ok((bundle_addr, status, refresh))
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServerError + '_ {

@@ -5,6 +5,7 @@ mod bundle;
 pub mod bundle_endpoint;
 pub mod federation;
 mod federation_config;
+pub mod federation_run;
 mod live;
 mod spiffe_bundle;
 
