@@ -984,3 +984,57 @@ async fn merge_into_rootca_adds_federated_roots_to_rootca() {
     a.running.shutdown().await;
     b.running.shutdown().await;
 }
+
+/// `spiffe_sequence` comes from the persisted state, so a restarted server never publishes a
+/// lower one (a consumer would refuse it), and a change moves it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_sequence_survives_a_restart_and_moves_on_change() {
+    let pki = web_pki();
+    let clock = Arc::new(ManualClock::new(now()));
+    let sequence = |addr: SocketAddr, ca: PathBuf| async move {
+        let (_, body, _) = raw_request(
+            addr,
+            &ca,
+            "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        SpiffeBundle::parse(&body).unwrap().sequence.unwrap()
+    };
+    let addr = free_addr();
+    let first = start(
+        "a.example",
+        &clock,
+        Some(endpoint(addr, EndpointProfile::HttpsWeb, &pki)),
+        vec![],
+    )
+    .await;
+    let s1 = sequence(addr, pki.ca.clone()).await;
+    let state_dir = first.state_dir();
+    first.running.shutdown().await;
+
+    // A change while it is down (a prepared root), then a restart on the same state.
+    let store = DirStore::new(&state_dir);
+    let ctx = Ctx::new(Actor::user("ops", "test"), clock.now(), None).unwrap();
+    let next = root::generate_root(
+        &td("a.example"),
+        KeyType::EcdsaP256,
+        root::DEFAULT_ROOT_TTL,
+        clock.now(),
+    )
+    .unwrap();
+    rotation::apply(&store, &ctx, |s, c| {
+        rotation::prepare(s, Candidate::Generated(next), c)
+    })
+    .unwrap();
+    let addr = free_addr();
+    let endpoint_cfg = endpoint(addr, EndpointProfile::HttpsWeb, &pki);
+    let c: Arc<dyn Clock> = clock.clone();
+    let again = TestServer::start_in(c, "a.example", root::DEFAULT_ROOT_TTL, move |cfg| {
+        cfg.state_dir = state_dir;
+        cfg.federation.bundle_endpoint = Some(endpoint_cfg);
+    })
+    .await;
+    let s2 = sequence(addr, pki.ca.clone()).await;
+    assert!(s2 > s1, "sequence {s1} then {s2}");
+    again.running.shutdown().await;
+}
