@@ -58,6 +58,9 @@ pub struct Config {
     /// ConfigMap `istio-ca-root-cert` in every namespace (`[root_cert_configmap]`, off by default).
     #[serde(default)]
     pub root_cert_configmap: crate::trust::configmap::RootCertConfigMap,
+    /// SPIFFE federation: our bundle endpoint and the peers whose bundles we trust.
+    #[serde(default)]
+    pub federation: crate::trust::FederationConfig,
 }
 
 /// Default of `xds.max_resource_names_per_stream.sds`: a proxy needs a handful of secrets.
@@ -534,6 +537,7 @@ impl Config {
         self.limits.validate(&mut errs);
         errs.extend(self.auto_rotation.validate());
         errs.extend(self.root_cert_configmap.validate());
+        self.federation.validate(None, &mut errs);
         let si = &self.server_identity;
         let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
         if let Err(e) =

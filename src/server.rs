@@ -47,7 +47,7 @@ use crate::{
     state::DirStore,
     telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
-    trust::{CaSnapshot, LiveCa, LiveCaError},
+    trust::{federation::FederationStatus, federation_run, CaSnapshot, LiveCa, LiveCaError},
 };
 
 /// Why the server could not start. Each names what to fix.
@@ -80,6 +80,12 @@ pub struct Running {
     pub propagation: Arc<Propagation>,
     /// Which pods' proxies meshid has seen (present when discovery is on).
     pub proxies: Option<Arc<ProxyRegistry>>,
+    /// The SPIFFE bundle endpoint's address, when `[federation.bundle_endpoint]` is set.
+    pub bundle_addr: Option<SocketAddr>,
+    /// Every federation peer's status.
+    pub federation: FederationStatus,
+    /// Wakes a peer's client to fetch its bundle now (`meshid bundle refresh`).
+    pub federation_refresh: std::collections::BTreeMap<TrustDomain, Arc<tokio::sync::Notify>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -105,8 +111,8 @@ impl Running {
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
     let store = Arc::new(DirStore::new(&cfg.state_dir));
-    let (policy, c2) = (cfg.issuance, clock.clone());
-    let live = tokio::task::spawn_blocking(move || LiveCa::load(store, policy, c2))
+    let (policy, c2, s2) = (cfg.issuance, clock.clone(), store.clone());
+    let live = tokio::task::spawn_blocking(move || LiveCa::load(s2, policy, c2))
         .await
         .expect("CA load task does not panic")?;
     let live = Arc::new(live);
@@ -152,8 +158,23 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         metrics.clone(),
     )
     .with_name_limit(cfg.xds.max_resource_names_per_stream.sds)
-    .with_propagation(Arc::default());
+    .with_propagation(Arc::default())
+    .with_merge_into_rootca(cfg.federation.merge_into_rootca);
     let propagation = sds.propagation();
+    let fed = federation_run::start(federation_run::Inputs {
+        cfg: &cfg.federation,
+        state_dir: &cfg.state_dir,
+        poll: cfg.state_poll_interval,
+        store: store.clone(),
+        live: &live,
+        serving: resolver.clone(),
+        clock: &clock,
+        metrics: &metrics,
+        stop: &stop_rx,
+    })
+    .await
+    .map_err(ServerError::Config)?;
+    tasks.extend(fed.tasks);
     let csr = CsrService::new(auth.clone(), live.subscribe(), metrics.clone());
     // Which pods' proxies hold an SDS stream or got a certificate (auto mTLS proof by proxy).
     let proxies =
@@ -293,6 +314,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         metrics: metrics.clone(),
         clock: clock.clone(),
         replica: crate::rotation::replica_name(),
+        publication_hint: cfg
+            .federation
+            .bundle_endpoint
+            .as_ref()
+            .map(|_| cfg.federation.refresh_hint),
     };
     tasks.push(tokio::spawn(schedule.run(stop_rx.clone())));
     if cfg.root_cert_configmap.enabled {
@@ -323,6 +349,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         metrics,
         propagation,
         proxies,
+        bundle_addr: fed.bundle_addr,
+        federation: fed.status,
+        federation_refresh: fed.refresh,
         stop,
         tasks,
     })

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub discovery_mismatches: Gauge,
     pub discovery_declared_without_proxy: Gauge,
     pub identity_backend_up: Family<Labels, Gauge>,
+    pub federation_refreshes: Family<Labels, Counter>,
+    pub federation_up: Family<Labels, Gauge>,
+    pub federation_sequence: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -73,6 +76,9 @@ impl Metrics {
             discovery_mismatches: Gauge::default(),
             discovery_declared_without_proxy: Gauge::default(),
             identity_backend_up: Family::default(),
+            federation_refreshes: Family::default(),
+            federation_up: Family::default(),
+            federation_sequence: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -179,6 +185,21 @@ impl Metrics {
             "meshid_discovery_declared_without_proxy",
             "Pods labelled tlsMode=istio whose proxy has not fetched a certificate from meshid",
             m.discovery_declared_without_proxy.clone(),
+        );
+        r.register(
+            "meshid_federation_refreshes",
+            "Federated bundle fetches, by trust domain and result",
+            m.federation_refreshes.clone(),
+        );
+        r.register(
+            "meshid_federation_up",
+            "1 when a federated trust domain's last bundle fetch succeeded",
+            m.federation_up.clone(),
+        );
+        r.register(
+            "meshid_federation_bundle_sequence",
+            "spiffe_sequence of the bundle held for a federated trust domain",
+            m.federation_sequence.clone(),
         );
         Self { registry: r, ..m }
     }

@@ -89,6 +89,8 @@ struct Shared {
     root_ids: RootIds,
     /// Told which pods' proxies hold a stream (auto mTLS proof by proxy).
     proxies: Option<Arc<crate::discovery::ProxyRegistry>>,
+    /// `federation.merge_into_rootca`: ROOTCA also holds every federated trust domain's roots.
+    merge_into_rootca: bool,
 }
 
 /// Own root ids of the latest bundle, computed once per bundle sequence for every stream.
@@ -176,6 +178,7 @@ impl SdsService {
             propagation: Arc::default(),
             root_ids: RootIds::default(),
             proxies: None,
+            merge_into_rootca: false,
         }))
     }
 
@@ -184,6 +187,15 @@ impl SdsService {
     pub fn with_propagation(mut self, registry: Arc<Propagation>) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.0) {
             shared.propagation = registry;
+        }
+        self
+    }
+
+    /// Puts federated roots into `ROOTCA` too (`federation.merge_into_rootca`), for proxies
+    /// that take a single bundle. Call before the service is shared.
+    pub fn with_merge_into_rootca(mut self, merge: bool) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.merge_into_rootca = merge;
         }
         self
     }
@@ -414,6 +426,12 @@ impl Workload {
                     ..Default::default()
                 }))
             }
+            ROOTCA if self.shared.merge_into_rootca => validation(CertificateValidationContext {
+                trusted_ca: inline(
+                    cert::to_pem_bundle(bundle.iter().flat_map(|(_, roots)| roots)).into_bytes(),
+                ),
+                ..Default::default()
+            }),
             ROOTCA => validation(CertificateValidationContext {
                 trusted_ca: inline(bundle.own_roots_pem().as_bytes().to_vec()),
                 ..Default::default()

@@ -3,6 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use rcgen::{Issuer, PublicKeyData, SignatureAlgorithm, SigningKey};
+
+use super::issuer_name::{self, DeferredKey};
 use time::OffsetDateTime;
 
 use super::{
@@ -56,7 +58,10 @@ impl IssuedCert {
 /// Issues X.509-SVIDs in one trust domain.
 pub struct Authority {
     td: TrustDomain,
-    issuer: Issuer<'static, PrivateKey>,
+    /// rcgen's view of the signer: placeholder name, deferred signature (see `issuer_name`).
+    issuer: Issuer<'static, DeferredKey>,
+    /// The signer's subject exactly as its certificate encodes it: every leaf's issuer.
+    issuer_raw: Vec<u8>,
     chain: Arc<[CertDer]>,
     roots: Arc<[CertDer]>,
     chain_not_after: OffsetDateTime,
@@ -100,12 +105,13 @@ impl Authority {
         let chain_not_after = chain_not_after(&path, &roots)?;
         let signer_is_root = roots.iter().any(|r| r.as_ref() == signer_cert.as_ref());
         let validator = LeafValidator::new(td.clone(), &signer);
-        let issuer = Issuer::from_ca_cert_der(&signer_cert, signer_key)
-            .map_err(|e| CaError::SignerInvalid(format!("signing certificate: {e}")))?;
+        let issuer_raw = signer.subject().as_raw().to_vec();
+        let issuer = issuer_name::issuer_for(&signer, signer_key);
         let chain: Vec<CertDer> = if signer_is_root { Vec::new() } else { path };
         Ok(Self {
             td,
             issuer,
+            issuer_raw,
             chain: chain.into(),
             roots: roots.into(),
             chain_not_after,
@@ -238,9 +244,10 @@ impl Authority {
         let not_after = (now + ttl).min(self.chain_not_after);
         let serial = Serial::random()?;
         let params = profile::leaf(id, dns_names, &serial, not_before, not_after, rsa_key)?;
-        let leaf = params
+        let unsigned = params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| CaError::Crypto(format!("signing failed: {e}")))?;
+        let leaf = issuer_name::finish(unsigned.der(), &self.issuer_raw, &self.issuer.key().0)?;
         let expectation = LeafExpectation {
             id,
             dns_names,
@@ -250,11 +257,11 @@ impl Authority {
             not_before,
             not_after_max: self.chain_not_after,
         };
-        self.validator.validate(leaf.der(), &expectation)?;
+        self.validator.validate(&leaf, &expectation)?;
         Ok(IssuedCert {
             id: id.clone(),
             serial,
-            leaf: leaf.der().clone(),
+            leaf,
             chain: self.chain.clone(),
             roots: self.roots.clone(),
             not_before,

@@ -54,7 +54,7 @@ pub fn verify_ca_chain(
     roots: &[CertDer],
     at: OffsetDateTime,
 ) -> Result<(), String> {
-    let roots = roots
+    let roots_p = roots
         .iter()
         .map(|r| parsed(r, "root"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -68,15 +68,18 @@ pub fn verify_ca_chain(
     let mut rest = &chain_p[1..];
     for _ in 0..=chain_p.len() {
         check_time(current, at)?;
-        if roots.iter().any(|r| r.as_raw() == current.as_raw()) {
-            return Ok(()); // reached a trusted root itself
+        if roots_p.iter().any(|r| r.as_raw() == current.as_raw()) {
+            return check_path_len(&chain[..chain.len() - rest.len()]); // reached a trusted root itself
         }
-        if let Some(root) = roots
+        if let Some(i) = roots_p
             .iter()
-            .find(|r| r.subject() == current.issuer() && signed_by(current, r).is_ok())
+            .position(|r| r.subject() == current.issuer() && signed_by(current, r).is_ok())
         {
-            check_issuer_is_ca(root)?;
-            return check_time(root, at);
+            check_issuer_is_ca(&roots_p[i])?;
+            check_time(&roots_p[i], at)?;
+            let mut path = chain[..chain.len() - rest.len()].to_vec();
+            path.push(roots[i].clone());
+            return check_path_len(&path);
         }
         let Some((next, tail)) = rest.split_first() else {
             return Err(format!(
@@ -98,6 +101,139 @@ pub fn verify_ca_chain(
         rest = tail;
     }
     Err("chain is too long".into())
+}
+
+/// The deepest path meshid builds: signer, intermediates, root.
+const MAX_PATH: usize = 8;
+
+/// Builds the path from `signer` (a CA certificate) to one of `roots` through `pool`, as Go's
+/// `x509.Certificate.Verify` does for istiod: the pool is unordered, every candidate issuer
+/// (by name, then by signature) is tried, and certificates not on the path are ignored.
+/// Returns the intermediates on the path, the signer's issuer first. Every link is checked
+/// (CA with keyCertSign, valid at `at`), and so are path length constraints on every CA of
+/// the path, the root's included.
+pub fn build_ca_path(
+    signer: &CertDer,
+    pool: &[CertDer],
+    roots: &[CertDer],
+    at: OffsetDateTime,
+) -> Result<Vec<CertDer>, String> {
+    let mut path = vec![signer.clone()];
+    let mut last_err = None;
+    if extend_path(&mut path, pool, roots, at, &mut last_err) {
+        // signer, intermediates, root (the signer alone when it is the root).
+        path.remove(0);
+        path.pop();
+        return Ok(path);
+    }
+    Err(last_err.unwrap_or_else(|| {
+        let s = parsed(signer, "signing certificate")
+            .map(|p| {
+                format!(
+                    "{:?} (issuer {:?})",
+                    p.subject().to_string(),
+                    p.issuer().to_string()
+                )
+            })
+            .unwrap_or_default();
+        format!("no root in the bundle, and no certificate in the chain, issued {s}")
+    }))
+}
+
+/// Depth-first: true when `path` (signer first) was completed up to a root; on false, `path`
+/// is as it was and `last_err` holds the most specific reason a candidate was refused.
+fn extend_path(
+    path: &mut Vec<CertDer>,
+    pool: &[CertDer],
+    roots: &[CertDer],
+    at: OffsetDateTime,
+    last_err: &mut Option<String>,
+) -> bool {
+    let tip = path.last().expect("path starts with the signer").clone();
+    let Ok(tip_p) = parsed(&tip, "chain") else {
+        return false;
+    };
+    if let Err(e) = check_time(&tip_p, at) {
+        *last_err = Some(e);
+        return false;
+    }
+    for root in roots {
+        if root.as_ref() == tip.as_ref() {
+            return check_path_len(path)
+                .map_err(|e| *last_err = Some(e))
+                .is_ok();
+        }
+    }
+    for root in roots {
+        let Ok(rp) = parsed(root, "root") else {
+            continue;
+        };
+        if rp.subject() != tip_p.issuer() {
+            continue;
+        }
+        if let Err(e) = signed_by(&tip_p, &rp) {
+            *last_err = Some(e);
+            continue;
+        }
+        path.push(root.clone());
+        let ok = check_issuer_is_ca(&rp)
+            .and_then(|_| check_time(&rp, at))
+            .and_then(|_| check_path_len(path));
+        match ok {
+            Ok(()) => return true,
+            Err(e) => *last_err = Some(e),
+        }
+        path.pop();
+    }
+    if path.len() >= MAX_PATH {
+        *last_err = Some(format!("no path to a root within {MAX_PATH} certificates"));
+        return false;
+    }
+    for candidate in pool {
+        let seen = path
+            .iter()
+            .chain(roots)
+            .any(|c| c.as_ref() == candidate.as_ref());
+        if seen {
+            continue;
+        }
+        let Ok(cp) = parsed(candidate, "chain") else {
+            continue;
+        };
+        if cp.subject() != tip_p.issuer() {
+            continue;
+        }
+        if let Err(e) = signed_by(&tip_p, &cp).and_then(|_| check_issuer_is_ca(&cp)) {
+            *last_err = Some(e);
+            continue;
+        }
+        path.push(candidate.clone());
+        if extend_path(path, pool, roots, at, last_err) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// RFC 5280 4.2.1.9 over a whole path (signer first, root last): a CA certificate with
+/// `pathlen:n` may have at most n CA certificates below it, the signer counting as none
+/// (it issues only leaves). Go's verifier applies this to the root as well.
+pub fn check_path_len(path: &[CertDer]) -> Result<(), String> {
+    for (below, c) in path.iter().enumerate() {
+        let p = parsed(c, "chain")?;
+        if let Ok(Some(bc)) = p.basic_constraints() {
+            if let Some(max) = bc.value.path_len_constraint {
+                if below > max as usize {
+                    return Err(format!(
+                        "{:?} allows {max} CA certificate(s) below it (pathlen:{max}), but the path puts {below} there",
+                        p.subject().to_string()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Which of `roots` anchors `c`: the root that is `c` itself, or the root whose subject is

@@ -111,7 +111,7 @@ fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Publi
             algorithm: format!("rsa-{bits} (above {MAX_RSA_BITS} bits)"),
         }),
         PublicKeyKind::Rsa { .. } => Ok(kind),
-        PublicKeyKind::Other => Err(CaError::CsrKeyUnsupported {
+        PublicKeyKind::EcdsaP521 | PublicKeyKind::Other => Err(CaError::CsrKeyUnsupported {
             algorithm: kind.name(spki),
         }),
     }

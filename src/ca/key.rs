@@ -106,9 +106,14 @@ impl PrivateKey {
                 .ok_or_else(|| bad("SEC1 EC key without curve parameters".into()))?,
             _ => return Err(bad("unsupported private key encoding".into())),
         });
+        if contains(&pkcs8, OID_SECP521R1) {
+            return Err(bad("P-521 keys cannot be used: ring, meshid's only crypto library, cannot sign or verify with P-521; use P-256, P-384 or RSA 2048-8192".into()));
+        }
         let pair = KeyPair::try_from(&PrivatePkcs8KeyDer::from(pkcs8.as_slice())).map_err(|e| {
+            // ring signs with RSA keys of 2048, 3072 or 4096 bits only (primes a multiple of
+            // 512 bits); certificates in a chain may still hold RSA keys up to 8192 bits.
             bad(format!(
-                "not a usable ECDSA P-256/P-384 or RSA 2048-8192 key ({e})"
+                "not a usable signing key ({e}): meshid signs with ECDSA P-256/P-384 or RSA of 2048, 3072 or 4096 bits (ring's limits); chain certificates may hold RSA keys up to 8192 bits"
             ))
         })?;
         let key_type =
@@ -140,6 +145,13 @@ impl PrivateKey {
     pub(crate) fn signer(&self) -> &KeyPair {
         &self.pair
     }
+}
+
+/// The DER of the secp521r1 curve OID (1.3.132.0.35).
+const OID_SECP521R1: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn key_type_of(pair: &KeyPair) -> Option<KeyType> {

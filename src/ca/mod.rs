@@ -7,6 +7,7 @@ pub mod chain;
 pub mod csr;
 pub(crate) mod der;
 mod error;
+mod issuer_name;
 mod key;
 pub mod plugin;
 mod policy;

@@ -33,9 +33,17 @@ pub(crate) fn signing_cert_problem(c: &X509Certificate<'_>) -> Option<String> {
 /// Loads and checks a plug-in CA directory. Refuses, naming the problem, an incomplete set,
 /// a key that does not match its certificate, a signing cert that is not a CA, or a chain
 /// that does not verify to the root at `now`.
+///
+/// The acceptance rules are istiod's (`pilot/pkg/bootstrap/istio_ca.go` detectSigningCABundle,
+/// `security/pkg/pki/util/keycertbundle.go` Verify): `tls.crt` wins when both layouts are
+/// present; an empty `cert-chain.pem` means no intermediates; the chain files are an
+/// unordered pool from which the path to a root is built, and what is not on it is ignored.
 pub fn load_plugin_dir(dir: &Path, now: OffsetDateTime) -> Result<SigningMaterial, CaError> {
     let has = |f: &str| dir.join(f).is_file();
-    let (cert_f, key_f, root_f, chain_f) = if ISTIO_FILES.iter().any(|f| has(f)) {
+    let (cert_f, key_f, root_f, chain_f) = if has(TLS_FILES[0]) {
+        require(dir, &TLS_FILES)?;
+        ("tls.crt", "tls.key", "ca.crt", None)
+    } else if ISTIO_FILES.iter().any(|f| has(f)) {
         require(dir, &ISTIO_FILES)?;
         (
             "ca-cert.pem",
@@ -62,24 +70,17 @@ pub fn load_plugin_dir(dir: &Path, now: OffsetDateTime) -> Result<SigningMateria
     let roots = cert::certs_from_pem(&read(root_f)?, root_f)?;
     let signer_key = PrivateKey::from_pem(&read(key_f)?, key_f)?;
     let extra = match chain_f {
-        Some(f) => cert::certs_from_pem(&read(f)?, f)?,
+        Some(f) => certs_or_empty(&read(f)?, f)?,
         None => Vec::new(),
     };
     let signer_cert = signer_chain[0].clone();
     check_signer(&signer_cert, &signer_key, cert_f, key_f)?;
-    // cert-chain.pem usually repeats ca-cert.pem and the root; keep only what lies between.
-    let mut intermediates: Vec<CertDer> = Vec::new();
-    for c in signer_chain[1..].iter().chain(extra.iter()) {
-        let known = c.as_ref() == signer_cert.as_ref()
-            || roots.iter().any(|r| r.as_ref() == c.as_ref())
-            || intermediates.iter().any(|i| i.as_ref() == c.as_ref());
-        if !known {
-            intermediates.push(c.clone());
-        }
-    }
-    let mut path = vec![signer_cert.clone()];
-    path.extend(intermediates.iter().cloned());
-    chain::verify_ca_chain(&path, &roots, now)
+    let pool: Vec<CertDer> = signer_chain[1..]
+        .iter()
+        .chain(extra.iter())
+        .cloned()
+        .collect();
+    let intermediates = chain::build_ca_path(&signer_cert, &pool, &roots, now)
         .map_err(|why| CaError::PluginChainInvalid { why })?;
     Ok(SigningMaterial {
         signer_cert,
@@ -87,6 +88,15 @@ pub fn load_plugin_dir(dir: &Path, now: OffsetDateTime) -> Result<SigningMateria
         intermediates,
         roots,
     })
+}
+
+/// The certificates of a chain file; a file with no PEM block at all (istiod writes an empty
+/// `cert-chain.pem` for self-signed CAs) is an empty chain.
+fn certs_or_empty(pem: &[u8], what: &str) -> Result<Vec<CertDer>, CaError> {
+    if pem.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    cert::certs_from_pem(pem, what)
 }
 
 fn require(dir: &Path, files: &[&str]) -> Result<(), CaError> {

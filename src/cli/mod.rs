@@ -1,5 +1,6 @@
 //! Commands: one file per subcommand; each parses, calls the library, prints.
 
+mod bundle;
 mod ca;
 mod cert;
 mod client;
@@ -31,6 +32,9 @@ enum Command {
     /// Rotate roots: status, prepare, activate, taint, revoke.
     #[command(subcommand)]
     Root(root::RootCommand),
+    /// SPIFFE federation: export, show and set trust bundles; ask for a peer's bundle now.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
     /// Issue and inspect certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -72,6 +76,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(c) => c.run(),
         Command::Root(c) => c.run(),
+        Command::Bundle(c) => c.run(),
         Command::Cert(c) => c.run(),
         Command::Token(c) => c.run(),
         Command::Dev(c) => c.run(),

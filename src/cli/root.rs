@@ -151,9 +151,18 @@ impl RootCommand {
             Self::Activate(a) => {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
+                // With --server, every connected stream must have the root (propagation).
+                // With a bundle endpoint, federated peers must have had time to fetch it.
+                let publication = a.store.federation()?.and_then(|f| {
+                    f.bundle_endpoint
+                        .map(|_| rotation::bundle_publication_gate(f.refresh_hint, ctx.now))
+                });
                 let id = a.id;
                 let servers = servers(&a.server)?;
                 let gate = |r: &RootRecord| {
+                    if let Some(published) = &publication {
+                        published(r)?;
+                    }
                     rotation::check_servers(&servers, |st| st.root_propagated(&r.id))
                 };
                 let applied = rotation::apply(&store, &ctx, |s, c| {
@@ -187,8 +196,21 @@ impl RootCommand {
 }
 
 impl StoreArgs {
+    /// The config file's `[federation]` section, when a config was given.
+    pub(super) fn federation(&self) -> anyhow::Result<Option<crate::trust::FederationConfig>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg = Config::from_toml(&text).map_err(|errs| {
+            anyhow::anyhow!("{} is invalid: {}", path.display(), errs.join("; "))
+        })?;
+        Ok(Some(cfg.federation))
+    }
+
     /// The store, and the max leaf TTL to assume.
-    fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
+    pub(super) fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
         let cfg = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -279,6 +301,10 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
         max_ttl: a.max_ttl.unwrap_or(max),
         key_type: a.key_type,
         root_ttl: a.root_ttl,
+        publication_hint: a
+            .store
+            .federation()?
+            .and_then(|f| f.bundle_endpoint.map(|_| f.refresh_hint)),
     };
     let reason = a.reason;
     let make_ctx = || {
@@ -326,16 +352,30 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let state = &v.state;
     let next = rotation::next_step(state, max_ttl, now);
     let warnings: Vec<String> = rotation::expiry_warning(state, now).into_iter().collect();
-    let roots = state
+    let mut roots = state
         .roots
         .iter()
         .map(root_json)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // With a bundle endpoint, a prepared root may sign once federated peers have fetched it.
+    if let Some(hint) = a
+        .store
+        .federation()?
+        .and_then(|f| f.bundle_endpoint.map(|_| f.refresh_hint))
+    {
+        for (r, j) in state.roots.iter().zip(roots.iter_mut()) {
+            if r.state == crate::state::RootState::Prepared {
+                j["activatable_from"] =
+                    json!(rfc3339(rotation::publication::publishable_at(r, hint)));
+            }
+        }
+    }
     let journal = state.journal_tail(JOURNAL_SHOWN);
     let server = servers(&a.server)?
         .iter()
         .map(|s| s.status().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let federation = federation_json(state, store.dir());
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -346,6 +386,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "next_step": next,
                 "warnings": warnings,
                 "servers": server,
+                "federation": federation,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
@@ -354,6 +395,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
             for st in &server {
                 print_server(st);
             }
+            print_federation(&federation);
         }
     }
     Ok(())
@@ -385,6 +427,63 @@ fn print_server(st: &rotation::RotationStatus) {
     }
     if c.laggard_count > 0 {
         println!("  behind: {}", st.laggard_names());
+    }
+}
+
+/// Every federated trust domain: what the state holds, and the server's last attempt (from the
+/// status file it keeps beside the state).
+fn federation_json(state: &CaState, dir: &std::path::Path) -> serde_json::Value {
+    let mut live = crate::trust::federation::read_status_file(dir);
+    let mut out = serde_json::Map::new();
+    for (td, b) in &state.federated {
+        let roots = b.roots().map(|r| r.len()).unwrap_or(0);
+        out.insert(
+            td.to_string(),
+            json!({
+                "roots": roots,
+                "sequence": b.sequence,
+                "updated_at": rfc3339(b.updated_at),
+                "source": b.source,
+                "client": live.remove(&td.to_string()),
+            }),
+        );
+    }
+    for (td, client) in live {
+        out.insert(td, json!({ "roots": 0, "client": client }));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn print_federation(fed: &serde_json::Value) {
+    let Some(map) = fed.as_object().filter(|m| !m.is_empty()) else {
+        return;
+    };
+    println!("federation:");
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for (td, f) in map {
+        println!(
+            "  {td}: {} root(s), sequence {}, stored {} from {}",
+            s(&f["roots"]),
+            s(&f["sequence"]),
+            s(&f["updated_at"]),
+            s(&f["source"])
+        );
+        let c = &f["client"];
+        if c.is_object() {
+            println!(
+                "    last attempt {}, last success {}, next {}",
+                s(&c["last_attempt"]),
+                s(&c["last_success"]),
+                s(&c["next_attempt"])
+            );
+            if c["last_error"].is_string() {
+                println!("    last error: {}", s(&c["last_error"]));
+            }
+        }
     }
 }
 
@@ -441,6 +540,12 @@ fn print_text(
         }
         if r["prepared_signer"].is_string() {
             println!("    prepared signer {}", s(&r["prepared_signer"]));
+        }
+        if r["activatable_from"].is_string() {
+            println!(
+                "    on the bundle endpoint; activatable without --force from {}",
+                s(&r["activatable_from"])
+            );
         }
     }
     if !journal.is_empty() {

@@ -121,6 +121,7 @@ impl ServerArgs {
                 xds: Default::default(),
                 auto_rotation: Default::default(),
                 root_cert_configmap: Default::default(),
+                federation: Default::default(),
             },
         };
         if let Some(d) = self.state_dir {

@@ -120,6 +120,9 @@ pub struct Schedule {
     pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     pub clock: std::sync::Arc<dyn crate::clock::Clock>,
     pub replica: String,
+    /// The federation refresh hint when a bundle endpoint publishes our bundle: a prepared
+    /// root is activated only once peers have had 3 hints to fetch it.
+    pub publication_hint: Option<Duration>,
 }
 
 impl Schedule {
@@ -184,7 +187,13 @@ impl Schedule {
                     tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: successor root prepared");
                 }
                 AutoStep::Activate(id) => {
+                    let published = self
+                        .publication_hint
+                        .map(|hint| super::bundle_publication_gate(hint, now));
                     let gate = |r: &crate::state::RootRecord| {
+                        if let Some(published) = &published {
+                            published(r)?;
+                        }
                         super::status_of(&self.registry, &self.live.current(), &self.replica)
                             .root_propagated(&r.id)
                     };

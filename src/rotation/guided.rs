@@ -81,6 +81,9 @@ pub struct GuidedOptions {
     pub key_type: Option<KeyType>,
     /// Lifetime of the generated root.
     pub root_ttl: Duration,
+    /// The federation refresh hint when a bundle endpoint publishes our bundle: activation
+    /// also waits until peers have had 3 hints to fetch the prepared root.
+    pub publication_hint: Option<Duration>,
 }
 
 /// How a guided rotation ended.
@@ -174,10 +177,17 @@ pub fn rotate(
                     "waiting until every connected stream has acknowledged a bundle with root {p}"
                 ));
                 wait(server, opts, |st| st.root_propagated(&p), progress)?;
+                let c = ctx()?;
+                let published = opts
+                    .publication_hint
+                    .map(|hint| super::bundle_publication_gate(hint, c.now));
                 let gate = |r: &crate::state::RootRecord| {
+                    if let Some(published) = &published {
+                        published(r)?;
+                    }
                     check_servers(server, |st| st.root_propagated(&r.id))
                 };
-                apply(store, &ctx()?, |s, c| activate(s, &p, false, &gate, c))?
+                apply(store, &c, |s, c| activate(s, &p, false, &gate, c))?
             }
             Phase::StagedSigner(sid) => {
                 let applied = apply(store, &ctx()?, |s, c| {
@@ -392,6 +402,7 @@ mod tests {
             max_ttl: Duration::from_secs(86_400),
             key_type: None,
             root_ttl: DEFAULT_ROOT_TTL,
+            publication_hint: None,
         };
         let ctx = || Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None);
         let err = rotate(&store, &NoServer, &opts, &ctx, &mut |_| {}, &mut |_| Ok(()))

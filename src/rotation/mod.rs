@@ -4,6 +4,7 @@
 mod auto;
 mod guided;
 mod propagation;
+pub mod publication;
 mod renewer;
 mod roots;
 mod schedule;
@@ -17,6 +18,7 @@ pub use propagation::{
     replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,
     LAGGARDS_SHOWN, STATUS_PATH,
 };
+pub use publication::bundle_publication_gate;
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
 pub use roots::{

@@ -76,6 +76,11 @@ impl DirStore {
         }
     }
 
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The state file's path.
     pub fn state_path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)

@@ -1,7 +1,7 @@
 //! The CA state document: roots with their lifecycle state, the signer, issued intermediates,
 //! and the rotation journal.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
@@ -304,6 +304,36 @@ pub struct CaState {
     /// Transitions, oldest first, bounded (see `JOURNAL_MAX`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub journal: Vec<JournalEntry>,
+    /// The last good bundle of every federated trust domain: a restart or a peer outage
+    /// loses no trust.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub federated: BTreeMap<TrustDomain, FederatedBundle>,
+}
+
+/// A federated trust domain's last good bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederatedBundle {
+    /// PEM of its X.509 authorities.
+    pub roots: String,
+    /// Its `spiffe_sequence`, when the bundle had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// Its `spiffe_refresh_hint`, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_hint_secs: Option<u64>,
+    /// When it was stored.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Where it came from: an endpoint URL, or `file <path>`.
+    pub source: String,
+}
+
+impl FederatedBundle {
+    /// The authorities, parsed.
+    pub fn roots(&self) -> Result<Vec<CertDer>, StateError> {
+        cert::certs_from_pem(self.roots.as_bytes(), "federated bundle")
+            .map_err(|e| StateError::Invalid(e.to_string()))
+    }
 }
 
 // === impl CaState ===
@@ -351,6 +381,14 @@ impl CaState {
                 "exactly one active root must hold signing material; found {} active, {signing} of them signing",
                 count(RootState::Active)
             )));
+        }
+        for (td, b) in &self.federated {
+            if *td == self.trust_domain {
+                return Err(StateError::Invalid(format!(
+                    "trust domain {td} is our own; it cannot also be federated"
+                )));
+            }
+            b.roots()?;
         }
         if count(RootState::Prepared) > 1 {
             return Err(StateError::Invalid(format!(
@@ -446,6 +484,7 @@ impl CaState {
             trust_domain: td,
             intermediates: Vec::new(),
             journal: Vec::new(),
+            federated: BTreeMap::new(),
         }
     }
 
@@ -480,6 +519,7 @@ impl CaState {
             roots,
             intermediates: Vec::new(),
             journal: Vec::new(),
+            federated: BTreeMap::new(),
         };
         state.validate()?;
         Ok(state)

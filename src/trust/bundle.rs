@@ -5,7 +5,8 @@ use crate::{
     spiffe::TrustDomain,
 };
 
-/// Roots per trust domain: our own (from the CA state) and, later, federated ones.
+/// Roots per trust domain: our own (from the CA state) and every federated one (its last good
+/// bundle, also from the CA state).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustBundleSet {
     own: TrustDomain,

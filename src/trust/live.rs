@@ -130,7 +130,10 @@ fn build(
     // The sequence follows the generation but never goes back or repeats, even when a
     // restored backup brings an equal or older generation.
     let sequence = v.generation.0.max(min_sequence);
-    let bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence);
+    let mut bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence);
+    for (td, fed) in &v.state.federated {
+        bundle = bundle.with_trust_domain(td.clone(), fed.roots()?);
+    }
     Ok(CaSnapshot {
         authority: Arc::new(authority),
         bundle: Arc::new(bundle),

@@ -3,8 +3,17 @@
 //! `istio-ca-root-cert` ConfigMap publisher.
 
 mod bundle;
+pub mod bundle_endpoint;
 pub mod configmap;
+pub mod federation;
+mod federation_config;
+pub mod federation_run;
 mod live;
+mod spiffe_bundle;
 
 pub use bundle::TrustBundleSet;
+pub use federation_config::{
+    poll_interval, BundleEndpointConfig, EndpointProfile, FederationConfig, PeerConfig,
+};
 pub use live::{CaSnapshot, LiveCa, LiveCaError};
+pub use spiffe_bundle::{BundleError, SpiffeBundle, DEFAULT_REFRESH_HINT};

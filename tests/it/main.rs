@@ -1,12 +1,14 @@
 //! Integration tests: one crate (one link) with a module per area.
 
 mod automtls;
+mod cacerts_istio;
 mod cli;
 mod csr_refusals;
 mod demo;
 mod deploy;
 mod discovery;
 mod fake_apiserver;
+mod federation;
 mod hardening;
 mod identity;
 mod identity_hardening;

@@ -212,6 +212,7 @@ fn opts(timeout: Duration) -> GuidedOptions {
         max_ttl: Duration::from_secs(86_400),
         key_type: None,
         root_ttl: Duration::from_secs(10 * 365 * 86_400),
+        publication_hint: None,
     }
 }
 

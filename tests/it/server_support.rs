@@ -55,8 +55,18 @@ impl TestServer {
         root_ttl: Duration,
         edit: impl FnOnce(&mut Config),
     ) -> Self {
+        Self::start_in(clock, "cluster.local", root_ttl, edit).await
+    }
+
+    /// As `start_custom`, in trust domain `td`.
+    pub async fn start_in(
+        clock: Arc<dyn Clock>,
+        td: &str,
+        root_ttl: Duration,
+        edit: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let td = TrustDomain::new("cluster.local").unwrap();
+        let td = TrustDomain::new(td).unwrap();
         let now = clock.now();
         let ca = root::generate_root(
             &td,
@@ -115,6 +125,7 @@ impl TestServer {
             xds: Default::default(),
             auto_rotation: Default::default(),
             root_cert_configmap: Default::default(),
+            federation: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();

@@ -1,0 +1,205 @@
+//! `meshid bundle ...`: export our SPIFFE bundle, show one (validated), store a peer's bundle
+//! (the https_spiffe bootstrap), and ask the server to fetch a peer's bundle now.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::root::StoreArgs;
+use crate::{
+    ca::{cert, plugin::signing_cert_problem, CertDer},
+    clock::{rfc3339, Clock, SystemClock},
+    spiffe::TrustDomain,
+    state::StateStore,
+    trust::{
+        federation::{self, Stored},
+        SpiffeBundle, DEFAULT_REFRESH_HINT,
+    },
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum BundleCommand {
+    /// Print our trust domain's bundle (every root peers should trust, prepared ones included).
+    Export(ExportArgs),
+    /// Validate a SPIFFE bundle (a file, or an https_web endpoint URL) and print its authorities.
+    Show(ShowArgs),
+    /// Store TD's bundle from FILE (SPIFFE JSON or PEM): how an https_spiffe peer is bootstrapped.
+    Set(SetArgs),
+    /// Ask the running server to fetch TD's bundle now (it picks the request up within
+    /// state_poll_interval).
+    Refresh(RefreshArgs),
+}
+
+/// Output format of `bundle export`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(super) enum Format {
+    /// The SPIFFE bundle (JWK Set).
+    #[default]
+    Spiffe,
+    /// PEM certificates.
+    Pem,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+    /// spiffe_refresh_hint to put in the bundle.
+    #[arg(long, value_parser = super::duration_arg, default_value = "5m")]
+    refresh_hint: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ShowArgs {
+    /// A bundle file, or an https:// URL of an https_web bundle endpoint.
+    source: String,
+    /// CA certificates (PEM) that validate an https_web URL (default: the system roots).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct SetArgs {
+    /// The federated trust domain.
+    trust_domain: TrustDomain,
+    /// Its bundle: SPIFFE JSON, or PEM CA certificates.
+    file: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RefreshArgs {
+    /// The federated trust domain (one of the server's `federation.peers`).
+    trust_domain: TrustDomain,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+impl BundleCommand {
+    pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Export(a) => export(a),
+            Self::Show(a) => show(a),
+            Self::Set(a) => set(a),
+            Self::Refresh(a) => refresh(a),
+        }
+        .map(|()| ExitCode::SUCCESS)
+    }
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let (store, _) = a.store.open()?;
+    let v = store.load_existing()?;
+    let roots = v.state.trusted_roots()?;
+    match a.format {
+        Format::Pem => print!("{}", cert::to_pem_bundle(&roots)),
+        Format::Spiffe => {
+            // The state generation moves on every change and survives restarts: the sequence.
+            let bundle = SpiffeBundle {
+                roots,
+                sequence: Some(v.generation.0),
+                refresh_hint: Some(a.refresh_hint),
+            };
+            println!("{}", bundle.to_json()?);
+        }
+    }
+    Ok(())
+}
+
+fn show(a: ShowArgs) -> anyhow::Result<()> {
+    let bytes = if a.source.starts_with("https://") {
+        fetch_web(&a.source, a.ca_file.as_deref())?
+    } else {
+        std::fs::read(&a.source).with_context(|| format!("reading {}", a.source))?
+    };
+    let bundle = parse_any(&bytes).with_context(|| format!("bundle {}", a.source))?;
+    println!(
+        "sequence {}  refresh hint {}",
+        bundle.sequence.map_or("-".into(), |s| s.to_string()),
+        bundle
+            .refresh_hint
+            .map_or("-".into(), |h| format!("{}s", h.as_secs()))
+    );
+    println!("{:<18} {:<22} {:<14} SUBJECT", "ID", "NOT AFTER", "KEY");
+    for r in &bundle.roots {
+        let p = cert::parse(r, "root")?;
+        let kind = crate::ca::sig::PublicKeyKind::of(p.public_key());
+        println!(
+            "{:<18} {:<22} {:<14} {}",
+            cert::fingerprint_id(r),
+            rfc3339(p.validity().not_after.to_datetime()),
+            kind.name(p.public_key()),
+            p.subject()
+        );
+    }
+    Ok(())
+}
+
+fn set(a: SetArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let bundle = parse_any(&bytes).with_context(|| format!("bundle {}", a.file.display()))?;
+    let (store, _) = a.store.open()?;
+    let source = format!("file {}", a.file.display());
+    let outcome =
+        federation::store_bundle(&store, &a.trust_domain, &bundle, &source, SystemClock.now())?;
+    match outcome {
+        Stored::Updated(g) => println!(
+            "stored {} root(s) for {} (state generation {g})",
+            bundle.roots.len(),
+            a.trust_domain
+        ),
+        Stored::Unchanged => println!("{} already holds this bundle", a.trust_domain),
+    }
+    Ok(())
+}
+
+fn refresh(a: RefreshArgs) -> anyhow::Result<()> {
+    let (store, _) = a.store.open()?;
+    let dir = store.dir().join(federation::REFRESH_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let request = dir.join(a.trust_domain.to_string());
+    std::fs::write(&request, b"").with_context(|| format!("writing {}", request.display()))?;
+    println!(
+        "asked the server to fetch {}'s bundle; see `meshid root status` for the result",
+        a.trust_domain
+    );
+    Ok(())
+}
+
+/// A SPIFFE bundle (JSON), or PEM CA certificates (no sequence, default hint).
+fn parse_any(bytes: &[u8]) -> anyhow::Result<SpiffeBundle> {
+    let text = String::from_utf8_lossy(bytes);
+    if text.trim_start().starts_with('{') {
+        return Ok(SpiffeBundle::parse(bytes)?);
+    }
+    let roots: Vec<CertDer> = cert::certs_from_pem(bytes, "PEM bundle")?;
+    for (i, r) in roots.iter().enumerate() {
+        let p = cert::parse(r, "PEM bundle")?;
+        if let Some(why) = signing_cert_problem(&p) {
+            bail!("certificate {i} is not a CA ({why}); a bundle holds CA certificates");
+        }
+    }
+    Ok(SpiffeBundle {
+        roots,
+        sequence: None,
+        refresh_hint: Some(DEFAULT_REFRESH_HINT),
+    })
+}
+
+fn fetch_web(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    let peer = crate::trust::PeerConfig {
+        trust_domain: TrustDomain::new("bundle.show").expect("a valid trust domain"),
+        url: url.to_owned(),
+        profile: crate::trust::EndpointProfile::HttpsWeb,
+        endpoint_spiffe_id: None,
+        ca_file: ca_file.map(Into::into),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(federation::fetch_web(&peer))?)
+}

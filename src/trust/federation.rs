@@ -1,0 +1,555 @@
+//! The federation client: fetches each peer's SPIFFE bundle from its endpoint, checks it, and
+//! keeps the last good one in the CA state (through the store, with compare-and-swap), so a
+//! restart or a peer outage loses no trust. A failed fetch changes nothing stored; it is
+//! visible in the peer's status and in metrics.
+//!
+//! Client rules follow SPIRE's `pkg/server/bundle/client` (https_web with Web PKI roots,
+//! https_spiffe authenticating the endpoint's SVID with the stored bundle of its trust domain;
+//! no client certificate) and the SPIFFE federation spec (poll at the refresh hint).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Limited};
+use serde::Serialize;
+use thiserror::Error;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+use x509_parser::extensions::GeneralName;
+
+use super::{
+    federation_config::{poll_interval, EndpointProfile, PeerConfig},
+    spiffe_bundle::{BundleError, SpiffeBundle},
+    CaSnapshot,
+};
+use crate::{
+    ca::{cert, CertDer},
+    clock::Clock,
+    spiffe::{SpiffeId, TrustDomain},
+    state::{FederatedBundle, Generation, StateError, StateStore},
+    telemetry::{stopping, Metrics},
+    tls::{crypto_provider, PeerPolicy, SpiffeVerifier},
+};
+
+/// The largest bundle document accepted.
+const MAX_BUNDLE_BYTES: usize = 1 << 20;
+/// A fetch that takes longer (connect, handshake, response) fails.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff after a failure: starts at the minimum poll interval, doubles, capped.
+const BACKOFF_MIN: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Why a peer's bundle was not taken. The stored bundle stays.
+#[derive(Debug, Error)]
+pub enum FederationError {
+    #[error("fetching {url}: {why}")]
+    Fetch { url: String, why: String },
+    #[error("{url} answered HTTP {status}")]
+    HttpStatus { url: String, status: u16 },
+    #[error("bundle from {url} refused: {source}")]
+    Bundle {
+        url: String,
+        #[source]
+        source: BundleError,
+    },
+    #[error("bundle from {url} holds a root of trust domain {found}, not of {expected}")]
+    WrongTrustDomain {
+        url: String,
+        expected: TrustDomain,
+        found: TrustDomain,
+    },
+    #[error("no stored bundle of {trust_domain} authenticates its https_spiffe endpoint; bootstrap it with `meshid bundle set {trust_domain} FILE`")]
+    NoBootstrapBundle { trust_domain: TrustDomain },
+    #[error("{trust_domain} is our own trust domain; it cannot be federated")]
+    OwnTrustDomain { trust_domain: TrustDomain },
+    #[error("storing the bundle: {0}")]
+    State(#[from] StateError),
+}
+
+impl FederationError {
+    /// A short, stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Fetch { .. } => "fetch",
+            Self::HttpStatus { .. } => "http_status",
+            Self::Bundle { .. } => "bundle_invalid",
+            Self::WrongTrustDomain { .. } => "wrong_trust_domain",
+            Self::NoBootstrapBundle { .. } => "no_bootstrap_bundle",
+            Self::OwnTrustDomain { .. } => "own_trust_domain",
+            Self::State(_) => "state",
+        }
+    }
+}
+
+/// What storing a bundle did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The state was written; its new generation.
+    Updated(Generation),
+    /// Same roots and sequence as stored: nothing written.
+    Unchanged,
+}
+
+/// Stores `bundle` as `td`'s last good bundle. Refuses our own trust domain, other roots with
+/// a sequence below the stored one, and a root that names another trust domain; writes only
+/// when the roots change, with
+/// compare-and-swap (retried on a concurrent writer).
+pub fn store_bundle(
+    store: &dyn StateStore,
+    td: &TrustDomain,
+    bundle: &SpiffeBundle,
+    source: &str,
+    now: OffsetDateTime,
+) -> Result<Stored, FederationError> {
+    check_trust_domain(bundle, td, source)?;
+    let roots = cert::to_pem_bundle(&bundle.roots);
+    let mut attempts = 0;
+    loop {
+        let current = store.load_existing()?;
+        if &current.state.trust_domain == td {
+            return Err(FederationError::OwnTrustDomain {
+                trust_domain: td.clone(),
+            });
+        }
+        let stored = current.state.federated.get(td);
+        // The same roots are no change, whatever the sequence: a bootstrap file exported from
+        // the peer's state can be a generation ahead of what its endpoint serves yet.
+        if stored.is_some_and(|b| b.roots == roots) {
+            return Ok(Stored::Unchanged);
+        }
+        bundle
+            .check_successor_of(stored.and_then(|b| b.sequence))
+            .map_err(|source_err| FederationError::Bundle {
+                url: source.to_owned(),
+                source: source_err,
+            })?;
+        let mut next = current.state.clone();
+        next.federated.insert(
+            td.clone(),
+            FederatedBundle {
+                roots: roots.clone(),
+                sequence: bundle.sequence,
+                refresh_hint_secs: bundle.refresh_hint.map(|h| h.as_secs()),
+                updated_at: now.replace_nanosecond(0).unwrap_or(now),
+                source: source.to_owned(),
+            },
+        );
+        next.validate()?;
+        match store.compare_and_swap(Some(current.generation), &next) {
+            Ok(g) => return Ok(Stored::Updated(g)),
+            Err(StateError::Conflict { .. }) if attempts < 3 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A root whose certificate carries a SPIFFE ID (meshid's and SPIRE's do: `spiffe://<td>`)
+/// must name `td`: a bundle served for another trust domain is refused.
+fn check_trust_domain(
+    bundle: &SpiffeBundle,
+    td: &TrustDomain,
+    url: &str,
+) -> Result<(), FederationError> {
+    for root in &bundle.roots {
+        let Ok(p) = cert::parse(root, "root") else {
+            continue;
+        };
+        let Ok(Some(san)) = p.subject_alternative_name() else {
+            continue;
+        };
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                if let Ok(id) = SpiffeId::parse(u) {
+                    if id.trust_domain() != td {
+                        return Err(FederationError::WrongTrustDomain {
+                            url: url.to_owned(),
+                            expected: td.clone(),
+                            found: id.trust_domain().clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// === status ===
+
+/// One peer's federation state, for `root status`, `bundle` commands and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    pub url: String,
+    /// Fetch attempts since the server started.
+    pub attempts: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_attempt: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_success: Option<OffsetDateTime>,
+    /// The sequence of the bundle we hold.
+    pub sequence: Option<u64>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt: Option<OffsetDateTime>,
+}
+
+/// Every peer's status, shared by the clients and the readers; also written (atomically) to
+/// a file beside the state, where `meshid root status` and `meshid bundle` read it.
+#[derive(Clone, Debug, Default)]
+pub struct FederationStatus {
+    peers: Arc<Mutex<BTreeMap<TrustDomain, PeerStatus>>>,
+    file: Option<std::path::PathBuf>,
+    /// Counts updates: readers wait on it instead of polling.
+    updates: Arc<watch::Sender<u64>>,
+}
+
+/// The status file's name in the state directory.
+pub const STATUS_FILE: &str = "federation-status.json";
+/// The directory (in the state directory) where `meshid bundle refresh TD` leaves a file named
+/// after the trust domain; the server fetches that peer's bundle at once and removes it.
+pub const REFRESH_DIR: &str = "federation-refresh";
+
+/// Reads the status file a server wrote in `state_dir` (empty if there is none).
+pub fn read_status_file(state_dir: &std::path::Path) -> BTreeMap<String, serde_json::Value> {
+    std::fs::read(state_dir.join(STATUS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+impl FederationStatus {
+    /// A status that is also written to `state_dir/federation-status.json`.
+    pub fn with_file(state_dir: &std::path::Path) -> Self {
+        Self {
+            file: Some(state_dir.join(STATUS_FILE)),
+            ..Self::default()
+        }
+    }
+
+    /// A receiver that changes on every status update (one per fetch attempt).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    /// A copy of every peer's status.
+    pub fn snapshot(&self) -> BTreeMap<TrustDomain, PeerStatus> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, td: &TrustDomain, f: impl FnOnce(&mut PeerStatus)) {
+        let mut map = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        f(map.entry(td.clone()).or_default());
+        if let Some(path) = &self.file {
+            let json = serde_json::to_vec_pretty(&*map).unwrap_or_default();
+            if let Err(e) = crate::state::write_file_atomic(path, &json, 0o644) {
+                tracing::warn!(error = %e, "federation status file not written");
+            }
+        }
+        drop(map);
+        self.updates.send_modify(|n| *n += 1);
+    }
+}
+
+// === the client ===
+
+/// One peer's poll loop, and a handle to ask it to fetch now.
+pub struct PeerClient {
+    cfg: PeerConfig,
+    store: Arc<dyn StateStore>,
+    live: watch::Receiver<Arc<CaSnapshot>>,
+    clock: Arc<dyn Clock>,
+    status: FederationStatus,
+    metrics: Arc<Metrics>,
+    web_roots: Option<Arc<rustls::RootCertStore>>,
+    refresh_now: Arc<Notify>,
+}
+
+impl PeerClient {
+    /// A client for `cfg`. For `https_web`, the roots come from `ca_file` or the system.
+    pub fn new(
+        cfg: PeerConfig,
+        store: Arc<dyn StateStore>,
+        live: watch::Receiver<Arc<CaSnapshot>>,
+        clock: Arc<dyn Clock>,
+        status: FederationStatus,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let web_roots = match cfg.profile {
+            EndpointProfile::HttpsWeb => Some(Arc::new(web_roots(&cfg)?)),
+            EndpointProfile::HttpsSpiffe => None,
+        };
+        status.update(&cfg.trust_domain, |s| s.url = cfg.url.clone());
+        Ok(Self {
+            cfg,
+            store,
+            live,
+            clock,
+            status,
+            metrics,
+            web_roots,
+            refresh_now: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Wakes the loop to fetch at once (`meshid bundle refresh`).
+    pub fn refresh_handle(&self) -> Arc<Notify> {
+        self.refresh_now.clone()
+    }
+
+    /// Polls until `stop` fires: at once, then every `poll_interval` of the peer's refresh
+    /// hint after a success, with backoff after a failure.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let td = self.cfg.trust_domain.clone();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let now = self.clock.now();
+            let result = self.refresh_once().await;
+            let labels = |result: &str| {
+                vec![
+                    ("trust_domain".to_owned(), td.to_string()),
+                    ("result".to_owned(), result.to_owned()),
+                ]
+            };
+            let wait = match &result {
+                Ok(bundle) => {
+                    backoff = BACKOFF_MIN;
+                    self.metrics
+                        .federation_refreshes
+                        .get_or_create(&labels("ok"))
+                        .inc();
+                    poll_interval(bundle.refresh_hint)
+                }
+                Err(e) => {
+                    tracing::warn!(trust_domain = %td, error = %e, "federated bundle refresh failed; the last good bundle stays");
+                    self.metrics
+                        .federation_refreshes
+                        .get_or_create(&labels(e.kind()))
+                        .inc();
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            let next = now + wait;
+            self.record(&result, now, next);
+            tokio::select! {
+                _ = self.clock.sleep_until(next) => {}
+                _ = self.refresh_now.notified() => {}
+                () = stopping(&mut stop) => return,
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        result: &Result<SpiffeBundle, FederationError>,
+        now: OffsetDateTime,
+        next: OffsetDateTime,
+    ) {
+        let td = &self.cfg.trust_domain;
+        let up = Metrics::label("trust_domain", &td.to_string());
+        self.metrics
+            .federation_up
+            .get_or_create(&up)
+            .set(result.is_ok() as i64);
+        self.status.update(td, |s| {
+            s.attempts += 1;
+            s.last_attempt = Some(now);
+            s.next_attempt = Some(next);
+            match result {
+                Ok(b) => {
+                    s.last_success = Some(now);
+                    s.sequence = b.sequence;
+                    s.last_error = None;
+                }
+                Err(e) => s.last_error = Some(e.to_string()),
+            }
+        });
+        if let Some(seq) = self.status.snapshot().get(td).and_then(|s| s.sequence) {
+            self.metrics
+                .federation_sequence
+                .get_or_create(&up)
+                .set(seq as i64);
+        }
+    }
+
+    /// Fetches, checks and stores the peer's bundle once.
+    pub async fn refresh_once(&self) -> Result<SpiffeBundle, FederationError> {
+        let url = self.cfg.url.clone();
+        let tls = self.tls_config().await?;
+        let body = tokio::time::timeout(FETCH_TIMEOUT, fetch(&url, tls))
+            .await
+            .map_err(|_| FederationError::Fetch {
+                url: url.clone(),
+                why: format!("no answer within {}s", FETCH_TIMEOUT.as_secs()),
+            })??;
+        let bundle = SpiffeBundle::parse(&body).map_err(|source| FederationError::Bundle {
+            url: url.clone(),
+            source,
+        })?;
+        let (store, td, b, now) = (
+            self.store.clone(),
+            self.cfg.trust_domain.clone(),
+            bundle.clone(),
+            self.clock.now(),
+        );
+        tokio::task::spawn_blocking(move || store_bundle(store.as_ref(), &td, &b, &url, now))
+            .await
+            .map_err(|e| FederationError::State(StateError::Invalid(e.to_string())))??;
+        Ok(bundle)
+    }
+
+    async fn tls_config(&self) -> Result<rustls::ClientConfig, FederationError> {
+        let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| FederationError::Fetch {
+                url: self.cfg.url.clone(),
+                why: e.to_string(),
+            })?;
+        let cfg = match (&self.web_roots, &self.cfg.endpoint_spiffe_id) {
+            (Some(roots), _) => builder.with_root_certificates(roots.clone()),
+            (None, Some(id)) => {
+                let roots = self.spiffe_roots(id).await?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(SpiffeVerifier::new(
+                        roots,
+                        PeerPolicy::Exact(id.clone()),
+                    ))
+            }
+            (None, None) => {
+                return Err(FederationError::Fetch {
+                    url: self.cfg.url.clone(),
+                    why: "profile https_spiffe needs endpoint_spiffe_id".into(),
+                })
+            }
+        };
+        Ok(cfg.with_no_client_auth())
+    }
+
+    /// The latest stored bundle of the endpoint ID's trust domain: read from the store (a
+    /// bundle just set or fetched counts at once), or our own roots from the live snapshot.
+    async fn spiffe_roots(&self, id: &SpiffeId) -> Result<Vec<CertDer>, FederationError> {
+        let td = id.trust_domain().clone();
+        let store = self.store.clone();
+        let t = td.clone();
+        let stored = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
+            let v = store.load_existing()?;
+            v.state.federated.get(&t).map(|b| b.roots()).transpose()
+        })
+        .await
+        .map_err(|e| FederationError::State(StateError::Invalid(e.to_string())))??;
+        let roots = match stored {
+            Some(roots) => roots,
+            None => self
+                .live
+                .borrow()
+                .bundle
+                .roots_of(&td)
+                .map(<[CertDer]>::to_vec)
+                .unwrap_or_default(),
+        };
+        if roots.is_empty() {
+            return Err(FederationError::NoBootstrapBundle { trust_domain: td });
+        }
+        Ok(roots)
+    }
+}
+
+/// Fetches an https_web endpoint's document once (for `meshid bundle show URL`).
+pub async fn fetch_web(cfg: &PeerConfig) -> Result<Vec<u8>, FederationError> {
+    let fail = |why: String| FederationError::Fetch {
+        url: cfg.url.clone(),
+        why,
+    };
+    let roots = web_roots(cfg).map_err(fail)?;
+    let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio::time::timeout(FETCH_TIMEOUT, fetch(&cfg.url, tls))
+        .await
+        .map_err(|_| fail(format!("no answer within {}s", FETCH_TIMEOUT.as_secs())))?
+}
+
+fn web_roots(cfg: &PeerConfig) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let certs = cert::certs_from_pem(&pem, &path.display().to_string())
+                .map_err(|e| e.to_string())?;
+            roots.add_parsable_certificates(certs);
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "federation peer {}: no CA certificate to validate its https_web endpoint",
+            cfg.trust_domain
+        ));
+    }
+    Ok(roots)
+}
+
+/// GET `url` over TLS with `tls`, HTTP/1.1; the body of a 200.
+async fn fetch(url: &str, tls: rustls::ClientConfig) -> Result<Vec<u8>, FederationError> {
+    let fail = |why: String| FederationError::Fetch {
+        url: url.to_owned(),
+        why,
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| fail(format!("bad URL ({e})")))?;
+    let host = uri.host().ok_or_else(|| fail("URL has no host".into()))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let name = rustls_pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| fail(format!("bad server name ({e})")))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| fail(format!("TLS: {e}")))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    let conn = tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let req = hyper::Request::get(path)
+        .header(
+            hyper::header::HOST,
+            uri.authority().map_or(host.clone(), |a| a.to_string()),
+        )
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if resp.status() != hyper::StatusCode::OK {
+        conn.abort();
+        return Err(FederationError::HttpStatus {
+            url: url.to_owned(),
+            status: resp.status().as_u16(),
+        });
+    }
+    let body = Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| fail(format!("reading the body: {e}")))?
+        .to_bytes();
+    conn.abort();
+    Ok(body.to_vec())
+}

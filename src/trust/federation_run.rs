@@ -1,0 +1,143 @@
+//! Starting federation inside the server: the bundle endpoint (if configured), one client per
+//! peer, and the watcher of `meshid bundle refresh` requests. Wiring only.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::server::ResolvesServerCert;
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+
+use super::{
+    bundle_endpoint::{self, FileCert},
+    federation::{FederationStatus, PeerClient, REFRESH_DIR},
+    FederationConfig, LiveCa,
+};
+use crate::{
+    clock::Clock,
+    spiffe::TrustDomain,
+    state::StateStore,
+    telemetry::{stopping, Metrics},
+};
+
+/// What federation needs from the server.
+pub struct Inputs<'a> {
+    pub cfg: &'a FederationConfig,
+    pub state_dir: &'a Path,
+    /// How often refresh requests are looked for (the state poll interval).
+    pub poll: Duration,
+    pub store: Arc<dyn StateStore>,
+    pub live: &'a Arc<LiveCa>,
+    /// meshid's own serving certificate: what an `https_spiffe` endpoint serves.
+    pub serving: Arc<dyn ResolvesServerCert>,
+    pub clock: &'a Arc<dyn Clock>,
+    pub metrics: &'a Arc<Metrics>,
+    pub stop: &'a watch::Receiver<bool>,
+}
+
+/// The running federation parts.
+pub struct Started {
+    pub bundle_addr: Option<SocketAddr>,
+    pub status: FederationStatus,
+    pub refresh: BTreeMap<TrustDomain, Arc<Notify>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts the endpoint and the clients; `Err` lists every problem, naming its key.
+pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
+    let own = i.live.current().authority.trust_domain().clone();
+    let mut errs = Vec::new();
+    i.cfg.validate(Some(&own), &mut errs);
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let mut tasks = Vec::new();
+    let bundle_addr = match &i.cfg.bundle_endpoint {
+        Some(e) => {
+            let resolver: Arc<dyn ResolvesServerCert> = match (&e.cert_file, &e.key_file) {
+                (Some(c), Some(k)) => Arc::new(
+                    FileCert::load(c.clone(), k.clone())
+                        .map_err(|why| vec![format!("federation.bundle_endpoint: {why}")])?,
+                ),
+                _ => i.serving.clone(),
+            };
+            let listener = tokio::net::TcpListener::bind(e.listen)
+                .await
+                .map_err(|err| {
+                    vec![format!(
+                        "federation.bundle_endpoint.listen: binding {}: {err}",
+                        e.listen
+                    )]
+                })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|err| vec![format!("federation.bundle_endpoint.listen: {err}")])?;
+            tasks.push(tokio::spawn(bundle_endpoint::serve(
+                listener,
+                resolver,
+                i.live.subscribe(),
+                i.cfg.refresh_hint,
+                i.stop.clone(),
+            )));
+            Some(addr)
+        }
+        None => None,
+    };
+    let status = FederationStatus::with_file(i.state_dir);
+    let mut refresh = BTreeMap::new();
+    for peer in &i.cfg.peers {
+        let client = PeerClient::new(
+            peer.clone(),
+            i.store.clone(),
+            i.live.subscribe(),
+            i.clock.clone(),
+            status.clone(),
+            i.metrics.clone(),
+        )
+        .map_err(|why| vec![why])?;
+        refresh.insert(peer.trust_domain.clone(), client.refresh_handle());
+        tasks.push(tokio::spawn(client.run(i.stop.clone())));
+    }
+    if !refresh.is_empty() {
+        tasks.push(tokio::spawn(refresh_requests(
+            i.state_dir.join(REFRESH_DIR),
+            refresh.clone(),
+            i.poll,
+            i.stop.clone(),
+        )));
+    }
+    Ok(Started {
+        bundle_addr,
+        status,
+        refresh,
+        tasks,
+    })
+}
+
+/// Wakes a peer's client when `meshid bundle refresh TD` left a request file for it.
+async fn refresh_requests(
+    dir: PathBuf,
+    peers: BTreeMap<TrustDomain, Arc<Notify>>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            () = stopping(&mut stop) => return,
+        }
+        for (td, notify) in &peers {
+            if std::fs::remove_file(dir.join(td.to_string())).is_ok() {
+                tracing::info!(trust_domain = %td, "bundle refresh requested");
+                notify.notify_one();
+            }
+        }
+    }
+}
