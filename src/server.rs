@@ -470,61 +470,41 @@ async fn discovery_gauges(
 
 type TlsConn = Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
-/// Accepts TCP connections and completes TLS handshakes off the accept loop. At most
-/// `max_connections` are open (handshaking or established); at the cap the loop stops
-/// accepting, so further clients wait in the kernel's backlog. Accept errors from resource
-/// exhaustion (EMFILE) back off instead of spinning.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    limits: &config::Limits,
-    mut stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let handshake_timeout = limits.tls_handshake_timeout;
-    tokio::spawn(async move {
-        let mut backoff = AcceptBackoff::default();
-        loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = stopping(&mut stop) => return,
-            };
-            let tcp = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((tcp, _)) => { backoff.reset(); tcp }
-                    Err(e) => { backoff.wait(&e, "gRPC").await; continue; }
-                },
-                () = stopping(&mut stop) => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx
-                            .send(Ok(Limited {
-                                io: tls,
-                                _permit: permit,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+/// A listener the accept loop can take connections from.
+trait Accept: Send + 'static {
+    type Conn: Send + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
 }
 
-/// Accepts Unix-socket connections, at most `max_connections` open at once.
-fn unix_incoming(
-    listener: tokio::net::UnixListener,
+impl Accept for TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+/// Accepts connections while fewer than `max_connections` are open: at the cap the loop stops
+/// accepting, so further clients wait in the kernel's backlog. Accept errors from resource
+/// exhaustion (EMFILE) back off instead of spinning. `handle` takes each connection with its
+/// slot; it returns false when nobody takes connections any more.
+fn spawn_accept_loop<L, F, Fut>(
+    listener: L,
     max_connections: usize,
+    what: &'static str,
     mut stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<Limited<tokio::net::UnixStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    mut handle: F,
+) where
+    L: Accept,
+    F: FnMut(L::Conn, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
@@ -534,21 +514,79 @@ fn unix_incoming(
                 () = stopping(&mut stop) => return,
             };
             let conn = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((conn, _)) => { backoff.reset(); conn }
-                    Err(e) => { backoff.wait(&e, "Unix socket").await; continue; }
+                r = listener.accept_one() => match r {
+                    Ok(conn) => { backoff.reset(); conn }
+                    Err(e) => { backoff.wait(&e, what).await; continue; }
                 },
                 () = stopping(&mut stop) => return,
             };
-            let limited = Limited {
-                io: conn,
-                _permit: permit,
-            };
-            if tx.send(Ok(limited)).await.is_err() {
+            if !handle(conn, permit).await {
                 return;
             }
         }
     });
+}
+
+/// Accepts TCP connections (at most `limits.max_connections`) and completes TLS handshakes off
+/// the accept loop, each within `limits.tls_handshake_timeout`.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    limits: &config::Limits,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let handshake_timeout = limits.tls_handshake_timeout;
+    spawn_accept_loop(
+        listener,
+        limits.max_connections,
+        "gRPC",
+        stop,
+        move |tcp, permit| {
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let limited = Limited {
+                            io: tls,
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(limited)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+            std::future::ready(true)
+        },
+    );
+    ReceiverStream::new(rx)
+}
+
+/// Accepts Unix-socket connections, at most `max_connections` open at once.
+fn unix_incoming(
+    listener: tokio::net::UnixListener,
+    max_connections: usize,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<Limited<tokio::net::UnixStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    spawn_accept_loop(
+        listener,
+        max_connections,
+        "Unix socket",
+        stop,
+        move |conn, permit| {
+            let tx = tx.clone();
+            async move {
+                let limited = Limited {
+                    io: conn,
+                    _permit: permit,
+                };
+                tx.send(Ok(limited)).await.is_ok()
+            }
+        },
+    );
     ReceiverStream::new(rx)
 }
 

@@ -16,12 +16,10 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::{
-    extensions::transport_sockets::tls::v3::{secret, Secret, SpiffeCertValidatorConfig},
-    service::discovery::v3::DiscoveryRequest,
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    secret, Secret, SpiffeCertValidatorConfig,
 };
 use meshid::{
-    api::SECRET_TYPE_URL,
     ca::{cert, root, CertDer, KeyType},
     clock::{Clock, ManualClock},
     rotation::{self, Candidate, Ctx},
@@ -39,7 +37,7 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::server_support::{now, secrets, tls_cert, TestServer};
+use crate::server_support::{now, sds_req, secrets, tls_cert, TestServer};
 use crate::support::meshid;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -158,16 +156,6 @@ async fn wait_roots(r: &Running, td: &str, n: usize) {
     .await
     .unwrap_or_else(|_| panic!("{td} never had {n} root(s) in the live bundle"))
     .unwrap();
-}
-
-fn sds_req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        response_nonce: nonce.into(),
-        version_info: version.into(),
-        type_url: SECRET_TYPE_URL.into(),
-        ..Default::default()
-    }
 }
 
 /// A workload's credentials as its proxy gets them over SDS: `default` and `ALL`.

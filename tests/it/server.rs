@@ -23,19 +23,9 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use crate::server_support::*;
+use crate::server_support::{sds_req as req, *};
 
 const TYPE: &str = meshid::api::SECRET_TYPE_URL;
-
-fn req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        response_nonce: nonce.into(),
-        version_info: version.into(),
-        type_url: TYPE.into(),
-        ..Default::default()
-    }
-}
 
 /// An open StreamSecrets stream: send requests, receive responses.
 struct Sds {

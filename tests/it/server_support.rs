@@ -6,7 +6,7 @@ use envoy_types::pb::envoy::{
     config::core::v3::data_source::Specifier,
     extensions::transport_sockets::tls::v3::{secret, Secret},
     service::{
-        discovery::v3::DiscoveryResponse,
+        discovery::v3::{DiscoveryRequest, DiscoveryResponse},
         secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
     },
 };
@@ -191,6 +191,17 @@ pub fn bearer(token: Option<String>) -> BearerFn {
         }
         Ok(req)
     })
+}
+
+/// A StreamSecrets request for `names`, ACKing `nonce` at `version` (empty for the first).
+pub fn sds_req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        version_info: version.into(),
+        type_url: meshid::api::SECRET_TYPE_URL.into(),
+        ..Default::default()
+    }
 }
 
 /// The secrets in a response, by name.
