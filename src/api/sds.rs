@@ -421,7 +421,11 @@ impl Workload {
         // (`sdsservice.go` toEnvoySecret), `only_verify_leaf_cert_crl` left false as Istio
         // does. Envoy then wants a CRL from every CA of a peer's chain, so a context that
         // also trusts federated roots (whose CAs have none here) carries no CRL.
-        let crl = || bundle.own_crl_pem().and_then(|c| inline(c.as_bytes().to_vec()));
+        let crl = || {
+            bundle
+                .own_crl_pem()
+                .and_then(|c| inline(c.as_bytes().to_vec()))
+        };
         let own_only_crl = || {
             if bundle.iter().count() == 1 {
                 crl()

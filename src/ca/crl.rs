@@ -99,7 +99,12 @@ pub fn check_crls(
             .iter()
             .position(|c| issued(&crl, c))
             .map(Signer::Path)
-            .or_else(|| roots_p.iter().position(|c| issued(&crl, c)).map(|_| Signer::OtherRoot))
+            .or_else(|| {
+                roots_p
+                    .iter()
+                    .position(|c| issued(&crl, c))
+                    .map(|_| Signer::OtherRoot)
+            })
             .ok_or_else(|| {
                 refuse(format!(
                     "{which} is not signed by a CA certificate of the imported chain or roots"
