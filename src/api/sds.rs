@@ -417,6 +417,22 @@ impl Workload {
         let validation =
             |ctx: CertificateValidationContext| Some(secret::Type::ValidationContext(ctx));
         let bundle = &self.snapshot.bundle;
+        // The plug-in CA's CRLs (`ca-crl.pem`), as istio-agent puts them into ROOTCA
+        // (`sdsservice.go` toEnvoySecret), `only_verify_leaf_cert_crl` left false as Istio
+        // does. Envoy then wants a CRL from every CA of a peer's chain, so a context that
+        // also trusts federated roots (whose CAs have none here) carries no CRL.
+        let crl = || {
+            bundle
+                .own_crl_pem()
+                .and_then(|c| inline(c.as_bytes().to_vec()))
+        };
+        let own_only_crl = || {
+            if bundle.iter().count() == 1 {
+                crl()
+            } else {
+                None
+            }
+        };
         let r#type = match name {
             DEFAULT => {
                 let c = self.leaf()?;
@@ -430,10 +446,12 @@ impl Workload {
                 trusted_ca: inline(
                     cert::to_pem_bundle(bundle.iter().flat_map(|(_, roots)| roots)).into_bytes(),
                 ),
+                crl: own_only_crl(),
                 ..Default::default()
             }),
             ROOTCA => validation(CertificateValidationContext {
                 trusted_ca: inline(bundle.own_roots_pem().as_bytes().to_vec()),
+                crl: crl(),
                 ..Default::default()
             }),
             ALL => {
@@ -450,6 +468,7 @@ impl Workload {
                     trust_bundles: None,
                 };
                 validation(CertificateValidationContext {
+                    crl: own_only_crl(),
                     custom_validator_config: Some(TypedExtensionConfig {
                         name: SPIFFE_VALIDATOR.into(),
                         typed_config: Some(pack_any(config)),

@@ -68,7 +68,7 @@ pub fn to_pem_bundle<'a>(certs: impl IntoIterator<Item = &'a CertDer>) -> String
     certs.into_iter().map(|c| to_pem(c)).collect()
 }
 
-fn base64_encode(input: &[u8]) -> String {
+pub(crate) fn base64_encode(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {

@@ -54,6 +54,9 @@ pub enum CaError {
     #[error("{what} is not a CA certificate ({why}); a signing certificate needs CA:true and keyCertSign")]
     PluginNotCa { what: String, why: String },
 
+    #[error("CRL file {file} is refused: {why}")]
+    CrlInvalid { file: String, why: String },
+
     // --- the authority itself ---
     #[error("signing material is inconsistent: {0}")]
     SignerInvalid(String),

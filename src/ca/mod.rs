@@ -4,6 +4,7 @@
 mod authority;
 pub mod cert;
 pub mod chain;
+pub mod crl;
 pub mod csr;
 pub(crate) mod der;
 mod error;

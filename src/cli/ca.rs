@@ -96,7 +96,10 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     let state = match &a.from_plugin {
         Some(dir) => {
             let material = plugin::load_plugin_dir(dir, now)?;
-            CaState::from_plugin(a.trust_domain.clone(), &material, now)?
+            let crl = crate::ca::crl::load_plugin_crl(dir, &material, now)?;
+            let mut state = CaState::from_plugin(a.trust_domain.clone(), &material, now)?;
+            state.crl = crl;
+            state
         }
         None => {
             let ca = root::generate_root(&a.trust_domain, a.key_type, a.root_ttl, now)?;

@@ -254,15 +254,25 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
     let ctx = ctx(a.reason)?;
     let (store, _) = a.store.open()?;
     let current = store.load_existing()?;
+    let mut crl = None;
     let candidate = match &a.from_plugin {
-        Some(dir) => Candidate::Plugin(plugin::load_plugin_dir(dir, ctx.now)?),
+        Some(dir) => {
+            let material = plugin::load_plugin_dir(dir, ctx.now)?;
+            crl = crate::ca::crl::load_plugin_crl(dir, &material, ctx.now)?;
+            Candidate::Plugin(material)
+        }
         None => {
             let key_type = a.key_type.unwrap_or(current.state.key_type);
             let td = &current.state.trust_domain;
             Candidate::Generated(root::generate_root(td, key_type, a.root_ttl, ctx.now)?)
         }
     };
-    let applied = rotation::apply(&store, &ctx, |s, c| rotation::prepare(s, candidate, c))?;
+    let applied = rotation::apply(&store, &ctx, |s, c| {
+        let mut t = rotation::prepare(s, candidate, c)?;
+        // A new ca-crl.pem adds to the stored CRLs; none keeps them (as istiod keeps its CRL).
+        t.state.crl = crate::ca::crl::merge(s.crl.as_deref(), crl.as_deref());
+        Ok(t)
+    })?;
     report(&applied)
 }
 

@@ -308,6 +308,11 @@ pub struct CaState {
     /// loses no trust.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub federated: BTreeMap<TrustDomain, FederatedBundle>,
+    /// CRLs of a plug-in CA (`ca-crl.pem`, PEM), checked at import (`ca::crl::check_crls`) and
+    /// served in the `crl` of `ROOTCA`/`ALL`. Kept when a later import brings none, as
+    /// istiod's `KeyCertBundle` keeps its CRL (`setAllFromPem` only replaces a non-empty one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
 }
 
 /// A federated trust domain's last good bundle.
@@ -485,6 +490,7 @@ impl CaState {
             intermediates: Vec::new(),
             journal: Vec::new(),
             federated: BTreeMap::new(),
+            crl: None,
         }
     }
 
@@ -520,6 +526,7 @@ impl CaState {
             intermediates: Vec::new(),
             journal: Vec::new(),
             federated: BTreeMap::new(),
+            crl: None,
         };
         state.validate()?;
         Ok(state)

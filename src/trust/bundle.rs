@@ -15,6 +15,8 @@ pub struct TrustBundleSet {
     sequence: u64,
     /// Our roots as PEM, encoded once: every CSR response and ROOTCA push carries it.
     own_pem: String,
+    /// Our plug-in CA's CRLs (`ca-crl.pem`), PEM, when it has any.
+    own_crl: Option<String>,
 }
 
 impl TrustBundleSet {
@@ -28,7 +30,19 @@ impl TrustBundleSet {
             domains,
             sequence,
             own_pem,
+            own_crl: None,
         }
+    }
+
+    /// This set, with our CA's CRLs (PEM; empty or `None` for none).
+    pub fn with_own_crl(mut self, crl: Option<String>) -> Self {
+        self.own_crl = crl.filter(|c| !c.trim().is_empty());
+        self
+    }
+
+    /// Our CA's CRLs, PEM, when it has any.
+    pub fn own_crl_pem(&self) -> Option<&str> {
+        self.own_crl.as_deref()
     }
 
     /// This set, also trusting `td` with `roots` (a federated trust domain); `td` may be our

@@ -130,7 +130,8 @@ fn build(
     // The sequence follows the generation but never goes back or repeats, even when a
     // restored backup brings an equal or older generation.
     let sequence = v.generation.0.max(min_sequence);
-    let mut bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence);
+    let mut bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence)
+        .with_own_crl(v.state.crl.clone());
     for (td, fed) in &v.state.federated {
         bundle = bundle.with_trust_domain(td.clone(), fed.roots()?);
     }

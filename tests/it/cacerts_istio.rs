@@ -624,3 +624,162 @@ fn p521_keys_and_ecdsa_sha512_signatures_are_refused_clearly() {
     let err = load(&plug).unwrap_err().to_string();
     assert!(err.contains("SHA-512") && err.contains("ring"), "{err}");
 }
+
+// === ca-crl.pem, as istiod (`keycertbundle.go` Verify; `istio_ca.go` detectSigningCABundleAndCRL) ===
+
+/// A CRL issued by CA `name` (made by [`ca`]) into `<name>-crl.pem`, revoking `revoke`'s
+/// certificates (files `<r>-cert.pem`), made with `openssl ca -gencrl` as an operator would.
+fn crl(dir: &Path, name: &str, revoke: &[&str]) {
+    let cnf = format!("{name}-ca.cnf");
+    std::fs::write(
+        dir.join(&cnf),
+        format!("[ca]\ndefault_ca = d\n[d]\ndatabase = {name}-index.txt\ndefault_md = sha256\ndefault_crl_days = 30\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join(format!("{name}-index.txt")), "").unwrap();
+    let (c, k) = (format!("{name}-cert.pem"), format!("{name}-key.pem"));
+    for r in revoke {
+        let rc = format!("{r}-cert.pem");
+        openssl(
+            &[
+                "ca", "-config", &cnf, "-cert", &c, "-keyfile", &k, "-revoke", &rc,
+            ],
+            dir,
+        );
+    }
+    let out = format!("{name}-crl.pem");
+    openssl(
+        &[
+            "ca", "-config", &cnf, "-cert", &c, "-keyfile", &k, "-gencrl", "-out", &out,
+        ],
+        dir,
+    );
+}
+
+/// root → intermediate (signer) with a `cacerts` dir in `dir/cacerts`, and CRLs of both.
+fn crl_fixture(dir: &Path) -> std::path::PathBuf {
+    ca(dir, "root", "/O=Istio/CN=Root CA", None, "CA:true");
+    ca(
+        dir,
+        "int",
+        "/O=Istio/CN=Intermediate CA",
+        Some("root"),
+        "CA:true, pathlen:0",
+    );
+    ca(dir, "other", "/O=Elsewhere/CN=Other CA", None, "CA:true");
+    ca(
+        dir,
+        "sib",
+        "/O=Istio/CN=Sibling CA",
+        Some("root"),
+        "CA:true",
+    );
+    let out = dir.join("cacerts");
+    cacerts(dir, &out, "int", "root", &["int", "root"]);
+    out
+}
+
+fn import(plugin: &Path, state: &Path) -> std::process::Output {
+    meshid(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--from-plugin",
+        plugin.to_str().unwrap(),
+    ])
+}
+
+fn written(state: &Path) -> usize {
+    std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn ca_crl_pem_from_openssl_is_imported_into_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = crl_fixture(dir.path());
+    // The root revokes a sibling CA (not on our path): accepted, as istiod accepts it.
+    crl(dir.path(), "root", &["sib"]);
+    crl(dir.path(), "int", &[]);
+    let pem = read(dir.path(), "int-crl.pem") + &read(dir.path(), "root-crl.pem");
+    std::fs::write(plugin.join("ca-crl.pem"), &pem).unwrap();
+    let state = dir.path().join("state");
+    let o = import(&plugin, &state);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: String = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert_eq!(doc.matches("BEGIN X509 CRL").count(), 2, "{doc}");
+}
+
+#[test]
+fn ca_crl_pem_refusals_name_the_file_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = crl_fixture(dir.path());
+    crl(dir.path(), "int", &[]);
+    crl(dir.path(), "other", &[]);
+    let int_crl = read(dir.path(), "int-crl.pem");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unparseable",
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n".into(),
+            "does not parse",
+        ),
+        (
+            "wrong signer",
+            int_crl.clone() + &read(dir.path(), "other-crl.pem"),
+            "not signed by a CA certificate",
+        ),
+        // Envoy (only_verify_leaf_cert_crl false) needs the root's CRL too; istiod's Verify
+        // refuses the same file ("missing CRL signed by certificates").
+        ("root's CRL missing", int_crl.clone(), "no CRL from"),
+    ];
+    for (case, pem, why) in cases {
+        std::fs::write(plugin.join("ca-crl.pem"), pem).unwrap();
+        let state = dir.path().join(format!("state-{}", case.replace(' ', "-")));
+        let o = import(&plugin, &state);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case}: accepted");
+        assert!(
+            err.contains("ca-crl.pem") && err.contains(why),
+            "{case}: {err}"
+        );
+        assert_eq!(written(&state), 0, "{case}: something was written");
+    }
+    // The root revokes our own signing intermediate: every leaf would be refused by peers.
+    crl(dir.path(), "root", &["int"]);
+    std::fs::write(
+        plugin.join("ca-crl.pem"),
+        int_crl.clone() + &read(dir.path(), "root-crl.pem"),
+    )
+    .unwrap();
+    let state = dir.path().join("state-revoked");
+    let o = import(&plugin, &state);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("revokes"), "{err}");
+    assert_eq!(written(&state), 0);
+}
+
+#[test]
+fn an_expired_ca_crl_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = crl_fixture(dir.path());
+    crl(dir.path(), "root", &[]);
+    crl(dir.path(), "int", &[]);
+    let pem = read(dir.path(), "int-crl.pem") + &read(dir.path(), "root-crl.pem");
+    let m = load(&plugin).unwrap();
+    let now = OffsetDateTime::now_utc();
+    meshid::ca::crl::check_crls(pem.as_bytes(), "ca-crl.pem", &m, now).unwrap();
+    // default_crl_days = 30: past nextUpdate 31 days on.
+    let later = now + time::Duration::days(31);
+    let err = meshid::ca::crl::check_crls(pem.as_bytes(), "ca-crl.pem", &m, later)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ca-crl.pem") && err.contains("nextUpdate"),
+        "{err}"
+    );
+}
