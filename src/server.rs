@@ -330,12 +330,18 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         let client = kube_client(rc.kubeconfig.as_deref())
             .await
             .map_err(|why| ServerError::Config(vec![format!("root_cert_configmap: {why}")]))?;
-        tasks.push(tokio::spawn(crate::trust::configmap::publish(
-            client,
-            selector,
-            live.subscribe(),
-            stop_rx.clone(),
-        )));
+        for doc in [
+            crate::trust::configmap::ROOT_CERT,
+            crate::trust::configmap::CA_CRL,
+        ] {
+            tasks.push(tokio::spawn(crate::trust::configmap::publish_document(
+                client.clone(),
+                selector.clone(),
+                live.subscribe(),
+                doc,
+                stop_rx.clone(),
+            )));
+        }
     }
     tasks.push(tokio::spawn(
         live.clone().watch_store(cfg.state_poll_interval, stop_rx),

@@ -27,6 +27,31 @@ use super::CaSnapshot;
 pub const CONFIGMAP_NAME: &str = "istio-ca-root-cert";
 /// The data key (istiod `CACertNamespaceConfigMapDataName`).
 pub const DATA_KEY: &str = "root-cert.pem";
+
+/// One ConfigMap the publisher keeps in every selected namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Document {
+    pub name: &'static str,
+    pub key: &'static str,
+    /// The content from a CA snapshot; `None`: nothing to publish (nothing is written).
+    pub content: fn(&CaSnapshot) -> Option<String>,
+}
+
+/// `istio-ca-root-cert`: every trusted root of the own trust domain, concatenated.
+pub const ROOT_CERT: Document = Document {
+    name: CONFIGMAP_NAME,
+    key: DATA_KEY,
+    content: |s| Some(s.bundle.own_roots_pem().to_owned()),
+};
+
+/// `istio-ca-crl` (key `ca-crl.pem`): the plug-in CA's CRLs, as istiod publishes them beside
+/// the roots (`namespacecontroller.go` `reconcileCACertAndCRL`, `PILOT_CRL_CONFIGMAP`); only
+/// when the CA has a `ca-crl.pem`.
+pub const CA_CRL: Document = Document {
+    name: "istio-ca-crl",
+    key: "ca-crl.pem",
+    content: |s| s.bundle.own_crl_pem().map(str::to_owned),
+};
 /// The label istiod puts on it.
 pub const LABEL: (&str, &str) = ("istio.io/config", "true");
 /// Namespaces istiod never writes to (`inject.IgnoredNamespaces`).
@@ -130,11 +155,22 @@ impl Selector {
     }
 }
 
-/// Runs the publisher until `stop` fires.
+/// Runs the `istio-ca-root-cert` publisher until `stop` fires.
 pub async fn publish(
     client: kube::Client,
     selector: Selector,
+    live: watch::Receiver<Arc<CaSnapshot>>,
+    stop: watch::Receiver<bool>,
+) {
+    publish_document(client, selector, live, ROOT_CERT, stop).await
+}
+
+/// Runs the publisher of `doc` until `stop` fires.
+pub async fn publish_document(
+    client: kube::Client,
+    selector: Selector,
     mut live: watch::Receiver<Arc<CaSnapshot>>,
+    doc: Document,
     mut stop: watch::Receiver<bool>,
 ) {
     let (notify, mut changes) = mpsc::channel::<()>(1);
@@ -144,7 +180,7 @@ pub async fn publish(
     if !selector.0.is_empty() {
         ns_cfg = ns_cfg.labels(&selector.to_query());
     }
-    let cm_cfg = watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP_NAME}"));
+    let cm_cfg = watcher::Config::default().fields(&format!("metadata.name={}", doc.name));
     let watchers = [
         run_watcher(
             Api::<Namespace>::all(client.clone()),
@@ -157,8 +193,13 @@ pub async fn publish(
     let mut pending = true;
     loop {
         if pending {
-            let pem = live.borrow_and_update().bundle.own_roots_pem().to_owned();
-            pending = !reconcile_all(&client, &selector, &namespaces, &configmaps, &pem).await;
+            let content = (doc.content)(&live.borrow_and_update());
+            pending = match content {
+                Some(pem) => {
+                    !reconcile_all(&client, &selector, &namespaces, &configmaps, doc, &pem).await
+                }
+                None => false,
+            };
         }
         let retry = async {
             if pending {
@@ -217,6 +258,7 @@ async fn reconcile_all(
     selector: &Selector,
     namespaces: &reflector::Store<Namespace>,
     configmaps: &reflector::Store<ConfigMap>,
+    doc: Document,
     pem: &str,
 ) -> bool {
     let mut all_ok = true;
@@ -232,44 +274,49 @@ async fn reconcile_all(
         }
         let cached = configmaps.state().into_iter().find(|c| {
             c.metadata.namespace.as_deref() == Some(name)
-                && c.metadata.name.as_deref() == Some(CONFIGMAP_NAME)
+                && c.metadata.name.as_deref() == Some(doc.name)
         });
-        if cached.as_deref().is_some_and(|c| up_to_date(c, pem)) {
+        if cached.as_deref().is_some_and(|c| up_to_date(c, doc, pem)) {
             continue;
         }
-        if let Err(e) = ensure(client, name, pem).await {
-            tracing::warn!(namespace = name, error = %e, "cannot publish {CONFIGMAP_NAME}; retrying");
+        if let Err(e) = ensure(client, name, doc, pem).await {
+            tracing::warn!(namespace = name, configmap = doc.name, error = %e, "cannot publish; retrying");
             all_ok = false;
         }
     }
     all_ok
 }
 
-fn up_to_date(cm: &ConfigMap, pem: &str) -> bool {
-    let data = cm.data.as_ref().and_then(|d| d.get(DATA_KEY));
+fn up_to_date(cm: &ConfigMap, doc: Document, pem: &str) -> bool {
+    let data = cm.data.as_ref().and_then(|d| d.get(doc.key));
     let label = cm.metadata.labels.as_ref().and_then(|l| l.get(LABEL.0));
     data.map(String::as_str) == Some(pem) && label.map(String::as_str) == Some(LABEL.1)
 }
 
 /// Creates or updates one namespace's ConfigMap from a fresh read (istiod
 /// `InsertDataToConfigMap`).
-async fn ensure(client: &kube::Client, ns: &str, pem: &str) -> Result<(), kube::Error> {
+async fn ensure(
+    client: &kube::Client,
+    ns: &str,
+    doc: Document,
+    pem: &str,
+) -> Result<(), kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    match api.get_opt(CONFIGMAP_NAME).await? {
+    match api.get_opt(doc.name).await? {
         None => {
             let cm = ConfigMap {
                 metadata: ObjectMeta {
-                    name: Some(CONFIGMAP_NAME.into()),
+                    name: Some(doc.name.into()),
                     namespace: Some(ns.into()),
                     labels: Some([(LABEL.0.into(), LABEL.1.into())].into()),
                     ..Default::default()
                 },
-                data: Some([(DATA_KEY.into(), pem.into())].into()),
+                data: Some([(doc.key.into(), pem.into())].into()),
                 ..Default::default()
             };
             match api.create(&PostParams::default(), &cm).await {
                 Ok(_) => {
-                    tracing::info!(namespace = ns, "{CONFIGMAP_NAME} created");
+                    tracing::info!(namespace = ns, configmap = doc.name, "created");
                     Ok(())
                 }
                 // Created meanwhile (the next event updates it), or the namespace is gone.
@@ -277,18 +324,17 @@ async fn ensure(client: &kube::Client, ns: &str, pem: &str) -> Result<(), kube::
                 Err(e) => Err(e),
             }
         }
-        Some(mut cm) if !up_to_date(&cm, pem) => {
+        Some(mut cm) if !up_to_date(&cm, doc, pem) => {
             cm.data
                 .get_or_insert_with(Default::default)
-                .insert(DATA_KEY.into(), pem.into());
+                .insert(doc.key.into(), pem.into());
             cm.metadata
                 .labels
                 .get_or_insert_with(Default::default)
                 .insert(LABEL.0.into(), LABEL.1.into());
             // `cm` carries the resourceVersion just read: a concurrent change is a 409.
-            api.replace(CONFIGMAP_NAME, &PostParams::default(), &cm)
-                .await?;
-            tracing::info!(namespace = ns, "{CONFIGMAP_NAME} updated");
+            api.replace(doc.name, &PostParams::default(), &cm).await?;
+            tracing::info!(namespace = ns, configmap = doc.name, "updated");
             Ok(())
         }
         Some(_) => Ok(()),

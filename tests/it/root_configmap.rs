@@ -137,3 +137,45 @@ async fn root_cert_configmap_is_published_in_every_selected_namespace_and_kept_i
     );
     server.running.shutdown().await;
 }
+
+/// A plug-in CA's `ca-crl.pem` is published as ConfigMap `istio-ca-crl` (key `ca-crl.pem`, label
+/// `istio.io/config=true`) beside the roots, as istiod's namespace controller does
+/// (`namespacecontroller.go` `reconcileCACertAndCRL`); without a CRL nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_crl_is_published_as_istio_ca_crl_when_there_is_one() {
+    let fake = FakeApiServer::start().await;
+    fake.put(namespace("shop", json!({})));
+    let kdir = tempfile::tempdir().unwrap();
+    let kubeconfig = kdir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig_yaml()).unwrap();
+    let server = TestServer::start_with(Arc::new(SystemClock), |c| {
+        c.root_cert_configmap.enabled = true;
+        c.root_cert_configmap.kubeconfig = Some(kubeconfig.clone());
+    })
+    .await;
+    eventually("the roots are published", || {
+        fake.configmap("shop", "istio-ca-root-cert").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fake.configmap("shop", "istio-ca-crl").is_none(),
+        "no CRL, no istio-ca-crl"
+    );
+    // The state gains CRLs (as `ca init|root prepare --from-plugin` store a checked ca-crl.pem).
+    let crl = "-----BEGIN X509 CRL-----\nMIIBmarker\n-----END X509 CRL-----\n";
+    let store = DirStore::new(server.state_dir());
+    let current = store.load_existing().unwrap();
+    let mut next = current.state.clone();
+    next.crl = Some(crl.into());
+    store
+        .compare_and_swap(Some(current.generation), &next)
+        .unwrap();
+    eventually("istio-ca-crl is published", || {
+        fake.configmap("shop", "istio-ca-crl").is_some_and(|c| {
+            c["data"]["ca-crl.pem"] == crl && c["metadata"]["labels"]["istio.io/config"] == "true"
+        })
+    })
+    .await;
+    server.running.shutdown().await;
+}

@@ -584,6 +584,11 @@ impl Fed {
         if let Some((td, root)) = other {
             bundle = bundle.with_trust_domain(td.clone(), vec![root.clone()]);
         }
+        self.publish_bundle(generation, bundle);
+    }
+
+    /// Publishes `bundle` with the base authority, as generation base + `generation`.
+    fn publish_bundle(&self, generation: u64, bundle: meshid::trust::TrustBundleSet) {
         self.tx.send_replace(Arc::new(CaSnapshot {
             authority: self.base.authority.clone(),
             bundle: Arc::new(bundle),
@@ -677,4 +682,65 @@ async fn a_trust_domain_leaving_the_bundle_is_dropped_from_all() {
         panic!("ALL is a validation context")
     };
     let _ = fed.stop.send(true);
+}
+
+/// The plug-in CA's `ca-crl.pem` rides in ROOTCA's validation context as istio-agent puts it
+/// there (`security/pkg/nodeagent/sds/sdsservice.go` `toEnvoySecret`: `crl` inline,
+/// `only_verify_leaf_cert_crl` left false); `ALL` carries it only while it trusts no other
+/// trust domain (with the flag false, Envoy would refuse every federated peer, whose CAs have
+/// no CRL here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootca_carries_the_ca_crl_and_a_federated_all_does_not() {
+    let fed = Fed::start().await;
+    let crl = "-----BEGIN X509 CRL-----\nMIIBmarker\n-----END X509 CRL-----\n";
+    let crl_of = |s: &Secret| {
+        let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
+            panic!("{} is not a validation context", s.name)
+        };
+        assert!(
+            !vc.only_verify_leaf_cert_crl,
+            "every CA of the chain is checked"
+        );
+        vc.crl.as_ref().map(|d| match &d.specifier {
+            Some(
+                envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b),
+            ) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("crl is not inline bytes: {other:?}"),
+        })
+    };
+    let with_crl = (*fed.base.bundle).clone().with_own_crl(Some(crl.into()));
+    fed.publish_bundle(1, with_crl.clone());
+    let mut client = fed.client().await;
+    let mut s = sotw(&mut client).await;
+    s.send(req(&["ROOTCA", "ALL"], "")).await;
+    let r = s.recv().await;
+    assert_eq!(
+        crl_of(&secret_named(&r, "ROOTCA").unwrap()).as_deref(),
+        Some(crl)
+    );
+    assert_eq!(
+        crl_of(&secret_named(&r, "ALL").unwrap()).as_deref(),
+        Some(crl)
+    );
+    s.send(req(&["ROOTCA", "ALL"], &r.nonce)).await;
+
+    let other = TrustDomain::new("other.example").unwrap();
+    let other_root = root::generate_root(
+        &other,
+        KeyType::EcdsaP256,
+        root::DEFAULT_ROOT_TTL,
+        now() - Duration::from_secs(60),
+    )
+    .unwrap();
+    fed.publish_bundle(
+        2,
+        with_crl.with_trust_domain(other, vec![other_root.cert.clone()]),
+    );
+    let r = s.recv().await;
+    let all = secret_named(&r, "ALL").expect("ALL changed");
+    assert_eq!(
+        crl_of(&all),
+        None,
+        "no CRL while another trust domain is trusted"
+    );
 }
