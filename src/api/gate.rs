@@ -42,10 +42,17 @@ impl<S: NamedService> NamedService for Gate<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// The request's headers and connection info as a body-less tonic request.
+/// What authentication reads of a request (its bearer token, `ClusterID` and connection
+/// info) as a body-less tonic request; the other headers are not copied.
 fn head_of(req: &http::Request<Body>) -> tonic::Request<()> {
     let mut head = tonic::Request::new(());
-    *head.metadata_mut() = MetadataMap::from_headers(req.headers().clone());
+    let mut headers = http::HeaderMap::with_capacity(2);
+    for name in ["authorization", super::auth::CLUSTER_ID_KEY] {
+        for v in req.headers().get_all(name) {
+            headers.append(http::HeaderName::from_static(name), v.clone());
+        }
+    }
+    *head.metadata_mut() = MetadataMap::from_headers(headers);
     if let Some(ci) = req.extensions().get::<TcpConnectInfo>() {
         head.extensions_mut().insert(ci.clone());
     }
