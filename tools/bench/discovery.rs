@@ -13,10 +13,12 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "server_proc.rs"]
+mod server_proc;
 
 use common::arg;
+use server_proc::start_server;
 use std::{
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -99,53 +101,6 @@ fn mesh(pods: usize, services: usize, namespaces: usize, flipped: bool) -> Value
     json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
-struct ServerProc(Child);
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(
-    dir: &std::path::Path,
-    issuer_dir: &std::path::Path,
-    snapshot: &std::path::Path,
-) -> (ServerProc, String) {
-    let cfg = format!(
-        "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[xds.max_resource_names_per_stream]\neds = 10\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n[discovery]\nsnapshot = {:?}\n",
-        dir.join("state"),
-        DevIssuer::jwks_path(issuer_dir),
-        snapshot
-    );
-    std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
-        .args([
-            "server",
-            "--config",
-            dir.join("meshid.toml").to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start meshid server");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .split("on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .expect("server address line")
-        .trim()
-        .to_owned();
-    (ServerProc(child), format!("https://{addr}"))
-}
-
 fn main() {
     let n_pods: usize = arg("--pods", 10_000);
     let n_services: usize = arg("--services", 1_000);
@@ -199,7 +154,15 @@ fn main() {
         None,
     )
     .unwrap();
-    let (server, grpc) = start_server(dir.path(), &issuer_dir, &snapshot);
+    let server = start_server(
+        dir.path(),
+        &issuer_dir,
+        &format!(
+            "[xds.max_resource_names_per_stream]\neds = 10\n[discovery]\nsnapshot = {snapshot:?}\n"
+        ),
+    );
+    let grpc = server.grpc.clone();
+    println!("  server: gRPC {grpc}, metrics {}/metrics", server.http);
     let token = issuer
         .token(
             &TokenRequest {
@@ -228,7 +191,7 @@ fn main() {
         let first = Arc::new(AtomicUsize::new(0));
         let pushes = Arc::new(AtomicUsize::new(0));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
-        let rss_before = rss_kib(server.0.id());
+        let rss_before = rss_kib(server.child.id());
         for i in 0..n_streams {
             let auth = BearerToken::new(&token, None).unwrap();
             let mut client = EndpointDiscoveryServiceClient::new(InterceptedService::new(
@@ -263,7 +226,7 @@ fn main() {
         while first.load(Ordering::SeqCst) < n_streams {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let rss_after = rss_kib(server.0.id());
+        let rss_after = rss_kib(server.child.id());
         println!(
             "  EDS: {n_streams} streams open; server RSS {} MiB -> {} MiB",
             rss_before / 1024,

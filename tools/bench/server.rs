@@ -15,10 +15,12 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "server_proc.rs"]
+mod server_proc;
 
 use common::arg;
+use server_proc::start_server;
 use std::{
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -55,63 +57,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-struct ServerProc {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &std::path::Path, issuer_dir: &std::path::Path) -> ServerProc {
-    let cfg = format!(
-        "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n",
-        dir.join("state"),
-        DevIssuer::jwks_path(issuer_dir)
-    );
-    std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
-        .args([
-            "server",
-            "--config",
-            dir.join("meshid.toml").to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start meshid server");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    // "meshid server: gRPC (TLS) on 127.0.0.1:PORT, HTTP on 127.0.0.1:PORT"
-    let addr = line
-        .split("on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .expect("server address line")
-        .trim()
-        .to_owned();
-    let http = line
-        .split("HTTP on ")
-        .nth(1)
-        .expect("server HTTP address")
-        .trim()
-        .to_owned();
-    ServerProc {
-        child,
-        grpc: format!("https://{addr}"),
-        http: format!("http://{http}"),
-    }
 }
 
 /// CPU seconds (user + system) the process has used.
@@ -159,7 +104,7 @@ fn main() {
         None,
     )
     .unwrap();
-    let server = start_server(dir.path(), &issuer_dir);
+    let server = start_server(dir.path(), &issuer_dir, "");
     let pid = server.child.id();
     let token = |i: usize| {
         let req = TokenRequest {
@@ -352,7 +297,7 @@ fn rotation_bench(n: usize, rt: &tokio::runtime::Runtime) {
         None,
     )
     .unwrap();
-    let server = start_server(dir.path(), &issuer_dir);
+    let server = start_server(dir.path(), &issuer_dir, "");
     let status = HttpStatus::new(&server.http).unwrap();
     let tokens: Vec<String> = (0..100)
         .map(|i| {

@@ -1,0 +1,71 @@
+//! A real `meshid server` process on 127.0.0.1 for the benchmarks that load a server.
+
+use std::process::{Child, Command, Stdio};
+
+use meshid::identity::dev_issuer::DevIssuer;
+
+/// The server process; killed when dropped.
+pub struct ServerProc {
+    pub child: Child,
+    /// `https://127.0.0.1:PORT` (gRPC over TLS).
+    pub grpc: String,
+    /// `http://127.0.0.1:PORT` (metrics, health, status).
+    pub http: String,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `meshid server` on ephemeral loopback ports with its state in `dir/state`, accepting
+/// tokens of the dev issuer in `issuer_dir`; `extra` is TOML appended to the config (tables).
+pub fn start_server(
+    dir: &std::path::Path,
+    issuer_dir: &std::path::Path,
+    extra: &str,
+) -> ServerProc {
+    let cfg = format!(
+        "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n{extra}",
+        dir.join("state"),
+        DevIssuer::jwks_path(issuer_dir)
+    );
+    std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args([
+            "server",
+            "--config",
+            dir.join("meshid.toml").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start meshid server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // "meshid server: gRPC (TLS) on 127.0.0.1:PORT, HTTP on 127.0.0.1:PORT"
+    let grpc = line
+        .split("on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("server address line")
+        .trim()
+        .to_owned();
+    let http = line
+        .split("HTTP on ")
+        .nth(1)
+        .expect("server HTTP address")
+        .trim()
+        .to_owned();
+    ServerProc {
+        child,
+        grpc: format!("https://{grpc}"),
+        http: format!("http://{http}"),
+    }
+}
