@@ -379,15 +379,11 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> 
         })
 }
 
-async fn wait_stop(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Serves gRPC on `incoming` until `stop` fires.
 async fn serve<I, IO, IE>(
     routes: tonic::transport::server::Router,
     incoming: I,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     what: &'static str,
 ) where
     I: futures::Stream<Item = Result<IO, IE>>,
@@ -401,7 +397,7 @@ async fn serve<I, IO, IE>(
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if let Err(e) = routes
-        .serve_with_incoming_shutdown(incoming, wait_stop(stop))
+        .serve_with_incoming_shutdown(incoming, async move { stopping(&mut stop).await })
         .await
     {
         tracing::error!(error = %e, listener = what, "gRPC server failed");

@@ -166,10 +166,6 @@ fn check_type(got: &str, want: &str) -> Result<(), Status> {
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Starts a state-of-the-world stream.
 pub fn spawn_sotw<R: ResourceSource>(
     res: R,
@@ -261,7 +257,7 @@ async fn drive<F: Flavour>(
                 },
                 alive = res.changed(subscribed) => if alive { Step::Changed } else { Step::Closed },
                 _ = tx.closed() => Step::Closed,
-                () = stopped(&mut stop) => Step::Stop,
+                () = crate::telemetry::stopping(&mut stop) => Step::Stop,
             }
         };
         let result = match step {

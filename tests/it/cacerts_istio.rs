@@ -679,19 +679,6 @@ fn crl_fixture(dir: &Path) -> std::path::PathBuf {
     out
 }
 
-fn import(plugin: &Path, state: &Path) -> std::process::Output {
-    meshid(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--from-plugin",
-        plugin.to_str().unwrap(),
-    ])
-}
-
 fn written(state: &Path) -> usize {
     std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0)
 }
@@ -706,7 +693,7 @@ fn ca_crl_pem_from_openssl_is_imported_into_the_state() {
     let pem = read(dir.path(), "int-crl.pem") + &read(dir.path(), "root-crl.pem");
     std::fs::write(plugin.join("ca-crl.pem"), &pem).unwrap();
     let state = dir.path().join("state");
-    let o = import(&plugin, &state);
+    let o = import_plugin(&plugin, &state);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let doc: String = std::fs::read_dir(&state)
         .unwrap()
@@ -740,7 +727,7 @@ fn ca_crl_pem_refusals_name_the_file_and_write_nothing() {
     for (case, pem, why) in cases {
         std::fs::write(plugin.join("ca-crl.pem"), pem).unwrap();
         let state = dir.path().join(format!("state-{}", case.replace(' ', "-")));
-        let o = import(&plugin, &state);
+        let o = import_plugin(&plugin, &state);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{case}: accepted");
         assert!(
@@ -757,7 +744,7 @@ fn ca_crl_pem_refusals_name_the_file_and_write_nothing() {
     )
     .unwrap();
     let state = dir.path().join("state-revoked");
-    let o = import(&plugin, &state);
+    let o = import_plugin(&plugin, &state);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("revokes"), "{err}");
     assert_eq!(written(&state), 0);

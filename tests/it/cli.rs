@@ -5,28 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use crate::support::*;
 
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails_with(o: &std::process::Output, needle: &str) {
-    assert!(
-        !o.status.success(),
-        "expected failure, stdout: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains(needle),
-        "stderr {err:?} should contain {needle:?}"
-    );
-}
-
 #[test]
 fn walkthrough() {
     let dir = tempfile::tempdir().unwrap();

@@ -92,19 +92,6 @@ pub fn openssl_cacerts(dir: &Path) {
     }
 }
 
-fn import_via_cli(plugin: &Path, state: &Path) -> std::process::Output {
-    meshid(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--from-plugin",
-        plugin.to_str().unwrap(),
-    ])
-}
-
 #[test]
 fn openssl_made_hierarchy_imports_and_issues() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,7 +105,7 @@ fn openssl_made_hierarchy_imports_and_issues() {
         "SEC1 key"
     );
     let state = dir.path().join("state");
-    let o = import_via_cli(&plugin, &state);
+    let o = import_plugin(&plugin, &state);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("out");
     let o = meshid(&[
@@ -211,7 +198,7 @@ fn meshid_intermediate_round_trips_as_plugin() {
         &east,
     );
     let east_state = dir.path().join("east-state");
-    let o = import_via_cli(&east, &east_state);
+    let o = import_plugin(&east, &east_state);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A cluster holding only an intermediate cannot mint more intermediates.
     let o = meshid(&[
@@ -338,7 +325,7 @@ fn refusal_matrix() {
         let err = plugin::load_plugin_dir(&plugin, OffsetDateTime::now_utc()).expect_err(name);
         assert!(is_expected(&err), "{name}: wrong error kind: {err:?}");
         let state = dir.path().join("state");
-        let o = import_via_cli(&plugin, &state);
+        let o = import_plugin(&plugin, &state);
         assert!(!o.status.success(), "{name}: CLI accepted it");
         assert_eq!(
             String::from_utf8_lossy(&o.stderr).trim(),

@@ -616,23 +616,6 @@ fn a_multi_root_import_makes_the_anchor_active_and_the_others_trusted() {
 
 // === the CLI end to end ===
 
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn refused(o: &std::process::Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains(needle),
-        "stderr {err:?} should contain {needle:?}"
-    );
-}
-
 fn root_cli(args: &[&str], state: &Path) -> std::process::Output {
     let mut all = vec!["root"];
     all.extend_from_slice(args);
@@ -715,11 +698,11 @@ fn cli_rotates_a_generated_root() {
     assert_eq!(bundle.len(), 2, "after prepare the bundle holds both roots");
 
     let before = std::fs::read(state.join("state.json")).unwrap();
-    refused(
+    fails_with(
         &root_cli(&["prepare"], &state),
         &format!("next: activate it with `meshid root activate {b}`"),
     );
-    refused(
+    fails_with(
         &root_cli(&["taint", &a], &state),
         &format!("`meshid root activate {b}`, which makes {a} old"),
     );
@@ -735,7 +718,7 @@ fn cli_rotates_a_generated_root() {
 
     ok(&root_cli(&["taint", &a], &state));
     let before = std::fs::read(state.join("state.json")).unwrap();
-    refused(
+    fails_with(
         &root_cli(&["revoke", &a], &state),
         &format!("or `meshid root revoke {a} --force`"),
     );
@@ -787,16 +770,7 @@ fn cli_rotates_a_plugin_ca_to_a_same_named_root() {
         std::fs::create_dir_all(d).unwrap();
         crate::plugin_import::openssl_cacerts(d);
     }
-    ok(&meshid(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--from-plugin",
-        one.to_str().unwrap(),
-    ]));
+    ok(&import_plugin(&one, &state));
     let a = id_with(&status_json(&state), "active");
     let o = ok(&root_cli(
         &["prepare", "--from-plugin", two.to_str().unwrap()],
@@ -879,7 +853,7 @@ fn cli_stages_and_activates_a_new_plugin_signer_under_the_same_root() {
     .unwrap();
     assert_eq!(new_signer, cert::fingerprint_id(&new_cert[0]));
     assert_eq!(j["next_step"], format!("meshid root activate {new_signer}"));
-    refused(
+    fails_with(
         &root_cli(
             &["prepare", "--from-plugin", p("east-2").to_str().unwrap()],
             &state,

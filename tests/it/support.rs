@@ -89,6 +89,44 @@ pub fn meshid(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The stdout of a command that must have succeeded (its stderr in the failure message).
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts a command failed and its stderr says `needle`.
+pub fn fails_with(o: &std::process::Output, needle: &str) {
+    assert!(
+        !o.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(needle),
+        "stderr {err:?} should contain {needle:?}"
+    );
+}
+
+/// `meshid ca init --from-plugin PLUGIN` into `state` (trust domain cluster.local).
+pub fn import_plugin(plugin: &Path, state: &Path) -> std::process::Output {
+    meshid(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--from-plugin",
+        plugin.to_str().unwrap(),
+    ])
+}
+
 /// Lists the file names in a directory (empty if it does not exist).
 pub fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
