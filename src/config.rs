@@ -108,6 +108,9 @@ pub struct Limits {
     /// Open gRPC connections (TCP and Unix socket each); further ones wait in the kernel's backlog.
     pub max_connections: usize,
     /// Concurrent gRPC streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    /// istiod allows 100,000 (`features.MaxConcurrentStreams`, `ISTIO_GPRC_MAXSTREAMS`); a proxy
+    /// needs a handful, and a client with more in flight (ztunnel asking for many pods at
+    /// once) queues them on its side as HTTP/2 requires, so a low cap costs no failures.
     pub max_concurrent_streams_per_connection: u32,
     /// A TLS handshake not finished by then is dropped.
     #[serde(

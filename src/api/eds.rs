@@ -107,14 +107,13 @@ impl EdsService {
     /// Bounds every stream by its caller's token expiry and `limits.max_age` on `clock`. Call
     /// before the service is shared.
     pub fn with_lifetime(
-        mut self,
+        self,
         clock: Arc<dyn crate::clock::Clock>,
         limits: super::lifetime::StreamLimits,
     ) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+        self.configure(|shared| {
             shared.lifetime = Some((clock, limits));
-        }
-        self
+        })
     }
 
     /// `out`, ended at the stream's deadline when a lifetime is set.
@@ -132,10 +131,18 @@ impl EdsService {
 
     /// Caps the resource names one stream may subscribe to
     /// (`xds.max_resource_names_per_stream.eds`). Call before the service is shared.
-    pub fn with_name_limit(mut self, max: usize) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+    pub fn with_name_limit(self, max: usize) -> Self {
+        self.configure(|shared| {
             Arc::make_mut(&mut shared.xds).max_names = max;
-        }
+        })
+    }
+
+    /// Applies a setting while the service is being built. Settings after the service was
+    /// cloned would reach only this copy, so that is a bug in the caller: it stops here.
+    fn configure(mut self, set: impl FnOnce(&mut Shared)) -> Self {
+        let shared = Arc::get_mut(&mut self.0)
+            .expect("service settings are applied before the service is shared");
+        set(shared);
         self
     }
 }

@@ -184,28 +184,25 @@ impl SdsService {
 
     /// Records propagation into `registry` (shared with the status endpoint). Call before the
     /// service is shared.
-    pub fn with_propagation(mut self, registry: Arc<Propagation>) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+    pub fn with_propagation(self, registry: Arc<Propagation>) -> Self {
+        self.configure(|shared| {
             shared.propagation = registry;
-        }
-        self
+        })
     }
 
     /// Puts federated roots into `ROOTCA` too (`federation.merge_into_rootca`), for proxies
     /// that take a single bundle. Call before the service is shared.
-    pub fn with_merge_into_rootca(mut self, merge: bool) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+    pub fn with_merge_into_rootca(self, merge: bool) -> Self {
+        self.configure(|shared| {
             shared.merge_into_rootca = merge;
-        }
-        self
+        })
     }
 
     /// Reports each stream's pod to `registry`. Call before the service is shared.
-    pub fn with_proxy_registry(mut self, registry: Arc<crate::discovery::ProxyRegistry>) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+    pub fn with_proxy_registry(self, registry: Arc<crate::discovery::ProxyRegistry>) -> Self {
+        self.configure(|shared| {
             shared.proxies = Some(registry);
-        }
-        self
+        })
     }
 
     /// The registry of what every open stream has ACKed.
@@ -215,10 +212,18 @@ impl SdsService {
 
     /// Caps the resource names one stream may subscribe to
     /// (`xds.max_resource_names_per_stream.sds`). Call before the service is shared.
-    pub fn with_name_limit(mut self, max: usize) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.0) {
+    pub fn with_name_limit(self, max: usize) -> Self {
+        self.configure(|shared| {
             Arc::make_mut(&mut shared.xds).max_names = max;
-        }
+        })
+    }
+
+    /// Applies a setting while the service is being built. Settings after the service was
+    /// cloned would reach only this copy, so that is a bug in the caller: it stops here.
+    fn configure(mut self, set: impl FnOnce(&mut Shared)) -> Self {
+        let shared = Arc::get_mut(&mut self.0)
+            .expect("service settings are applied before the service is shared");
+        set(shared);
         self
     }
 }
