@@ -88,6 +88,8 @@ fn metric(server: &TestServer, name_and_labels: &str) -> f64 {
 /// A stream opened with a 10-minute token ends with UNAUTHENTICATED at the token's exp (it
 /// used to keep receiving fresh keys forever); a client that reconnects with the token file's
 /// current content, as Envoy's `file_based_metadata` credentials do, keeps its certificate current.
+/// The kubelet rewrites a projected token at 80 % of its lifetime (kubelet
+/// `pkg/kubelet/token/token_manager.go` `requiresRefresh`), so a proxy holds a fresh one by `exp`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_at_token_expiry_and_a_reconnecting_client_stays_current() {
     let clock = manual_clock();
