@@ -14,7 +14,6 @@ use std::{
 
 use envoy_types::pb::envoy::service::{
     endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer,
-    secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer,
 };
 use thiserror::Error;
 use tokio::{
@@ -30,7 +29,7 @@ use crate::{
     api::{gate::Gate, lifetime::StreamLimits},
     api::{
         istio::istio_certificate_service_server::IstioCertificateServiceServer, Authenticator,
-        CsrService, EdsService, SdsService,
+        CsrService, EdsService, SdsServer, SdsService,
     },
     clock::Clock,
     config::{self, Config},
@@ -421,9 +420,7 @@ fn grpc_router(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(limits.max_concurrent_streams_per_connection))
         .timeout(limits.unary_timeout)
-        .add_service(
-            SecretDiscoveryServiceServer::new(sds.clone()).max_decoding_message_size(xds_max),
-        )
+        .add_service(SdsServer::new(sds.clone(), xds_max))
         .add_service(Gate::new(csr_server, auth.clone()))
         .add_optional_service(eds.map(|e| {
             EndpointDiscoveryServiceServer::new(e.clone()).max_decoding_message_size(xds_max)

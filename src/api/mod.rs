@@ -7,6 +7,7 @@ mod csr;
 mod eds;
 pub mod gate;
 pub mod lifetime;
+mod lean;
 mod proof_hook;
 mod sds;
 mod status;
@@ -15,6 +16,7 @@ pub mod xds;
 pub use auth::{credentials, Authenticator, Credentials};
 pub use csr::CsrService;
 pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
+pub use lean::SdsServer;
 pub use sds::{SdsService, SECRET_TYPE_URL};
 
 /// Istio's CA service types, compiled from `proto/istio/v1/auth/ca.proto`.

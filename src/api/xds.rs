@@ -185,7 +185,7 @@ pub fn spawn_sotw<R: ResourceSource>(
         metrics,
     };
     tokio::spawn(drive(s, inbound, stop));
-    Box::pin(ReceiverStream::new(rx))
+    unboxed(rx)
 }
 
 /// Starts an incremental stream.
@@ -208,7 +208,17 @@ pub fn spawn_delta<R: ResourceSource>(
         metrics,
     };
     tokio::spawn(drive(d, inbound, stop));
-    Box::pin(ReceiverStream::new(rx))
+    unboxed(rx)
+}
+
+/// A response on its way to the client. Boxed: a channel allocates its slots in blocks of 32
+/// whatever its bound, and an unboxed `Result<DiscoveryResponse, Status>` would make that
+/// block ~5 KiB for every open stream.
+type Queued<T> = Box<Result<T, Status>>;
+
+fn unboxed<T: Send + 'static>(rx: mpsc::Receiver<Queued<T>>) -> Out<T> {
+    use futures::StreamExt;
+    Box::pin(ReceiverStream::new(rx).map(|item| *item))
 }
 
 // === the stream loop both flavours share ===
@@ -217,7 +227,7 @@ pub fn spawn_delta<R: ResourceSource>(
 type Parts<'a, R, T> = (
     &'a mut R,
     &'a BTreeSet<String>,
-    &'a mpsc::Sender<Result<T, Status>>,
+    &'a mpsc::Sender<Queued<T>>,
 );
 
 /// One flavour of xDS stream (state of the world, or delta).
@@ -260,14 +270,15 @@ async fn drive<F: Flavour>(
                 () = crate::telemetry::stopping(&mut stop) => Step::Stop,
             }
         };
+        // Boxed: the stream's task stays the size of its idle wait, not of its busiest step.
         let result = match step {
-            Step::Request(req) => f.on_request(req).await,
-            Step::Changed => f.on_change(Instant::now()).await,
+            Step::Request(req) => Box::pin(f.on_request(req)).await,
+            Step::Changed => Box::pin(f.on_change(Instant::now())).await,
             Step::Closed => return,
             Step::Stop => Err(Status::unavailable("meshid is shutting down; reconnect")),
         };
         if let Err(status) = result {
-            let _ = f.parts().2.send(Err(status)).await;
+            let _ = f.parts().2.send(Box::new(Err(status))).await;
             return;
         }
     }
@@ -287,7 +298,7 @@ struct Sotw<R> {
     nonce: u64,
     /// The nonce of the latest response; empty until the first one.
     last_nonce: String,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Queued<DiscoveryResponse>>,
     metrics: Arc<XdsMetrics>,
 }
 
@@ -419,7 +430,7 @@ impl<R: ResourceSource> Sotw<R> {
             nonce: self.last_nonce.clone(),
             ..Default::default()
         };
-        if self.tx.send(Ok(resp)).await.is_err() {
+        if self.tx.send(Box::new(Ok(resp))).await.is_err() {
             return Ok(()); // the client went away; run() notices
         }
         for name in now.keys() {
@@ -450,7 +461,7 @@ struct Delta<R> {
     started: bool,
     nonce: u64,
     last_nonce: String,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Queued<DeltaDiscoveryResponse>>,
     metrics: Arc<XdsMetrics>,
 }
 
@@ -585,7 +596,7 @@ impl<R: ResourceSource> Delta<R> {
             nonce: self.last_nonce.clone(),
             ..Default::default()
         };
-        let _ = self.tx.send(Ok(resp)).await;
+        let _ = self.tx.send(Box::new(Ok(resp))).await;
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());

@@ -265,6 +265,11 @@ impl StateStore for DirStore {
         self.read()
     }
 
+    /// Every write renames a new file over the state file.
+    fn watched_file(&self) -> Option<PathBuf> {
+        Some(self.state_path())
+    }
+
     fn compare_and_swap(
         &self,
         expected: Option<Generation>,

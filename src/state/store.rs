@@ -41,6 +41,12 @@ pub trait StateStore: Send + Sync {
     /// Where the state lives, for messages.
     fn location(&self) -> String;
 
+    /// The file whose replacement means the state changed, for stores that can be watched
+    /// (`None`: readers poll).
+    fn watched_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Reads the state, failing with `NotInitialized` if there is none.
     fn load_existing(&self) -> Result<Versioned, StateError> {
         self.load()?.ok_or_else(|| StateError::NotInitialized {

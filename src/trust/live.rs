@@ -1,10 +1,11 @@
 //! The live CA: the authority and trust bundle built from the state store, republished on a
-//! `watch` channel whenever the store's generation moves (polled; applied within the interval).
+//! `watch` channel whenever the store's generation moves. The store's file is watched (inotify
+//! on Linux), so a change is applied as soon as it is written; a poll backs the watch up.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::TrustBundleSet;
 use crate::{
@@ -88,11 +89,25 @@ impl LiveCa {
         Ok(true)
     }
 
-    /// Polls the store every `interval` until the channel has no receivers left and `stop` fires.
+    /// Reloads whenever the store's file changes (watched), and at least every `interval` (the
+    /// poll backs up a watch that misses events, e.g. on a network file system, or that could
+    /// not be set up), until `stop` fires.
     pub async fn watch_store(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+        let _watcher = self
+            .store
+            .watched_file()
+            .and_then(|file| match watch_file(&file, wake_tx) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, poll = ?interval, "the state file cannot be watched; changes are picked up by polling only");
+                    None
+                }
+            });
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
+                Some(()) = wake_rx.recv() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             let me = self.clone();
@@ -108,6 +123,32 @@ impl LiveCa {
             }
         }
     }
+}
+
+/// Wakes `wake` whenever `file` is created, written or renamed over in its directory. Wakes
+/// coalesce (one pending wake at most); a watch error wakes too, so the caller re-reads.
+fn watch_file(file: &Path, wake: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let name = file.file_name().map(ToOwned::to_owned);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match event {
+            Ok(ev) => {
+                !matches!(ev.kind, EventKind::Access(_))
+                    && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+            }
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = wake.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 fn build(
@@ -210,5 +251,59 @@ mod tests {
         assert_ne!(after.signer_id, before.signer_id);
         assert!(after.bundle.sequence() > before.bundle.sequence());
         assert!(!live.reload_if_changed().unwrap(), "and only once");
+    }
+
+    /// Issue 13: a root change written by the CLI reaches the server as soon as the store's file
+    /// is replaced, not at the next poll (the poll here is an hour). A change of the file's
+    /// neighbours (the lock, temp files) does not count as a change.
+    #[tokio::test]
+    async fn a_store_write_is_applied_without_waiting_for_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = init(dir.path());
+        let live = Arc::new(
+            LiveCa::load(
+                Arc::new(store.clone()),
+                IssuancePolicy::default(),
+                Arc::new(SystemClock),
+            )
+            .unwrap(),
+        );
+        let mut rx = live.subscribe();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(
+            live.clone()
+                .watch_store(Duration::from_secs(3600), stop_rx),
+        );
+        // Let the watch be set up before the write.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(dir.path().join("unrelated"), b"x").unwrap();
+        let current = store.load_existing().unwrap();
+        let mut next = current.state.clone();
+        let td = next.trust_domain.clone();
+        let extra = root::generate_root(
+            &td,
+            KeyType::EcdsaP256,
+            root::DEFAULT_ROOT_TTL,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        next.roots.push(crate::state::RootRecord::new(
+            &extra.cert,
+            crate::state::RootState::Prepared,
+            crate::state::RootOrigin::Plugin,
+            time::OffsetDateTime::now_utc(),
+            None,
+            None,
+        ));
+        let written = store
+            .compare_and_swap(Some(current.generation), &next)
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), rx.changed())
+            .await
+            .expect("applied long before the hourly poll")
+            .unwrap();
+        assert_eq!(live.current().generation, written);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 }

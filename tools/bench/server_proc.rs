@@ -33,7 +33,9 @@ pub fn start_server(
         DevIssuer::jwks_path(issuer_dir)
     );
     std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshid"))
+    // MESHID_BENCH_BIN runs another build (the previous release, for a before/after table).
+    let bin = std::env::var("MESHID_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshid").into());
+    let mut child = Command::new(bin)
         .args([
             "server",
             "--config",
