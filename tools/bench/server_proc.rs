@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! A real `meshid server` process on 127.0.0.1 for the benchmarks that load a server.
 
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,22 @@ impl Drop for ServerProc {
     }
 }
 
+/// The server binary: `MESHID_BENCH_BIN` (e.g. a previous release build, for a before/after
+/// table), else the one cargo built with this benchmark.
+pub fn server_bin() -> std::path::PathBuf {
+    std::env::var_os("MESHID_BENCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_meshid").into())
+}
+
+/// The `[[clusters]]` table accepting tokens of the dev issuer in `issuer_dir` by its JWKS file.
+pub fn jwks_cluster(issuer_dir: &std::path::Path) -> String {
+    format!(
+        "[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n",
+        DevIssuer::jwks_path(issuer_dir)
+    )
+}
+
 /// Starts `meshid server` on ephemeral loopback ports with its state in `dir/state`, accepting
 /// tokens of the dev issuer in `issuer_dir`; `extra` is TOML appended to the config (tables).
 pub fn start_server(
@@ -27,15 +44,18 @@ pub fn start_server(
     issuer_dir: &std::path::Path,
     extra: &str,
 ) -> ServerProc {
+    start_server_with(dir, &jwks_cluster(issuer_dir), extra)
+}
+
+/// Like `start_server`, with `clusters` (TOML `[[clusters]]` tables) deciding how tokens are
+/// validated.
+pub fn start_server_with(dir: &std::path::Path, clusters: &str, extra: &str) -> ServerProc {
     let cfg = format!(
-        "state_dir = {:?}\nstate_poll_interval = \"100ms\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n{extra}",
+        "state_dir = {:?}\nstate_poll_interval = \"1s\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[logging]\nlevel = \"warn\"\n{clusters}{extra}",
         dir.join("state"),
-        DevIssuer::jwks_path(issuer_dir)
     );
     std::fs::write(dir.join("meshid.toml"), cfg).unwrap();
-    // MESHID_BENCH_BIN runs another build (the previous release, for a before/after table).
-    let bin = std::env::var("MESHID_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshid").into());
-    let mut child = Command::new(bin)
+    let mut child = Command::new(server_bin())
         .args([
             "server",
             "--config",
