@@ -616,6 +616,18 @@ impl Config {
                             "{at}.tokenreview: qps and burst must be above zero"
                         ));
                     }
+                    // A call queued longer than the unary deadline would time out in the queue.
+                    let drain = f64::from(tr.rate.max_queue) / tr.rate.qps;
+                    let budget = self.limits.unary_timeout.as_secs_f64();
+                    if tr.rate.qps > 0.0 && drain > budget {
+                        errs.push(format!(
+                            "{at}.tokenreview.max_queue: {} calls at {} qps wait up to {drain:.1}s, longer than limits.unary_timeout ({}); set max_queue to at most {} or raise qps or limits.unary_timeout",
+                            tr.rate.max_queue,
+                            tr.rate.qps,
+                            fmt_duration(self.limits.unary_timeout),
+                            (tr.rate.qps * budget).floor() as u64
+                        ));
+                    }
                     if tr.rate.max_queue_per_peer == 0 {
                         errs.push(format!(
                             "{at}.tokenreview.max_queue_per_peer: must be above zero"
@@ -869,6 +881,27 @@ additional_issuers = ["j"]
             !all.contains("api_server\n"),
             "api_server is one source: {all}"
         );
+    }
+
+    /// The TokenReview queue must drain within the unary deadline (issue 13: 1,000 queued at
+    /// 50 qps waited 20 s behind a 10 s timeout); the defaults are consistent.
+    #[test]
+    fn a_tokenreview_queue_longer_than_the_unary_timeout_is_refused() {
+        let base =
+            "state_dir = \"/x\"\n[[clusters]]\nname = \"Kubernetes\"\n[clusters.tokenreview]\n";
+        let cfg = Config::from_toml(base).expect("the defaults are consistent");
+        let rate = cfg.clusters[0].tokenreview.as_ref().unwrap().rate;
+        assert!(f64::from(rate.max_queue) / rate.qps < cfg.limits.unary_timeout.as_secs_f64());
+        let all = Config::from_toml(&format!("{base}qps = 50.0\nmax_queue = 1000\n"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            all.contains("clusters[0] (Kubernetes).tokenreview.max_queue: 1000 calls at 50 qps wait up to 20.0s, longer than limits.unary_timeout (10s); set max_queue to at most 500"),
+            "{all}"
+        );
+        let raised =
+            format!("{base}qps = 50.0\nmax_queue = 1000\n[limits]\nunary_timeout = \"30s\"\n");
+        assert!(Config::from_toml(&raised).is_ok());
     }
 
     #[test]

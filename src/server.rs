@@ -369,18 +369,17 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
+/// Binds with the kernel's full accept backlog (`net::bind_tcp`), not mio's 128.
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Io {
-            what: format!("binding {what} listener {addr}"),
-            source,
-        })
+    crate::net::bind_tcp(addr).map_err(|source| ServerError::Io {
+        what: format!("binding {what} listener {addr}"),
+        source,
+    })
 }
 
 /// Serves gRPC on `incoming` until `stop` fires.
 async fn serve<I, IO, IE>(
-    routes: tonic::transport::server::Router,
+    routes: GrpcRoutes,
     incoming: I,
     mut stop: watch::Receiver<bool>,
     what: &'static str,
@@ -403,23 +402,30 @@ async fn serve<I, IO, IE>(
     }
 }
 
-/// The gRPC services with their limits: streams per connection, a timeout on unary calls (a
-/// stream's timeout covers only its opening), per-method decode limits, and the CSR API
-/// authenticated on headers before its body is decoded.
+/// The gRPC router, with the deadline layer around every call.
+type GrpcRoutes = tonic::transport::server::Router<
+    tower::layer::util::Stack<crate::api::deadline::DeadlineLayer, tower::layer::util::Identity>,
+>;
+
+/// The gRPC services with their limits: streams per connection, a deadline on unary calls
+/// answered DEADLINE_EXCEEDED (a stream's covers only its opening), per-method decode limits,
+/// and the CSR API authenticated on headers before its body is decoded.
 fn grpc_router(
     sds: &SdsService,
     csr: &CsrService,
     eds: Option<&EdsService>,
     auth: &Authenticator,
     limits: &config::Limits,
-) -> tonic::transport::server::Router {
+) -> GrpcRoutes {
     let xds_max = limits.xds_max_request_bytes;
     let csr_server = IstioCertificateServiceServer::new(csr.clone())
         .max_decoding_message_size(limits.csr_max_request_bytes);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(limits.max_concurrent_streams_per_connection))
-        .timeout(limits.unary_timeout)
+        .layer(crate::api::deadline::DeadlineLayer::new(
+            limits.unary_timeout,
+        ))
         .add_service(SdsServer::new(sds.clone(), xds_max))
         .add_service(Gate::new(csr_server, auth.clone()))
         .add_optional_service(eds.map(|e| {

@@ -4,6 +4,7 @@
 mod auth;
 pub mod client;
 mod csr;
+pub mod deadline;
 mod eds;
 pub mod gate;
 pub mod lifetime;

@@ -1,7 +1,10 @@
 //! A client-side rate limit with a bounded queue (GCRA): calls beyond the rate wait their
 //! turn; when the wait would exceed the queue, the call is refused at once as `Overloaded`.
 //! Each peer may hold only `max_queue_per_peer` calls (queued or running), so one caller cannot
-//! fill the queue for everyone; a caller that goes away gives its place back.
+//! fill the queue for everyone; a caller that goes away gives its place back. A call is never
+//! queued past its own deadline (`crate::deadline`): one that could only get its slot after the
+//! caller stopped waiting is refused at once, so the caller backs off and retries instead of
+//! timing out (istio-agent retries UNAVAILABLE: `CARetryOptions`, istio `pkg/security/retry.go`).
 
 use std::{
     collections::HashMap,
@@ -28,14 +31,15 @@ pub struct RateLimit {
 }
 
 impl Default for RateLimit {
-    /// 50 qps, burst 100, 1,000 queued: the API server's default client QPS class, with room for
-    /// a node's worth of pods starting at once; 50 per peer, so one caller delays others by at
-    /// most about a second.
+    /// 50 qps, burst 100, 400 queued: the API server's default client QPS class, with room for
+    /// a node's worth of pods starting at once; the queue drains in 8 s, inside the default
+    /// 10 s `limits.unary_timeout` with 2 s left for the review itself; 50 per peer, so one
+    /// caller delays others by at most about a second.
     fn default() -> Self {
         Self {
             qps: 50.0,
             burst: 100,
-            max_queue: 1000,
+            max_queue: 400,
             max_queue_per_peer: 50,
         }
     }
@@ -97,11 +101,12 @@ impl RateLimiter {
         }
     }
 
-    /// Waits for a slot for `peer`, or refuses when the queue or the peer's share is full. Hold
-    /// the permit until the call it guards is done.
+    /// Waits for a slot for `peer`, or refuses when the queue or the peer's share is full, or
+    /// when the slot would come after the current call's deadline. Hold the permit until the
+    /// call it guards is done.
     pub async fn acquire(&self, peer: Peer) -> Result<Permit<'_>, IdentityError> {
         let permit = self.admit(peer)?;
-        let wait = self.reserve(Instant::now())?;
+        let wait = self.reserve(Instant::now(), crate::deadline::remaining())?;
         if !wait.is_zero() {
             let mut r = Reservation {
                 limiter: self,
@@ -134,8 +139,13 @@ impl RateLimiter {
         })
     }
 
-    /// Reserves the next slot at `now`, returning how long to wait for it.
-    fn reserve(&self, now: Instant) -> Result<Duration, IdentityError> {
+    /// Reserves the next slot at `now`, returning how long to wait for it; refuses (reserving
+    /// nothing) when the queue is full or the wait would use up the caller's `time_left`.
+    fn reserve(
+        &self,
+        now: Instant,
+        time_left: Option<Duration>,
+    ) -> Result<Duration, IdentityError> {
         let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
         let start = (*tat).max(now);
         let tolerance = self.interval * self.limit.burst.saturating_sub(1);
@@ -144,6 +154,14 @@ impl RateLimiter {
             return Err(IdentityError::Overloaded(format!(
                 "more than {} TokenReview calls queued at {} qps",
                 self.limit.max_queue, self.limit.qps
+            )));
+        }
+        if let Some(left) = time_left.filter(|left| !wait.is_zero() && wait >= *left) {
+            return Err(IdentityError::Overloaded(format!(
+                "the next TokenReview slot at {} qps is {} ms away, past the call's deadline ({} ms left)",
+                self.limit.qps,
+                wait.as_millis(),
+                left.as_millis()
             )));
         }
         *tat = start + self.interval;
@@ -164,16 +182,19 @@ mod tests {
             max_queue_per_peer: 10,
         });
         let now = Instant::now();
-        let waits: Vec<_> = (0..5).map(|_| l.reserve(now).unwrap()).collect();
+        let waits: Vec<_> = (0..5).map(|_| l.reserve(now, None).unwrap()).collect();
         assert_eq!(&waits[..3], &[Duration::ZERO; 3], "burst of 3 goes at once");
         assert_eq!(waits[3], Duration::from_millis(100));
         assert_eq!(waits[4], Duration::from_millis(200));
         assert!(
-            matches!(l.reserve(now), Err(IdentityError::Overloaded(_))),
+            matches!(l.reserve(now, None), Err(IdentityError::Overloaded(_))),
             "queue of 2 is full"
         );
         // Time passing frees slots again.
-        assert!(l.reserve(now + Duration::from_secs(1)).unwrap().is_zero());
+        assert!(l
+            .reserve(now + Duration::from_secs(1), None)
+            .unwrap()
+            .is_zero());
     }
 
     #[tokio::test]
@@ -224,8 +245,64 @@ mod tests {
             assert!(futures::poll!(waiting.as_mut()).is_pending());
         }
         // Ten cancelled waiters left nothing behind: the next call waits one interval, not 11.
-        let wait = l.reserve(Instant::now()).unwrap();
+        let wait = l.reserve(Instant::now(), None).unwrap();
         assert!(wait <= Duration::from_secs(1), "waits {wait:?}");
         assert_eq!(l.outstanding(Peer::LOCAL), 1);
+    }
+
+    /// A call is queued only if its slot comes before its deadline; one refused for its
+    /// deadline takes no slot, so the calls behind it are not pushed back (issue 13).
+    #[test]
+    fn a_call_is_not_queued_past_its_deadline() {
+        let l = RateLimiter::new(RateLimit {
+            qps: 10.0,
+            burst: 1,
+            max_queue: 100,
+            max_queue_per_peer: 100,
+        });
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(l.reserve(now, Some(ms(50))).unwrap(), Duration::ZERO);
+        assert_eq!(l.reserve(now, Some(ms(250))).unwrap(), ms(100));
+        assert_eq!(l.reserve(now, Some(ms(250))).unwrap(), ms(200));
+        let refused = l.reserve(now, Some(ms(250))).unwrap_err();
+        assert!(
+            matches!(&refused, IdentityError::Overloaded(m) if m.contains("300 ms away") && m.contains("250 ms left")),
+            "{refused}"
+        );
+        assert!(refused.is_unavailable());
+        // The refused call took no slot: a caller with more time gets the 300 ms slot.
+        assert_eq!(l.reserve(now, Some(ms(1000))).unwrap(), ms(300));
+        // A slot due exactly at the deadline is refused too; no deadline queues as before.
+        assert!(l.reserve(now, Some(ms(400))).is_err());
+        assert_eq!(l.reserve(now, None).unwrap(), ms(400));
+    }
+
+    /// `acquire` reads the deadline of the call it serves (`crate::deadline`), so a queued call
+    /// is refused at once instead of sleeping into its timeout.
+    #[tokio::test(start_paused = true)]
+    async fn acquire_refuses_at_once_past_the_calls_deadline() {
+        let l = RateLimiter::new(RateLimit {
+            qps: 1.0,
+            burst: 1,
+            max_queue: 100,
+            max_queue_per_peer: 100,
+        });
+        let _first = l.acquire(Peer::LOCAL).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let second = crate::deadline::scope(deadline, l.acquire(Peer::LOCAL));
+        let refused = futures::poll!(Box::pin(second));
+        assert!(
+            matches!(
+                refused,
+                std::task::Poll::Ready(Err(IdentityError::Overloaded(_)))
+            ),
+            "answered at once, not after a wait"
+        );
+        assert_eq!(
+            l.outstanding(Peer::LOCAL),
+            1,
+            "the refused call left its place"
+        );
     }
 }

@@ -68,14 +68,12 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
                 ),
                 _ => i.serving.clone(),
             };
-            let listener = tokio::net::TcpListener::bind(e.listen)
-                .await
-                .map_err(|err| {
-                    vec![format!(
-                        "federation.bundle_endpoint.listen: binding {}: {err}",
-                        e.listen
-                    )]
-                })?;
+            let listener = crate::net::bind_tcp(e.listen).map_err(|err| {
+                vec![format!(
+                    "federation.bundle_endpoint.listen: binding {}: {err}",
+                    e.listen
+                )]
+            })?;
             let addr = listener
                 .local_addr()
                 .map_err(|err| vec![format!("federation.bundle_endpoint.listen: {err}")])?;

@@ -20,5 +20,6 @@ mod roots;
 mod rotation_server;
 mod server;
 mod server_support;
+mod storm_limits;
 mod support;
 mod xds_conformance;
