@@ -33,7 +33,8 @@ pub struct Config {
     pub rotation: RefreshPolicy,
     #[serde(default)]
     pub logging: Logging,
-    /// How often the state store is checked for changes (root rotation from the CLI).
+    /// How often the state store is re-read as a backstop: its file is watched, so changes (root
+    /// rotation from the CLI) apply as soon as they are written.
     #[serde(
         default = "default_poll",
         deserialize_with = "d",

@@ -12,9 +12,7 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::service::{
-    endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer;
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},

@@ -109,10 +109,11 @@ where
         match req.uri().path() {
             "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets" => {
                 Box::pin(async move {
-                    let method = tower::service_fn(move |r: Request<Streaming<DiscoveryRequest>>| {
-                        let sds = sds.clone();
-                        async move { sds.stream_secrets(r).await }
-                    });
+                    let method =
+                        tower::service_fn(move |r: Request<Streaming<DiscoveryRequest>>| {
+                            let sds = sds.clone();
+                            async move { sds.stream_secrets(r).await }
+                        });
                     Ok(grpc(max).streaming(method, req).await)
                 })
             }

@@ -224,11 +224,7 @@ fn unboxed<T: Send + 'static>(rx: mpsc::Receiver<Queued<T>>) -> Out<T> {
 // === the stream loop both flavours share ===
 
 /// The resource source, the subscription and the response sender of a stream, borrowed at once.
-type Parts<'a, R, T> = (
-    &'a mut R,
-    &'a BTreeSet<String>,
-    &'a mpsc::Sender<Queued<T>>,
-);
+type Parts<'a, R, T> = (&'a mut R, &'a BTreeSet<String>, &'a mpsc::Sender<Queued<T>>);
 
 /// One flavour of xDS stream (state of the world, or delta).
 trait Flavour: Send + 'static {

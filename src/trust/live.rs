@@ -270,10 +270,7 @@ mod tests {
         );
         let mut rx = live.subscribe();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(
-            live.clone()
-                .watch_store(Duration::from_secs(3600), stop_rx),
-        );
+        let task = tokio::spawn(live.clone().watch_store(Duration::from_secs(3600), stop_rx));
         // Let the watch be set up before the write.
         tokio::time::sleep(Duration::from_millis(200)).await;
         std::fs::write(dir.path().join("unrelated"), b"x").unwrap();

@@ -198,7 +198,6 @@ fn main() {
     mesh_bench(n_streams, in_flight, hold, &rt);
 }
 
-
 /// One proxy's events, as the load generator saw them.
 enum Seen {
     /// The first response (default + ROOTCA) arrived.
@@ -276,18 +275,30 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
         let handshakes = Arc::new(tokio::sync::Semaphore::new(in_flight));
         let mut keep = Vec::new();
         for i in 0..n {
-            let (tokens, seen_tx, handshakes) = (tokens.clone(), seen_tx.clone(), handshakes.clone());
+            let (tokens, seen_tx, handshakes) =
+                (tokens.clone(), seen_tx.clone(), handshakes.clone());
             let (grpc, root_pem) = (server.grpc.clone(), root_pem.clone());
             keep.push(tokio::spawn(async move {
                 let mut permit = Some(handshakes.acquire_owned().await.unwrap());
-                let ch = connect(&grpc, Some(root_pem.as_bytes()), "localhost").await.unwrap();
+                let ch = connect(&grpc, Some(root_pem.as_bytes()), "localhost")
+                    .await
+                    .unwrap();
                 let auth = BearerToken::new(&tokens[i % tokens.len()], None).unwrap();
-                let mut client = SecretDiscoveryServiceClient::new(InterceptedService::new(ch, auth));
+                let mut client =
+                    SecretDiscoveryServiceClient::new(InterceptedService::new(ch, auth));
                 let names = vec!["default".to_string(), "ROOTCA".to_string()];
                 let (tx, rx) = mpsc::channel(4);
-                let first = DiscoveryRequest { resource_names: names.clone(), type_url: SECRET_TYPE_URL.into(), ..Default::default() };
+                let first = DiscoveryRequest {
+                    resource_names: names.clone(),
+                    type_url: SECRET_TYPE_URL.into(),
+                    ..Default::default()
+                };
                 tx.send(first).await.unwrap();
-                let mut inbound = client.stream_secrets(ReceiverStream::new(rx)).await.unwrap().into_inner();
+                let mut inbound = client
+                    .stream_secrets(ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 let mut n = 0;
                 while let Ok(Some(resp)) = inbound.message().await {
                     let at = Instant::now();
@@ -368,16 +379,35 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
                         last = Some(last.map_or(t, |l| l.max(t)));
                     }
                     Ok(Some(Seen::Connected)) => {}
-                    _ => panic!("{what}: only {} of {n} proxies updated within 120 s", got.len()),
+                    _ => panic!(
+                        "{what}: only {} of {n} proxies updated within 120 s",
+                        got.len()
+                    ),
                 }
             }
             (first.unwrap(), last.unwrap())
         })
     };
-    let old = store.load_existing().unwrap().state.signing_root().unwrap().id.clone();
-    let next = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, time::OffsetDateTime::now_utc()).unwrap();
+    let old = store
+        .load_existing()
+        .unwrap()
+        .state
+        .signing_root()
+        .unwrap()
+        .id
+        .clone();
+    let next = root::generate_root(
+        &td,
+        KeyType::EcdsaP256,
+        root::DEFAULT_ROOT_TTL,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
     let changed = Instant::now();
-    let applied = rotation::apply(&store, &ctx(), |s, c| rotation::prepare(s, Candidate::Generated(next), c)).unwrap();
+    let applied = rotation::apply(&store, &ctx(), |s, c| {
+        rotation::prepare(s, Candidate::Generated(next), c)
+    })
+    .unwrap();
     let written = Instant::now();
     let new = applied.outcome.root;
     let (first, last) = wait_updates(&mut seen_rx, "bundle fan-out");
@@ -387,19 +417,32 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
         (last - first).as_secs_f64(),
         (written - changed).as_secs_f64()
     );
-    let acked = until("every proxy ACKs the new bundle", &|st| st.root_propagated(&new).is_ok());
+    let acked = until("every proxy ACKs the new bundle", &|st| {
+        st.root_propagated(&new).is_ok()
+    });
     println!(
         "    server status: every proxy ACKed the new bundle {:.3} s after the fan-out ended",
         acked.as_secs_f64()
     );
-    assert!(st_signer(&status) == old, "the old root still signs before activation");
-    rotation::apply(&store, &ctx(), |s, c| rotation::activate(s, &new, false, &rotation::no_gate, c)).unwrap();
-    let on_new = until("every proxy on the new signer", &|st| st.signer_propagated(&new).is_ok());
+    assert!(
+        st_signer(&status) == old,
+        "the old root still signs before activation"
+    );
+    rotation::apply(&store, &ctx(), |s, c| {
+        rotation::activate(s, &new, false, &rotation::no_gate, c)
+    })
+    .unwrap();
+    let on_new = until("every proxy on the new signer", &|st| {
+        st.signer_propagated(&new).is_ok()
+    });
     println!(
         "    root activated: every proxy re-keyed and ACKed a leaf from the new signer {:.3} s after the store write (server status; signer_change_spread 2 s included; aim < 5 s)",
         on_new.as_secs_f64()
     );
-    println!("    server RSS after rotation: {:.1} KiB per proxy", per_proxy(rss_kib(pid)));
+    println!(
+        "    server RSS after rotation: {:.1} KiB per proxy",
+        per_proxy(rss_kib(pid))
+    );
     for k in keep {
         k.abort();
     }
