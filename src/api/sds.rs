@@ -119,19 +119,28 @@ impl RootIds {
 /// bundle change, even when a replaced state file keeps its generation), then the generation.
 type RenderKey = (u64, crate::state::Generation);
 
-/// Trust resources rendered for one CA snapshot, shared by every stream.
+/// A trust resource rendered for one snapshot, with its version (a digest of its content).
+type Rendered = Arc<(Any, String)>;
+
+/// Trust resources rendered for one CA snapshot, shared by every stream: on a bundle change,
+/// 10,000 streams render and digest the bundle once, not once each.
 #[derive(Default)]
-struct RenderCache(std::sync::RwLock<(Option<RenderKey>, std::collections::HashMap<String, Any>)>);
+struct RenderCache(
+    std::sync::RwLock<(
+        Option<RenderKey>,
+        std::collections::HashMap<String, Rendered>,
+    )>,
+);
 
 impl RenderCache {
-    fn get(&self, generation: RenderKey, name: &str) -> Option<Any> {
+    fn get(&self, generation: RenderKey, name: &str) -> Option<Rendered> {
         let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
         (guard.0 == Some(generation))
             .then(|| guard.1.get(name).cloned())
             .flatten()
     }
 
-    fn put(&self, generation: RenderKey, name: &str, any: Any) {
+    fn put(&self, generation: RenderKey, name: &str, rendered: Rendered) {
         let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
         match guard.0 {
             // A stream still on an older snapshot does not evict the newer one.
@@ -139,7 +148,7 @@ impl RenderCache {
             Some(current) if current == generation => {}
             _ => *guard = (Some(generation), Default::default()),
         }
-        guard.1.insert(name.to_owned(), any);
+        guard.1.insert(name.to_owned(), rendered);
     }
 }
 
@@ -499,6 +508,23 @@ impl Workload {
 
     /// Takes a new CA snapshot; a new signer makes `default` due within the spread window, a
     /// tainted one at once (the renewer decides; the renewal itself runs from `changed`).
+    /// A trust resource and its version. They depend only on the snapshot: rendered and
+    /// digested once per snapshot for every stream, not per stream and per check.
+    fn trust_resource(&mut self, name: &str) -> Result<Option<Rendered>, Status> {
+        if !self.known(name) {
+            return Ok(None); // unknown, or no longer trusted: left out (delta: removed)
+        }
+        let generation = (self.snapshot.bundle.sequence(), self.snapshot.generation);
+        if let Some(r) = self.shared.rendered.get(generation, name) {
+            return Ok(Some(r));
+        }
+        let any = pack_any(self.render_secret(name)?);
+        let version = content_version(&any);
+        let r: Rendered = Arc::new((any, version));
+        self.shared.rendered.put(generation, name, r.clone());
+        Ok(Some(r))
+    }
+
     fn update_snapshot(&mut self, next: Arc<CaSnapshot>) {
         self.snapshot = next;
         let tainted = |s: &str| self.snapshot.tainted_signers.contains(s);
@@ -534,12 +560,8 @@ impl Workload {
                     }
                 }
             } else if !bundle_acked && self.is_own_bundle(name) {
-                let current = self
-                    .render(name)
-                    .ok()
-                    .flatten()
-                    .map(|a| content_version(&a));
-                if current.as_ref() == Some(version) {
+                let current = self.trust_resource(name).ok().flatten();
+                if current.is_some_and(|r| r.1 == *version) {
                     bundle_acked = true;
                 }
             }
@@ -589,25 +611,17 @@ impl ResourceSource for Workload {
         if name == DEFAULT {
             return Ok(Some(self.leaf()?.issued.serial.to_string()));
         }
-        Ok(self.render(name)?.map(|any| content_version(&any)))
+        Ok(self.trust_resource(name)?.map(|r| r.1.clone()))
     }
 
     fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
-        if !self.known(name) {
-            return Ok(None); // unknown, or no longer trusted: left out (delta: removed)
-        }
         if name == DEFAULT {
+            if !self.known(name) {
+                return Ok(None);
+            }
             return self.render_secret(name).map(|s| Some(pack_any(s)));
         }
-        // Trust resources depend only on the snapshot: rendered once per snapshot for every
-        // stream, not per stream and per check.
-        let generation = (self.snapshot.bundle.sequence(), self.snapshot.generation);
-        if let Some(any) = self.shared.rendered.get(generation, name) {
-            return Ok(Some(any));
-        }
-        let any = pack_any(self.render_secret(name)?);
-        self.shared.rendered.put(generation, name, any.clone());
-        Ok(Some(any))
+        Ok(self.trust_resource(name)?.map(|r| r.0.clone()))
     }
 
     fn changed<'a>(

@@ -94,47 +94,66 @@ impl Propagation {
     }
 
     /// Counts against the server's view now: `trusted` own root ids and the current `signer`.
+    /// The registry is locked while this runs, and every stream's ACK waits for that lock: so
+    /// nothing is allocated per stream (streams on one snapshot share one list of root ids,
+    /// counted once per list), and a laggard's reason is written only for the few shown.
     pub fn counts(&self, trusted: &[String], signer: &str) -> Counts {
         let streams = self.lock();
         let mut c = Counts {
             streams: streams.len(),
             ..Counts::default()
         };
+        let mut bundles: HashMap<*const String, (&Arc<[String]>, usize)> = HashMap::new();
+        let mut signers: HashMap<&str, usize> = HashMap::new();
         for e in streams.values() {
-            let mut lag = Vec::new();
+            let mut missing_root = None;
+            let mut behind_signer = false;
             if e.wants_bundle() {
                 c.bundle_streams += 1;
+                if let Some(b) = &e.bundle {
+                    bundles.entry(b.as_ptr()).or_insert((b, 0)).1 += 1;
+                }
                 let held = e.bundle.as_deref().unwrap_or_default();
-                for r in held {
-                    *c.roots.entry(r.clone()).or_default() += 1;
-                }
-                if let Some(missing) = trusted.iter().find(|t| !held.contains(t)) {
-                    lag.push(format!("bundle without root {missing}"));
-                }
+                missing_root = trusted.iter().find(|t| !held.contains(t));
             }
             if e.wants_leaf() {
                 c.leaf_streams += 1;
                 if let Some(s) = &e.signer {
-                    *c.signers.entry(s.clone()).or_default() += 1;
+                    *signers.entry(s.as_str()).or_default() += 1;
                 }
-                if e.signer.as_deref() != Some(signer) {
+                behind_signer = e.signer.as_deref() != Some(signer);
+            }
+            if missing_root.is_none() && !behind_signer {
+                continue;
+            }
+            c.laggard_count += 1;
+            if c.laggards.len() < LAGGARDS_SHOWN {
+                let mut lag = Vec::new();
+                if let Some(missing) = missing_root {
+                    lag.push(format!("bundle without root {missing}"));
+                }
+                if behind_signer {
                     lag.push(match &e.signer {
                         Some(s) => format!("leaf from signer {s}"),
                         None => "no leaf acknowledged".into(),
                     });
                 }
-            }
-            if !lag.is_empty() {
-                c.laggard_count += 1;
-                if c.laggards.len() < LAGGARDS_SHOWN {
-                    c.laggards.push(Laggard {
-                        peer: e.peer.clone(),
-                        pod: e.pod.clone(),
-                        why: lag.join("; "),
-                    });
-                }
+                c.laggards.push(Laggard {
+                    peer: e.peer.clone(),
+                    pod: e.pod.clone(),
+                    why: lag.join("; "),
+                });
             }
         }
+        for (held, n) in bundles.into_values() {
+            for r in held.iter() {
+                *c.roots.entry(r.clone()).or_default() += n;
+            }
+        }
+        c.signers = signers
+            .into_iter()
+            .map(|(s, n)| (s.to_owned(), n))
+            .collect();
         c.laggards.sort_by(|a, b| a.peer.cmp(&b.peer));
         c
     }

@@ -21,6 +21,131 @@ mod common;
 #[path = "server_proc.rs"]
 mod server_proc;
 
+/// An SDS client as lean as Envoy's per connection: TLS and HTTP/2 straight from rustls and h2,
+/// gRPC framing by hand, no tonic channel (whose buffer and reconnect tasks would make the load
+/// generator, not the server, the slowest part of a 10,000-proxy fan-out).
+mod lean {
+    use std::{net::SocketAddr, sync::Arc};
+
+    use bytes::{Buf, BufMut, Bytes, BytesMut};
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use meshid::api::SECRET_TYPE_URL;
+    use prost::Message;
+    use tonic::codegen::http;
+
+    pub fn client_config(root_pem: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(root_pem) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+
+    pub struct SdsStream {
+        names: Vec<String>,
+        send: h2::SendStream<Bytes>,
+        body: h2::RecvStream,
+        buf: BytesMut,
+    }
+
+    fn frame(req: &DiscoveryRequest) -> Bytes {
+        let mut b = BytesMut::with_capacity(5 + req.encoded_len());
+        b.put_u8(0);
+        b.put_u32(req.encoded_len() as u32);
+        req.encode(&mut b).unwrap();
+        b.freeze()
+    }
+
+    impl SdsStream {
+        /// Connects (TCP, TLS, HTTP/2) and opens StreamSecrets for `names`.
+        pub async fn open(
+            addr: SocketAddr,
+            tls: Arc<rustls::ClientConfig>,
+            token: &str,
+            names: &[&str],
+        ) -> Result<Self, String> {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (h2, conn) = h2::client::handshake(tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut h2 = h2.ready().await.map_err(|e| e.to_string())?;
+            let req = http::Request::post(
+                "https://localhost/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+            )
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap();
+            let (resp, mut send) = h2.send_request(req, false).map_err(|e| e.to_string())?;
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let first = DiscoveryRequest {
+                resource_names: names.clone(),
+                type_url: SECRET_TYPE_URL.into(),
+                ..Default::default()
+            };
+            send.send_data(frame(&first), false)
+                .map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            if resp.status() != 200 {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            Ok(Self {
+                names,
+                send,
+                body: resp.into_body(),
+                buf: BytesMut::new(),
+            })
+        }
+
+        /// The next response; `None` when the stream ends.
+        pub async fn next(&mut self) -> Option<DiscoveryResponse> {
+            loop {
+                if self.buf.len() >= 5 {
+                    let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                    if self.buf.len() >= 5 + len {
+                        self.buf.advance(5);
+                        let msg = self.buf.split_to(len);
+                        return DiscoveryResponse::decode(msg.freeze()).ok();
+                    }
+                }
+                let chunk = self.body.data().await?.ok()?;
+                let _ = self.body.flow_control().release_capacity(chunk.len());
+                self.buf.extend_from_slice(&chunk);
+            }
+        }
+
+        /// ACKs `resp` as Envoy does: same names, its version and nonce.
+        pub fn ack(&mut self, resp: &DiscoveryResponse) {
+            let ack = DiscoveryRequest {
+                resource_names: self.names.clone(),
+                type_url: SECRET_TYPE_URL.into(),
+                version_info: resp.version_info.clone(),
+                response_nonce: resp.nonce.clone(),
+                ..Default::default()
+            };
+            let _ = self.send.send_data(frame(&ack), false);
+        }
+    }
+}
+
 use common::arg;
 use server_proc::start_server;
 use std::{
@@ -28,10 +153,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use envoy_types::pb::envoy::service::{
-    discovery::v3::DiscoveryRequest,
-    secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
-};
 use meshid::{
     api::{
         client::{connect, BearerToken},
@@ -39,7 +160,6 @@ use meshid::{
             istio_certificate_service_client::IstioCertificateServiceClient,
             IstioCertificateRequest,
         },
-        SECRET_TYPE_URL,
     },
     ca::{cert, root, KeyType},
     identity::dev_issuer::{DevIssuer, TokenRequest},
@@ -47,7 +167,6 @@ use meshid::{
     state::{CaState, DirStore, StateStore},
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -173,10 +292,12 @@ fn main() {
             }
         };
         run(Duration::from_millis(500)).await; // warm-up: token cache, connections
+        let profile = perf_record(pid, "csr", budget.min(Duration::from_secs(5)));
         let cpu0 = cpu_secs(pid);
         let (mut lat, took) = run(budget).await;
         let server_cores = (cpu_secs(pid) - cpu0) / took.as_secs_f64();
         lat.sort();
+        finish_perf(profile);
         let issued = lat.len() as f64 / took.as_secs_f64();
         println!("meshid server benchmark (server process and load generator share 2 cores)");
         println!("  ring ECDSA P-256 sign (1 core)        {sign:>10.0} /s");
@@ -271,50 +392,30 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
     let rss_before = rss_kib(pid);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     let opened = Instant::now();
+    let addr: std::net::SocketAddr = server.grpc.trim_start_matches("https://").parse().unwrap();
+    let tls = lean::client_config(root_pem.as_bytes());
     let keep = rt.block_on(async {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(in_flight));
         let mut keep = Vec::new();
         for i in 0..n {
             let (tokens, seen_tx, handshakes) =
                 (tokens.clone(), seen_tx.clone(), handshakes.clone());
-            let (grpc, root_pem) = (server.grpc.clone(), root_pem.clone());
+            let tls = tls.clone();
             keep.push(tokio::spawn(async move {
                 let mut permit = Some(handshakes.acquire_owned().await.unwrap());
-                let ch = connect(&grpc, Some(root_pem.as_bytes()), "localhost")
+                let token = &tokens[i % tokens.len()];
+                let mut stream = lean::SdsStream::open(addr, tls, token, &["default", "ROOTCA"])
                     .await
                     .unwrap();
-                let auth = BearerToken::new(&tokens[i % tokens.len()], None).unwrap();
-                let mut client =
-                    SecretDiscoveryServiceClient::new(InterceptedService::new(ch, auth));
-                let names = vec!["default".to_string(), "ROOTCA".to_string()];
-                let (tx, rx) = mpsc::channel(4);
-                let first = DiscoveryRequest {
-                    resource_names: names.clone(),
-                    type_url: SECRET_TYPE_URL.into(),
-                    ..Default::default()
-                };
-                tx.send(first).await.unwrap();
-                let mut inbound = client
-                    .stream_secrets(ReceiverStream::new(rx))
-                    .await
-                    .unwrap()
-                    .into_inner();
                 let mut n = 0;
-                while let Ok(Some(resp)) = inbound.message().await {
+                while let Some(resp) = stream.next().await {
                     let at = Instant::now();
                     n += 1;
-                    let ack = DiscoveryRequest {
-                        resource_names: names.clone(),
-                        type_url: SECRET_TYPE_URL.into(),
-                        response_nonce: resp.nonce,
-                        version_info: resp.version_info,
-                        ..Default::default()
-                    };
-                    let _ = tx.send(ack).await;
+                    stream.ack(&resp);
                     if n == 1 {
+                        // The permit bounded the handshake; the rest of the stream is free.
                         permit.take();
                         let _ = seen_tx.send(Seen::Connected);
-                        // The permit bounded the handshake; the rest of the stream is free.
                         continue;
                     }
                     let _ = seen_tx.send(Seen::Update(i, at));
@@ -403,6 +504,12 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
+    let profile = perf_record(pid, "fanout", Duration::from_secs(2));
+    let client_profile = perf_record(std::process::id(), "fanout-client", Duration::from_secs(2));
+    if profile.is_some() {
+        std::thread::sleep(Duration::from_millis(700)); // perf is attached before the write
+    }
+    let (server_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(std::process::id()));
     let changed = Instant::now();
     let applied = rotation::apply(&store, &ctx(), |s, c| {
         rotation::prepare(s, Candidate::Generated(next), c)
@@ -411,11 +518,22 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
     let written = Instant::now();
     let new = applied.outcome.root;
     let (first, last) = wait_updates(&mut seen_rx, "bundle fan-out");
+    let (server_cpu, client_cpu) = (
+        cpu_secs(pid) - server_cpu0,
+        cpu_secs(std::process::id()) - client_cpu0,
+    );
+    finish_perf(profile);
+    finish_perf(client_profile);
     println!(
         "    bundle fan-out (a root prepared): every proxy has the new bundle {:.3} s after the store write (aim <= 0.250), first to last {:.3} s; store write took {:.3} s",
         (last - written).as_secs_f64(),
         (last - first).as_secs_f64(),
         (written - changed).as_secs_f64()
+    );
+    println!(
+        "      CPU during the fan-out: server {server_cpu:.2} s, load generator {client_cpu:.2} s ({:.0} + {:.0} us per proxy)",
+        server_cpu * 1e6 / n as f64,
+        client_cpu * 1e6 / n as f64
     );
     let acked = until("every proxy ACKs the new bundle", &|st| {
         st.root_propagated(&new).is_ok()
@@ -447,6 +565,34 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
         k.abort();
     }
     drop(server);
+}
+
+/// With `MESHID_BENCH_PERF_DIR` set: `perf record -g` on the server for `secs`, into
+/// `<dir>/<what>.data` (the profiles in the issue 13 note were taken this way).
+fn perf_record(pid: u32, what: &str, secs: Duration) -> Option<std::process::Child> {
+    let dir = std::env::var_os("MESHID_BENCH_PERF_DIR")?;
+    let out = std::path::Path::new(&dir).join(format!("{what}.data"));
+    std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(&out)
+        .args([
+            "-p",
+            &pid.to_string(),
+            "--",
+            "sleep",
+            &format!("{}", secs.as_secs_f64()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .inspect_err(|e| eprintln!("perf record: {e}"))
+        .ok()
+}
+
+fn finish_perf(child: Option<std::process::Child>) {
+    if let Some(mut c) = child {
+        let _ = c.wait();
+    }
 }
 
 fn st_signer(status: &meshid::rotation::HttpStatus) -> String {
