@@ -73,6 +73,13 @@ pub fn grpc_server_config(cert: Arc<RotatingCert>) -> Result<rustls::ServerConfi
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     // The server's order decides, as in Go's crypto/tls (istiod) and BoringSSL (Envoy).
     cfg.ignore_client_order = true;
+    // A reconnecting proxy resumes its session (no certificate, no signature) from one
+    // stateless ticket, as Go's crypto/tls server sends it: no per-session server memory, and
+    // no cache that 10,000 proxies would thrash (rustls' default: two tickets per connection,
+    // kept in a 256-entry cache).
+    cfg.ticketer = provider::Ticketer::new()?;
+    cfg.send_tls13_tickets = 1;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(cfg)
 }
 
@@ -295,14 +302,41 @@ mod suite_tests {
         panic!("handshake did not finish");
     }
 
-    /// Go's crypto/tls server (`handshake_server_tls13.go`, `defaultCipherSuitesTLS13`) walks
-    /// its own preference list, AES_128_GCM_SHA256 first; so does meshid's, even for a client
-    /// that lists AES_256_GCM_SHA384 first (rustls' default order).
+    /// A client that connects again resumes from the ticket of its first session (Go's
+    /// crypto/tls server: `sendSessionTickets` in `handshake_server_tls13.go`, one stateless
+    /// ticket). The ticket holds the session, not the server: 300 other proxies connecting in
+    /// between (more than rustls' default 256-entry session cache) do not evict it.
     #[test]
-    fn the_server_picks_aes_128_gcm_sha256_whatever_the_client_order() {
+    fn a_reconnecting_client_resumes_its_session() {
+        let (server, cert) = server_config();
+        let connect = |client: &Arc<rustls::ClientConfig>| {
+            let mut c = rustls::ClientConnection::new(
+                client.clone(),
+                ServerName::try_from("localhost").unwrap(),
+            )
+            .unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            handshake(&mut c, &mut s);
+            // The ticket follows the handshake.
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+            s.handshake_kind().unwrap()
+        };
+        use rustls::HandshakeKind::*;
+        let first = client_config(&cert);
+        assert_eq!(connect(&first), Full);
+        assert_eq!(connect(&first), Resumed);
+        for _ in 0..300 {
+            assert_eq!(connect(&client_config(&cert)), Full);
+        }
+        assert_eq!(connect(&first), Resumed);
+    }
+
+    fn server_config() -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let provider = crypto_provider();
-        let key = provider
+        let key = crypto_provider()
             .key_provider
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
                 ck.signing_key.serialize_der(),
@@ -310,24 +344,38 @@ mod suite_tests {
             .unwrap();
         let certified = Arc::new(CertifiedKey::new(vec![ck.cert.der().clone()], key));
         let server = grpc_server_config(Arc::new(RotatingCert::new(certified))).unwrap();
+        (Arc::new(server), ck.cert.der().clone())
+    }
+
+    /// A client with rustls' defaults (its own session cache) trusting `cert`.
+    fn client_config(cert: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        roots.add(cert.clone()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// Go's crypto/tls server (`handshake_server_tls13.go`, `defaultCipherSuitesTLS13`) walks
+    /// its own preference list, AES_128_GCM_SHA256 first; so does meshid's, even for a client
+    /// that lists AES_256_GCM_SHA384 first (rustls' default order).
+    #[test]
+    fn the_server_picks_aes_128_gcm_sha256_whatever_the_client_order() {
+        let (server, cert) = server_config();
+        let client = client_config(&cert);
         assert_eq!(
             client.crypto_provider().cipher_suites[0].suite(),
             rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
             "the client prefers AES-256"
         );
-        let mut c = rustls::ClientConnection::new(
-            Arc::new(client),
-            ServerName::try_from("localhost").unwrap(),
-        )
-        .unwrap();
-        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        let mut c =
+            rustls::ClientConnection::new(client, ServerName::try_from("localhost").unwrap())
+                .unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
         handshake(&mut c, &mut s);
         assert_eq!(
             s.negotiated_cipher_suite().unwrap().suite(),
