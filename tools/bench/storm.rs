@@ -35,7 +35,8 @@
 //! bench sets no `[limits]` of its own: the server runs on its defaults.
 //!
 //! Client side: one shared rustls client config (ring, ALPN h2) with session resumption OFF (a
-//! cold start has nothing to resume), so each connection is a full handshake.
+//! cold start has nothing to resume), so each connection is a full handshake; HTTP/2 and the
+//! gRPC framing straight from h2 and prost, as lean per connection as a workload's own proxy.
 //!
 //! Run: `cargo bench --bench storm` (after `--`: `--workloads 10000 --in-flight 256
 //! --modes es256,rs256,tokenreview --tokenreview-workloads 1000 --forged-share 0.2
@@ -63,13 +64,7 @@ use std::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use common::{arg, rate};
 use meshid::{
-    api::{
-        client::BearerToken,
-        istio::{
-            istio_certificate_service_client::IstioCertificateServiceClient,
-            IstioCertificateRequest,
-        },
-    },
+    api::istio::{IstioCertificateRequest, IstioCertificateResponse},
     ca::{cert, root, KeyType},
     identity::dev_issuer::{DevIssuer, TokenRequest},
     spiffe::TrustDomain,
@@ -82,7 +77,6 @@ use ring::{
 use rustls::{ClientConnection, ServerConnection};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use server_proc::{start_server_with, ServerProc};
-use tonic::{service::interceptor::InterceptedService, transport::Endpoint};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const TD: &str = "cluster.local";
@@ -385,30 +379,29 @@ fn raise_nofile() {
 
 // === the storm ===
 
-/// A fresh channel on its own TCP+TLS connection from `src`.
+/// A fresh TCP+TLS+HTTP/2 connection from `src`: rustls and h2 directly, as lean per
+/// connection as a workload's own proxy (a tonic channel would add its buffer and reconnect
+/// tasks, and the load generator, not the server, would set the pace of the storm).
 async fn connect(
     server: SocketAddr,
     src: IpAddr,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<tonic::transport::Channel, String> {
-    Endpoint::from_shared(format!("http://{server}"))
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let tls = tls.clone();
-            async move {
-                let sock = tokio::net::TcpSocket::new_v4()?;
-                sock.bind(SocketAddr::new(src, 0))?;
-                let tcp = sock.connect(server).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("localhost").unwrap();
-                let stream = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(SocketAddr::new(src, 0))
+        .map_err(|e| e.to_string())?;
+    let tcp = sock.connect(server).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
         .await
-        .map_err(|e| format!("{e:#}"))
+        .map_err(|e| e.to_string())?;
+    let (h2, conn) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    h2.ready().await.map_err(|e| e.to_string())
 }
 
 fn client_tls(root_pem: &str) -> Arc<rustls::ClientConfig> {
@@ -508,23 +501,70 @@ async fn one_workload(
     token: &str,
     csr: &str,
 ) -> Result<(Duration, Vec<String>), (tonic::Code, String)> {
+    use bytes::{BufMut, BytesMut};
+    use prost::Message;
     let t = Instant::now();
-    let ch = connect(addr, src, tls)
+    let unavailable = |what: &str, e: String| (tonic::Code::Unavailable, format!("{what}: {e}"));
+    let mut h2 = connect(addr, src, tls)
         .await
-        .map_err(|e| (tonic::Code::Unavailable, format!("connect: {e}")))?;
+        .map_err(|e| unavailable("connect", e))?;
     let connected = t.elapsed();
-    let auth = BearerToken::new(token, None).unwrap();
-    let mut client = IstioCertificateServiceClient::new(InterceptedService::new(ch, auth));
-    let req = IstioCertificateRequest {
+    let req = tonic::codegen::http::Request::post(
+        "https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {token}"))
+    .body(())
+    .unwrap();
+    let (resp, mut send) = h2
+        .send_request(req, false)
+        .map_err(|e| unavailable("send", e.to_string()))?;
+    let msg = IstioCertificateRequest {
         csr: csr.to_owned(),
         validity_duration: 0,
         metadata: None,
     };
-    client
-        .create_certificate(req)
+    let mut frame = BytesMut::with_capacity(5 + msg.encoded_len());
+    frame.put_u8(0);
+    frame.put_u32(msg.encoded_len() as u32);
+    msg.encode(&mut frame).unwrap();
+    send.send_data(frame.freeze(), true)
+        .map_err(|e| unavailable("send", e.to_string()))?;
+    let resp = resp
         .await
-        .map(|r| (connected, r.into_inner().cert_chain))
-        .map_err(|s| (s.code(), s.message().to_owned()))
+        .map_err(|e| unavailable("response", e.to_string()))?;
+    // A refusal comes as Trailers-Only (the status in the headers) or in the trailers.
+    let refused = |h: &tonic::codegen::http::HeaderMap| {
+        tonic::Status::from_header_map(h)
+            .filter(|s| s.code() != tonic::Code::Ok)
+            .map(|s| (s.code(), s.message().to_owned()))
+    };
+    if let Some(r) = refused(resp.headers()) {
+        return Err(r);
+    }
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| unavailable("body", e.to_string()))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+    }
+    match body.trailers().await {
+        Ok(Some(trailers)) => {
+            if let Some(r) = refused(&trailers) {
+                return Err(r);
+            }
+        }
+        Ok(None) => return Err(unavailable("trailers", "none".into())),
+        Err(e) => return Err(unavailable("trailers", e.to_string())),
+    }
+    if buf.len() < 5 {
+        return Err(unavailable("reply", "no message".into()));
+    }
+    let reply = IstioCertificateResponse::decode(&buf[5..])
+        .map_err(|e| unavailable("reply", e.to_string()))?;
+    Ok((connected, reply.cert_chain))
 }
 
 // === checks and report ===
