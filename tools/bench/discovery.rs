@@ -16,7 +16,7 @@ mod common;
 #[path = "server_proc.rs"]
 mod server_proc;
 
-use common::arg;
+use common::{arg, rss_kib};
 use server_proc::start_server;
 use std::{
     sync::{
@@ -45,15 +45,6 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// The generated mesh; `flipped` labels pod 1 of service 0 (which has none) for a sidecar.
 fn mesh(pods: usize, services: usize, namespaces: usize, flipped: bool) -> Value {

@@ -33,22 +33,6 @@ mod lean {
     use prost::Message;
     use tonic::codegen::http;
 
-    pub fn client_config(root_pem: &[u8]) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(root_pem) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(cfg)
-    }
-
     pub struct SdsStream {
         names: Vec<String>,
         send: h2::SendStream<Bytes>,
@@ -146,7 +130,7 @@ mod lean {
     }
 }
 
-use common::arg;
+use common::{arg, cpu_secs, percentile, rss_kib};
 use server_proc::start_server;
 use std::{
     sync::Arc,
@@ -168,35 +152,6 @@ use meshid::{
 };
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) the process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15), in USER_HZ = 100
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn main() {
     let budget = Duration::from_secs_f64(arg("--seconds", 5.0));
@@ -226,17 +181,7 @@ fn main() {
     .unwrap();
     let server = start_server(dir.path(), &issuer_dir, "");
     let pid = server.child.id();
-    let token = |i: usize| {
-        let req = TokenRequest {
-            namespace: "bench".into(),
-            service_account: format!("sa-{i}"),
-            audiences: vec!["istio-ca".into()],
-            ttl: Duration::from_secs(7200),
-            pod: None,
-        };
-        issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap()
-    };
-    let tokens: Vec<String> = (0..100).map(token).collect();
+    let tokens = bench_tokens(&issuer, 100);
     let csrs: Vec<String> = (0..512)
         .map(|_| {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -352,20 +297,7 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
     let server = start_server(dir.path(), &issuer_dir, "");
     let pid = server.child.id();
     let status = HttpStatus::new(&server.http).unwrap();
-    let tokens: Arc<Vec<String>> = Arc::new(
-        (0..100)
-            .map(|i| {
-                let req = TokenRequest {
-                    namespace: "bench".into(),
-                    service_account: format!("sa-{i}"),
-                    audiences: vec!["istio-ca".into()],
-                    ttl: Duration::from_secs(7200),
-                    pod: None,
-                };
-                issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap()
-            })
-            .collect(),
-    );
+    let tokens = Arc::new(bench_tokens(&issuer, 100));
     let ctx = || {
         Ctx::new(
             meshid::state::Actor::user("bench", "localhost"),
@@ -393,7 +325,7 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     let opened = Instant::now();
     let addr: std::net::SocketAddr = server.grpc.trim_start_matches("https://").parse().unwrap();
-    let tls = lean::client_config(root_pem.as_bytes());
+    let tls = common::client_tls(root_pem.as_bytes(), true);
     let keep = rt.block_on(async {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(in_flight));
         let mut keep = Vec::new();
@@ -593,6 +525,22 @@ fn finish_perf(child: Option<std::process::Child>) {
     if let Some(mut c) = child {
         let _ = c.wait();
     }
+}
+
+/// `n` tokens of distinct service accounts in namespace `bench`, for the CA's audience.
+fn bench_tokens(issuer: &DevIssuer, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let req = TokenRequest {
+                namespace: "bench".into(),
+                service_account: format!("sa-{i}"),
+                audiences: vec!["istio-ca".into()],
+                ttl: Duration::from_secs(7200),
+                pod: None,
+            };
+            issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap()
+        })
+        .collect()
 }
 
 fn st_signer(status: &meshid::rotation::HttpStatus) -> String {

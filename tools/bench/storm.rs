@@ -62,7 +62,7 @@ use std::{
 };
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use common::{arg, rate};
+use common::{arg, cpu_secs, percentile, rate};
 use meshid::{
     api::istio::{IstioCertificateRequest, IstioCertificateResponse},
     ca::{cert, root, KeyType},
@@ -404,23 +404,6 @@ async fn connect(
     h2.ready().await.map_err(|e| e.to_string())
 }
 
-fn client_tls(root_pem: &str) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Arc::new(cfg)
-}
-
 /// Workload `i`'s source address: its own (127.1.x.y), or 127.0.0.1 for all.
 fn source(i: usize, one_ip: bool) -> IpAddr {
     if one_ip {
@@ -436,7 +419,7 @@ fn source(i: usize, one_ip: bool) -> IpAddr {
 
 async fn storm(server: &ServerProc, root_pem: &str, w: &[Workload], opts: &Opts) -> Storm {
     let addr: SocketAddr = server.grpc.trim_start_matches("https://").parse().unwrap();
-    let tls = client_tls(root_pem);
+    let tls = common::client_tls(root_pem.as_bytes(), false);
     let w: Arc<Vec<(String, String)>> =
         Arc::new(w.iter().map(|w| (w.token.clone(), w.csr.clone())).collect());
     let next = Arc::new(AtomicUsize::new(0));
@@ -625,13 +608,6 @@ fn check_chain(chain: &[String], id: &str, root: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// The kernel's `TcpExt: ListenOverflows` (connections dropped because a listener's accept
 /// queue was full).
 fn listen_overflows() -> u64 {
@@ -646,22 +622,6 @@ fn listen_overflows() -> u64 {
         .find(|(n, _)| *n == "ListenOverflows")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) the process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15), in USER_HZ = 100
 }
 
 /// `meshid_certs_issued_total{api="csr"}` from the server's /metrics (0 before the first).
@@ -695,7 +655,7 @@ async fn run_and_report(
     opts: &Opts,
 ) -> f64 {
     let root_pem = std::fs::read_to_string(dir.join("root.pem")).unwrap();
-    let tls = client_tls(&root_pem);
+    let tls = common::client_tls(root_pem.as_bytes(), false);
     let c = ceiling(mode, server, dir, tls.clone(), w, opts.budget).await;
     let before = issued_metric(server).await;
     let s = storm(server, &root_pem, w, opts).await;
