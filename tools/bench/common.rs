@@ -109,18 +109,29 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// A client TLS config (ring, ALPN h2) trusting the roots in `root_pem`; `resume` keeps
 /// rustls' session cache, off for a cold start where every handshake is a full one.
 pub fn client_tls(root_pem: &[u8], resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
+    client_tls_with_suites(root_pem, resume, None)
+}
+
+/// [`client_tls`] offering only `suite` (when given).
+pub fn client_tls_with_suites(
+    root_pem: &[u8],
+    resume: bool,
+    suite: Option<rustls::SupportedCipherSuite>,
+) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(only) = suite {
+        provider.cipher_suites = vec![only];
+    }
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem) {
         roots.add(c.expect("root PEM")).expect("root certificate");
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     if !resume {
         cfg.resumption = rustls::client::Resumption::disabled();
