@@ -199,6 +199,29 @@ pub fn start_kube_source(
     let (tx, rx) = watch::channel(Arc::new(MeshObjects::default()));
     let watchers: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     tasks.push(tokio::spawn(async move {
+        // Nothing is published until the kinds every decision needs have had their first full
+        // list, as istiod serves only once its informers have synced (`HasSynced`): otherwise
+        // an endpoint could be served before its pod, without its sidecar label, and a client
+        // would pick plaintext toward a sidecar. (Istio's CRDs may be absent from a cluster,
+        // so their kinds are not waited for.)
+        let core_synced = async {
+            let _ = tokio::join!(
+                pods.wait_until_ready(),
+                services.wait_until_ready(),
+                slices.wait_until_ready(),
+                namespaces.wait_until_ready(),
+            );
+        };
+        let synced = tokio::select! {
+            () = core_synced => true,
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if !synced {
+            for w in &watchers {
+                w.abort();
+            }
+            return;
+        }
         loop {
             tokio::select! {
                 c = changes.recv() => if c.is_none() { break },

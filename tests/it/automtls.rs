@@ -1110,6 +1110,37 @@ mod multi_cluster {
         server.running.shutdown().await;
     }
 
+    /// An endpoint is never served before its pod is known: with the Pod list slow to answer,
+    /// the first EDS answer already carries the sidecar's tlsMode (istiod serves once its
+    /// informers have synced: `HasSynced`). Before, the EndpointSlice alone was published and a
+    /// client saw the endpoint without tlsMode, so it would pick plaintext toward a sidecar.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_endpoint_is_served_before_its_pod_is_listed() {
+        let primary = FakeApiServer::start().await;
+        cluster_objects(&primary, "web-a", Side::Sidecar);
+        primary.set_list_delay("/api/v1/pods", Duration::from_millis(1500));
+        let dir = tempfile::tempdir().unwrap();
+        let kp = kubeconfig(dir.path(), "p", &primary);
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kp),
+                ..Default::default()
+            })
+        })
+        .await;
+        let first = eds_until(&server, |s| !s.is_empty()).await;
+        assert_eq!(
+            first,
+            [(
+                "Kubernetes".into(),
+                "10.1.0.1".into(),
+                Some("istio".into()),
+                false
+            )]
+        );
+        server.running.shutdown().await;
+    }
+
     /// The live source watches ServiceEntries and WorkloadEntries too: a VM registered while
     /// the server runs is served over EDS with its tlsMode.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,8 @@ pub struct Shared {
     pub tokenreview_calls: AtomicUsize,
     pub last_review: Mutex<Option<Value>>,
     pub delay: Mutex<Duration>,
+    /// Collections (e.g. `/api/v1/pods`) whose list answers only after this long.
+    pub list_delay: Mutex<std::collections::HashMap<String, Duration>>,
     pub jwks: Mutex<Value>,
     pub jwks_fetches: AtomicUsize,
     /// Discovery and JWKS answer 401 without the kubeconfig's bearer token.
@@ -290,6 +292,7 @@ impl FakeApiServer {
             tokenreview_calls: AtomicUsize::new(0),
             last_review: Mutex::new(None),
             delay: Mutex::new(Duration::ZERO),
+            list_delay: Mutex::default(),
             jwks: Mutex::new(json!({"keys": []})),
             jwks_fetches: AtomicUsize::new(0),
             discovery_requires_auth: Default::default(),
@@ -342,6 +345,15 @@ impl FakeApiServer {
     }
 
     /// Delays every TokenReview answer.
+    /// Lists of `collection` (e.g. `/api/v1/pods`) answer only after `d`: one kind syncs late.
+    pub fn set_list_delay(&self, collection: &str, d: Duration) {
+        self.shared
+            .list_delay
+            .lock()
+            .unwrap()
+            .insert(collection.into(), d);
+    }
+
     pub fn set_delay(&self, d: Duration) {
         *self.shared.delay.lock().unwrap() = d;
     }
@@ -538,11 +550,14 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
             None => (path.clone(), None),
         };
         if let Some((p, _, kind)) = COLLECTIONS.iter().find(|(p, _, _)| *p == collection) {
-            return Ok(if query_param(&query, "watch") == Some("true") {
-                watch(&s, p, &query, ns)
-            } else {
-                list(&s, p, kind, ns.as_deref())
-            });
+            if query_param(&query, "watch") == Some("true") {
+                return Ok(watch(&s, p, &query, ns));
+            }
+            let delay = s.list_delay.lock().unwrap().get(*p).copied();
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            return Ok(list(&s, p, kind, ns.as_deref()));
         }
     }
     Ok(match (method, path.as_str()) {
