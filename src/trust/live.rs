@@ -271,11 +271,9 @@ mod tests {
         let mut rx = live.subscribe();
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(live.clone().watch_store(Duration::from_secs(3600), stop_rx));
-        // Let the watch be set up before the write.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         std::fs::write(dir.path().join("unrelated"), b"x").unwrap();
-        let current = store.load_existing().unwrap();
-        let mut next = current.state.clone();
+        let before = store.load_existing().unwrap();
+        let mut next = before.state.clone();
         let td = next.trust_domain.clone();
         let extra = root::generate_root(
             &td,
@@ -292,14 +290,25 @@ mod tests {
             None,
             None,
         ));
-        let written = store
-            .compare_and_swap(Some(current.generation), &next)
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(30), rx.changed())
-            .await
-            .expect("applied long before the hourly poll")
-            .unwrap();
-        assert_eq!(live.current().generation, written);
+        // The watch is set up once the task runs; a write before that goes unseen (only the
+        // hourly poll would find it), so write again, a new generation each time, until one is
+        // applied. On a busy machine that may take a few rounds; with polling only, none is.
+        let mut applied = false;
+        for _ in 0..30 {
+            let current = store.load_existing().unwrap();
+            store
+                .compare_and_swap(Some(current.generation), &next)
+                .unwrap();
+            if tokio::time::timeout(Duration::from_secs(1), rx.changed())
+                .await
+                .is_ok()
+            {
+                applied = true;
+                break;
+            }
+        }
+        assert!(applied, "no write applied within 30 s; the poll is an hour");
+        assert!(live.current().generation > before.generation);
         stop_tx.send(true).unwrap();
         task.await.unwrap();
     }
