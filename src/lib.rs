@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod demo;
 pub mod discovery;
 pub mod duration;
+pub mod fswatch;
 pub mod identity;
 pub mod net;
 pub mod rotation;

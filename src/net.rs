@@ -1,9 +1,105 @@
-//! TCP listeners with the accept backlog Go (and so istiod) uses, instead of mio's 128: a
-//! cold-start storm of proxies must wait in the kernel's queue, not be dropped and retry.
+//! Listeners: TCP with the accept backlog Go (and so istiod) uses, instead of mio's 128 (a
+//! cold-start storm of proxies must wait in the kernel's queue, not be dropped and retry), and
+//! the one accept loop every listener runs: a connection cap, and backoff on exhaustion.
 
-use std::{net::SocketAddr, sync::OnceLock};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
+};
+
+use crate::telemetry::stopping;
+
+/// A listener the accept loop can take connections from.
+pub trait Accept: Send + 'static {
+    type Conn: Send + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+/// Accepts connections while fewer than `max_connections` are open, until `stop` fires: at the
+/// cap the loop stops accepting, so further clients wait in the kernel's backlog. Accept errors
+/// from resource exhaustion (EMFILE) back off instead of spinning. `handle` takes each
+/// connection with its slot (the connection holds it until it closes); it returns false when
+/// nobody takes connections any more.
+pub async fn accept_loop<L, F, Fut>(
+    listener: L,
+    max_connections: usize,
+    what: &'static str,
+    mut stop: watch::Receiver<bool>,
+    mut handle: F,
+) where
+    L: Accept,
+    F: FnMut(L::Conn, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = stopping(&mut stop) => return,
+        };
+        let conn = tokio::select! {
+            r = listener.accept_one() => match r {
+                Ok(conn) => { backoff.reset(); conn }
+                Err(e) => { backoff.wait(&e, what).await; continue; }
+            },
+            () = stopping(&mut stop) => return,
+        };
+        if !handle(conn, permit).await {
+            return;
+        }
+    }
+}
+
+/// Backoff for accept errors: a process out of file descriptors (EMFILE/ENFILE) or memory gets
+/// the same error at once on every retry, so retrying in a loop would spin a core.
+#[derive(Default)]
+pub struct AcceptBackoff(std::time::Duration);
+
+impl AcceptBackoff {
+    /// Waits after an accept error: 5 ms doubling up to 1 s for resource exhaustion; nothing
+    /// for errors of one connection (aborted or reset before accept).
+    pub async fn wait(&mut self, e: &std::io::Error, listener: &str) {
+        use std::io::ErrorKind::*;
+        if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
+            return;
+        }
+        self.0 = (self.0 * 2).clamp(
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_secs(1),
+        );
+        tracing::warn!(error = %e, listener, backoff_ms = self.0.as_millis() as u64, "accept failed; backing off");
+        tokio::time::sleep(self.0).await;
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = std::time::Duration::ZERO;
+    }
+
+    /// The current delay (for tests).
+    pub fn current(&self) -> std::time::Duration {
+        self.0
+    }
+}
 
 /// The backlog when the kernel's limit cannot be read (Linux's `somaxconn` default since 5.4).
 pub const FALLBACK_BACKLOG: u32 = 4096;
@@ -149,5 +245,34 @@ mod tests {
         if let Ok(v6) = bind_tcp("[::1]:0".parse().unwrap()) {
             assert!(v6.local_addr().unwrap().is_ipv6());
         }
+    }
+
+    /// EMFILE used to be retried at once, forever: a spinning accept loop.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_from_exhaustion_back_off_and_per_connection_ones_do_not() {
+        let mut b = AcceptBackoff::default();
+        let emfile = std::io::Error::from_raw_os_error(24);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let t = tokio::time::Instant::now();
+            b.wait(&emfile, "test").await;
+            waits.push(t.elapsed());
+        }
+        assert_eq!(waits[0], std::time::Duration::from_millis(5));
+        assert_eq!(waits[1], std::time::Duration::from_millis(10));
+        assert_eq!(
+            *waits.last().unwrap(),
+            std::time::Duration::from_secs(1),
+            "capped"
+        );
+        let t = tokio::time::Instant::now();
+        b.wait(
+            &std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+            "test",
+        )
+        .await;
+        assert!(t.elapsed().is_zero());
+        b.reset();
+        assert!(b.current().is_zero());
     }
 }

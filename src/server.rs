@@ -17,7 +17,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpListener,
-    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    sync::{watch, OwnedSemaphorePermit},
     task::JoinHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,7 +42,7 @@ use crate::{
     rotation::{Issued, Propagation, Renewer, SignerView},
     spiffe::{SpiffeId, TrustDomain},
     state::DirStore,
-    telemetry::{serve_http, stopping, AcceptBackoff, Health, HttpLimits, Metrics},
+    telemetry::{serve_http, stopping, Health, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
     trust::{federation::FederationStatus, federation_run, CaSnapshot, LiveCa, LiveCaError},
 };
@@ -473,61 +473,25 @@ async fn discovery_gauges(
 
 type TlsConn = Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
-/// A listener the accept loop can take connections from.
-trait Accept: Send + 'static {
-    type Conn: Send + 'static;
-    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
-}
-
-impl Accept for TcpListener {
-    type Conn = tokio::net::TcpStream;
-    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
-        self.accept().await.map(|(c, _)| c)
-    }
-}
-
-impl Accept for tokio::net::UnixListener {
-    type Conn = tokio::net::UnixStream;
-    async fn accept_one(&self) -> std::io::Result<Self::Conn> {
-        self.accept().await.map(|(c, _)| c)
-    }
-}
-
-/// Accepts connections while fewer than `max_connections` are open: at the cap the loop stops
-/// accepting, so further clients wait in the kernel's backlog. Accept errors from resource
-/// exhaustion (EMFILE) back off instead of spinning. `handle` takes each connection with its
-/// slot; it returns false when nobody takes connections any more.
+/// Runs [`crate::net::accept_loop`] on its own task.
 fn spawn_accept_loop<L, F, Fut>(
     listener: L,
     max_connections: usize,
     what: &'static str,
-    mut stop: watch::Receiver<bool>,
-    mut handle: F,
+    stop: watch::Receiver<bool>,
+    handle: F,
 ) where
-    L: Accept,
+    L: crate::net::Accept,
     F: FnMut(L::Conn, OwnedSemaphorePermit) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    tokio::spawn(async move {
-        let mut backoff = AcceptBackoff::default();
-        loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = stopping(&mut stop) => return,
-            };
-            let conn = tokio::select! {
-                r = listener.accept_one() => match r {
-                    Ok(conn) => { backoff.reset(); conn }
-                    Err(e) => { backoff.wait(&e, what).await; continue; }
-                },
-                () = stopping(&mut stop) => return,
-            };
-            if !handle(conn, permit).await {
-                return;
-            }
-        }
-    });
+    tokio::spawn(crate::net::accept_loop(
+        listener,
+        max_connections,
+        what,
+        stop,
+        handle,
+    ));
 }
 
 /// Accepts TCP connections (at most `limits.max_connections`) and completes TLS handshakes off

@@ -265,25 +265,12 @@ pub async fn serve_http(
     metrics: Arc<Metrics>,
     health: Arc<dyn Health>,
     limits: HttpLimits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        // At the connection cap, stop accepting: further clients wait in the kernel's backlog.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = stopping(&mut stop) => return,
-        };
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => { backoff.reset(); tcp }
-                Err(e) => { backoff.wait(&e, "HTTP").await; continue }
-            },
-            () = stopping(&mut stop) => return,
-        };
+    let conn_stop = stop.clone();
+    crate::net::accept_loop(listener, limits.max_connections, "HTTP", stop, move |tcp, permit| {
         let (metrics, health) = (metrics.clone(), health.clone());
-        let mut stop = stop.clone();
+        let mut stop = conn_stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -328,7 +315,9 @@ pub async fn serve_http(
                 }
             }
         });
-    }
+        std::future::ready(true)
+    })
+    .await;
 }
 
 /// Completes when `stop` turns true (or its sender is gone).
@@ -342,37 +331,6 @@ pub struct HttpLimits {
     pub header_read_timeout: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub max_connections: usize,
-}
-
-/// Backoff for accept errors: a process out of file descriptors (EMFILE/ENFILE) or memory gets
-/// the same error at once on every retry, so retrying in a loop would spin a core.
-#[derive(Default)]
-pub struct AcceptBackoff(std::time::Duration);
-
-impl AcceptBackoff {
-    /// Waits after an accept error: 5 ms doubling up to 1 s for resource exhaustion; nothing
-    /// for errors of one connection (aborted or reset before accept).
-    pub async fn wait(&mut self, e: &std::io::Error, listener: &str) {
-        use std::io::ErrorKind::*;
-        if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
-            return;
-        }
-        self.0 = (self.0 * 2).clamp(
-            std::time::Duration::from_millis(5),
-            std::time::Duration::from_secs(1),
-        );
-        tracing::warn!(error = %e, listener, backoff_ms = self.0.as_millis() as u64, "accept failed; backing off");
-        tokio::time::sleep(self.0).await;
-    }
-
-    pub fn reset(&mut self) {
-        self.0 = std::time::Duration::ZERO;
-    }
-
-    /// The current delay (for tests).
-    pub fn current(&self) -> std::time::Duration {
-        self.0
-    }
 }
 
 /// A connection that remembers when it last read or wrote, so an idle one can be closed.
@@ -503,34 +461,5 @@ mod tests {
         );
         assert!(!use_colour(true, Some(std::ffi::OsStr::new("1"))));
         assert!(use_colour(true, Some(std::ffi::OsStr::new(""))));
-    }
-
-    /// EMFILE used to be retried at once, forever: a spinning accept loop.
-    #[tokio::test(start_paused = true)]
-    async fn accept_errors_from_exhaustion_back_off_and_per_connection_ones_do_not() {
-        let mut b = AcceptBackoff::default();
-        let emfile = std::io::Error::from_raw_os_error(24);
-        let mut waits = Vec::new();
-        for _ in 0..10 {
-            let t = tokio::time::Instant::now();
-            b.wait(&emfile, "test").await;
-            waits.push(t.elapsed());
-        }
-        assert_eq!(waits[0], std::time::Duration::from_millis(5));
-        assert_eq!(waits[1], std::time::Duration::from_millis(10));
-        assert_eq!(
-            *waits.last().unwrap(),
-            std::time::Duration::from_secs(1),
-            "capped"
-        );
-        let t = tokio::time::Instant::now();
-        b.wait(
-            &std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
-            "test",
-        )
-        .await;
-        assert!(t.elapsed().is_zero());
-        b.reset();
-        assert!(b.current().is_zero());
     }
 }

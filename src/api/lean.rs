@@ -15,7 +15,9 @@ use std::{
 
 use envoy_types::pb::envoy::service::{
     discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
-    secret::v3::secret_discovery_service_server::SecretDiscoveryService,
+    secret::v3::secret_discovery_service_server::{
+        SecretDiscoveryService, SecretDiscoveryServiceServer,
+    },
 };
 use tonic::{
     body::Body,
@@ -80,7 +82,8 @@ impl SdsServer {
 }
 
 impl NamedService for SdsServer {
-    const NAME: &'static str = "envoy.service.secret.v3.SecretDiscoveryService";
+    // The generated server's name, so both route the same service.
+    const NAME: &'static str = <SecretDiscoveryServiceServer<SdsService> as NamedService>::NAME;
 }
 
 fn grpc<E, D>(max_decoding: usize) -> Grpc<SmallCodec<E, D>>
@@ -136,7 +139,12 @@ where
                     Ok(grpc(max).unary(method, req).await)
                 })
             }
-            _ => Box::pin(async move { Ok(Status::unimplemented("").into_http()) }),
+            other => {
+                let why = format!(
+                    "{other} is not a method of SDS here; it serves StreamSecrets, DeltaSecrets and FetchSecrets"
+                );
+                Box::pin(async move { Ok(Status::unimplemented(why).into_http()) })
+            }
         }
     }
 }

@@ -240,9 +240,27 @@ trait Flavour: Send + 'static {
 
 enum Step<T> {
     Request(T),
+    /// A request that could not be read (too large, malformed): the stream ends with its status.
+    Unreadable(Status),
     Changed,
     Closed,
     Stop,
+}
+
+/// The status a stream ends with when a request cannot be read, as grpc-go's server returns
+/// the error of `RecvMsg`: a message above the limit is RESOURCE_EXHAUSTED (grpc-go
+/// `recvAndDecompress`: "received message larger than max"; tonic's decoder says OUT_OF_RANGE),
+/// naming the key that sets the limit. Before, the stream just ended with OK and the client
+/// never learned why.
+fn unreadable(status: Status) -> Status {
+    use tonic::Code::{OutOfRange, ResourceExhausted};
+    if matches!(status.code(), OutOfRange | ResourceExhausted) {
+        return Status::resource_exhausted(format!(
+            "{}; the server's limit is limits.xds_max_request_bytes",
+            status.message()
+        ));
+    }
+    status
 }
 
 /// Serves one stream until the client leaves, the source is gone, or the server stops.
@@ -259,7 +277,8 @@ async fn drive<F: Flavour>(
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => Step::Request(req),
-                    Ok(None) | Err(_) => Step::Closed,
+                    Ok(None) => Step::Closed,
+                    Err(status) => Step::Unreadable(status),
                 },
                 alive = res.changed(subscribed) => if alive { Step::Changed } else { Step::Closed },
                 _ = tx.closed() => Step::Closed,
@@ -270,6 +289,7 @@ async fn drive<F: Flavour>(
         let result = match step {
             Step::Request(req) => Box::pin(f.on_request(req)).await,
             Step::Changed => Box::pin(f.on_change(Instant::now())).await,
+            Step::Unreadable(status) => Err(unreadable(status)),
             Step::Closed => return,
             Step::Stop => Err(Status::unavailable("meshid is shutting down; reconnect")),
         };

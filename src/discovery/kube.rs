@@ -204,18 +204,16 @@ pub fn start_kube_source(
         // an endpoint could be served before its pod, without its sidecar label, and a client
         // would pick plaintext toward a sidecar. (Istio's CRDs may be absent from a cluster,
         // so their kinds are not waited for.)
-        let core_synced = async {
-            let _ = tokio::join!(
-                pods.wait_until_ready(),
-                services.wait_until_ready(),
-                slices.wait_until_ready(),
-                namespaces.wait_until_ready(),
-            );
-        };
-        let synced = tokio::select! {
-            () = core_synced => true,
-            _ = stop.wait_for(|s| *s) => false,
-        };
+        let synced = core_synced(
+            [
+                ("Pod", Box::pin(pods.wait_until_ready())),
+                ("Service", Box::pin(services.wait_until_ready())),
+                ("EndpointSlice", Box::pin(slices.wait_until_ready())),
+                ("Namespace", Box::pin(namespaces.wait_until_ready())),
+            ],
+            &mut stop,
+        )
+        .await;
         if !synced {
             for w in &watchers {
                 w.abort();
@@ -262,6 +260,45 @@ pub fn start_kube_source(
         }
     }));
     (rx, tasks)
+}
+
+/// A store's first full list, as `Store::wait_until_ready` gives it.
+type Ready<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), reflector::store::WriterDropped>> + Send + 'a>,
+>;
+
+/// Waits until every store in `kinds` has had its first full list (true), or `stop` fires
+/// (false). Every 10 s it warns which kinds are still missing, since discovery serves nothing
+/// until then: an API server that refuses to list them (RBAC) shows up here.
+async fn core_synced<const N: usize>(
+    kinds: [(&'static str, Ready<'_>); N],
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut pending: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+    let mut waits: futures::stream::FuturesUnordered<_> = kinds
+        .into_iter()
+        .map(|(kind, ready)| async move {
+            let _ = ready.await;
+            kind
+        })
+        .collect();
+    let mut warn = tokio::time::interval(Duration::from_secs(10));
+    warn.tick().await;
+    loop {
+        tokio::select! {
+            Some(kind) = waits.next() => {
+                pending.retain(|k| *k != kind);
+                if pending.is_empty() {
+                    return true;
+                }
+            }
+            _ = warn.tick() => tracing::warn!(
+                kinds = ?pending,
+                "discovery serves no endpoints until these kinds have been listed once; check that the API server answers and RBAC allows list and watch"
+            ),
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
 }
 
 /// Lists every object once (for `meshid describe --kubeconfig`). Absent Istio CRDs are empty.

@@ -29,16 +29,27 @@ impl SnapshotSource {
         self.tx.subscribe()
     }
 
-    /// Re-reads the file whenever its modification time changes; a file that fails to parse
-    /// keeps the last good objects in service.
+    /// Re-reads the file whenever its modification time changes: watched, and checked at least
+    /// every `interval` (for a watch that misses events or cannot be set up). A file that fails
+    /// to parse keeps the last good objects in service.
     pub async fn watch_file(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let mut seen = mtime(&self.path);
+        let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let _watcher = crate::fswatch::watch_file(&self.path, wake_tx)
+            .inspect_err(|e| {
+                tracing::warn!(path = %self.path.display(), error = %e, poll = ?interval, "the discovery snapshot cannot be watched; changes are picked up by polling only")
+            })
+            .ok();
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+            let woke = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                Some(()) = wake_rx.recv() => true,
                 _ = stop.wait_for(|s| *s) => return,
-            }
+            };
+            // A file written in place (truncate, then write) wakes us mid-write: read it once
+            // it has been quiet for a moment, not half-written.
+            while woke && tokio::time::timeout(SETTLE, wake_rx.recv()).await.is_ok() {}
             let now = mtime(&self.path);
             if now == seen {
                 continue;
@@ -56,6 +67,9 @@ impl SnapshotSource {
         }
     }
 }
+
+/// How long a watched snapshot must be quiet before it is read.
+const SETTLE: Duration = Duration::from_millis(100);
 
 fn read(path: &PathBuf) -> Result<Arc<MeshObjects>, DiscoveryError> {
     let bytes = std::fs::read(path)
@@ -134,4 +148,47 @@ pub fn spawn_view(
         }
     });
     (rx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rewritten snapshot file is applied when it is written, not at the next poll (an hour
+    /// here). The watch is set up once the task runs, so the file is rewritten until a change
+    /// is seen; with polling only, none would be.
+    #[tokio::test]
+    async fn a_rewritten_snapshot_is_applied_without_waiting_for_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let example = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/examples/mixed-traffic.yaml"),
+        )
+        .unwrap();
+        std::fs::write(&path, b"[]").unwrap();
+        let source = SnapshotSource::load(path.clone()).unwrap();
+        let mut rx = source.subscribe();
+        assert!(rx.borrow_and_update().services.is_empty());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(source.watch_file(Duration::from_secs(3600), stop_rx));
+        let mut applied = false;
+        for _ in 0..30 {
+            std::fs::write(&path, &example).unwrap();
+            if tokio::time::timeout(Duration::from_secs(1), rx.changed())
+                .await
+                .is_ok()
+            {
+                applied = true;
+                break;
+            }
+        }
+        assert!(
+            applied,
+            "no rewrite applied within 30 s; the poll is an hour"
+        );
+        assert!(!rx.borrow().services.is_empty());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
 }

@@ -29,7 +29,6 @@ use tokio::{net::TcpListener, sync::watch};
 use super::{spiffe_bundle::SpiffeBundle, CaSnapshot};
 use crate::{
     ca::{cert, PrivateKey},
-    telemetry::stopping,
     tls::crypto_provider,
 };
 
@@ -142,7 +141,7 @@ pub async fn serve(
     resolver: Arc<dyn ResolvesServerCert>,
     live: watch::Receiver<Arc<CaSnapshot>>,
     refresh_hint: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let mut tls = match rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
@@ -156,42 +155,34 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let cache: Arc<Mutex<Option<Rendered>>> = Arc::default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = stopping(&mut stop) => return,
-        };
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "bundle endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stopping(&mut stop) => return,
-        };
-        let (acceptor, live, cache) = (acceptor.clone(), live.clone(), cache.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let conn = async move {
-                let tls = acceptor.accept(tcp).await.ok()?;
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let resp = respond(&req, &live, &cache, refresh_hint);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await
-                    .ok()
-            };
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-        });
-    }
+    crate::net::accept_loop(
+        listener,
+        MAX_CONNECTIONS,
+        "bundle endpoint",
+        stop,
+        move |tcp, permit| {
+            let (acceptor, live, cache) = (acceptor.clone(), live.clone(), cache.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let conn = async move {
+                    let tls = acceptor.accept(tcp).await.ok()?;
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let resp = respond(&req, &live, &cache, refresh_hint);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await
+                        .ok()
+                };
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            });
+            std::future::ready(true)
+        },
+    )
+    .await;
 }
 
 fn respond(

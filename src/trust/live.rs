@@ -2,7 +2,7 @@
 //! `watch` channel whenever the store's generation moves. The store's file is watched (inotify
 //! on Linux), so a change is applied as soon as it is written; a poll backs the watch up.
 
-use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -97,7 +97,7 @@ impl LiveCa {
         let _watcher = self
             .store
             .watched_file()
-            .and_then(|file| match watch_file(&file, wake_tx) {
+            .and_then(|file| match crate::fswatch::watch_file(&file, wake_tx) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!(file = %file.display(), error = %e, poll = ?interval, "the state file cannot be watched; changes are picked up by polling only");
@@ -123,32 +123,6 @@ impl LiveCa {
             }
         }
     }
-}
-
-/// Wakes `wake` whenever `file` is created, written or renamed over in its directory. Wakes
-/// coalesce (one pending wake at most); a watch error wakes too, so the caller re-reads.
-fn watch_file(file: &Path, wake: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let dir = file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
-    let name = file.file_name().map(ToOwned::to_owned);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let relevant = match event {
-            Ok(ev) => {
-                !matches!(ev.kind, EventKind::Access(_))
-                    && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
-            }
-            Err(_) => true,
-        };
-        if relevant {
-            let _ = wake.try_send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
 }
 
 fn build(

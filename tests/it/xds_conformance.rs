@@ -744,3 +744,56 @@ async fn rootca_carries_the_ca_crl_and_a_federated_all_does_not() {
         "no CRL while another trust domain is trusted"
     );
 }
+
+/// SDS is served with small codec buffers (`api::lean::SdsServer`) instead of the generated
+/// server, and keeps its contract: a request far past the 1 KiB starting buffer is read whole,
+/// one above `limits.xds_max_request_bytes` ends the stream with RESOURCE_EXHAUSTED naming the
+/// key (grpc-go `recvAndDecompress`: "received message larger than max"; the stream used to end
+/// with OK, so the client never learned why), and a method SDS does not have is UNIMPLEMENTED,
+/// saying which ones it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lean_sds_server_keeps_the_generated_servers_contract() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    let server = TestServer::start_with(Arc::new(SystemClock), |cfg| {
+        cfg.limits.xds_max_request_bytes = 16 * 1024;
+    })
+    .await;
+    let mut client = server.sds(Some(server.token("shop", "a"))).await;
+    let with_node = |len: usize| {
+        let mut r = req(&["ROOTCA"], "");
+        r.node = Some(Node {
+            id: "x".repeat(len),
+            ..Default::default()
+        });
+        r
+    };
+    let mut s = sotw(&mut client).await;
+    s.send(with_node(8 * 1024)).await;
+    assert_eq!(secrets(&s.recv().await).len(), 1);
+
+    let mut s = sotw(&mut client).await;
+    s.send(with_node(32 * 1024)).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("limits.xds_max_request_bytes"),
+        "{}",
+        err.message()
+    );
+
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary::<DiscoveryRequest, DiscoveryResponse, _>(
+            tonic::Request::new(DiscoveryRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/envoy.service.secret.v3.SecretDiscoveryService/NoSuchMethod",
+            ),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("StreamSecrets"), "{}", err.message());
+    server.running.shutdown().await;
+}

@@ -138,3 +138,55 @@ pub fn client_tls_with_suites(
     }
     std::sync::Arc::new(cfg)
 }
+
+/// A fresh TCP+TLS+HTTP/2 connection to `server` (from source address `src`, when given):
+/// rustls and h2 directly, as lean per connection as a workload's own proxy. A tonic channel
+/// would add its buffer and reconnect tasks, and the load generator, not the server, would set
+/// the pace of a storm or a fan-out.
+pub async fn h2_connect(
+    server: std::net::SocketAddr,
+    src: Option<std::net::IpAddr>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let e = |e: std::io::Error| e.to_string();
+    let sock = match server {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(e)?;
+    if let Some(ip) = src {
+        sock.bind(std::net::SocketAddr::new(ip, 0)).map_err(e)?;
+    }
+    let tcp = sock.connect(server).await.map_err(e)?;
+    tcp.set_nodelay(true).map_err(e)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(e)?;
+    let (h2, conn) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    h2.ready().await.map_err(|e| e.to_string())
+}
+
+/// The head of a gRPC call to `path` (`/package.Service/Method`) with a bearer token.
+pub fn grpc_request(path: &str, token: &str) -> tonic::codegen::http::Request<()> {
+    tonic::codegen::http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap()
+}
+
+/// One gRPC message frame: uncompressed, 4-byte big-endian length, then the message.
+pub fn grpc_frame(msg: &impl prost::Message) -> bytes::Bytes {
+    use bytes::BufMut;
+    let mut b = bytes::BytesMut::with_capacity(5 + msg.encoded_len());
+    b.put_u8(0);
+    b.put_u32(msg.encoded_len() as u32);
+    msg.encode(&mut b).unwrap();
+    b.freeze()
+}

@@ -17,7 +17,7 @@ mod common;
 mod server_proc;
 
 use common::{arg, rss_kib};
-use server_proc::start_server;
+use server_proc::{init_ca, init_issuer, start_server};
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -35,11 +35,8 @@ use meshid::{
         client::{connect, BearerToken},
         ENDPOINT_TYPE_URL,
     },
-    ca::{cert, root, KeyType},
     discovery::{DiscoveryView, MeshObjects, MeshSettings},
-    identity::dev_issuer::{DevIssuer, TokenRequest},
-    spiffe::TrustDomain,
-    state::{CaState, DirStore, StateStore},
+    identity::dev_issuer::TokenRequest,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -131,20 +128,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir.path().join("mesh.json");
     std::fs::write(&snapshot, &doc).unwrap();
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-    let root_pem = cert::to_pem(&ca.cert);
-    DirStore::new(dir.path().join("state"))
-        .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
-        .unwrap();
+    let root_pem = init_ca(dir.path());
     let issuer_dir = dir.path().join("issuer");
-    let issuer = DevIssuer::init(
-        &issuer_dir,
-        "https://kubernetes.default.svc.cluster.local",
-        None,
-    )
-    .unwrap();
+    let issuer = init_issuer(dir.path(), None);
     let server = start_server(
         dir.path(),
         &issuer_dir,
@@ -232,7 +218,7 @@ fn main() {
             .expect("an update within 30 s")
             .unwrap();
         println!(
-            "  a pod gains its sidecar label -> stream {stream} (subscribed to its service) has it after {:.0} ms (snapshot poll 100 ms + re-read + every decision)",
+            "  a pod gains its sidecar label -> stream {stream} (subscribed to its service) has it after {:.0} ms (the snapshot file is watched; re-read + every decision)",
             (at - t).as_secs_f64() * 1e3
         );
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -27,25 +27,18 @@ mod server_proc;
 mod lean {
     use std::{net::SocketAddr, sync::Arc};
 
-    use bytes::{Buf, BufMut, Bytes, BytesMut};
+    use bytes::{Buf, Bytes, BytesMut};
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use meshid::api::SECRET_TYPE_URL;
     use prost::Message;
-    use tonic::codegen::http;
+
+    use super::common::{grpc_frame, grpc_request, h2_connect};
 
     pub struct SdsStream {
         names: Vec<String>,
         send: h2::SendStream<Bytes>,
         body: h2::RecvStream,
         buf: BytesMut,
-    }
-
-    fn frame(req: &DiscoveryRequest) -> Bytes {
-        let mut b = BytesMut::with_capacity(5 + req.encoded_len());
-        b.put_u8(0);
-        b.put_u32(req.encoded_len() as u32);
-        req.encode(&mut b).unwrap();
-        b.freeze()
     }
 
     impl SdsStream {
@@ -56,28 +49,11 @@ mod lean {
             token: &str,
             names: &[&str],
         ) -> Result<Self, String> {
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (h2, conn) = h2::client::handshake(tls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            let mut h2 = h2.ready().await.map_err(|e| e.to_string())?;
-            let req = http::Request::post(
-                "https://localhost/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
-            )
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("authorization", format!("Bearer {token}"))
-            .body(())
-            .unwrap();
+            let mut h2 = h2_connect(addr, None, tls).await?;
+            let req = grpc_request(
+                "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+                token,
+            );
             let (resp, mut send) = h2.send_request(req, false).map_err(|e| e.to_string())?;
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             let first = DiscoveryRequest {
@@ -85,7 +61,7 @@ mod lean {
                 type_url: SECRET_TYPE_URL.into(),
                 ..Default::default()
             };
-            send.send_data(frame(&first), false)
+            send.send_data(grpc_frame(&first), false)
                 .map_err(|e| e.to_string())?;
             let resp = resp.await.map_err(|e| e.to_string())?;
             if resp.status() != 200 {
@@ -125,13 +101,13 @@ mod lean {
                 response_nonce: resp.nonce.clone(),
                 ..Default::default()
             };
-            let _ = self.send.send_data(frame(&ack), false);
+            let _ = self.send.send_data(grpc_frame(&ack), false);
         }
     }
 }
 
 use common::{arg, cpu_secs, percentile, rss_kib};
-use server_proc::start_server;
+use server_proc::{init_ca, init_issuer, start_server};
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -145,10 +121,10 @@ use meshid::{
             IstioCertificateRequest,
         },
     },
-    ca::{cert, root, KeyType},
+    ca::{root, KeyType},
     identity::dev_issuer::{DevIssuer, TokenRequest},
     spiffe::TrustDomain,
-    state::{CaState, DirStore, StateStore},
+    state::{DirStore, StateStore},
 };
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
@@ -164,22 +140,9 @@ fn main() {
     let ceiling = 2.0 * one_core;
 
     let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-    let root_pem = cert::to_pem(&ca.cert);
-    let store = DirStore::new(dir.path().join("state"));
-    store
-        .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
-        .unwrap();
-    let issuer_dir = dir.path().join("issuer");
-    let issuer = DevIssuer::init(
-        &issuer_dir,
-        "https://kubernetes.default.svc.cluster.local",
-        None,
-    )
-    .unwrap();
-    let server = start_server(dir.path(), &issuer_dir, "");
+    let root_pem = init_ca(dir.path());
+    let issuer = init_issuer(dir.path(), None);
+    let server = start_server(dir.path(), &dir.path().join("issuer"), "");
     let pid = server.child.id();
     let tokens = bench_tokens(&issuer, 100);
     let csrs: Vec<String> = (0..512)
@@ -279,22 +242,10 @@ enum Seen {
 fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::Runtime) {
     use meshid::rotation::{self, Candidate, Ctx, HttpStatus};
     let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-    let root_pem = cert::to_pem(&ca.cert);
+    let root_pem = init_ca(dir.path());
     let store = DirStore::new(dir.path().join("state"));
-    store
-        .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
-        .unwrap();
-    let issuer_dir = dir.path().join("issuer");
-    let issuer = DevIssuer::init(
-        &issuer_dir,
-        "https://kubernetes.default.svc.cluster.local",
-        None,
-    )
-    .unwrap();
-    let server = start_server(dir.path(), &issuer_dir, "");
+    let issuer = init_issuer(dir.path(), None);
+    let server = start_server(dir.path(), &dir.path().join("issuer"), "");
     let pid = server.child.id();
     let status = HttpStatus::new(&server.http).unwrap();
     let tokens = Arc::new(bench_tokens(&issuer, 100));
@@ -430,7 +381,7 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
         .id
         .clone();
     let next = root::generate_root(
-        &td,
+        &TrustDomain::new(server_proc::TD).unwrap(),
         KeyType::EcdsaP256,
         root::DEFAULT_ROOT_TTL,
         time::OffsetDateTime::now_utc(),

@@ -1,9 +1,40 @@
 #![allow(dead_code)]
 //! A real `meshid server` process on 127.0.0.1 for the benchmarks that load a server.
 
-use std::process::{Child, Command, Stdio};
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+};
 
-use meshid::identity::dev_issuer::DevIssuer;
+use meshid::{
+    ca::{cert, root, KeyType},
+    identity::dev_issuer::DevIssuer,
+    spiffe::TrustDomain,
+    state::{CaState, DirStore, StateStore},
+};
+
+/// The trust domain and token issuer every benchmark uses.
+pub const TD: &str = "cluster.local";
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A fresh CA in `dir/state` (an ECDSA P-256 root, meshid's default); its root PEM, also
+/// written to `dir/root.pem`.
+pub fn init_ca(dir: &Path) -> String {
+    let td = TrustDomain::new(TD).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+    DirStore::new(dir.join("state"))
+        .compare_and_swap(None, &CaState::with_generated_root(td, &ca, now))
+        .unwrap();
+    let pem = cert::to_pem(&ca.cert);
+    std::fs::write(dir.join("root.pem"), &pem).unwrap();
+    pem
+}
+
+/// The dev token issuer in `dir/issuer`: a generated P-256 key, or the PEM key at `key`.
+pub fn init_issuer(dir: &Path, key: Option<&Path>) -> DevIssuer {
+    DevIssuer::init(&dir.join("issuer"), ISSUER, key).unwrap()
+}
 
 /// The server process; killed when dropped.
 pub struct ServerProc {
@@ -32,7 +63,7 @@ pub fn server_bin() -> std::path::PathBuf {
 /// The `[[clusters]]` table accepting tokens of the dev issuer in `issuer_dir` by its JWKS file.
 pub fn jwks_cluster(issuer_dir: &std::path::Path) -> String {
     format!(
-        "[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = {:?}\n",
+        "[[clusters]]\nname = \"bench\"\n[clusters.jwks]\nissuer = {ISSUER:?}\nfile = {:?}\n",
         DevIssuer::jwks_path(issuer_dir)
     )
 }

@@ -65,10 +65,7 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use common::{arg, cpu_secs, percentile, rate};
 use meshid::{
     api::istio::{IstioCertificateRequest, IstioCertificateResponse},
-    ca::{cert, root, KeyType},
     identity::dev_issuer::{DevIssuer, TokenRequest},
-    spiffe::TrustDomain,
-    state::{CaState, DirStore, StateStore},
 };
 use ring::{
     rand::SystemRandom,
@@ -76,10 +73,7 @@ use ring::{
 };
 use rustls::{ClientConnection, ServerConnection};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
-use server_proc::{start_server_with, ServerProc};
-
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-const TD: &str = "cluster.local";
+use server_proc::{init_ca, init_issuer, start_server_with, ServerProc, TD};
 
 /// How tokens are made and checked.
 #[derive(Clone, Copy, PartialEq)]
@@ -217,24 +211,11 @@ fn mode_dir(mode: Mode) -> &'static str {
 
 // === setup ===
 
-/// CA state in `dir/state` (an ECDSA P-256 root, as meshid's default) and its root PEM.
-fn init_ca(dir: &Path) -> String {
-    let td = TrustDomain::new(TD).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-    DirStore::new(dir.join("state"))
-        .compare_and_swap(None, &CaState::with_generated_root(td, &ca, now))
-        .unwrap();
-    let pem = cert::to_pem(&ca.cert);
-    std::fs::write(dir.join("root.pem"), &pem).unwrap();
-    pem
-}
-
 /// The token issuer of `mode` in `dir/issuer` (and the CA state beside it).
 fn make_issuer(dir: &Path, mode: Mode) -> DevIssuer {
     init_ca(dir);
     let key = (mode == Mode::Rs256).then(|| rsa_key(dir));
-    DevIssuer::init(&dir.join("issuer"), ISSUER, key.as_deref()).unwrap()
+    init_issuer(dir, key.as_deref())
 }
 
 /// An RSA-2048 key from the `openssl` CLI (ring verifies RSA but cannot generate it).
@@ -379,31 +360,6 @@ fn raise_nofile() {
 
 // === the storm ===
 
-/// A fresh TCP+TLS+HTTP/2 connection from `src`: rustls and h2 directly, as lean per
-/// connection as a workload's own proxy (a tonic channel would add its buffer and reconnect
-/// tasks, and the load generator, not the server, would set the pace of the storm).
-async fn connect(
-    server: SocketAddr,
-    src: IpAddr,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
-    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    sock.bind(SocketAddr::new(src, 0))
-        .map_err(|e| e.to_string())?;
-    let tcp = sock.connect(server).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let name = ServerName::try_from("localhost").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (h2, conn) = h2::client::handshake(stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    h2.ready().await.map_err(|e| e.to_string())
-}
-
 /// Workload `i`'s source address: its own (127.1.x.y), or 127.0.0.1 for all.
 fn source(i: usize, one_ip: bool) -> IpAddr {
     if one_ip {
@@ -484,22 +440,18 @@ async fn one_workload(
     token: &str,
     csr: &str,
 ) -> Result<(Duration, Vec<String>), (tonic::Code, String)> {
-    use bytes::{BufMut, BytesMut};
+    use bytes::BytesMut;
     use prost::Message;
     let t = Instant::now();
     let unavailable = |what: &str, e: String| (tonic::Code::Unavailable, format!("{what}: {e}"));
-    let mut h2 = connect(addr, src, tls)
+    let mut h2 = common::h2_connect(addr, Some(src), tls)
         .await
         .map_err(|e| unavailable("connect", e))?;
     let connected = t.elapsed();
-    let req = tonic::codegen::http::Request::post(
-        "https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate",
-    )
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .header("authorization", format!("Bearer {token}"))
-    .body(())
-    .unwrap();
+    let req = common::grpc_request(
+        "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        token,
+    );
     let (resp, mut send) = h2
         .send_request(req, false)
         .map_err(|e| unavailable("send", e.to_string()))?;
@@ -508,11 +460,7 @@ async fn one_workload(
         validity_duration: 0,
         metadata: None,
     };
-    let mut frame = BytesMut::with_capacity(5 + msg.encoded_len());
-    frame.put_u8(0);
-    frame.put_u32(msg.encoded_len() as u32);
-    msg.encode(&mut frame).unwrap();
-    send.send_data(frame.freeze(), true)
+    send.send_data(common::grpc_frame(&msg), true)
         .map_err(|e| unavailable("send", e.to_string()))?;
     let resp = resp
         .await
