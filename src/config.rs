@@ -285,6 +285,12 @@ pub struct Discovery {
     /// `istio/multiCluster=true`, one kubeconfig per data key (the key names the cluster).
     #[serde(default)]
     pub remote_secrets: bool,
+    /// Kubeconfig options a remote secret may use (istiod:
+    /// `PILOT_INSECURE_MULTICLUSTER_KUBECONFIG_OPTIONS`): `exec`, `tokenFile`,
+    /// `clientCertificate`, `clientKey`, `certificateAuthority`, `insecureSkipTlsVerify`, or an
+    /// auth provider's name. None by default: such a kubeconfig is refused.
+    #[serde(default)]
+    pub insecure_kubeconfig_options: crate::discovery::KubeconfigPolicy,
 }
 
 /// A remote cluster for multi-cluster discovery.
@@ -313,6 +319,7 @@ impl Default for Discovery {
             cluster_name: default_cluster_name(),
             clusters: Vec::new(),
             remote_secrets: false,
+            insecure_kubeconfig_options: Default::default(),
         }
     }
 }
@@ -345,6 +352,10 @@ pub struct Listen {
     pub http: SocketAddr,
     /// Optional gRPC over a Unix socket (plaintext; for a node-local deployment).
     pub unix: Option<PathBuf>,
+    /// Who besides loopback may read the HTTP port's `/debug/*` pages (the rotation status
+    /// names pods and SPIFFE IDs): address ranges such as `10.0.0.0/8`. Empty by default, so
+    /// reach them through `kubectl port-forward`.
+    pub debug_from: Vec<crate::net::Cidr>,
 }
 
 impl Default for Listen {
@@ -353,6 +364,7 @@ impl Default for Listen {
             grpc: ([0, 0, 0, 0], 15012).into(),
             http: ([0, 0, 0, 0], 15014).into(),
             unix: None,
+            debug_from: Vec::new(),
         }
     }
 }
@@ -689,6 +701,7 @@ impl Config {
                     "discovery.clusters / discovery.remote_secrets: need a live source (kubeconfig or in_cluster), not a snapshot".into(),
                 );
             }
+            errs.extend(d.insecure_kubeconfig_options.validate());
             let grace = d.proxy_proof_grace;
             if grace.is_zero() || grace > Duration::from_secs(7 * 24 * 3600) {
                 errs.push(format!(

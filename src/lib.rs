@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod duration;
 pub mod fswatch;
+pub mod http_client;
 pub mod identity;
 pub mod net;
 pub mod rotation;

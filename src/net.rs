@@ -163,6 +163,88 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+// === address ranges ===
+
+/// An address range (`10.0.0.0/8`, `::1/128`, or one address), for who may read a debug page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => mask_eq(&net.octets(), &a.octets(), self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(a)) => mask_eq(&net.octets(), &a.octets(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn mask_eq(net: &[u8], a: &[u8], prefix: u8) -> bool {
+    let (full, rest) = ((prefix / 8) as usize, prefix % 8);
+    if net[..full] != a[..full] {
+        return false;
+    }
+    rest == 0 || (net[full] ^ a[full]) >> (8 - rest) == 0
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or ADDRESS/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix must be 0..={max}"))?
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.prefix)
+    }
+}
+
+/// Whether a debug page may be served to `peer`: loopback always, others only in `allowed`.
+pub fn debug_allowed(peer: Option<std::net::IpAddr>, allowed: &[Cidr]) -> bool {
+    match peer {
+        None => false,
+        Some(ip) => {
+            let ip = match ip {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            ip.is_loopback() || allowed.iter().any(|c| c.contains(ip))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,5 +356,37 @@ mod tests {
         assert!(t.elapsed().is_zero());
         b.reset();
         assert!(b.current().is_zero());
+    }
+
+    #[test]
+    fn debug_pages_go_to_loopback_and_allowed_ranges_only() {
+        let allowed: Vec<Cidr> = ["10.1.0.0/16", "fd00::/8"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        for (peer, ok) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("10.1.200.3", true),
+            ("::ffff:10.1.0.9", true),
+            ("10.2.0.1", false),
+            ("fd12::1", true),
+            ("2001:db8::1", false),
+            ("192.168.1.1", false),
+        ] {
+            assert_eq!(
+                debug_allowed(Some(peer.parse().unwrap()), &allowed),
+                ok,
+                "{peer}"
+            );
+        }
+        assert!(!debug_allowed(None, &allowed));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        assert!("10.0.0.7"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("10.0.0.7".parse().unwrap()));
     }
 }

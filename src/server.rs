@@ -33,7 +33,7 @@ use crate::{
     config::{self, Config},
     discovery::{
         spawn_view, start_kube_source, watch_remote_secrets, DiscoveryView, MeshSettings,
-        MultiCluster, ProxyRegistry, SnapshotSource,
+        MultiCluster, ProxyRegistry, RemoteSecrets, SnapshotSource,
     },
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
@@ -208,7 +208,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
                     let client = kube_client(kubeconfig.as_deref())
                         .await
                         .map_err(|why| ServerError::Config(vec![format!("discovery: {why}")]))?;
-                    let mc = remote_clusters(d, &client, &mut tasks).await?;
+                    let mc = remote_clusters(d, &client, &metrics, &mut tasks).await?;
                     let (objects, watchers) = start_kube_source(client, mc, stop_rx.clone());
                     tasks.extend(watchers);
                     objects
@@ -282,6 +282,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         header_read_timeout: cfg.limits.http_header_read_timeout,
         idle_timeout: cfg.limits.http_idle_timeout,
         max_connections: cfg.limits.http_max_connections,
+        debug_from: cfg.listen.debug_from.clone(),
     };
     let surface = Arc::new(HttpSurface {
         readiness,
@@ -435,6 +436,7 @@ fn grpc_router(
 async fn remote_clusters(
     d: &config::Discovery,
     primary: &kube::Client,
+    metrics: &Arc<Metrics>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<MultiCluster, ServerError> {
     let mc = MultiCluster::new();
@@ -445,13 +447,15 @@ async fn remote_clusters(
         mc.add(&c.name, client);
     }
     if d.remote_secrets {
-        tasks.push(watch_remote_secrets(
-            primary.clone(),
-            &d.root_namespace,
-            mc.remotes.clone(),
-            d.clusters.iter().map(|c| c.name.clone()).collect(),
-            mc.notify.clone(),
-        ));
+        tasks.push(watch_remote_secrets(RemoteSecrets {
+            client: primary.clone(),
+            namespace: d.root_namespace.clone(),
+            remotes: mc.remotes.clone(),
+            configured: d.clusters.iter().map(|c| c.name.clone()).collect(),
+            notify: mc.notify.clone(),
+            policy: d.insecure_kubeconfig_options.clone(),
+            metrics: metrics.clone(),
+        }));
     }
     Ok(mc)
 }

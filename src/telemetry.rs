@@ -23,7 +23,7 @@ pub struct Metrics {
     pub sign_errors: Family<Labels, Counter>,
     pub certs_issued: Family<Labels, Counter>,
     pub root_expiry: Gauge,
-    /// 1 while the active root expires within 30 days and no successor is prepared.
+    /// 1 while the root that signs expires within 30 days, until a successor is active.
     pub root_expiry_warning: Gauge,
     pub chain_expiry: Gauge,
     pub sds_streams: Gauge,
@@ -43,6 +43,10 @@ pub struct Metrics {
     pub federation_refreshes: Family<Labels, Counter>,
     pub federation_up: Family<Labels, Gauge>,
     pub federation_sequence: Family<Labels, Gauge>,
+    /// Automatic activations let through at their propagation deadline with streams lagging.
+    pub rotation_forced_activations: Counter,
+    /// Remote-secret kubeconfigs refused, by secret, cluster and reason.
+    pub remote_secret_refused: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +83,8 @@ impl Metrics {
             federation_refreshes: Family::default(),
             federation_up: Family::default(),
             federation_sequence: Family::default(),
+            remote_secret_refused: Family::default(),
+            rotation_forced_activations: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -113,7 +119,7 @@ impl Metrics {
         );
         r.register(
             "meshid_root_expiry_warning",
-            "1 while the active root expires within 30 days and no successor is prepared",
+            "1 while the root that signs expires within 30 days (it stays 1 until a successor is active)",
             m.root_expiry_warning.clone(),
         );
         r.register(
@@ -201,6 +207,16 @@ impl Metrics {
             "spiffe_sequence of the bundle held for a federated trust domain",
             m.federation_sequence.clone(),
         );
+        r.register(
+            "meshid_discovery_remote_secret_refused",
+            "Remote-secret kubeconfigs refused (exec, auth providers, local files, insecure TLS), by secret, cluster and reason",
+            m.remote_secret_refused.clone(),
+        );
+        r.register(
+            "meshid_rotation_forced_activations",
+            "Automatic root activations made at their propagation deadline although streams lagged (named in the log)",
+            m.rotation_forced_activations.clone(),
+        );
         Self { registry: r, ..m }
     }
 
@@ -270,6 +286,10 @@ pub async fn serve_http(
     let conn_stop = stop.clone();
     crate::net::accept_loop(listener, limits.max_connections, "HTTP", stop, move |tcp, permit| {
         let (metrics, health) = (metrics.clone(), health.clone());
+        let debug_ok = crate::net::debug_allowed(
+            tcp.peer_addr().ok().map(|a| a.ip()),
+            &limits.debug_from,
+        );
         let mut stop = conn_stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -284,6 +304,10 @@ pub async fn serve_http(
                             format!("not ready: {why}\n"),
                         ),
                     },
+                    other if other.starts_with("/debug/") && !debug_ok => text(
+                        StatusCode::FORBIDDEN,
+                        format!("{other} is served to loopback callers only (use kubectl port-forward), or to the ranges in listen.debug_from\n"),
+                    ),
                     other => match health.json_page(other) {
                         Some(body) => Response::builder()
                             .status(StatusCode::OK)
@@ -326,11 +350,14 @@ pub async fn stopping(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Limits of the HTTP listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HttpLimits {
     pub header_read_timeout: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub max_connections: usize,
+    /// Besides loopback, who may read `/debug/*` (istiod guards its debug handlers the same
+    /// way: `xds/debug.go` `allowAuthenticatedOrLocalhost`).
+    pub debug_from: Vec<crate::net::Cidr>,
 }
 
 /// A connection that remembers when it last read or wrote, so an idle one can be closed.

@@ -62,6 +62,25 @@ fn head_of(req: &http::Request<Body>) -> tonic::Request<()> {
     head
 }
 
+/// A request message above the decoding limit is RESOURCE_EXHAUSTED, as grpc-go answers it
+/// (`recvAndDecompress`: "received message larger than max") and as meshid's xDS streams do;
+/// tonic's decoder says OUT_OF_RANGE. The message names the key that sets the limit.
+fn too_large_is_resource_exhausted(resp: http::Response<Body>) -> http::Response<Body> {
+    match tonic::Status::from_header_map(resp.headers()) {
+        Some(s)
+            if s.code() == tonic::Code::OutOfRange
+                && s.message().contains("message length too large") =>
+        {
+            tonic::Status::resource_exhausted(format!(
+                "{}; the server's limit is limits.csr_max_request_bytes",
+                s.message()
+            ))
+            .into_http()
+        }
+        _ => resp,
+    }
+}
+
 impl<S> Service<http::Request<Body>> for Gate<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
@@ -88,7 +107,7 @@ where
             match auth.authenticate(&head).await {
                 Ok(identity) => {
                     req.extensions_mut().insert(GateIdentity(identity));
-                    inner.call(req).await
+                    inner.call(req).await.map(too_large_is_resource_exhausted)
                 }
                 Err(status) => Ok(status.into_http()),
             }

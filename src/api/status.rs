@@ -12,9 +12,7 @@ pub(crate) fn identity(e: &IdentityError) -> Status {
     let (code, why) = match e {
         NoToken => (Code::Unauthenticated, "no bearer token"),
         TooLarge { .. } | Malformed(_) => (Code::Unauthenticated, "malformed token"),
-        AlgorithmNotAllowed { .. } | AlgorithmUnsupported { .. } => {
-            (Code::Unauthenticated, "token algorithm not accepted")
-        }
+        AlgorithmNotAllowed { .. } => (Code::Unauthenticated, "token algorithm not accepted"),
         UnknownKid { .. } | BadSignature => (Code::Unauthenticated, "token signature not valid"),
         Expired { .. } => (Code::Unauthenticated, "token expired"),
         NotYetValid { .. } => (Code::Unauthenticated, "token not yet valid"),
@@ -43,11 +41,16 @@ pub(crate) fn identity(e: &IdentityError) -> Status {
     Status::new(code, why)
 }
 
-/// Issuance failures.
+/// Issuance failures. Only a fault in the caller's own request (its CSR, its TTL, its identity
+/// against this trust domain) is explained to the caller; the CA's own faults get a short reason
+/// (they can carry file paths and key material descriptions) and are logged by the caller of
+/// this function.
 pub(crate) fn ca(e: &CaError) -> Status {
     use CaError::*;
-    let code = match e {
-        CsrForeignSan { .. } | IdentityOutsideTrustDomain { .. } => Code::PermissionDenied,
+    match e {
+        CsrForeignSan { .. } | IdentityOutsideTrustDomain { .. } => {
+            Status::new(Code::PermissionDenied, e.to_string())
+        }
         CsrMalformed(_)
         | CsrSignatureInvalid
         | CsrSignatureAlgorithmUnsupported { .. }
@@ -55,11 +58,23 @@ pub(crate) fn ca(e: &CaError) -> Status {
         | CsrKeyTooSmall { .. }
         | CsrSanNotAllowed { .. }
         | CsrMultipleUriSans { .. }
-        | TtlAboveMax { .. } => Code::InvalidArgument,
-        SignerExpired { .. } => Code::FailedPrecondition,
-        _ => Code::Internal,
-    };
-    Status::new(code, e.to_string())
+        | TtlAboveMax { .. } => Status::new(Code::InvalidArgument, e.to_string()),
+        SignerExpired { .. } => Status::new(
+            Code::FailedPrecondition,
+            "the CA's signing certificate has expired; its operator must rotate it",
+        ),
+        KeyGenerationUnsupported { .. }
+        | KeyInvalid { .. }
+        | CertificateInvalid { .. }
+        | PluginIncomplete { .. }
+        | PluginKeyMismatch { .. }
+        | PluginChainInvalid { .. }
+        | PluginNotCa { .. }
+        | CrlInvalid { .. }
+        | SignerInvalid(_)
+        | LeafRejected { .. }
+        | Crypto(_) => Status::new(Code::Internal, "the CA failed to issue; see its log"),
+    }
 }
 
 /// A stable label for the sign-errors metric.
@@ -75,7 +90,15 @@ pub(crate) fn ca_kind(e: &CaError) -> &'static str {
         CsrSanNotAllowed { .. } | CsrMultipleUriSans { .. } => "csr_san",
         TtlAboveMax { .. } => "ttl",
         SignerExpired { .. } => "signer_expired",
-        _ => "internal",
+        KeyGenerationUnsupported { .. } | KeyInvalid { .. } | Crypto(_) => "crypto",
+        CertificateInvalid { .. }
+        | PluginIncomplete { .. }
+        | PluginKeyMismatch { .. }
+        | PluginChainInvalid { .. }
+        | PluginNotCa { .. }
+        | CrlInvalid { .. }
+        | SignerInvalid(_) => "signer_invalid",
+        LeafRejected { .. } => "leaf_rejected",
     }
 }
 
@@ -134,5 +157,46 @@ mod tests {
             assert!(!s.message().contains(secret), "{e} leaks: {}", s.message());
             assert!(s.message().len() < 60, "{}", s.message());
         }
+    }
+
+    /// Issue 17 item 8: every `CaError` maps by name (no wildcard), and a CA fault sends the
+    /// caller no detail (paths, key descriptions); a fault in the caller's own CSR is explained.
+    #[test]
+    fn ca_faults_tell_the_caller_no_details() {
+        let path = "/var/lib/meshid/secret/ca-key.pem";
+        let internal = [
+            CaError::KeyInvalid {
+                what: path.into(),
+                why: "bad".into(),
+            },
+            CaError::PluginKeyMismatch {
+                key: path.into(),
+                cert: path.into(),
+            },
+            CaError::CrlInvalid {
+                file: path.into(),
+                why: "x".into(),
+            },
+            CaError::SignerInvalid(path.into()),
+            CaError::Crypto(path.into()),
+            CaError::SignerExpired {
+                not_after: path.into(),
+            },
+        ];
+        for e in internal {
+            let s = ca(&e);
+            assert!(
+                matches!(s.code(), Code::Internal | Code::FailedPrecondition),
+                "{e}"
+            );
+            assert!(!s.message().contains(path), "{e} leaks: {}", s.message());
+        }
+        let own = CaError::CsrKeyTooSmall {
+            bits: 1024,
+            min: 2048,
+        };
+        let s = ca(&own);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("1024-bit"), "{}", s.message());
     }
 }

@@ -153,20 +153,17 @@ impl RootCommand {
                 let (store, _) = a.store.open()?;
                 // With --server, every connected stream must have the root (propagation).
                 // With a bundle endpoint, federated peers must have had time to fetch it.
-                let publication = a.store.federation()?.and_then(|f| {
-                    f.bundle_endpoint
-                        .map(|_| rotation::bundle_publication_gate(f.refresh_hint, ctx.now))
-                });
+                let publication = a
+                    .store
+                    .federation()?
+                    .and_then(|f| f.bundle_endpoint.map(|_| f.refresh_hint));
                 let id = a.id;
                 let servers = servers(&a.server)?;
-                let gate = |r: &RootRecord| {
-                    if let Some(published) = &publication {
-                        published(r)?;
-                    }
-                    rotation::check_servers(&servers, |st| st.root_propagated(&r.id))
-                };
+                let propagation = (!servers.is_empty())
+                    .then_some(&servers as &dyn rotation::StatusSource);
+                let gate = rotation::ActivationGate::new(publication, propagation, ctx.now);
                 let applied = rotation::apply(&store, &ctx, |s, c| {
-                    rotation::activate(s, &id, a.force, &gate, c)
+                    rotation::activate(s, &id, a.force, &|r| gate.check(r), c)
                 })?;
                 report(&applied)?;
                 if servers.is_empty() && applied.outcome.signer.is_none() {
@@ -232,11 +229,14 @@ impl StoreArgs {
     }
 }
 
-/// The journal's actor for this CLI: `user@host`.
+/// The journal's actor for this CLI: `user@host`, the user from `USER`/`LOGNAME`, else the
+/// operating system's account of this process (a container or cron job sets neither).
 fn ctx(reason: Option<String>) -> anyhow::Result<Ctx> {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(os_user);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -248,6 +248,26 @@ fn ctx(reason: Option<String>) -> anyhow::Result<Ctx> {
         SystemClock.now(),
         reason,
     )?)
+}
+
+/// This process's user: its uid's name in /etc/passwd, else `uid:N`.
+fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown".into();
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    user_for_uid(&passwd, uid).unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+/// The name of `uid` in a passwd(5) file.
+fn user_for_uid(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
 }
 
 fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
@@ -361,7 +381,10 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let now = SystemClock.now();
     let state = &v.state;
     let next = rotation::next_step(state, max_ttl, now);
-    let warnings: Vec<String> = rotation::expiry_warning(state, now).into_iter().collect();
+    let activate_before = rotation::AutoRotation::default().activate_before;
+    let warnings: Vec<String> = rotation::expiry_warning(state, now, activate_before)
+        .into_iter()
+        .collect();
     let mut roots = state
         .roots
         .iter()
@@ -586,5 +609,20 @@ fn print_text(
     }
     for w in warnings {
         println!("warning: {w}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17 item 11: with no `USER`, the journal names the OS account, not `unknown`.
+    #[test]
+    fn the_os_user_comes_from_passwd_by_uid() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nnonroot:x:65532:65532::/home/nonroot:/sbin/nologin\n# comment\n";
+        assert_eq!(user_for_uid(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_for_uid(passwd, 65532).as_deref(), Some("nonroot"));
+        assert_eq!(user_for_uid(passwd, 1000), None);
+        assert!(!os_user().is_empty() && os_user() != "unknown");
     }
 }

@@ -259,6 +259,35 @@ async fn step2(w: &World) -> Result<PlainCheck, DemoError> {
     Ok(c)
 }
 
+/// Waits until the product sidecar's EDS serves the inventory endpoint with `tls_mode`.
+async fn wait_inventory_tls_mode(
+    w: &World,
+    host: &str,
+    tls_mode: Option<&str>,
+) -> Result<(), DemoError> {
+    let cluster = crate::discovery::cluster_name(INVENTORY.1, host);
+    let mut rx = w.product.watch();
+    let served = |st: &super::control::ProxyState| {
+        st.endpoints
+            .get(&cluster)
+            .and_then(|e| e.first())
+            .is_some_and(|e| e.tls_mode.as_deref() == tls_mode)
+    };
+    let seen = tokio::time::timeout(super::world::WAIT, rx.wait_for(served))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    match seen {
+        true => Ok(()),
+        false => Err(DemoError::Timeout {
+            what: format!(
+                "EDS to serve {cluster} with tlsMode {}",
+                tls_mode.unwrap_or("absent")
+            ),
+            secs: super::world::WAIT.as_secs(),
+        }),
+    }
+}
+
 async fn step3(w: &World) -> Result<TroubleshootCheck, DemoError> {
     let host = "inventory-service.shop.svc.cluster.local";
     let dr = with_destination_rule(
@@ -273,6 +302,10 @@ async fn step3(w: &World) -> Result<TroubleshootCheck, DemoError> {
         "    applied DestinationRule shop/inventory-tls-disable (host {host}, tls.mode DISABLE) to {}",
         w.snapshot.display()
     ));
+    // The server re-reads the snapshot and pushes EDS: a DestinationRule DISABLE clears the
+    // endpoint's tlsMode (Istio's endpoint side only ever clears it). Wait for that push, so
+    // the call below sees what the server serves now.
+    wait_inventory_tls_mode(w, host, None).await?;
     let result = async {
         let c = plain_to(w, &w.inventory_app, INVENTORY, b"GET /stock/sku-42 (forced plaintext)").await?;
         expect(
@@ -285,8 +318,8 @@ async fn step3(w: &World) -> Result<TroubleshootCheck, DemoError> {
         })?;
         expect(!inbound.mtls, "a plaintext connection at the inventory sidecar", "mTLS")?;
         w.say(&format!(
-            "    the endpoint still says tlsMode={}, but the connection went plaintext",
-            c.call.endpoint_tls_mode.as_deref().unwrap_or("(absent)")
+            "    EDS now serves the endpoint with tlsMode {} (the rule clears it) and the connection went plaintext",
+            c.call.endpoint_tls_mode.as_deref().unwrap_or("absent")
         ));
         w.say(&format!(
             "    describe: {} (DestinationRule {}); the inventory sidecar accepted it only because the mesh is PERMISSIVE",
@@ -300,6 +333,7 @@ async fn step3(w: &World) -> Result<TroubleshootCheck, DemoError> {
     w.write_snapshot(&w.base_snapshot)?;
     let (disabled, disabled_inbound) = result?;
     w.say("    removed the DestinationRule");
+    wait_inventory_tls_mode(w, host, Some("istio")).await?;
     let restored = mtls_once(w, b"GET /stock/sku-42 (auto mTLS again)").await?;
     w.say(&format!(
         "    next connection: mTLS again ({})",

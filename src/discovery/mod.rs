@@ -9,6 +9,7 @@ mod error;
 mod istio;
 mod join;
 mod kube;
+mod kubeconfig;
 mod multicluster;
 mod peer_auth;
 mod plan;
@@ -31,14 +32,15 @@ pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
 pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry};
 pub use join::Backend;
-pub use multicluster::{
-    client_from_yaml, watch_remote_secrets, RemoteObjects, REMOTE_SECRET_LABEL,
-};
+pub use kubeconfig::{KubeconfigPolicy, KubeconfigRefused};
+pub use multicluster::{watch_remote_secrets, RemoteObjects, RemoteSecrets, REMOTE_SECRET_LABEL};
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
 pub use plan::{
     plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Verdict,
 };
-pub use proof::{NoProofs, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard};
+pub use proof::{
+    NoProofs, PodName, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard,
+};
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};
 pub use snapshot::{MeshObjects, MeshSettings};
 pub use source::{spawn_view, SnapshotSource};

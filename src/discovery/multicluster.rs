@@ -4,7 +4,8 @@
 //! come from `discovery.clusters` (a kubeconfig each) or from Istio's remote secrets (Secrets in
 //! the root namespace labelled `istio/multiCluster=true`, one kubeconfig per data key, the key
 //! being the cluster's name). When a remote API server goes away its last known endpoints stay,
-//! marked stale, and the other clusters carry on.
+//! marked stale, and the other clusters carry on. A remote secret's kubeconfig passes
+//! [`KubeconfigPolicy`] before any client is built from it.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +27,9 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::kubeconfig::KubeconfigPolicy;
+use crate::telemetry::Metrics;
 
 /// What one remote cluster contributes.
 #[derive(Clone, Debug, Default)]
@@ -161,85 +165,135 @@ impl Remote {
 /// Every remote cluster by name (configured ones and those from remote secrets).
 pub type Remotes = Arc<Mutex<BTreeMap<String, Remote>>>;
 
-/// A kube client from kubeconfig YAML (a remote secret's value).
-pub async fn client_from_yaml(yaml: &str) -> Result<kube::Client, String> {
-    let kc = kube::config::Kubeconfig::from_yaml(yaml).map_err(|e| e.to_string())?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    kube::Client::try_from(config).map_err(|e| e.to_string())
+/// What follows Istio's remote secrets needs.
+pub struct RemoteSecrets {
+    /// The primary cluster, where the secrets live.
+    pub client: kube::Client,
+    /// Istio's root namespace.
+    pub namespace: String,
+    pub remotes: Remotes,
+    /// Clusters from `discovery.clusters`: a secret never replaces or drops them.
+    pub configured: Vec<String>,
+    pub notify: mpsc::Sender<()>,
+    /// Which unsafe kubeconfig options the operator allows.
+    pub policy: KubeconfigPolicy,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Watches Istio's remote secrets in `namespace` and keeps `remotes` in line with them: a
-/// cluster appears with its secret and goes with it. `configured` names are left alone.
-pub fn watch_remote_secrets(
-    client: kube::Client,
-    namespace: &str,
-    remotes: Remotes,
-    configured: Vec<String>,
-    notify: mpsc::Sender<()>,
-) -> JoinHandle<()> {
-    let api: Api<Secret> = Api::namespaced(client, namespace);
+/// One cluster's kubeconfig and the Secret it came from.
+struct Wanted {
+    secret: String,
+    yaml: String,
+}
+
+/// Watches Istio's remote secrets and keeps `remotes` in line with them: a cluster appears
+/// with its secret, is rebuilt when its kubeconfig changes (istiod replaces the cluster), and
+/// goes with it. A kubeconfig refused by the policy is logged and counted once per content
+/// (`meshid_discovery_remote_secret_refused_total`) and builds no client.
+pub fn watch_remote_secrets(rs: RemoteSecrets) -> JoinHandle<()> {
+    let api: Api<Secret> = Api::namespaced(rs.client.clone(), &rs.namespace);
     tokio::spawn(async move {
         let (store, writer) = reflector::store::<Secret>();
         let stream = watcher(api, watcher::Config::default().labels(REMOTE_SECRET_LABEL))
             .default_backoff()
             .reflect(writer);
         futures::pin_mut!(stream);
+        // The kubeconfig each cluster runs on, and the ones refused (not retried until changed).
+        let mut running: BTreeMap<String, String> = BTreeMap::new();
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
         while let Some(event) = stream.next().await {
             if event.is_err() {
                 continue;
             }
-            let mut wanted: BTreeMap<String, String> = BTreeMap::new();
-            for s in store.state() {
-                for (cluster, v) in s.data.iter().flatten() {
-                    match String::from_utf8(v.0.clone()) {
-                        Ok(yaml) => {
-                            wanted.insert(cluster.clone(), yaml);
-                        }
-                        Err(_) => tracing::warn!(
-                            secret = s.metadata.name.as_deref().unwrap_or(""),
-                            cluster,
-                            "remote secret value is not a kubeconfig (not UTF-8); ignored"
-                        ),
-                    }
-                }
-            }
-            let present: Vec<String> = remotes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            for gone in present
-                .iter()
-                .filter(|n| !wanted.contains_key(*n) && !configured.contains(n))
-            {
-                remotes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(gone);
-                tracing::info!(cluster = gone, "remote secret removed: cluster dropped");
-            }
-            for (cluster, yaml) in wanted {
-                if present.contains(&cluster) {
+            let wanted = wanted_clusters(&store.state());
+            rs.drop_gone(&wanted, &mut running);
+            refused.retain(|c, _| wanted.contains_key(c));
+            for (cluster, w) in wanted {
+                if rs.configured.contains(&cluster)
+                    || running.get(&cluster) == Some(&w.yaml)
+                    || refused.get(&cluster) == Some(&w.yaml)
+                {
                     continue;
                 }
-                match client_from_yaml(&yaml).await {
+                match rs.policy.client(&w.yaml).await {
                     Ok(c) => {
-                        tracing::info!(cluster, "remote secret: watching cluster");
-                        let r = Remote::start(&cluster, c, notify.clone());
-                        remotes
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(cluster, r);
+                        tracing::info!(
+                            cluster,
+                            secret = w.secret,
+                            "remote secret: watching cluster"
+                        );
+                        let r = Remote::start(&cluster, c, rs.notify.clone());
+                        rs.lock().insert(cluster.clone(), r);
+                        refused.remove(&cluster);
+                        running.insert(cluster, w.yaml);
                     }
                     Err(e) => {
-                        tracing::warn!(cluster, error = %e, "remote secret: kubeconfig unusable")
+                        tracing::warn!(cluster, secret = w.secret, namespace = rs.namespace, error = %e, "remote secret refused: its kubeconfig is not used");
+                        rs.metrics
+                            .remote_secret_refused
+                            .get_or_create(&vec![
+                                ("secret".to_owned(), w.secret.clone()),
+                                ("cluster".to_owned(), cluster.clone()),
+                                ("reason".to_owned(), e.reason().to_owned()),
+                            ])
+                            .inc();
+                        if rs.lock().remove(&cluster).is_some() {
+                            tracing::warn!(
+                                cluster,
+                                "remote cluster dropped: its new kubeconfig was refused"
+                            );
+                        }
+                        running.remove(&cluster);
+                        refused.insert(cluster, w.yaml);
                     }
                 }
             }
-            let _ = notify.try_send(());
+            let _ = rs.notify.try_send(());
         }
     })
+}
+
+/// Every cluster the labelled Secrets name, with its kubeconfig.
+fn wanted_clusters(secrets: &[Arc<Secret>]) -> BTreeMap<String, Wanted> {
+    let mut wanted = BTreeMap::new();
+    for s in secrets {
+        let secret = s.metadata.name.clone().unwrap_or_default();
+        for (cluster, v) in s.data.iter().flatten() {
+            match String::from_utf8(v.0.clone()) {
+                Ok(yaml) => {
+                    wanted.insert(
+                        cluster.clone(),
+                        Wanted {
+                            secret: secret.clone(),
+                            yaml,
+                        },
+                    );
+                }
+                Err(_) => tracing::warn!(
+                    secret,
+                    cluster,
+                    "remote secret value is not a kubeconfig (not UTF-8); ignored"
+                ),
+            }
+        }
+    }
+    wanted
+}
+
+impl RemoteSecrets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Remote>> {
+        self.remotes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the clusters whose secret (or data key) is gone.
+    fn drop_gone(&self, wanted: &BTreeMap<String, Wanted>, running: &mut BTreeMap<String, String>) {
+        running.retain(|cluster, _| {
+            if wanted.contains_key(cluster) {
+                return true;
+            }
+            self.lock().remove(cluster);
+            tracing::info!(cluster, "remote secret removed: cluster dropped");
+            false
+        });
+    }
 }

@@ -19,7 +19,7 @@ use super::{
     },
     istio::{exported_to, resolve_host, ServiceEntry, TrafficPolicy},
     join::{Backend, Index},
-    proof::{ProofLookup, ProxyProof},
+    proof::{PodName, ProofLookup, ProxyProof},
     resolve_peer_auth, Decision, DestinationRule, DrTlsMode, MeshObjects, MeshSettings,
     PeerAuthMode, PeerAuthResolution, TlsMode,
 };
@@ -600,7 +600,14 @@ fn plan_endpoint(
         Some(b.port),
     );
     let proof = match &b.pod {
-        Some(p) => proofs.proof(&b.namespace, &p.name, p.uid.as_deref()),
+        Some(p) => proofs.proof(
+            &PodName {
+                cluster: &b.cluster,
+                namespace: &b.namespace,
+                name: &p.name,
+            },
+            p.uid.as_deref(),
+        ),
         None => ProxyProof::Unknown,
     };
     let declared = b.tls_label == TlsMode::Istio;

@@ -2,6 +2,12 @@
 //! certificate over SDS or the CSR API (pod name and UID from the projected token's
 //! `kubernetes.io.pod` claim). A pod labelled `tlsMode=istio` whose proxy never fetched a
 //! certificate is the classic "expected mTLS, got connection failures" case.
+//!
+//! A proof is keyed by cluster, namespace and pod name: the cluster is the one whose token
+//! validated the caller (`clusters[].name`), matched against the cluster discovery found the
+//! pod in (`discovery.cluster_name`, a remote cluster's name), as istiod matches a proxy only
+//! against its own cluster's registry. So a StatefulSet pod `db-0` in another cluster proves
+//! nothing about this cluster's `db-0`.
 
 use std::{
     collections::HashMap,
@@ -38,14 +44,35 @@ pub enum ProxyProof {
 
 /// Looks up the proof for a pod.
 pub trait ProofLookup {
-    fn proof(&self, namespace: &str, name: &str, uid: Option<&str>) -> ProxyProof;
+    fn proof(&self, pod: &PodName<'_>, uid: Option<&str>) -> ProxyProof;
 }
+
+/// A pod by cluster, namespace and name.
+#[derive(Clone, Copy, Debug)]
+pub struct PodName<'a> {
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+impl PodName<'_> {
+    fn key(&self) -> Key {
+        (
+            self.cluster.to_owned(),
+            self.namespace.to_owned(),
+            self.name.to_owned(),
+        )
+    }
+}
+
+/// (cluster, namespace, pod name).
+type Key = (String, String, String);
 
 /// No registry: every proof is `Unknown`.
 pub struct NoProofs;
 
 impl ProofLookup for NoProofs {
-    fn proof(&self, _: &str, _: &str, _: Option<&str>) -> ProxyProof {
+    fn proof(&self, _: &PodName<'_>, _: Option<&str>) -> ProxyProof {
         ProxyProof::Unknown
     }
 }
@@ -60,7 +87,7 @@ struct Seen {
 
 /// The registry SDS and the CSR API report to.
 pub struct ProxyRegistry {
-    seen: Mutex<HashMap<(String, String), Seen>>,
+    seen: Mutex<HashMap<Key, Seen>>,
     clock: Arc<dyn Clock>,
     grace: Duration,
     changes: watch::Sender<u64>,
@@ -69,7 +96,7 @@ pub struct ProxyRegistry {
 /// Held by an SDS stream; reports the stream closed when dropped.
 pub struct StreamGuard {
     registry: Arc<ProxyRegistry>,
-    key: (String, String),
+    key: Key,
 }
 
 impl Drop for StreamGuard {
@@ -93,12 +120,13 @@ impl ProxyRegistry {
         self.changes.subscribe()
     }
 
-    fn key(id: &Identity) -> Option<((String, String), String)> {
+    fn key(id: &Identity) -> Option<(Key, String)> {
         let pod = id.pod.as_ref()?;
-        Some(((id.namespace.clone(), pod.name.clone()), pod.uid.clone()))
+        let key = (id.cluster.0.clone(), id.namespace.clone(), pod.name.clone());
+        Some((key, pod.uid.clone()))
     }
 
-    fn touch(&self, id: &Identity, stream: bool) -> Option<(String, String)> {
+    fn touch(&self, id: &Identity, stream: bool) -> Option<Key> {
         let (key, uid) = Self::key(id)?;
         let now = self.clock.now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,7 +169,7 @@ impl ProxyRegistry {
         self.touch(id, false);
     }
 
-    fn closed(&self, key: &(String, String)) {
+    fn closed(&self, key: &Key) {
         let now = self.clock.now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = seen.get_mut(key) {
@@ -172,20 +200,21 @@ impl ProxyRegistry {
 /// The registry at one instant.
 #[derive(Clone)]
 pub struct ProofSnapshot {
-    seen: HashMap<(String, String), Seen>,
+    seen: HashMap<Key, Seen>,
     now: OffsetDateTime,
     grace: Duration,
 }
 
 impl ProofSnapshot {
-    /// What EDS depends on, for every pod the registry knows: (namespace, name, uid, proven).
-    /// Changes when a proxy appears or a grace period runs out, not on every renewal.
-    pub fn digest(&self) -> Vec<(String, String, String, bool)> {
+    /// What EDS depends on, for every pod the registry knows: (cluster, namespace, name, uid,
+    /// proven). Changes when a proxy appears or a grace period runs out, not on every renewal.
+    pub fn digest(&self) -> Vec<(String, String, String, String, bool)> {
         let mut v: Vec<_> = self
             .seen
             .iter()
-            .map(|((ns, n), s)| {
+            .map(|((cluster, ns, n), s)| {
                 (
+                    cluster.clone(),
                     ns.clone(),
                     n.clone(),
                     s.uid.clone(),
@@ -198,8 +227,8 @@ impl ProofSnapshot {
     }
 
     /// The proof for a pod by name, whatever its UID.
-    pub fn proof_of(&self, namespace: &str, name: &str) -> ProxyProof {
-        self.proof(namespace, name, None)
+    pub fn proof_of(&self, pod: &PodName<'_>) -> ProxyProof {
+        self.proof(pod, None)
     }
 
     fn state(&self, s: &Seen) -> ProxyProof {
@@ -215,8 +244,8 @@ impl ProofSnapshot {
 }
 
 impl ProofLookup for ProofSnapshot {
-    fn proof(&self, namespace: &str, name: &str, uid: Option<&str>) -> ProxyProof {
-        match self.seen.get(&(namespace.to_owned(), name.to_owned())) {
+    fn proof(&self, pod: &PodName<'_>, uid: Option<&str>) -> ProxyProof {
+        match self.seen.get(&pod.key()) {
             Some(s) if uid.is_none_or(|u| u == s.uid) => self.state(s),
             _ => ProxyProof::Never,
         }
@@ -247,33 +276,41 @@ mod tests {
         }
     }
 
+    fn pod(name: &str) -> PodName<'_> {
+        PodName {
+            cluster: "Kubernetes",
+            namespace: "shop",
+            name,
+        }
+    }
+
     /// One row per proof rule.
     #[test]
     fn proof_states() {
         let clock = Arc::new(ManualClock::new(OffsetDateTime::UNIX_EPOCH));
         let r = ProxyRegistry::new(clock.clone(), Duration::from_secs(60));
         assert_eq!(
-            r.snapshot().proof("shop", "web-0", Some("u1")),
+            r.snapshot().proof(&pod("web-0"), Some("u1")),
             ProxyProof::Never,
             "never seen"
         );
         let guard = r.stream_opened(&id("web-0", "u1")).unwrap();
         assert!(
             matches!(
-                r.snapshot().proof("shop", "web-0", Some("u1")),
+                r.snapshot().proof(&pod("web-0"), Some("u1")),
                 ProxyProof::Connected { .. }
             ),
             "stream open"
         );
         assert_eq!(
-            r.snapshot().proof("shop", "web-0", Some("u2")),
+            r.snapshot().proof(&pod("web-0"), Some("u2")),
             ProxyProof::Never,
             "a new pod under the same name is not proven by the old one's proxy"
         );
         clock.advance(Duration::from_secs(3600));
         assert!(
             matches!(
-                r.snapshot().proof("shop", "web-0", Some("u1")),
+                r.snapshot().proof(&pod("web-0"), Some("u1")),
                 ProxyProof::Connected { .. }
             ),
             "an open stream needs no grace"
@@ -281,14 +318,14 @@ mod tests {
         drop(guard);
         assert!(
             matches!(
-                r.snapshot().proof("shop", "web-0", None),
+                r.snapshot().proof(&pod("web-0"), None),
                 ProxyProof::Recent { .. }
             ),
             "closed: within grace"
         );
         clock.advance(Duration::from_secs(61));
         assert_eq!(
-            r.snapshot().proof("shop", "web-0", None),
+            r.snapshot().proof(&pod("web-0"), None),
             ProxyProof::Never,
             "grace over"
         );
@@ -299,10 +336,36 @@ mod tests {
         r.certificate_issued(&id("web-1", "u3"));
         assert!(
             matches!(
-                r.snapshot().proof("shop", "web-1", Some("u3")),
+                r.snapshot().proof(&pod("web-1"), Some("u3")),
                 ProxyProof::Recent { .. }
             ),
             "CSR issuance"
+        );
+        let mut other_cluster = id("web-1", "u3");
+        other_cluster.cluster = ClusterId("west".into());
+        let other = PodName {
+            cluster: "west",
+            ..pod("web-1")
+        };
+        assert_eq!(
+            r.snapshot().proof(&other, Some("u3")),
+            ProxyProof::Never,
+            "a pod of the same name in another cluster is not proven (istiod: a proxy is matched in its own cluster's registry)"
+        );
+        let _west = r.stream_opened(&other_cluster).unwrap();
+        assert!(
+            matches!(
+                r.snapshot().proof(&other, None),
+                ProxyProof::Connected { .. }
+            ),
+            "its own stream proves it"
+        );
+        assert!(
+            matches!(
+                r.snapshot().proof(&pod("web-1"), None),
+                ProxyProof::Recent { .. }
+            ),
+            "and leaves this cluster's pod of that name as it was"
         );
         let mut no_pod = id("x", "y");
         no_pod.pod = None;

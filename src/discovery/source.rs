@@ -77,7 +77,7 @@ fn read(path: &PathBuf) -> Result<Arc<MeshObjects>, DiscoveryError> {
     Ok(Arc::new(MeshObjects::from_snapshot(&bytes)?))
 }
 
-type Digest = Vec<(String, String, String, bool)>;
+type Digest = Vec<(String, String, String, String, bool)>;
 
 fn build(
     objs: &MeshObjects,

@@ -54,17 +54,21 @@ impl Jwk {
                 n: b(&self.n)?,
                 e: b(&self.e)?,
             }),
-            ("EC", Some(crv @ ("P-256" | "P-384"))) => {
+            ("EC", Some(crv @ ("P-256" | "P-384" | "P-521"))) => {
                 let (x, y) = (b(&self.x)?, b(&self.y)?);
-                let w = if crv == "P-256" { 32 } else { 48 };
+                let w = match crv {
+                    "P-256" => 32,
+                    "P-384" => 48,
+                    _ => 66,
+                };
                 if x.len() != w || y.len() != w {
                     return None;
                 }
                 let point = [&[4u8][..], &x, &y].concat();
-                Some(if w == 32 {
-                    VerifyKey::EcP256(point)
-                } else {
-                    VerifyKey::EcP384(point)
+                Some(match w {
+                    32 => VerifyKey::EcP256(point),
+                    48 => VerifyKey::EcP384(point),
+                    _ => VerifyKey::EcP521(point),
                 })
             }
             _ => None,

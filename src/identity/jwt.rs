@@ -166,9 +166,14 @@ pub(crate) fn parse(token: &str) -> Result<Jws<'_>, IdentityError> {
 /// A public key from a JWK, ready for ring.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum VerifyKey {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     EcP256(Vec<u8>),
     EcP384(Vec<u8>),
+    /// Verified with the `p521` crate: ring has no P-521.
+    EcP521(Vec<u8>),
 }
 
 /// Verifies the JWS signature with `key`, checking `alg` against the allow-list and the key type.
@@ -204,10 +209,11 @@ pub(crate) fn verify_signature(jws: &Jws<'_>, key: &VerifyKey) -> Result<(), Ide
                 .verify(msg, sig)
                 .is_ok()
         }
-        ("RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384", _) => {
-            return Err(mismatch())
-        }
-        ("ES512", _) => return Err(es512_unsupported()),
+        ("ES512", VerifyKey::EcP521(point)) => verify_es512(point, msg, sig),
+        (
+            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384" | "ES512",
+            _,
+        ) => return Err(mismatch()),
         _ => {
             return Err(IdentityError::AlgorithmNotAllowed {
                 alg: alg.to_owned(),
@@ -221,30 +227,31 @@ pub(crate) fn verify_signature(jws: &Jws<'_>, key: &VerifyKey) -> Result<(), Ide
     }
 }
 
-/// The algorithms meshid verifies.
+/// The algorithms meshid verifies: every one the API server signs service-account tokens with
+/// (kube `pkg/serviceaccount/jwt.go` `signerFromECDSAPrivateKey`: ES256/384/512; RS256).
 pub(crate) const ALLOWED_ALGS: &[&str] = &[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
 ];
 
-/// Checks `alg` before any key is looked up: `none`, HMAC and unknown names are refused, and
-/// ES512 gets its own precise reason.
+/// Checks `alg` before any key is looked up: `none`, HMAC and unknown names are refused.
 pub(crate) fn check_alg(alg: &str) -> Result<(), IdentityError> {
-    if alg == "ES512" {
-        return Err(es512_unsupported());
-    }
     if !ALLOWED_ALGS.contains(&alg) {
         return Err(IdentityError::AlgorithmNotAllowed { alg: alg.into() });
     }
     Ok(())
 }
 
-/// ring 0.17 (meshid's only crypto library) implements ECDSA over P-256 and P-384 only: it has
-/// no P-521 curve, so an ES512 signature cannot be checked and is refused, never skipped.
-fn es512_unsupported() -> IdentityError {
-    IdentityError::AlgorithmUnsupported {
-        alg: "ES512".into(),
-        why: "ECDSA P-521 cannot be verified: ring 0.17 has no P-521 support; sign service-account tokens with an RSA, P-256 or P-384 key".into(),
-    }
+/// ECDSA P-521 with SHA-512 over `msg`, `sig` the JWS form (r ‖ s, 66 bytes each). ring (the
+/// signing stack) has no P-521, so the `p521` crate verifies; meshid never signs with it.
+fn verify_es512(point: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    use p521::ecdsa::{signature::Verifier, Signature, VerifyingKey};
+    let (Ok(key), Ok(sig)) = (
+        VerifyingKey::from_sec1_bytes(point),
+        Signature::from_slice(sig),
+    ) else {
+        return false;
+    };
+    key.verify(msg, &sig).is_ok()
 }
 
 /// The JWS `alg` meshid signs with for a key type.

@@ -128,10 +128,7 @@ impl TokenReviewValidator {
             return Err(IdentityError::LegacyToken);
         }
         let alg = jws.header.alg.as_str();
-        // The API server (Go) verifies ES512; ring cannot, so that one is left to it.
-        if alg != "ES512" {
-            jwt::check_alg(alg)?;
-        }
+        jwt::check_alg(alg)?;
         if c.kubernetes.is_none() && !c.is_legacy() {
             return Err(IdentityError::MissingClaim("kubernetes.io"));
         }
@@ -145,7 +142,7 @@ impl TokenReviewValidator {
                 want: self.cfg.audiences.clone(),
             });
         }
-        let Some(keys) = self.keys.as_ref().filter(|_| alg != "ES512") else {
+        let Some(keys) = self.keys.as_ref() else {
             return Ok(());
         };
         keys.refresh_if_stale();

@@ -1,7 +1,10 @@
 //! Automatic rotation of generated roots, on SPIRE's schedule (`pkg/server/ca/manager`,
 //! `preparationThreshold` and `keyActivationThreshold`): prepare a successor when
 //! min(½ lifetime, `prepare_before`) of the active root's life remains, activate it when
-//! min(⅙ lifetime, `activate_before`) remains and it has reached every stream. Plug-in CAs are
+//! min(⅙ lifetime, `activate_before`) remains and it has reached every stream — or, past
+//! `propagation_timeout` after that point, with the laggards named (SPIRE activates on schedule
+//! whatever its clients do; one silent proxy must not keep a root from activating until the
+//! old one expires). Plug-in CAs are
 //! never rotated automatically (their successor comes from outside). Transitions are journaled
 //! with actor `auto`; taint and revoke stay with the operator (`meshid root rotate` continues
 //! from an automatic activation).
@@ -35,6 +38,14 @@ pub struct AutoRotation {
         serialize_with = "crate::ca::serde_duration_ser"
     )]
     pub activate_before: Duration,
+    /// How long an automatic activation waits for every stream to hold the prepared root once
+    /// it is due; then it activates anyway, naming the laggards in the log and counting the
+    /// activation in `meshid_rotation_forced_activations_total`.
+    #[serde(
+        deserialize_with = "d",
+        serialize_with = "crate::ca::serde_duration_ser"
+    )]
+    pub propagation_timeout: Duration,
     /// How often the schedule (and the expiry warning) is checked.
     #[serde(
         deserialize_with = "d",
@@ -51,6 +62,7 @@ impl Default for AutoRotation {
             enabled: false,
             prepare_before: 30 * DAY,
             activate_before: 7 * DAY,
+            propagation_timeout: Duration::from_secs(3600),
             check_interval: Duration::from_secs(60),
         }
     }
@@ -62,6 +74,11 @@ impl AutoRotation {
         let mut errs = Vec::new();
         if self.activate_before.is_zero() || self.activate_before >= self.prepare_before {
             errs.push("auto_rotation.activate_before: must be above zero and below auto_rotation.prepare_before (a successor is prepared before it is activated)".into());
+        }
+        if self.propagation_timeout < Duration::from_secs(60)
+            || self.propagation_timeout >= self.activate_before
+        {
+            errs.push("auto_rotation.propagation_timeout: must be at least 1m and below auto_rotation.activate_before (the old root must still be valid when the new one activates)".into());
         }
         if self.check_interval < Duration::from_secs(1) || self.check_interval > DAY {
             errs.push("auto_rotation.check_interval: must be between 1s and 24h".into());
@@ -78,8 +95,12 @@ pub enum AutoStep {
     Prepare {
         root_ttl: Duration,
     },
-    /// Activate the prepared root with this id (once it has propagated).
-    Activate(String),
+    /// Activate the prepared root with this id: once it has propagated, or from `due` plus
+    /// `propagation_timeout` on, whatever the laggards.
+    Activate {
+        id: String,
+        due: OffsetDateTime,
+    },
 }
 
 /// The schedule's decision for `state` at `now`.
@@ -100,10 +121,14 @@ pub fn auto_step(state: &CaState, cfg: &AutoRotation, now: OffsetDateTime) -> Au
     let lifetime: Duration = (not_after - not_before).try_into().unwrap_or_default();
     let remaining = not_after - now;
     let prepared = state.roots.iter().find(|r| r.state == RootState::Prepared);
-    let activate_at = (lifetime / 6).min(cfg.activate_before);
+    // The same point `expiry_warning` calls overdue.
+    let activate_at = super::activation_point(active, cfg.activate_before);
     let prepare_at = (lifetime / 2).min(cfg.prepare_before);
     match prepared {
-        Some(p) if p.can_sign() && remaining <= activate_at => AutoStep::Activate(p.id.clone()),
+        Some(p) if p.can_sign() && remaining <= activate_at => AutoStep::Activate {
+            id: p.id.clone(),
+            due: not_after - activate_at,
+        },
         None if remaining <= prepare_at && active.prepared_signer.is_none() => {
             AutoStep::Prepare { root_ttl: lifetime }
         }
@@ -130,7 +155,7 @@ impl Schedule {
     /// when enabled, the automatic prepare/activate with actor `auto`.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let me = std::sync::Arc::new(self);
-        let mut warned = false;
+        let mut warned: Option<(String, OffsetDateTime)> = None;
         loop {
             let m = me.clone();
             match tokio::task::spawn_blocking(move || m.check()).await {
@@ -138,11 +163,7 @@ impl Schedule {
                     me.metrics
                         .root_expiry_warning
                         .set(i64::from(warning.is_some()));
-                    match warning {
-                        Some(w) if !warned => tracing::warn!(warning = %w, "root expiry"),
-                        _ => {}
-                    }
-                    warned = me.metrics.root_expiry_warning.get() == 1;
+                    warned = me.warn(warning, warned);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "automatic rotation step not taken; retrying at the next check")
@@ -152,6 +173,26 @@ impl Schedule {
             tokio::select! {
                 _ = tokio::time::sleep(me.cfg.check_interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Logs `warning` when it is new, changed, or last logged an hour ago: it keeps firing
+    /// while the root nears its end unreplaced.
+    fn warn(
+        &self,
+        warning: Option<String>,
+        last: Option<(String, OffsetDateTime)>,
+    ) -> Option<(String, OffsetDateTime)> {
+        let w = warning?;
+        let now = self.clock.now();
+        match last {
+            Some((said, at)) if said == w && now - at < Duration::from_secs(3600) => {
+                Some((said, at))
+            }
+            _ => {
+                tracing::warn!(warning = %w, "root expiry");
+                Some((w, now))
             }
         }
     }
@@ -178,7 +219,11 @@ impl Schedule {
                         Ok(ca) => ca,
                         Err(e) => {
                             tracing::error!(error = %e, "automatic rotation: generating the successor root failed; retrying at the next check");
-                            return Ok(super::expiry_warning(&state, now));
+                            return Ok(super::expiry_warning(
+                                &state,
+                                now,
+                                self.cfg.activate_before,
+                            ));
                         }
                     };
                     let a = super::apply(self.store.as_ref(), &ctx, |s, c| {
@@ -186,26 +231,32 @@ impl Schedule {
                     })?;
                     tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: successor root prepared");
                 }
-                AutoStep::Activate(id) => {
-                    let published = self
-                        .publication_hint
-                        .map(|hint| super::bundle_publication_gate(hint, now));
-                    let gate = |r: &crate::state::RootRecord| {
-                        if let Some(published) = &published {
-                            published(r)?;
-                        }
-                        super::status_of(&self.registry, &self.live.current(), &self.replica)
-                            .root_propagated(&r.id)
+                AutoStep::Activate { id, due } => {
+                    let local = super::LocalStatus {
+                        registry: &self.registry,
+                        live: &self.live,
+                        replica: &self.replica,
                     };
+                    let deadline = due + self.cfg.propagation_timeout;
+                    let gate = super::ActivationGate::new(self.publication_hint, Some(&local), now)
+                        .with_propagation_deadline(deadline);
                     let a = super::apply(self.store.as_ref(), &ctx, |s, c| {
-                        super::activate(s, &id, false, &gate, c)
+                        super::activate(s, &id, false, &|r| gate.check(r), c)
                     })?;
-                    tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: root activated");
+                    match gate.overridden() {
+                        Some(laggards) => {
+                            self.metrics.rotation_forced_activations.inc();
+                            tracing::warn!(root = %a.outcome.root, generation = %a.generation, deadline = %crate::clock::rfc3339(deadline), %laggards, "automatic rotation: root activated at its propagation deadline although streams lag; they refuse leaves from the new root until they take the new bundle");
+                        }
+                        None => {
+                            tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: root activated")
+                        }
+                    }
                 }
             }
         }
         let state = self.store.load_existing()?.state;
-        Ok(super::expiry_warning(&state, now))
+        Ok(super::expiry_warning(&state, now, self.cfg.activate_before))
     }
 }
 
@@ -259,7 +310,7 @@ mod tests {
             AutoStep::Nothing => "nothing",
             AutoStep::Prepare { root_ttl } if root_ttl >= 12 * DAY => "prepare",
             AutoStep::Prepare { .. } => "prepare with a shorter ttl",
-            AutoStep::Activate(_) => "activate",
+            AutoStep::Activate { .. } => "activate",
         };
         let rows: Vec<(&str, AutoStep, &str)> = vec![
             (
@@ -304,15 +355,100 @@ mod tests {
         );
         assert_eq!(
             auto_step(&p, &cfg, end_long - 7 * DAY + h),
-            AutoStep::Activate(pid),
-            "prepared, under 7 d left: activate"
+            AutoStep::Activate {
+                id: pid,
+                due: p.signing_root().unwrap().not_after().unwrap() - 7 * DAY
+            },
+            "prepared, under 7 d left: activate, due 7 d before the end"
         );
         let ps = with_prepared(short, t0);
-        assert_eq!(
-            auto_step(&ps, &cfg, end_short - 2 * DAY + h),
-            AutoStep::Activate(ps.roots[1].id.clone()),
+        assert!(
+            matches!(auto_step(&ps, &cfg, end_short - 2 * DAY + h), AutoStep::Activate { id, .. } if id == ps.roots[1].id),
             "short root: a sixth of its life (2 d) left activates"
         );
+    }
+
+    /// Issue 17 item 2: automatic rotation is not held hostage by one client. A stream that
+    /// ACKed the old bundle and then stopped holds the activation once it is due, with the
+    /// expiry warning firing (the successor is not active); past `propagation_timeout` the root
+    /// is activated anyway, the laggard named and the activation counted (SPIRE `manager.go`
+    /// `rotateX509CA` activates on schedule whatever its clients do).
+    #[test]
+    fn activation_is_held_by_a_laggard_only_until_its_deadline() {
+        use crate::clock::Clock;
+        use std::sync::Arc;
+        let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let clock = Arc::new(crate::clock::ManualClock::new(t0));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::state::DirStore::new(dir.path()));
+        let s = state(RootOrigin::Generated, 12 * DAY, t0);
+        let old = s.roots[0].id.clone();
+        crate::state::StateStore::compare_and_swap(store.as_ref(), None, &s).unwrap();
+        let live = Arc::new(
+            crate::trust::LiveCa::load(store.clone(), Default::default(), clock.clone()).unwrap(),
+        );
+        let registry = Arc::new(super::super::Propagation::default());
+        let stuck = registry.open("spiffe://cluster.local/ns/a/sa/stuck".into(), None);
+        stuck.subscribed(true, false);
+        stuck.acked_bundle(vec![old.clone()].into());
+        let schedule = Schedule {
+            cfg: AutoRotation {
+                enabled: true,
+                propagation_timeout: 3 * Duration::from_secs(3600),
+                ..Default::default()
+            },
+            store: store.clone(),
+            live: live.clone(),
+            registry: registry.clone(),
+            metrics: Arc::new(crate::telemetry::Metrics::new()),
+            clock: clock.clone(),
+            replica: "meshid-0".into(),
+            publication_hint: None,
+        };
+        let roots = || {
+            crate::state::StateStore::load_existing(store.as_ref())
+                .unwrap()
+                .state
+                .roots
+        };
+        let h = Duration::from_secs(3600);
+
+        clock.advance(6 * DAY + h);
+        assert!(
+            schedule.check().unwrap().is_none(),
+            "prepared: no warning yet"
+        );
+        live.reload_if_changed().unwrap();
+        let new = roots()[1].id.clone();
+        assert_eq!(roots()[1].state, RootState::Prepared);
+
+        clock.advance(4 * DAY); // an hour past the activation point (2 d before the end)
+        let held = schedule.check().unwrap_err().to_string();
+        assert!(
+            held.contains("sa/stuck"),
+            "held by the laggard, named: {held}"
+        );
+        let warning = super::super::expiry_warning(
+            &crate::state::StateStore::load_existing(store.as_ref())
+                .unwrap()
+                .state,
+            clock.now(),
+            schedule.cfg.activate_before,
+        );
+        assert!(
+            warning.is_some_and(|w| w.contains("prepared but still not active")),
+            "the warning keeps firing"
+        );
+        assert_eq!(schedule.metrics.rotation_forced_activations.get(), 0);
+
+        clock.advance(3 * h);
+        schedule.check().unwrap();
+        let active = roots()
+            .into_iter()
+            .find(|r| r.state == RootState::Active)
+            .unwrap();
+        assert_eq!(active.id, new, "activated at the deadline");
+        assert_eq!(schedule.metrics.rotation_forced_activations.get(), 1);
     }
 
     #[test]

@@ -8,11 +8,7 @@
 //! failed write, a timeout) continues from the state when run again. The waits read the server's
 //! rotation status (`GET /debug/rotation`, `RotationStatus`) through `StatusSource`.
 
-use std::{
-    io::{Read, Write},
-    net::{TcpStream, ToSocketAddrs},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use time::OffsetDateTime;
@@ -29,9 +25,12 @@ use crate::{
 
 /// Reads the rotation status of one or more server replicas.
 pub trait StatusSource {
-    /// Each replica's status now, or why one could not be read.
-    fn statuses(&self) -> Result<Vec<RotationStatus>, String>;
+    /// Each replica's status now, or why one could not be read, all within `within`.
+    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String>;
 }
+
+/// How long a single gate check may read statuses.
+pub const STATUS_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `Ok` when `check` passes on every replica; otherwise every replica's reason.
 pub fn on_every_replica(
@@ -51,7 +50,7 @@ pub fn check_servers(
     server: &dyn StatusSource,
     check: impl Fn(&RotationStatus) -> Result<(), String>,
 ) -> Result<(), String> {
-    on_every_replica(&server.statuses()?, check)
+    on_every_replica(&server.statuses(STATUS_READ_TIMEOUT)?, check)
 }
 
 /// Why a guided rotation stopped before its end. The state says where it stands; run again to
@@ -178,16 +177,10 @@ pub fn rotate(
                 ));
                 wait(server, opts, |st| st.root_propagated(&p), progress)?;
                 let c = ctx()?;
-                let published = opts
-                    .publication_hint
-                    .map(|hint| super::bundle_publication_gate(hint, c.now));
-                let gate = |r: &crate::state::RootRecord| {
-                    if let Some(published) = &published {
-                        published(r)?;
-                    }
-                    check_servers(server, |st| st.root_propagated(&r.id))
-                };
-                apply(store, &c, |s, c| activate(s, &p, false, &gate, c))?
+                let gate = super::ActivationGate::new(opts.publication_hint, Some(server), c.now);
+                apply(store, &c, |s, c| {
+                    activate(s, &p, false, &|r| gate.check(r), c)
+                })?
             }
             Phase::StagedSigner(sid) => {
                 let applied = apply(store, &ctx()?, |s, c| {
@@ -258,7 +251,15 @@ fn wait(
     let start = Instant::now();
     let mut last = String::new();
     loop {
-        let why = match server.statuses() {
+        let left = opts.timeout.saturating_sub(start.elapsed());
+        if left.is_zero() && !last.is_empty() {
+            return Err(GuidedError::TimedOut {
+                waited: opts.timeout,
+                why: last,
+            });
+        }
+        let why = match server.statuses(left.clamp(Duration::from_millis(100), STATUS_READ_TIMEOUT))
+        {
             Ok(st) => match on_every_replica(&st, &done) {
                 Ok(()) => return Ok(()),
                 Err(why) => why,
@@ -281,12 +282,19 @@ fn wait(
 
 // === the server's status over HTTP ===
 
-/// The status endpoint of a server's HTTP port, e.g. `http://meshid:15014`.
+/// The status endpoint of a server's HTTP port, e.g. `http://meshid:15014`. What it trusts: the
+/// answer is plain, unauthenticated HTTP from whoever answers at that address (the server
+/// serves it to loopback callers only, so reach it through `kubectl port-forward`); a forged
+/// answer can make the gate pass early, never make the CLI write anything but the transition
+/// it was asked for. The whole read is bounded by `timeout`, the body by 16 MiB, and every
+/// string in it is stripped of control characters before it is printed.
 pub struct HttpStatus {
-    host: String,
-    addr: String,
+    url: String,
     timeout: Duration,
 }
+
+/// Largest status document read.
+const MAX_STATUS_BYTES: usize = 16 << 20;
 
 impl HttpStatus {
     /// Parses `http://host:port` (a trailing `/debug/rotation` or `/` is accepted).
@@ -304,66 +312,55 @@ impl HttpStatus {
             ));
         }
         Ok(Self {
-            host: hostport.to_owned(),
-            addr: hostport.to_owned(),
+            url: format!("http://{hostport}{STATUS_PATH}"),
             timeout: Duration::from_secs(5),
         })
     }
 
-    fn get(&self) -> Result<String, String> {
-        let addr = self
-            .addr
-            .to_socket_addrs()
-            .map_err(|e| format!("resolving {}: {e}", self.addr))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.addr))?;
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout)
-            .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
-        let io = |e: std::io::Error| format!("reading {STATUS_PATH} from {}: {e}", self.addr);
-        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        write!(
-            s,
-            "GET {STATUS_PATH} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.host
-        )
-        .map_err(io)?;
-        let mut raw = Vec::new();
-        s.take(16 << 20).read_to_end(&mut raw).map_err(io)?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("{} sent no HTTP response", self.addr))?;
-        let status_line = head.lines().next().unwrap_or_default();
-        if status_line.split_whitespace().nth(1) != Some("200") {
-            return Err(format!(
-                "{} answered {STATUS_PATH} with {status_line:?}: is it a meshid server's HTTP port?",
-                self.addr
-            ));
-        }
-        Ok(body.to_owned())
+    /// Bounds each whole read (connect, headers, body) by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// This server's status now, read within `within` (at most the configured timeout).
+    pub fn status_within(&self, within: Duration) -> Result<RotationStatus, String> {
+        let body = crate::http_client::Get::new(&self.url)
+            .timeout(self.timeout.min(within))
+            .max_body(MAX_STATUS_BYTES)
+            .send_blocking()
+            .map_err(|e| match e {
+                crate::http_client::HttpError::Status { status: 403, .. } => format!("{e}: the server serves {STATUS_PATH} to loopback callers only; reach it through `kubectl port-forward` (or see listen.debug_from)"),
+                crate::http_client::HttpError::Status { .. } => format!("{e}: is it a meshid server's HTTP port?"),
+                e => e.to_string(),
+            })?;
+        serde_json::from_slice::<RotationStatus>(&body)
+            .map(RotationStatus::printable)
+            .map_err(|e| format!("{} sent an unreadable rotation status: {e}", self.url))
     }
 }
 
 impl HttpStatus {
     /// This server's status now.
     pub fn status(&self) -> Result<RotationStatus, String> {
-        let body = self.get()?;
-        serde_json::from_str(&body)
-            .map_err(|e| format!("{} sent an unreadable rotation status: {e}", self.addr))
+        self.status_within(self.timeout)
     }
 }
 
 impl StatusSource for HttpStatus {
-    fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
-        Ok(vec![self.status()?])
+    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String> {
+        Ok(vec![self.status_within(within)?])
     }
 }
 
-/// Several replicas (`--server` given more than once): every one must pass.
+/// Several replicas (`--server` given more than once): every one must pass, all read within
+/// `within` together.
 impl StatusSource for Vec<HttpStatus> {
-    fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
-        self.iter().map(HttpStatus::status).collect()
+    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String> {
+        let start = Instant::now();
+        self.iter()
+            .map(|s| s.status_within(within.saturating_sub(start.elapsed())))
+            .collect()
     }
 }
 
@@ -379,7 +376,7 @@ mod tests {
     struct NoServer;
 
     impl StatusSource for NoServer {
-        fn statuses(&self) -> Result<Vec<RotationStatus>, String> {
+        fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, String> {
             Ok(Vec::new())
         }
     }

@@ -2,6 +2,7 @@
 //! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
 
 mod auto;
+mod gate;
 mod guided;
 mod propagation;
 pub mod publication;
@@ -10,9 +11,10 @@ mod roots;
 mod schedule;
 
 pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
+pub use gate::{ActivationGate, LocalStatus};
 pub use guided::{
     check_servers, on_every_replica, rotate, Finished, GuidedError, GuidedOptions, HttpStatus,
-    StatusSource,
+    StatusSource, STATUS_READ_TIMEOUT,
 };
 pub use propagation::{
     replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,
@@ -22,8 +24,8 @@ pub use publication::bundle_publication_gate;
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
 pub use roots::{
-    activate, apply, expiry_warning, next_step, no_gate, prepare, resolve, revoke, taint,
-    valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target, Transition,
-    EXPIRY_WARNING, REVOKE_MARGIN,
+    activate, activation_point, apply, expiry_warning, next_step, no_gate, prepare, resolve,
+    revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target,
+    Transition, EXPIRY_WARNING, REVOKE_MARGIN,
 };
 pub use schedule::{RefreshPolicy, DEFAULT_JITTER, DEFAULT_RATIO};

@@ -3,11 +3,17 @@
 //! stream ends; counts are computed on demand (`summary`), so 10,000 streams cost a map entry
 //! each and nothing per push.
 //!
-//! A stream counts for the bundle when it subscribes to `ROOTCA`, `ALL` or `spiffe://<own td>`
-//! (or has not said what it wants yet: conservative), and for the leaf when it subscribes to
-//! `default`. It lags when its ACKed bundle misses a root the server trusts now, or its ACKed
-//! leaf is not from the server's current signer. `meshid root rotate` waits on these counts
-//! (the "activation waits for propagation" rule of the architecture).
+//! A stream counts for the bundle when it subscribes to `ROOTCA`, `ALL` or `spiffe://<own td>`,
+//! and for the leaf when it subscribes to `default`, once it has ACKed anything at all. It lags
+//! when its ACKed bundle misses a root the server trusts now, or its ACKed leaf is not from the
+//! server's current signer. A stream that has never ACKed (just opened, or a client that only
+//! NACKs or stays silent) is counted apart as `silent` and holds no rotation: its next response
+//! carries the current bundle anyway, and one silent client must not keep a root from being
+//! activated until it expires (SPIRE activates on schedule: `manager.go` `rotateX509CA`).
+//! `meshid root rotate` waits on these counts (the "activation waits for propagation" rule).
+//!
+//! The registry is sharded: a status read walks one shard at a time, so an ACK waits at most
+//! for one shard's walk, not for all 10,000 streams.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,11 +28,22 @@ use serde::{Deserialize, Serialize};
 /// At most this many laggards are listed in a summary.
 pub const LAGGARDS_SHOWN: usize = 20;
 
+/// Shards of the registry (a stream's id picks its shard).
+const SHARDS: usize = 64;
+
 /// The shared registry of one server's SDS streams.
-#[derive(Default)]
 pub struct Propagation {
-    streams: Mutex<HashMap<u64, Entry>>,
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
     next: AtomicU64,
+}
+
+impl Default for Propagation {
+    fn default() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            next: AtomicU64::new(0),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -46,12 +63,17 @@ struct Wants {
 }
 
 impl Entry {
+    /// Whether the stream has ACKed anything: only then can it lag.
+    fn acked(&self) -> bool {
+        self.bundle.is_some() || self.signer.is_some()
+    }
+
     fn wants_bundle(&self) -> bool {
-        self.wants.is_none_or(|w| w.bundle)
+        self.wants.is_some_and(|w| w.bundle)
     }
 
     fn wants_leaf(&self) -> bool {
-        self.wants.is_none_or(|w| w.leaf)
+        self.wants.is_some_and(|w| w.leaf)
     }
 }
 
@@ -72,20 +94,22 @@ impl Propagation {
             bundle: None,
             signer: None,
         };
-        self.lock().insert(id, entry);
+        self.shard(id).insert(id, entry);
         StreamTrack {
             registry: self.clone(),
             id,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.shards[(id % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Open streams.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        (0..SHARDS as u64).map(|i| self.shard(i).len()).sum()
     }
 
     /// Whether no stream is open.
@@ -94,24 +118,56 @@ impl Propagation {
     }
 
     /// Counts against the server's view now: `trusted` own root ids and the current `signer`.
-    /// The registry is locked while this runs, and every stream's ACK waits for that lock: so
+    /// Each shard is locked while it is walked, and its streams' ACKs wait for that lock: so
     /// nothing is allocated per stream (streams on one snapshot share one list of root ids,
     /// counted once per list), and a laggard's reason is written only for the few shown.
     pub fn counts(&self, trusted: &[String], signer: &str) -> Counts {
-        let streams = self.lock();
-        let mut c = Counts {
-            streams: streams.len(),
-            ..Counts::default()
-        };
-        let mut bundles: HashMap<*const String, (&Arc<[String]>, usize)> = HashMap::new();
-        let mut signers: HashMap<&str, usize> = HashMap::new();
-        for e in streams.values() {
+        let mut c = Counts::default();
+        let mut bundles: HashMap<*const String, (Arc<[String]>, usize)> = HashMap::new();
+        let mut signers: HashMap<String, usize> = HashMap::new();
+        for i in 0..SHARDS as u64 {
+            let shard = self.shard(i);
+            c.streams += shard.len();
+            for e in shard.values() {
+                c.count(e, trusted, signer, &mut bundles, &mut signers);
+            }
+        }
+        for (held, n) in bundles.into_values() {
+            for r in held.iter() {
+                *c.roots.entry(r.clone()).or_default() += n;
+            }
+        }
+        c.signers = signers.into_iter().collect();
+        c.laggards.sort_by(|a, b| a.peer.cmp(&b.peer));
+        c
+    }
+}
+
+impl Counts {
+    /// Adds one stream.
+    fn count(
+        &mut self,
+        e: &Entry,
+        trusted: &[String],
+        signer: &str,
+        bundles: &mut HashMap<*const String, (Arc<[String]>, usize)>,
+        signers: &mut HashMap<String, usize>,
+    ) {
+        let c = self;
+        if !e.acked() {
+            c.silent += 1;
+            return;
+        }
+        {
             let mut missing_root = None;
             let mut behind_signer = false;
             if e.wants_bundle() {
                 c.bundle_streams += 1;
                 if let Some(b) = &e.bundle {
-                    bundles.entry(b.as_ptr()).or_insert((b, 0)).1 += 1;
+                    bundles
+                        .entry(b.as_ptr())
+                        .or_insert_with(|| (b.clone(), 0))
+                        .1 += 1;
                 }
                 let held = e.bundle.as_deref().unwrap_or_default();
                 missing_root = trusted.iter().find(|t| !held.contains(t));
@@ -119,12 +175,17 @@ impl Propagation {
             if e.wants_leaf() {
                 c.leaf_streams += 1;
                 if let Some(s) = &e.signer {
-                    *signers.entry(s.as_str()).or_default() += 1;
+                    match signers.get_mut(s.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            signers.insert(s.clone(), 1);
+                        }
+                    }
                 }
                 behind_signer = e.signer.as_deref() != Some(signer);
             }
             if missing_root.is_none() && !behind_signer {
-                continue;
+                return;
             }
             c.laggard_count += 1;
             if c.laggards.len() < LAGGARDS_SHOWN {
@@ -145,23 +206,12 @@ impl Propagation {
                 });
             }
         }
-        for (held, n) in bundles.into_values() {
-            for r in held.iter() {
-                *c.roots.entry(r.clone()).or_default() += n;
-            }
-        }
-        c.signers = signers
-            .into_iter()
-            .map(|(s, n)| (s.to_owned(), n))
-            .collect();
-        c.laggards.sort_by(|a, b| a.peer.cmp(&b.peer));
-        c
     }
 }
 
 impl StreamTrack {
     fn update(&self, f: impl FnOnce(&mut Entry)) {
-        if let Some(e) = self.registry.lock().get_mut(&self.id) {
+        if let Some(e) = self.registry.shard(self.id).get_mut(&self.id) {
             f(e);
         }
     }
@@ -188,7 +238,7 @@ impl StreamTrack {
 
 impl Drop for StreamTrack {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        self.registry.shard(self.id).remove(&self.id);
     }
 }
 
@@ -207,9 +257,13 @@ pub struct Laggard {
 pub struct Counts {
     /// Open SDS streams.
     pub streams: usize,
-    /// Streams that subscribe to a bundle of the own trust domain.
+    /// Streams that have never ACKed anything (just opened, or only NACKing): they hold no
+    /// rotation and are not counted below.
+    #[serde(default)]
+    pub silent: usize,
+    /// Streams that ACKed and subscribe to a bundle of the own trust domain.
     pub bundle_streams: usize,
-    /// Streams that subscribe to `default`.
+    /// Streams that ACKed and subscribe to `default`.
     pub leaf_streams: usize,
     /// Root id → streams whose ACKed bundle holds it.
     pub roots: BTreeMap<String, usize>,
@@ -279,6 +333,30 @@ impl RotationStatus {
         Ok(())
     }
 
+    /// The same status with every string a server sent made printable (no terminal escapes):
+    /// for a status read over the network before it reaches a terminal.
+    pub fn printable(mut self) -> Self {
+        let p = crate::http_client::printable;
+        self.replica = p(&self.replica);
+        self.signer = p(&self.signer);
+        for r in &mut self.trusted_roots {
+            *r = p(r);
+        }
+        self.counts.roots = self.counts.roots.iter().map(|(k, v)| (p(k), *v)).collect();
+        self.counts.signers = self
+            .counts
+            .signers
+            .iter()
+            .map(|(k, v)| (p(k), *v))
+            .collect();
+        for l in &mut self.counts.laggards {
+            l.peer = p(&l.peer);
+            l.why = p(&l.why);
+            l.pod = l.pod.as_deref().map(p);
+        }
+        self
+    }
+
     /// The laggards, named (capped), for messages.
     pub fn laggard_names(&self) -> String {
         let c = &self.counts;
@@ -293,11 +371,18 @@ impl RotationStatus {
         if c.laggard_count > names.len() {
             names.push(format!("and {} more", c.laggard_count - names.len()));
         }
-        if names.is_empty() {
+        let mut text = if names.is_empty() {
             "no stream".into()
         } else {
             names.join(", ")
+        };
+        if c.silent > 0 {
+            text.push_str(&format!(
+                " ({} more stream(s) never acknowledged anything and are not waited for)",
+                c.silent
+            ));
         }
+        text
     }
 }
 
@@ -377,14 +462,60 @@ mod tests {
         assert!(reg.is_empty());
     }
 
+    /// Issue 17 item 2: a stream that never ACKed holds no rotation (SPIRE `manager.go`
+    /// `rotateX509CA` activates on schedule whatever its clients do); one that ACKed once and
+    /// then fell silent lags and is named.
     #[test]
-    fn a_stream_that_said_nothing_yet_lags_for_both() {
+    fn a_stream_that_never_acked_is_silent_and_holds_nothing() {
         let reg = Arc::new(Propagation::default());
-        let _s = reg.open("spiffe://td/ns/x/sa/y".into(), None);
+        let silent = reg.open("spiffe://td/ns/x/sa/silent".into(), None);
+        silent.subscribed(true, true);
+        let _unsaid = reg.open("spiffe://td/ns/x/sa/unsaid".into(), None);
         let c = reg.counts(&["r".into()], "r");
         assert_eq!(
-            (c.bundle_streams, c.leaf_streams, c.laggard_count),
-            (1, 1, 1)
+            (
+                c.streams,
+                c.silent,
+                c.bundle_streams,
+                c.leaf_streams,
+                c.laggard_count
+            ),
+            (2, 2, 0, 0, 0)
         );
+        let stale = reg.open("spiffe://td/ns/x/sa/stale".into(), None);
+        stale.subscribed(true, false);
+        stale.acked_bundle(ids(&["old"]));
+        let c = reg.counts(&["old".into(), "r".into()], "r");
+        assert_eq!((c.silent, c.bundle_streams, c.laggard_count), (2, 1, 1));
+        assert_eq!(c.laggards[0].peer, "spiffe://td/ns/x/sa/stale");
+    }
+
+    /// Many streams over every shard: the counts add up across shards.
+    #[test]
+    fn counts_add_up_across_shards() {
+        let reg = Arc::new(Propagation::default());
+        let held = ids(&["r"]);
+        let tracks: Vec<_> = (0..1000)
+            .map(|i| {
+                let t = reg.open(format!("spiffe://td/ns/a/sa/s{i}"), None);
+                t.subscribed(true, true);
+                t.acked_bundle(held.clone());
+                t.acked_leaf(if i % 2 == 0 { "r" } else { "old" });
+                t
+            })
+            .collect();
+        let c = reg.counts(&["r".into()], "r");
+        assert_eq!(
+            (c.streams, c.bundle_streams, c.leaf_streams),
+            (1000, 1000, 1000)
+        );
+        assert_eq!(c.roots.get("r"), Some(&1000));
+        assert_eq!(
+            (c.signers.get("r"), c.signers.get("old")),
+            (Some(&500), Some(&500))
+        );
+        assert_eq!((c.laggard_count, c.laggards.len()), (500, LAGGARDS_SHOWN));
+        drop(tracks);
+        assert!(reg.is_empty());
     }
 }

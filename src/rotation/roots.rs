@@ -734,18 +734,51 @@ pub fn next_step(state: &CaState, max_ttl: Duration, now: OffsetDateTime) -> Opt
     })
 }
 
-/// A warning when the active root expires within `EXPIRY_WARNING` and no successor is prepared.
-pub fn expiry_warning(state: &CaState, now: OffsetDateTime) -> Option<String> {
+/// A warning while the root that signs nears its end unreplaced: within `EXPIRY_WARNING` with
+/// no successor prepared, or with a successor prepared but still not active once the
+/// activation point has passed (min(⅙ of its life, `activate_before`) before the end, the
+/// schedule automatic rotation follows): a rotation stuck before activation is the same danger,
+/// so the warning does not fall silent just because a root was prepared.
+pub fn expiry_warning(
+    state: &CaState,
+    now: OffsetDateTime,
+    activate_before: Duration,
+) -> Option<String> {
     let active = state.signing_root().ok()?;
     let not_after = active.not_after().ok()?;
-    let prepared = state.roots.iter().any(|r| r.state == RootState::Prepared);
-    (not_after - now < EXPIRY_WARNING && !prepared).then(|| {
-        format!(
+    let remaining = not_after - now;
+    let prepared = state.roots.iter().find(|r| r.state == RootState::Prepared);
+    match prepared {
+        None if remaining < EXPIRY_WARNING => Some(format!(
             "the active root {} expires at {} and no successor is prepared: run `meshid root prepare` and rotate before then",
             active.id,
             rfc3339(not_after)
-        )
-    })
+        )),
+        Some(p) if remaining < activation_point(active, activate_before) => Some(format!(
+            "the active root {} expires at {} and its successor {} is prepared but still not active: activate it before then (`meshid root status` shows what holds it)",
+            active.id,
+            rfc3339(not_after),
+            p.id
+        )),
+        _ => None,
+    }
+}
+
+/// How long before its end a root's successor should be active: min(⅙ of its life,
+/// `activate_before`) (SPIRE `keyActivationThreshold`).
+pub fn activation_point(root: &RootRecord, activate_before: Duration) -> Duration {
+    let lifetime = root
+        .cert_der()
+        .ok()
+        .and_then(|der| {
+            let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            let v = c.validity();
+            (v.not_after.to_datetime() - v.not_before.to_datetime())
+                .try_into()
+                .ok()
+        })
+        .unwrap_or(Duration::ZERO);
+    (lifetime / 6).min(activate_before)
 }
 
 // === apply through the store ===

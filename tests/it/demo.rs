@@ -81,8 +81,10 @@ async fn the_demo_runs_the_mixed_traffic_story_for_real() {
         .iter()
         .any(|r| r.from == two.call.local && !r.looked_like_tls));
 
-    // 3: the DestinationRule turns the next connection plaintext although the endpoint still
-    // says tlsMode=istio; removing it brings mTLS back.
+    // 3: the DestinationRule turns the next connection plaintext, and EDS serves the endpoint
+    // without tlsMode (Istio `endpoints/mtls_checker.go` `checkMtlsEnabled`: a DestinationRule
+    // mode other than ISTIO_MUTUAL clears it); removing it brings tlsMode and mTLS back. The
+    // demo waits for each EDS push before it calls (it used to race the push).
     let Ok(StepOutcome::Troubleshoot(three)) = &results[2].outcome else {
         panic!("step 3 is the troubleshooting case")
     };
@@ -91,7 +93,11 @@ async fn the_demo_runs_the_mixed_traffic_story_for_real() {
         three.disabled.destination_rule.as_deref(),
         Some("inventory-tls-disable.shop")
     );
-    assert_eq!(three.disabled.endpoint_tls_mode.as_deref(), Some("istio"));
+    assert_eq!(three.disabled.endpoint_tls_mode, None);
+    assert_eq!(
+        three.restored.call.endpoint_tls_mode.as_deref(),
+        Some("istio")
+    );
     assert!(
         three.disabled.why.contains("DISABLE"),
         "{}",

@@ -21,7 +21,7 @@ use meshid::{
     config::Config,
     discovery::{
         envoy_cluster, start_kube_source, watch_remote_secrets, MeshObjects, MeshSettings,
-        MultiCluster,
+        MultiCluster, RemoteSecrets,
     },
     identity::{
         dev_issuer::{DevIssuer, TokenRequest},
@@ -376,13 +376,15 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     // root namespace, and the one-shot list.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mc = MultiCluster::new();
-    let secrets = watch_remote_secrets(
-        api.client().await,
-        "istio-system",
-        mc.remotes.clone(),
-        vec![],
-        mc.notify.clone(),
-    );
+    let secrets = watch_remote_secrets(RemoteSecrets {
+        client: api.client().await,
+        namespace: "istio-system".into(),
+        remotes: mc.remotes.clone(),
+        configured: vec![],
+        notify: mc.notify.clone(),
+        policy: Default::default(),
+        metrics: Arc::new(meshid::telemetry::Metrics::new()),
+    });
     let (mut view, mut tasks) = start_kube_source(api.client().await, mc, stop.clone());
     tasks.push(secrets);
     tokio::time::timeout(

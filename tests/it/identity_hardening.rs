@@ -417,9 +417,9 @@ async fn legacy_is_decided_by_the_claims_and_the_audience_is_always_checked() {
     assert_eq!((id.namespace.as_str(), id.expires_at), ("shop", None));
 }
 
-/// Issue 8 item 21: node without uid, ES512 refused precisely, several issuers.
+/// Issue 8 item 21: node without uid, several issuers.
 #[tokio::test]
-async fn node_without_uid_es512_and_issuer_migration() {
+async fn node_without_uid_and_issuer_migration() {
     let dir = tempfile::tempdir().unwrap();
     let old_iss = "https://kubernetes.default.svc";
     let new_iss = "https://oidc.example/cluster-1";
@@ -449,36 +449,134 @@ async fn node_without_uid_es512_and_issuer_migration() {
         .await
         .unwrap_err();
     assert!(matches!(err, IdentityError::WrongIssuer { .. }), "{err:?}");
+}
 
-    // ES512 with a published P-521 key: ring 0.17 has no P-521, so a precise refusal.
-    let p521 = Jwk {
+/// Issue 17 item 10: an ES512 token (a kube-apiserver whose service-account key is P-521 signs
+/// them: kube `pkg/serviceaccount/jwt.go` `signerFromECDSAPrivateKey`) made outside meshid, by
+/// the `openssl` CLI, verifies against its published P-521 JWK; a tampered one, a P-521
+/// signature under another key, and ES512 with a P-256 key are refused.
+#[tokio::test]
+async fn es512_tokens_made_by_openssl_verify() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("p521.pem");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("the openssl binary (installed by .ci/run) runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let k = key.to_str().unwrap();
+    openssl(&[
+        "ecparam",
+        "-name",
+        "secp521r1",
+        "-genkey",
+        "-noout",
+        "-out",
+        k,
+    ]);
+    let spki = openssl(&["ec", "-in", k, "-pubout", "-outform", "DER"]);
+    let point = &spki[spki.len() - 133..];
+    assert_eq!(point[0], 4, "uncompressed point");
+    let jwk = |kid: &str, point: &[u8]| Jwk {
         kty: "EC".into(),
-        kid: Some("p521".into()),
+        kid: Some(kid.into()),
         alg: Some("ES512".into()),
         use_: Some("sig".into()),
         n: None,
         e: None,
         crv: Some("P-521".into()),
-        x: Some(URL_SAFE_NO_PAD.encode([1u8; 66])),
-        y: Some(URL_SAFE_NO_PAD.encode([2u8; 66])),
+        x: Some(URL_SAFE_NO_PAD.encode(&point[1..67])),
+        y: Some(URL_SAFE_NO_PAD.encode(&point[67..])),
     };
+    let iss = "https://kubernetes.default.svc";
+    let issuer = DevIssuer::init(dir.path(), iss, None).unwrap();
     let mut set = issuer.jwks();
-    set.keys.push(p521);
-    let cfg = JwtConfig::new(ClusterId("Kubernetes".into()), td(), Some(old_iss.into()));
+    set.keys.push(jwk("p521", point));
+    let cfg = JwtConfig::new(ClusterId("Kubernetes".into()), td(), Some(iss.into()));
     let v = JwksValidator::new(cfg, JwksSource::Static(set), Arc::new(SystemClock)).unwrap();
-    let claims = serde_json::to_value(issuer.claims(&req("shop", "a"), now)).unwrap();
-    let es512 = format!(
+    let claims =
+        serde_json::to_value(issuer.claims(&req("shop", "a"), OffsetDateTime::now_utc())).unwrap();
+    let signing_input = format!(
+        "{}.{}",
+        b64(&json!({"alg": "ES512", "kid": "p521", "typ": "JWT"})),
+        b64(&claims)
+    );
+    let input_file = dir.path().join("input");
+    std::fs::write(&input_file, &signing_input).unwrap();
+    let der = openssl(&["dgst", "-sha512", "-sign", k, input_file.to_str().unwrap()]);
+    let token = format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(jws_from_der(&der, 66))
+    );
+    let id = v
+        .validate(&Token::new(token.clone()))
+        .await
+        .expect("an openssl-signed ES512 token verifies");
+    assert_eq!(
+        id.spiffe_id.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/a"
+    );
+
+    let mut tampered = token.clone().into_bytes();
+    let at = signing_input.len() + 10;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let err = v
+        .validate(&Token::new(String::from_utf8(tampered).unwrap()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IdentityError::BadSignature), "{err:?}");
+
+    let p256 = format!(
         "{}.{}.{}",
-        b64(&json!({"alg": "ES512", "kid": "p521"})),
+        b64(&json!({"alg": "ES512", "kid": issuer.jwks().keys[0].kid.clone().unwrap()})),
         b64(&claims),
         URL_SAFE_NO_PAD.encode([0u8; 132])
     );
-    let err = v.validate(&Token::new(es512)).await.unwrap_err();
+    let err = v.validate(&Token::new(p256)).await.unwrap_err();
     assert!(
-        matches!(&err, IdentityError::AlgorithmUnsupported { alg, .. } if alg == "ES512"),
-        "{err:?}"
+        matches!(err, IdentityError::AlgorithmNotAllowed { .. }),
+        "ES512 with a P-256 key: {err:?}"
     );
-    assert!(err.to_string().contains("P-521"), "{err}");
+}
+
+/// An ECDSA DER signature (SEQUENCE of two INTEGERs) as JWS r ‖ s, each `w` bytes.
+fn jws_from_der(der: &[u8], w: usize) -> Vec<u8> {
+    fn len(d: &[u8], at: &mut usize) -> usize {
+        let first = d[*at] as usize;
+        *at += 1;
+        if first < 0x80 {
+            return first;
+        }
+        let n = first & 0x7f;
+        let mut l = 0;
+        for _ in 0..n {
+            l = (l << 8) | d[*at] as usize;
+            *at += 1;
+        }
+        l
+    }
+    let mut at = 1;
+    len(der, &mut at);
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(der[at], 2, "INTEGER");
+        at += 1;
+        let l = len(der, &mut at);
+        let int = &der[at..at + l];
+        at += l;
+        let int = &int[int.iter().take_while(|b| **b == 0).count()..];
+        out.extend(std::iter::repeat_n(0u8, w - int.len()));
+        out.extend_from_slice(int);
+    }
+    out
 }
 
 /// Issue 8 item 17: stock sidecars send `ClusterID: Kubernetes`; a renamed cluster keeps

@@ -616,6 +616,35 @@ fn a_multi_root_import_makes_the_anchor_active_and_the_others_trusted() {
 
 // === the CLI end to end ===
 
+/// Issue 17 item 11: with neither `USER` nor `LOGNAME` (a container, a cron job), the journal
+/// names the process's OS account, not `unknown@host`.
+#[test]
+fn the_journal_names_the_os_user_when_user_is_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    ok(&init_ca(&state));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args(["root", "prepare", "--state-dir", state.to_str().unwrap()])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .output()
+        .unwrap();
+    ok(&out);
+    let actor = status_json(&state)["journal"][0]["actor"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let me = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let me = String::from_utf8_lossy(&me.stdout).trim().to_owned();
+    assert!(
+        actor.starts_with(&format!("{me}@")),
+        "{actor} names the OS user {me}"
+    );
+}
+
 fn root_cli(args: &[&str], state: &Path) -> std::process::Output {
     let mut all = vec!["root"];
     all.extend_from_slice(args);
@@ -674,14 +703,7 @@ fn root_cert(state: &Path, id: &str) -> CertDer {
 fn cli_rotates_a_generated_root() {
     let dir = tempfile::tempdir().unwrap();
     let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    ok(&meshid(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]));
+    ok(&init_ca(&state));
     let a = id_with(&status_json(&state), "active");
 
     ok(&root_cli(

@@ -54,6 +54,25 @@ impl Raw {
         Self { tx, rx }
     }
 
+    /// A client that subscribes to `names`, ACKs the first response and never another: a
+    /// stream that was live and fell behind (one that never ACKed holds no rotation).
+    /// Every other stream of `server` must have ACKed already: this waits until the server
+    /// counts this one's ACK (so a push that follows cannot overtake it).
+    async fn acked_once(server: &TestServer, sa: &str, names: &[&str]) -> Self {
+        let mut s = Self::open(server, sa).await;
+        s.tx.send(req(names, "", "")).await.unwrap();
+        let first = s.recv().await;
+        eventually("only this stream is silent", || {
+            status(server).counts.silent == 1
+        })
+        .await;
+        s.tx.send(req(names, &first.nonce, &first.version_info))
+            .await
+            .unwrap();
+        eventually("its ACK is counted", || status(server).counts.silent == 0).await;
+        s
+    }
+
     async fn recv(&mut self) -> DiscoveryResponse {
         tokio::time::timeout(Duration::from_secs(20), self.rx.message())
             .await
@@ -206,6 +225,24 @@ fn opts(timeout: Duration) -> GuidedOptions {
     }
 }
 
+/// Prepares a generated root in `store`, as `meshid root prepare` does; its id.
+fn prepare_generated(store: &DirStore) -> String {
+    let ctx = Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None).unwrap();
+    let ca = meshid::ca::root::generate_root(
+        &meshid::spiffe::TrustDomain::new("cluster.local").unwrap(),
+        meshid::ca::KeyType::EcdsaP256,
+        meshid::ca::root::DEFAULT_ROOT_TTL,
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    rotation::apply(store, &ctx, |s, c| {
+        rotation::prepare(s, rotation::Candidate::Generated(ca), c)
+    })
+    .unwrap()
+    .outcome
+    .root
+}
+
 fn root_id_in(store: &DirStore, state: RootState) -> String {
     let s = store.load_existing().unwrap().state;
     s.roots
@@ -226,20 +263,22 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("{what}: not within 20 s");
 }
 
-/// The status endpoint counts what streams ACKed: a stream that took the bundle but never ACKed
-/// it lags and is named; it leaves the counts when its stream ends. (Old code: no ACK hook in
-/// the xDS engine and no `/debug/rotation`, so this fails with a 404.)
+/// The status endpoint counts what streams ACKed. Issue 17 item 2: a stream that took the
+/// bundle but never ACKed anything is `silent` and holds no rotation (SPIRE `manager.go`
+/// `rotateX509CA` activates on schedule); one that ACKed and then fell behind a new root lags
+/// and is named; each leaves the counts when its stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_endpoint_counts_acked_bundles_and_signers() {
     let server = TestServer::start(Arc::new(SystemClock)).await;
     let good = Workload::start(&server, "good").await;
-    let mut stuck = Raw::open(&server, "stuck").await;
-    stuck.tx.send(req(&["ROOTCA"], "", "")).await.unwrap();
-    let _ = stuck.recv().await; // never ACKed
+    let behind = Raw::acked_once(&server, "behind", &["ROOTCA"]).await;
+    let mut silent = Raw::open(&server, "silent").await;
+    silent.tx.send(req(&["ROOTCA"], "", "")).await.unwrap();
+    let _ = silent.recv().await; // never ACKed
     let root = root_id_in(&store(&server), RootState::Active);
-    eventually("the good stream's ACK is counted", || {
+    eventually("the ACKs are counted", || {
         let c = status(&server).counts;
-        c.signers.get(&root) == Some(&1) && c.roots.get(&root) == Some(&1)
+        c.signers.get(&root) == Some(&1) && c.roots.get(&root) == Some(&2)
     })
     .await;
     let st = status(&server);
@@ -248,53 +287,60 @@ async fn the_status_endpoint_counts_acked_bundles_and_signers() {
     assert_eq!(
         (
             st.counts.streams,
+            st.counts.silent,
             st.counts.bundle_streams,
             st.counts.leaf_streams
         ),
-        (2, 2, 1)
+        (3, 1, 2, 1)
     );
-    assert_eq!(
-        st.counts.roots.get(&root),
-        Some(&1),
-        "only the ACKed bundle"
-    );
+    assert_eq!(st.counts.laggard_count, 0, "the silent stream does not lag");
+    assert!(!st.replica.is_empty());
+    assert_eq!(st.root_propagated(&root), Ok(()));
+
+    // A new root: the good workload ACKs it, the one that fell behind does not.
+    let new = prepare_generated(&store(&server));
+    eventually("the good stream ACKs the new root", || {
+        status(&server).counts.roots.get(&new) == Some(&1)
+    })
+    .await;
+    let st = status(&server);
     assert_eq!(st.counts.laggard_count, 1);
     assert_eq!(
         st.counts.laggards[0].peer,
-        "spiffe://cluster.local/ns/shop/sa/stuck"
+        "spiffe://cluster.local/ns/shop/sa/behind"
     );
-    assert!(!st.replica.is_empty());
-    let why = st.root_propagated(&root).unwrap_err();
-    assert!(why.contains("1 of 2") && why.contains("sa/stuck"), "{why}");
+    let why = st.root_propagated(&new).unwrap_err();
+    assert!(
+        why.contains("1 of 2")
+            && why.contains("sa/behind")
+            && why.contains("1 more stream(s) never acknowledged"),
+        "{why}"
+    );
 
-    drop(stuck);
+    drop(behind);
     eventually("the ended stream leaves the registry", || {
-        status(&server).counts.streams == 1
+        status(&server).counts.streams == 2
     })
     .await;
-    assert_eq!(status(&server).root_propagated(&root), Ok(()));
+    assert_eq!(status(&server).root_propagated(&new), Ok(()));
+    drop(silent);
     good.task.abort();
     server.running.shutdown().await;
 }
 
-/// `meshid root rotate --server` with a client that never ACKs: it prepares, waits, names the
-/// client and times out with the rotation left prepared; `root activate --server` refuses for the
-/// same reason; once the client is gone, `root rotate` continues from the state to the taint and
-/// prints the revoke command with the time it becomes safe.
+/// `meshid root rotate --server` with a client that ACKed once and then stopped: it prepares,
+/// waits, names the client and times out with the rotation left prepared; `root activate
+/// --server` refuses for the same reason (the operator's gate stays strict: issue 17 item 2);
+/// once the client is gone, `root rotate` continues from the state to the taint and prints the
+/// revoke command with the time it becomes safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn root_rotate_waits_for_a_client_that_never_acks_names_it_and_times_out() {
+async fn root_rotate_waits_for_a_client_that_stops_acking_names_it_and_times_out() {
     let server = TestServer::start_with(Arc::new(SystemClock), |c| {
         c.rotation.signer_change_spread = Duration::from_millis(500);
     })
     .await;
     let good = Workload::start(&server, "good").await;
-    let mut stuck = Raw::open(&server, "stuck").await;
-    stuck
-        .tx
-        .send(req(&["default", "ROOTCA"], "", ""))
-        .await
-        .unwrap();
-    let _ = stuck.recv().await; // and never an ACK
+    let stuck = Raw::acked_once(&server, "stuck", &["default", "ROOTCA"]).await;
     let url = format!("http://{}", server.running.http_addr);
     let dir = server.state_dir();
     let dir = dir.to_str().unwrap().to_owned();
@@ -826,7 +872,11 @@ async fn delta_acks_are_tracked() {
     })
     .await;
     let before = status(&server);
-    assert_eq!(before.counts.laggard_count, 1, "not ACKed yet");
+    assert_eq!(
+        (before.counts.silent, before.counts.laggard_count),
+        (1, 0),
+        "not ACKed yet: silent, holding nothing"
+    );
     assert!(before.counts.roots.is_empty() && before.counts.signers.is_empty());
     tx.send(DeltaDiscoveryRequest {
         type_url: TYPE.into(),
@@ -859,25 +909,11 @@ async fn every_replica_given_must_have_propagated() {
     .await;
     two.root_pem = one.root_pem.clone(); // its serving certificate comes from the shared state
     let _good = Workload::start(&one, "good").await;
-    let mut stuck = Raw::open(&two, "stuck-on-two").await;
-    stuck.tx.send(req(&["ROOTCA"], "", "")).await.unwrap();
-    let _ = stuck.recv().await; // never ACKed
+    let stuck = Raw::acked_once(&two, "stuck-on-two", &["ROOTCA"]).await;
 
     let st = store(&one);
     let ctx = Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None).unwrap();
-    let ca = meshid::ca::root::generate_root(
-        &meshid::spiffe::TrustDomain::new("cluster.local").unwrap(),
-        meshid::ca::KeyType::EcdsaP256,
-        meshid::ca::root::DEFAULT_ROOT_TTL,
-        OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    let new = rotation::apply(&st, &ctx, |s, c| {
-        rotation::prepare(s, rotation::Candidate::Generated(ca), c)
-    })
-    .unwrap()
-    .outcome
-    .root;
+    let new = prepare_generated(&st);
     let http =
         |s: &TestServer| HttpStatus::new(&format!("http://{}", s.running.http_addr)).unwrap();
     let (h1, both) = (http(&one), vec![http(&one), http(&two)]);

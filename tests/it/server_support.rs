@@ -92,6 +92,7 @@ impl TestServer {
                 grpc: "127.0.0.1:0".parse().unwrap(),
                 http: "127.0.0.1:0".parse().unwrap(),
                 unix: Some(dir.path().join("meshid.sock")),
+                ..Default::default()
             },
             server_identity: Default::default(),
             issuance: Default::default(),

@@ -113,6 +113,18 @@ pub fn fails_with(o: &std::process::Output, needle: &str) {
     );
 }
 
+/// `meshid ca init` of a generated root into `state` (trust domain cluster.local).
+pub fn init_ca(state: &Path) -> std::process::Output {
+    meshid(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ])
+}
+
 /// `meshid ca init --from-plugin PLUGIN` into `state` (trust domain cluster.local).
 pub fn import_plugin(plugin: &Path, state: &Path) -> std::process::Output {
     meshid(&[

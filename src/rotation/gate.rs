@@ -1,0 +1,183 @@
+//! The activation gate: the one rule the CLI (`root activate`), the guided rotation (`root
+//! rotate`) and automatic rotation apply before a prepared root may sign.
+//!
+//! Two conditions, each optional by where it applies:
+//! - **publication** (a bundle endpoint publishes our bundle): federated peers must have had
+//!   time to fetch the prepared root (`publication::bundle_publication_gate`);
+//! - **propagation**: every stream that has ACKed anything, on every replica read, holds a
+//!   bundle with the root (`RotationStatus::root_propagated`).
+//!
+//! The operator's paths keep the strict gate (`--force` overrides it). Automatic rotation
+//! passes a propagation deadline: past it, laggards are named in the log and the
+//! `meshid_rotation_forced_activations` metric instead of holding the root back until it
+//! expires (SPIRE activates on schedule: `pkg/server/ca/manager` `rotateX509CA`).
+
+use std::{cell::RefCell, time::Duration};
+
+use time::OffsetDateTime;
+
+use super::{check_servers, StatusSource};
+use crate::state::RootRecord;
+
+/// The activation gate for one activation at `now`.
+pub struct ActivationGate<'a> {
+    /// The federation refresh hint when a bundle endpoint publishes our bundle.
+    pub publication_hint: Option<Duration>,
+    /// Where propagation is read: every replica's status. `None`: not checked (the caller says
+    /// so to the operator).
+    pub propagation: Option<&'a dyn StatusSource>,
+    pub now: OffsetDateTime,
+    /// From this instant on, propagation no longer holds the activation back: laggards are
+    /// reported (automatic rotation's deadline). `None`: it always holds (the operator's gate).
+    pub propagation_deadline: Option<OffsetDateTime>,
+    overridden: RefCell<Option<String>>,
+}
+
+impl<'a> ActivationGate<'a> {
+    /// A strict gate (no deadline).
+    pub fn new(
+        publication_hint: Option<Duration>,
+        propagation: Option<&'a dyn StatusSource>,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            publication_hint,
+            propagation,
+            now,
+            propagation_deadline: None,
+            overridden: RefCell::new(None),
+        }
+    }
+
+    /// Past `deadline`, propagation is reported instead of waited for.
+    pub fn with_propagation_deadline(mut self, deadline: OffsetDateTime) -> Self {
+        self.propagation_deadline = Some(deadline);
+        self
+    }
+
+    /// `Err(why)` while `root` may not sign yet.
+    pub fn check(&self, root: &RootRecord) -> Result<(), String> {
+        if let Some(hint) = self.publication_hint {
+            super::bundle_publication_gate(hint, self.now)(root)?;
+        }
+        let Some(source) = self.propagation else {
+            return Ok(());
+        };
+        match check_servers(source, |st| st.root_propagated(&root.id)) {
+            Ok(()) => Ok(()),
+            Err(why) if self.propagation_deadline.is_some_and(|d| self.now >= d) => {
+                *self.overridden.borrow_mut() = Some(why);
+                Ok(())
+            }
+            Err(why) => Err(why),
+        }
+    }
+
+    /// The propagation the last `check` let through past its deadline, if any.
+    pub fn overridden(&self) -> Option<String> {
+        self.overridden.borrow().clone()
+    }
+}
+
+/// This server's own registry as a status source (automatic rotation reads its own replica).
+pub struct LocalStatus<'a> {
+    pub registry: &'a super::Propagation,
+    pub live: &'a crate::trust::LiveCa,
+    pub replica: &'a str,
+}
+
+impl StatusSource for LocalStatus<'_> {
+    fn statuses(&self, _: Duration) -> Result<Vec<super::RotationStatus>, String> {
+        Ok(vec![super::status_of(
+            self.registry,
+            &self.live.current(),
+            self.replica,
+        )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ca::{root, KeyType},
+        rotation::{Counts, Laggard, RotationStatus},
+        spiffe::TrustDomain,
+        state::{RootOrigin, RootState},
+    };
+
+    struct Fixed(RotationStatus);
+
+    impl StatusSource for Fixed {
+        fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, String> {
+            Ok(vec![self.0.clone()])
+        }
+    }
+
+    fn prepared(now: OffsetDateTime) -> RootRecord {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
+        RootRecord::new(
+            &ca.cert,
+            RootState::Prepared,
+            RootOrigin::Generated,
+            now,
+            None,
+            None,
+        )
+    }
+
+    fn lagging(root: &str) -> Fixed {
+        Fixed(RotationStatus {
+            replica: "meshid-0".into(),
+            generation: 3,
+            bundle_sequence: 3,
+            trusted_roots: vec!["old".into(), root.into()],
+            signer: "old".into(),
+            counts: Counts {
+                streams: 2,
+                bundle_streams: 2,
+                roots: [(root.to_owned(), 1)].into(),
+                laggard_count: 1,
+                laggards: vec![Laggard {
+                    peer: "spiffe://example.org/ns/a/sa/stuck".into(),
+                    pod: None,
+                    why: format!("bundle without root {root}"),
+                }],
+                ..Counts::default()
+            },
+        })
+    }
+
+    /// One row per rule: the strict gate holds on a laggard; automatic rotation's deadline lets
+    /// it through and reports it; the publication rule holds whatever the deadline.
+    #[test]
+    fn the_gate_holds_until_propagated_or_past_the_automatic_deadline() {
+        let now = OffsetDateTime::now_utc();
+        let r = prepared(now - Duration::from_secs(3600));
+        let source = lagging(&r.id);
+        let strict = ActivationGate::new(None, Some(&source), now);
+        assert!(
+            strict.check(&r).unwrap_err().contains("sa/stuck"),
+            "strict: holds"
+        );
+        let before = ActivationGate::new(None, Some(&source), now)
+            .with_propagation_deadline(now + Duration::from_secs(1));
+        assert!(before.check(&r).is_err(), "before the deadline: holds");
+        let past = ActivationGate::new(None, Some(&source), now)
+            .with_propagation_deadline(now - Duration::from_secs(1));
+        assert!(past.check(&r).is_ok(), "past the deadline: activates");
+        assert!(
+            past.overridden().unwrap().contains("sa/stuck"),
+            "and names the laggard"
+        );
+        let published = ActivationGate::new(Some(Duration::from_secs(3600)), Some(&source), now)
+            .with_propagation_deadline(now - Duration::from_secs(1));
+        assert!(
+            published.check(&r).is_err(),
+            "federated peers still get their time to fetch the root"
+        );
+        let unchecked = ActivationGate::new(None, None, now);
+        assert!(unchecked.check(&r).is_ok() && unchecked.overridden().is_none());
+    }
+}
