@@ -1,5 +1,6 @@
 //! `meshid bundle ...`: export our SPIFFE bundle, show one (validated), store a peer's bundle
-//! (the https_spiffe bootstrap), and ask the server to fetch a peer's bundle now.
+//! (the https_spiffe bootstrap, or an explicit replacement), delete one, and ask the server to
+//! fetch a peer's bundle now.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -13,7 +14,8 @@ use crate::{
     spiffe::TrustDomain,
     state::StateStore,
     trust::{
-        federation::{self, Stored},
+        federated_store::{self, Association, DeleteMode, Origin, Stored},
+        federation::{self, read_status_file, STATUS_FILE},
         SpiffeBundle, DEFAULT_REFRESH_HINT,
     },
 };
@@ -24,8 +26,13 @@ pub(super) enum BundleCommand {
     Export(ExportArgs),
     /// Validate a SPIFFE bundle (a file, or an https_web endpoint URL) and print its authorities.
     Show(ShowArgs),
-    /// Store TD's bundle from FILE (SPIFFE JSON or PEM): how an https_spiffe peer is bootstrapped.
+    /// Store TD's bundle from FILE (SPIFFE JSON or PEM): how an https_spiffe peer is
+    /// bootstrapped, or an explicit replacement of the stored one (whatever its sequence).
     Set(SetArgs),
+    /// Delete TD's stored bundle: refused while TD is a configured peer (--mode restrict), or
+    /// deleted and dissociated so the server stores none of its bundles until `bundle set`
+    /// (--mode dissociate).
+    Delete(DeleteArgs),
     /// Ask the running server to fetch TD's bundle now (it picks the request up within
     /// state_poll_interval).
     Refresh(RefreshArgs),
@@ -72,6 +79,19 @@ pub(super) struct SetArgs {
 }
 
 #[derive(Debug, Args)]
+pub(super) struct DeleteArgs {
+    /// The federated trust domain.
+    trust_domain: TrustDomain,
+    /// restrict: refuse while TD is in use (a peer in the config or of the running server, or
+    /// the authority of a peer's https_spiffe endpoint); dissociate: delete anyway and stop
+    /// storing TD's fetched bundles until `meshid bundle set`.
+    #[arg(long, value_enum, default_value_t)]
+    mode: DeleteMode,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
 pub(super) struct RefreshArgs {
     /// The federated trust domain (one of the server's `federation.peers`).
     trust_domain: TrustDomain,
@@ -85,6 +105,7 @@ impl BundleCommand {
             Self::Export(a) => export(a),
             Self::Show(a) => show(a),
             Self::Set(a) => set(a),
+            Self::Delete(a) => delete(a),
             Self::Refresh(a) => refresh(a),
         }
         .map(|()| ExitCode::SUCCESS)
@@ -144,21 +165,118 @@ fn set(a: SetArgs) -> anyhow::Result<()> {
     let bundle = parse_any(&bytes).with_context(|| format!("bundle {}", a.file.display()))?;
     let (store, _) = a.store.open()?;
     let source = format!("file {}", a.file.display());
-    let outcome =
-        federation::store_bundle(&store, &a.trust_domain, &bundle, &source, SystemClock.now())?;
+    let td = &a.trust_domain;
+    let outcome = federated_store::store_bundle(
+        &store,
+        td,
+        &bundle,
+        &source,
+        Origin::Operator,
+        SystemClock.now(),
+    )?;
+    let seq = |s: Option<u64>| s.map_or("none".into(), |s| s.to_string());
     match outcome {
-        Stored::Updated(g) => println!(
-            "stored {} root(s) for {} (state generation {g})",
-            bundle.roots.len(),
-            a.trust_domain
+        Stored::Updated(u) => {
+            match &u.previous {
+                Some(p) => println!(
+                    "replaced {td}'s bundle (sequence {}, from {}) with {} root(s) (sequence {}; state generation {})",
+                    seq(p.sequence),
+                    p.source,
+                    bundle.roots.len(),
+                    seq(bundle.sequence),
+                    u.generation
+                ),
+                None => println!(
+                    "stored {} root(s) for {td} (sequence {}; state generation {})",
+                    bundle.roots.len(),
+                    seq(bundle.sequence),
+                    u.generation
+                ),
+            }
+            println!(
+                "  fetched bundles replace it from now on unless their sequence comes before {}",
+                seq(bundle.sequence)
+            );
+        }
+        Stored::Unchanged => println!("{td} already holds this bundle"),
+    }
+    match a.store.federation()? {
+        Some(f) if !f.peer_trust_domains().contains(td) => println!(
+            "  note: {td} is not in [[federation.peers]] of {}: the server trusts the bundle only once it is",
+            a.store.config_path().map_or(String::new(), |p| p.display().to_string())
         ),
-        Stored::Unchanged => println!("{} already holds this bundle", a.trust_domain),
+        Some(_) => {}
+        None => println!("  the server trusts it if {td} is one of its [[federation.peers]]"),
     }
     Ok(())
 }
 
+fn delete(a: DeleteArgs) -> anyhow::Result<()> {
+    let (store, _) = a.store.open()?;
+    let td = &a.trust_domain;
+    let uses = uses_of(&a.store, store.dir(), td)?;
+    if a.store.config_path().is_none() && a.mode == DeleteMode::Restrict {
+        println!("no --config: checked the peers of the running server only ({STATUS_FILE})");
+    }
+    let by = super::root::ctx(None)?.actor.to_string();
+    let deleted =
+        federated_store::delete_bundle(&store, td, a.mode, &uses, &by, SystemClock.now())?;
+    println!(
+        "deleted {td}'s bundle ({} root(s), sequence {}, from {}; state generation {})",
+        deleted.bundle.roots().map(|r| r.len()).unwrap_or(0),
+        deleted
+            .bundle
+            .sequence
+            .map_or("none".into(), |s| s.to_string()),
+        deleted.bundle.source,
+        deleted.generation
+    );
+    println!(
+        "  a running server stops trusting {td} as soon as it reloads the state (the file is watched): ALL and a merged ROOTCA are pushed without it and spiffe://{td} is no longer served (an Envoy keeps the copy it has until it restarts; see the README)"
+    );
+    if deleted.dissociated {
+        println!(
+            "  {td} is dissociated: the server stores none of its fetched bundles until `meshid bundle set {td} FILE`; remove it from [[federation.peers]] too"
+        );
+    }
+    Ok(())
+}
+
+/// What uses `td`'s bundle: the config given with `--config`, and the running server (the
+/// peers in the status file it writes beside the state).
+fn uses_of(
+    args: &StoreArgs,
+    dir: &std::path::Path,
+    td: &TrustDomain,
+) -> anyhow::Result<Vec<Association>> {
+    let mut uses = match (args.federation()?, args.config_path()) {
+        (Some(f), Some(path)) => f.uses_of(td, &path.display().to_string()),
+        _ => Vec::new(),
+    };
+    let polled = read_status_file(dir).contains_key(&td.to_string());
+    let listed = uses.iter().any(|u| matches!(u, Association::Peer { .. }));
+    if polled && !listed {
+        uses.push(Association::Peer {
+            seen_in: format!(
+                "the running server fetches it: {}",
+                dir.join(STATUS_FILE).display()
+            ),
+        });
+    }
+    Ok(uses)
+}
+
 fn refresh(a: RefreshArgs) -> anyhow::Result<()> {
     let (store, _) = a.store.open()?;
+    if let (Some(f), Some(path)) = (a.store.federation()?, a.store.config_path()) {
+        if !f.peer_trust_domains().contains(&a.trust_domain) {
+            bail!(
+                "{} is not in [[federation.peers]] of {}; the server fetches only its peers",
+                a.trust_domain,
+                path.display()
+            );
+        }
+    }
     let dir = store.dir().join(federation::REFRESH_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let request = dir.join(a.trust_domain.to_string());

@@ -166,6 +166,9 @@ impl RootCommand {
                     rotation::activate(s, &id, a.force, &|r| gate.check(r), c)
                 })?;
                 report(&applied)?;
+                if a.store.config_path().is_none() && applied.outcome.signer.is_none() {
+                    warn_no_publication_gate(&format!("root {}", applied.outcome.root));
+                }
                 if servers.is_empty() && applied.outcome.signer.is_none() {
                     println!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
                 }
@@ -193,32 +196,19 @@ impl RootCommand {
 }
 
 impl StoreArgs {
+    /// The config file given with `--config`, if any.
+    pub(super) fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
     /// The config file's `[federation]` section, when a config was given.
     pub(super) fn federation(&self) -> anyhow::Result<Option<crate::trust::FederationConfig>> {
-        let Some(path) = &self.config else {
-            return Ok(None);
-        };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg = Config::from_toml(&text).map_err(|errs| {
-            anyhow::anyhow!("{} is invalid: {}", path.display(), errs.join("; "))
-        })?;
-        Ok(Some(cfg.federation))
+        Ok(self.read_config()?.map(|c| c.federation))
     }
 
     /// The store, and the max leaf TTL to assume.
     pub(super) fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
-        let cfg = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                let cfg = Config::from_toml(&text).map_err(|errs| {
-                    anyhow::anyhow!("{} is invalid: {}", path.display(), errs.join("; "))
-                })?;
-                Some(cfg)
-            }
-            None => None,
-        };
+        let cfg = self.read_config()?;
         let dir = match (&self.state_dir, &cfg) {
             (Some(d), _) => d.clone(),
             (None, Some(c)) => c.state_dir.clone(),
@@ -227,11 +217,43 @@ impl StoreArgs {
         let max_ttl = cfg.map_or(DEFAULT_MAX_TTL, |c| c.issuance.max_ttl);
         Ok((DirStore::new(dir), max_ttl))
     }
+
+    /// Reads the server config for the CLI. Every key must parse, as for the server (a typo is
+    /// refused), but only the sections the CLI uses are validated: `state_dir`, `[issuance]`
+    /// and `[federation]`. The server's own checks (e.g. `[[clusters]]`, which the README's
+    /// configs leave to `meshid server`'s flags) are the server's business.
+    fn read_config(&self) -> anyhow::Result<Option<Config>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{} is invalid: {}", path.display(), e.to_string().trim())
+        })?;
+        let mut errs = Vec::new();
+        if let Err(e) = cfg.issuance.validate() {
+            errs.push(format!("issuance: {e}"));
+        }
+        cfg.federation.validate(None, &mut errs);
+        if !errs.is_empty() {
+            bail!("{} is invalid: {}", path.display(), errs.join("; "));
+        }
+        Ok(Some(cfg))
+    }
+}
+
+/// Said when a root is activated without `--config`: the CLI cannot know whether a bundle
+/// endpoint publishes this trust domain, so the publication gate was not applied.
+fn warn_no_publication_gate(what: &str) {
+    eprintln!(
+        "warning: the federation publication gate is not applied (no --config): if a bundle endpoint publishes this trust domain, federated peers may not have fetched {what} yet and refuse its leaves. Give the server's config (--config FILE) to apply it."
+    );
 }
 
 /// The journal's actor for this CLI: `user@host`, the user from `USER`/`LOGNAME`, else the
 /// operating system's account of this process (a container or cron job sets neither).
-fn ctx(reason: Option<String>) -> anyhow::Result<Ctx> {
+pub(super) fn ctx(reason: Option<String>) -> anyhow::Result<Ctx> {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .ok()
@@ -324,6 +346,9 @@ fn servers(urls: &[String]) -> anyhow::Result<Vec<HttpStatus>> {
 
 fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
     let servers = servers(&a.server)?;
+    if a.store.config_path().is_none() {
+        warn_no_publication_gate("the new root");
+    }
     let (store, max) = a.store.open()?;
     let opts = GuidedOptions {
         timeout: a.timeout,
@@ -381,7 +406,11 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let now = SystemClock.now();
     let state = &v.state;
     let next = rotation::next_step(state, max_ttl, now);
-    let activate_before = rotation::AutoRotation::default().activate_before;
+    let activate_before = a
+        .store
+        .read_config()?
+        .map_or(rotation::AutoRotation::default(), |c| c.auto_rotation)
+        .activate_before;
     let warnings: Vec<String> = rotation::expiry_warning(state, now, activate_before)
         .into_iter()
         .collect();
@@ -408,7 +437,11 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.status().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let federation = federation_json(state, store.dir());
+    let config_peers = a
+        .store
+        .federation()?
+        .map(|f| f.peers.iter().map(|p| p.trust_domain.to_string()).collect());
+    let federation = federation_json(state, store.dir(), config_peers);
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -463,10 +496,23 @@ fn print_server(st: &rotation::RotationStatus) {
     }
 }
 
-/// Every federated trust domain: what the state holds, and the server's last attempt (from the
-/// status file it keeps beside the state).
-fn federation_json(state: &CaState, dir: &std::path::Path) -> serde_json::Value {
-    let mut live = crate::trust::federation::read_status_file(dir);
+/// Every federated trust domain: what the state holds, whether the server trusts it (it does
+/// for its configured peers only: from `--config`, else the peers the running server reported
+/// in its status file; `null` when neither is known), the server's last attempt (from the
+/// status file it keeps beside the state), and dissociated trust domains.
+fn federation_json(
+    state: &CaState,
+    dir: &std::path::Path,
+    config_peers: Option<std::collections::BTreeSet<String>>,
+) -> serde_json::Value {
+    use crate::trust::federation::{read_status_file, STATUS_FILE};
+    let mut live = read_status_file(dir);
+    let peers = config_peers.or_else(|| {
+        dir.join(STATUS_FILE)
+            .exists()
+            .then(|| live.keys().cloned().collect())
+    });
+    let trusted = |td: &str| peers.as_ref().map(|p| p.contains(td));
     let mut out = serde_json::Map::new();
     for (td, b) in &state.federated {
         let roots = b.roots().map(|r| r.len()).unwrap_or(0);
@@ -475,8 +521,21 @@ fn federation_json(state: &CaState, dir: &std::path::Path) -> serde_json::Value 
             json!({
                 "roots": roots,
                 "sequence": b.sequence,
+                "highest_sequence": b.sequence_floor(),
                 "updated_at": rfc3339(b.updated_at),
                 "source": b.source,
+                "trusted": trusted(&td.to_string()),
+                "client": live.remove(&td.to_string()),
+            }),
+        );
+    }
+    for (td, d) in &state.dissociated {
+        out.insert(
+            td.to_string(),
+            json!({
+                "roots": 0,
+                "trusted": false,
+                "dissociated": { "at": rfc3339(d.at), "by": d.by },
                 "client": live.remove(&td.to_string()),
             }),
         );
@@ -498,13 +557,26 @@ fn print_federation(fed: &serde_json::Value) {
         other => other.to_string(),
     };
     for (td, f) in map {
-        println!(
-            "  {td}: {} root(s), sequence {}, stored {} from {}",
-            s(&f["roots"]),
-            s(&f["sequence"]),
-            s(&f["updated_at"]),
-            s(&f["source"])
-        );
+        if f["dissociated"].is_object() {
+            println!(
+                "  {td}: dissociated by {} at {}: the server stores none of its bundles until `meshid bundle set {td} FILE`",
+                s(&f["dissociated"]["by"]),
+                s(&f["dissociated"]["at"])
+            );
+        } else if f["source"].is_string() {
+            println!(
+                "  {td}: {} root(s), sequence {}, stored {} from {}",
+                s(&f["roots"]),
+                s(&f["sequence"]),
+                s(&f["updated_at"]),
+                s(&f["source"])
+            );
+            if f["trusted"] == false {
+                println!("    not trusted: {td} is not in [[federation.peers]]; `meshid bundle delete {td}` deletes the bundle");
+            }
+        } else {
+            println!("  {td}: no bundle stored yet");
+        }
         let c = &f["client"];
         if c.is_object() {
             println!(

@@ -1,25 +1,41 @@
 //! The federation side of activation: a prepared root must have been on our bundle endpoint
-//! for at least 3x the refresh hint before it signs, so every federated peer polling at the
-//! hint has fetched it (SPIFFE federation spec, section 4.2: publish a new key well before
-//! use). Usable as (part of) the `activate` gate.
+//! long enough for every federated peer to have fetched it before it signs (SPIFFE federation
+//! spec 4.1: publish new keys 3-5 refresh hints ahead of use, so that missing a poll or two
+//! causes no failure). Usable as (part of) the `activate` gate.
+//!
+//! One rule: the wait is 3 refresh hints, and never less than the worst case of a meshid peer
+//! with one failed poll (a poll interval, then the retry after the failure:
+//! `trust::worst_case_fetch`). With the published hint at least a minute (what peers poll at
+//! most; SPIRE's `MinimumRefreshHint`), 3 hints always cover that worst case.
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::state::RootRecord;
+use crate::{
+    clock::rfc3339,
+    duration::fmt_duration,
+    state::RootRecord,
+    trust::{poll_interval, worst_case_fetch, RETRY_AFTER_FAILURE},
+};
 
 /// How many refresh hints a prepared root stays published before it may sign.
 pub const PUBLISH_HINTS: u32 = 3;
 
-/// When `root` may be activated: `PUBLISH_HINTS` refresh hints after it was prepared (it is
-/// in the published bundle from then on, within the state poll interval).
-pub fn publishable_at(root: &RootRecord, refresh_hint: Duration) -> OffsetDateTime {
-    root.since.prepared.unwrap_or(root.created_at) + refresh_hint * PUBLISH_HINTS
+/// How long a prepared root stays on the bundle endpoint before it may sign, for a published
+/// `refresh_hint`: `PUBLISH_HINTS` hints, at least a peer's worst case with one failed poll.
+pub fn publication_delay(refresh_hint: Duration) -> Duration {
+    (refresh_hint * PUBLISH_HINTS).max(worst_case_fetch(refresh_hint))
 }
 
-/// The gate: `Err(why)` until `root` has been published for `PUBLISH_HINTS` refresh hints at
-/// `now`.
+/// When `root` may be activated: `publication_delay` after it was prepared (it is in the
+/// published bundle from then on, within the state poll interval).
+pub fn publishable_at(root: &RootRecord, refresh_hint: Duration) -> OffsetDateTime {
+    root.since.prepared.unwrap_or(root.created_at) + publication_delay(refresh_hint)
+}
+
+/// The gate: `Err(why)` until `root` has been published for `publication_delay` at `now`; the
+/// refusal says what it waits for.
 pub fn bundle_publication_gate(
     refresh_hint: Duration,
     now: OffsetDateTime,
@@ -30,11 +46,15 @@ pub fn bundle_publication_gate(
             return Ok(());
         }
         Err(format!(
-            "it is on the bundle endpoint since {}; federated peers poll every refresh hint ({}s), so it may sign from {} ({}x the hint)",
-            crate::clock::rfc3339(root.since.prepared.unwrap_or(root.created_at)),
-            refresh_hint.as_secs(),
-            crate::clock::rfc3339(at),
-            PUBLISH_HINTS
+            "it is on the bundle endpoint since {}; it may sign from {} ({} later: {}x the refresh hint {}, as the SPIFFE federation spec advises, which covers a federated peer that polls every {} and retries a failed poll after {}, {} in all)",
+            rfc3339(root.since.prepared.unwrap_or(root.created_at)),
+            rfc3339(at),
+            fmt_duration(publication_delay(refresh_hint)),
+            PUBLISH_HINTS,
+            fmt_duration(refresh_hint),
+            fmt_duration(poll_interval(Some(refresh_hint))),
+            fmt_duration(RETRY_AFTER_FAILURE),
+            fmt_duration(worst_case_fetch(refresh_hint)),
         ))
     }
 }
@@ -46,6 +66,7 @@ mod tests {
         ca::{root, KeyType},
         spiffe::TrustDomain,
         state::{RootOrigin, RootState},
+        trust::{MAX_REFRESH_HINT, MIN_REFRESH_HINT},
     };
 
     #[test]
@@ -64,7 +85,38 @@ mod tests {
         let hint = Duration::from_secs(300);
         let early = bundle_publication_gate(hint, now + Duration::from_secs(899));
         let why = early(&r).unwrap_err();
-        assert!(why.contains("3x the hint"), "{why}");
+        assert!(
+            why.contains("3x the refresh hint 5m")
+                && why.contains("polls every 75s and retries a failed poll after 1m"),
+            "{why}"
+        );
         assert!(bundle_publication_gate(hint, now + Duration::from_secs(900))(&r).is_ok());
+    }
+
+    /// Issue 17 item 13: the gate never opens before a meshid peer with one failed poll has
+    /// the root, for every accepted hint (the boundaries, the clamps of the poll interval, and
+    /// a 10 s hint that main accepted while peers polled every minute).
+    #[test]
+    fn the_gate_covers_a_peer_with_one_failed_poll_for_every_accepted_hint() {
+        let s = Duration::from_secs;
+        for hint in [
+            s(10),
+            MIN_REFRESH_HINT,
+            s(239),
+            s(240),
+            s(300),
+            s(1200),
+            s(1201),
+            MAX_REFRESH_HINT,
+        ] {
+            let delay = publication_delay(hint);
+            assert!(
+                delay >= poll_interval(Some(hint)) + RETRY_AFTER_FAILURE,
+                "hint {hint:?}: gate {delay:?} opens before a peer with one failed poll has the root"
+            );
+            if hint >= MIN_REFRESH_HINT {
+                assert_eq!(delay, hint * PUBLISH_HINTS, "hint {hint:?}: one rule");
+            }
+        }
     }
 }

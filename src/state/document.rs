@@ -308,6 +308,11 @@ pub struct CaState {
     /// loses no trust.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub federated: BTreeMap<TrustDomain, FederatedBundle>,
+    /// Trust domains deleted with `meshid bundle delete --mode dissociate`: their fetched
+    /// bundles are not stored (a configured peer is not trusted again behind the operator's
+    /// back) until an operator sets one with `meshid bundle set`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dissociated: BTreeMap<TrustDomain, Dissociation>,
     /// CRLs of a plug-in CA (`ca-crl.pem`, PEM), checked at import (`ca::crl::check_crls`) and
     /// served in the `crl` of `ROOTCA`/`ALL`. Kept when a later import brings none, as
     /// istiod's `KeyCertBundle` keeps its CRL (`setAllFromPem` only replaces a non-empty one).
@@ -323,6 +328,11 @@ pub struct FederatedBundle {
     /// Its `spiffe_sequence`, when the bundle had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
+    /// The highest `spiffe_sequence` stored for this trust domain since an operator last set
+    /// its bundle: a fetched bundle with other roots and a sequence before it is a rollback.
+    /// Kept when a bundle without a sequence is stored, so such a bundle does not reset it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_sequence: Option<u64>,
     /// Its `spiffe_refresh_hint`, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_hint_secs: Option<u64>,
@@ -333,7 +343,22 @@ pub struct FederatedBundle {
     pub source: String,
 }
 
+/// A trust domain an operator dissociated (`meshid bundle delete TD --mode dissociate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dissociation {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who: `user@host`.
+    pub by: String,
+}
+
 impl FederatedBundle {
+    /// The sequence a fetched bundle with other roots must not come before: the highest one
+    /// stored (state files older than `highest_sequence`: the stored bundle's own).
+    pub fn sequence_floor(&self) -> Option<u64> {
+        self.highest_sequence.or(self.sequence)
+    }
+
     /// The authorities, parsed.
     pub fn roots(&self) -> Result<Vec<CertDer>, StateError> {
         cert::certs_from_pem(self.roots.as_bytes(), "federated bundle")
@@ -394,6 +419,11 @@ impl CaState {
                 )));
             }
             b.roots()?;
+            if self.dissociated.contains_key(td) {
+                return Err(StateError::Invalid(format!(
+                    "trust domain {td} is dissociated; it cannot also hold a bundle"
+                )));
+            }
         }
         if count(RootState::Prepared) > 1 {
             return Err(StateError::Invalid(format!(
@@ -490,6 +520,7 @@ impl CaState {
             intermediates: Vec::new(),
             journal: Vec::new(),
             federated: BTreeMap::new(),
+            dissociated: BTreeMap::new(),
             crl: None,
         }
     }
@@ -526,6 +557,7 @@ impl CaState {
             intermediates: Vec::new(),
             journal: Vec::new(),
             federated: BTreeMap::new(),
+            dissociated: BTreeMap::new(),
             crl: None,
         };
         state.validate()?;

@@ -12,8 +12,8 @@ pub use atomic::write_file_atomic;
 pub use dir::DirStore;
 pub(crate) use document::{anchor_of, signing_parts};
 pub use document::{
-    CaState, FederatedBundle, IssuedIntermediate, RootOrigin, RootRecord, RootState, SecretPem,
-    SignerRecord, StateTimes,
+    CaState, Dissociation, FederatedBundle, IssuedIntermediate, RootOrigin, RootRecord, RootState,
+    SecretPem, SignerRecord, StateTimes,
 };
 pub use error::StateError;
 pub use journal::{Actor, JournalAction, JournalEntry, JOURNAL_MAX};

@@ -18,10 +18,10 @@ use serde::Serialize;
 use thiserror::Error;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
-use x509_parser::extensions::GeneralName;
 
 use super::{
-    federation_config::{poll_interval, EndpointProfile, PeerConfig},
+    federated_store::{self, dissociation_of, Origin, Stored},
+    federation_config::{poll_interval, EndpointProfile, PeerConfig, RETRY_AFTER_FAILURE},
     spiffe_bundle::{BundleError, SpiffeBundle},
     CaSnapshot,
 };
@@ -29,7 +29,7 @@ use crate::{
     ca::{cert, CertDer},
     clock::Clock,
     spiffe::{SpiffeId, TrustDomain},
-    state::{FederatedBundle, Generation, StateError, StateStore},
+    state::{StateError, StateStore},
     telemetry::{stopping, Metrics},
     tls::{crypto_provider, PeerPolicy, SpiffeVerifier},
 };
@@ -38,8 +38,8 @@ use crate::{
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
 /// A fetch that takes longer (connect, handshake, response) fails.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Backoff after a failure: starts at the minimum poll interval, doubles, capped.
-const BACKOFF_MIN: Duration = Duration::from_secs(60);
+/// Backoff after a failure: starts at `RETRY_AFTER_FAILURE` (the minimum poll interval),
+/// doubles, capped.
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// Why a peer's bundle was not taken. The stored bundle stays.
@@ -65,6 +65,12 @@ pub enum FederationError {
     NoBootstrapBundle { trust_domain: TrustDomain },
     #[error("{trust_domain} is our own trust domain; it cannot be federated")]
     OwnTrustDomain { trust_domain: TrustDomain },
+    #[error("{trust_domain} was dissociated by {by} at {at} (`meshid bundle delete --mode dissociate`): its fetched bundles are not stored; trust it again with `meshid bundle set {trust_domain} FILE`, or remove it from [[federation.peers]]")]
+    Dissociated {
+        trust_domain: TrustDomain,
+        at: String,
+        by: String,
+    },
     #[error("storing the bundle: {0}")]
     State(#[from] StateError),
 }
@@ -79,102 +85,10 @@ impl FederationError {
             Self::WrongTrustDomain { .. } => "wrong_trust_domain",
             Self::NoBootstrapBundle { .. } => "no_bootstrap_bundle",
             Self::OwnTrustDomain { .. } => "own_trust_domain",
+            Self::Dissociated { .. } => "dissociated",
             Self::State(_) => "state",
         }
     }
-}
-
-/// What storing a bundle did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stored {
-    /// The state was written; its new generation.
-    Updated(Generation),
-    /// Same roots and sequence as stored: nothing written.
-    Unchanged,
-}
-
-/// Stores `bundle` as `td`'s last good bundle. Refuses our own trust domain, other roots with
-/// a sequence below the stored one, and a root that names another trust domain; writes only
-/// when the roots change, with
-/// compare-and-swap (retried on a concurrent writer).
-pub fn store_bundle(
-    store: &dyn StateStore,
-    td: &TrustDomain,
-    bundle: &SpiffeBundle,
-    source: &str,
-    now: OffsetDateTime,
-) -> Result<Stored, FederationError> {
-    check_trust_domain(bundle, td, source)?;
-    let roots = cert::to_pem_bundle(&bundle.roots);
-    let mut attempts = 0;
-    loop {
-        let current = store.load_existing()?;
-        if &current.state.trust_domain == td {
-            return Err(FederationError::OwnTrustDomain {
-                trust_domain: td.clone(),
-            });
-        }
-        let stored = current.state.federated.get(td);
-        // The same roots are no change, whatever the sequence: a bootstrap file exported from
-        // the peer's state can be a generation ahead of what its endpoint serves yet.
-        if stored.is_some_and(|b| b.roots == roots) {
-            return Ok(Stored::Unchanged);
-        }
-        bundle
-            .check_successor_of(stored.and_then(|b| b.sequence))
-            .map_err(|source_err| FederationError::Bundle {
-                url: source.to_owned(),
-                source: source_err,
-            })?;
-        let mut next = current.state.clone();
-        next.federated.insert(
-            td.clone(),
-            FederatedBundle {
-                roots: roots.clone(),
-                sequence: bundle.sequence,
-                refresh_hint_secs: bundle.refresh_hint.map(|h| h.as_secs()),
-                updated_at: now.replace_nanosecond(0).unwrap_or(now),
-                source: source.to_owned(),
-            },
-        );
-        next.validate()?;
-        match store.compare_and_swap(Some(current.generation), &next) {
-            Ok(g) => return Ok(Stored::Updated(g)),
-            Err(StateError::Conflict { .. }) if attempts < 3 => attempts += 1,
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// A root whose certificate carries a SPIFFE ID (meshid's and SPIRE's do: `spiffe://<td>`)
-/// must name `td`: a bundle served for another trust domain is refused.
-fn check_trust_domain(
-    bundle: &SpiffeBundle,
-    td: &TrustDomain,
-    url: &str,
-) -> Result<(), FederationError> {
-    for root in &bundle.roots {
-        let Ok(p) = cert::parse(root, "root") else {
-            continue;
-        };
-        let Ok(Some(san)) = p.subject_alternative_name() else {
-            continue;
-        };
-        for name in &san.value.general_names {
-            if let GeneralName::URI(u) = name {
-                if let Ok(id) = SpiffeId::parse(u) {
-                    if id.trust_domain() != td {
-                        return Err(FederationError::WrongTrustDomain {
-                            url: url.to_owned(),
-                            expected: td.clone(),
-                            found: id.trust_domain().clone(),
-                        });
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 // === status ===
@@ -221,11 +135,24 @@ pub fn read_status_file(state_dir: &std::path::Path) -> BTreeMap<String, serde_j
 }
 
 impl FederationStatus {
-    /// A status that is also written to `state_dir/federation-status.json`.
+    /// A status that is also written to `state_dir/federation-status.json`, at once (empty):
+    /// the file lists the peers of this server only, never those of an earlier run, so
+    /// `meshid bundle delete` can tell which trust domains the running server fetches.
     pub fn with_file(state_dir: &std::path::Path) -> Self {
-        Self {
+        let status = Self {
             file: Some(state_dir.join(STATUS_FILE)),
             ..Self::default()
+        };
+        status.write(&BTreeMap::new());
+        status
+    }
+
+    fn write(&self, map: &BTreeMap<TrustDomain, PeerStatus>) {
+        if let Some(path) = &self.file {
+            let json = serde_json::to_vec_pretty(map).unwrap_or_default();
+            if let Err(e) = crate::state::write_file_atomic(path, &json, 0o644) {
+                tracing::warn!(error = %e, "federation status file not written");
+            }
         }
     }
 
@@ -242,12 +169,7 @@ impl FederationStatus {
     fn update(&self, td: &TrustDomain, f: impl FnOnce(&mut PeerStatus)) {
         let mut map = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         f(map.entry(td.clone()).or_default());
-        if let Some(path) = &self.file {
-            let json = serde_json::to_vec_pretty(&*map).unwrap_or_default();
-            if let Err(e) = crate::state::write_file_atomic(path, &json, 0o644) {
-                tracing::warn!(error = %e, "federation status file not written");
-            }
-        }
+        self.write(&map);
         drop(map);
         self.updates.send_modify(|n| *n += 1);
     }
@@ -303,7 +225,7 @@ impl PeerClient {
     /// hint after a success, with backoff after a failure.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let td = self.cfg.trust_domain.clone();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = RETRY_AFTER_FAILURE;
         loop {
             let now = self.clock.now();
             let result = self.refresh_once().await;
@@ -315,7 +237,7 @@ impl PeerClient {
             };
             let wait = match &result {
                 Ok(bundle) => {
-                    backoff = BACKOFF_MIN;
+                    backoff = RETRY_AFTER_FAILURE;
                     self.metrics
                         .federation_refreshes
                         .get_or_create(&labels("ok"))
@@ -376,8 +298,15 @@ impl PeerClient {
         }
     }
 
-    /// Fetches, checks and stores the peer's bundle once.
+    /// Fetches, checks and stores the peer's bundle once. A dissociated trust domain is not
+    /// fetched at all. A stored change is logged with the trust domain, the sequences and the
+    /// roots (the state reload that follows only says the state changed).
     pub async fn refresh_once(&self) -> Result<SpiffeBundle, FederationError> {
+        let td = self.cfg.trust_domain.clone();
+        let (store, t) = (self.store.clone(), td.clone());
+        if let Some(d) = blocking(move || dissociation_of(store.as_ref(), &t)).await? {
+            return Err(federated_store::dissociated(&td, &d));
+        }
         let url = self.cfg.url.clone();
         let tls = self.tls_config().await?;
         let body = tokio::time::timeout(FETCH_TIMEOUT, fetch(&url, tls))
@@ -390,15 +319,32 @@ impl PeerClient {
             url: url.clone(),
             source,
         })?;
-        let (store, td, b, now) = (
+        let (store, t, b, now, u) = (
             self.store.clone(),
-            self.cfg.trust_domain.clone(),
+            td.clone(),
             bundle.clone(),
             self.clock.now(),
+            url.clone(),
         );
-        tokio::task::spawn_blocking(move || store_bundle(store.as_ref(), &td, &b, &url, now))
-            .await
-            .map_err(|e| FederationError::State(StateError::Invalid(e.to_string())))??;
+        let stored = blocking(move || {
+            federated_store::store_bundle(store.as_ref(), &t, &b, &u, Origin::Endpoint, now)
+        })
+        .await?;
+        match stored {
+            Stored::Updated(update) => tracing::info!(
+                trust_domain = %td,
+                sequence = bundle.sequence,
+                previous_sequence = update.previous.as_ref().and_then(|p| p.sequence),
+                roots = bundle.roots.len(),
+                ids = %bundle.roots.iter().map(|r| cert::fingerprint_id(r)).collect::<Vec<_>>().join(","),
+                generation = %update.generation,
+                url = %url,
+                "federated bundle updated"
+            ),
+            Stored::Unchanged => {
+                tracing::debug!(trust_domain = %td, sequence = bundle.sequence, "federated bundle unchanged")
+            }
+        }
         Ok(bundle)
     }
 
@@ -457,6 +403,19 @@ impl PeerClient {
         }
         Ok(roots)
     }
+}
+
+/// Runs `f` on the blocking pool (state reads and writes take a file lock).
+async fn blocking<T: Send + 'static, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, FederationError>
+where
+    E: Into<FederationError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FederationError::State(StateError::Invalid(e.to_string())))?
+        .map_err(Into::into)
 }
 
 /// Fetches an https_web endpoint's document once (for `meshid bundle show URL`).

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::spiffe_bundle::DEFAULT_REFRESH_HINT;
+use super::{federated_store::Association, spiffe_bundle::DEFAULT_REFRESH_HINT};
 use crate::{
     duration::fmt_duration,
     spiffe::{SpiffeId, TrustDomain},
@@ -83,22 +83,39 @@ pub struct PeerConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// How often a peer is polled: a quarter of its refresh hint, at least every 5 min and at most
-/// once a minute.
+/// The smallest refresh hint meshid publishes: its own clients poll at most once a minute,
+/// and SPIRE's raise any hint below a minute to one (`pkg/common/bundleutil`
+/// `MinimumRefreshHint`), so a shorter hint would promise polls that do not happen.
+pub const MIN_REFRESH_HINT: Duration = Duration::from_secs(60);
+/// The largest refresh hint meshid publishes.
+pub const MAX_REFRESH_HINT: Duration = Duration::from_secs(86_400);
+/// How long a meshid peer waits after a failed fetch before it tries again (then doubling, up
+/// to 5 min, until one succeeds).
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
+/// How often a peer is polled: a quarter of its refresh hint (SPIRE's
+/// `attemptsPerRefreshHint`), at least every 5 min and at most once a minute.
 pub fn poll_interval(refresh_hint: Option<Duration>) -> Duration {
     (refresh_hint.unwrap_or(DEFAULT_REFRESH_HINT) / 4)
         .clamp(Duration::from_secs(60), Duration::from_secs(300))
 }
 
+/// The longest a meshid peer takes to fetch a change of a bundle published with
+/// `refresh_hint`, when one of its polls fails: a poll interval, then the retry after the
+/// failure.
+pub fn worst_case_fetch(refresh_hint: Duration) -> Duration {
+    poll_interval(Some(refresh_hint)) + RETRY_AFTER_FAILURE
+}
+
 impl FederationConfig {
     /// Adds every problem, naming its key, to `errs`.
     pub fn validate(&self, own: Option<&TrustDomain>, errs: &mut Vec<String>) {
-        if self.refresh_hint < Duration::from_secs(10)
-            || self.refresh_hint > Duration::from_secs(86_400)
-        {
+        if self.refresh_hint < MIN_REFRESH_HINT || self.refresh_hint > MAX_REFRESH_HINT {
             errs.push(format!(
-                "federation.refresh_hint: {} must be between 10s and 1d",
-                fmt_duration(self.refresh_hint)
+                "federation.refresh_hint: {} must be between {} and {} (peers poll at most once a minute; SPIRE raises a shorter hint to 1m)",
+                fmt_duration(self.refresh_hint),
+                fmt_duration(MIN_REFRESH_HINT),
+                fmt_duration(MAX_REFRESH_HINT)
             ));
         }
         if let Some(e) = &self.bundle_endpoint {
@@ -141,6 +158,37 @@ impl FederationConfig {
                 (EndpointProfile::HttpsWeb, None, _) => {}
             }
         }
+    }
+}
+
+impl FederationConfig {
+    /// How this config uses `td`'s stored bundle (for `meshid bundle delete`): as a peer, or
+    /// to authenticate a peer's https_spiffe endpoint. `seen_in` names the config.
+    pub fn uses_of(&self, td: &TrustDomain, seen_in: &str) -> Vec<Association> {
+        let mut uses = Vec::new();
+        if self.peers.iter().any(|p| &p.trust_domain == td) {
+            uses.push(Association::Peer {
+                seen_in: format!("[[federation.peers]] in {seen_in}"),
+            });
+        }
+        for p in &self.peers {
+            let authenticates = p.profile == EndpointProfile::HttpsSpiffe
+                && p.endpoint_spiffe_id.as_ref().map(SpiffeId::trust_domain) == Some(td)
+                && &p.trust_domain != td;
+            if authenticates {
+                uses.push(Association::EndpointAuthority {
+                    peer: p.trust_domain.clone(),
+                    seen_in: format!("its endpoint_spiffe_id in {seen_in}"),
+                });
+            }
+        }
+        uses
+    }
+
+    /// The trust domains of the configured peers: the federated trust domains the server
+    /// trusts.
+    pub fn peer_trust_domains(&self) -> std::collections::BTreeSet<TrustDomain> {
+        self.peers.iter().map(|p| p.trust_domain.clone()).collect()
     }
 }
 
@@ -213,6 +261,49 @@ ca_file = "/etc/meshid/web-ca.pem"
         assert!(
             errs.iter()
                 .any(|e| e.contains("url: must start with https://")),
+            "{errs:?}"
+        );
+    }
+
+    /// What `meshid bundle delete` must not break silently (SPIRE's RESTRICT counts the
+    /// entries that federate with the bundle): a peer, and the trust domain whose bundle
+    /// authenticates a peer's https_spiffe endpoint.
+    #[test]
+    fn uses_of_a_trust_domain_are_its_peer_entry_and_the_endpoints_it_authenticates() {
+        let toml_text = r#"
+[[peers]]
+trust_domain = "a.example"
+url = "https://a/"
+profile = "https_web"
+[[peers]]
+trust_domain = "b.example"
+url = "https://b/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://host.example/ns/x/sa/bundle"
+"#;
+        let cfg: FederationConfig = toml::from_str(toml_text).unwrap();
+        let td = |s: &str| TrustDomain::new(s).unwrap();
+        assert_eq!(
+            cfg.uses_of(&td("a.example"), "b.toml"),
+            [Association::Peer {
+                seen_in: "[[federation.peers]] in b.toml".into()
+            }]
+        );
+        assert_eq!(
+            cfg.uses_of(&td("host.example"), "b.toml"),
+            [Association::EndpointAuthority {
+                peer: td("b.example"),
+                seen_in: "its endpoint_spiffe_id in b.toml".into()
+            }]
+        );
+        assert!(cfg.uses_of(&td("c.example"), "b.toml").is_empty());
+        let mut errs = Vec::new();
+        let mut short = cfg.clone();
+        short.refresh_hint = Duration::from_secs(10);
+        short.validate(None, &mut errs);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("federation.refresh_hint: 10s must be between 1m and 1d")),
             "{errs:?}"
         );
     }

@@ -58,6 +58,7 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
     if !errs.is_empty() {
         return Err(errs);
     }
+    trust_configured_peers(i.cfg, i.live).await?;
     let mut tasks = Vec::new();
     let bundle_addr = match &i.cfg.bundle_endpoint {
         Some(e) => {
@@ -77,6 +78,12 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
             let addr = listener
                 .local_addr()
                 .map_err(|err| vec![format!("federation.bundle_endpoint.listen: {err}")])?;
+            tracing::info!(
+                addr = %addr,
+                profile = ?e.profile,
+                refresh_hint = %crate::duration::fmt_duration(i.cfg.refresh_hint),
+                "SPIFFE bundle endpoint listening on https://{addr}/"
+            );
             tasks.push(tokio::spawn(bundle_endpoint::serve(
                 listener,
                 resolver,
@@ -117,6 +124,26 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
         refresh,
         tasks,
     })
+}
+
+/// Trusts the stored bundles of the configured peers only; a stored bundle of any other trust
+/// domain (a peer taken out of the config) is logged, with the command that deletes it.
+async fn trust_configured_peers(
+    cfg: &FederationConfig,
+    live: &Arc<LiveCa>,
+) -> Result<(), Vec<String>> {
+    let (live, peers) = (live.clone(), cfg.peer_trust_domains());
+    let left_out = tokio::task::spawn_blocking(move || live.federate_with(peers))
+        .await
+        .map_err(|e| vec![format!("federation: {e}")])?
+        .map_err(|e| vec![format!("federation: reading the stored bundles: {e}")])?;
+    for td in left_out {
+        tracing::warn!(
+            trust_domain = %td,
+            "a bundle of {td} is stored but {td} is not in [[federation.peers]]: it is not trusted (not in ALL, spiffe://{td} or ROOTCA); `meshid bundle delete {td}` deletes it, adding the peer back trusts it again"
+        );
+    }
+    Ok(())
 }
 
 /// Wakes a peer's client when `meshid bundle refresh TD` left a request file for it.

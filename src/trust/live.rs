@@ -1,8 +1,17 @@
 //! The live CA: the authority and trust bundle built from the state store, republished on a
 //! `watch` channel whenever the store's generation moves. The store's file is watched (inotify
 //! on Linux), so a change is applied as soon as it is written; a poll backs the watch up.
+//!
+//! Federated trust domains: the server trusts the stored bundles of its configured peers only
+//! (`federate_with`), so a peer taken out of `[[federation.peers]]` leaves `ALL`,
+//! `spiffe://<td>` and a merged `ROOTCA` at the next start, while its last bundle stays stored
+//! (it is deleted only by `meshid bundle delete`).
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -11,6 +20,7 @@ use super::TrustBundleSet;
 use crate::{
     ca::{cert, Authority, CaError, IssuancePolicy},
     clock::Clock,
+    spiffe::TrustDomain,
     state::{CaState, Generation, StateError, StateStore},
 };
 
@@ -44,6 +54,9 @@ pub struct LiveCa {
     store: Arc<dyn StateStore>,
     policy: IssuancePolicy,
     clock: Arc<dyn Clock>,
+    /// The federated trust domains to trust; `None`: every stored one (library users that
+    /// have no federation config; the server always sets it).
+    peers: RwLock<Option<BTreeSet<TrustDomain>>>,
     tx: watch::Sender<Arc<CaSnapshot>>,
 }
 
@@ -54,14 +67,55 @@ impl LiveCa {
         policy: IssuancePolicy,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, LiveCaError> {
-        let snapshot = build(store.as_ref(), &policy, &clock, 0)?;
+        let snapshot = build(store.as_ref(), &policy, &clock, 0, None)?;
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Self {
             store,
             policy,
             clock,
+            peers: RwLock::new(None),
             tx,
         })
+    }
+
+    /// Trusts the stored bundles of `peers` only (the server's `[[federation.peers]]`), from
+    /// the next snapshot on, which is published now if it trusts other trust domains than the
+    /// current one. Returns the stored trust domains that are left out.
+    pub fn federate_with(
+        &self,
+        peers: BTreeSet<TrustDomain>,
+    ) -> Result<Vec<TrustDomain>, LiveCaError> {
+        let stored = self.store.load_existing()?.state;
+        let left_out = stored
+            .federated
+            .keys()
+            .filter(|td| !peers.contains(*td))
+            .cloned()
+            .collect();
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Some(peers);
+        let current = self.current();
+        let next = self.build(current.bundle.sequence() + 1)?;
+        let trusted = |s: &CaSnapshot| {
+            s.bundle
+                .iter()
+                .map(|(td, r)| (td.clone(), r.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        if trusted(&next) != trusted(&current) || next.generation != current.generation {
+            self.tx.send_replace(Arc::new(next));
+        }
+        Ok(left_out)
+    }
+
+    fn build(&self, min_sequence: u64) -> Result<CaSnapshot, LiveCaError> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        build(
+            self.store.as_ref(),
+            &self.policy,
+            &self.clock,
+            min_sequence,
+            peers.as_ref(),
+        )
     }
 
     /// A receiver of snapshots; one per reader (per SDS stream).
@@ -83,8 +137,7 @@ impl LiveCa {
         {
             return Ok(false);
         }
-        let min_sequence = current.bundle.sequence() + 1;
-        let next = build(self.store.as_ref(), &self.policy, &self.clock, min_sequence)?;
+        let next = self.build(current.bundle.sequence() + 1)?;
         self.tx.send_replace(Arc::new(next));
         Ok(true)
     }
@@ -130,6 +183,7 @@ fn build(
     policy: &IssuancePolicy,
     clock: &Arc<dyn Clock>,
     min_sequence: u64,
+    peers: Option<&BTreeSet<TrustDomain>>,
 ) -> Result<CaSnapshot, LiveCaError> {
     let v = store.load_existing()?;
     let material = v.state.signing_material()?;
@@ -148,7 +202,9 @@ fn build(
     let mut bundle = TrustBundleSet::own(v.state.trust_domain.clone(), roots, sequence)
         .with_own_crl(v.state.crl.clone());
     for (td, fed) in &v.state.federated {
-        bundle = bundle.with_trust_domain(td.clone(), fed.roots()?);
+        if peers.is_none_or(|p| p.contains(td)) {
+            bundle = bundle.with_trust_domain(td.clone(), fed.roots()?);
+        }
     }
     Ok(CaSnapshot {
         authority: Arc::new(authority),

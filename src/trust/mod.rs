@@ -5,6 +5,7 @@
 mod bundle;
 pub mod bundle_endpoint;
 pub mod configmap;
+pub mod federated_store;
 pub mod federation;
 mod federation_config;
 pub mod federation_run;
@@ -13,7 +14,8 @@ mod spiffe_bundle;
 
 pub use bundle::TrustBundleSet;
 pub use federation_config::{
-    poll_interval, BundleEndpointConfig, EndpointProfile, FederationConfig, PeerConfig,
+    poll_interval, worst_case_fetch, BundleEndpointConfig, EndpointProfile, FederationConfig,
+    PeerConfig, MAX_REFRESH_HINT, MIN_REFRESH_HINT, RETRY_AFTER_FAILURE,
 };
 pub use live::{CaSnapshot, LiveCa, LiveCaError};
-pub use spiffe_bundle::{BundleError, SpiffeBundle, DEFAULT_REFRESH_HINT};
+pub use spiffe_bundle::{serial_before, BundleError, SpiffeBundle, DEFAULT_REFRESH_HINT};

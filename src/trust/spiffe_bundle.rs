@@ -133,14 +133,35 @@ impl SpiffeBundle {
         })
     }
 
-    /// Refuses `self` as the successor of a bundle with sequence `stored`.
-    pub fn check_successor_of(&self, stored: Option<u64>) -> Result<(), BundleError> {
-        match (stored, self.sequence) {
-            (Some(stored), Some(got)) if got < stored => {
+    /// Refuses `self` as the successor of a stored bundle whose highest sequence is `floor`:
+    /// a sequence before it is a rollback. Sequences are compared as RFC 1982 serial numbers
+    /// (64 bits), so a publisher that reached 2^64-1 is not locked out: the next numbers
+    /// after it (0, 1, ...) come later. A bundle without a sequence is taken (SPIFFE
+    /// federation spec 4.2: the most recently retrieved bundle is then the latest); the
+    /// caller keeps the floor, so it does not reset the check for the bundles after it.
+    pub fn check_successor_of(&self, floor: Option<u64>) -> Result<(), BundleError> {
+        match (floor, self.sequence) {
+            (Some(stored), Some(got)) if serial_before(got, stored) => {
                 Err(BundleError::SequenceWentBack { stored, got })
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// RFC 1982 section 3.2, SERIAL_BITS = 64: whether `a` comes before `b`. Values exactly half
+/// the space apart are undefined there; they count as not before (the newer bundle is taken).
+pub fn serial_before(a: u64, b: u64) -> bool {
+    let d = b.wrapping_sub(a);
+    d != 0 && d < 1 << 63
+}
+
+/// The later of two sequences in RFC 1982 order.
+pub fn serial_max(a: u64, b: u64) -> u64 {
+    if serial_before(a, b) {
+        b
+    } else {
+        a
     }
 }
 
@@ -402,18 +423,68 @@ mod tests {
         assert_eq!(b.refresh_hint, None);
     }
 
+    /// SPIFFE federation spec 4.2 (the sequence orders bundles; a bundle without one is the
+    /// latest retrieved) and RFC 1982 serial order, one row per rule. SPIRE's
+    /// `pkg/server/bundle/client/updater.go` `UpdateBundle` stores any bundle that differs;
+    /// meshid keeps the rollback check but never locks a publisher out.
     #[test]
-    fn a_lower_sequence_is_refused_as_successor() {
-        let b = SpiffeBundle {
+    fn sequence_rules_refuse_rollback_and_never_lock_out() {
+        let with = |sequence: Option<u64>| SpiffeBundle {
             roots: vec![ca()],
-            sequence: Some(4),
+            sequence,
             refresh_hint: None,
         };
+        let max = u64::MAX;
+        let rows: [(&str, Option<u64>, Option<u64>, bool); 10] = [
+            ("a lower sequence is a rollback", Some(5), Some(4), false),
+            (
+                "a jump of more than 2^63 is a step back",
+                Some(5),
+                Some(max),
+                false,
+            ),
+            (
+                "the same sequence is not a rollback",
+                Some(5),
+                Some(5),
+                true,
+            ),
+            ("a higher sequence is taken", Some(5), Some(6), true),
+            ("nothing stored: anything is taken", None, Some(1), true),
+            (
+                "no sequence: the latest retrieved is taken",
+                Some(5),
+                None,
+                true,
+            ),
+            ("after 2^64-1 comes 0", Some(max), Some(0), true),
+            (
+                "after 2^64-1 a re-initialised peer's 3 is taken",
+                Some(max),
+                Some(3),
+                true,
+            ),
+            (
+                "2^64-1 after 1 is a rollback by wrap-around",
+                Some(1),
+                Some(max),
+                false,
+            ),
+            (
+                "2^64-1 after 2^64-2 is taken",
+                Some(max - 1),
+                Some(max),
+                true,
+            ),
+        ];
+        for (rule, floor, got, ok) in rows {
+            assert_eq!(with(got).check_successor_of(floor).is_ok(), ok, "{rule}");
+        }
         assert_eq!(
-            b.check_successor_of(Some(5)),
+            with(Some(4)).check_successor_of(Some(5)),
             Err(BundleError::SequenceWentBack { stored: 5, got: 4 })
         );
-        assert!(b.check_successor_of(Some(4)).is_ok());
-        assert!(b.check_successor_of(None).is_ok());
+        assert_eq!(serial_max(max, 3), 3);
+        assert_eq!(serial_max(3, 2), 3);
     }
 }

@@ -44,20 +44,20 @@ const WAIT: Duration = Duration::from_secs(30);
 
 // === fixtures ===
 
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
 
 /// A Web PKI for https_web endpoints: a CA, and a certificate for 127.0.0.1 it signed.
-struct WebPki {
+pub(crate) struct WebPki {
     _dir: tempfile::TempDir,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
-fn web_pki() -> WebPki {
+pub(crate) fn web_pki() -> WebPki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
     let dir = tempfile::tempdir().unwrap();
     let ca_key = KeyPair::generate().unwrap();
@@ -83,7 +83,11 @@ fn web_pki() -> WebPki {
     }
 }
 
-fn endpoint(addr: SocketAddr, profile: EndpointProfile, pki: &WebPki) -> BundleEndpointConfig {
+pub(crate) fn endpoint(
+    addr: SocketAddr,
+    profile: EndpointProfile,
+    pki: &WebPki,
+) -> BundleEndpointConfig {
     let web = profile == EndpointProfile::HttpsWeb;
     BundleEndpointConfig {
         listen: addr,
@@ -94,11 +98,16 @@ fn endpoint(addr: SocketAddr, profile: EndpointProfile, pki: &WebPki) -> BundleE
 }
 
 /// meshid's own SVID, which an https_spiffe endpoint serves (default server identity).
-fn server_id(td: &str) -> SpiffeId {
+pub(crate) fn server_id(td: &str) -> SpiffeId {
     SpiffeId::parse(&format!("spiffe://{td}/ns/istio-system/sa/meshid")).unwrap()
 }
 
-fn peer(td: &str, addr: SocketAddr, profile: EndpointProfile, pki: &WebPki) -> PeerConfig {
+pub(crate) fn peer(
+    td: &str,
+    addr: SocketAddr,
+    profile: EndpointProfile,
+    pki: &WebPki,
+) -> PeerConfig {
     let web = profile == EndpointProfile::HttpsWeb;
     PeerConfig {
         trust_domain: TrustDomain::new(td).unwrap(),
@@ -109,7 +118,7 @@ fn peer(td: &str, addr: SocketAddr, profile: EndpointProfile, pki: &WebPki) -> P
     }
 }
 
-async fn start(
+pub(crate) async fn start(
     td: &str,
     clock: &Arc<ManualClock>,
     endpoint: Option<BundleEndpointConfig>,
@@ -123,12 +132,16 @@ async fn start(
     .await
 }
 
-fn td(s: &str) -> TrustDomain {
+pub(crate) fn td(s: &str) -> TrustDomain {
     TrustDomain::new(s).unwrap()
 }
 
 /// Waits (on the status channel, no polling) until `td`'s status satisfies `pred`.
-async fn wait_status(r: &Running, td: &str, pred: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
+pub(crate) async fn wait_status(
+    r: &Running,
+    td: &str,
+    pred: impl Fn(&PeerStatus) -> bool,
+) -> PeerStatus {
     let mut rx = r.federation.subscribe();
     let td = self::td(td);
     tokio::time::timeout(WAIT, async {
@@ -146,7 +159,7 @@ async fn wait_status(r: &Running, td: &str, pred: impl Fn(&PeerStatus) -> bool) 
 }
 
 /// Waits until the server's live bundle holds `n` roots for `td`.
-async fn wait_roots(r: &Running, td: &str, n: usize) {
+pub(crate) async fn wait_roots(r: &Running, td: &str, n: usize) {
     let td = self::td(td);
     let mut rx = r.live.subscribe();
     tokio::time::timeout(
@@ -159,15 +172,15 @@ async fn wait_roots(r: &Running, td: &str, n: usize) {
 }
 
 /// A workload's credentials as its proxy gets them over SDS: `default` and `ALL`.
-struct Creds {
+pub(crate) struct Creds {
     id: SpiffeId,
     chain: Vec<CertDer>,
     key: PrivateKeyDer<'static>,
     /// `ALL`: trust domain → roots.
-    all: BTreeMap<String, Vec<CertDer>>,
+    pub(crate) all: BTreeMap<String, Vec<CertDer>>,
 }
 
-async fn creds(server: &TestServer, ns: &str, sa: &str) -> Creds {
+pub(crate) async fn creds(server: &TestServer, ns: &str, sa: &str) -> Creds {
     let mut client = server.sds(Some(server.token(ns, sa))).await;
     let resp = client
         .fetch_secrets(sds_req(&["default", "ALL"], "", ""))
@@ -189,7 +202,7 @@ async fn creds(server: &TestServer, ns: &str, sa: &str) -> Creds {
     }
 }
 
-fn all_bundles(s: &Secret) -> BTreeMap<String, Vec<CertDer>> {
+pub(crate) fn all_bundles(s: &Secret) -> BTreeMap<String, Vec<CertDer>> {
     let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
         panic!("ALL is not a validation context")
     };
@@ -340,7 +353,7 @@ async fn two_trust_domains_federate_both_ways_per_profile() {
 }
 
 /// `meshid bundle export` from `from`'s state, `meshid bundle set TD FILE` into `to`'s.
-fn bootstrap(from: &TestServer, to: &TestServer, td: &str) {
+pub(crate) fn bootstrap(from: &TestServer, to: &TestServer, td: &str) {
     let out = meshid(&[
         "bundle",
         "export",
@@ -445,14 +458,14 @@ async fn a_rotation_in_a_reaches_b_sds_streams_within_one_poll_interval() {
 // === failing peers ===
 
 #[derive(Clone)]
-enum Mode {
+pub(crate) enum Mode {
     Serve(Vec<u8>),
     Close,
     Hang,
 }
 
 /// A bundle endpoint under the test's control (https_web with `pki`).
-async fn fake_endpoint(
+pub(crate) async fn fake_endpoint(
     pki: &WebPki,
     mode: Arc<Mutex<Mode>>,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -510,7 +523,7 @@ async fn fake_endpoint(
     (addr, task)
 }
 
-fn bundle_json(roots: Vec<CertDer>, sequence: u64) -> Vec<u8> {
+pub(crate) fn bundle_json(roots: Vec<CertDer>, sequence: u64) -> Vec<u8> {
     SpiffeBundle {
         roots,
         sequence: Some(sequence),
@@ -847,7 +860,7 @@ fn header(head: &str, name: &str) -> Option<String> {
 }
 
 /// One HTTP/1.1 exchange over TLS trusting `ca`: (head, body, the server's certificate).
-async fn raw_request(
+pub(crate) async fn raw_request(
     addr: SocketAddr,
     ca: &std::path::Path,
     req: &str,
@@ -927,7 +940,7 @@ fn activation_waits_three_refresh_hints_when_the_bundle_endpoint_publishes() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("3x the hint") && err.contains("--force"),
+        err.contains("3x the refresh hint") && err.contains("--force"),
         "{err}"
     );
     let o = run(&["root", "activate", &id, "--config", &p("a.toml"), "--force"]);

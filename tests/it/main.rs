@@ -9,6 +9,7 @@ mod deploy;
 mod discovery;
 mod fake_apiserver;
 mod federation;
+mod federation_trust;
 mod hardening;
 mod identity;
 mod identity_hardening;
