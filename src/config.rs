@@ -13,10 +13,6 @@ use crate::{
     telemetry::LogFormat,
 };
 
-fn d<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
-    crate::ca::serde_duration_de(de)
-}
-
 /// The whole server configuration. See `deploy/meshid.toml` for a documented example.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,11 +31,7 @@ pub struct Config {
     pub logging: Logging,
     /// How often the state store is re-read as a backstop: its file is watched, so changes (root
     /// rotation from the CLI) apply as soon as they are written.
-    #[serde(
-        default = "default_poll",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_poll", with = "crate::duration::serde")]
     pub state_poll_interval: Duration,
     /// Clusters whose service-account tokens are accepted.
     #[serde(default)]
@@ -101,10 +93,7 @@ impl Default for MaxNames {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// SDS and EDS streams end gracefully after this (± 10 %), and at the caller's token expiry.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub max_stream_age: Duration,
     /// Open gRPC connections (TCP and Unix socket each); further ones wait in the kernel's backlog.
     pub max_connections: usize,
@@ -114,33 +103,21 @@ pub struct Limits {
     /// once) queues them on its side as HTTP/2 requires, so a low cap costs no failures.
     pub max_concurrent_streams_per_connection: u32,
     /// A TLS handshake not finished by then is dropped.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub tls_handshake_timeout: Duration,
     /// Unary calls (CreateCertificate, FetchSecrets, FetchEndpoints) not answered by then fail
     /// with DEADLINE_EXCEEDED.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub unary_timeout: Duration,
     /// Largest CreateCertificate request decoded (a CSR with metadata is a few KiB).
     pub csr_max_request_bytes: usize,
     /// Largest xDS request decoded (resource names of a large EDS subscription).
     pub xds_max_request_bytes: usize,
     /// HTTP (/metrics, /healthz, /readyz): request headers must arrive within this.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub http_header_read_timeout: Duration,
     /// HTTP: a connection with no request in flight is closed after this.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub http_idle_timeout: Duration,
     /// HTTP: open connections at once.
     pub http_max_connections: usize,
@@ -269,11 +246,7 @@ pub struct Discovery {
     pub require_proxy_proof: bool,
     /// How long a certificate fetched over the CSR API (or an SDS stream that closed) proves
     /// the pod's proxy. Covers istio-agent's renewal at half the certificate's lifetime.
-    #[serde(
-        default = "default_proof_grace",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_proof_grace", with = "crate::duration::serde")]
     pub proxy_proof_grace: Duration,
     /// This cluster's name, shown next to its endpoints (multi-cluster discovery).
     #[serde(default = "default_cluster_name")]
@@ -423,29 +396,17 @@ pub struct Cluster {
     #[serde(default)]
     pub allow_legacy_tokens: bool,
     /// How long a validated token is reused (capped by its exp).
-    #[serde(
-        default = "default_cache_ttl",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_cache_ttl", with = "crate::duration::serde")]
     pub cache_ttl: Duration,
     #[serde(default = "default_cache_max")]
     pub cache_max_entries: usize,
     /// How long a refused token is refused again without re-checking it.
-    #[serde(
-        default = "default_negative_ttl",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_negative_ttl", with = "crate::duration::serde")]
     pub negative_cache_ttl: Duration,
     #[serde(default = "default_negative_max")]
     pub negative_cache_max_entries: usize,
     /// Clock-skew tolerance for `exp`, `nbf`, `iat` (the API server's is 60s).
-    #[serde(
-        default = "default_leeway",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_leeway", with = "crate::duration::serde")]
     pub leeway: Duration,
     pub tokenreview: Option<TokenReview>,
     pub jwks: Option<Jwks>,
@@ -478,11 +439,7 @@ pub struct TokenReview {
     pub kubeconfig: Option<PathBuf>,
     #[serde(default, flatten)]
     pub rate: RateLimit,
-    #[serde(
-        default = "default_review_timeout",
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(default = "default_review_timeout", with = "crate::duration::serde")]
     pub timeout: Duration,
     /// Accepted token issuers, checked before any API call (empty: left to the API server).
     #[serde(default)]

@@ -55,6 +55,23 @@ pub fn fmt_duration(d: Duration) -> String {
     format!("{}{unit}", ms / mult)
 }
 
+/// Serde for durations written like `1h`, `24h`, `60s`: `#[serde(with = "crate::duration::serde")]`,
+/// the one attribute every duration in config and state uses.
+pub mod serde {
+    use std::time::Duration;
+
+    use ::serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::fmt_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(::serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

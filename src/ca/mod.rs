@@ -21,8 +21,5 @@ pub use authority::{Authority, IssuedCert, SigningMaterial};
 pub use cert::{CertDer, Serial};
 pub use error::CaError;
 pub use key::{KeyType, PrivateKey};
-pub use policy::{
-    serde_duration_de, serde_duration_ser, IssuancePolicy, DEFAULT_BACKDATE, DEFAULT_MAX_TTL,
-    DEFAULT_TTL,
-};
+pub use policy::{IssuancePolicy, DEFAULT_BACKDATE, DEFAULT_MAX_TTL, DEFAULT_TTL};
 pub use validate::LeafValidator;

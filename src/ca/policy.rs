@@ -21,13 +21,13 @@ pub const MAX_BACKDATE: Duration = Duration::from_secs(3600);
 #[serde(deny_unknown_fields, default)]
 pub struct IssuancePolicy {
     /// Lifetime when the request names none (or zero, or a negative one).
-    #[serde(with = "serde_duration")]
+    #[serde(with = "crate::duration::serde")]
     pub default_ttl: Duration,
     /// Longest lifetime a request may ask for.
-    #[serde(with = "serde_duration")]
+    #[serde(with = "crate::duration::serde")]
     pub max_ttl: Duration,
     /// How far notBefore is set before the issuing time.
-    #[serde(with = "serde_duration")]
+    #[serde(with = "crate::duration::serde")]
     pub backdate: Duration,
 }
 
@@ -93,32 +93,6 @@ impl IssuancePolicy {
             }),
             Some(d) => Ok(d),
         }
-    }
-}
-
-/// Deserializes a duration written like `1h` (for config structs elsewhere).
-pub fn serde_duration_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    serde_duration::deserialize(d)
-}
-
-/// Serializes a duration as `1h`.
-pub fn serde_duration_ser<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    serde_duration::serialize(d, s)
-}
-
-/// Durations in config and state are written like `1h`, `24h`, `60s`.
-pub(crate) mod serde_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::duration::fmt_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::duration::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -16,10 +16,6 @@ use time::OffsetDateTime;
 
 use crate::state::{CaState, RootOrigin, RootState};
 
-fn d<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
-    crate::ca::serde_duration_de(de)
-}
-
 /// `[auto_rotation]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,30 +23,18 @@ pub struct AutoRotation {
     /// Off by default: a root rotation is an operator's decision until they opt in.
     pub enabled: bool,
     /// Prepare at most this long before the active root expires (SPIRE: 30 d).
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub prepare_before: Duration,
     /// Activate at most this long before the active root expires (SPIRE: 7 d).
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub activate_before: Duration,
     /// How long an automatic activation waits for every stream to hold the prepared root once
     /// it is due; then it activates anyway, naming the laggards in the log and counting the
     /// activation in `meshid_rotation_forced_activations_total`.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub propagation_timeout: Duration,
     /// How often the schedule (and the expiry warning) is checked.
-    #[serde(
-        deserialize_with = "d",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub check_interval: Duration,
 }
 

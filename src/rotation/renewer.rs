@@ -14,7 +14,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 
 use super::RefreshPolicy;
@@ -88,14 +87,7 @@ pub struct Renewer<T> {
     issued: u64,
 }
 
-/// A draw in [0, 1] from the system's CSPRNG (0.5 if it fails).
-pub(crate) fn unit_random() -> f64 {
-    let mut b = [0u8; 4];
-    match SystemRandom::new().fill(&mut b) {
-        Ok(()) => u32::from_le_bytes(b) as f64 / u32::MAX as f64,
-        Err(_) => 0.5,
-    }
-}
+pub(crate) use crate::backoff::unit_random;
 
 impl<T> Renewer<T> {
     pub fn new(policy: impl Into<RenewPolicy>, clock: Arc<dyn Clock>) -> Self {
@@ -213,16 +205,10 @@ impl<T> Renewer<T> {
         self.retry_at = Some(now + self.backoff_delay(self.failures));
     }
 
-    /// `retry_min · 2^(n-1)`, capped at `retry_max`, with jitter in [½, 1] of that.
+    /// The one backoff schedule (`crate::backoff`) from `retry_min` to `retry_max`.
     fn backoff_delay(&self, n: u32) -> Duration {
-        let exp = n.saturating_sub(1).min(30);
-        let base = self
-            .policy
-            .retry_min
-            .saturating_mul(1u32 << exp)
-            .min(self.policy.retry_max);
-        let d = base.mul_f64(0.5 + 0.5 * unit_random());
-        d.max(self.policy.retry_min.min(base))
+        crate::backoff::Backoff::new(self.policy.retry_min, self.policy.retry_max)
+            .delay(n, unit_random())
     }
 
     /// At `ratio ± jitter` of the lifetime remaining from `now`, and never sooner than

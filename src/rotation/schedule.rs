@@ -22,20 +22,11 @@ pub const DEFAULT_SIGNER_CHANGE_SPREAD: Duration = Duration::from_secs(2);
 pub struct RefreshPolicy {
     pub ratio: f64,
     pub jitter: f64,
-    #[serde(
-        deserialize_with = "crate::ca::serde_duration_de",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub retry_min: Duration,
-    #[serde(
-        deserialize_with = "crate::ca::serde_duration_de",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub retry_max: Duration,
-    #[serde(
-        deserialize_with = "crate::ca::serde_duration_de",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub signer_change_spread: Duration,
 }
 

@@ -27,10 +27,7 @@ pub enum EndpointProfile {
 #[serde(deny_unknown_fields, default)]
 pub struct FederationConfig {
     /// `spiffe_refresh_hint` of the bundle we publish.
-    #[serde(
-        deserialize_with = "crate::ca::serde_duration_de",
-        serialize_with = "crate::ca::serde_duration_ser"
-    )]
+    #[serde(with = "crate::duration::serde")]
     pub refresh_hint: Duration,
     /// Also put federated roots into `ROOTCA` (for proxies that take one bundle only). Risky:
     /// a peer's root then validates *any* SPIFFE ID, ours included.
