@@ -20,6 +20,7 @@ pub mod identity;
 pub mod net;
 pub mod rotation;
 pub mod server;
+pub mod shutdown;
 pub mod spiffe;
 pub mod state;
 pub mod telemetry;

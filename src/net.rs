@@ -12,7 +12,7 @@ use tokio::{
     sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::telemetry::stopping;
+use crate::shutdown::stopping;
 
 /// A listener the accept loop can take connections from.
 pub trait Accept: Send + 'static {

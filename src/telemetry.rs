@@ -344,10 +344,7 @@ pub async fn serve_http(
     .await;
 }
 
-/// Completes when `stop` turns true (or its sender is gone).
-pub async fn stopping(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
+pub use crate::shutdown::stopping;
 
 /// Limits of the HTTP listener.
 #[derive(Clone, Debug)]

@@ -282,7 +282,7 @@ async fn drive<F: Flavour>(
                 },
                 alive = res.changed(subscribed) => if alive { Step::Changed } else { Step::Closed },
                 _ = tx.closed() => Step::Closed,
-                () = crate::telemetry::stopping(&mut stop) => Step::Stop,
+                () = crate::shutdown::stopping(&mut stop) => Step::Stop,
             }
         };
         // Boxed: the stream's task stays the size of its idle wait, not of its busiest step.

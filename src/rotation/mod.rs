@@ -22,7 +22,7 @@ pub use propagation::{
 };
 pub use publication::bundle_publication_gate;
 pub(crate) use renewer::unit_random;
-pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView};
+pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView, Turn};
 pub use roots::{
     activate, activation_point, apply, expiry_warning, next_step, no_gate, prepare, resolve,
     revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target,

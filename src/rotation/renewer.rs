@@ -15,9 +15,10 @@
 use std::{sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use super::RefreshPolicy;
-use crate::clock::Clock;
+use crate::{clock::Clock, trust::CaSnapshot};
 
 /// A credential as issued: the value, who signed it, and until when it is valid.
 pub struct Issued<T> {
@@ -220,6 +221,93 @@ impl<T> Renewer<T> {
             .refresh
             .refresh_at_with(now, not_after, unit_random());
         at.max(now + self.policy.retry_min)
+    }
+}
+
+// === the driver ===
+
+/// What woke a renewer waiting for its next turn.
+pub enum Turn {
+    /// The refresh or retry time came (or the credential is otherwise due now).
+    Due,
+    /// The CA changed; the renewer has observed it (a taint makes it due at once, a new
+    /// signer within the spread window). The new snapshot, for callers that serve it too.
+    Changed(Arc<CaSnapshot>),
+    /// The CA channel closed: the server is going away.
+    Closed,
+}
+
+impl<T> Renewer<T> {
+    /// One turn of the renewal driver every credential shares: waits on the renewer's clock
+    /// until its next wake (only when `armed`: a stream that does not hold the credential
+    /// now does not renew it) or a CA change, which it observes.
+    pub async fn next_turn(
+        &mut self,
+        ca: &mut watch::Receiver<Arc<CaSnapshot>>,
+        armed: bool,
+    ) -> Turn {
+        let wake = match self.next_wake().filter(|_| armed) {
+            Some(t) => self.clock.sleep_until(t),
+            None => Box::pin(std::future::pending()),
+        };
+        tokio::select! {
+            _ = wake => Turn::Due,
+            r = ca.changed() => match r {
+                Err(_) => Turn::Closed,
+                Ok(()) => {
+                    let snap = ca.borrow_and_update().clone();
+                    self.observe_ca(&snap);
+                    Turn::Changed(snap)
+                }
+            },
+        }
+    }
+
+    /// Observes the signing side of `snap`.
+    pub fn observe_ca(&mut self, snap: &CaSnapshot) -> bool {
+        let tainted = |s: &str| snap.tainted_signers.contains(s);
+        self.observe(&SignerView {
+            current: &snap.signer_id,
+            is_tainted: &tainted,
+        })
+    }
+
+    /// Runs the renewal of a credential the server holds for itself until `stop` fires or the
+    /// CA goes away: renews through `issue` whenever due (retrying with backoff on failure,
+    /// keeping the previous credential meanwhile) and hands every new one to `renewed`.
+    pub async fn drive<E: std::fmt::Display>(
+        mut self,
+        mut ca: watch::Receiver<Arc<CaSnapshot>>,
+        mut stop: watch::Receiver<bool>,
+        what: &str,
+        mut issue: impl FnMut(&CaSnapshot) -> Result<Issued<T>, E>,
+        mut renewed: impl FnMut(&T),
+    ) {
+        loop {
+            tokio::select! {
+                turn = self.next_turn(&mut ca, true) => {
+                    if matches!(turn, Turn::Closed) {
+                        return;
+                    }
+                }
+                () = crate::shutdown::stopping(&mut stop) => return,
+            }
+            if !self.is_due() {
+                continue;
+            }
+            let snap = ca.borrow_and_update().clone();
+            match self.renew(|| issue(&snap)) {
+                Ok(()) => {
+                    if let Some(v) = self.current() {
+                        renewed(v);
+                    }
+                    tracing::info!(credential = what, refresh_at = ?self.next_wake(), "renewed");
+                }
+                Err(e) => {
+                    tracing::error!(credential = what, error = %e, retry_at = ?self.next_wake(), "renewal failed; retrying with backoff");
+                }
+            }
+        }
     }
 }
 
