@@ -12,6 +12,7 @@ mod federation;
 mod hardening;
 mod identity;
 mod identity_hardening;
+mod kube_real;
 mod openssl;
 mod plugin_import;
 mod profiles;
