@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::process::{free_port, remove_dead_runs, tail, Proc, OWNER, RUN_PREFIX};
 use base64::{engine::general_purpose::STANDARD, Engine};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,7 +25,6 @@ use k8s_openapi::api::{
     core::v1::{Namespace, ServiceAccount},
 };
 use kube::api::{Api, ObjectMeta, PostParams};
-use super::process::{free_port, remove_dead_runs, tail, Proc, OWNER, RUN_PREFIX};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -73,6 +73,7 @@ struct Pki {
     admin_cert: String,
     admin_key: String,
     sa_key: String,
+    sa_pub: String,
 }
 
 fn pki() -> Pki {
@@ -118,6 +119,7 @@ fn pki() -> Pki {
         .signed_by(&admin_key, &Issuer::new(client_ca, &client_ca_key))
         .unwrap();
 
+    let sa = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     Pki {
         ca_pem: ca_cert.pem(),
         serving_cert: serving_cert.pem(),
@@ -125,9 +127,8 @@ fn pki() -> Pki {
         client_ca_pem: client_ca_cert.pem(),
         admin_cert: admin_cert.pem(),
         admin_key: admin_key.serialize_pem(),
-        sa_key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .unwrap()
-            .serialize_pem(),
+        sa_key: sa.serialize_pem(),
+        sa_pub: sa.public_key_pem(),
     }
 }
 
@@ -184,6 +185,7 @@ impl Cluster {
         let serving_key = write("apiserver-key.pem", &pki.serving_key);
         let client_ca = write("client-ca.pem", &pki.client_ca_pem);
         let sa_key = write("sa.key", &pki.sa_key);
+        let sa_pub = write("sa.pub", &pki.sa_pub);
         let audit_policy = write("audit-policy.yaml", AUDIT_POLICY);
         let audit_log = d.join("audit.log");
         let _ = ca;
@@ -219,7 +221,7 @@ impl Cluster {
             "--authorization-mode=Node,RBAC".to_string(),
             "--enable-admission-plugins=NodeRestriction".to_string(),
             format!("--service-account-issuer={url}"),
-            format!("--service-account-key-file={}", sa_key.display()),
+            format!("--service-account-key-file={}", sa_pub.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             "--service-cluster-ip-range=10.96.0.0/16".to_string(),
             "--endpoint-reconciler-type=none".to_string(),
@@ -264,8 +266,7 @@ impl Cluster {
 
     /// One cluster for every test of this run that does not restart it (start-up is slow).
     pub async fn shared() -> &'static Self {
-        static SHARED: tokio::sync::OnceCell<&'static Cluster> =
-            tokio::sync::OnceCell::const_new();
+        static SHARED: tokio::sync::OnceCell<&'static Cluster> = tokio::sync::OnceCell::const_new();
         SHARED
             .get_or_init(|| async {
                 let c = Cluster::start().await;
@@ -471,10 +472,8 @@ pub async fn client_from(path: &Path) -> kube::Client {
 }
 
 async fn etcd_post(base: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let req = hyper::Request::post(format!("{base}{path}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
@@ -494,10 +493,8 @@ async fn etcd_post(base: &str, path: &str, body: serde_json::Value) -> serde_jso
 }
 
 async fn wait_etcd(p: &mut Proc, url: &str) {
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         p.check_alive();

@@ -87,10 +87,7 @@ fn ok_or_exists<K>(r: Result<K, kube::Error>, obj: &Value) {
     match r {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!(
-            "creating {} {}: {e}",
-            obj["kind"], obj["metadata"]["name"]
-        ),
+        Err(e) => panic!("creating {} {}: {e}", obj["kind"], obj["metadata"]["name"]),
     }
 }
 

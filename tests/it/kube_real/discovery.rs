@@ -9,7 +9,9 @@
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use meshid::{clock::SystemClock, config};
 
 use super::{
@@ -51,7 +53,8 @@ fn served(eps: &super::mesh::Endpoints, ip: &str, want: Option<&str>) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn a_label_change_flips_tls_mode_on_eds_within_two_seconds() {
-    let _timed = super::support::Timed::start("a_label_change_flips_tls_mode_on_eds_within_two_seconds");
+    let _timed =
+        super::support::Timed::start("a_label_change_flips_tls_mode_on_eds_within_two_seconds");
     let cluster = Cluster::shared().await;
     cluster.install_istio_crds().await;
     let admin = cluster.admin().await;
@@ -75,7 +78,9 @@ async fn a_label_change_flips_tls_mode_on_eds_within_two_seconds() {
             .await;
         latencies.push(accepted.elapsed());
     }
-    eprintln!("kube_real: tlsMode flip latencies (API server accepted → EDS response): {latencies:?}");
+    eprintln!(
+        "kube_real: tlsMode flip latencies (API server accepted → EDS response): {latencies:?}"
+    );
     for l in &latencies {
         assert!(*l < Duration::from_secs(2), "flipped in {latencies:?}");
     }
@@ -159,7 +164,11 @@ async fn istio_objects_from_the_published_crds_drive_eds() {
         .until(Duration::from_secs(10), |e| served(e, db, ISTIO))
         .await;
 
-    let pa = istio_resource("security.istio.io", "PeerAuthentication", "peerauthentications");
+    let pa = istio_resource(
+        "security.istio.io",
+        "PeerAuthentication",
+        "peerauthentications",
+    );
     create_istio(
         &admin,
         &ns,
@@ -183,7 +192,9 @@ async fn istio_objects_from_the_published_crds_drive_eds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart() {
-    let _timed = super::support::Timed::start("the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart");
+    let _timed = super::support::Timed::start(
+        "the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart",
+    );
     let cluster = Cluster::start().await;
     eprintln!(
         "kube_real: private etcd + kube-apiserver ready in {:.1} s",
@@ -256,7 +267,10 @@ async fn the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart()
         }
         Err(e) => panic!("watch from {seen_rv}: {e}"),
     };
-    assert_eq!(gone, 410, "a watch from {seen_rv} after compaction at {compacted} and a restart");
+    assert_eq!(
+        gone, 410,
+        "a watch from {seen_rv} after compaction at {compacted} and a restart"
+    );
 
     proxy.heal();
     let healed = std::time::Instant::now();
@@ -278,13 +292,21 @@ async fn the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart()
         .expect("the initial state was served");
     let mut b_plain = false;
     for (i, (_, eps)) in log.iter().enumerate().skip(first) {
-        assert_eq!(tls_of(eps, a), Some(ISTIO.map(str::to_owned)), "response {i}: {eps:?}");
+        assert_eq!(
+            tls_of(eps, a),
+            Some(ISTIO.map(str::to_owned)),
+            "response {i}: {eps:?}"
+        );
         match tls_of(eps, b) {
             Some(None) => b_plain = true,
             Some(Some(_)) => assert!(!b_plain, "response {i}: b-0 back to istio: {eps:?}"),
             None => panic!("response {i}: b-0 missing: {eps:?}"),
         }
-        assert_ne!(tls_of(eps, c), Some(None), "response {i}: c-0 without tlsMode: {eps:?}");
+        assert_ne!(
+            tls_of(eps, c),
+            Some(None),
+            "response {i}: c-0 without tlsMode: {eps:?}"
+        );
     }
     // meshid relisted pods after the restart: its watcher lists only from scratch, which after
     // a cut connection means the API server answered 410 Gone.
@@ -294,7 +316,10 @@ async fn the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart()
             && e["objectRef"]["resource"] == "pods"
             && e["stageTimestamp"]
                 .as_str()
-                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                .and_then(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
                 .is_some_and(|t| t > restarted)
     });
     assert!(relisted, "meshid did not relist pods after the restart");

@@ -86,7 +86,9 @@ async fn apiserver_authenticates(cluster: &Cluster, token: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_deleted() {
-    let _timed = super::support::Timed::start("tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_deleted");
+    let _timed = super::support::Timed::start(
+        "tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_deleted",
+    );
     let cluster = Cluster::shared().await;
     let admin = cluster.admin().await;
     let ns = cluster.namespace("tr").await;
@@ -112,7 +114,10 @@ async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_de
     let validator = tokenreview_validator(cluster, Arc::new(SystemClock)).await;
     let identity = validator.validate(&Token::new(used.clone())).await.unwrap();
     assert_eq!(
-        identity.pod.as_ref().map(|p| (p.name.as_str(), p.uid.as_str())),
+        identity
+            .pod
+            .as_ref()
+            .map(|p| (p.name.as_str(), p.uid.as_str())),
         Some(("w-0", uid.as_str()))
     );
 
@@ -124,8 +129,23 @@ async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_de
     let status = csr_identity(&server, &unused).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     // The token meshid already accepted is reused from its cache until `cache_ttl` (60 s) has
-    // passed (deploy/meshid.toml: "a deleted pod is noticed within this"), then refused.
+    // passed (deploy/meshid.toml: "a deleted pod is noticed within this"), then refused. The
+    // API server itself keeps accepting a token it authenticated for up to 10 s
+    // (`--authentication-token` success cache: kube `authenticator/config.go` wraps the token
+    // authenticators in `tokencache.New(..., TokenSuccessCacheTTL=10s, ...)`): wait for that.
     assert_eq!(csr_identity(&server, &used).await.unwrap(), spiffe_id);
+    let deleted = std::time::Instant::now();
+    while apiserver_authenticates(cluster, &used).await {
+        assert!(
+            deleted.elapsed() < Duration::from_secs(60),
+            "kube-apiserver still authenticates a deleted pod's token after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "kube_real: kube-apiserver kept accepting the deleted pod's already-reviewed token for {:.1} s (its success cache)",
+        deleted.elapsed().as_secs_f64()
+    );
     clock.advance(Duration::from_secs(61));
     let status = csr_identity(&server, &used).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -133,7 +153,9 @@ async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_de
     match validator.validate(&Token::new(used)).await {
         Err(IdentityError::ReviewNotAuthenticated { error }) => {
             let error = error.unwrap_or_default();
-            assert!(error.contains("w-0"), "the refusal names the pod: {error}");
+            // kube `claims.go`: "service account token has been invalidated" (the pod is named
+            // only in the API server's log).
+            assert!(error.contains("invalidated"), "{error}");
         }
         other => panic!("a deleted pod's token must be refused, got {other:?}"),
     }
@@ -149,7 +171,8 @@ async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn jwks_accepts_pod_bound_tokens_with_the_apiservers_own_keys() {
-    let _timed = super::support::Timed::start("jwks_accepts_pod_bound_tokens_with_the_apiservers_own_keys");
+    let _timed =
+        super::support::Timed::start("jwks_accepts_pod_bound_tokens_with_the_apiservers_own_keys");
     let cluster = Cluster::shared().await;
     let admin = cluster.admin().await;
     let ns = cluster.namespace("jwks").await;
@@ -207,7 +230,9 @@ async fn jwks_accepts_pod_bound_tokens_with_the_apiservers_own_keys() {
         Arc::new(SystemClock),
     )
     .unwrap();
-    oidc.probe().await.expect("the discovery document and JWKS load");
+    oidc.probe()
+        .await
+        .expect("the discovery document and JWKS load");
     let identity = oidc.validate(&Token::new(token.clone())).await.unwrap();
     assert_eq!(
         identity.spiffe_id.to_string(),
@@ -230,7 +255,8 @@ async fn jwks_accepts_pod_bound_tokens_with_the_apiservers_own_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn expired_other_audience_and_other_issuer_tokens_are_refused() {
-    let _timed = super::support::Timed::start("expired_other_audience_and_other_issuer_tokens_are_refused");
+    let _timed =
+        super::support::Timed::start("expired_other_audience_and_other_issuer_tokens_are_refused");
     let cluster = Cluster::shared().await;
     let admin = cluster.admin().await;
     let ns = cluster.namespace("refuse").await;
@@ -255,7 +281,10 @@ async fn expired_other_audience_and_other_issuer_tokens_are_refused() {
         .await
         .unwrap();
     let jwks = JwkSet::from_json(jwks_text.as_bytes()).unwrap();
-    let kid = jwks.keys[0].kid.clone().expect("the API server names its keys");
+    let kid = jwks.keys[0]
+        .kid
+        .clone()
+        .expect("the API server names its keys");
     let mut forged_claims = claims(&good);
     forged_claims["iss"] = "https://other-issuer.example".into();
     let key = PrivateKey::from_pem(cluster.sa_key_pem.as_bytes(), "sa.key").unwrap();

@@ -122,9 +122,9 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Endpoints {
                 panic!("an lb endpoint without an endpoint: {e:?}")
             };
             let addr = match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
-                Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
-                    s,
-                )) => s.address.clone(),
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s),
+                ) => s.address.clone(),
                 other => panic!("{other:?}"),
             };
             let tls = e
@@ -153,11 +153,16 @@ pub struct EdsStream {
 }
 
 impl EdsStream {
-    /// Opens the stream to `server` for `cluster`, authenticated as `ns/sa` by the dev issuer.
+    /// Opens the stream to `server` for `cluster`, with a token of the server's dev issuer.
     pub async fn open(server: &TestServer, cluster: &str) -> Self {
+        Self::open_as(server, cluster, server.token("default", "eds-client")).await
+    }
+
+    /// Opens the stream to `server` for `cluster`, authenticated by `token`.
+    pub async fn open_as(server: &TestServer, cluster: &str, token: String) -> Self {
         let mut client = EndpointDiscoveryServiceClient::with_interceptor(
             server.channel().await,
-            bearer(Some(server.token("default", "eds-client"))),
+            bearer(Some(token)),
         );
         let (tx, out) = mpsc::channel(8);
         let name = cluster.to_string();
@@ -206,11 +211,8 @@ impl EdsStream {
     /// Waits (up to `limit`) for a response whose endpoints satisfy `want`; returns them.
     pub async fn until(&self, limit: Duration, want: impl Fn(&Endpoints) -> bool) -> Endpoints {
         let mut latest = self.latest.clone();
-        let got = tokio::time::timeout(
-            limit,
-            latest.wait_for(|l| l.as_ref().is_some_and(|eps| want(eps))),
-        )
-        .await;
+        let got =
+            tokio::time::timeout(limit, latest.wait_for(|l| l.as_ref().is_some_and(&want))).await;
         if let Ok(Ok(eps)) = got {
             if let Some(eps) = eps.clone() {
                 return eps;

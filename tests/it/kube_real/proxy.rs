@@ -18,9 +18,7 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Forwards to `upstream` (`https://127.0.0.1:PORT`).
     pub async fn start(upstream: &str) -> Self {
-        let upstream = upstream
-            .trim_start_matches("https://")
-            .to_string();
+        let upstream = upstream.trim_start_matches("https://").to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));

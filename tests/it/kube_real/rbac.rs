@@ -25,7 +25,8 @@ const MESHID_USER: &str = "system:serviceaccount:istio-system:meshid";
 /// A meshid server configured from deploy/'s ConfigMap, pointed at `kubeconfig` instead of
 /// the in-cluster configuration, with the publisher and remote secrets on.
 async fn deployed_meshid(kubeconfig: std::path::PathBuf) -> TestServer {
-    let deployed = Config::from_toml(&deployed_config_toml()).expect("deployed meshid.toml is valid");
+    let deployed =
+        Config::from_toml(&deployed_config_toml()).expect("deployed meshid.toml is valid");
     TestServer::start_with(Arc::new(SystemClock), move |cfg| {
         cfg.clusters = deployed.clusters;
         for c in &mut cfg.clusters {
@@ -48,10 +49,8 @@ async fn deployed_meshid(kubeconfig: std::path::PathBuf) -> TestServer {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let resp = client
         .request(
             hyper::Request::get(format!("http://{addr}{path}"))
@@ -95,7 +94,9 @@ fn meshid_calls(cluster: &Cluster) -> (BTreeSet<(String, String)>, Vec<serde_jso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_other() {
-    let _timed = super::support::Timed::start("meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_other");
+    let _timed = super::support::Timed::start(
+        "meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_other",
+    );
     let cluster = Cluster::shared().await;
     cluster.install_istio_crds().await;
     let admin = cluster.admin().await;
@@ -124,7 +125,7 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
     );
     let (code, body) = http_get(server.running.http_addr, "/readyz").await;
     assert_eq!(code, 200, "/readyz: {body}");
-    let eds = EdsStream::open(&server, &cluster_name("web", &ns)).await;
+    let eds = EdsStream::open_as(&server, &cluster_name("web", &ns), token.clone()).await;
     eds.until(Duration::from_secs(60), |e| !e.is_empty()).await;
     let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
     tokio::time::timeout(
@@ -171,7 +172,10 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
             missing.push(format!("{verb} {what}"));
         }
     }
-    assert!(missing.is_empty(), "calls not seen: {missing:?}; seen: {calls:?}");
+    assert!(
+        missing.is_empty(),
+        "calls not seen: {missing:?}; seen: {calls:?}"
+    );
     eprintln!("kube_real: meshid's calls under deploy/'s RBAC, all allowed: {calls:?}");
 
     // Outside the grants: another Secret (get is not granted, and not outside istio-system at
@@ -188,7 +192,10 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
         .await;
     let meshid = client_from(&kubeconfig).await;
     let secrets = Api::<Secret>::namespaced(meshid.clone(), "istio-system");
-    refused("get a Secret in istio-system", secrets.get("kube-real-probe").await);
+    refused(
+        "get a Secret in istio-system",
+        secrets.get("kube-real-probe").await,
+    );
     refused(
         "create a Secret in istio-system",
         secrets.create(&PostParams::default(), &secret).await,

@@ -195,7 +195,11 @@ impl Drop for Timed {
             "kube_real: {} took {:.1} s{}",
             self.0,
             self.1.elapsed().as_secs_f64(),
-            if std::thread::panicking() { " (failed)" } else { "" }
+            if std::thread::panicking() {
+                " (failed)"
+            } else {
+                ""
+            }
         );
     }
 }
