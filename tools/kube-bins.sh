@@ -11,7 +11,7 @@
 # The versions are the ones the nested modules pin: tests/interop/peers/kube/go.mod (k8s.io/kubernetes,
 # every k8s.io/* staging module replaced by its matching v0.x release) and tests/interop/peers/etcd/go.mod
 # (go.etcd.io/etcd/server/v3, whose root package is etcd's main). A cached binary is reused while its
-# module files are unchanged. Anything that cannot be built exits non-zero with the reason.
+# module graph is unchanged. Anything that cannot be built exits non-zero with the reason.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,14 +32,21 @@ version_of() {
     die "cannot read the version of $2 from $1/go.mod (is the Go module proxy reachable?)"
 }
 
+# module_graph MODULE_DIR: a digest of every module (and replacement) the build selects, so a
+# cached binary is reused while they are unchanged (comments or go.sum additions do not count).
+module_graph() {
+  (cd "$1" && go list -m -f '{{.Path}} {{.Version}}{{with .Replace}} => {{.Path}} {{.Version}}{{end}}' all) |
+    sha256sum | cut -d' ' -f1
+}
+
 # build NAME VERSION MODULE_DIR PACKAGE [LDFLAGS]: builds PACKAGE in MODULE_DIR into
-# $out_root/NAME-VERSION/NAME unless a build from the same go.mod/go.sum is there; prints the path.
+# $out_root/NAME-VERSION/NAME unless a build of the same module graph is there; prints the path.
 build() {
   local name="$1" version="$2" dir="$3" pkg="$4" ldflags="${5:-}"
   local out="$out_root/$name-$version"
   local bin="$out/$name"
   local stamp
-  stamp="$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -d' ' -f1)"
+  stamp="$(module_graph "$dir")"
   if [[ -x "$bin" && -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$stamp" ]]; then
     echo "$bin"
     return

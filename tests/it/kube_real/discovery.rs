@@ -246,6 +246,14 @@ async fn the_watch_survives_410_gone_after_compaction_and_an_apiserver_restart()
         .replace("web-1", &PostParams::default(), &slice)
         .await
         .unwrap();
+    // Cut off, meshid keeps serving what it last knew, to new streams too.
+    let during = EdsStream::open(&server, &cluster_name("web", &ns)).await;
+    during
+        .until(Duration::from_secs(10), |e| {
+            served(e, a, ISTIO) && served(e, b, ISTIO) && tls_of(e, c).is_none()
+        })
+        .await;
+    drop(during);
     let compacted = cluster.compact_etcd().await;
     cluster.stop_apiserver();
     cluster.start_apiserver().await;
