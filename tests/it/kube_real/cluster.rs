@@ -180,7 +180,8 @@ impl Cluster {
             std::fs::write(&p, text).unwrap();
             p
         };
-        let ca = write("ca.pem", &pki.ca_pem);
+        // For a person debugging with kubectl: --kubeconfig admin.kubeconfig, or this CA.
+        write("ca.pem", &pki.ca_pem);
         let serving_cert = write("apiserver.pem", &pki.serving_cert);
         let serving_key = write("apiserver-key.pem", &pki.serving_key);
         let client_ca = write("client-ca.pem", &pki.client_ca_pem);
@@ -188,7 +189,6 @@ impl Cluster {
         let sa_pub = write("sa.pub", &pki.sa_pub);
         let audit_policy = write("audit-policy.yaml", AUDIT_POLICY);
         let audit_log = d.join("audit.log");
-        let _ = ca;
 
         let (client_port, peer_port) = (free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client_port}");
