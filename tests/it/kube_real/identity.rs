@@ -130,9 +130,9 @@ async fn tokenreview_accepts_a_pod_bound_token_and_refuses_it_once_the_pod_is_de
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     // The token meshid already accepted is reused from its cache until `cache_ttl` (60 s) has
     // passed (deploy/meshid.toml: "a deleted pod is noticed within this"), then refused. The
-    // API server itself keeps accepting a token it authenticated for up to 10 s
-    // (`--authentication-token` success cache: kube `authenticator/config.go` wraps the token
-    // authenticators in `tokencache.New(..., TokenSuccessCacheTTL=10s, ...)`): wait for that.
+    // API server itself keeps accepting a token it authenticated for up to 10 s (kube
+    // `pkg/kubeapiserver/options/authentication.go`: `TokenSuccessCacheTTL: 10 * time.Second`,
+    // the `tokencache` in front of its token authenticators): wait for that.
     assert_eq!(csr_identity(&server, &used).await.unwrap(), spiffe_id);
     let deleted = std::time::Instant::now();
     while apiserver_authenticates(cluster, &used).await {
