@@ -51,6 +51,13 @@ pub struct Backend {
     pub cluster: String,
     /// Its cluster's API server cannot be reached: this is the last known endpoint.
     pub stale: bool,
+    /// The endpoint names a Pod (targetRef) that the model does not have (yet: a watch can
+    /// deliver the EndpointSlice before the pod). EDS leaves it out until the pod is known, as
+    /// istiod does (`endpointslice.go` `getPod`: `expectPod` without a pod skips the endpoint
+    /// and `registerEndpointResync` adds it when the pod arrives); otherwise a sidecar's
+    /// endpoint would be served without its tlsMode and its clients would pick plaintext.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pod_pending: bool,
     pub warnings: Vec<String>,
 }
 
@@ -175,6 +182,7 @@ impl<'a> Index<'a> {
             network: None,
             cluster: self.clusters[cluster].0.to_owned(),
             stale: self.clusters[cluster].1,
+            pod_pending: false,
         }
     }
 
@@ -199,6 +207,7 @@ impl<'a> Index<'a> {
             network: spec.network.clone(),
             cluster: self.clusters[0].0.to_owned(),
             stale: false,
+            pod_pending: false,
             warnings: Vec::new(),
         }
     }
@@ -259,7 +268,10 @@ impl<'a> Index<'a> {
                             b.cluster = self.clusters[*cluster].0.to_owned();
                             b.stale = self.clusters[*cluster].1;
                             if let Some((n, s)) = named {
-                                b.warnings.push(format!("pod {n}.{s} is not in the input"));
+                                b.pod_pending = true;
+                                b.warnings.push(format!(
+                                    "pod {n}.{s} is not in the input: EDS leaves this endpoint out until it is (as istiod does)"
+                                ));
                             }
                             b
                         }

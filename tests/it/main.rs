@@ -13,6 +13,7 @@ mod federation_trust;
 mod hardening;
 mod identity;
 mod identity_hardening;
+mod kube_real;
 mod openssl;
 mod plugin_import;
 mod profiles;
