@@ -88,6 +88,9 @@ impl ServerArgs {
             if let Some(p) = &running.unix_path {
                 println!("meshid server: gRPC on unix:{}", p.display());
             }
+            if let Some(a) = running.bundle_addr {
+                println!("meshid server: SPIFFE bundle endpoint (HTTPS) on {a}");
+            }
             let signal = signal.await?;
             println!("meshid server: {signal} received; draining and shutting down");
             running.shutdown().await;

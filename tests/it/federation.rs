@@ -1039,3 +1039,65 @@ async fn the_published_sequence_survives_a_restart_and_moves_on_change() {
     assert!(s2 > s1, "sequence {s1} then {s2}");
     again.running.shutdown().await;
 }
+
+/// `meshid server` prints the address its bundle endpoint bound, next to the gRPC and HTTP ones:
+/// with `listen = "127.0.0.1:0"` it is the only way a caller (the Go interop suite, SPIRE's
+/// `federates_with`) learns where the endpoint is. The printed address accepts connections.
+#[test]
+fn the_server_prints_the_bundle_endpoint_address_it_bound() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
+    assert!(meshid(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "a.example",
+        "--state-dir",
+        &p("a")
+    ])
+    .status
+    .success());
+    assert!(meshid(&["dev", "issuer", "init", "--dir", &p("issuer")])
+        .status
+        .success());
+    std::fs::write(
+        p("a.toml"),
+        format!(
+            "state_dir = {:?}\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_spiffe\"\n",
+            p("a")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args([
+            "server",
+            "--config",
+            &p("a.toml"),
+            "--dev-issuer-dir",
+            &p("issuer"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let prefix = "meshid server: SPIFFE bundle endpoint (HTTPS) on ";
+    let mut lines = Vec::new();
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "stdout ended without the bundle endpoint line: {lines:?}"
+        );
+        if let Some(a) = line.trim().strip_prefix(prefix) {
+            break a.parse::<SocketAddr>().unwrap();
+        }
+        lines.push(line);
+    };
+    assert_ne!(addr.port(), 0, "the bound port, not the configured 0");
+    let connected = std::net::TcpStream::connect(addr);
+    let _ = child.kill();
+    let _ = child.wait();
+    connected.unwrap();
+}
