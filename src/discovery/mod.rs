@@ -6,6 +6,7 @@ mod decide;
 mod describe;
 mod endpoints;
 mod error;
+mod ignored;
 mod istio;
 mod join;
 mod kube;
@@ -13,6 +14,7 @@ mod multicluster;
 mod peer_auth;
 mod plan;
 mod proof;
+mod rules;
 mod sidecar;
 mod snapshot;
 mod source;
@@ -29,6 +31,7 @@ pub use describe::{
 };
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
+pub use ignored::ignored_fields;
 pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry};
 pub use join::Backend;
 pub use multicluster::{
@@ -36,7 +39,7 @@ pub use multicluster::{
 };
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
 pub use plan::{
-    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Verdict,
+    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Planner, Verdict,
 };
 pub use proof::{NoProofs, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard};
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};

@@ -84,12 +84,20 @@ fn build(
     s: &MeshSettings,
     registry: Option<&ProxyRegistry>,
 ) -> (Arc<DiscoveryView>, Digest) {
+
     match registry {
         Some(r) => {
             let snap = r.snapshot();
             (DiscoveryView::build_with(objs, s, &snap), snap.digest())
         }
         None => (DiscoveryView::build_with(objs, s, &NoProofs), Vec::new()),
+    }
+}
+
+/// Logs each input field that can change a decision but is not modeled (once per model).
+fn log_ignored(objs: &MeshObjects) {
+    for field in super::ignored_fields(objs) {
+        tracing::warn!(%field, "discovery: a field that can change an auto mTLS decision is not modeled; ignored");
     }
 }
 
@@ -108,6 +116,7 @@ pub fn spawn_view(
     mut stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<DiscoveryView>>, JoinHandle<()>) {
     let current = objs.borrow_and_update().clone();
+    log_ignored(&current);
     let (view, mut digest) = build(&current, &settings, registry.as_deref());
     let (tx, rx) = watch::channel(view);
     let mut changes = registry.as_ref().map(|r| r.subscribe());
@@ -125,6 +134,7 @@ pub fn spawn_view(
                 r = objs.changed() => {
                     if r.is_err() { return }
                     current = objs.borrow_and_update().clone();
+                    log_ignored(&current);
                 }
                 alive = proofs_changed => {
                     if !alive { return }
