@@ -310,7 +310,10 @@ impl ResourceSource for Stream {
         if !well_formed(name) {
             Some(format!("not of the form {FORM}; never served"))
         } else if endpoints_of(&self.view.borrow(), name, &self.identity).is_none() {
-            Some("discovery knows no such service port for this client now; sent if it appears".into())
+            Some(
+                "discovery knows no such service port for this client now; sent if it appears"
+                    .into(),
+            )
         } else if !self
             .view
             .borrow()

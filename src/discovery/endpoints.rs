@@ -74,7 +74,10 @@ struct NamespaceClasses {
     other: usize,
 }
 
-fn entries(plan: &ClusterPlan, silent: &mut std::collections::BTreeSet<String>) -> Vec<EndpointEntry> {
+fn entries(
+    plan: &ClusterPlan,
+    silent: &mut std::collections::BTreeSet<String>,
+) -> Vec<EndpointEntry> {
     let mut out: Vec<EndpointEntry> = plan
         .endpoints
         .iter()
@@ -118,10 +121,11 @@ impl DiscoveryView {
         namespace: &str,
         pod: Option<&str>,
     ) -> Option<&Vec<EndpointEntry>> {
-        let class = self
-            .classes
-            .get(namespace)
-            .map(|c| pod.and_then(|p| c.by_pod.get(p)).copied().unwrap_or(c.other));
+        let class = self.classes.get(namespace).map(|c| {
+            pod.and_then(|p| c.by_pod.get(p))
+                .copied()
+                .unwrap_or(c.other)
+        });
         match class.and_then(|i| self.overrides[i].get(cluster)) {
             Some(own) => own.as_ref(),
             None => self.clusters.get(cluster),

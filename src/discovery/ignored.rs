@@ -34,7 +34,11 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
     };
     for p in &objs.pods {
         for a in POD_ANNOTATIONS {
-            if p.metadata.annotations.as_ref().is_some_and(|m| m.contains_key(*a)) {
+            if p.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|m| m.contains_key(*a))
+            {
                 out.push(format!(
                     "Pod {}: annotation {a} (changes which inbound ports the sidecar intercepts)",
                     name(&p.metadata)
@@ -42,14 +46,25 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             }
         }
         for l in DATAPLANE_LABELS {
-            if p.metadata.labels.as_ref().is_some_and(|m| m.contains_key(*l)) {
-                out.push(format!("Pod {}: label {l} (ambient/HBONE data plane)", name(&p.metadata)));
+            if p.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|m| m.contains_key(*l))
+            {
+                out.push(format!(
+                    "Pod {}: label {l} (ambient/HBONE data plane)",
+                    name(&p.metadata)
+                ));
             }
         }
     }
     for n in &objs.namespaces {
         for l in DATAPLANE_LABELS {
-            if n.metadata.labels.as_ref().is_some_and(|m| m.contains_key(*l)) {
+            if n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|m| m.contains_key(*l))
+            {
                 out.push(format!(
                     "Namespace {}: label {l} (ambient/HBONE data plane)",
                     n.metadata.name.as_deref().unwrap_or("")
@@ -74,7 +89,10 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
                 "Service {n}: spec.internalTrafficPolicy Local (only endpoints on the client's node are sent)"
             ));
         }
-        if spec.and_then(|x| x.traffic_distribution.as_deref()).is_some() {
+        if spec
+            .and_then(|x| x.traffic_distribution.as_deref())
+            .is_some()
+        {
             out.push(format!(
                 "Service {n}: spec.trafficDistribution (istiod then sends unready endpoints too, marked unhealthy)"
             ));
@@ -83,12 +101,26 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
     for d in &objs.destination_rules {
         let n = name(&d.metadata);
         let tp = d.spec.traffic_policy.iter();
-        let subsets = d.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref());
-        for (where_, t) in tp.map(|t| ("trafficPolicy", t)).chain(subsets.map(|t| ("subsets[].trafficPolicy", t))) {
-            for k in t.other.keys().filter(|k| !HARMLESS_POLICY.contains(&k.as_str())) {
+        let subsets = d
+            .spec
+            .subsets
+            .iter()
+            .filter_map(|s| s.traffic_policy.as_ref());
+        for (where_, t) in tp
+            .map(|t| ("trafficPolicy", t))
+            .chain(subsets.map(|t| ("subsets[].trafficPolicy", t)))
+        {
+            for k in t
+                .other
+                .keys()
+                .filter(|k| !HARMLESS_POLICY.contains(&k.as_str()))
+            {
                 out.push(format!("DestinationRule {n}: {where_}.{k}"));
             }
-            let tls = t.tls.iter().chain(t.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
+            let tls = t
+                .tls
+                .iter()
+                .chain(t.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
             for c in tls {
                 for k in c.other.keys() {
                     out.push(format!(

@@ -70,15 +70,31 @@ pub struct ClientTls {
     #[serde(default)]
     pub mode: Option<String>,
     /// `kubernetes://` secret (or `configmap://`) the proxy loads the client certificate from.
-    #[serde(default, rename = "credentialName", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "credentialName",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub credential_name: Option<String>,
-    #[serde(default, rename = "clientCertificate", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "clientCertificate",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_certificate: Option<String>,
-    #[serde(default, rename = "privateKey", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "privateKey",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub private_key: Option<String>,
     /// For ISTIO_MUTUAL: the identities the server must present instead of the service's
     /// service accounts.
-    #[serde(default, rename = "subjectAltNames", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "subjectAltNames",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub subject_alt_names: Vec<String>,
     /// Fields meshid reads no further (`sni`, `caCertificates`, `insecureSkipVerify`, ...):
     /// none of them changes which of mTLS / TLS / plaintext is sent.

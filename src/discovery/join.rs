@@ -80,7 +80,13 @@ fn entry_tls_mode(spec: &WorkloadEntrySpec) -> TlsMode {
     match spec.labels.get(TLS_MODE_LABEL).map(String::as_str) {
         Some("istio") => TlsMode::Istio,
         Some(_) => TlsMode::Disabled,
-        None if spec.service_account.as_deref().is_some_and(|s| !s.is_empty()) => TlsMode::Istio,
+        None if spec
+            .service_account
+            .as_deref()
+            .is_some_and(|s| !s.is_empty()) =>
+        {
+            TlsMode::Istio
+        }
         None => TlsMode::Disabled,
     }
 }
@@ -102,9 +108,11 @@ fn pod_ready(pod: &Pod) -> bool {
 /// protocol is TCP, the API server's default).
 fn pod_port(pod: &Pod, name: &str) -> Option<u16> {
     let spec = pod.spec.as_ref()?;
-    let native_sidecars = spec.init_containers.iter().flatten().filter(|c| {
-        c.restart_policy.as_deref() == Some("Always")
-    });
+    let native_sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
     spec.containers
         .iter()
         .chain(native_sidecars)
@@ -141,7 +149,9 @@ impl<'a> Index<'a> {
                 {
                     idx.pods.insert((c, ns, n), p);
                     for ip in p.status.iter().flat_map(|s| {
-                        s.pod_ip.iter().chain(s.pod_ips.iter().flatten().map(|i| &i.ip))
+                        s.pod_ip
+                            .iter()
+                            .chain(s.pod_ips.iter().flatten().map(|i| &i.ip))
                     }) {
                         let list = idx.pods_by_ip.entry((c, ip.as_str())).or_default();
                         if !list.iter().any(|x| std::ptr::eq(*x, p)) {

@@ -17,7 +17,9 @@ use super::{
     decide::{
         cluster_tls, endpoint_metadata, outcome, ClusterInput, ClusterTls, EndpointInput, Inbound,
     },
-    istio::{exported_to, merge_subset_policy, resolve_host, ClientTls, EffectivePolicy, ServiceEntry},
+    istio::{
+        exported_to, merge_subset_policy, resolve_host, ClientTls, EffectivePolicy, ServiceEntry,
+    },
     join::{Backend, Index},
     proof::{ProofLookup, ProxyProof},
     resolve_peer_auth,
@@ -192,7 +194,10 @@ pub struct Verdict {
 }
 
 /// The client namespace and labels the DestinationRule lookup uses.
-fn client_key<'c>(client: Option<&'c Client>, svc_ns: &'c str) -> (&'c str, Option<&'c BTreeMap<String, String>>) {
+fn client_key<'c>(
+    client: Option<&'c Client>,
+    svc_ns: &'c str,
+) -> (&'c str, Option<&'c BTreeMap<String, String>>) {
     match client {
         Some(c) => (c.namespace.as_str(), Some(&c.labels)),
         None => (svc_ns, None),
@@ -222,7 +227,9 @@ fn dr_tls<'a>(dr: &'a Consolidated, port: u16, subset: Option<&str>) -> DrTls<'a
             (
                 top.map(|t| t.for_port(port).0),
                 match (top.is_some(), from_port) {
-                    (_, true) => format!("port {port} entry (replaces the top-level trafficPolicy)"),
+                    (_, true) => {
+                        format!("port {port} entry (replaces the top-level trafficPolicy)")
+                    }
                     (true, false) => "top-level trafficPolicy".to_owned(),
                     (false, _) => "no trafficPolicy".to_owned(),
                 },
@@ -249,7 +256,9 @@ fn dr_tls<'a>(dr: &'a Consolidated, port: u16, subset: Option<&str>) -> DrTls<'a
         Some(_) => sub_tp.is_some_and(|t| t.passthrough()),
     };
     let mode = |t: Option<&ClientTls>| {
-        t.map_or("no tls".to_owned(), |t| t.mode.clone().unwrap_or_else(|| "DISABLE (no mode)".into()))
+        t.map_or("no tls".to_owned(), |t| {
+            t.mode.clone().unwrap_or_else(|| "DISABLE (no mode)".into())
+        })
     };
     DrTls {
         r: DrRef {
@@ -447,8 +456,7 @@ impl<'a> Planner<'a> {
         };
         // `BestEffortInferServiceMTLSMode`: a passthrough service (headless, or the rule's top
         // level PASSTHROUGH) is DISABLE unless every instance of the port has a sidecar.
-        let infer_passthrough =
-            t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
+        let infer_passthrough = t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
         let inferred_disable = if infer_passthrough && all.is_empty() {
             Some("passthrough service with no endpoints: Istio infers DISABLE (BestEffortInferServiceMTLSMode)")
         } else if infer_passthrough && all.iter().any(|b| b.tls_label != TlsMode::Istio) {

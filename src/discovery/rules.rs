@@ -59,7 +59,13 @@ impl HostRules {
     }
 
     /// `mergeDestinationRule` (with `ENABLE_ENHANCED_DESTINATIONRULE_MERGE`, on by default).
-    fn merge(&mut self, ns: &str, name: &str, spec: &DestinationRuleSpec, export_to: &BTreeSet<String>) {
+    fn merge(
+        &mut self,
+        ns: &str,
+        name: &str,
+        spec: &DestinationRuleSpec,
+        export_to: &BTreeSet<String>,
+    ) {
         let host = spec.host.clone();
         let map = if host.starts_with('*') {
             &mut self.wildcard
@@ -90,7 +96,9 @@ impl HostRules {
             let both_without = new_sel.is_none() && old_sel.is_none();
             let both_with = new_sel.is_some() && old_sel.is_some();
             let labels = |s: &Option<super::istio::WorkloadSelector>| {
-                s.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default()
+                s.as_ref()
+                    .map(|s| s.match_labels.clone())
+                    .unwrap_or_default()
             };
             if both_with && labels(new_sel) != labels(old_sel) {
                 append_separately = true;
@@ -139,7 +147,11 @@ impl RuleIndex {
             let sel = |d: &DestinationRule| d.spec.workload_selector.is_none();
             sel(a)
                 .cmp(&sel(b))
-                .then_with(|| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp))
+                .then_with(|| {
+                    a.metadata
+                        .creation_timestamp
+                        .cmp(&b.metadata.creation_timestamp)
+                })
                 .then_with(|| a.metadata.name.cmp(&b.metadata.name))
                 .then_with(|| a.metadata.namespace.cmp(&b.metadata.namespace))
         });
@@ -186,8 +198,8 @@ impl RuleIndex {
             }
             // The default exportTo for DestinationRules is public: only `.` or the own
             // namespace alone keep a rule private.
-            let private_only = export_to.len() == 1
-                && (export_to.contains(".") || export_to.contains(ns));
+            let private_only =
+                export_to.len() == 1 && (export_to.contains(".") || export_to.contains(ns));
             if !private_only {
                 // Matched against the client's namespace as written: `.` names no namespace
                 // there (`getExportedDestinationRuleFromNamespace`).
@@ -242,7 +254,11 @@ impl RuleIndex {
             match &d.spec.workload_selector {
                 None => catch_all = Some(d),
                 Some(sel) if d.namespace == client_ns => {
-                    if sel.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                    if sel
+                        .match_labels
+                        .iter()
+                        .all(|(k, v)| labels.get(k) == Some(v))
+                    {
                         return Some(d);
                     }
                 }
@@ -268,7 +284,11 @@ mod tests {
 
     const SVC: &str = "api.svc.svc.cluster.local";
 
-    fn chosen(rules: &[DestinationRule], client_ns: &str, labels: &[(&str, &str)]) -> Option<String> {
+    fn chosen(
+        rules: &[DestinationRule],
+        client_ns: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<String> {
         let idx = RuleIndex::new(rules, "istio-system", "cluster.local");
         let labels = labels
             .iter()
@@ -284,7 +304,13 @@ mod tests {
         let t1 = "2026-01-01T00:00:00Z";
         let t2 = "2026-01-02T00:00:00Z";
         let host = json!(SVC);
-        type Row = (&'static str, Vec<DestinationRule>, &'static str, Vec<(&'static str, &'static str)>, Option<&'static str>);
+        type Row = (
+            &'static str,
+            Vec<DestinationRule>,
+            &'static str,
+            Vec<(&'static str, &'static str)>,
+            Option<&'static str>,
+        );
         let rows: Vec<Row> = vec![
             (
                 "destinationRule: the service namespace's rule applies to other namespaces",
@@ -391,11 +417,7 @@ mod tests {
             ),
         ];
         for (rule, rules, ns, labels, want) in rows {
-            assert_eq!(
-                chosen(&rules, ns, &labels).as_deref(),
-                want,
-                "rule: {rule}"
-            );
+            assert_eq!(chosen(&rules, ns, &labels).as_deref(), want, "rule: {rule}");
         }
     }
 
@@ -403,11 +425,26 @@ mod tests {
     #[test]
     fn merged_rules_concatenate_subsets_and_keep_the_first_policy() {
         let rules = vec![
-            dr("svc", "a", "2026-01-01T00:00:00Z", json!({"host": SVC, "subsets": [{"name": "v1", "labels": {"v": "1"}}]})),
-            dr("svc", "b", "2026-01-02T00:00:00Z", json!({"host": SVC,
+            dr(
+                "svc",
+                "a",
+                "2026-01-01T00:00:00Z",
+                json!({"host": SVC, "subsets": [{"name": "v1", "labels": {"v": "1"}}]}),
+            ),
+            dr(
+                "svc",
+                "b",
+                "2026-01-02T00:00:00Z",
+                json!({"host": SVC,
                 "trafficPolicy": {"tls": {"mode": "DISABLE"}},
-                "subsets": [{"name": "v1", "labels": {"v": "x"}}, {"name": "v2", "labels": {"v": "2"}}]})),
-            dr("svc", "c", "2026-01-03T00:00:00Z", json!({"host": SVC, "trafficPolicy": {"tls": {"mode": "SIMPLE"}}})),
+                "subsets": [{"name": "v1", "labels": {"v": "x"}}, {"name": "v2", "labels": {"v": "2"}}]}),
+            ),
+            dr(
+                "svc",
+                "c",
+                "2026-01-03T00:00:00Z",
+                json!({"host": SVC, "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}),
+            ),
         ];
         let idx = RuleIndex::new(&rules, "istio-system", "cluster.local");
         let d = idx.choose("client", &BTreeMap::new(), SVC, "svc").unwrap();
@@ -417,7 +454,13 @@ mod tests {
             .iter()
             .map(|s| (s.name.as_str(), s.labels.get("v")))
             .collect();
-        assert_eq!(names, vec![("v1", Some(&"1".to_string())), ("v2", Some(&"2".to_string()))]);
+        assert_eq!(
+            names,
+            vec![
+                ("v1", Some(&"1".to_string())),
+                ("v2", Some(&"2".to_string()))
+            ]
+        );
         let tls = d.spec.traffic_policy.as_ref().and_then(|t| t.tls.as_ref());
         assert_eq!(tls.and_then(|t| t.mode.as_deref()), Some("DISABLE"));
         assert_eq!(d.from, vec!["svc/a", "svc/b", "svc/c"]);

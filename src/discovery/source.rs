@@ -84,7 +84,6 @@ fn build(
     s: &MeshSettings,
     registry: Option<&ProxyRegistry>,
 ) -> (Arc<DiscoveryView>, Digest) {
-
     match registry {
         Some(r) => {
             let snap = r.snapshot();
