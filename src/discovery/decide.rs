@@ -247,7 +247,7 @@ pub fn outcome(
         ),
         Mtls if !inbound.identity_accepted => (
             WillFail,
-            "mTLS is sent but the endpoint's identity is not among the DestinationRule's subjectAltNames",
+            "mTLS is sent but the endpoint's identity is not among the SANs the cluster checks (the DestinationRule's subjectAltNames, else the service's accounts)",
         ),
         Mtls => (Mtls, "mTLS to the endpoint's sidecar"),
         Plaintext if strict => (WillFail, "plaintext is sent to a STRICT destination"),

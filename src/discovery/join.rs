@@ -148,11 +148,17 @@ impl<'a> Index<'a> {
                     (p.metadata.name.as_deref(), p.metadata.namespace.as_deref())
                 {
                     idx.pods.insert((c, ns, n), p);
-                    for ip in p.status.iter().flat_map(|s| {
-                        s.pod_ip
-                            .iter()
-                            .chain(s.pod_ips.iter().flatten().map(|i| &i.ip))
-                    }) {
+                    // `pod.go` `PodCache`: only Ready pods are indexed by IP.
+                    let by_ip = if pod_ready(p) { Some(p) } else { None };
+                    for ip in by_ip
+                        .into_iter()
+                        .flat_map(|p| p.status.iter())
+                        .flat_map(|s| {
+                            s.pod_ip
+                                .iter()
+                                .chain(s.pod_ips.iter().flatten().map(|i| &i.ip))
+                        })
+                    {
                         let list = idx.pods_by_ip.entry((c, ip.as_str())).or_default();
                         if !list.iter().any(|x| std::ptr::eq(*x, p)) {
                             list.push(p);

@@ -139,8 +139,8 @@ pub struct ClusterPlan {
     /// What istiod would put on the cluster, and why.
     pub istio_tls: ClusterTls,
     pub istio_tls_why: String,
-    /// The identities a DestinationRule ISTIO_MUTUAL requires (`subjectAltNames`); empty: the
-    /// service's own service accounts, which every endpoint has.
+    /// The identities Istio mTLS to this cluster accepts: a DestinationRule's
+    /// `subjectAltNames`, else the service's accounts; empty: any.
     pub subject_alt_names: Vec<String>,
     /// The trust domain SPIFFE IDs are compared in.
     #[serde(skip)]
@@ -437,9 +437,28 @@ impl<'a> Planner<'a> {
             parse(cluster_client_tls)
         };
         let endpoint_dr = parse(drt.as_ref().and_then(|d| d.endpoint));
-        let subject_alt_names = match (cluster_dr, cluster_client_tls) {
-            (Some(DrTlsMode::IstioMutual), Some(t)) => t.subject_alt_names.clone(),
-            _ => Vec::new(),
+        // `buildUpstreamTLSSettings`: ISTIO_MUTUAL checks the rule's subjectAltNames, else the
+        // service's accounts (`PushContext.ServiceAccounts`: those of its endpoints that name
+        // one), so an endpoint without an account fails once others have one.
+        let subject_alt_names = match cluster_client_tls {
+            Some(t)
+                if cluster_dr == Some(DrTlsMode::IstioMutual)
+                    && !t.subject_alt_names.is_empty() =>
+            {
+                t.subject_alt_names.clone()
+            }
+            _ => {
+                let mut sas: Vec<String> = all
+                    .iter()
+                    .filter_map(|b| {
+                        let sa = b.service_account.as_deref()?;
+                        Some(format!("spiffe://{}/ns/{}/sa/{sa}", s.domain, b.namespace))
+                    })
+                    .collect();
+                sas.sort();
+                sas.dedup();
+                sas
+            }
         };
         let lb_passthrough = policy.is_some_and(EffectivePolicy::passthrough)
             || drt.as_ref().is_some_and(|d| d.subset_passthrough);

@@ -407,7 +407,7 @@ mod tests {
             (
                 "getExportedDestinationRuleFromNamespace: the most specific host not exported to the client hides less specific ones of that namespace",
                 vec![
-                    dr("svc", "exact", t1, json!({"host": host, "exportTo": ["."]})),
+                    dr("svc", "exact", t1, json!({"host": host, "exportTo": ["other"]})),
                     dr("svc", "wild", t1, json!({"host": "*.svc.cluster.local"})),
                     dr("istio-system", "mesh", t1, json!({"host": "*.cluster.local"})),
                 ],

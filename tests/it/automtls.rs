@@ -1463,6 +1463,10 @@ fn where_tls_mode_comes_from() {
             // Labelled, but the proxy container is not there.
             p["spec"]["containers"] = json!([{"name": "app", "image": "example/app"}]);
         }
+        if name == "byip-0" {
+            // istiod's pod cache indexes only Ready pods by IP.
+            p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        }
         if name.starts_with("mixed-") {
             let status = if name == "mixed-ready" {
                 "True"

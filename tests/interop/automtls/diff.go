@@ -118,7 +118,7 @@ func Compare(t test.Failer, bin string, g *Generated) ([]Disagreement, Counts, e
 	counts := Counts{Snapshots: 1}
 	for _, c := range g.Clients {
 		counts.Clients++
-		eps, err := o.Outcomes(c)
+		eps, names, err := o.Outcomes(c)
 		if err != nil {
 			return nil, counts, err
 		}
@@ -131,13 +131,13 @@ func Compare(t test.Failer, bin string, g *Generated) ([]Disagreement, Counts, e
 			if err != nil {
 				return nil, counts, err
 			}
-			out = append(out, compareTarget(c, target, r, byCluster, &counts)...)
+			out = append(out, compareTarget(c, target, r, names, byCluster, &counts)...)
 		}
 	}
 	return out, counts, nil
 }
 
-func compareTarget(c Client, target string, r *meshidReport, byCluster map[string][]Endpoint, counts *Counts) []Disagreement {
+func compareTarget(c Client, target string, r *meshidReport, names map[string]bool, byCluster map[string][]Endpoint, counts *Counts) []Disagreement {
 	var out []Disagreement
 	d := func(cluster, ep, what, m, i string) {
 		out = append(out, Disagreement{c.Pod, target, cluster, ep, what, m, i})
@@ -153,7 +153,7 @@ func compareTarget(c Client, target string, r *meshidReport, byCluster map[strin
 		meshidClusters[cl.Name] = cl.Endpoints
 	}
 	suffix := "|" + r.FQDN
-	for name := range byCluster {
+	for name := range names {
 		if strings.HasSuffix(name, suffix) {
 			if _, ok := meshidClusters[name]; !ok {
 				d(name, "", "cluster", "absent", "present")
@@ -161,8 +161,8 @@ func compareTarget(c Client, target string, r *meshidReport, byCluster map[strin
 		}
 	}
 	for name, addrs := range meshidClusters {
-		oracle, ok := byCluster[name]
-		if !ok {
+		oracle := byCluster[name]
+		if !names[name] {
 			if !hidden {
 				d(name, "", "cluster", "present", "absent")
 			}

@@ -243,7 +243,7 @@ func (x *gen) service(ns, name string) {
 	}
 	nrules := x.r.IntN(3)
 	for i := 0; i < nrules; i++ {
-		x.destinationRule(ns, name, name+"."+ns+".svc.cluster.local", "*."+ns+".svc.cluster.local", fmt.Sprintf("%s-dr%d", name, i))
+		x.destinationRule(ns, name, name+"."+ns+".svc.cluster.local", "*."+ns+".svc.cluster.local", fmt.Sprintf("%s-%s-dr%d", name, ns, i))
 	}
 }
 
@@ -376,7 +376,7 @@ func (x *gen) serviceEntry(ns, name string) {
 	x.add(Obj{"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": m, "spec": spec})
 	x.g.Targets = append(x.g.Targets, host)
 	if x.chance(0.5) {
-		x.destinationRule(ns, "", host, "*."+ns+".example.internal", name+"-dr")
+		x.destinationRule(ns, "", host, "*."+ns+".example.internal", name+"-"+ns+"-dr")
 	}
 }
 
@@ -400,6 +400,22 @@ func FromFile(path string) (*Generated, error) {
 		if doc == nil {
 			continue
 		}
+		g.add(doc)
+	}
+	return g, nil
+}
+
+// add takes one object of a snapshot file (a List's items one by one).
+func (g *Generated) add(doc Obj) {
+	if items, ok := doc["items"].([]any); ok {
+		for _, it := range items {
+			if o, ok := it.(map[string]any); ok {
+				g.add(o)
+			}
+		}
+		return
+	}
+	{
 		g.Objects = append(g.Objects, doc)
 		m, _ := doc["metadata"].(map[string]any)
 		name, _ := m["name"].(string)
@@ -426,5 +442,4 @@ func FromFile(path string) (*Generated, error) {
 				Sidecar: labels["security.istio.io/tlsMode"] == "istio"})
 		}
 	}
-	return g, nil
 }

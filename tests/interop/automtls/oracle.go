@@ -6,12 +6,19 @@
 package automtls
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"reflect"
+	"runtime"
 	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -19,16 +26,27 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kruntime "k8s.io/apimachinery/pkg/runtime"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 
 	"istio.io/istio/pilot/pkg/config/kube/crd"
 	"istio.io/istio/pilot/pkg/model"
 	"istio.io/istio/pilot/pkg/security/authn"
 	"istio.io/istio/pilot/pkg/xds/endpoints"
 	"istio.io/istio/pilot/test/xds"
+	"istio.io/istio/pkg/config"
 	"istio.io/istio/pkg/config/host"
 	"istio.io/istio/pkg/config/mesh"
+	"istio.io/istio/pkg/config/schema/collections"
+	"istio.io/istio/pkg/config/schema/resource"
+	istiolog "istio.io/istio/pkg/log"
 	"istio.io/istio/pkg/test"
+	"istio.io/istio/pkg/test/util/retry"
 )
+
+var quiet sync.Once
 
 // IstioModule is the module the oracle is built from.
 const IstioModule = "istio.io/istio"
@@ -47,7 +65,15 @@ func IstioVersion() string {
 			return d.Version
 		}
 	}
-	return "unknown (istio.io/istio not in the build info)"
+	// Test binaries carry no dependency list: the source file of the linked fake discovery
+	// server names the module version it was compiled from.
+	file, _ := runtime.FuncForPC(reflect.ValueOf(xds.NewFakeDiscoveryServer).Pointer()).FileLine(0)
+	if _, rest, ok := strings.Cut(file, IstioModule+"@"); ok {
+		if v, _, ok := strings.Cut(rest, "/"); ok {
+			return v
+		}
+	}
+	return "unknown (istio.io/istio not in the build info, and " + file + " names no version)"
 }
 
 // Client is the workload a decision is made for.
@@ -89,29 +115,95 @@ type Oracle struct {
 // NewOracle starts Istio's fake discovery server on the snapshot. Mesh settings: Istio's
 // defaults (root namespace istio-system, auto mTLS on unless autoMtls is false).
 func NewOracle(t test.Failer, snap *Snapshot, autoMtls bool) *Oracle {
+	quiet.Do(func() {
+		// istiod logs every push at info level: keep errors only, so a failure stays readable.
+		for _, s := range istiolog.Scopes() {
+			s.SetOutputLevel(istiolog.ErrorLevel)
+		}
+	})
 	m := mesh.DefaultMeshConfig()
 	m.RootNamespace = "istio-system"
 	m.EnableAutoMtls = wrapperspb.Bool(autoMtls)
-	// The configs as istiod's Kubernetes config store reads them: crd.ParseInputs (what
-	// FakeOptions.ConfigString uses) leaves Domain empty, so a short DestinationRule host would
-	// resolve to `name.namespace`; istiod's CRD client sets the cluster's domain suffix.
-	configs, _, err := crd.ParseInputs(snap.Config)
+	configs, err := parseConfigs(snap.Config)
 	if err != nil {
 		t.Fatalf("oracle: the snapshot's Istio configs: %v", err)
 	}
-	for i := range configs {
-		configs[i].Domain = "cluster.local"
+	// EndpointSlices are created once the pods are known, as in a running cluster (the
+	// EndpointSlice controller writes them after the pods have IPs): an endpoint without a
+	// targetRef is matched to its pod by IP only if the pod is already in istiod's pod cache
+	// (`endpointslice.go` `getPod`), and at start-up the informers race.
+	var slices []*discoveryv1.EndpointSlice
+	var others []kruntime.Object
+	for _, o := range snap.Kube {
+		if s, ok := o.(*discoveryv1.EndpointSlice); ok {
+			slices = append(slices, s)
+		} else {
+			others = append(others, o)
+		}
 	}
 	f := xds.NewFakeDiscoveryServer(t, xds.FakeOptions{
-		KubernetesObjects: snap.Kube,
+		KubernetesObjects: others,
 		Configs:           configs,
 		MeshConfig:        m,
 	})
+	for _, s := range slices {
+		if _, err := f.KubeClient().Kube().DiscoveryV1().EndpointSlices(s.Namespace).Create(context.Background(), s, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("oracle: creating EndpointSlice %s/%s: %v", s.Namespace, s.Name, err)
+		}
+	}
+	retry.UntilOrFail(t, func() bool { return sliceEndpointsIndexed(f, slices) }, retry.Timeout(30*time.Second), retry.Delay(5*time.Millisecond))
+	// A full push, so the push context (service accounts, instances by port) reflects them.
+	f.Discovery.ConfigUpdate(&model.PushRequest{Forced: true})
+	f.EnsureSynced(t)
 	return &Oracle{f: f, snap: snap}
 }
 
-// Outcomes returns, for client c, every endpoint of every outbound cluster istiod gives it.
-func (o *Oracle) Outcomes(c Client) ([]Endpoint, error) {
+// sliceEndpointsIndexed reports whether every address of every slice is in istiod's endpoint
+// index (or the slice's service is unknown to it).
+func sliceEndpointsIndexed(f *xds.FakeDiscoveryServer, slices []*discoveryv1.EndpointSlice) bool {
+	for _, s := range slices {
+		svc := s.Labels["kubernetes.io/service-name"]
+		h := svc + "." + s.Namespace + ".svc.cluster.local"
+		want := 0
+		for _, e := range s.Endpoints {
+			want += len(e.Addresses)
+		}
+		if want == 0 {
+			continue
+		}
+		shards, ok := f.Discovery.Env.EndpointIndex.ShardsForService(h, s.Namespace)
+		if !ok {
+			return false
+		}
+		shards.RLock()
+		seen := map[string]bool{}
+		for _, eps := range shards.Shards {
+			for _, ep := range eps {
+				if len(ep.Addresses) > 0 {
+					seen[ep.Addresses[0]] = true
+				}
+			}
+		}
+		shards.RUnlock()
+		for _, e := range s.Endpoints {
+			for _, a := range e.Addresses {
+				if !seen[a] && !(e.TargetRef != nil && e.TargetRef.Kind == "Pod" && !podKnown(f, e.TargetRef.Namespace, e.TargetRef.Name)) {
+					return false
+				}
+			}
+		}
+	}
+	return true
+}
+
+func podKnown(f *xds.FakeDiscoveryServer, ns, name string) bool {
+	_, err := f.KubeClient().Kube().CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
+	return err == nil
+}
+
+// Outcomes returns, for client c, every endpoint of every outbound cluster istiod gives it,
+// and the names of those clusters (some have no endpoints).
+func (o *Oracle) Outcomes(c Client) ([]Endpoint, map[string]bool, error) {
 	push := o.f.PushContext()
 	labels := map[string]string{}
 	for k, v := range c.Labels {
@@ -125,13 +217,15 @@ func (o *Oracle) Outcomes(c Client) ([]Endpoint, error) {
 		Metadata:        &model.NodeMetadata{Namespace: c.Namespace, Labels: labels},
 	})
 	var out []Endpoint
+	names := map[string]bool{}
 	for _, cl := range o.f.Clusters(p) {
 		if !strings.HasPrefix(cl.Name, "outbound|") {
 			continue
 		}
+		names[cl.Name] = true
 		tlsKind, sans, err := clusterTLS(cl)
 		if err != nil {
-			return nil, fmt.Errorf("cluster %s: %w", cl.Name, err)
+			return nil, nil, fmt.Errorf("cluster %s: %w", cl.Name, err)
 		}
 		_, _, hostname, _ := model.ParseSubsetKey(cl.Name)
 		svc := push.ServiceForHostname(p, hostname)
@@ -163,7 +257,7 @@ func (o *Oracle) Outcomes(c Client) ([]Endpoint, error) {
 		}
 		return a.Port < b.Port
 	})
-	return out, nil
+	return out, names, nil
 }
 
 func (o *Oracle) istioEndpoints(h host.Name, ns string) map[string]*model.IstioEndpoint {
@@ -336,4 +430,37 @@ func matches(m *matcherv3.StringMatcher, s string) bool {
 		return strings.Contains(s, p.Contains)
 	}
 	return false
+}
+
+// parseConfigs reads Istio configs as istiod's Kubernetes config store holds them. It follows
+// crd.ParseInputs (what FakeOptions.ConfigString uses) with two differences that make it what a
+// running istiod sees: no validation (that is the admission webhook's job; istiod itself takes
+// what the API server stores, e.g. a MUTUAL rule without certificates), and the cluster's domain
+// suffix on each config (ParseInputs leaves it empty, so a short DestinationRule host would
+// resolve to `name.namespace`).
+func parseConfigs(inputs string) ([]config.Config, error) {
+	var out []config.Config
+	dec := utilyaml.NewYAMLOrJSONDecoder(strings.NewReader(inputs), 512*1024)
+	for {
+		obj := crd.IstioKind{}
+		if err := dec.Decode(&obj); err != nil {
+			if errors.Is(err, io.EOF) {
+				return out, nil
+			}
+			return nil, err
+		}
+		if obj.Kind == "" {
+			continue
+		}
+		gvk := obj.GroupVersionKind()
+		s, ok := collections.PilotGatewayAPI().FindByGroupVersionAliasesKind(resource.FromKubernetesGVK(&gvk))
+		if !ok {
+			return nil, fmt.Errorf("kind %s is not one istiod reads", obj.Kind)
+		}
+		cfg, err := crd.ConvertObject(s, &obj, "cluster.local")
+		if err != nil {
+			return nil, fmt.Errorf("%s %s/%s: %w", obj.Kind, obj.Namespace, obj.Name, err)
+		}
+		out = append(out, *cfg)
+	}
 }
