@@ -161,7 +161,7 @@ pub fn endpoint_metadata(i: EndpointInput) -> (bool, &'static str) {
     if !i.sidecar {
         return (
             false,
-            "the endpoint's own tlsMode is not istio: EDS never marks it (checkMtlsEnabled can only clear the mark)",
+            "no sidecar (tlsMode not istio): EDS never marks the endpoint (checkMtlsEnabled can only clear the mark)",
         );
     }
     if let Some(mode) = i.dr_tls {

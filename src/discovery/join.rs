@@ -352,6 +352,7 @@ impl<'a> Index<'a> {
                                 port,
                             );
                             b.address = address.clone();
+                            b.ready = ready;
                             b.cluster = self.clusters[*cluster].0.to_owned();
                             b.stale = self.clusters[*cluster].1;
                             out.push(b);
