@@ -4,7 +4,10 @@
 //! (`discovery::plan`) marks, so the cluster's `tlsMode-istio` socket match picks mTLS for them
 //! and raw_buffer for the rest. One locality per Kubernetes cluster (its name as the
 //! sub-zone); endpoints kept from an unreachable cluster carry `meshid.discovery: {stale:
-//! true}`. A ServiceEntry's cluster is served only to namespaces it is exported to.
+//! true}`. A ServiceEntry's cluster is served only to namespaces it is exported to. As istiod
+//! builds EDS per proxy, each stream gets the endpoints as its own client would: the namespace
+//! and pod its token names pick the DestinationRules that decide the metadata
+//! (`DiscoveryView::endpoints_for`).
 //! StreamEndpoints and DeltaEndpoints run on the shared xDS engine; FetchEndpoints is unary.
 //!
 //! Names: EDS serves the clusters of service ports discovery knows. A name of that form for a
@@ -281,6 +284,19 @@ struct Stream {
     view: watch::Receiver<Arc<DiscoveryView>>,
 }
 
+/// The endpoints of `name` for the client `identity` names.
+fn endpoints_of<'v>(
+    view: &'v DiscoveryView,
+    name: &str,
+    identity: &Identity,
+) -> Option<&'v Vec<EndpointEntry>> {
+    view.endpoints_for(
+        name,
+        &identity.namespace,
+        identity.pod.as_ref().map(|p| p.name.as_str()),
+    )
+}
+
 impl ResourceSource for Stream {
     fn type_url(&self) -> &'static str {
         ENDPOINT_TYPE_URL
@@ -293,8 +309,11 @@ impl ResourceSource for Stream {
     fn unknown_reason(&self, name: &str) -> Option<String> {
         if !well_formed(name) {
             Some(format!("not of the form {FORM}; never served"))
-        } else if !self.view.borrow().clusters.contains_key(name) {
-            Some("discovery knows no such service port now; sent if it appears".into())
+        } else if endpoints_of(&self.view.borrow(), name, &self.identity).is_none() {
+            Some(
+                "discovery knows no such service port for this client now; sent if it appears"
+                    .into(),
+            )
         } else if !self
             .view
             .borrow()
@@ -318,9 +337,7 @@ impl ResourceSource for Stream {
         if !view.visible_to(name, &self.identity.namespace) {
             return Ok(None);
         }
-        Ok(view
-            .clusters
-            .get(name)
+        Ok(endpoints_of(&view, name, &self.identity)
             .map(|endpoints| pack_any(load_assignment(name, endpoints))))
     }
 
@@ -412,7 +429,9 @@ impl EndpointDiscoveryService for EdsService {
             .map(|n| {
                 pack_any(load_assignment(
                     n,
-                    view.clusters.get(n).map(Vec::as_slice).unwrap_or_default(),
+                    endpoints_of(&view, n, &identity)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
                 ))
             })
             .collect();

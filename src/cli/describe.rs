@@ -295,6 +295,9 @@ fn print_service(r: &ServiceReport, istio: bool) {
     for w in &r.warnings {
         println!("  warning: {w}");
     }
+    for i in &r.ignored {
+        println!("  ignored: {i}");
+    }
 }
 
 fn print_pod(r: &PodReport) {

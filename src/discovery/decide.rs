@@ -144,31 +144,43 @@ pub fn cluster_tls(i: ClusterInput) -> (ClusterTls, &'static str) {
 /// Inputs of the endpoint side.
 #[derive(Clone, Copy, Debug)]
 pub struct EndpointInput {
-    /// The DestinationRule TLS for the endpoint's port (port entry's tls, else the top level).
+    /// The DestinationRule TLS for the endpoint's port (`tlsModeForDestinationRule`).
     pub dr_tls: Option<DrTlsMode>,
-    /// The endpoint counts as having a sidecar (its tlsMode label; for meshid also the proxy
-    /// proof when `discovery.require_proxy_proof` is on).
+    /// The endpoint's own tlsMode is `istio` (its label; for meshid also the proxy proof when
+    /// `discovery.require_proxy_proof` is on).
     pub sidecar: bool,
     /// PeerAuthentication in force at the endpoint for its workload and port.
     pub peer_auth: PeerAuthMode,
 }
 
-/// The endpoint side: `endpoints/mtls_checker.go` `checkMtlsEnabled`. `true` means EDS marks
-/// the endpoint `tlsMode: istio`.
+/// The endpoint side: `endpoints/mtls_checker.go` `checkMtlsEnabled`, applied by
+/// `endpoint_builder.go` `buildEnvoyLbEndpoint` (`if !mtlsEnabled { meta.TLSMode = "" }`): the
+/// check can only clear the endpoint's own tlsMode, never set it. `true` means EDS marks the
+/// endpoint `tlsMode: istio`.
 pub fn endpoint_metadata(i: EndpointInput) -> (bool, &'static str) {
-    if let Some(mode) = i.dr_tls {
+    if !i.sidecar {
         return (
-            mode == DrTlsMode::IstioMutual,
-            "the DestinationRule's tls for this port decides the endpoint metadata",
+            false,
+            "no sidecar (tlsMode not istio): EDS never marks the endpoint (checkMtlsEnabled can only clear the mark)",
         );
     }
-    if !i.sidecar {
-        return (false, "no sidecar: EDS marks the endpoint tlsMode disabled");
+    if let Some(mode) = i.dr_tls {
+        return if mode == DrTlsMode::IstioMutual {
+            (
+                true,
+                "sidecar, and the DestinationRule's tls for this port is ISTIO_MUTUAL: EDS marks it tlsMode istio",
+            )
+        } else {
+            (
+                false,
+                "the DestinationRule's tls for this port is not ISTIO_MUTUAL: EDS clears the endpoint's tlsMode",
+            )
+        };
     }
     if i.peer_auth == PeerAuthMode::Disable {
         return (
             false,
-            "the endpoint's PeerAuthentication is DISABLE: EDS marks it tlsMode disabled",
+            "the endpoint's PeerAuthentication is DISABLE: EDS clears its tlsMode",
         );
     }
     (true, "sidecar: EDS marks the endpoint tlsMode istio")
@@ -184,6 +196,8 @@ pub struct Inbound {
     pub proxy_has_cert: bool,
     /// The PeerAuthentication the proxy enforces.
     pub peer_auth: PeerAuthMode,
+    /// The endpoint's identity is among the SANs the cluster checks (none set: any).
+    pub identity_accepted: bool,
 }
 
 /// The data plane: what the client sends given the cluster and the endpoint metadata, and
@@ -231,6 +245,10 @@ pub fn outcome(
             WillFail,
             "mTLS is sent to a sidecar whose PeerAuthentication is DISABLE (its inbound is plaintext only)",
         ),
+        Mtls if !inbound.identity_accepted => (
+            WillFail,
+            "mTLS is sent but the endpoint's identity is not among the SANs the cluster checks (the DestinationRule's subjectAltNames, else the service's accounts)",
+        ),
         Mtls => (Mtls, "mTLS to the endpoint's sidecar"),
         Plaintext if strict => (WillFail, "plaintext is sent to a STRICT destination"),
         Plaintext => (Plaintext, "plaintext, which the destination accepts"),
@@ -241,6 +259,10 @@ pub fn outcome(
         Tls => (
             Tls,
             "TLS origination: the proxy opens TLS to the destination without a client certificate",
+        ),
+        MutualUser if strict => (
+            WillFail,
+            "TLS with the DestinationRule's own client certificate (not a mesh certificate) is sent to a STRICT destination",
         ),
         other => (other, "mTLS with the DestinationRule's certificates"),
     }
@@ -290,6 +312,7 @@ mod tests {
             proxy: c.sidecar,
             proxy_has_cert: true,
             peer_auth: c.pa,
+            identity_accepted: true,
         };
         outcome(cl, meta, inbound, c.client_sidecar).0
     }
@@ -423,6 +446,28 @@ mod tests {
                 Plaintext,
             ),
             (
+                "buildEnvoyLbEndpoint: checkMtlsEnabled only clears tlsMode: a port entry without tls (auto cluster) under a top-level ISTIO_MUTUAL leaves an endpoint without sidecar plaintext",
+                |c| {
+                    c.dr_endpoint = Some(IstioMutual);
+                    c.sidecar = false
+                },
+                Plaintext,
+            ),
+            (
+                "buildEnvoyLbEndpoint: a port entry without tls under a top-level ISTIO_MUTUAL keeps a sidecar endpoint's tlsMode istio",
+                |c| c.dr_endpoint = Some(IstioMutual),
+                Mtls,
+            ),
+            (
+                "buildUpstreamClusterTLSContext: DR MUTUAL (user certificates) to STRICT will fail",
+                |c| {
+                    c.dr_cluster = Some(Mutual);
+                    c.dr_endpoint = Some(Mutual);
+                    c.pa = Strict
+                },
+                WillFail,
+            ),
+            (
                 "client without sidecar to PERMISSIVE: plaintext",
                 |c| c.client_sidecar = false,
                 Plaintext,
@@ -468,6 +513,7 @@ mod tests {
             proxy: true,
             proxy_has_cert: true,
             peer_auth: PaDisable,
+            identity_accepted: true,
         };
         assert_eq!(outcome(cl, false, inbound, true).0, WillFail);
     }

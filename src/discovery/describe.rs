@@ -112,6 +112,8 @@ pub struct ServiceReport {
     pub istio_differs: usize,
     pub clients: Vec<ClientReport>,
     pub warnings: Vec<String>,
+    /// Fields of the input that can change a decision and that meshid does not model.
+    pub ignored: Vec<String>,
 }
 
 /// What `meshid describe pod` reports.
@@ -357,7 +359,7 @@ fn build_report(
                 "without a sidecar"
             }
         ),
-        None => "a client with a sidecar".to_owned(),
+        None => format!("a client with a sidecar (and no labels) in namespace {ns}"),
     };
     ServiceReport {
         service: first.service.clone(),
@@ -385,6 +387,7 @@ fn build_report(
         summary,
         clients: Vec::new(),
         warnings,
+        ignored: super::ignored_fields(objs),
     }
 }
 

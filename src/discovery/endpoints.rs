@@ -1,13 +1,19 @@
 //! Endpoints per Envoy cluster (`outbound|<port>|<subset>|<fqdn>`), with each endpoint's
-//! tlsMode as the plan decided it: what EDS serves. Computed once per model change and shared
-//! by every stream.
+//! tlsMode as the plan decided it: what EDS serves. Like istiod, which builds EDS per proxy
+//! (`EndpointBuilder` takes the proxy's `SidecarScope.DestinationRule`), the metadata depends on
+//! the client: computed once per model change for a client that only sees rules exported
+//! everywhere, and again, for the clusters that differ, for each class of clients whose
+//! namespace (and labels, where rules carry a `workloadSelector`) gives them other rules.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use serde::Serialize;
 
 use super::{
-    plan::plan_all,
+    plan::{Client, ClusterPlan, Planner},
     proof::{NoProofs, ProofLookup, ProxyProof},
     sidecar_of, MeshObjects, MeshSettings, TlsMode,
 };
@@ -55,6 +61,43 @@ pub struct DiscoveryView {
     /// namespace, exportTo).
     pub export_to: BTreeMap<String, (String, Vec<String>)>,
     pub stats: DiscoveryStats,
+    /// Per client namespace with rules of its own (or named by an `exportTo`): the class of
+    /// each pod, and of a client whose pod is not known.
+    classes: BTreeMap<String, NamespaceClasses>,
+    /// Per class: clusters whose endpoints differ from `clusters` (`None`: not this client's).
+    overrides: Vec<BTreeMap<String, Option<Vec<EndpointEntry>>>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct NamespaceClasses {
+    by_pod: HashMap<String, usize>,
+    other: usize,
+}
+
+fn entries(
+    plan: &ClusterPlan,
+    silent: &mut std::collections::BTreeSet<String>,
+) -> Vec<EndpointEntry> {
+    let mut out: Vec<EndpointEntry> = plan
+        .endpoints
+        .iter()
+        .map(|e| {
+            if e.backend.tls_label == TlsMode::Istio && e.proof == ProxyProof::Never {
+                silent.insert(e.backend.workload.clone());
+            }
+            EndpointEntry {
+                address: e.backend.address.clone(),
+                port: e.backend.port,
+                ready: e.backend.ready,
+                tls_mode: e.eds_tls_mode,
+                cluster: e.backend.cluster.clone(),
+                network: e.backend.network.clone(),
+                stale: e.backend.stale,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port)));
+    out
 }
 
 impl DiscoveryView {
@@ -70,50 +113,118 @@ impl DiscoveryView {
         Self::build_with(objs, s, &NoProofs)
     }
 
+    /// The endpoints of `cluster` as a client in `namespace` (pod `pod`, if the token named
+    /// it) gets them: its own rules' answer where they differ, else the shared one.
+    pub fn endpoints_for(
+        &self,
+        cluster: &str,
+        namespace: &str,
+        pod: Option<&str>,
+    ) -> Option<&Vec<EndpointEntry>> {
+        let class = self.classes.get(namespace).map(|c| {
+            pod.and_then(|p| c.by_pod.get(p))
+                .copied()
+                .unwrap_or(c.other)
+        });
+        match class.and_then(|i| self.overrides[i].get(cluster)) {
+            Some(own) => own.as_ref(),
+            None => self.clusters.get(cluster),
+        }
+    }
+
     /// Builds the view of `objs`, with the proxies `proofs` knows.
     pub fn build_with(objs: &MeshObjects, s: &MeshSettings, proofs: &dyn ProofLookup) -> Arc<Self> {
+        let planner = Planner::new(objs, s, proofs);
+        let base = Client::anywhere();
         let mut clusters = BTreeMap::new();
         let mut silent = std::collections::BTreeSet::new();
         let mut export_to = BTreeMap::new();
-        for plan in plan_all(objs, s, proofs) {
+        for plan in planner.all(Some(&base)) {
             if !plan.served_by_eds {
                 continue;
             }
-            let mut entries: Vec<EndpointEntry> = plan
-                .endpoints
-                .iter()
-                .filter(|e| !e.backend.pod_pending)
-                .map(|e| {
-                    if e.backend.tls_label == TlsMode::Istio && e.proof == ProxyProof::Never {
-                        silent.insert(e.backend.workload.clone());
-                    }
-                    EndpointEntry {
-                        address: e.backend.address.clone(),
-                        port: e.backend.port,
-                        ready: e.backend.ready,
-                        tls_mode: e.eds_tls_mode,
-                        cluster: e.backend.cluster.clone(),
-                        network: e.backend.network.clone(),
-                        stale: e.backend.stale,
-                    }
-                })
-                .collect();
             if !plan.export_to.1.is_empty() {
                 export_to.insert(plan.name.clone(), plan.export_to.clone());
             }
-            entries.sort_by(|a, b| {
-                (&a.cluster, &a.address, a.port).cmp(&(&b.cluster, &b.address, b.port))
-            });
-            clusters.insert(plan.name, entries);
+            clusters.insert(plan.name.clone(), entries(&plan, &mut silent));
         }
+        let (classes, overrides) = client_classes(objs, &planner, &base, &mut silent);
         let mut stats = stats(objs, &clusters);
         stats.declared_without_proxy = silent.len();
         Arc::new(Self {
             clusters,
             export_to,
             stats,
+            classes,
+            overrides,
         })
     }
+}
+
+type Overrides = Vec<BTreeMap<String, Option<Vec<EndpointEntry>>>>;
+
+/// The clients whose DestinationRules differ from `base`'s (`RuleIndex::special_namespaces`),
+/// grouped by the selector-bearing rules that select them, each with its differing clusters.
+fn client_classes(
+    objs: &MeshObjects,
+    planner: &Planner<'_>,
+    base: &Client,
+    silent: &mut std::collections::BTreeSet<String>,
+) -> (BTreeMap<String, NamespaceClasses>, Overrides) {
+    let mut classes = BTreeMap::new();
+    let mut overrides: Overrides = Vec::new();
+    for ns in &planner.rules.special_namespaces {
+        let selectors = planner.rules.selector_namespaces.get(ns);
+        let key = |labels: &BTreeMap<String, String>| -> Vec<usize> {
+            selectors
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .filter(|(_, sel)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let mut by_key: BTreeMap<Vec<usize>, usize> = BTreeMap::new();
+        let mut class_of = |labels: &BTreeMap<String, String>, overrides: &mut Overrides| {
+            let k = key(labels);
+            if let Some(i) = by_key.get(&k) {
+                return *i;
+            }
+            let client = Client {
+                name: String::new(),
+                namespace: ns.clone(),
+                labels: labels.clone(),
+                sidecar: true,
+            };
+            let (plans, replaced) = planner.differing(&client, base);
+            let mut own: BTreeMap<String, Option<Vec<EndpointEntry>>> =
+                replaced.into_iter().map(|n| (n, None)).collect();
+            for plan in plans.iter().filter(|p| p.served_by_eds) {
+                own.insert(plan.name.clone(), Some(entries(plan, silent)));
+            }
+            overrides.push(own);
+            by_key.insert(k, overrides.len() - 1);
+            overrides.len() - 1
+        };
+        let mut c = NamespaceClasses {
+            other: class_of(&BTreeMap::new(), &mut overrides),
+            ..Default::default()
+        };
+        if selectors.is_some() {
+            for p in objs
+                .pods
+                .iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+            {
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                let i = class_of(&labels, &mut overrides);
+                c.by_pod
+                    .insert(p.metadata.name.clone().unwrap_or_default(), i);
+            }
+        }
+        classes.insert(ns.clone(), c);
+    }
+    (classes, overrides)
 }
 
 fn stats(objs: &MeshObjects, clusters: &BTreeMap<String, Vec<EndpointEntry>>) -> DiscoveryStats {
@@ -151,6 +262,7 @@ fn stats(objs: &MeshObjects, clusters: &BTreeMap<String, Vec<EndpointEntry>>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::plan::plan_all;
 
     /// A watch can deliver an EndpointSlice before the pod it names (seen on a real API server
     /// after a relist): EDS leaves that endpoint out until the pod is known, as istiod's
@@ -210,19 +322,12 @@ items:
             .into_iter()
             .find(|p| p.name == "outbound|8080||web.shop.svc.cluster.local")
             .unwrap();
-        let pending = plan
-            .endpoints
-            .iter()
-            .find(|e| e.backend.address == "10.0.0.2")
-            .expect("describe still lists it");
-        assert!(pending.backend.pod_pending);
         assert!(
-            pending
-                .warnings
-                .iter()
-                .any(|w| w.contains("pod web-1.shop is not in the input")),
-            "{:?}",
-            pending.warnings
+            plan.warnings.iter().any(
+                |w| w.contains("(10.0.0.2) is named by the EndpointSlice but not in the input")
+            ),
+            "describe says why it is left out: {:?}",
+            plan.warnings
         );
     }
 }

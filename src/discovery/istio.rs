@@ -63,12 +63,43 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthSpec,
 }
 
-/// A DestinationRule `tls:` block. A block without `mode` is DISABLE: the proto enum's zero
-/// value (networking/v1alpha3 `ClientTLSSettings.TLSmode`).
+/// A DestinationRule `tls:` block (`ClientTLSSettings`). A block without `mode` is DISABLE: the
+/// proto enum's zero value (networking/v1alpha3 `ClientTLSSettings.TLSmode`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientTls {
     #[serde(default)]
     pub mode: Option<String>,
+    /// `kubernetes://` secret (or `configmap://`) the proxy loads the client certificate from.
+    #[serde(
+        default,
+        rename = "credentialName",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub credential_name: Option<String>,
+    #[serde(
+        default,
+        rename = "clientCertificate",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_certificate: Option<String>,
+    #[serde(
+        default,
+        rename = "privateKey",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub private_key: Option<String>,
+    /// For ISTIO_MUTUAL: the identities the server must present instead of the service's
+    /// service accounts.
+    #[serde(
+        default,
+        rename = "subjectAltNames",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub subject_alt_names: Vec<String>,
+    /// Fields meshid reads no further (`sni`, `caCertificates`, `insecureSkipVerify`, ...):
+    /// none of them changes which of mTLS / TLS / plaintext is sent.
+    #[serde(flatten, skip_serializing)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 impl ClientTls {
@@ -78,6 +109,31 @@ impl ClientTls {
             None | Some("") => Ok(DrTlsMode::Disable),
             Some(raw) => DrTlsMode::parse(raw).ok_or_else(|| raw.to_owned()),
         }
+    }
+
+    fn non_empty(v: &Option<String>) -> bool {
+        v.as_deref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// `cluster_tls.go` `buildUpstreamClusterTLSContext`: why a SIMPLE or MUTUAL setting
+    /// yields no TLS at all on a sidecar, if it does. `dr_has_selector`: the rule carries a
+    /// `workloadSelector`.
+    pub fn dropped_on_sidecar(&self, dr_has_selector: bool) -> Option<&'static str> {
+        let mode = self.parsed().ok()?;
+        if !matches!(mode, DrTlsMode::Simple | DrTlsMode::Mutual) {
+            return None;
+        }
+        let cred = self.credential_name.as_deref().unwrap_or("");
+        if !cred.is_empty() && !cred.starts_with("configmap://") && !dr_has_selector {
+            return Some("credentialName on a DestinationRule without workloadSelector is ignored by sidecars: no TLS (buildUpstreamClusterTLSContext)");
+        }
+        if mode == DrTlsMode::Mutual
+            && cred.is_empty()
+            && !(Self::non_empty(&self.client_certificate) && Self::non_empty(&self.private_key))
+        {
+            return Some("MUTUAL without clientCertificate and privateKey (or credentialName): istiod fails to build the TLS context and the cluster gets none (constructUpstreamTLS)");
+        }
+        None
     }
 }
 
@@ -93,12 +149,33 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    #[serde(default, rename = "loadBalancer")]
+    pub load_balancer: Option<LoadBalancer>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadBalancer {
     #[serde(default)]
     pub simple: Option<String>,
+}
+
+/// The two parts of a traffic policy auto mTLS depends on, for one port (after istiod's
+/// port-level and subset merges).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    pub tls: Option<ClientTls>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+impl EffectivePolicy {
+    /// `loadBalancer.simple: PASSTHROUGH`: an ORIGINAL_DST cluster.
+    pub fn passthrough(&self) -> bool {
+        is_passthrough(self.load_balancer.as_ref())
+    }
+}
+
+fn is_passthrough(lb: Option<&LoadBalancer>) -> bool {
+    lb.and_then(|l| l.simple.as_deref()) == Some("PASSTHROUGH")
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +186,9 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default, rename = "portLevelSettings")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Fields auto mTLS does not read (`connectionPool`, `tunnel`, ...), named by `ignored.rs`.
+    #[serde(flatten, skip_serializing)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 impl TrafficPolicy {
@@ -118,30 +198,65 @@ impl TrafficPolicy {
             .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
     }
 
-    /// Cluster side (`util.go` `GetPortLevelTrafficPolicy`): a port entry replaces the whole
-    /// policy, so an entry without `tls` means no TLS setting (auto mTLS). `(tls, from a port entry)`.
-    pub fn cluster_tls(&self, port: u16) -> (Option<&ClientTls>, bool) {
+    /// `util.go` `GetPortLevelTrafficPolicy`: a port entry replaces the whole policy (fields it
+    /// omits fall back to defaults, not to the top level). `(policy, from a port entry)`.
+    pub fn for_port(&self, port: u16) -> (EffectivePolicy, bool) {
         match self.port_entry(port) {
-            Some(p) => (p.tls.as_ref(), true),
-            None => (self.tls.as_ref(), false),
+            Some(p) => (
+                EffectivePolicy {
+                    tls: p.tls.clone(),
+                    load_balancer: p.load_balancer.clone(),
+                },
+                true,
+            ),
+            None => (
+                EffectivePolicy {
+                    tls: self.tls.clone(),
+                    load_balancer: self.load_balancer.clone(),
+                },
+                false,
+            ),
         }
     }
 
-    /// Endpoint side (`mtls_checker.go` `trafficPolicyTLSModeForPort`): the port entry's tls
-    /// when it has one, else the top-level tls.
-    pub fn endpoint_tls(&self, port: u16) -> Option<&ClientTls> {
+    /// `mtls_checker.go` `trafficPolicyTLSModeForPort`: the port entry's tls when it has
+    /// one, else the top-level tls.
+    pub fn tls_for_port(&self, port: u16) -> Option<&ClientTls> {
         self.port_entry(port)
             .and_then(|p| p.tls.as_ref())
             .or(self.tls.as_ref())
     }
 
-    /// `loadBalancer.simple: PASSTHROUGH` makes Istio treat the service as passthrough.
+    /// The top-level `loadBalancer.simple: PASSTHROUGH` (what `BestEffortInferServiceMTLSMode`
+    /// looks at).
     pub fn passthrough(&self) -> bool {
-        self.load_balancer
-            .as_ref()
-            .and_then(|l| l.simple.as_deref())
-            == Some("PASSTHROUGH")
+        is_passthrough(self.load_balancer.as_ref())
     }
+}
+
+/// `util.go` `MergeSubsetTrafficPolicy` (+ `model.MergeTrafficPolicy`): the rule's policy for
+/// the port, overridden by the subset's: a subset port entry replaces tls and loadBalancer even
+/// when it omits them, a subset top-level field only when set.
+pub fn merge_subset_policy(
+    top: Option<&TrafficPolicy>,
+    subset: Option<&TrafficPolicy>,
+    port: u16,
+) -> Option<EffectivePolicy> {
+    let original = top.map(|t| t.for_port(port).0);
+    let Some(sub) = subset else {
+        return original;
+    };
+    let (sub, has_port_level) = sub.for_port(port);
+    let Some(mut merged) = original else {
+        return Some(sub);
+    };
+    if sub.tls.is_some() || has_port_level {
+        merged.tls = sub.tls;
+    }
+    if sub.load_balancer.is_some() || has_port_level {
+        merged.load_balancer = sub.load_balancer;
+    }
+    Some(merged)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +390,8 @@ pub struct ServiceEntrySpec {
     pub workload_selector: Option<ServiceEntrySelector>,
     #[serde(default, rename = "exportTo")]
     pub export_to: Vec<String>,
+    #[serde(default, rename = "subjectAltNames")]
+    pub subject_alt_names: Vec<String>,
 }
 
 /// networking.istio.io/v1 ServiceEntry.

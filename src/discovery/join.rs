@@ -51,13 +51,6 @@ pub struct Backend {
     pub cluster: String,
     /// Its cluster's API server cannot be reached: this is the last known endpoint.
     pub stale: bool,
-    /// The endpoint names a Pod (targetRef) that the model does not have (yet: a watch can
-    /// deliver the EndpointSlice before the pod). EDS leaves it out until the pod is known, as
-    /// istiod does (`endpointslice.go` `getPod`: `expectPod` without a pod skips the endpoint
-    /// and `registerEndpointResync` adds it when the pod arrives); otherwise a sidecar's
-    /// endpoint would be served without its tlsMode and its clients would pick plaintext.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub pod_pending: bool,
     pub warnings: Vec<String>,
 }
 
@@ -66,6 +59,8 @@ pub(crate) struct Index<'a> {
     /// By (cluster, namespace, name); cluster 0 is the primary, i + 1 is `objs.remotes[i]`.
     pods: HashMap<(usize, &'a str, &'a str), &'a Pod>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Pod>>,
+    /// By (cluster, IP): pods, for endpoints without a targetRef (`getPodsByIP`).
+    pods_by_ip: HashMap<(usize, &'a str), Vec<&'a Pod>>,
     slices: HashMap<(&'a str, &'a str), Vec<(usize, &'a EndpointSlice)>>,
     workload_entries: HashMap<&'a str, Vec<&'a WorkloadEntry>>,
     /// (name, stale) per cluster index.
@@ -78,11 +73,56 @@ fn selects(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) ->
     !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn label_mode(labels: &BTreeMap<String, String>) -> TlsMode {
-    match labels.get(TLS_MODE_LABEL).map(String::as_str) {
+/// `serviceentry/conversion.go` `getTLSModeFromWorkloadEntry`: the tlsMode label when present,
+/// else `istio` when the entry names a service account (a VM running istio-agent), else
+/// disabled. Used for ServiceEntry inline endpoints too.
+fn entry_tls_mode(spec: &WorkloadEntrySpec) -> TlsMode {
+    match spec.labels.get(TLS_MODE_LABEL).map(String::as_str) {
         Some("istio") => TlsMode::Istio,
-        _ => TlsMode::Disabled,
+        Some(_) => TlsMode::Disabled,
+        None if spec
+            .service_account
+            .as_deref()
+            .is_some_and(|s| !s.is_empty()) =>
+        {
+            TlsMode::Istio
+        }
+        None => TlsMode::Disabled,
     }
+}
+
+/// `pod.go` `IsPodReady` and `shouldPodBeInEndpoints`: the pod's Ready condition is True and it
+/// is neither finished nor being deleted.
+fn pod_ready(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let terminal = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ready && !terminal && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// `pod.go` `getPortMap`: named TCP container ports, the first of a name wins (a port with no
+/// protocol is TCP, the API server's default).
+fn pod_port(pod: &Pod, name: &str) -> Option<u16> {
+    let spec = pod.spec.as_ref()?;
+    let native_sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    spec.containers
+        .iter()
+        .chain(native_sidecars)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| {
+            !name.is_empty()
+                && p.name.as_deref() == Some(name)
+                && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+        })
+        .map(|p| p.container_port as u16)
 }
 
 impl<'a> Index<'a> {
@@ -90,6 +130,7 @@ impl<'a> Index<'a> {
         let mut idx = Self {
             pods: HashMap::new(),
             pods_by_ns: HashMap::new(),
+            pods_by_ip: HashMap::new(),
             slices: HashMap::new(),
             workload_entries: HashMap::new(),
             clusters: vec![(primary, false)],
@@ -107,6 +148,22 @@ impl<'a> Index<'a> {
                     (p.metadata.name.as_deref(), p.metadata.namespace.as_deref())
                 {
                     idx.pods.insert((c, ns, n), p);
+                    // `pod.go` `PodCache`: only Ready pods are indexed by IP.
+                    let by_ip = if pod_ready(p) { Some(p) } else { None };
+                    for ip in by_ip
+                        .into_iter()
+                        .flat_map(|p| p.status.iter())
+                        .flat_map(|s| {
+                            s.pod_ip
+                                .iter()
+                                .chain(s.pod_ips.iter().flatten().map(|i| &i.ip))
+                        })
+                    {
+                        let list = idx.pods_by_ip.entry((c, ip.as_str())).or_default();
+                        if !list.iter().any(|x| std::ptr::eq(*x, p)) {
+                            list.push(p);
+                        }
+                    }
                     if c == 0 {
                         idx.pods_by_ns.entry(ns).or_default().push(p);
                     }
@@ -182,7 +239,6 @@ impl<'a> Index<'a> {
             network: None,
             cluster: self.clusters[cluster].0.to_owned(),
             stale: self.clusters[cluster].1,
-            pod_pending: false,
         }
     }
 
@@ -201,20 +257,26 @@ impl<'a> Index<'a> {
             pod: None,
             namespace: ns.to_owned(),
             labels: spec.labels.clone(),
-            service_account: spec.service_account.clone(),
-            tls_label: label_mode(&spec.labels),
-            runs_proxy: false,
+            service_account: spec.service_account.clone().filter(|s| !s.is_empty()),
+            tls_label: entry_tls_mode(spec),
+            // A VM or other non-pod workload: its tlsMode is all there is to go on.
+            runs_proxy: entry_tls_mode(spec) == TlsMode::Istio,
             network: spec.network.clone(),
             cluster: self.clusters[0].0.to_owned(),
             stale: false,
-            pod_pending: false,
             warnings: Vec::new(),
         }
     }
 
-    /// Every endpoint of `svc` on service port `sp`: EndpointSlices, then the WorkloadEntries
-    /// its selector picks (Istio's kube controller does the same for WorkloadEntries).
-    pub fn service_backends(&self, svc: &Service, sp: &ServicePort) -> Vec<Backend> {
+    /// Every endpoint of `svc` on service port `sp` istiod serves: EndpointSlices, then the
+    /// WorkloadEntries its selector picks (Istio's kube controller does the same for
+    /// WorkloadEntries). What is left out, and why, goes to `skipped`.
+    pub fn service_backends(
+        &self,
+        svc: &Service,
+        sp: &ServicePort,
+        skipped: &mut Vec<String>,
+    ) -> Vec<Backend> {
         let (Some(name), Some(ns)) = (
             svc.metadata.name.as_deref(),
             svc.metadata.namespace.as_deref(),
@@ -223,6 +285,10 @@ impl<'a> Index<'a> {
         };
         let mut out = Vec::new();
         for (cluster, slice) in self.slices.get(&(ns, name)).into_iter().flatten() {
+            // `updateEndpointCacheForSlice`: FQDN slices are not supported.
+            if slice.address_type == "FQDN" {
+                continue;
+            }
             let Some(ep_port) = slice
                 .ports
                 .iter()
@@ -233,33 +299,55 @@ impl<'a> Index<'a> {
             };
             let port = ep_port.port.unwrap_or(sp.port) as u16;
             for endpoint in &slice.endpoints {
+                // `endpointHealthStatus`: Ready unset counts as ready; an unready endpoint is
+                // not sent (`filterIstioEndpoint`).
                 let ready = endpoint
                     .conditions
                     .as_ref()
                     .and_then(|c| c.ready)
                     .unwrap_or(true);
-                let pod_ref = endpoint
+                let target = endpoint
                     .target_ref
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        Some((
-                            r.name.clone()?,
-                            r.namespace.clone().unwrap_or_else(|| ns.into()),
-                        ))
-                    });
-                let pod = pod_ref
-                    .as_ref()
-                    .and_then(|(pn, pns)| self.pods.get(&(*cluster, pns.as_str(), pn.as_str())));
+                    .filter(|r| r.kind.as_deref() == Some("Pod"));
                 for address in &endpoint.addresses {
-                    out.push(match (pod, &pod_ref) {
-                        (Some(p), _) => self.pod_backend(p, address.clone(), port, ready, *cluster),
-                        (None, named) => {
+                    let what = target.map_or_else(
+                        || format!("endpoint {address}"),
+                        |r| {
+                            format!(
+                                "pod {}.{}",
+                                r.name.as_deref().unwrap_or(""),
+                                r.namespace.as_deref().unwrap_or("")
+                            )
+                        },
+                    );
+                    // `endpointslice.go` `getPod`: by targetRef when it names a pod, else the
+                    // pod of the slice's namespace with this IP (`getPodsByIP`).
+                    let pod = match target {
+                        Some(r) => self.pods.get(&(
+                            *cluster,
+                            r.namespace.as_deref().unwrap_or(""),
+                            r.name.as_deref().unwrap_or(""),
+                        )),
+                        None => self
+                            .pods_by_ip
+                            .get(&(*cluster, address.as_str()))
+                            .and_then(|ps| {
+                                ps.iter()
+                                    .find(|p| p.metadata.namespace.as_deref() == Some(ns))
+                            }),
+                    };
+                    match (pod, target) {
+                        (Some(p), _) => {
+                            out.push(self.pod_backend(p, address.clone(), port, ready, *cluster))
+                        }
+                        (None, Some(_)) => skipped.push(format!(
+                            "{what} ({address}) is named by the EndpointSlice but not in the input: not served (istiod waits for the pod)"
+                        )),
+                        (None, None) => {
                             let mut b = self.entry_backend(
                                 &WorkloadEntrySpec::default(),
-                                named
-                                    .as_ref()
-                                    .map_or("(no pod)".into(), |(n, s)| format!("pod {n}.{s}")),
+                                format!("endpoint {address} (no pod)"),
                                 ns,
                                 port,
                             );
@@ -267,15 +355,9 @@ impl<'a> Index<'a> {
                             b.ready = ready;
                             b.cluster = self.clusters[*cluster].0.to_owned();
                             b.stale = self.clusters[*cluster].1;
-                            if let Some((n, s)) = named {
-                                b.pod_pending = true;
-                                b.warnings.push(format!(
-                                    "pod {n}.{s} is not in the input: EDS leaves this endpoint out until it is (as istiod does)"
-                                ));
-                            }
-                            b
+                            out.push(b);
                         }
-                    });
+                    }
                 }
             }
         }
@@ -319,6 +401,7 @@ impl<'a> Index<'a> {
         se: &ServiceEntry,
         p: &ServiceEntryPort,
         host: &str,
+        skipped: &mut Vec<String>,
     ) -> Vec<Backend> {
         let ns = se.metadata.namespace.as_deref().unwrap_or("");
         let se_name = se.metadata.name.as_deref().unwrap_or("");
@@ -359,9 +442,20 @@ impl<'a> Index<'a> {
             for pod in self.pods_by_ns.get(ns).into_iter().flatten() {
                 let labels = pod.metadata.labels.clone().unwrap_or_default();
                 let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-                if let (true, Some(ip)) = (selects(&sel.labels, &labels), ip) {
-                    out.push(self.pod_backend(pod, ip, target(&BTreeMap::new()), true, 0));
+                let (true, Some(ip)) = (selects(&sel.labels, &labels), ip) else {
+                    continue;
+                };
+                if !pod_ready(pod) {
+                    skipped.push(format!(
+                        "pod {}.{ns} is selected but not Ready: not an endpoint (istiod selects Ready pods only)",
+                        pod.metadata.name.as_deref().unwrap_or("")
+                    ));
+                    continue;
                 }
+                // `convertWorkloadInstanceToServiceInstance`: the pod's container port of the
+                // ServiceEntry port's name, else targetPort, else the port number.
+                let port = pod_port(pod, &p.name).unwrap_or_else(|| target(&BTreeMap::new()));
+                out.push(self.pod_backend(pod, ip, port, true, 0));
             }
         }
         if out.is_empty() && se.resolution().starts_with("DNS") && !host.starts_with('*') {

@@ -6,6 +6,7 @@ mod decide;
 mod describe;
 mod endpoints;
 mod error;
+mod ignored;
 mod istio;
 mod join;
 mod kube;
@@ -14,6 +15,7 @@ mod multicluster;
 mod peer_auth;
 mod plan;
 mod proof;
+mod rules;
 mod sidecar;
 mod snapshot;
 mod source;
@@ -30,13 +32,14 @@ pub use describe::{
 };
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
+pub use ignored::ignored_fields;
 pub use istio::{DestinationRule, PeerAuthMode, PeerAuthentication, ServiceEntry, WorkloadEntry};
 pub use join::Backend;
 pub use kubeconfig::{KubeconfigPolicy, KubeconfigRefused};
 pub use multicluster::{watch_remote_secrets, RemoteObjects, RemoteSecrets, REMOTE_SECRET_LABEL};
 pub use peer_auth::{resolve_peer_auth, PeerAuthResolution};
 pub use plan::{
-    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Verdict,
+    plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Planner, Verdict,
 };
 pub use proof::{
     NoProofs, PodName, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard,

@@ -17,11 +17,14 @@ use super::{
     decide::{
         cluster_tls, endpoint_metadata, outcome, ClusterInput, ClusterTls, EndpointInput, Inbound,
     },
-    istio::{exported_to, resolve_host, ServiceEntry, TrafficPolicy},
+    istio::{
+        exported_to, merge_subset_policy, resolve_host, ClientTls, EffectivePolicy, ServiceEntry,
+    },
     join::{Backend, Index},
     proof::{PodName, ProofLookup, ProxyProof},
-    resolve_peer_auth, Decision, DestinationRule, DrTlsMode, MeshObjects, MeshSettings,
-    PeerAuthMode, PeerAuthResolution, TlsMode,
+    resolve_peer_auth,
+    rules::{Consolidated, RuleIndex},
+    Decision, DrTlsMode, MeshObjects, MeshSettings, PeerAuthMode, PeerAuthResolution, TlsMode,
 };
 
 /// Which answer: meshid's own, or Istio's data plane.
@@ -31,8 +34,8 @@ pub enum Mesh {
     Istio,
 }
 
-/// The client a plan is made for (`None`: any client with a sidecar, in no namespace that has
-/// its own DestinationRule; what EDS serves).
+/// The client a plan is made for (`None`: a client with a sidecar and no labels in the
+/// service's own namespace).
 #[derive(Clone, Debug)]
 pub struct Client {
     /// `name.namespace`.
@@ -48,6 +51,8 @@ pub struct DrRef {
     pub name: String,
     pub namespace: String,
     pub host: String,
+    /// Every rule merged into this one (`mergeDestinationRule`), as `namespace/name`.
+    pub merged_from: Vec<String>,
     /// e.g. "port 8080 entry (replaces the top-level policy)", "top-level trafficPolicy".
     pub cluster_side: String,
     pub endpoint_side: String,
@@ -88,11 +93,20 @@ impl EndpointPlan {
         }
     }
 
-    fn inbound(&self, mesh: Mesh) -> Inbound {
+    /// What sits in front of the endpoint: a proxy only if the pod runs one (the label alone
+    /// makes clients send mTLS, it does not terminate it).
+    fn inbound(&self, mesh: Mesh, sans: &[String], trust_domain: &str) -> Inbound {
+        let b = &self.backend;
+        let identity = format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            b.namespace,
+            b.service_account.as_deref().unwrap_or("default")
+        );
         Inbound {
-            proxy: self.backend.tls_label == TlsMode::Istio || self.backend.runs_proxy,
+            proxy: b.runs_proxy,
             proxy_has_cert: mesh == Mesh::Istio || self.proof != ProxyProof::Never,
             peer_auth: self.peer_authentication.mode,
+            identity_accepted: sans.is_empty() || sans.contains(&identity),
         }
     }
 }
@@ -125,6 +139,13 @@ pub struct ClusterPlan {
     /// What istiod would put on the cluster, and why.
     pub istio_tls: ClusterTls,
     pub istio_tls_why: String,
+    /// The identities Istio mTLS to this cluster accepts: a DestinationRule's
+    /// `subjectAltNames`, else the service's accounts; empty: any.
+    pub subject_alt_names: Vec<String>,
+    /// The trust domain SPIFFE IDs are compared in.
+    #[serde(skip)]
+    pub trust_domain: String,
+    /// The endpoints served: ready ones (istiod's `filterIstioEndpoint`).
     pub endpoints: Vec<EndpointPlan>,
     pub warnings: Vec<String>,
 }
@@ -140,7 +161,8 @@ impl ClusterPlan {
                 e.istio_eds_tls_mode == TlsMode::Istio,
             ),
         };
-        let (decision, what) = outcome(tls, meta, e.inbound(mesh), client_sidecar);
+        let inbound = e.inbound(mesh, &self.subject_alt_names, &self.trust_domain);
+        let (decision, what) = outcome(tls, meta, inbound, client_sidecar);
         let (decided_by, why) = if !client_sidecar {
             ("client", what.to_owned())
         } else if tls == ClusterTls::AutoMatch {
@@ -171,137 +193,90 @@ pub struct Verdict {
     pub decided_by: &'static str,
 }
 
-/// The DestinationRule for `fqdn` as `push_context.go` `destinationRule` looks it up: the
-/// client's namespace (its own rules, selector-bearing ones only when they select the client),
-/// then the service's namespace, then the root namespace (rules exported to the client); the
-/// most specific host wins, then the oldest rule.
-pub fn destination_rule<'a>(
-    drs: &'a [DestinationRule],
-    s: &MeshSettings,
-    fqdn: &str,
-    svc_ns: &str,
-    client: Option<&Client>,
-) -> Option<&'a DestinationRule> {
-    let mut order: Vec<&str> = client.map(|c| c.namespace.as_str()).into_iter().collect();
-    for ns in [svc_ns, s.root_namespace.as_str()] {
-        if !order.contains(&ns) {
-            order.push(ns);
-        }
+/// The client namespace and labels the DestinationRule lookup uses.
+fn client_key<'c>(
+    client: Option<&'c Client>,
+    svc_ns: &'c str,
+) -> (&'c str, Option<&'c BTreeMap<String, String>>) {
+    match client {
+        Some(c) => (c.namespace.as_str(), Some(&c.labels)),
+        None => (svc_ns, None),
     }
-    for ns in order {
-        let local = client.is_some_and(|c| c.namespace == ns);
-        let best = drs
-            .iter()
-            .filter(|d| d.metadata.namespace.as_deref() == Some(ns))
-            .filter(|d| match (&d.spec.workload_selector, client) {
-                (Some(sel), Some(c)) if local => sel
-                    .match_labels
-                    .iter()
-                    .all(|(k, v)| c.labels.get(k) == Some(v)),
-                (Some(sel), _) => sel.match_labels.is_empty(),
-                (None, _) => true,
-            })
-            .filter(|d| {
-                local || client.is_none_or(|c| exported_to(&d.spec.export_to, ns, &c.namespace))
-            })
-            .filter_map(|d| Some((d.host_match(fqdn, &s.domain)?, d)))
-            .max_by(|(sa, a), (sb, b)| {
-                sa.cmp(sb).then_with(|| {
-                    // Older first: reverse the creation order so max picks the oldest.
-                    let ka = (&a.metadata.creation_timestamp, &a.metadata.name);
-                    let kb = (&b.metadata.creation_timestamp, &b.metadata.name);
-                    kb.cmp(&ka)
-                })
-            });
-        if let Some((_, d)) = best {
-            return Some(d);
-        }
-    }
-    None
 }
 
-/// The DestinationRule's TLS for a cluster: (cluster side, endpoint side, descriptions,
-/// unknown mode warnings). Cluster side after `util.go` `MergeSubsetTrafficPolicy` /
-/// `GetPortLevelTrafficPolicy`; endpoint side after `mtls_checker.go` `tlsModeForDestinationRule`.
-struct DrTls {
-    cluster: Option<DrTlsMode>,
-    endpoint: Option<DrTlsMode>,
+/// The DestinationRule's TLS for a cluster: the cluster side after `util.go`
+/// `GetPortLevelTrafficPolicy` / `MergeSubsetTrafficPolicy`, the endpoint side after
+/// `mtls_checker.go` `tlsModeForDestinationRule`, and the policy
+/// `BestEffortInferServiceMTLSMode` reads (the rule's, or the subset's, top level).
+struct DrTls<'a> {
+    cluster: Option<EffectivePolicy>,
+    endpoint: Option<&'a ClientTls>,
+    infer_passthrough: bool,
+    subset_passthrough: bool,
+    has_selector: bool,
     r: DrRef,
-    warnings: Vec<String>,
 }
 
-fn dr_tls(dr: &DestinationRule, port: u16, subset: Option<&str>) -> DrTls {
-    let mut warnings = Vec::new();
-    let mut parse = |t: Option<&super::istio::ClientTls>| -> Option<DrTlsMode> {
-        match t?.parsed() {
-            Ok(m) => Some(m),
-            Err(raw) => {
-                warnings.push(format!(
-                    "DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored"
-                ));
-                None
-            }
-        }
-    };
+fn dr_tls<'a>(dr: &'a Consolidated, port: u16, subset: Option<&str>) -> DrTls<'a> {
     let top = dr.spec.traffic_policy.as_ref();
-    let (mut ctls, from_port) = top.map_or((None, false), |tp| tp.cluster_tls(port));
-    let mut cluster_side = match (top.is_some(), from_port) {
-        (_, true) => format!("port {port} entry (replaces the top-level trafficPolicy)"),
-        (true, false) => "top-level trafficPolicy".to_owned(),
-        (false, _) => "no trafficPolicy".to_owned(),
-    };
-    let sub_tp: Option<&TrafficPolicy> = subset.and_then(|name| {
-        dr.spec
-            .subsets
-            .iter()
-            .find(|x| x.name == name)
-            .and_then(|x| x.traffic_policy.as_ref())
-    });
-    if let Some(stp) = sub_tp {
-        let (st, sp) = stp.cluster_tls(port);
-        if st.is_some() || sp {
-            ctls = st;
-            cluster_side = format!(
-                "subset {} {}",
-                subset.unwrap_or_default(),
-                if sp {
-                    format!("port {port} entry")
-                } else {
-                    "trafficPolicy".to_owned()
-                }
-            );
+    let sub = subset.and_then(|name| dr.spec.subsets.iter().find(|x| x.name == name));
+    let sub_tp = sub.and_then(|x| x.traffic_policy.as_ref());
+    let (cluster, cluster_side) = match subset {
+        None => {
+            let from_port = top.is_some_and(|t| t.for_port(port).1);
+            (
+                top.map(|t| t.for_port(port).0),
+                match (top.is_some(), from_port) {
+                    (_, true) => {
+                        format!("port {port} entry (replaces the top-level trafficPolicy)")
+                    }
+                    (true, false) => "top-level trafficPolicy".to_owned(),
+                    (false, _) => "no trafficPolicy".to_owned(),
+                },
+            )
         }
-    }
-    let (etls, endpoint_side) = match subset {
-        None => (
-            top.and_then(|tp| tp.endpoint_tls(port)),
-            "port entry's tls, else the top-level tls",
-        ),
-        Some(_) => (
-            sub_tp.and_then(|tp| tp.endpoint_tls(port)),
-            "the subset's own trafficPolicy only",
+        Some(name) => (
+            merge_subset_policy(top, sub_tp, port),
+            format!("subset {name} merged over the rule (MergeSubsetTrafficPolicy)"),
         ),
     };
-    let cluster = parse(ctls);
-    let endpoint = parse(etls);
-    warnings.dedup();
+    let (endpoint, endpoint_side) = match (subset, sub_tp.and_then(|t| t.tls_for_port(port))) {
+        (Some(_), Some(t)) => (Some(t), "the subset's tls for this port"),
+        (Some(_), None) => (
+            top.and_then(|t| t.tls_for_port(port)),
+            "the subset sets no tls for this port: the rule's port entry tls, else its top-level tls",
+        ),
+        (None, _) => (
+            top.and_then(|t| t.tls_for_port(port)),
+            "the port entry's tls, else the top-level tls",
+        ),
+    };
+    let infer_passthrough = match subset {
+        None => top.is_some_and(|t| t.passthrough()),
+        Some(_) => sub_tp.is_some_and(|t| t.passthrough()),
+    };
+    let mode = |t: Option<&ClientTls>| {
+        t.map_or("no tls".to_owned(), |t| {
+            t.mode.clone().unwrap_or_else(|| "DISABLE (no mode)".into())
+        })
+    };
     DrTls {
-        cluster,
-        endpoint,
         r: DrRef {
-            name: dr.metadata.name.clone().unwrap_or_default(),
-            namespace: dr.metadata.namespace.clone().unwrap_or_default(),
+            name: dr.name().to_owned(),
+            namespace: dr.namespace.clone(),
             host: dr.spec.host.clone(),
+            merged_from: dr.from.clone(),
             cluster_side: format!(
                 "{cluster_side}: {}",
-                cluster.map_or("no tls".into(), |m| format!("{m:?}"))
+                mode(cluster.as_ref().and_then(|c| c.tls.as_ref()))
             ),
-            endpoint_side: format!(
-                "{endpoint_side}: {}",
-                endpoint.map_or("no tls".into(), |m| format!("{m:?}"))
-            ),
+            endpoint_side: format!("{endpoint_side}: {}", mode(endpoint)),
         },
-        warnings,
+        cluster,
+        endpoint,
+        infer_passthrough,
+        subset_passthrough: sub_tp.is_some_and(|t| t.passthrough()),
+        has_selector: dr.spec.workload_selector.is_some(),
     }
 }
 
@@ -317,29 +292,331 @@ struct Target {
     served_by_eds: bool,
     /// (own namespace, exportTo) of a ServiceEntry; empty: everywhere.
     export_to: (String, Vec<String>),
-    /// Per service port: its backends.
+    /// Per service port: its backends (unready ones included: istiod keeps them in its index).
     ports: Vec<(u16, Vec<Backend>)>,
+    /// Endpoints istiod leaves out entirely, with why.
+    skipped: Vec<String>,
 }
 
-/// Every cluster of every Service and ServiceEntry, for a client with a sidecar: what EDS serves.
+/// Everything a plan needs that does not depend on the client: joined once per model.
+pub struct Planner<'a> {
+    objs: &'a MeshObjects,
+    s: &'a MeshSettings,
+    proofs: &'a dyn ProofLookup,
+    targets: Vec<Target>,
+    pub(crate) rules: RuleIndex,
+}
+
+impl<'a> Planner<'a> {
+    /// Joins every Service and ServiceEntry of `objs` to its endpoints and indexes the rules.
+    pub fn new(objs: &'a MeshObjects, s: &'a MeshSettings, proofs: &'a dyn ProofLookup) -> Self {
+        let idx = Index::new(objs, &s.cluster_name);
+        let mut targets: Vec<Target> = idx
+            .services
+            .iter()
+            .filter_map(|svc| service_target(&idx, s, svc))
+            .collect();
+        for se in &objs.service_entries {
+            targets.extend(service_entry_targets(&idx, s, se));
+        }
+        Self {
+            objs,
+            s,
+            proofs,
+            targets,
+            rules: RuleIndex::new(&objs.destination_rules, &s.root_namespace, &s.domain),
+        }
+    }
+
+    /// Every cluster, for `client`.
+    pub fn all(&self, client: Option<&Client>) -> Vec<ClusterPlan> {
+        self.targets
+            .iter()
+            .flat_map(|t| self.plan_target(t, client))
+            .collect()
+    }
+
+    /// The clusters of the targets whose DestinationRule for `client` differs from the one
+    /// `base` gets (by the rules merged in), with every cluster name the base has for them.
+    pub fn differing(&self, client: &Client, base: &Client) -> (Vec<ClusterPlan>, Vec<String>) {
+        let mut plans = Vec::new();
+        let mut replaced = Vec::new();
+        for t in &self.targets {
+            let dr = |c: &Client| {
+                self.rules
+                    .choose(&c.namespace, &c.labels, &t.fqdn, &t.namespace)
+                    .map(|d| d.from.clone())
+            };
+            if dr(client) != dr(base) {
+                let theirs = self.plan_target(t, Some(base));
+                replaced.extend(theirs.into_iter().map(|p| p.name));
+                plans.extend(self.plan_target(t, Some(client)));
+            }
+        }
+        (plans, replaced)
+    }
+
+    fn plan_target(&self, t: &Target, client: Option<&Client>) -> Vec<ClusterPlan> {
+        let (cns, labels) = client_key(client, &t.namespace);
+        let none = BTreeMap::new();
+        let dr = self
+            .rules
+            .choose(cns, labels.unwrap_or(&none), &t.fqdn, &t.namespace);
+        // `BestEffortInferServiceMTLSMode` reads the namespace/mesh policy only.
+        let ns_mode = resolve_peer_auth(
+            &self.objs.peer_authentications,
+            &self.s.root_namespace,
+            &t.namespace,
+            &BTreeMap::new(),
+            None,
+        );
+        let mut out = Vec::new();
+        for (port, backends) in &t.ports {
+            let mut subsets: Vec<Option<&super::istio::Subset>> = vec![None];
+            subsets.extend(dr.iter().flat_map(|d| d.spec.subsets.iter()).map(Some));
+            for subset in subsets {
+                let chosen: Vec<&Backend> = backends
+                    .iter()
+                    .filter(|b| {
+                        subset.is_none_or(|ss| {
+                            ss.labels.iter().all(|(k, v)| b.labels.get(k) == Some(v))
+                        })
+                    })
+                    .collect();
+                let mut plan = self.plan_cluster(
+                    t,
+                    *port,
+                    subset.map(|x| x.name.as_str()),
+                    dr,
+                    &ns_mode,
+                    backends,
+                    &chosen,
+                );
+                if subset.is_none() {
+                    plan.warnings.extend(t.skipped.iter().cloned());
+                }
+                out.push(plan);
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan_cluster(
+        &self,
+        t: &Target,
+        port: u16,
+        subset: Option<&str>,
+        dr: Option<&Consolidated>,
+        ns_mode: &PeerAuthResolution,
+        all: &[Backend],
+        backends: &[&Backend],
+    ) -> ClusterPlan {
+        let s = self.s;
+        let drt = dr.map(|d| dr_tls(d, port, subset));
+        let mut warnings = Vec::new();
+        // The cluster side's TLS setting, with the cases where istiod builds none.
+        let policy = drt.as_ref().and_then(|d| d.cluster.as_ref());
+        let cluster_client_tls = policy.and_then(|p| p.tls.as_ref());
+        let dropped = cluster_client_tls
+            .and_then(|t| t.dropped_on_sidecar(drt.as_ref().is_some_and(|d| d.has_selector)));
+        let mut parse = |t: Option<&ClientTls>| -> Option<DrTlsMode> {
+            match t?.parsed() {
+                Ok(m) => Some(m),
+                Err(raw) => {
+                    warnings.push(format!(
+                        "DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored"
+                    ));
+                    None
+                }
+            }
+        };
+        let cluster_dr = if dropped.is_some() {
+            Some(DrTlsMode::Disable)
+        } else {
+            parse(cluster_client_tls)
+        };
+        let endpoint_dr = parse(drt.as_ref().and_then(|d| d.endpoint));
+        // `buildUpstreamTLSSettings`: ISTIO_MUTUAL checks the rule's subjectAltNames, else the
+        // service's accounts (`PushContext.ServiceAccounts`: those of its endpoints that name
+        // one), so an endpoint without an account fails once others have one.
+        let subject_alt_names = match cluster_client_tls {
+            Some(t)
+                if cluster_dr == Some(DrTlsMode::IstioMutual)
+                    && !t.subject_alt_names.is_empty() =>
+            {
+                t.subject_alt_names.clone()
+            }
+            _ => {
+                let mut sas: Vec<String> = all
+                    .iter()
+                    .filter_map(|b| {
+                        let sa = b.service_account.as_deref()?;
+                        Some(format!("spiffe://{}/ns/{}/sa/{sa}", s.domain, b.namespace))
+                    })
+                    .collect();
+                sas.sort();
+                sas.dedup();
+                sas
+            }
+        };
+        let lb_passthrough = policy.is_some_and(EffectivePolicy::passthrough)
+            || drt.as_ref().is_some_and(|d| d.subset_passthrough);
+        let passthrough = t.passthrough || lb_passthrough;
+        let (tls, tls_why) = match dropped {
+            Some(why) => (ClusterTls::Plain, why),
+            None => cluster_tls(ClusterInput {
+                dr_tls: cluster_dr,
+                mesh_external: t.mesh_external,
+                auto_mtls: s.auto_mtls,
+                inferred_disable: None,
+                original_dst: false,
+            }),
+        };
+        // `BestEffortInferServiceMTLSMode`: a passthrough service (headless, or the rule's top
+        // level PASSTHROUGH) is DISABLE unless every instance of the port has a sidecar.
+        let infer_passthrough = t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
+        let inferred_disable = if infer_passthrough && all.is_empty() {
+            Some("passthrough service with no endpoints: Istio infers DISABLE (BestEffortInferServiceMTLSMode)")
+        } else if infer_passthrough && all.iter().any(|b| b.tls_label != TlsMode::Istio) {
+            Some("passthrough service with an endpoint without tlsMode istio: Istio sends plaintext to every endpoint (BestEffortInferServiceMTLSMode)")
+        } else if ns_mode.mode == PeerAuthMode::Disable {
+            Some("namespace/mesh PeerAuthentication DISABLE: Istio infers the service's mode from it alone, ignoring workload policies (BestEffortInferServiceMTLSMode)")
+        } else {
+            None
+        };
+        let (istio_tls, istio_tls_why) = match dropped {
+            Some(why) => (ClusterTls::Plain, why),
+            None => cluster_tls(ClusterInput {
+                dr_tls: cluster_dr,
+                mesh_external: t.mesh_external,
+                auto_mtls: s.auto_mtls,
+                inferred_disable,
+                original_dst: passthrough,
+            }),
+        };
+        let endpoints = backends
+            .iter()
+            .filter(|b| b.ready)
+            .map(|b| self.plan_endpoint(b, endpoint_dr))
+            .collect();
+        for b in backends.iter().filter(|b| !b.ready) {
+            warnings.push(format!(
+                "{} ({}) is not ready: not served (istiod filterIstioEndpoint)",
+                b.workload, b.address
+            ));
+        }
+        if backends.is_empty() && subset.is_none() && !t.mesh_external {
+            warnings.push(match t.kind {
+                "Service" => {
+                    "no endpoints: no EndpointSlice labelled kubernetes.io/service-name for this service (and no WorkloadEntry it selects)".into()
+                }
+                _ => "no endpoints: the ServiceEntry lists none and its workloadSelector selects nothing".into(),
+            });
+        }
+        ClusterPlan {
+            name: format!("outbound|{port}|{}|{}", subset.unwrap_or_default(), t.fqdn),
+            service: t.service.clone(),
+            kind: t.kind,
+            fqdn: t.fqdn.clone(),
+            port,
+            subset: subset.map(str::to_owned),
+            mesh_external: t.mesh_external,
+            passthrough,
+            resolution: t.resolution.clone(),
+            served_by_eds: t.served_by_eds,
+            export_to: t.export_to.clone(),
+            destination_rule: drt.map(|d| d.r),
+            tls,
+            tls_why: tls_why.to_owned(),
+            istio_tls,
+            istio_tls_why: istio_tls_why.to_owned(),
+            subject_alt_names,
+            trust_domain: s.domain.clone(),
+            endpoints,
+            warnings,
+        }
+    }
+
+    fn plan_endpoint(&self, b: &Backend, endpoint_dr: Option<DrTlsMode>) -> EndpointPlan {
+        let s = self.s;
+        let pa = resolve_peer_auth(
+            &self.objs.peer_authentications,
+            &s.root_namespace,
+            &b.namespace,
+            &b.labels,
+            Some(b.port),
+        );
+        let proof = match &b.pod {
+            Some(p) => self.proofs.proof(
+                &PodName {
+                    cluster: &b.cluster,
+                    namespace: &b.namespace,
+                    name: &p.name,
+                },
+                p.uid.as_deref(),
+            ),
+            None => ProxyProof::Unknown,
+        };
+        let declared = b.tls_label == TlsMode::Istio;
+        let silent = declared && proof == ProxyProof::Never;
+        let sidecar = declared && !(s.require_proxy_proof && silent);
+        let (meta, why) = endpoint_metadata(EndpointInput {
+            dr_tls: endpoint_dr,
+            sidecar,
+            peer_auth: pa.mode,
+        });
+        let (istio_meta, _) = endpoint_metadata(EndpointInput {
+            dr_tls: endpoint_dr,
+            sidecar: declared,
+            peer_auth: pa.mode,
+        });
+        let mut warnings = b.warnings.clone();
+        let mut eds_why = why.to_owned();
+        if silent {
+            if s.require_proxy_proof {
+                eds_why = "declared tlsMode=istio but no proxy has fetched a certificate: discovery.require_proxy_proof marks it tlsMode disabled".into();
+            } else {
+                warnings.push(
+                    "declared tlsMode=istio but no proxy of this pod has fetched a certificate from meshid: mTLS to it will fail".into(),
+                );
+            }
+        }
+        let mode = |b: bool| if b { TlsMode::Istio } else { TlsMode::Disabled };
+        EndpointPlan {
+            backend: b.clone(),
+            proof,
+            peer_authentication: pa,
+            eds_tls_mode: mode(meta),
+            eds_why,
+            istio_eds_tls_mode: mode(istio_meta),
+            sidecar,
+            warnings,
+        }
+    }
+}
+
+/// Every cluster of every Service and ServiceEntry for a client with a sidecar in a namespace
+/// with no rules of its own that no `exportTo` names.
 pub fn plan_all(
     objs: &MeshObjects,
     s: &MeshSettings,
     proofs: &dyn ProofLookup,
 ) -> Vec<ClusterPlan> {
-    let idx = Index::new(objs, &s.cluster_name);
-    let mut out = Vec::new();
-    for svc in idx.services.iter().copied() {
-        if let Some(t) = service_target(&idx, s, svc) {
-            out.extend(plan_target(objs, s, proofs, &t, None));
+    Planner::new(objs, s, proofs).all(Some(&Client::anywhere()))
+}
+
+impl Client {
+    /// A sidecar client in a namespace that has no DestinationRules of its own and that no
+    /// `exportTo` names: it sees only rules exported everywhere.
+    pub fn anywhere() -> Self {
+        Self {
+            name: String::new(),
+            namespace: String::new(),
+            labels: BTreeMap::new(),
+            sidecar: true,
         }
     }
-    for se in &objs.service_entries {
-        for t in service_entry_targets(&idx, s, se) {
-            out.extend(plan_target(objs, s, proofs, &t, None));
-        }
-    }
-    out
 }
 
 /// The clusters of the Service or ServiceEntry host `name` (`svc.ns`, or a ServiceEntry's
@@ -363,46 +640,49 @@ pub fn plan_named_for(
     name: &str,
     clients: &[Option<&Client>],
 ) -> Option<Vec<Vec<ClusterPlan>>> {
-    let idx = Index::new(objs, &s.cluster_name);
-    let targets = targets_named(objs, &idx, s, name);
-    if targets.is_empty() {
+    let planner = Planner::new(objs, s, proofs);
+    let named = targets_named(objs, &planner.targets, name);
+    if named.is_empty() {
         return None;
     }
     Some(
         clients
             .iter()
             .map(|c| {
-                targets
+                named
                     .iter()
-                    .flat_map(|t| plan_target(objs, s, proofs, t, *c))
+                    .flat_map(|t| planner.plan_target(t, *c))
                     .collect()
             })
             .collect(),
     )
 }
 
-fn targets_named(objs: &MeshObjects, idx: &Index<'_>, s: &MeshSettings, name: &str) -> Vec<Target> {
-    if let Some((n, ns)) = name.split_once('.') {
-        if let Some(svc) = idx.services.iter().copied().find(|x| {
-            x.metadata.name.as_deref() == Some(n) && x.metadata.namespace.as_deref() == Some(ns)
-        }) {
-            return service_target(idx, s, svc).into_iter().collect();
-        }
+fn targets_named<'t>(objs: &MeshObjects, targets: &'t [Target], name: &str) -> Vec<&'t Target> {
+    if let Some(t) = targets
+        .iter()
+        .find(|t| t.kind == "Service" && t.service == name)
+    {
+        return vec![t];
     }
-    let mut out = Vec::new();
-    for se in &objs.service_entries {
-        let se_name = format!(
-            "{}.{}",
-            se.metadata.name.as_deref().unwrap_or(""),
-            se.metadata.namespace.as_deref().unwrap_or("")
-        );
-        for t in service_entry_targets(idx, s, se) {
-            if t.fqdn == name || se_name == name {
-                out.push(t);
-            }
-        }
-    }
-    out
+    let se_names: Vec<String> = objs
+        .service_entries
+        .iter()
+        .map(|se| {
+            format!(
+                "{}.{}",
+                se.metadata.name.as_deref().unwrap_or(""),
+                se.metadata.namespace.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    targets
+        .iter()
+        .filter(|t| {
+            t.kind == "ServiceEntry"
+                && (t.fqdn == name || (t.service == name && se_names.iter().any(|n| n == name)))
+        })
+        .collect()
 }
 
 /// Whether a ServiceEntry (or Service) is visible to `client` (its `exportTo`).
@@ -414,11 +694,13 @@ fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Op
     let name = svc.metadata.name.as_deref()?;
     let ns = svc.metadata.namespace.as_deref()?;
     let spec = svc.spec.as_ref();
+    let mut skipped = Vec::new();
     let ports = spec
         .iter()
         .flat_map(|x| x.ports.iter().flatten())
-        .map(|sp| (sp.port as u16, idx.service_backends(svc, sp)))
+        .map(|sp| (sp.port as u16, idx.service_backends(svc, sp, &mut skipped)))
         .collect();
+    skipped.dedup();
     Some(Target {
         service: format!("{name}.{ns}"),
         kind: "Service",
@@ -430,6 +712,7 @@ fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Op
         served_by_eds: true,
         export_to: (ns.to_owned(), Vec::new()),
         ports,
+        skipped,
     })
 }
 
@@ -444,205 +727,33 @@ fn service_entry_targets<'a>(
     se.spec
         .hosts
         .iter()
-        .map(|host| Target {
-            service: format!("{name}.{ns}"),
-            kind: "ServiceEntry",
-            fqdn: resolve_host(host, &ns, &s.domain),
-            namespace: ns.clone(),
-            mesh_external: se.mesh_external(),
-            passthrough: resolution == "NONE",
-            resolution: resolution.clone(),
-            served_by_eds: resolution == "STATIC",
-            export_to: (ns.clone(), se.spec.export_to.clone()),
-            ports: se
+        .map(|host| {
+            let mut skipped = Vec::new();
+            let ports = se
                 .spec
                 .ports
                 .iter()
-                .map(|p| (p.number as u16, idx.service_entry_backends(se, p, host)))
-                .collect(),
-        })
-        .collect()
-}
-
-fn plan_target(
-    objs: &MeshObjects,
-    s: &MeshSettings,
-    proofs: &dyn ProofLookup,
-    t: &Target,
-    client: Option<&Client>,
-) -> Vec<ClusterPlan> {
-    let dr = destination_rule(&objs.destination_rules, s, &t.fqdn, &t.namespace, client);
-    // `BestEffortInferServiceMTLSMode` reads the namespace/mesh policy only.
-    let ns_mode = resolve_peer_auth(
-        &objs.peer_authentications,
-        &s.root_namespace,
-        &t.namespace,
-        &BTreeMap::new(),
-        None,
-    );
-    let mut out = Vec::new();
-    for (port, backends) in &t.ports {
-        let mut subsets: Vec<Option<&super::istio::Subset>> = vec![None];
-        subsets.extend(dr.iter().flat_map(|d| d.spec.subsets.iter()).map(Some));
-        for subset in subsets {
-            let chosen: Vec<&Backend> = backends
-                .iter()
-                .filter(|b| {
-                    subset
-                        .is_none_or(|ss| ss.labels.iter().all(|(k, v)| b.labels.get(k) == Some(v)))
+                .map(|p| {
+                    (
+                        p.number as u16,
+                        idx.service_entry_backends(se, p, host, &mut skipped),
+                    )
                 })
                 .collect();
-            out.push(plan_cluster(
-                objs,
-                s,
-                proofs,
-                t,
-                *port,
-                subset.map(|x| x.name.as_str()),
-                dr,
-                &ns_mode,
-                &chosen,
-            ));
-        }
-    }
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-fn plan_cluster(
-    objs: &MeshObjects,
-    s: &MeshSettings,
-    proofs: &dyn ProofLookup,
-    t: &Target,
-    port: u16,
-    subset: Option<&str>,
-    dr: Option<&DestinationRule>,
-    ns_mode: &PeerAuthResolution,
-    backends: &[&Backend],
-) -> ClusterPlan {
-    let drt = dr.map(|d| dr_tls(d, port, subset));
-    let passthrough = t.passthrough
-        || dr
-            .and_then(|d| d.spec.traffic_policy.as_ref())
-            .is_some_and(TrafficPolicy::passthrough);
-    let cluster_dr = drt.as_ref().and_then(|d| d.cluster);
-    let endpoint_dr = drt.as_ref().and_then(|d| d.endpoint);
-    let (tls, tls_why) = cluster_tls(ClusterInput {
-        dr_tls: cluster_dr,
-        mesh_external: t.mesh_external,
-        auto_mtls: s.auto_mtls,
-        inferred_disable: None,
-        original_dst: false,
-    });
-    let inferred_disable = if passthrough && backends.is_empty() {
-        Some("passthrough (headless) service with no endpoints: Istio infers DISABLE (BestEffortInferServiceMTLSMode)")
-    } else if passthrough && backends.iter().any(|b| b.tls_label != TlsMode::Istio) {
-        Some("passthrough (headless) service with an endpoint without the tlsMode=istio label: Istio sends plaintext to every endpoint (BestEffortInferServiceMTLSMode)")
-    } else if ns_mode.mode == PeerAuthMode::Disable {
-        Some("namespace/mesh PeerAuthentication DISABLE: Istio infers the service's mode from it alone, ignoring workload policies (BestEffortInferServiceMTLSMode)")
-    } else {
-        None
-    };
-    let (istio_tls, istio_tls_why) = cluster_tls(ClusterInput {
-        dr_tls: cluster_dr,
-        mesh_external: t.mesh_external,
-        auto_mtls: s.auto_mtls,
-        inferred_disable,
-        original_dst: passthrough,
-    });
-    let mut warnings = drt.as_ref().map(|d| d.warnings.clone()).unwrap_or_default();
-    let endpoints = backends
-        .iter()
-        .map(|b| plan_endpoint(objs, s, proofs, b, endpoint_dr))
-        .collect();
-    if backends.is_empty() && subset.is_none() && !t.mesh_external {
-        warnings.push(match t.kind {
-            "Service" => {
-                "no endpoints: no EndpointSlice labelled kubernetes.io/service-name for this service (and no WorkloadEntry it selects)".into()
+            skipped.dedup();
+            Target {
+                service: format!("{name}.{ns}"),
+                kind: "ServiceEntry",
+                fqdn: resolve_host(host, &ns, &s.domain),
+                namespace: ns.clone(),
+                mesh_external: se.mesh_external(),
+                passthrough: resolution == "NONE",
+                resolution: resolution.clone(),
+                served_by_eds: resolution == "STATIC",
+                export_to: (ns.clone(), se.spec.export_to.clone()),
+                ports,
+                skipped,
             }
-            _ => "no endpoints: the ServiceEntry lists none and its workloadSelector selects nothing".into(),
-        });
-    }
-    ClusterPlan {
-        name: format!("outbound|{port}|{}|{}", subset.unwrap_or_default(), t.fqdn),
-        service: t.service.clone(),
-        kind: t.kind,
-        fqdn: t.fqdn.clone(),
-        port,
-        subset: subset.map(str::to_owned),
-        mesh_external: t.mesh_external,
-        passthrough,
-        resolution: t.resolution.clone(),
-        served_by_eds: t.served_by_eds,
-        export_to: t.export_to.clone(),
-        destination_rule: drt.map(|d| d.r),
-        tls,
-        tls_why: tls_why.to_owned(),
-        istio_tls,
-        istio_tls_why: istio_tls_why.to_owned(),
-        endpoints,
-        warnings,
-    }
-}
-
-fn plan_endpoint(
-    objs: &MeshObjects,
-    s: &MeshSettings,
-    proofs: &dyn ProofLookup,
-    b: &Backend,
-    endpoint_dr: Option<DrTlsMode>,
-) -> EndpointPlan {
-    let pa = resolve_peer_auth(
-        &objs.peer_authentications,
-        &s.root_namespace,
-        &b.namespace,
-        &b.labels,
-        Some(b.port),
-    );
-    let proof = match &b.pod {
-        Some(p) => proofs.proof(
-            &PodName {
-                cluster: &b.cluster,
-                namespace: &b.namespace,
-                name: &p.name,
-            },
-            p.uid.as_deref(),
-        ),
-        None => ProxyProof::Unknown,
-    };
-    let declared = b.tls_label == TlsMode::Istio;
-    let silent = declared && proof == ProxyProof::Never;
-    let sidecar = declared && !(s.require_proxy_proof && silent);
-    let (meta, why) = endpoint_metadata(EndpointInput {
-        dr_tls: endpoint_dr,
-        sidecar,
-        peer_auth: pa.mode,
-    });
-    let (istio_meta, _) = endpoint_metadata(EndpointInput {
-        dr_tls: endpoint_dr,
-        sidecar: declared,
-        peer_auth: pa.mode,
-    });
-    let mut warnings = b.warnings.clone();
-    let mut eds_why = why.to_owned();
-    if silent {
-        if s.require_proxy_proof && endpoint_dr.is_none() {
-            eds_why = "declared tlsMode=istio but no proxy has fetched a certificate: discovery.require_proxy_proof marks it tlsMode disabled".into();
-        } else {
-            warnings.push(
-                "declared tlsMode=istio but no proxy of this pod has fetched a certificate from meshid: mTLS to it will fail".into(),
-            );
-        }
-    }
-    let mode = |b: bool| if b { TlsMode::Istio } else { TlsMode::Disabled };
-    EndpointPlan {
-        backend: b.clone(),
-        proof,
-        peer_authentication: pa,
-        eds_tls_mode: mode(meta),
-        eds_why,
-        istio_eds_tls_mode: mode(istio_meta),
-        sidecar,
-        warnings,
-    }
+        })
+        .collect()
 }

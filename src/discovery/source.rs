@@ -93,6 +93,13 @@ fn build(
     }
 }
 
+/// Logs each input field that can change a decision but is not modeled (once per model).
+fn log_ignored(objs: &MeshObjects) {
+    for field in super::ignored_fields(objs) {
+        tracing::warn!(%field, "discovery: a field that can change an auto mTLS decision is not modeled; ignored");
+    }
+}
+
 fn proofs_moved(registry: Option<&ProxyRegistry>, digest: &Digest) -> bool {
     registry.is_some_and(|r| r.snapshot().digest() != *digest)
 }
@@ -108,6 +115,7 @@ pub fn spawn_view(
     mut stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<DiscoveryView>>, JoinHandle<()>) {
     let current = objs.borrow_and_update().clone();
+    log_ignored(&current);
     let (view, mut digest) = build(&current, &settings, registry.as_deref());
     let (tx, rx) = watch::channel(view);
     let mut changes = registry.as_ref().map(|r| r.subscribe());
@@ -125,6 +133,7 @@ pub fn spawn_view(
                 r = objs.changed() => {
                     if r.is_err() { return }
                     current = objs.borrow_and_update().clone();
+                    log_ignored(&current);
                 }
                 alive = proofs_changed => {
                     if !alive { return }

@@ -157,9 +157,9 @@ fn rules_mesh() -> (Mesh, Vec<Row>) {
     m.dr("rules", "portauto", json!({"host": "portauto", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
         "portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "ROUND_ROBIN"}}]}}));
     rows.push(Row {
-        rule: "util.go GetPortLevelTrafficPolicy: a port entry without tls means auto mTLS on the cluster; mtls_checker.go trafficPolicyTLSModeForPort falls back to the top-level ISTIO_MUTUAL for the endpoint metadata",
+        rule: "util.go GetPortLevelTrafficPolicy: a port entry without tls means auto mTLS on the cluster; mtls_checker.go checkMtlsEnabled (top-level ISTIO_MUTUAL) can only keep an endpoint's own tlsMode (buildEnvoyLbEndpoint): the endpoint without sidecar stays plaintext",
         service: "portauto.rules",
-        want: vec![(Mtls, Mtls, I), (WillFail, WillFail, I)],
+        want: vec![(Mtls, Mtls, I), (Plaintext, Plaintext, D)],
     });
     // 3
     m.app("rules", "portdisable", false, &[Sidecar]);
@@ -356,7 +356,7 @@ fn describe_says_which_side_decided_and_why_istio_differs() {
     let r = describe_service(&objs, &s, "portauto.rules", None).unwrap();
     let dr = r.destination_rule.as_ref().unwrap();
     assert!(dr.cluster_side.starts_with("port 8080 entry"), "{dr:?}");
-    assert!(dr.endpoint_side.ends_with("IstioMutual"), "{dr:?}");
+    assert!(dr.endpoint_side.ends_with("ISTIO_MUTUAL"), "{dr:?}");
     assert_eq!(r.endpoints[1].decided_by, "endpoint");
     let r = describe_service(&objs, &s, "wlstrict.nsdis", None).unwrap();
     assert_eq!(r.istio_differs, 1);
@@ -378,7 +378,8 @@ fn describe_says_which_side_decided_and_why_istio_differs() {
 
 /// `push_context.go` `destinationRule`: the client's namespace first, then the service's
 /// (only rules exported to the client), then the root namespace; a selector-bearing rule only
-/// for the clients it selects.
+/// for the clients it selects (`SidecarScope.DestinationRule`), and a client namespace with
+/// rules for the host ends the lookup even when none selects the client.
 #[test]
 fn destination_rule_lookup_order_export_to_and_workload_selector() {
     let mut m = Mesh::new();
@@ -430,8 +431,8 @@ fn destination_rule_lookup_order_export_to_and_workload_selector() {
     );
     assert_eq!(
         from(Some("c4.client3")),
-        (Some("istio-system/mesh".into()), Mtls),
-        "the selector-bearing rule does not select c4"
+        (None, Mtls),
+        "push_context.go destinationRule stops at client3, which has a rule for the host; SidecarScope.DestinationRule: it does not select c4, so c4 gets no rule at all"
     );
     assert_eq!(from(None), (Some("svcns/api".into()), Tls));
 }
@@ -1467,4 +1468,314 @@ async fn eds_respects_service_entry_export_to() {
         err.message()
     );
     server.running.shutdown().await;
+}
+
+/// The EDS metadata one namespace's token gets for `cluster`, over the wire (FetchEndpoints).
+async fn eds_tls_modes(
+    server: &crate::server_support::TestServer,
+    ns: &str,
+    cluster: &str,
+) -> Vec<(String, Option<String>)> {
+    use envoy_types::pb::envoy::{
+        config::core::v3::{address, socket_address::PortSpecifier},
+        config::endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment},
+        service::{
+            discovery::v3::DiscoveryRequest,
+            endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient,
+        },
+    };
+    use prost::Message;
+    let mut c = EndpointDiscoveryServiceClient::with_interceptor(
+        server.channel().await,
+        crate::server_support::bearer(Some(server.token(ns, "app"))),
+    );
+    let r = c
+        .fetch_endpoints(DiscoveryRequest {
+            resource_names: vec![cluster.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+    let mut out = Vec::new();
+    for l in &cla.endpoints {
+        for e in &l.lb_endpoints {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                continue;
+            };
+            let Some(address::Address::SocketAddress(sa)) =
+                ep.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                continue;
+            };
+            let _ = matches!(sa.port_specifier, Some(PortSpecifier::PortValue(_)));
+            let tls = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+                .and_then(|s| s.fields.get("tlsMode"))
+                .and_then(|v| match &v.kind {
+                    Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                });
+            out.push((sa.address.clone(), tls));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Over the wire: `buildEnvoyLbEndpoint` only clears tlsMode (a port entry without tls under a
+/// top-level ISTIO_MUTUAL leaves the endpoint without sidecar unmarked), and EDS is computed
+/// per client as istiod computes it per proxy (`SidecarScope.DestinationRule`): the client
+/// namespace's own rule (DISABLE) clears the sidecar's mark for that namespace's streams only.
+#[tokio::test]
+async fn eds_only_clears_tls_mode_and_is_computed_per_client_namespace() {
+    let mut m = Mesh::new();
+    let with = m.pod("svc", "api-0", "api", Sidecar, &[]);
+    let without = m.pod("svc", "api-1", "api", NoSidecar, &[]);
+    m.service(
+        "svc",
+        "api",
+        false,
+        &[("api-0", &with), ("api-1", &without)],
+    );
+    m.dr(
+        "svc",
+        "api",
+        json!({"host": "api", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+        "portLevelSettings": [{"port": {"number": 8080}}]}}),
+    );
+    m.dr(
+        "private",
+        "api-off",
+        json!({"host": "api.svc.svc.cluster.local", "exportTo": ["."],
+        "trafficPolicy": {"tls": {"mode": "DISABLE"}}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("mesh.json");
+    std::fs::write(&snapshot, m.json().to_string()).unwrap();
+    let server = crate::server_support::TestServer::start_with(
+        std::sync::Arc::new(meshid::clock::SystemClock),
+        move |cfg| {
+            cfg.discovery = Some(meshid::config::Discovery {
+                snapshot: Some(snapshot),
+                ..Default::default()
+            })
+        },
+    )
+    .await;
+    let cluster = "outbound|8080||api.svc.svc.cluster.local";
+    let istio = Some("istio".to_string());
+    let mut want = vec![(with.clone(), istio), (without.clone(), None)];
+    want.sort();
+    assert_eq!(eds_tls_modes(&server, "elsewhere", cluster).await, want);
+    let mut private = vec![(with, None), (without, None)];
+    private.sort();
+    assert_eq!(
+        eds_tls_modes(&server, "private", cluster).await,
+        private,
+        "the private namespace's own DISABLE rule applies to its streams"
+    );
+    server.running.shutdown().await;
+}
+
+/// Where an endpoint's tlsMode and its presence come from, one row per Istio function:
+/// the pod label alone (`kube/conversion.go` `PodTLSMode`; a labelled pod without a proxy is a
+/// decision, "will fail"), a WorkloadEntry's service account (`getTLSModeFromWorkloadEntry`),
+/// an EndpointSlice endpoint without targetRef matched by IP (`endpointslice.go` `getPod`), a
+/// targetRef to a pod that is not there (not served), unready endpoints (not served), and a
+/// ServiceEntry selecting pods: Ready ones only, on their named container port (`pod.go`
+/// `getPortMap`).
+#[test]
+fn where_tls_mode_comes_from() {
+    use TlsMode::Istio as I;
+    let mut m = Mesh::new();
+    let lab = m.pod("src", "labelled-0", "labelled", Sidecar, &[]);
+    m.service("src", "labelled", false, &[("labelled-0", &lab)]);
+    let ip = m.pod("src", "byip-0", "byip", Sidecar, &[]);
+    m.raw(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "byip", "namespace": "src"},
+        "spec": {"selector": {"app": "byip"}, "ports": [{"name": "http", "port": 8080}]}}));
+    m.raw(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "byip-1", "namespace": "src", "labels": {"kubernetes.io/service-name": "byip"}},
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": true}},
+            {"addresses": ["10.250.9.9"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "gone", "namespace": "src"}},
+            {"addresses": ["10.250.9.8"], "conditions": {"ready": false}, "targetRef": {"kind": "Pod", "name": "byip-0", "namespace": "src"}}
+        ]}));
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "vm", "namespace": "src"},
+        "spec": {"address": "10.1.0.7", "serviceAccount": "vm", "labels": {"app": "mixed"}}}),
+    );
+    let ready = m.pod("src", "mixed-ready", "mixed", Sidecar, &[]);
+    m.pod("src", "mixed-unready", "mixed", Sidecar, &[]);
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "mixed", "namespace": "src"},
+        "spec": {"hosts": ["mixed.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                 "ports": [{"number": 80, "name": "web", "targetPort": 9999}],
+                 "workloadSelector": {"labels": {"app": "mixed"}}}}),
+    );
+    let mut v = m.json();
+    for p in v["items"].as_array_mut().unwrap() {
+        if p["kind"] != "Pod" {
+            continue;
+        }
+        let name = p["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        if name == "labelled-0" {
+            // Labelled, but the proxy container is not there.
+            p["spec"]["containers"] = json!([{"name": "app", "image": "example/app"}]);
+        }
+        if name == "byip-0" {
+            // istiod's pod cache indexes only Ready pods by IP.
+            p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        }
+        if name.starts_with("mixed-") {
+            let status = if name == "mixed-ready" {
+                "True"
+            } else {
+                "False"
+            };
+            p["status"]["conditions"] = json!([{"type": "Ready", "status": status}]);
+            p["spec"]["containers"][0]["ports"] =
+                json!([{"name": "web", "containerPort": 8181, "protocol": "TCP"}]);
+        }
+    }
+    let objs = MeshObjects::from_snapshot(v.to_string().as_bytes()).unwrap();
+    let s = MeshSettings::default();
+    type Row = (
+        &'static str,
+        &'static str,
+        Vec<(String, u16, Decision, TlsMode)>,
+    );
+    let rows: Vec<Row> = vec![
+        (
+            "PodTLSMode: the label alone decides; a labelled pod with no proxy gets mTLS, which fails",
+            "labelled.src",
+            vec![(lab, 8080, WillFail, I)],
+        ),
+        (
+            "endpointslice.go getPod: an endpoint without targetRef is its pod by IP; a targetRef to a missing pod and an unready endpoint are not served",
+            "byip.src",
+            vec![(ip, 8080, Mtls, I)],
+        ),
+        (
+            "getTLSModeFromWorkloadEntry: a service account without label is istio; pod.go getPortMap: a selected pod serves on its named container port; only Ready pods",
+            "mixed.internal",
+            vec![("10.1.0.7".into(), 9999, Mtls, I), (ready, 8181, Mtls, I)],
+        ),
+    ];
+    for (rule, service, mut want) in rows {
+        let r = describe_service(&objs, &s, service, None).unwrap();
+        let mut got: Vec<(String, u16, Decision, TlsMode)> = r
+            .endpoints
+            .iter()
+            .map(|e| (e.address.clone(), e.port, e.istio.decision, e.eds_tls_mode))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want, "rule: {rule}\n{r:#?}");
+        // meshid's own decision agrees here (no deliberate difference applies).
+        assert!(
+            r.endpoints.iter().all(|e| e.decision == e.istio.decision),
+            "rule: {rule}"
+        );
+    }
+    let r = describe_service(&objs, &s, "byip.src", None).unwrap();
+    for want in ["not in the input: not served", "is not ready: not served"] {
+        assert!(
+            r.warnings.iter().any(|w| w.contains(want)),
+            "{want}: {:?}",
+            r.warnings
+        );
+    }
+}
+
+/// DestinationRule tls fields (`cluster_tls.go` `buildUpstreamClusterTLSContext`,
+/// `buildUpstreamTLSSettings`, `applyLoadBalancer`): one row each, Istio's decision for a
+/// sidecar endpoint and one without.
+#[test]
+fn destination_rule_tls_fields() {
+    let mut m = Mesh::new();
+    let mut rows: Vec<(&str, &str, Vec<Decision>)> = Vec::new();
+    let mut case =
+        |m: &mut Mesh, name: &'static str, tp: Value, rule: &'static str, want: Vec<Decision>| {
+            m.app("tlsf", name, false, &[Sidecar, NoSidecar]);
+            m.dr("tlsf", name, json!({"host": name, "trafficPolicy": tp}));
+            rows.push((rule, name, want));
+        };
+    case(&mut m, "cred", json!({"tls": {"mode": "SIMPLE", "credentialName": "cert"}}),
+        "buildUpstreamClusterTLSContext: credentialName without workloadSelector gives a sidecar no TLS",
+        vec![Plaintext, Plaintext]);
+    case(
+        &mut m,
+        "sans",
+        json!({"tls": {"mode": "ISTIO_MUTUAL", "subjectAltNames": ["spiffe://cluster.local/ns/other/sa/x"]}}),
+        "buildUpstreamTLSSettings: ISTIO_MUTUAL with subjectAltNames the server lacks fails",
+        vec![WillFail, WillFail],
+    );
+    case(
+        &mut m,
+        "sansok",
+        json!({"tls": {"mode": "ISTIO_MUTUAL", "subjectAltNames": ["spiffe://cluster.local/ns/tlsf/sa/sansok"]}}),
+        "buildUpstreamTLSSettings: ISTIO_MUTUAL with the server's own identity in subjectAltNames",
+        vec![Mtls, WillFail],
+    );
+    case(&mut m, "nocert", json!({"tls": {"mode": "MUTUAL"}}),
+        "constructUpstreamTLS: MUTUAL without client certificate and key: no TLS context, plaintext",
+        vec![Plaintext, Plaintext]);
+    case(&mut m, "passthru", json!({"portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "PASSTHROUGH"}}]}),
+        "applyLoadBalancer: a port-level PASSTHROUGH makes an ORIGINAL_DST cluster: no socket matches, ISTIO_MUTUAL for every endpoint",
+        vec![Mtls, WillFail]);
+    let objs = m.objects();
+    let s = MeshSettings::default();
+    for (rule, name, want) in rows {
+        let r = describe_service(&objs, &s, &format!("{name}.tlsf"), None).unwrap();
+        let got: Vec<Decision> = r.endpoints.iter().map(|e| e.istio.decision).collect();
+        assert_eq!(got, want, "rule: {rule}\n{r:#?}");
+    }
+}
+
+/// Silence is a defect: fields that can change a decision and are not modeled are named by
+/// `describe` (text and JSON).
+#[test]
+fn describe_names_every_ignored_field() {
+    let mut m = Mesh::new();
+    m.app("ign", "api", false, &[Sidecar]);
+    m.dr(
+        "ign",
+        "api",
+        json!({"host": "api", "trafficPolicy": {"tunnel": {"protocol": "CONNECT"},
+        "tls": {"mode": "SIMPLE", "sni": "x"}}}),
+    );
+    m.raw(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+        "metadata": {"name": "default", "namespace": "ign"}, "spec": {}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.json");
+    std::fs::write(&path, m.json().to_string()).unwrap();
+    let o = crate::support::meshid(&[
+        "describe",
+        "service",
+        "api.ign",
+        "--snapshot",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "ignored: DestinationRule ign/api: trafficPolicy.tunnel",
+        "ignored: DestinationRule ign/api: trafficPolicy tls.sni",
+        "ignored: kind Sidecar: not read",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    let r = describe_service(&m.objects(), &MeshSettings::default(), "api.ign", None).unwrap();
+    assert_eq!(r.ignored.len(), 3, "{:?}", r.ignored);
 }

@@ -509,7 +509,13 @@ mod eds {
             .find(|i| i["metadata"]["name"] == "legacy-db-0")
             .unwrap()
             .clone();
+        // Injected: the label and the proxy container (the label alone would be sent mTLS
+        // and fail, which describe says).
         pod["metadata"]["labels"]["security.istio.io/tlsMode"] = serde_json::json!("istio");
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "istio-proxy", "image": "istio/proxyv2"}));
         let started = std::time::Instant::now();
         api.put(pod);
         let flipped = recv(&mut rx).await;
