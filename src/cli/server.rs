@@ -81,18 +81,21 @@ impl ServerArgs {
             let running = crate::server::start(cfg, Arc::new(SystemClock)).await?;
             // Handlers first: a SIGTERM right after the address line must drain, not kill.
             let signal = shutdown_signal()?;
-            println!(
-                "meshid server: gRPC (TLS) on {}, HTTP on {}",
+            let mut lines = format!(
+                "meshid server: gRPC (TLS) on {}, HTTP on {}\n",
                 running.grpc_addr, running.http_addr
             );
             if let Some(p) = &running.unix_path {
-                println!("meshid server: gRPC on unix:{}", p.display());
+                lines += &format!("meshid server: gRPC on unix:{}\n", p.display());
             }
             if let Some(a) = running.bundle_addr {
-                println!("meshid server: SPIFFE bundle endpoint (HTTPS) on {a}");
+                lines += &format!("meshid server: SPIFFE bundle endpoint (HTTPS) on {a}\n");
             }
+            say(&lines);
             let signal = signal.await?;
-            println!("meshid server: {signal} received; draining and shutting down");
+            say(&format!(
+                "meshid server: {signal} received; draining and shutting down\n"
+            ));
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
         })
@@ -237,4 +240,12 @@ pub(super) fn shutdown_signal(
             _ = term.recv() => Ok("SIGTERM"),
         }
     })
+}
+
+/// Writes to stdout, ignoring a reader that went away: a supervisor that read the address line
+/// and closed the pipe must not take the server down (`println!` panics on EPIPE).
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
