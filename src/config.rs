@@ -511,161 +511,11 @@ impl Config {
         errs.extend(self.auto_rotation.validate());
         errs.extend(self.root_cert_configmap.validate());
         self.federation.validate(None, &mut errs);
-        let si = &self.server_identity;
-        let td = crate::spiffe::TrustDomain::new("cluster.local").expect("valid");
-        if let Err(e) =
-            crate::spiffe::SpiffeId::for_service_account(&td, &si.namespace, &si.service_account)
-        {
-            errs.push(format!("server_identity: {e}"));
-        }
-        if self.clusters.is_empty() {
-            errs.push("clusters: at least one cluster is needed to authenticate callers".into());
-        }
-        let defaults = self.clusters.iter().filter(|c| c.default).count();
-        if self.clusters.len() > 1 && defaults != 1 {
-            errs.push(format!(
-                "clusters: exactly one cluster must have default = true; {defaults} do"
-            ));
-        }
-        for (i, c) in self.clusters.iter().enumerate() {
-            let at = format!("clusters[{i}] ({})", c.name);
-            if c.name.is_empty() {
-                errs.push(format!("clusters[{i}].name: must not be empty"));
-            }
-            if self.clusters[..i].iter().any(|o| o.name == c.name) {
-                errs.push(format!("{at}.name: duplicate cluster name"));
-            }
-            if c.audiences.is_empty() {
-                errs.push(format!("{at}.audiences: at least one audience is needed"));
-            }
-            if c.cache_ttl > Duration::from_secs(24 * 3600) {
-                errs.push(format!(
-                    "{at}.cache_ttl: {} is above 1d",
-                    fmt_duration(c.cache_ttl)
-                ));
-            }
-            if let Some(tr) = &c.tokenreview {
-                if tr.timeout.is_zero() || tr.timeout > Duration::from_secs(300) {
-                    errs.push(format!(
-                        "{at}.tokenreview.timeout: {} is outside 1ms..=5m",
-                        fmt_duration(tr.timeout)
-                    ));
-                }
-            }
-            for a in &c.aliases {
-                let taken = self
-                    .clusters
-                    .iter()
-                    .enumerate()
-                    .any(|(j, o)| o.name == *a || (j < i && o.aliases.contains(a)));
-                if a.is_empty() || taken || c.aliases.iter().filter(|x| *x == a).count() > 1 {
-                    errs.push(format!(
-                        "{at}.aliases: {a:?} is empty or already names a cluster or alias"
-                    ));
-                }
-            }
-            if c.leeway > Duration::from_secs(3600) {
-                errs.push(format!(
-                    "{at}.leeway: {} is above 1h",
-                    fmt_duration(c.leeway)
-                ));
-            }
-            if c.negative_cache_ttl > Duration::from_secs(300) {
-                errs.push(format!(
-                    "{at}.negative_cache_ttl: {} is above 5m; a refused token that became valid would stay refused",
-                    fmt_duration(c.negative_cache_ttl)
-                ));
-            }
-            match (&c.tokenreview, &c.jwks) {
-                (Some(_), Some(_)) | (None, None) => {
-                    errs.push(format!("{at}: set exactly one of [tokenreview] or [jwks]"))
-                }
-                (Some(tr), None) => {
-                    if tr.rate.qps <= 0.0 || tr.rate.burst == 0 {
-                        errs.push(format!(
-                            "{at}.tokenreview: qps and burst must be above zero"
-                        ));
-                    }
-                    // A call queued longer than the unary deadline would time out in the queue.
-                    let drain = f64::from(tr.rate.max_queue) / tr.rate.qps;
-                    let budget = self.limits.unary_timeout.as_secs_f64();
-                    if tr.rate.qps > 0.0 && drain > budget {
-                        errs.push(format!(
-                            "{at}.tokenreview.max_queue: {} calls at {} qps wait up to {drain:.1}s, longer than limits.unary_timeout ({}); set max_queue to at most {} or raise qps or limits.unary_timeout",
-                            tr.rate.max_queue,
-                            tr.rate.qps,
-                            fmt_duration(self.limits.unary_timeout),
-                            (tr.rate.qps * budget).floor() as u64
-                        ));
-                    }
-                    if tr.rate.max_queue_per_peer == 0 {
-                        errs.push(format!(
-                            "{at}.tokenreview.max_queue_per_peer: must be above zero"
-                        ));
-                    }
-                }
-                (None, Some(j)) => {
-                    let n = [
-                        j.file.is_some(),
-                        j.url.is_some(),
-                        j.oidc_issuer.is_some(),
-                        j.api_server.is_some(),
-                    ]
-                    .iter()
-                    .filter(|b| **b)
-                    .count();
-                    if n != 1 {
-                        errs.push(format!(
-                            "{at}.jwks: set exactly one of file, url, oidc_issuer or api_server"
-                        ));
-                    }
-                    if j.issuer.is_empty() {
-                        errs.push(format!("{at}.jwks.issuer: must not be empty"));
-                    }
-                }
-            }
-        }
-        let caps = &self.xds.max_resource_names_per_stream;
-        for (key, v) in [("sds", caps.sds), ("eds", caps.eds)] {
-            if v == 0 || v > MAX_NAMES_CEILING {
-                errs.push(format!(
-                    "xds.max_resource_names_per_stream.{key}: {v} is not between 1 and {MAX_NAMES_CEILING}"
-                ));
-            }
-        }
+        self.server_identity.validate(&mut errs);
+        validate_clusters(&self.clusters, self.limits.unary_timeout, &mut errs);
+        self.xds.validate(&mut errs);
         if let Some(d) = &self.discovery {
-            let n = [d.snapshot.is_some(), d.kubeconfig.is_some(), d.in_cluster]
-                .iter()
-                .filter(|b| **b)
-                .count();
-            if n != 1 {
-                errs.push(
-                    "discovery: set exactly one of snapshot, kubeconfig or in_cluster".into(),
-                );
-            }
-            let mut names = vec![d.cluster_name.as_str()];
-            for (i, c) in d.clusters.iter().enumerate() {
-                if c.name.is_empty() || names.contains(&c.name.as_str()) {
-                    errs.push(format!(
-                        "discovery.clusters[{i}].name: {:?} is empty or not unique (discovery.cluster_name is {:?})",
-                        c.name, d.cluster_name
-                    ));
-                }
-                names.push(&c.name);
-            }
-            if d.snapshot.is_some() && (!d.clusters.is_empty() || d.remote_secrets) {
-                errs.push(
-                    "discovery.clusters / discovery.remote_secrets: need a live source (kubeconfig or in_cluster), not a snapshot".into(),
-                );
-            }
-            errs.extend(d.insecure_kubeconfig_options.validate());
-            let grace = d.proxy_proof_grace;
-            if grace.is_zero() || grace > Duration::from_secs(7 * 24 * 3600) {
-                errs.push(format!(
-                    "discovery.proxy_proof_grace: {} is not between 1s and 7d",
-                    fmt_duration(grace)
-                ));
-            }
+            d.validate(&mut errs);
         }
         if errs.is_empty() {
             Ok(())
@@ -703,6 +553,37 @@ file = "/etc/meshid/jwks.json"
         assert_eq!(c.issuance, IssuancePolicy::default());
         assert_eq!(c.default_cluster().name, "Kubernetes");
         assert_eq!(c.clusters[0].audiences, vec!["istio-ca"]);
+    }
+
+    /// The server identity is checked as Kubernetes names it (no trust domain is needed: the
+    /// serving certificate's SPIFFE ID is built at start from the CA's own).
+    #[test]
+    fn server_identity_is_checked_as_kubernetes_names() {
+        let with = |ns: &str, sa: &str| {
+            let mut errs = Vec::new();
+            ServerIdentity {
+                namespace: ns.into(),
+                service_account: sa.into(),
+                dns_names: Vec::new(),
+            }
+            .validate(&mut errs);
+            errs
+        };
+        assert!(with("istio-system", "meshid").is_empty());
+        assert!(with("istio-system", "meshid.v2").is_empty());
+        let bad_ns = with("Istio_System", "meshid");
+        assert!(
+            bad_ns[0].starts_with("server_identity.namespace: \"Istio_System\""),
+            "{bad_ns:?}"
+        );
+        assert_eq!(
+            with("a.b", "meshid").len(),
+            1,
+            "a namespace is a label, no dots"
+        );
+        assert_eq!(with("ns", "-sa").len(), 1);
+        assert_eq!(with("ns", "").len(), 1);
+        assert_eq!(with(&"n".repeat(64), "sa").len(), 1);
     }
 
     #[test]
@@ -930,5 +811,205 @@ mod example_tests {
         let cfg = super::Config::from_toml(text).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(cfg.clusters[0].tokenreview.as_ref().unwrap().rate.qps, 50.0);
         assert_eq!(cfg.clusters[0].name, crate::identity::DEFAULT_CLUSTER);
+    }
+}
+
+impl ServerIdentity {
+    /// The namespace must be a DNS-1123 label and the service account a DNS-1123 subdomain, as
+    /// Kubernetes names them (the serving certificate's SPIFFE ID is built from both at start).
+    fn validate(&self, errs: &mut Vec<String>) {
+        if !is_dns1123_label(&self.namespace) {
+            errs.push(format!(
+                "server_identity.namespace: {:?} is not a Kubernetes namespace name (DNS-1123 label)",
+                self.namespace
+            ));
+        }
+        if !is_dns1123_subdomain(&self.service_account) {
+            errs.push(format!(
+                "server_identity.service_account: {:?} is not a Kubernetes service account name (DNS-1123 subdomain)",
+                self.service_account
+            ));
+        }
+    }
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// The `[[clusters]]`: at least one, one default when several, names and aliases unique.
+fn validate_clusters(clusters: &[Cluster], unary_timeout: Duration, errs: &mut Vec<String>) {
+    if clusters.is_empty() {
+        errs.push("clusters: at least one cluster is needed to authenticate callers".into());
+    }
+    let defaults = clusters.iter().filter(|c| c.default).count();
+    if clusters.len() > 1 && defaults != 1 {
+        errs.push(format!(
+            "clusters: exactly one cluster must have default = true; {defaults} do"
+        ));
+    }
+    for (i, c) in clusters.iter().enumerate() {
+        c.validate(i, clusters, unary_timeout, errs);
+    }
+}
+
+impl Cluster {
+    /// Checks the `i`-th of `all` clusters; a TokenReview queue must drain within `unary_timeout`.
+    fn validate(&self, i: usize, all: &[Cluster], unary_timeout: Duration, errs: &mut Vec<String>) {
+        let c = self;
+        let at = format!("clusters[{i}] ({})", c.name);
+        if c.name.is_empty() {
+            errs.push(format!("clusters[{i}].name: must not be empty"));
+        }
+        if all[..i].iter().any(|o| o.name == c.name) {
+            errs.push(format!("{at}.name: duplicate cluster name"));
+        }
+        if c.audiences.is_empty() {
+            errs.push(format!("{at}.audiences: at least one audience is needed"));
+        }
+        if c.cache_ttl > Duration::from_secs(24 * 3600) {
+            errs.push(format!(
+                "{at}.cache_ttl: {} is above 1d",
+                fmt_duration(c.cache_ttl)
+            ));
+        }
+        if let Some(tr) = &c.tokenreview {
+            if tr.timeout.is_zero() || tr.timeout > Duration::from_secs(300) {
+                errs.push(format!(
+                    "{at}.tokenreview.timeout: {} is outside 1ms..=5m",
+                    fmt_duration(tr.timeout)
+                ));
+            }
+        }
+        for a in &c.aliases {
+            let taken = all
+                .iter()
+                .enumerate()
+                .any(|(j, o)| o.name == *a || (j < i && o.aliases.contains(a)));
+            if a.is_empty() || taken || c.aliases.iter().filter(|x| *x == a).count() > 1 {
+                errs.push(format!(
+                    "{at}.aliases: {a:?} is empty or already names a cluster or alias"
+                ));
+            }
+        }
+        if c.leeway > Duration::from_secs(3600) {
+            errs.push(format!(
+                "{at}.leeway: {} is above 1h",
+                fmt_duration(c.leeway)
+            ));
+        }
+        if c.negative_cache_ttl > Duration::from_secs(300) {
+            errs.push(format!(
+                    "{at}.negative_cache_ttl: {} is above 5m; a refused token that became valid would stay refused",
+                    fmt_duration(c.negative_cache_ttl)
+                ));
+        }
+        match (&c.tokenreview, &c.jwks) {
+            (Some(_), Some(_)) | (None, None) => {
+                errs.push(format!("{at}: set exactly one of [tokenreview] or [jwks]"))
+            }
+            (Some(tr), None) => {
+                if tr.rate.qps <= 0.0 || tr.rate.burst == 0 {
+                    errs.push(format!(
+                        "{at}.tokenreview: qps and burst must be above zero"
+                    ));
+                }
+                // A call queued longer than the unary deadline would time out in the queue.
+                let drain = f64::from(tr.rate.max_queue) / tr.rate.qps;
+                let budget = unary_timeout.as_secs_f64();
+                if tr.rate.qps > 0.0 && drain > budget {
+                    errs.push(format!(
+                            "{at}.tokenreview.max_queue: {} calls at {} qps wait up to {drain:.1}s, longer than limits.unary_timeout ({}); set max_queue to at most {} or raise qps or limits.unary_timeout",
+                            tr.rate.max_queue,
+                            tr.rate.qps,
+                            fmt_duration(unary_timeout),
+                            (tr.rate.qps * budget).floor() as u64
+                        ));
+                }
+                if tr.rate.max_queue_per_peer == 0 {
+                    errs.push(format!(
+                        "{at}.tokenreview.max_queue_per_peer: must be above zero"
+                    ));
+                }
+            }
+            (None, Some(j)) => {
+                let n = [
+                    j.file.is_some(),
+                    j.url.is_some(),
+                    j.oidc_issuer.is_some(),
+                    j.api_server.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if n != 1 {
+                    errs.push(format!(
+                        "{at}.jwks: set exactly one of file, url, oidc_issuer or api_server"
+                    ));
+                }
+                if j.issuer.is_empty() {
+                    errs.push(format!("{at}.jwks.issuer: must not be empty"));
+                }
+            }
+        }
+    }
+}
+
+impl Xds {
+    fn validate(&self, errs: &mut Vec<String>) {
+        let caps = &self.max_resource_names_per_stream;
+        for (key, v) in [("sds", caps.sds), ("eds", caps.eds)] {
+            if v == 0 || v > MAX_NAMES_CEILING {
+                errs.push(format!(
+                    "xds.max_resource_names_per_stream.{key}: {v} is not between 1 and {MAX_NAMES_CEILING}"
+                ));
+            }
+        }
+    }
+}
+
+impl Discovery {
+    /// One source; cluster names unique; remote clusters only with a live source.
+    fn validate(&self, errs: &mut Vec<String>) {
+        let d = self;
+        let n = [d.snapshot.is_some(), d.kubeconfig.is_some(), d.in_cluster]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if n != 1 {
+            errs.push("discovery: set exactly one of snapshot, kubeconfig or in_cluster".into());
+        }
+        let mut names = vec![d.cluster_name.as_str()];
+        for (i, c) in d.clusters.iter().enumerate() {
+            if c.name.is_empty() || names.contains(&c.name.as_str()) {
+                errs.push(format!(
+                    "discovery.clusters[{i}].name: {:?} is empty or not unique (discovery.cluster_name is {:?})",
+                    c.name, d.cluster_name
+                ));
+            }
+            names.push(&c.name);
+        }
+        if d.snapshot.is_some() && (!d.clusters.is_empty() || d.remote_secrets) {
+            errs.push(
+                "discovery.clusters / discovery.remote_secrets: need a live source (kubeconfig or in_cluster), not a snapshot".into(),
+            );
+        }
+        errs.extend(d.insecure_kubeconfig_options.validate());
+        let grace = d.proxy_proof_grace;
+        if grace.is_zero() || grace > Duration::from_secs(7 * 24 * 3600) {
+            errs.push(format!(
+                "discovery.proxy_proof_grace: {} is not between 1s and 7d",
+                fmt_duration(grace)
+            ));
+        }
     }
 }

@@ -1,7 +1,22 @@
 //! meshid: a certificate authority and identity issuer for service meshes.
 //!
 //! It validates Kubernetes service-account tokens and issues short-lived SPIFFE X.509-SVIDs.
-//! Module map: `spiffe` (IDs), `ca` (the authority), `state` (persistence), `cli` (commands).
+//!
+//! Module map, lowest layer first (a module imports only from layers above it in this list;
+//! docs/ARCHITECTURE.md has the wire contracts):
+//! - foundations: `clock` (injected time), `duration` (parsing, printing, serde), `backoff` (the
+//!   one retry schedule), `shutdown` (the stop signal), `deadline`, `fswatch` (file changes),
+//!   `net` (listeners, the accept loop, connection adapters), `http_client` (the one HTTP GET)
+//! - `spiffe` (SPIFFE IDs and trust domains), `ca` (the authority: keys, templates, signing,
+//!   validation, CRLs), `state` (the state document, its journal, atomic writes)
+//! - `identity` (Kubernetes token validation: TokenReview, JWKS, caches, cluster routing)
+//! - `trust` (the live CA snapshot, trust bundles, federation and the bundle endpoint, ConfigMaps),
+//!   `rotation` (root transitions, the activation gate, propagation, renewal, schedules)
+//! - `discovery` (which endpoints have a sidecar: auto mTLS as istiod decides it)
+//! - `tls` (rustls configurations), `telemetry` (metrics, logs, the HTTP surface), `api` (the wire:
+//!   SDS, EDS, the Istio CSR API, gRPC status mapping)
+//! - `config` (the server configuration), `server` (composition: builds every part and runs it)
+//! - `cli` (the commands), `demo` (the mission's story on one machine)
 #![forbid(unsafe_code)]
 
 pub mod api;

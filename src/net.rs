@@ -1,16 +1,22 @@
 //! Listeners: TCP with the accept backlog Go (and so istiod) uses, instead of mio's 128 (a
 //! cold-start storm of proxies must wait in the kernel's queue, not be dropped and retry), and
-//! the one accept loop every listener runs: a connection cap, and backoff on exhaustion.
+//! the one accept loop every listener runs: a connection cap, and backoff on exhaustion; and the
+//! adapters that hand tonic TLS and Unix-socket connections holding their listener slot.
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, OnceLock},
+    task::{Context, Poll},
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpSocket},
     sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::shutdown::stopping;
 
@@ -242,6 +248,143 @@ pub fn debug_allowed(peer: Option<std::net::IpAddr>, allowed: &[Cidr]) -> bool {
             };
             ip.is_loopback() || allowed.iter().any(|c| c.contains(ip))
         }
+    }
+}
+
+// --- connection adapters for tonic: TLS and Unix listeners as streams of limited connections ---
+
+/// A TLS connection holding its listener slot.
+pub type TlsConn = Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// Runs [`accept_loop`] on its own task.
+fn spawn_accept_loop<L, F, Fut>(
+    listener: L,
+    max_connections: usize,
+    what: &'static str,
+    stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    L: Accept,
+    F: FnMut(L::Conn, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    tokio::spawn(accept_loop(listener, max_connections, what, stop, handle));
+}
+
+/// Accepts TCP connections (at most `max_connections` open) and completes TLS handshakes off
+/// the accept loop, each within `handshake_timeout`.
+pub fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    max_connections: usize,
+    handshake_timeout: std::time::Duration,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    spawn_accept_loop(
+        listener,
+        max_connections,
+        "gRPC",
+        stop,
+        move |tcp, permit| {
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let limited = Limited {
+                            io: tls,
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(limited)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+            std::future::ready(true)
+        },
+    );
+    ReceiverStream::new(rx)
+}
+
+/// Accepts Unix-socket connections, at most `max_connections` open at once.
+pub fn unix_incoming(
+    listener: tokio::net::UnixListener,
+    max_connections: usize,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<Limited<tokio::net::UnixStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    spawn_accept_loop(
+        listener,
+        max_connections,
+        "Unix socket",
+        stop,
+        move |conn, permit| {
+            let tx = tx.clone();
+            async move {
+                let limited = Limited {
+                    io: conn,
+                    _permit: permit,
+                };
+                tx.send(Ok(limited)).await.is_ok()
+            }
+        },
+    );
+    ReceiverStream::new(rx)
+}
+
+/// A connection that holds one of the listener's connection slots until it closes.
+pub struct Limited<IO> {
+    io: IO,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<IO: Connected> Connected for Limited<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -13,6 +13,8 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
+use crate::shutdown::stopping;
+
 type Labels = Vec<(String, String)>;
 
 /// Every metric meshid exports. Names follow istiod's CA metrics with a `meshid_` prefix.
@@ -220,24 +222,6 @@ impl Metrics {
         Self { registry: r, ..m }
     }
 
-    /// Publishes the discovery counts.
-    pub fn set_discovery(&self, st: &crate::discovery::DiscoveryStats) {
-        self.discovery_endpoints
-            .get_or_create(&Self::label("tls_mode", "istio"))
-            .set(st.endpoints_istio as i64);
-        self.discovery_endpoints
-            .get_or_create(&Self::label("tls_mode", "disabled"))
-            .set(st.endpoints_disabled as i64);
-        for (ns, ratio) in &st.mtls_coverage {
-            self.discovery_mtls_coverage
-                .get_or_create(&Self::label("namespace", ns))
-                .set(*ratio);
-        }
-        self.discovery_mismatches.set(st.sidecar_mismatches as i64);
-        self.discovery_declared_without_proxy
-            .set(st.declared_without_proxy as i64);
-    }
-
     /// One label, for the families above.
     pub fn label(key: &str, value: &str) -> Labels {
         vec![(key.to_owned(), value.to_owned())]
@@ -343,8 +327,6 @@ pub async fn serve_http(
     })
     .await;
 }
-
-pub use crate::shutdown::stopping;
 
 /// Limits of the HTTP listener.
 #[derive(Clone, Debug)]

@@ -55,7 +55,7 @@ use crate::{
     ca::{cert, IssuedCert, PrivateKey},
     clock::Clock,
     identity::Identity,
-    rotation::{Issued, Propagation, RefreshPolicy, Renewer, SignerView, StreamTrack},
+    rotation::{Issued, Propagation, RefreshPolicy, Renewer, StreamTrack},
     spiffe::TrustDomain,
     telemetry::Metrics,
     trust::CaSnapshot,
@@ -506,8 +506,6 @@ impl Workload {
         })
     }
 
-    /// Takes a new CA snapshot; a new signer makes `default` due within the spread window, a
-    /// tainted one at once (the renewer decides; the renewal itself runs from `changed`).
     /// A trust resource and its version. They depend only on the snapshot: rendered and
     /// digested once per snapshot for every stream, not per stream and per check.
     fn trust_resource(&mut self, name: &str) -> Result<Option<Rendered>, Status> {
@@ -525,13 +523,12 @@ impl Workload {
         Ok(Some(r))
     }
 
+    /// Takes a new CA snapshot; a new signer makes `default` due within the spread window, a
+    /// tainted one at once (the renewer decides, as for every credential; the renewal itself
+    /// runs from `changed`).
     fn update_snapshot(&mut self, next: Arc<CaSnapshot>) {
         self.snapshot = next;
-        let tainted = |s: &str| self.snapshot.tainted_signers.contains(s);
-        self.cred.observe(&SignerView {
-            current: &self.snapshot.signer_id,
-            is_tainted: &tainted,
-        });
+        self.cred.observe_ca(&self.snapshot);
     }
 
     /// Whether `name` carries the own trust domain's roots.

@@ -118,10 +118,10 @@ impl Serial {
         SystemRandom::new()
             .fill(&mut bytes)
             .map_err(|_| CaError::Crypto("system random number generator failed".into()))?;
-        // Never zero (RFC 5280 wants a positive integer); the sign is handled by DER encoding.
-        if bytes == [0; 16] {
-            bytes[15] = 1;
-        }
+        // Always 16 content octets in DER: positive (top bit clear, so no 0x00 pad) and a
+        // non-zero first octet (so none is dropped); RFC 5280 4.1.2.2 wants a positive integer
+        // of at most 20 octets. 120+ random bits remain.
+        bytes[0] = (bytes[0] & 0x7f).max(1);
         Ok(Self(bytes))
     }
 
@@ -182,5 +182,16 @@ mod tests {
         assert!(a.matches_raw(&raw));
         assert!(a.matches_raw(a.as_bytes()));
         assert!(!a.matches_raw(b.as_bytes()));
+    }
+
+    /// Every serial is 16 DER content octets: a leading zero octet (1 draw in 256 before) was
+    /// dropped by the encoding, so `cert inspect` printed 30 hex digits instead of 32.
+    #[test]
+    fn serials_always_encode_to_sixteen_octets() {
+        for _ in 0..2048 {
+            let s = Serial::random().unwrap();
+            let first = s.as_bytes()[0];
+            assert!(first != 0 && first < 0x80, "{first:#x}");
+        }
     }
 }

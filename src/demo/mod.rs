@@ -8,6 +8,7 @@ mod apps;
 mod cluster;
 mod control;
 mod error;
+mod outcome;
 mod report;
 mod rotation;
 mod sidecar;
@@ -19,9 +20,10 @@ pub use apps::{EchoApp, Received};
 pub use cluster::{ClusterConfig, ClusterTls, EndpointDecision};
 pub use control::{ProxyState, Secrets, XdsEndpoint};
 pub use error::DemoError;
-pub use rotation::RotationCheck;
+pub use outcome::RotationCheck;
+pub use outcome::{MtlsCheck, PlainCheck, StepOutcome, StepResult, TroubleshootCheck};
 pub use sidecar::{anchor_id, Call, Inbound, Sidecar, Transport};
-pub use steps::{run_steps, MtlsCheck, PlainCheck, StepOutcome, StepResult, TroubleshootCheck};
+pub use steps::run_steps;
 pub use world::{DemoOptions, Progress, World};
 
 /// Sets up the world and runs every step. The world stays up until `World::shutdown`.

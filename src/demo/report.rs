@@ -3,7 +3,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    steps::{expect, show, StepOutcome, StepResult},
+    outcome::{expect, show, StepOutcome, StepResult},
     world::{World, WAIT},
     DemoError,
 };

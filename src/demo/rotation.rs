@@ -14,8 +14,8 @@ use std::{
 use tokio::sync::watch;
 
 use super::{
+    outcome::{active_root, expect, show, RotationCheck, INVENTORY},
     sidecar::{anchor_id, Sidecar, Transport},
-    steps::{active_root, expect, show, INVENTORY},
     world::{World, WAIT},
     DemoError, ProxyState,
 };
@@ -25,20 +25,6 @@ use crate::{
     rotation::{self, Candidate, Ctx},
     state::{Actor, DirStore, StateStore},
 };
-
-/// The rotation under traffic.
-#[derive(Clone, Debug, Default)]
-pub struct RotationCheck {
-    pub old_root: String,
-    pub new_root: String,
-    /// mTLS handshakes completed (and echoed) per phase, in order.
-    pub phases: Vec<(String, u64)>,
-    pub handshakes: u64,
-    pub failures: Vec<String>,
-    /// Handshakes by (client leaf root, server leaf root).
-    pub by_roots: BTreeMap<(String, String), u64>,
-    pub forced_revoke_note: Vec<String>,
-}
 
 #[derive(Default)]
 struct Traffic {

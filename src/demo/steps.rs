@@ -4,77 +4,16 @@
 
 use super::{
     apps::EchoApp,
-    sidecar::{Call, Inbound, Transport},
+    outcome::{
+        active_root, expect, show, MtlsCheck, PlainCheck, StepOutcome, StepResult,
+        TroubleshootCheck, INVENTORY,
+    },
+    sidecar::Transport,
     world::{with_destination_rule, World},
     DemoError,
 };
-use crate::state::{DirStore, StateStore};
 
-pub(super) const INVENTORY: (&str, u16) = ("inventory-service.shop", 8080);
 const LEGACY: (&str, u16) = ("legacy-db.legacy", 5432);
-
-/// product → inventory over mTLS, as both sidecars saw it.
-#[derive(Clone, Debug)]
-pub struct MtlsCheck {
-    pub call: Call,
-    pub inbound: Inbound,
-}
-
-/// A plaintext connection and what the receiving app saw.
-#[derive(Clone, Debug)]
-pub struct PlainCheck {
-    pub call: Call,
-    pub app_saw_tls: bool,
-}
-
-/// The DestinationRule DISABLE case and its undoing.
-#[derive(Clone, Debug)]
-pub struct TroubleshootCheck {
-    pub disabled: Call,
-    /// The inventory sidecar accepted the plaintext connection (PERMISSIVE).
-    pub disabled_inbound: Inbound,
-    pub restored: MtlsCheck,
-}
-
-/// What a step established.
-#[derive(Clone, Debug)]
-pub enum StepOutcome {
-    Mtls(MtlsCheck),
-    Plaintext(PlainCheck),
-    Troubleshoot(Box<TroubleshootCheck>),
-    Rotation(super::rotation::RotationCheck),
-    Summary { metrics_lines: Vec<String> },
-}
-
-/// One step: its number, title, and outcome.
-#[derive(Debug)]
-pub struct StepResult {
-    pub number: u8,
-    pub title: &'static str,
-    pub outcome: Result<StepOutcome, DemoError>,
-}
-
-impl StepResult {
-    pub fn passed(&self) -> bool {
-        self.outcome.is_ok()
-    }
-}
-
-pub(super) fn expect(
-    ok: bool,
-    expected: impl Into<String>,
-    seen: impl Into<String>,
-) -> Result<(), DemoError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(DemoError::unexpected(expected, seen))
-    }
-}
-
-pub(super) fn show<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or("none".into(), ToString::to_string)
-}
 
 /// Runs steps 1–5, printing as it goes. A failed step does not stop the next ones.
 pub async fn run_steps(w: &World) -> Vec<StepResult> {
@@ -128,17 +67,6 @@ pub async fn run_steps(w: &World) -> Vec<StepResult> {
     );
     super::report::print_summary(w, &out);
     out
-}
-
-pub(super) fn active_root(w: &World) -> Result<String, DemoError> {
-    let v = DirStore::new(w.state_dir())
-        .load_existing()
-        .map_err(|e| DemoError::conn("reading the CA state", e))?;
-    Ok(v.state
-        .signing_root()
-        .map_err(|e| DemoError::conn("the CA state", e))?
-        .id
-        .clone())
 }
 
 /// product → inventory must be mTLS, each side seeing the other's SPIFFE ID.

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::{
-    jwks::JwkSet,
+    jwk::JwkSet,
     jwt::{self, Jws, VerifyKey},
     IdentityError,
 };

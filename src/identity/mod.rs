@@ -6,6 +6,7 @@ mod cache;
 pub mod dev_issuer;
 mod error;
 mod http;
+mod jwk;
 mod jwks;
 mod jwt;
 mod keys;
@@ -16,7 +17,8 @@ mod tokenreview;
 
 pub use cache::{CacheConfig, CachingValidator};
 pub use error::IdentityError;
-pub use jwks::{Jwk, JwkSet, JwksValidator, JwtConfig};
+pub use jwk::{Jwk, JwkSet};
+pub use jwks::{JwksValidator, JwtConfig};
 pub use jwt::{sign_token, ServiceAccountClaims};
 pub use keys::JwksSource;
 pub use limiter::{RateLimit, RateLimiter};

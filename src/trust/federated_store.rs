@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
 use super::{
-    federation::FederationError,
+    federation_error::FederationError,
     spiffe_bundle::{serial_max, SpiffeBundle},
 };
 use crate::{

@@ -15,22 +15,23 @@ use std::{
 
 use http_body_util::{BodyExt, Limited};
 use serde::Serialize;
-use thiserror::Error;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
+pub use super::federation_error::FederationError;
 use super::{
     federated_store::{self, dissociation_of, Origin, Stored},
     federation_config::{poll_interval, EndpointProfile, PeerConfig, RETRY_AFTER_FAILURE},
-    spiffe_bundle::{BundleError, SpiffeBundle},
+    spiffe_bundle::SpiffeBundle,
     CaSnapshot,
 };
 use crate::{
     ca::{cert, CertDer},
     clock::Clock,
+    shutdown::stopping,
     spiffe::{SpiffeId, TrustDomain},
     state::{StateError, StateStore},
-    telemetry::{stopping, Metrics},
+    telemetry::Metrics,
     tls::{crypto_provider, PeerPolicy, SpiffeVerifier},
 };
 
@@ -41,55 +42,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff after a failure: starts at `RETRY_AFTER_FAILURE` (the minimum poll interval),
 /// doubles, capped.
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// Why a peer's bundle was not taken. The stored bundle stays.
-#[derive(Debug, Error)]
-pub enum FederationError {
-    #[error("fetching {url}: {why}")]
-    Fetch { url: String, why: String },
-    #[error("{url} answered HTTP {status}")]
-    HttpStatus { url: String, status: u16 },
-    #[error("bundle from {url} refused: {source}")]
-    Bundle {
-        url: String,
-        #[source]
-        source: BundleError,
-    },
-    #[error("bundle from {url} holds a root of trust domain {found}, not of {expected}")]
-    WrongTrustDomain {
-        url: String,
-        expected: TrustDomain,
-        found: TrustDomain,
-    },
-    #[error("no stored bundle of {trust_domain} authenticates its https_spiffe endpoint; bootstrap it with `meshid bundle set {trust_domain} FILE`")]
-    NoBootstrapBundle { trust_domain: TrustDomain },
-    #[error("{trust_domain} is our own trust domain; it cannot be federated")]
-    OwnTrustDomain { trust_domain: TrustDomain },
-    #[error("{trust_domain} was dissociated by {by} at {at} (`meshid bundle delete --mode dissociate`): its fetched bundles are not stored; trust it again with `meshid bundle set {trust_domain} FILE`, or remove it from [[federation.peers]]")]
-    Dissociated {
-        trust_domain: TrustDomain,
-        at: String,
-        by: String,
-    },
-    #[error("storing the bundle: {0}")]
-    State(#[from] StateError),
-}
-
-impl FederationError {
-    /// A short, stable label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Fetch { .. } => "fetch",
-            Self::HttpStatus { .. } => "http_status",
-            Self::Bundle { .. } => "bundle_invalid",
-            Self::WrongTrustDomain { .. } => "wrong_trust_domain",
-            Self::NoBootstrapBundle { .. } => "no_bootstrap_bundle",
-            Self::OwnTrustDomain { .. } => "own_trust_domain",
-            Self::Dissociated { .. } => "dissociated",
-            Self::State(_) => "state",
-        }
-    }
-}
 
 // === status ===
 

@@ -21,10 +21,7 @@ use super::{
     FederationConfig, LiveCa,
 };
 use crate::{
-    clock::Clock,
-    spiffe::TrustDomain,
-    state::StateStore,
-    telemetry::{stopping, Metrics},
+    clock::Clock, shutdown::stopping, spiffe::TrustDomain, state::StateStore, telemetry::Metrics,
 };
 
 /// What federation needs from the server.

@@ -40,6 +40,21 @@ pub struct CaSnapshot {
     pub state_digest: String,
 }
 
+impl CaSnapshot {
+    /// The latest `notAfter` (Unix seconds) among this trust domain's own roots, if any parses.
+    pub fn latest_root_not_after(&self) -> Option<i64> {
+        self.bundle
+            .own_roots()
+            .iter()
+            .filter_map(|r| {
+                x509_parser::parse_x509_certificate(r)
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+            })
+            .max()
+    }
+}
+
 /// Why the CA could not be (re)loaded.
 #[derive(Debug, Error)]
 pub enum LiveCaError {

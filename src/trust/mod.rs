@@ -8,6 +8,7 @@ pub mod configmap;
 pub mod federated_store;
 pub mod federation;
 mod federation_config;
+mod federation_error;
 pub mod federation_run;
 mod live;
 mod spiffe_bundle;

@@ -64,11 +64,11 @@ func TestSpiffebundleParseAndReadAcceptMeshidExportAndEndpointBody(t *testing.T)
 	t.Parallel()
 	ca := meshidproc.NewCA(t, "mesh.test")
 	web := newWebPKI(t)
-	srv := ca.Start(meshidproc.Config{TOML: endpointTOML("https_web", web, "45s")})
+	srv := ca.Start(meshidproc.Config{TOML: endpointTOML("https_web", web, "90s")})
 	td := spiffeid.RequireTrustDomainFromString("mesh.test")
 	wantRoots := ca.Roots()
 
-	export := []byte(ca.Run("bundle", "export", "--state-dir", ca.StateDir, "--format", "spiffe", "--refresh-hint", "45s"))
+	export := []byte(ca.Run("bundle", "export", "--state-dir", ca.StateDir, "--format", "spiffe", "--refresh-hint", "90s"))
 	client := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsRoots(web.pool)}, Timeout: 30 * time.Second}
 	resp, err := client.Get("https://" + srv.BundleAddr + "/")
 	if err != nil {
@@ -99,8 +99,8 @@ func TestSpiffebundleParseAndReadAcceptMeshidExportAndEndpointBody(t *testing.T)
 		if !sameCerts(parsed.X509Authorities(), wantRoots) {
 			t.Fatalf("%s: x509 authorities %v, want meshid's roots %v", src.name, subjects(parsed.X509Authorities()), subjects(wantRoots))
 		}
-		if hint, ok := parsed.RefreshHint(); !ok || hint != 45*time.Second {
-			t.Fatalf("%s: refresh hint %v (present %v), want 45s", src.name, hint, ok)
+		if hint, ok := parsed.RefreshHint(); !ok || hint != 90*time.Second {
+			t.Fatalf("%s: refresh hint %v (present %v), want 90s", src.name, hint, ok)
 		}
 		seq, ok := parsed.SequenceNumber()
 		if !ok {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's test command: every test meshid has, in three parts.
+#
+#   1. cargo test                 the Rust unit and integration tests (in-process servers, the fake
+#                                 API server, real gRPC clients and TLS handshakes, openssl as verifier)
+#   2. tools/kube-tests.sh        the tests on a real kube-apiserver and etcd (tests/it/kube_real/),
+#                                 built from the Go module proxy on first use and cached under target/
+#   3. tools/interop.sh           the reference implementations against meshid's release binary:
+#                                 go-spiffe, SPIRE, Istio's CSR client and pilot-agent, go-control-plane's
+#                                 Envoy protos, and istiod's own auto-mTLS decisions (tests/interop/)
+#
+# Needs: a Rust toolchain, Go >= 1.26 with the module proxy, gcc (SPIRE's SQLite is cgo), openssl,
+# kubectl and setpriv. A part whose tools are missing fails and says which; nothing is skipped.
+# Run one part with `tools/test.sh rust|kube|interop`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(rust kube interop)
+
+declare -a summary=()
+status=0
+for part in "${parts[@]}"; do
+  start=$(date +%s)
+  case "$part" in
+    rust) cmd=(cargo test) ;;
+    kube) cmd=(bash tools/kube-tests.sh) ;;
+    interop) cmd=(bash tools/interop.sh) ;;
+    *) echo "test.sh: unknown part '$part' (rust, kube or interop)" >&2; exit 2 ;;
+  esac
+  echo "==> test.sh: $part: ${cmd[*]}"
+  if "${cmd[@]}"; then result=ok; else result=FAILED; status=1; fi
+  summary+=("$part: $result ($(( $(date +%s) - start ))s)")
+done
+echo "==> test.sh summary"
+printf '    %s\n' "${summary[@]}"
+exit "$status"
