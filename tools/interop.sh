@@ -123,6 +123,8 @@ grpcv=$(modv google.golang.org/grpc)
   row go-control-plane/envoy "$gcp" "SDS FetchSecrets" TestFetchSecretsUnaryReturnsROOTCA
   row go-control-plane/envoy "$gcp" "EDS StreamEndpoints: tlsMode metadata picks the cluster's transport socket match" TestEDSMetadataPicksEnvoysTransportSocketMatchPerEndpoint
   row go-control-plane/envoy "$gcp" "EDS DeltaEndpoints (known cluster, removed unknown one)" TestDeltaEDSAnswersKnownClustersAndRemovesUnknownOnes
+  row "istiod (istio.io/istio pilot)" "$(modv istio.io/istio)" "auto mTLS differential: istiod's fake discovery server vs describe/EDS on ${AUTOMTLS_CASES:-300} generated snapshots ($(grep -o 'compared [0-9]* snapshots, [0-9]* client views, [0-9]* clusters, [0-9]* endpoints' "$log" | head -1 || true))" TestGeneratedSnapshotsAgreeWithIstiod
+  row "istiod (istio.io/istio pilot)" "$(modv istio.io/istio)" "auto mTLS differential on the mission's mixed-traffic example" TestMissionExampleAgreesWithIstiod
 } | tee "$out/summary.md"
 echo
 echo "interop: go test exit $status; total $(( $(now) - t_start ))s (log: $log)"
