@@ -1,16 +1,16 @@
 //! The SPIFFE bundle endpoint (federation spec, section 5): `GET` over HTTPS returns our trust
 //! domain's bundle as `application/json`, with `ETag` / `If-None-Match`. No client
 //! authentication. Profile `https_web` serves the operator's certificate (re-read when its
-//! files change); `https_spiffe` serves meshid's own SVID.
+//! files change, through `fswatch`); `https_spiffe` serves meshid's own SVID.
 //!
 //! Consumers as they are: Istio's `pkg/spiffe` RetrieveSpiffeBundleRootCerts (any path, 200 and
 //! a go-jose JWK Set) and SPIRE's `pkg/server/bundle/client` (GET, 200, `spiffebundle.Parse`).
 
 use std::{
     convert::Infallible,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -24,56 +24,108 @@ use rustls::{
     sign::CertifiedKey,
 };
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::{net::TcpListener, sync::watch};
+use thiserror::Error;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 
-use super::{spiffe_bundle::SpiffeBundle, CaSnapshot};
+use super::{
+    spiffe_bundle::{BundleError, SpiffeBundle},
+    CaSnapshot,
+};
 use crate::{
-    ca::{cert, PrivateKey},
+    ca::{cert, CaError, PrivateKey},
+    shutdown::stopping,
     tls::crypto_provider,
 };
 
 const MAX_CONNECTIONS: usize = 256;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Modification times of the certificate and key files.
-type Stamps = (SystemTime, SystemTime);
+/// Why the operator's certificate and key files could not be served.
+#[derive(Debug, Error)]
+pub enum CertFileError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(#[from] CaError),
+    #[error("the key in {key} does not match the certificate in {cert}")]
+    Mismatch { key: String, cert: String },
+    #[error("{path}: {source}")]
+    Unsupported {
+        path: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
 
-/// The operator's certificate and key files, re-read when either file's mtime changes. A
-/// reload that fails keeps the previous certificate in service.
+/// The operator's certificate and key files, re-read when either changes (watched through
+/// `fswatch`, not checked per handshake). A reload that fails keeps the previous certificate
+/// in service; writing the pair one file after the other reloads once both match.
 #[derive(Debug)]
 pub struct FileCert {
     cert_file: PathBuf,
     key_file: PathBuf,
-    current: Mutex<(Option<Stamps>, Arc<CertifiedKey>)>,
+    current: RwLock<Arc<CertifiedKey>>,
 }
 
 impl FileCert {
     /// Loads the files now, failing if they do not hold a usable certificate and key.
-    pub fn load(cert_file: PathBuf, key_file: PathBuf) -> Result<Self, String> {
-        let stamp = stamps(&cert_file, &key_file);
+    pub fn load(cert_file: PathBuf, key_file: PathBuf) -> Result<Self, CertFileError> {
         let key = load_pair(&cert_file, &key_file)?;
         Ok(Self {
             cert_file,
             key_file,
-            current: Mutex::new((stamp, key)),
+            current: RwLock::new(key),
         })
     }
 
-    fn current(&self) -> Arc<CertifiedKey> {
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let stamp = stamps(&self.cert_file, &self.key_file);
-        if stamp.is_some() && stamp != cur.0 {
-            match load_pair(&self.cert_file, &self.key_file) {
-                Ok(k) => {
-                    tracing::info!(cert = %self.cert_file.display(), "bundle endpoint certificate reloaded");
-                    *cur = (stamp, k);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "bundle endpoint certificate could not be reloaded; the previous one stays")
-                }
+    /// Re-reads both files; on failure the previous certificate stays and the error is logged.
+    pub fn reload(&self) {
+        match load_pair(&self.cert_file, &self.key_file) {
+            Ok(k) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = k;
+                tracing::info!(cert = %self.cert_file.display(), "bundle endpoint certificate reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "bundle endpoint certificate could not be reloaded; the previous one stays")
             }
         }
-        cur.1.clone()
+    }
+
+    /// Reloads whenever either file changes, until `stop` fires. Without a working watch it
+    /// says so once and keeps the loaded certificate.
+    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let (tx, mut rx) = mpsc::channel(1);
+        let watchers =
+            [&self.cert_file, &self.key_file].map(|f| crate::fswatch::watch_file(f, tx.clone()));
+        if let Some(Err(e)) = watchers.iter().find(|w| w.is_err()) {
+            tracing::error!(error = %e, cert = %self.cert_file.display(), "bundle endpoint certificate files cannot be watched; changes need a restart");
+            return;
+        }
+        loop {
+            tokio::select! {
+                woke = rx.recv() => {
+                    if woke.is_none() {
+                        return;
+                    }
+                    self.reload();
+                }
+                () = stopping(&mut stop) => return,
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -83,29 +135,30 @@ impl ResolvesServerCert for FileCert {
     }
 }
 
-fn stamps(a: &PathBuf, b: &PathBuf) -> Option<Stamps> {
-    let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(a)?, m(b)?))
-}
-
-fn load_pair(cert_file: &PathBuf, key_file: &PathBuf) -> Result<Arc<CertifiedKey>, String> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let chain = cert::certs_from_pem(&read(cert_file)?, &cert_file.display().to_string())
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKey::from_pem(&read(key_file)?, &key_file.display().to_string())
-        .map_err(|e| e.to_string())?;
-    let leaf = cert::parse(&chain[0], "certificate").map_err(|e| e.to_string())?;
+fn load_pair(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, CertFileError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| CertFileError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let chain = cert::certs_from_pem(&read(cert_file)?, &cert_file.display().to_string())?;
+    let key = PrivateKey::from_pem(&read(key_file)?, &key_file.display().to_string())?;
+    let leaf = cert::parse(&chain[0], "certificate")?;
     if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err(format!(
-            "the key in {} does not match the certificate in {}",
-            key_file.display(),
-            cert_file.display()
-        ));
+        return Err(CertFileError::Mismatch {
+            key: key_file.display().to_string(),
+            cert: cert_file.display().to_string(),
+        });
     }
     let der = key.secret_pkcs8_der();
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.as_slice()).clone_key());
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|source| {
+        CertFileError::Unsupported {
+            path: key_file.display().to_string(),
+            source,
+        }
+    })?;
     Ok(Arc::new(CertifiedKey::new(chain, signing)))
 }
 
@@ -119,14 +172,14 @@ struct Rendered {
 
 /// Renders our bundle from the snapshot: every root peers should trust (prepared ones
 /// included, so they propagate before they sign), the snapshot's sequence, the hint.
-fn render(snapshot: &CaSnapshot, refresh_hint: Duration) -> Result<Rendered, String> {
+fn render(snapshot: &CaSnapshot, refresh_hint: Duration) -> Result<Rendered, BundleError> {
     let sequence = snapshot.bundle.sequence();
     let bundle = SpiffeBundle {
         roots: snapshot.bundle.own_roots().to_vec(),
         sequence: Some(sequence),
         refresh_hint: Some(refresh_hint),
     };
-    let body = bundle.to_json().map_err(|e| e.to_string())?;
+    let body = bundle.to_json()?;
     let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
     Ok(Rendered {
         sequence,

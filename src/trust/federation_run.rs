@@ -60,10 +60,14 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
     let bundle_addr = match &i.cfg.bundle_endpoint {
         Some(e) => {
             let resolver: Arc<dyn ResolvesServerCert> = match (&e.cert_file, &e.key_file) {
-                (Some(c), Some(k)) => Arc::new(
-                    FileCert::load(c.clone(), k.clone())
-                        .map_err(|why| vec![format!("federation.bundle_endpoint: {why}")])?,
-                ),
+                (Some(c), Some(k)) => {
+                    let files = Arc::new(
+                        FileCert::load(c.clone(), k.clone())
+                            .map_err(|why| vec![format!("federation.bundle_endpoint: {why}")])?,
+                    );
+                    tasks.push(tokio::spawn(files.clone().watch(i.stop.clone())));
+                    files
+                }
                 _ => i.serving.clone(),
             };
             let listener = crate::net::bind_tcp(e.listen).map_err(|err| {

@@ -834,11 +834,21 @@ async fn bundle_endpoint_speaks_http_like_the_reference_clients_expect() {
     let (head, _, _) = get(String::new(), "POST").await;
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
 
-    // A new operator certificate (another CA) is served from the next handshake on.
+    // A new operator certificate (another CA) is served once its files change: the files are
+    // watched (fswatch), not checked per handshake; writing the key after the certificate
+    // (a mismatched pair in between) keeps the old one until both match.
     let next = web_pki();
     let (_, _, first_cert) = get(String::new(), "GET").await;
     std::fs::copy(&next.cert, &pki.cert).unwrap();
     std::fs::copy(&next.key, &pki.key).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while handshake_trusting(addr, &next.ca).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate files were not served within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (head, _, served) = raw_request(
         addr,
         &next.ca,
@@ -857,6 +867,24 @@ fn header(head: &str, name: &str) -> Option<String> {
             .eq_ignore_ascii_case(name)
             .then(|| v.trim().to_owned())
     })
+}
+
+/// Whether a TLS handshake with `addr` trusting only `ca` completes.
+async fn handshake_trusting(addr: SocketAddr, ca: &std::path::Path) -> Result<(), std::io::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap(),
+    );
+    let cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map(drop)
 }
 
 /// One HTTP/1.1 exchange over TLS trusting `ca`: (head, body, the server's certificate).

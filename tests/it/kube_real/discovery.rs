@@ -107,9 +107,10 @@ async fn create_istio(
 }
 
 /// Istio's CRDs as published, with objects the real API server validated against their
-/// schemas: a DestinationRule ISTIO_MUTUAL marks a sidecar-less endpoint `istio` (Istio's
-/// `checkMtlsEnabled`: the rule decides), and a workload PeerAuthentication DISABLE strips a
-/// labelled endpoint's `istio`.
+/// schemas. A workload PeerAuthentication DISABLE strips a labelled endpoint's `istio`; a
+/// DestinationRule ISTIO_MUTUAL keeps it (the rule decides: `mtls_checker.go`
+/// `checkMtlsEnabled`), but never sets `istio` on an endpoint without the label
+/// (`buildEnvoyLbEndpoint` only clears `TLSMode`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
 async fn istio_objects_from_the_published_crds_drive_eds() {
@@ -151,19 +152,6 @@ async fn istio_objects_from_the_published_crds_drive_eds() {
         .until(Duration::from_secs(60), |e| served(e, web, ISTIO))
         .await;
 
-    let dr = istio_resource("networking.istio.io", "DestinationRule", "destinationrules");
-    create_istio(
-        &admin,
-        &ns,
-        &dr,
-        "db-mtls",
-        serde_json::json!({"host": format!("db.{ns}.svc.cluster.local"), "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
-    )
-    .await;
-    db_eds
-        .until(Duration::from_secs(10), |e| served(e, db, ISTIO))
-        .await;
-
     let pa = istio_resource(
         "security.istio.io",
         "PeerAuthentication",
@@ -179,6 +167,27 @@ async fn istio_objects_from_the_published_crds_drive_eds() {
     .await;
     web_eds
         .until(Duration::from_secs(10), |e| served(e, web, None))
+        .await;
+
+    // DestinationRules ISTIO_MUTUAL for db (no sidecar label) and then for web: once web's is
+    // served (`istio` again: the rule decides over the PeerAuthentication), db's, created
+    // before it on the same watch, has been read too, and db is still served without.
+    let dr = istio_resource("networking.istio.io", "DestinationRule", "destinationrules");
+    for host in ["db", "web"] {
+        create_istio(
+            &admin,
+            &ns,
+            &dr,
+            &format!("{host}-mtls"),
+            serde_json::json!({"host": format!("{host}.{ns}.svc.cluster.local"), "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+        )
+        .await;
+    }
+    web_eds
+        .until(Duration::from_secs(10), |e| served(e, web, ISTIO))
+        .await;
+    db_eds
+        .until(Duration::from_secs(1), |e| served(e, db, None))
         .await;
     server.running.shutdown().await;
 }
