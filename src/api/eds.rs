@@ -96,7 +96,7 @@ impl EdsService {
                 .get_or_create(&Metrics::label("type", "eds"))
                 .clone(),
             kind: "eds",
-            max_names: crate::config::DEFAULT_EDS_MAX_NAMES,
+            max_names: super::config::DEFAULT_EDS_MAX_NAMES,
         });
         Self(Arc::new(Shared {
             auth,

@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod client;
+pub mod config;
 mod csr;
 pub mod deadline;
 mod eds;

@@ -172,7 +172,7 @@ impl SdsService {
                 .get_or_create(&Metrics::label("type", "sds"))
                 .clone(),
             kind: "sds",
-            max_names: crate::config::DEFAULT_SDS_MAX_NAMES,
+            max_names: super::config::DEFAULT_SDS_MAX_NAMES,
         });
         Self(Arc::new(Shared {
             auth,

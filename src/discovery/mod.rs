@@ -2,6 +2,7 @@
 //! whether a client reaches each one over mTLS or plaintext — one decision (`plan`) read by
 //! EDS, the Envoy cluster template and `describe`, after Istio's own rules.
 
+pub mod config;
 mod decide;
 mod describe;
 mod endpoints;

@@ -3,6 +3,7 @@
 //! limit in front of the API server, and routing by cluster.
 
 mod cache;
+pub mod config;
 pub mod dev_issuer;
 mod error;
 mod http;

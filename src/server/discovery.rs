@@ -8,7 +8,6 @@ use tokio::sync::watch;
 use super::{identity::kube_client, ServerError, Wiring};
 use crate::{
     api::{lifetime::StreamLimits, Authenticator, EdsService},
-    config,
     discovery::{
         spawn_view, start_kube_source, watch_remote_secrets, DiscoveryStats, DiscoveryView,
         MeshSettings, MultiCluster, ProxyRegistry, RemoteSecrets, SnapshotSource,
@@ -21,7 +20,7 @@ use crate::{
 /// watch of this cluster and the remote ones), the view rebuilt on every change, and the gauges.
 pub(super) async fn eds_service(
     w: &mut Wiring<'_>,
-    d: &config::Discovery,
+    d: &crate::discovery::config::Discovery,
     auth: &Authenticator,
     proxies: Option<Arc<ProxyRegistry>>,
     limits: StreamLimits,
@@ -68,7 +67,7 @@ pub(super) async fn eds_service(
 
 /// The remote clusters of multi-cluster discovery: configured ones, and Istio's remote secrets.
 async fn remote_clusters(
-    d: &config::Discovery,
+    d: &crate::discovery::config::Discovery,
     primary: &kube::Client,
     w: &mut Wiring<'_>,
 ) -> Result<MultiCluster, ServerError> {

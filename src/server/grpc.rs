@@ -10,7 +10,6 @@ use crate::{
         gate::Gate, istio::istio_certificate_service_server::IstioCertificateServiceServer,
         Authenticator, CsrService, EdsService, SdsServer, SdsService,
     },
-    config,
     shutdown::stopping,
 };
 
@@ -52,7 +51,7 @@ fn grpc_router(
     csr: &CsrService,
     eds: Option<&EdsService>,
     auth: &Authenticator,
-    limits: &config::Limits,
+    limits: &crate::api::config::Limits,
 ) -> GrpcRoutes {
     let xds_max = limits.xds_max_request_bytes;
     let csr_server = IstioCertificateServiceServer::new(csr.clone())
@@ -80,7 +79,7 @@ pub(super) struct Services {
 
 impl Services {
     /// The routes for one listener, with `limits`.
-    pub(super) fn router(&self, limits: &config::Limits) -> GrpcRoutes {
+    pub(super) fn router(&self, limits: &crate::api::config::Limits) -> GrpcRoutes {
         grpc_router(&self.sds, &self.csr, self.eds.as_ref(), &self.auth, limits)
     }
 }

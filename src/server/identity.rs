@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::ServerError;
 use crate::{
     clock::Clock,
-    config::{self, Config},
+    config::Config,
     identity::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
         JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
@@ -58,7 +58,7 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
 }
 
 async fn validator_for(
-    c: &config::Cluster,
+    c: &crate::identity::config::Cluster,
     td: &TrustDomain,
     clock: &Arc<dyn Clock>,
 ) -> Result<Arc<dyn TokenValidator>, String> {

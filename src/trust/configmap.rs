@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use super::CaSnapshot;
+use crate::backoff::Backoff;
 
 /// The ConfigMap's name (istiod `CACertNamespaceConfigMap`).
 pub const CONFIGMAP_NAME: &str = "istio-ca-root-cert";
@@ -61,7 +62,9 @@ pub const IGNORED_NAMESPACES: &[&str] = &[
     "kube-node-lease",
     "local-path-storage",
 ];
-const RETRY: Duration = Duration::from_secs(1);
+/// Retries of a reconcile that left a namespace behind: the shared backoff from 1 s to 1 min.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// `[root_cert_configmap]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +194,7 @@ pub async fn publish_document(
         run_watcher(Api::<ConfigMap>::all(client.clone()), cm_cfg, cw, notify),
     ];
     let mut pending = true;
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         if pending {
             let content = (doc.content)(&live.borrow_and_update());
@@ -201,9 +205,15 @@ pub async fn publish_document(
                 None => false,
             };
         }
+        let wait = if pending {
+            backoff.failed()
+        } else {
+            backoff.succeeded();
+            RETRY_MIN
+        };
         let retry = async {
             if pending {
-                tokio::time::sleep(RETRY).await
+                tokio::time::sleep(wait).await
             } else {
                 std::future::pending().await
             }

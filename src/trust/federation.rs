@@ -26,6 +26,7 @@ use super::{
     CaSnapshot,
 };
 use crate::{
+    backoff::Backoff,
     ca::{cert, CertDer},
     clock::Clock,
     shutdown::stopping,
@@ -39,7 +40,8 @@ use crate::{
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
 /// A fetch that takes longer (connect, handshake, response) fails.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Backoff after a failure: starts at `RETRY_AFTER_FAILURE` (the minimum poll interval),
+/// Backoff after a failure (the shared `Backoff`, jittered): the first retry is exactly
+/// `RETRY_AFTER_FAILURE` (the minimum poll interval, which the publication gate counts on),
 /// doubles, capped.
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -177,7 +179,7 @@ impl PeerClient {
     /// hint after a success, with backoff after a failure.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let td = self.cfg.trust_domain.clone();
-        let mut backoff = RETRY_AFTER_FAILURE;
+        let mut backoff = Backoff::new(RETRY_AFTER_FAILURE, BACKOFF_MAX);
         loop {
             let now = self.clock.now();
             let result = self.refresh_once().await;
@@ -189,7 +191,7 @@ impl PeerClient {
             };
             let wait = match &result {
                 Ok(bundle) => {
-                    backoff = RETRY_AFTER_FAILURE;
+                    backoff.succeeded();
                     self.metrics
                         .federation_refreshes
                         .get_or_create(&labels("ok"))
@@ -202,9 +204,7 @@ impl PeerClient {
                         .federation_refreshes
                         .get_or_create(&labels(e.kind()))
                         .inc();
-                    let w = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    w
+                    backoff.failed()
                 }
             };
             let next = now + wait;
