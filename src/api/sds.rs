@@ -422,12 +422,6 @@ impl Workload {
     }
 
     fn render_secret(&mut self, name: &str) -> Result<Secret, Status> {
-        let inline = |b: Vec<u8>| {
-            Some(DataSource {
-                specifier: Some(Specifier::InlineBytes(b)),
-                watched_directory: None,
-            })
-        };
         let validation =
             |ctx: CertificateValidationContext| Some(secret::Type::ValidationContext(ctx));
         let bundle = &self.snapshot.bundle;
@@ -468,28 +462,7 @@ impl Workload {
                 crl: crl(),
                 ..Default::default()
             }),
-            ALL => {
-                let trust_domains = bundle
-                    .iter()
-                    .map(|(td, roots)| SpiffeTrustDomain {
-                        name: td.to_string(),
-                        trust_bundle: inline(cert::to_pem_bundle(roots).into_bytes()),
-                        ..Default::default()
-                    })
-                    .collect();
-                let config = SpiffeCertValidatorConfig {
-                    trust_domains,
-                    trust_bundles: None,
-                };
-                validation(CertificateValidationContext {
-                    crl: own_only_crl(),
-                    custom_validator_config: Some(TypedExtensionConfig {
-                        name: SPIFFE_VALIDATOR.into(),
-                        typed_config: Some(pack_any(config)),
-                    }),
-                    ..Default::default()
-                })
-            }
+            ALL => validation(spiffe_validation(bundle, own_only_crl())),
             other => {
                 let td = self.trust_domain_of(other).ok_or_else(|| {
                     Status::not_found(format!("trust domain {other} is no longer trusted"))
@@ -572,6 +545,41 @@ impl Workload {
 
     fn next_refresh(&self, default_subscribed: bool) -> Option<OffsetDateTime> {
         self.cred.next_wake().filter(|_| default_subscribed)
+    }
+}
+
+/// Bytes inlined in a Secret.
+fn inline(b: Vec<u8>) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(b)),
+        watched_directory: None,
+    })
+}
+
+/// `ALL`: Envoy's SPIFFE certificate validator with one trust bundle per trust domain.
+fn spiffe_validation(
+    bundle: &crate::trust::TrustBundleSet,
+    crl: Option<DataSource>,
+) -> CertificateValidationContext {
+    let trust_domains = bundle
+        .iter()
+        .map(|(td, roots)| SpiffeTrustDomain {
+            name: td.to_string(),
+            trust_bundle: inline(cert::to_pem_bundle(roots).into_bytes()),
+            ..Default::default()
+        })
+        .collect();
+    let config = SpiffeCertValidatorConfig {
+        trust_domains,
+        trust_bundles: None,
+    };
+    CertificateValidationContext {
+        crl,
+        custom_validator_config: Some(TypedExtensionConfig {
+            name: SPIFFE_VALIDATOR.into(),
+            typed_config: Some(pack_any(config)),
+        }),
+        ..Default::default()
     }
 }
 

@@ -101,8 +101,23 @@ impl ServerArgs {
         })
     }
 
+    /// The configuration: `--config`'s file (or defaults and `--state-dir`), overridden by the
+    /// flags, with the cluster the token flags describe; checked as a whole.
     fn into_config(self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
+        let mut cfg = self.base_config()?;
+        if let Some(c) = self.flag_cluster()? {
+            cfg.clusters = vec![c];
+        }
+        self.apply_overrides(&mut cfg);
+        cfg.validate().map_err(|errs| {
+            anyhow::anyhow!("configuration is invalid:\n  - {}", errs.join("\n  - "))
+        })?;
+        Ok(cfg)
+    }
+
+    /// `--config`'s file, or the defaults (which need `--state-dir`).
+    fn base_config(&self) -> anyhow::Result<Config> {
+        Ok(match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
@@ -129,7 +144,11 @@ impl ServerArgs {
                 root_cert_configmap: Default::default(),
                 federation: Default::default(),
             },
-        };
+        })
+    }
+
+    /// The flags that override single settings.
+    fn apply_overrides(self, cfg: &mut Config) {
         if let Some(d) = self.state_dir {
             cfg.state_dir = d;
         }
@@ -165,6 +184,10 @@ impl ServerArgs {
         if let Some(l) = self.log_level {
             cfg.logging.level = l;
         }
+    }
+
+    /// The one cluster `--dev-issuer-dir`, `--jwks` or `--kubeconfig` describes, if any.
+    fn flag_cluster(&self) -> anyhow::Result<Option<config::Cluster>> {
         let cluster = |tokenreview, jwks| config::Cluster {
             name: crate::identity::DEFAULT_CLUSTER.into(),
             aliases: Vec::new(),
@@ -179,45 +202,44 @@ impl ServerArgs {
             tokenreview,
             jwks,
         };
-        if let Some(dir) = self.dev_issuer_dir {
-            let issuer = DevIssuer::load(&dir)
+        let cluster = if let Some(dir) = &self.dev_issuer_dir {
+            let issuer = DevIssuer::load(dir)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("--dev-issuer-dir {}", dir.display()))?;
             let jwks = config::Jwks {
                 issuer: issuer.issuer().into(),
                 additional_issuers: Vec::new(),
-                file: Some(DevIssuer::jwks_path(&dir)),
+                file: Some(DevIssuer::jwks_path(dir)),
                 url: None,
                 oidc_issuer: None,
                 api_server: None,
                 ca_file: None,
             };
-            cfg.clusters = vec![cluster(None, Some(jwks))];
-        } else if let Some(file) = self.jwks {
+            cluster(None, Some(jwks))
+        } else if let Some(file) = &self.jwks {
             let jwks = config::Jwks {
-                issuer: self.issuer.unwrap_or_default(),
+                issuer: self.issuer.clone().unwrap_or_default(),
                 additional_issuers: Vec::new(),
-                file: Some(file),
+                file: Some(file.clone()),
                 url: None,
                 oidc_issuer: None,
                 api_server: None,
                 ca_file: None,
             };
-            cfg.clusters = vec![cluster(None, Some(jwks))];
-        } else if let Some(kc) = self.kubeconfig {
+            cluster(None, Some(jwks))
+        } else if let Some(kc) = &self.kubeconfig {
             let tr = config::TokenReview {
-                kubeconfig: Some(kc),
+                kubeconfig: Some(kc.clone()),
                 rate: Default::default(),
                 timeout: std::time::Duration::from_secs(5),
                 issuers: Vec::new(),
                 verify_signatures: true,
             };
-            cfg.clusters = vec![cluster(Some(tr), None)];
-        }
-        cfg.validate().map_err(|errs| {
-            anyhow::anyhow!("configuration is invalid:\n  - {}", errs.join("\n  - "))
-        })?;
-        Ok(cfg)
+            cluster(Some(tr), None)
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(cluster))
     }
 }
 

@@ -315,21 +315,7 @@ fn build_report(
                 warnings.push(w.clone());
             }
         }
-        clusters.push(ClusterReport {
-            name: plan.name.clone(),
-            port: plan.port,
-            subset: plan.subset.clone(),
-            served_by_eds: plan.served_by_eds,
-            tls: plan.tls,
-            tls_why: plan.tls_why.clone(),
-            istio_tls: plan.istio_tls,
-            istio_tls_why: plan.istio_tls_why.clone(),
-            endpoints: plan
-                .endpoints
-                .iter()
-                .map(|e| e.backend.address.clone())
-                .collect(),
-        });
+        clusters.push(cluster_report(plan));
         if plan.subset.is_some() {
             continue;
         }
@@ -340,27 +326,8 @@ fn build_report(
             endpoints.push(endpoint_report(plan, e, client_sidecar));
         }
     }
-    let mut summary = Summary::default();
-    for e in &endpoints {
-        match e.decision {
-            Decision::Mtls | Decision::MutualUser => summary.mtls += 1,
-            Decision::Plaintext => summary.plaintext += 1,
-            Decision::Tls => summary.tls += 1,
-            Decision::WillFail => summary.will_fail += 1,
-        }
-    }
-    let client_label = match client {
-        Some(c) => format!(
-            "pod {} ({})",
-            c.name,
-            if c.sidecar {
-                "with a sidecar"
-            } else {
-                "without a sidecar"
-            }
-        ),
-        None => format!("a client with a sidecar (and no labels) in namespace {ns}"),
-    };
+    let summary = Summary::of(&endpoints);
+    let client_label = client_label(client, ns);
     ServiceReport {
         service: first.service.clone(),
         kind: first.kind,
@@ -388,6 +355,56 @@ fn build_report(
         clients: Vec::new(),
         warnings,
         ignored: super::ignored_fields(objs),
+    }
+}
+
+fn cluster_report(plan: &ClusterPlan) -> ClusterReport {
+    ClusterReport {
+        name: plan.name.clone(),
+        port: plan.port,
+        subset: plan.subset.clone(),
+        served_by_eds: plan.served_by_eds,
+        tls: plan.tls,
+        tls_why: plan.tls_why.clone(),
+        istio_tls: plan.istio_tls,
+        istio_tls_why: plan.istio_tls_why.clone(),
+        endpoints: plan
+            .endpoints
+            .iter()
+            .map(|e| e.backend.address.clone())
+            .collect(),
+    }
+}
+
+impl Summary {
+    /// Endpoints counted by decision.
+    fn of(endpoints: &[EndpointReport]) -> Self {
+        let mut summary = Self::default();
+        for e in endpoints {
+            match e.decision {
+                Decision::Mtls | Decision::MutualUser => summary.mtls += 1,
+                Decision::Plaintext => summary.plaintext += 1,
+                Decision::Tls => summary.tls += 1,
+                Decision::WillFail => summary.will_fail += 1,
+            }
+        }
+        summary
+    }
+}
+
+/// Who the report is for.
+fn client_label(client: Option<&Client>, ns: &str) -> String {
+    match client {
+        Some(c) => format!(
+            "pod {} ({})",
+            c.name,
+            if c.sidecar {
+                "with a sidecar"
+            } else {
+                "without a sidecar"
+            }
+        ),
+        None => format!("a client with a sidecar (and no labels) in namespace {ns}"),
     }
 }
 

@@ -25,13 +25,31 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             "kind {k}: not read (a Sidecar can narrow which services and rules a proxy sees)"
         ));
     }
-    let name = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        format!(
-            "{}/{}",
-            m.namespace.as_deref().unwrap_or(""),
-            m.name.as_deref().unwrap_or("")
-        )
-    };
+    for each in [
+        pods,
+        namespaces,
+        services,
+        destination_rules,
+        service_entries,
+    ] {
+        each(objs, &mut out);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `namespace/name` of an object.
+fn name(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        m.namespace.as_deref().unwrap_or(""),
+        m.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Interception annotations and ambient labels on pods.
+fn pods(objs: &MeshObjects, out: &mut Vec<String>) {
     for p in &objs.pods {
         for a in POD_ANNOTATIONS {
             if p.metadata
@@ -58,6 +76,10 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             }
         }
     }
+}
+
+/// Ambient labels on namespaces.
+fn namespaces(objs: &MeshObjects, out: &mut Vec<String>) {
     for n in &objs.namespaces {
         for l in DATAPLANE_LABELS {
             if n.metadata
@@ -72,6 +94,10 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             }
         }
     }
+}
+
+/// Service fields that change which endpoints a client is sent.
+fn services(objs: &MeshObjects, out: &mut Vec<String>) {
     for s in &objs.services {
         let n = name(&s.metadata);
         if s.metadata
@@ -98,6 +124,10 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             ));
         }
     }
+}
+
+/// DestinationRule fields that are not modeled.
+fn destination_rules(objs: &MeshObjects, out: &mut Vec<String>) {
     for d in &objs.destination_rules {
         let n = name(&d.metadata);
         let tp = d.spec.traffic_policy.iter();
@@ -130,6 +160,10 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             }
         }
     }
+}
+
+/// ServiceEntry `subjectAltNames`.
+fn service_entries(objs: &MeshObjects, out: &mut Vec<String>) {
     for se in &objs.service_entries {
         if !se.spec.subject_alt_names.is_empty() {
             out.push(format!(
@@ -138,7 +172,4 @@ pub fn ignored_fields(objs: &MeshObjects) -> Vec<String> {
             ));
         }
     }
-    out.sort();
-    out.dedup();
-    out
 }

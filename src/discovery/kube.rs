@@ -23,7 +23,8 @@ use tokio::{
 };
 
 use super::{
-    DestinationRule, DiscoveryError, MeshObjects, PeerAuthentication, ServiceEntry, WorkloadEntry,
+    multicluster::RemoteObjects, DestinationRule, DiscoveryError, MeshObjects, PeerAuthentication,
+    ServiceEntry, WorkloadEntry,
 };
 
 fn peer_auth_resource() -> ApiResource {
@@ -138,64 +139,9 @@ pub fn start_kube_source(
     let MultiCluster {
         remotes,
         notify,
-        changes,
+        mut changes,
     } = mc;
-    let mut changes = changes;
-    let (pods, pw) = reflector::store::<Pod>();
-    let (services, sw) = reflector::store::<Service>();
-    let (slices, ew) = reflector::store::<EndpointSlice>();
-    let (namespaces, nw) = reflector::store::<Namespace>();
-    let paw = reflector::store::Writer::<DynamicObject>::new(peer_auth_resource());
-    let drw = reflector::store::Writer::<DynamicObject>::new(dest_rule_resource());
-    let sew = reflector::store::Writer::<DynamicObject>::new(service_entry_resource());
-    let wew = reflector::store::Writer::<DynamicObject>::new(workload_entry_resource());
-    let (peer_auths, dest_rules) = (paw.as_reader(), drw.as_reader());
-    let (service_entries, workload_entries) = (sew.as_reader(), wew.as_reader());
-    let mut tasks = vec![
-        watch_into(Api::<Pod>::all(client.clone()), pw, notify.clone(), "Pod"),
-        watch_into(
-            Api::<Service>::all(client.clone()),
-            sw,
-            notify.clone(),
-            "Service",
-        ),
-        watch_into(
-            Api::<EndpointSlice>::all(client.clone()),
-            ew,
-            notify.clone(),
-            "EndpointSlice",
-        ),
-        watch_into(
-            Api::<Namespace>::all(client.clone()),
-            nw,
-            notify.clone(),
-            "Namespace",
-        ),
-        watch_into(
-            Api::<DynamicObject>::all_with(client.clone(), &peer_auth_resource()),
-            paw,
-            notify.clone(),
-            "PeerAuthentication",
-        ),
-        watch_into(
-            Api::<DynamicObject>::all_with(client.clone(), &dest_rule_resource()),
-            drw,
-            notify.clone(),
-            "DestinationRule",
-        ),
-        watch_into(
-            Api::<DynamicObject>::all_with(client.clone(), &service_entry_resource()),
-            sew,
-            notify.clone(),
-            "ServiceEntry",
-        ),
-        watch_into(
-            Api::<DynamicObject>::all_with(client, &workload_entry_resource()),
-            wew,
-            notify,
-            "WorkloadEntry",
-        ),
-    ];
+    let (stores, mut tasks) = Stores::watch(client, &notify);
     let (tx, rx) = watch::channel(Arc::new(MeshObjects::default()));
     let watchers: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     tasks.push(tokio::spawn(async move {
@@ -204,62 +150,120 @@ pub fn start_kube_source(
         // an endpoint could be served before its pod, without its sidecar label, and a client
         // would pick plaintext toward a sidecar. (Istio's CRDs may be absent from a cluster,
         // so their kinds are not waited for.)
-        let synced = core_synced(
-            [
-                ("Pod", Box::pin(pods.wait_until_ready())),
-                ("Service", Box::pin(services.wait_until_ready())),
-                ("EndpointSlice", Box::pin(slices.wait_until_ready())),
-                ("Namespace", Box::pin(namespaces.wait_until_ready())),
-            ],
-            &mut stop,
-        )
-        .await;
-        if !synced {
-            for w in &watchers {
-                w.abort();
-            }
-            return;
-        }
-        loop {
-            tokio::select! {
-                c = changes.recv() => if c.is_none() { break },
-                _ = stop.wait_for(|s| *s) => break,
-            }
-            // Let a burst of events settle into one rebuild.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            while changes.try_recv().is_ok() {}
-            let objs = MeshObjects {
-                pods: pods.state().iter().map(|p| p.as_ref().clone()).collect(),
-                services: services
-                    .state()
-                    .iter()
-                    .map(|p| p.as_ref().clone())
-                    .collect(),
-                endpoint_slices: slices.state().iter().map(|p| p.as_ref().clone()).collect(),
-                namespaces: namespaces
-                    .state()
-                    .iter()
-                    .map(|p| p.as_ref().clone())
-                    .collect(),
-                peer_authentications: from_dynamic(peer_auths.state()),
-                destination_rules: from_dynamic(dest_rules.state()),
-                service_entries: from_dynamic(service_entries.state()),
-                workload_entries: from_dynamic(workload_entries.state()),
-                remotes: remotes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+        if core_synced(stores.core_ready(), &mut stop).await {
+            loop {
+                tokio::select! {
+                    c = changes.recv() => if c.is_none() { break },
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                // Let a burst of events settle into one rebuild.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while changes.try_recv().is_ok() {}
+                let remotes: Vec<_> = (remotes.lock().unwrap_or_else(|e| e.into_inner()))
                     .values()
                     .map(super::multicluster::Remote::objects)
-                    .collect(),
-                ignored_kinds: Vec::new(),
-            };
-            tx.send_replace(Arc::new(objs));
+                    .collect();
+                tx.send_replace(Arc::new(stores.objects(remotes)));
+            }
         }
         for w in watchers {
             w.abort();
         }
     }));
     (rx, tasks)
+}
+
+/// The reflector stores of every kind discovery reads, filled by one watch each.
+struct Stores {
+    pods: reflector::Store<Pod>,
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    namespaces: reflector::Store<Namespace>,
+    peer_auths: reflector::Store<DynamicObject>,
+    dest_rules: reflector::Store<DynamicObject>,
+    service_entries: reflector::Store<DynamicObject>,
+    workload_entries: reflector::Store<DynamicObject>,
+}
+
+impl Stores {
+    /// Starts a watch per kind; each change wakes `notify`.
+    fn watch(client: kube::Client, notify: &mpsc::Sender<()>) -> (Self, Vec<JoinHandle<()>>) {
+        let (pods, pw) = reflector::store::<Pod>();
+        let (services, sw) = reflector::store::<Service>();
+        let (slices, ew) = reflector::store::<EndpointSlice>();
+        let (namespaces, nw) = reflector::store::<Namespace>();
+        let dynamic = |ar: ApiResource| {
+            let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            (
+                w.as_reader(),
+                w,
+                Api::<DynamicObject>::all_with(client.clone(), &ar),
+            )
+        };
+        let (peer_auths, paw, pa_api) = dynamic(peer_auth_resource());
+        let (dest_rules, drw, dr_api) = dynamic(dest_rule_resource());
+        let (service_entries, sew, se_api) = dynamic(service_entry_resource());
+        let (workload_entries, wew, we_api) = dynamic(workload_entry_resource());
+        let n = || notify.clone();
+        let tasks = vec![
+            watch_into(Api::<Pod>::all(client.clone()), pw, n(), "Pod"),
+            watch_into(Api::<Service>::all(client.clone()), sw, n(), "Service"),
+            watch_into(
+                Api::<EndpointSlice>::all(client.clone()),
+                ew,
+                n(),
+                "EndpointSlice",
+            ),
+            watch_into(Api::<Namespace>::all(client.clone()), nw, n(), "Namespace"),
+            watch_into(pa_api, paw, n(), "PeerAuthentication"),
+            watch_into(dr_api, drw, n(), "DestinationRule"),
+            watch_into(se_api, sew, n(), "ServiceEntry"),
+            watch_into(we_api, wew, n(), "WorkloadEntry"),
+        ];
+        let stores = Self {
+            pods,
+            services,
+            slices,
+            namespaces,
+            peer_auths,
+            dest_rules,
+            service_entries,
+            workload_entries,
+        };
+        (stores, tasks)
+    }
+
+    /// The first full list of each kind every decision needs.
+    fn core_ready(&self) -> [(&'static str, Ready<'_>); 4] {
+        [
+            ("Pod", Box::pin(self.pods.wait_until_ready())),
+            ("Service", Box::pin(self.services.wait_until_ready())),
+            ("EndpointSlice", Box::pin(self.slices.wait_until_ready())),
+            ("Namespace", Box::pin(self.namespaces.wait_until_ready())),
+        ]
+    }
+
+    /// What the stores hold now, with the remote clusters' objects.
+    fn objects(&self, remotes: Vec<RemoteObjects>) -> MeshObjects {
+        fn all<K: Clone + kube::Resource>(s: &reflector::Store<K>) -> Vec<K>
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            s.state().iter().map(|k| k.as_ref().clone()).collect()
+        }
+        MeshObjects {
+            pods: all(&self.pods),
+            services: all(&self.services),
+            endpoint_slices: all(&self.slices),
+            namespaces: all(&self.namespaces),
+            peer_authentications: from_dynamic(self.peer_auths.state()),
+            destination_rules: from_dynamic(self.dest_rules.state()),
+            service_entries: from_dynamic(self.service_entries.state()),
+            workload_entries: from_dynamic(self.workload_entries.state()),
+            remotes,
+            ignored_kinds: Vec::new(),
+        }
+    }
 }
 
 /// A store's first full list, as `Store::wait_until_ready` gives it.
