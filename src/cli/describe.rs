@@ -208,67 +208,10 @@ fn print_service(r: &ServiceReport, istio: bool) {
         }
         None => println!("  DestinationRule:        none (auto mTLS decides per endpoint)"),
     }
-    println!("  Clusters:");
-    for c in &r.clusters {
-        println!(
-            "    {}  {}{}",
-            c.name,
-            cluster_tls_label(c.tls),
-            if c.served_by_eds {
-                ""
-            } else {
-                "  (not served by EDS)"
-            }
-        );
-        println!("      why: {}", c.tls_why);
-        if istio && c.istio_tls != c.tls {
-            println!(
-                "      istio: {} ({})",
-                cluster_tls_label(c.istio_tls),
-                c.istio_tls_why
-            );
-        }
-    }
+    print_clusters(r, istio);
     println!("  Endpoints:");
     for e in &r.endpoints {
-        println!(
-            "    {}:{} (service port {})  {}  sidecar: {}  -> {}",
-            e.address,
-            e.port,
-            e.service_port,
-            e.workload,
-            if e.sidecar { "yes" } else { "no" },
-            e.decision.label()
-        );
-        println!(
-            "      cluster {}{}; sidecar state: {}",
-            e.cluster,
-            if e.stale {
-                " (STALE: its API server cannot be reached; last known endpoint)"
-            } else {
-                ""
-            },
-            e.sidecar_state
-        );
-        println!(
-            "      why ({} side): {}; PeerAuthentication {} from {}",
-            e.decided_by, e.why, e.peer_authentication.mode, e.peer_authentication.source
-        );
-        if istio {
-            if e.istio.decision == e.decision {
-                println!("      istio: same ({})", e.istio.decision.label());
-            } else {
-                println!(
-                    "      istio: {} ({} side): {}",
-                    e.istio.decision.label(),
-                    e.istio.decided_by,
-                    e.istio.why
-                );
-            }
-        }
-        for w in &e.warnings {
-            println!("      warning: {w}");
-        }
+        print_endpoint(e, istio);
     }
     let s = &r.summary;
     println!(
@@ -297,6 +240,71 @@ fn print_service(r: &ServiceReport, istio: bool) {
     }
     for i in &r.ignored {
         println!("  ignored: {i}");
+    }
+}
+
+fn print_clusters(r: &ServiceReport, istio: bool) {
+    println!("  Clusters:");
+    for c in &r.clusters {
+        println!(
+            "    {}  {}{}",
+            c.name,
+            cluster_tls_label(c.tls),
+            if c.served_by_eds {
+                ""
+            } else {
+                "  (not served by EDS)"
+            }
+        );
+        println!("      why: {}", c.tls_why);
+        if istio && c.istio_tls != c.tls {
+            println!(
+                "      istio: {} ({})",
+                cluster_tls_label(c.istio_tls),
+                c.istio_tls_why
+            );
+        }
+    }
+}
+
+fn print_endpoint(e: &crate::discovery::EndpointReport, istio: bool) {
+    println!(
+        "    {}:{} (service port {})  {}  sidecar: {}  -> {}",
+        e.address,
+        e.port,
+        e.service_port,
+        e.workload,
+        if e.sidecar { "yes" } else { "no" },
+        e.decision.label()
+    );
+    println!(
+        "      cluster {}{}; sidecar state: {}",
+        e.cluster,
+        if e.stale {
+            " (STALE: its API server cannot be reached; last known endpoint)"
+        } else {
+            ""
+        },
+        e.sidecar_state
+    );
+    println!(
+        "      why ({} side): {}; PeerAuthentication {} from {}",
+        e.decided_by, e.why, e.peer_authentication.mode, e.peer_authentication.source
+    );
+    if istio {
+        if e.istio.decision == e.decision {
+            println!("      istio: same ({})", e.istio.decision.label());
+        } else {
+            println!(
+                "      istio: {} ({} side): {}",
+                e.istio.decision.label(),
+                e.istio.decided_by,
+                e.istio.why
+            );
+        }
+    }
+    for w in &e.warnings {
+        println!("      warning: {w}");
     }
 }
 

@@ -100,27 +100,8 @@ impl World {
         let say = |s: &str| progress(s);
         let td =
             TrustDomain::new("cluster.local").map_err(|e| DemoError::setup("trust domain", e))?;
-        let now = SystemClock.now();
         say(&format!("==> work directory {}", dir.display()));
-        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now)
-            .map_err(|e| DemoError::setup("generating the root", e))?;
-        let root_pem = cert::to_pem(&ca.cert);
-        DirStore::new(dir.join("state"))
-            .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
-            .map_err(|e| DemoError::setup("writing the CA state", e))?;
-        say(&format!(
-            "==> fresh CA for trust domain {td}: root {} (ECDSA P-256) in {}",
-            cert::fingerprint_id(&ca.cert),
-            dir.join("state").display()
-        ));
-        let issuer = Arc::new(
-            DevIssuer::init(&dir.join("issuer"), DEFAULT_ISSUER, None)
-                .map_err(|e| DemoError::setup("creating the dev token issuer", e))?,
-        );
-        say(&format!(
-            "==> dev token issuer {DEFAULT_ISSUER} (stands in for the cluster's service-account issuer) in {}",
-            dir.join("issuer").display()
-        ));
+        let (root_pem, issuer) = fresh_ca_and_issuer(&dir, &td, &say)?;
 
         let (stop, stop_rx) = watch::channel(false);
         let product_app = EchoApp::start("product-service", stop_rx.clone()).await?;
@@ -153,16 +134,7 @@ impl World {
         let settings = MeshSettings::default();
         let server_id = SpiffeId::for_service_account(&td, "istio-system", "meshid")
             .map_err(|e| DemoError::setup("meshid's SPIFFE ID", e))?;
-        let clusters = [
-            ("inventory-service.shop", 8080),
-            ("legacy-db.legacy", 5432),
-            ("product-service.shop", 8080),
-        ]
-        .map(|(s, p)| {
-            let (n, ns) = s.split_once('.').unwrap_or((s, ""));
-            cluster_name(p, &format!("{n}.{ns}.svc.{}", settings.domain))
-        })
-        .to_vec();
+        let clusters = demo_clusters(&settings);
         let mk = |app: &str, pod: &str, listener: TcpListener, app_addr: SocketAddr| Workload {
             ns: "shop".into(),
             sa: app.into(),
@@ -195,15 +167,7 @@ impl World {
         ))?;
         for s in [&product, &inventory] {
             wait_ready(s).await?;
-            let st = s.state();
-            say(&format!(
-                "==> {} sidecar: SDS default {} (root {}), ROOTCA {} root(s), EDS {} cluster(s), with its own token (audience istio-ca)",
-                s.name,
-                s.id,
-                st.default.as_ref().and_then(|d| super::sidecar::anchor_id(&d.chain, &st.roots)).unwrap_or_default(),
-                st.roots.len(),
-                st.endpoints.len()
-            ));
+            say(&sidecar_ready_line(s));
         }
         Ok(Self {
             dir,
@@ -222,6 +186,63 @@ impl World {
             stop,
         })
     }
+}
+
+/// A fresh CA (an ECDSA P-256 root written as the state) and the dev token issuer standing in
+/// for the cluster's service-account issuer.
+fn fresh_ca_and_issuer(
+    dir: &Path,
+    td: &TrustDomain,
+    say: &dyn Fn(&str),
+) -> Result<(String, Arc<DevIssuer>), DemoError> {
+    let now = SystemClock.now();
+    let ca = root::generate_root(td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now)
+        .map_err(|e| DemoError::setup("generating the root", e))?;
+    let root_pem = cert::to_pem(&ca.cert);
+    DirStore::new(dir.join("state"))
+        .compare_and_swap(None, &CaState::with_generated_root(td.clone(), &ca, now))
+        .map_err(|e| DemoError::setup("writing the CA state", e))?;
+    say(&format!(
+        "==> fresh CA for trust domain {td}: root {} (ECDSA P-256) in {}",
+        cert::fingerprint_id(&ca.cert),
+        dir.join("state").display()
+    ));
+    let issuer = Arc::new(
+        DevIssuer::init(&dir.join("issuer"), DEFAULT_ISSUER, None)
+            .map_err(|e| DemoError::setup("creating the dev token issuer", e))?,
+    );
+    say(&format!(
+        "==> dev token issuer {DEFAULT_ISSUER} (stands in for the cluster's service-account issuer) in {}",
+        dir.join("issuer").display()
+    ));
+    Ok((root_pem, issuer))
+}
+
+/// The EDS clusters each demo sidecar subscribes to.
+fn demo_clusters(settings: &MeshSettings) -> Vec<String> {
+    [
+        ("inventory-service.shop", 8080),
+        ("legacy-db.legacy", 5432),
+        ("product-service.shop", 8080),
+    ]
+    .map(|(s, p)| {
+        let (n, ns) = s.split_once('.').unwrap_or((s, ""));
+        cluster_name(p, &format!("{n}.{ns}.svc.{}", settings.domain))
+    })
+    .to_vec()
+}
+
+/// What a ready sidecar got over SDS and EDS.
+fn sidecar_ready_line(s: &Sidecar) -> String {
+    let st = s.state();
+    format!(
+        "==> {} sidecar: SDS default {} (root {}), ROOTCA {} root(s), EDS {} cluster(s), with its own token (audience istio-ca)",
+        s.name,
+        s.id,
+        st.default.as_ref().and_then(|d| super::sidecar::anchor_id(&d.chain, &st.roots)).unwrap_or_default(),
+        st.roots.len(),
+        st.endpoints.len()
+    )
 }
 
 fn work_dir(dir: Option<PathBuf>) -> Result<PathBuf, DemoError> {

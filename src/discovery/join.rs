@@ -285,82 +285,108 @@ impl<'a> Index<'a> {
         };
         let mut out = Vec::new();
         for (cluster, slice) in self.slices.get(&(ns, name)).into_iter().flatten() {
-            // `updateEndpointCacheForSlice`: FQDN slices are not supported.
-            if slice.address_type == "FQDN" {
-                continue;
-            }
-            let Some(ep_port) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
-            else {
-                continue;
-            };
-            let port = ep_port.port.unwrap_or(sp.port) as u16;
-            for endpoint in &slice.endpoints {
-                // `endpointHealthStatus`: Ready unset counts as ready; an unready endpoint is
-                // not sent (`filterIstioEndpoint`).
-                let ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                let target = endpoint
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"));
-                for address in &endpoint.addresses {
-                    let what = target.map_or_else(
-                        || format!("endpoint {address}"),
-                        |r| {
-                            format!(
-                                "pod {}.{}",
-                                r.name.as_deref().unwrap_or(""),
-                                r.namespace.as_deref().unwrap_or("")
-                            )
-                        },
-                    );
-                    // `endpointslice.go` `getPod`: by targetRef when it names a pod, else the
-                    // pod of the slice's namespace with this IP (`getPodsByIP`).
-                    let pod = match target {
-                        Some(r) => self.pods.get(&(
-                            *cluster,
-                            r.namespace.as_deref().unwrap_or(""),
+            self.slice_backends(*cluster, slice, ns, sp, skipped, &mut out);
+        }
+        self.selected_workload_entries(svc, sp, ns, &mut out);
+        out
+    }
+
+    /// One EndpointSlice's endpoints on the service port `sp` (`updateEndpointCacheForSlice`),
+    /// each matched to its pod as istiod's `getPod` does.
+    fn slice_backends(
+        &self,
+        cluster: usize,
+        slice: &EndpointSlice,
+        ns: &str,
+        sp: &ServicePort,
+        skipped: &mut Vec<String>,
+        out: &mut Vec<Backend>,
+    ) {
+        // `updateEndpointCacheForSlice`: FQDN slices are not supported.
+        if slice.address_type == "FQDN" {
+            return;
+        }
+        let Some(ep_port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
+        else {
+            return;
+        };
+        let port = ep_port.port.unwrap_or(sp.port) as u16;
+        for endpoint in &slice.endpoints {
+            // `endpointHealthStatus`: Ready unset counts as ready; an unready endpoint is
+            // not sent (`filterIstioEndpoint`).
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            let target = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"));
+            for address in &endpoint.addresses {
+                let what = target.map_or_else(
+                    || format!("endpoint {address}"),
+                    |r| {
+                        format!(
+                            "pod {}.{}",
                             r.name.as_deref().unwrap_or(""),
-                        )),
-                        None => self
-                            .pods_by_ip
-                            .get(&(*cluster, address.as_str()))
-                            .and_then(|ps| {
-                                ps.iter()
-                                    .find(|p| p.metadata.namespace.as_deref() == Some(ns))
-                            }),
-                    };
-                    match (pod, target) {
-                        (Some(p), _) => {
-                            out.push(self.pod_backend(p, address.clone(), port, ready, *cluster))
-                        }
-                        (None, Some(_)) => skipped.push(format!(
-                            "{what} ({address}) is named by the EndpointSlice but not in the input: not served (istiod waits for the pod)"
-                        )),
-                        (None, None) => {
-                            let mut b = self.entry_backend(
-                                &WorkloadEntrySpec::default(),
-                                format!("endpoint {address} (no pod)"),
-                                ns,
-                                port,
-                            );
-                            b.address = address.clone();
-                            b.ready = ready;
-                            b.cluster = self.clusters[*cluster].0.to_owned();
-                            b.stale = self.clusters[*cluster].1;
-                            out.push(b);
-                        }
+                            r.namespace.as_deref().unwrap_or("")
+                        )
+                    },
+                );
+                // `endpointslice.go` `getPod`: by targetRef when it names a pod, else the
+                // pod of the slice's namespace with this IP (`getPodsByIP`).
+                let pod = match target {
+                    Some(r) => self.pods.get(&(
+                        cluster,
+                        r.namespace.as_deref().unwrap_or(""),
+                        r.name.as_deref().unwrap_or(""),
+                    )),
+                    None => self
+                        .pods_by_ip
+                        .get(&(cluster, address.as_str()))
+                        .and_then(|ps| {
+                            ps.iter()
+                                .find(|p| p.metadata.namespace.as_deref() == Some(ns))
+                        }),
+                };
+                match (pod, target) {
+                    (Some(p), _) => {
+                        out.push(self.pod_backend(p, address.clone(), port, ready, cluster))
+                    }
+                    (None, Some(_)) => skipped.push(format!(
+                        "{what} ({address}) is named by the EndpointSlice but not in the input: not served (istiod waits for the pod)"
+                    )),
+                    (None, None) => {
+                        let mut b = self.entry_backend(
+                            &WorkloadEntrySpec::default(),
+                            format!("endpoint {address} (no pod)"),
+                            ns,
+                            port,
+                        );
+                        b.address = address.clone();
+                        b.ready = ready;
+                        b.cluster = self.clusters[cluster].0.to_owned();
+                        b.stale = self.clusters[cluster].1;
+                        out.push(b);
                     }
                 }
             }
         }
+    }
+
+    /// WorkloadEntries of the namespace that the Service's selector selects.
+    fn selected_workload_entries(
+        &self,
+        svc: &Service,
+        sp: &ServicePort,
+        ns: &str,
+        out: &mut Vec<Backend>,
+    ) {
         let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
         if let Some(sel) = selector {
             for we in self.workload_entries.get(ns).into_iter().flatten() {
@@ -390,7 +416,6 @@ impl<'a> Index<'a> {
                 ));
             }
         }
-        out
     }
 
     /// Every endpoint of a ServiceEntry port: inline endpoints, else what its

@@ -447,18 +447,7 @@ impl<'a> Planner<'a> {
             {
                 t.subject_alt_names.clone()
             }
-            _ => {
-                let mut sas: Vec<String> = all
-                    .iter()
-                    .filter_map(|b| {
-                        let sa = b.service_account.as_deref()?;
-                        Some(format!("spiffe://{}/ns/{}/sa/{sa}", s.domain, b.namespace))
-                    })
-                    .collect();
-                sas.sort();
-                sas.dedup();
-                sas
-            }
+            _ => service_accounts(all, &s.domain),
         };
         let lb_passthrough = policy.is_some_and(EffectivePolicy::passthrough)
             || drt.as_ref().is_some_and(|d| d.subset_passthrough);
@@ -476,15 +465,7 @@ impl<'a> Planner<'a> {
         // `BestEffortInferServiceMTLSMode`: a passthrough service (headless, or the rule's top
         // level PASSTHROUGH) is DISABLE unless every instance of the port has a sidecar.
         let infer_passthrough = t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
-        let inferred_disable = if infer_passthrough && all.is_empty() {
-            Some("passthrough service with no endpoints: Istio infers DISABLE (BestEffortInferServiceMTLSMode)")
-        } else if infer_passthrough && all.iter().any(|b| b.tls_label != TlsMode::Istio) {
-            Some("passthrough service with an endpoint without tlsMode istio: Istio sends plaintext to every endpoint (BestEffortInferServiceMTLSMode)")
-        } else if ns_mode.mode == PeerAuthMode::Disable {
-            Some("namespace/mesh PeerAuthentication DISABLE: Istio infers the service's mode from it alone, ignoring workload policies (BestEffortInferServiceMTLSMode)")
-        } else {
-            None
-        };
+        let inferred_disable = inferred_disable(infer_passthrough, all, ns_mode);
         let (istio_tls, istio_tls_why) = match dropped {
             Some(why) => (ClusterTls::Plain, why),
             None => cluster_tls(ClusterInput {
@@ -500,20 +481,7 @@ impl<'a> Planner<'a> {
             .filter(|b| b.ready)
             .map(|b| self.plan_endpoint(b, endpoint_dr))
             .collect();
-        for b in backends.iter().filter(|b| !b.ready) {
-            warnings.push(format!(
-                "{} ({}) is not ready: not served (istiod filterIstioEndpoint)",
-                b.workload, b.address
-            ));
-        }
-        if backends.is_empty() && subset.is_none() && !t.mesh_external {
-            warnings.push(match t.kind {
-                "Service" => {
-                    "no endpoints: no EndpointSlice labelled kubernetes.io/service-name for this service (and no WorkloadEntry it selects)".into()
-                }
-                _ => "no endpoints: the ServiceEntry lists none and its workloadSelector selects nothing".into(),
-            });
-        }
+        endpoint_warnings(t, subset, backends, &mut warnings);
         ClusterPlan {
             name: format!("outbound|{port}|{}|{}", subset.unwrap_or_default(), t.fqdn),
             service: t.service.clone(),
@@ -714,6 +682,61 @@ fn service_target<'a>(idx: &Index<'a>, s: &MeshSettings, svc: &'a Service) -> Op
         ports,
         skipped,
     })
+}
+
+/// `PushContext.ServiceAccounts`: the SPIFFE IDs of the service's endpoints that name an
+/// account, which ISTIO_MUTUAL checks when the rule lists no subjectAltNames.
+fn service_accounts(all: &[Backend], domain: &str) -> Vec<String> {
+    let mut sas: Vec<String> = all
+        .iter()
+        .filter_map(|b| {
+            let sa = b.service_account.as_deref()?;
+            Some(format!("spiffe://{domain}/ns/{}/sa/{sa}", b.namespace))
+        })
+        .collect();
+    sas.sort();
+    sas.dedup();
+    sas
+}
+
+/// `BestEffortInferServiceMTLSMode`: why Istio infers DISABLE for the service, if it does.
+fn inferred_disable(
+    infer_passthrough: bool,
+    all: &[Backend],
+    ns_mode: &PeerAuthResolution,
+) -> Option<&'static str> {
+    if infer_passthrough && all.is_empty() {
+        Some("passthrough service with no endpoints: Istio infers DISABLE (BestEffortInferServiceMTLSMode)")
+    } else if infer_passthrough && all.iter().any(|b| b.tls_label != TlsMode::Istio) {
+        Some("passthrough service with an endpoint without tlsMode istio: Istio sends plaintext to every endpoint (BestEffortInferServiceMTLSMode)")
+    } else if ns_mode.mode == PeerAuthMode::Disable {
+        Some("namespace/mesh PeerAuthentication DISABLE: Istio infers the service's mode from it alone, ignoring workload policies (BestEffortInferServiceMTLSMode)")
+    } else {
+        None
+    }
+}
+
+/// Unready endpoints (not served) and a service with none at all.
+fn endpoint_warnings(
+    t: &Target,
+    subset: Option<&str>,
+    backends: &[&Backend],
+    warnings: &mut Vec<String>,
+) {
+    for b in backends.iter().filter(|b| !b.ready) {
+        warnings.push(format!(
+            "{} ({}) is not ready: not served (istiod filterIstioEndpoint)",
+            b.workload, b.address
+        ));
+    }
+    if backends.is_empty() && subset.is_none() && !t.mesh_external {
+        warnings.push(match t.kind {
+            "Service" => {
+                "no endpoints: no EndpointSlice labelled kubernetes.io/service-name for this service (and no WorkloadEntry it selects)".into()
+            }
+            _ => "no endpoints: the ServiceEntry lists none and its workloadSelector selects nothing".into(),
+        });
+    }
 }
 
 fn service_entry_targets<'a>(
