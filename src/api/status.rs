@@ -71,7 +71,14 @@ pub(crate) fn ca(e: &CaError) -> Status {
         | PluginChainInvalid { .. }
         | PluginNotCa { .. }
         | CrlInvalid { .. }
-        | SignerInvalid(_)
+        | PolicyInvalid(_)
+        | RootKeyMismatch
+        | RootUnusable(_)
+        | ClusterNameInvalid { .. }
+        | SignerNotCa(_)
+        | SignerKeyMismatch
+        | SignerChainInvalid(_)
+        | SelfTestFailed(_)
         | LeafRejected { .. }
         | Crypto(_) => Status::new(Code::Internal, "the CA failed to issue; see its log"),
     }
@@ -97,7 +104,14 @@ pub(crate) fn ca_kind(e: &CaError) -> &'static str {
         | PluginChainInvalid { .. }
         | PluginNotCa { .. }
         | CrlInvalid { .. }
-        | SignerInvalid(_) => "signer_invalid",
+        | PolicyInvalid(_)
+        | RootKeyMismatch
+        | RootUnusable(_)
+        | ClusterNameInvalid { .. }
+        | SignerNotCa(_)
+        | SignerKeyMismatch
+        | SignerChainInvalid(_)
+        | SelfTestFailed(_) => "signer_invalid",
         LeafRejected { .. } => "leaf_rejected",
     }
 }
@@ -175,9 +189,11 @@ mod tests {
             },
             CaError::CrlInvalid {
                 file: path.into(),
-                why: "x".into(),
+                why: crate::ca::CrlError::NoPemBlock,
             },
-            CaError::SignerInvalid(path.into()),
+            CaError::ClusterNameInvalid {
+                cluster: path.into(),
+            },
             CaError::Crypto(path.into()),
             CaError::SignerExpired {
                 not_after: path.into(),

@@ -3,14 +3,19 @@
 use std::{sync::Arc, time::Duration};
 
 use rcgen::{Issuer, PublicKeyData, SignatureAlgorithm, SigningKey};
-
-use super::issuer_name::{self, DeferredKey};
 use time::OffsetDateTime;
 
 use super::{
-    cert, chain, csr::VerifiedCsr, plugin::signing_cert_problem, profile,
-    validate::LeafExpectation, CaError, CertDer, IssuancePolicy, KeyType, LeafValidator,
-    PrivateKey, Serial,
+    cert::{self, CertDer, Serial},
+    chain,
+    csr::VerifiedCsr,
+    error::CaError,
+    issuer_name::{self, DeferredKey},
+    key::PrivateKey,
+    key_type::KeyType,
+    policy::IssuancePolicy,
+    profile,
+    validate::{LeafExpectation, LeafValidator},
 };
 use crate::{
     clock::Clock,
@@ -81,7 +86,7 @@ impl Authority {
         policy: IssuancePolicy,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, CaError> {
-        policy.validate().map_err(CaError::SignerInvalid)?;
+        policy.validate().map_err(CaError::PolicyInvalid)?;
         let SigningMaterial {
             signer_cert,
             signer_key,
@@ -89,19 +94,15 @@ impl Authority {
             roots,
         } = material;
         let signer = cert::parse(&signer_cert, "signing certificate")?;
-        if let Some(why) = signing_cert_problem(&signer) {
-            return Err(CaError::SignerInvalid(format!(
-                "signing certificate cannot sign: {why}"
-            )));
+        if let Some(why) = cert::signing_cert_problem(&signer) {
+            return Err(CaError::SignerNotCa(why));
         }
         if signer.public_key().subject_public_key.data.as_ref() != signer_key.public_key_raw() {
-            return Err(CaError::SignerInvalid(
-                "signing key does not match the signing certificate".into(),
-            ));
+            return Err(CaError::SignerKeyMismatch);
         }
         let mut path = vec![signer_cert.clone()];
         path.extend(intermediates.iter().cloned());
-        chain::verify_ca_chain(&path, &roots, clock.now()).map_err(CaError::SignerInvalid)?;
+        chain::verify_ca_chain(&path, &roots, clock.now()).map_err(CaError::SignerChainInvalid)?;
         let chain_not_after = chain_not_after(&path, &roots)?;
         let signer_is_root = roots.iter().any(|r| r.as_ref() == signer_cert.as_ref());
         let validator = LeafValidator::new(td.clone(), &signer);
@@ -198,10 +199,10 @@ impl Authority {
     /// the authority is put to work, that what it signs is accepted by a TLS stack.
     pub fn self_test(&self) -> Result<(), CaError> {
         let id = SpiffeId::parse(&format!("{}/meshid/self-test", self.td.id_string()))
-            .map_err(|e| CaError::SignerInvalid(e.to_string()))?;
+            .expect("a valid trust domain with a fixed valid path is a valid SPIFFE ID");
         let (issued, _key) = self.issue_with_new_key(&id, None)?;
         chain::verify_leaf(&issued.leaf, &issued.chain, &issued.roots, self.clock.now())
-            .map_err(|why| CaError::SignerInvalid(format!("self-test leaf does not verify: {why}")))
+            .map_err(CaError::SelfTestFailed)
     }
 
     fn check_identity(&self, id: &SpiffeId) -> Result<(), CaError> {

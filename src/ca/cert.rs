@@ -4,8 +4,9 @@ use std::fmt;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
+use x509_parser::{certificate::X509Certificate, extensions::ParsedExtension};
 
-use super::CaError;
+use super::error::{CaError, CannotSign};
 
 /// A DER-encoded X.509 certificate.
 pub type CertDer = CertificateDer<'static>;
@@ -31,10 +32,7 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertDer>, CaError> {
 }
 
 /// Parses a certificate, naming `what` in the error.
-pub fn parse<'a>(
-    der: &'a CertDer,
-    what: &str,
-) -> Result<x509_parser::certificate::X509Certificate<'a>, CaError> {
+pub fn parse<'a>(der: &'a CertDer, what: &str) -> Result<X509Certificate<'a>, CaError> {
     let (rest, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| CaError::CertificateInvalid {
             what: what.to_owned(),
@@ -47,6 +45,30 @@ pub fn parse<'a>(
         });
     }
     Ok(cert)
+}
+
+/// Why a certificate cannot sign others, or `None` if it can (CA:true, keyCertSign if keyUsage
+/// is present).
+pub fn signing_cert_problem(c: &X509Certificate<'_>) -> Option<CannotSign> {
+    match c.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => return Some(CannotSign::NotCa),
+        Err(e) => return Some(CannotSign::BasicConstraintsUnreadable(e)),
+    }
+    match c.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => Some(CannotSign::NoKeyCertSign),
+        Ok(_) => None,
+        Err(e) => Some(CannotSign::KeyUsageUnreadable(e)),
+    }
+}
+
+/// The subject key identifier of a certificate, if it has one.
+pub(crate) fn subject_key_id(c: &X509Certificate<'_>) -> Option<Vec<u8>> {
+    c.iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
 }
 
 /// PEM-encodes one certificate.

@@ -5,7 +5,11 @@ use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 
-use super::{cert, sig, CertDer};
+use super::{
+    cert::{self, CertDer},
+    error::ChainError,
+    sig,
+};
 
 fn unix_time(at: OffsetDateTime) -> UnixTime {
     UnixTime::since_unix_epoch(std::time::Duration::from_secs(
@@ -20,14 +24,13 @@ pub fn verify_leaf(
     intermediates: &[CertDer],
     roots: &[CertDer],
     at: OffsetDateTime,
-) -> Result<(), String> {
+) -> Result<(), ChainError> {
     let anchors = roots
         .iter()
         .map(webpki::anchor_from_trusted_cert)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("a root is not a usable trust anchor: {e}"))?;
-    let ee =
-        webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("leaf does not parse: {e}"))?;
+        .map_err(ChainError::AnchorUnusable)?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(ChainError::LeafUnparsable)?;
     for (name, usage) in [
         ("clientAuth", webpki::KeyUsage::client_auth()),
         ("serverAuth", webpki::KeyUsage::server_auth()),
@@ -41,7 +44,7 @@ pub fn verify_leaf(
             None,
             None,
         )
-        .map_err(|e| format!("chain does not verify for {name}: {e}"))?;
+        .map_err(|error| ChainError::LeafRejected { usage: name, error })?;
     }
     Ok(())
 }
@@ -53,7 +56,7 @@ pub fn verify_ca_chain(
     chain: &[CertDer],
     roots: &[CertDer],
     at: OffsetDateTime,
-) -> Result<(), String> {
+) -> Result<(), ChainError> {
     let roots_p = roots
         .iter()
         .map(|r| parsed(r, "root"))
@@ -63,7 +66,7 @@ pub fn verify_ca_chain(
         .map(|c| parsed(c, "chain"))
         .collect::<Result<Vec<_>, _>>()?;
     let Some(mut current) = chain_p.first() else {
-        return Err("empty chain".into());
+        return Err(ChainError::Empty);
     };
     let mut rest = &chain_p[1..];
     for _ in 0..=chain_p.len() {
@@ -82,25 +85,23 @@ pub fn verify_ca_chain(
             return check_path_len(&path);
         }
         let Some((next, tail)) = rest.split_first() else {
-            return Err(format!(
-                "no root in the bundle issued {:?} (issuer {:?})",
-                current.subject().to_string(),
-                current.issuer().to_string()
-            ));
+            return Err(ChainError::NoIssuingRoot {
+                subject: current.subject().to_string(),
+                issuer: current.issuer().to_string(),
+            });
         };
         if next.subject() != current.issuer() {
-            return Err(format!(
-                "chain is out of order: {:?} was not issued by the next certificate {:?}",
-                current.subject().to_string(),
-                next.subject().to_string()
-            ));
+            return Err(ChainError::OutOfOrder {
+                subject: current.subject().to_string(),
+                next: next.subject().to_string(),
+            });
         }
         check_issuer_is_ca(next)?;
         signed_by(current, next)?;
         current = next;
         rest = tail;
     }
-    Err("chain is too long".into())
+    Err(ChainError::TooLong)
 }
 
 /// The deepest path meshid builds: signer, intermediates, root.
@@ -117,7 +118,7 @@ pub fn build_ca_path(
     pool: &[CertDer],
     roots: &[CertDer],
     at: OffsetDateTime,
-) -> Result<Vec<CertDer>, String> {
+) -> Result<Vec<CertDer>, ChainError> {
     let mut path = vec![signer.clone()];
     let mut last_err = None;
     if extend_path(&mut path, pool, roots, at, &mut last_err) {
@@ -126,18 +127,14 @@ pub fn build_ca_path(
         path.pop();
         return Ok(path);
     }
-    Err(last_err.unwrap_or_else(|| {
-        let s = parsed(signer, "signing certificate")
-            .map(|p| {
-                format!(
-                    "{:?} (issuer {:?})",
-                    p.subject().to_string(),
-                    p.issuer().to_string()
-                )
-            })
-            .unwrap_or_default();
-        format!("no root in the bundle, and no certificate in the chain, issued {s}")
-    }))
+    if let Some(e) = last_err {
+        return Err(e);
+    }
+    let p = parsed(signer, "signing certificate")?;
+    Err(ChainError::NoIssuer {
+        subject: p.subject().to_string(),
+        issuer: p.issuer().to_string(),
+    })
 }
 
 /// Depth-first: true when `path` (signer first) was completed up to a root; on false, `path`
@@ -147,7 +144,7 @@ fn extend_path(
     pool: &[CertDer],
     roots: &[CertDer],
     at: OffsetDateTime,
-    last_err: &mut Option<String>,
+    last_err: &mut Option<ChainError>,
 ) -> bool {
     let tip = path.last().expect("path starts with the signer").clone();
     let Ok(tip_p) = parsed(&tip, "chain") else {
@@ -186,7 +183,7 @@ fn extend_path(
         path.pop();
     }
     if path.len() >= MAX_PATH {
-        *last_err = Some(format!("no path to a root within {MAX_PATH} certificates"));
+        *last_err = Some(ChainError::NoPathWithin { max: MAX_PATH });
         return false;
     }
     for candidate in pool {
@@ -219,16 +216,17 @@ fn extend_path(
 /// RFC 5280 4.2.1.9 over a whole path (signer first, root last): a CA certificate with
 /// `pathlen:n` may have at most n CA certificates below it, the signer counting as none
 /// (it issues only leaves). Go's verifier applies this to the root as well.
-pub fn check_path_len(path: &[CertDer]) -> Result<(), String> {
+pub fn check_path_len(path: &[CertDer]) -> Result<(), ChainError> {
     for (below, c) in path.iter().enumerate() {
         let p = parsed(c, "chain")?;
         if let Ok(Some(bc)) = p.basic_constraints() {
             if let Some(max) = bc.value.path_len_constraint {
                 if below > max as usize {
-                    return Err(format!(
-                        "{:?} allows {max} CA certificate(s) below it (pathlen:{max}), but the path puts {below} there",
-                        p.subject().to_string()
-                    ));
+                    return Err(ChainError::PathLenExceeded {
+                        subject: p.subject().to_string(),
+                        max,
+                        below,
+                    });
                 }
             }
         }
@@ -249,48 +247,48 @@ pub fn anchor_index(c: &CertDer, roots: &[CertDer]) -> Option<usize> {
     })
 }
 
-fn parsed<'a>(c: &'a CertDer, what: &str) -> Result<X509Certificate<'a>, String> {
-    cert::parse(c, what).map_err(|e| e.to_string())
+fn parsed<'a>(c: &'a CertDer, what: &str) -> Result<X509Certificate<'a>, ChainError> {
+    cert::parse(c, what).map_err(|e| ChainError::Certificate(Box::new(e)))
 }
 
-fn signed_by(c: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> Result<(), String> {
+fn signed_by(c: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> Result<(), ChainError> {
     sig::verify(
         issuer.public_key(),
         &c.signature_algorithm,
         &c.signature_value.data,
         c.tbs_certificate.as_ref(),
     )
-    .map_err(|e| match e {
-        sig::SigError::Invalid => format!(
-            "signature of {:?} does not verify with its issuer's key",
-            c.subject().to_string()
-        ),
-        sig::SigError::Unsupported(alg) => format!(
-            "signature algorithm {alg} of {:?} is not accepted",
-            c.subject().to_string()
-        ),
+    .map_err(|e| {
+        let subject = c.subject().to_string();
+        match e {
+            sig::SigError::Invalid => ChainError::SignatureInvalid { subject },
+            sig::SigError::Unsupported(algorithm) => {
+                ChainError::SignatureAlgorithmUnsupported { subject, algorithm }
+            }
+        }
     })
 }
 
-fn check_issuer_is_ca(c: &X509Certificate<'_>) -> Result<(), String> {
-    super::plugin::signing_cert_problem(c).map_or(Ok(()), |why| {
-        Err(format!(
-            "{:?} cannot issue certificates: {why}",
-            c.subject().to_string()
-        ))
+fn check_issuer_is_ca(c: &X509Certificate<'_>) -> Result<(), ChainError> {
+    cert::signing_cert_problem(c).map_or(Ok(()), |why| {
+        Err(ChainError::IssuerNotCa {
+            subject: c.subject().to_string(),
+            why,
+        })
     })
 }
 
-fn check_time(c: &X509Certificate<'_>, at: OffsetDateTime) -> Result<(), String> {
+fn check_time(c: &X509Certificate<'_>, at: OffsetDateTime) -> Result<(), ChainError> {
     let (nb, na) = (
         c.validity().not_before.to_datetime(),
         c.validity().not_after.to_datetime(),
     );
     if at < nb || at > na {
-        return Err(format!(
-            "{:?} is not valid now (valid {nb} to {na})",
-            c.subject().to_string()
-        ));
+        return Err(ChainError::NotValidAt {
+            subject: c.subject().to_string(),
+            not_before: nb,
+            not_after: na,
+        });
     }
     Ok(())
 }

@@ -13,7 +13,13 @@ use rustls_pki_types::{pem::PemObject, CertificateRevocationListDer};
 use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, revocation_list::CertificateRevocationList};
 
-use super::{cert, sig, CaError, CertDer, SigningMaterial};
+use super::{
+    authority::SigningMaterial,
+    cert::{self, CertDer},
+    chain,
+    error::{CaError, CrlError},
+    sig,
+};
 
 /// The file name istiod reads (`security/pkg/pki/ca/ca.go` CACRLFile).
 pub const CRL_FILE: &str = "ca-crl.pem";
@@ -32,7 +38,7 @@ pub fn load_plugin_crl(
     let file = path.display().to_string();
     let pem = std::fs::read(&path).map_err(|e| CaError::CrlInvalid {
         file: file.clone(),
-        why: e.to_string(),
+        why: CrlError::Read(e),
     })?;
     check_crls(&pem, &file, m, now).map(Some)
 }
@@ -48,98 +54,118 @@ pub fn check_crls(
     m: &SigningMaterial,
     now: OffsetDateTime,
 ) -> Result<String, CaError> {
-    let refuse = |why: String| CaError::CrlInvalid {
+    check(pem, file, m, now).map_err(|why| CaError::CrlInvalid {
         file: file.to_owned(),
         why,
-    };
+    })
+}
+
+fn check(
+    pem: &[u8],
+    file: &str,
+    m: &SigningMaterial,
+    now: OffsetDateTime,
+) -> Result<String, CrlError> {
     let ders = CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| refuse(format!("bad PEM ({e})")))?;
+        .map_err(CrlError::BadPem)?;
     if ders.is_empty() {
-        return Err(refuse("no X509 CRL PEM block".into()));
+        return Err(CrlError::NoPemBlock);
     }
-    // The signing path, signer first, then the root that anchors it; then the other roots.
-    let mut path: Vec<&CertDer> = std::iter::once(&m.signer_cert)
-        .chain(m.intermediates.iter())
-        .collect();
-    let last = *path.last().expect("the path holds the signer");
-    let anchor = super::chain::anchor_index(last, &m.roots);
-    if let Some(i) = anchor {
-        if m.roots[i].as_ref() != last.as_ref() {
-            path.push(&m.roots[i]);
-        }
-    }
-    let path_p = path
-        .iter()
-        .map(|c| parse_cert(c, file))
-        .collect::<Result<Vec<_>, _>>()?;
-    let roots_p = m
-        .roots
-        .iter()
-        .map(|c| parse_cert(c, file))
-        .collect::<Result<Vec<_>, _>>()?;
+    let path = signing_path(m);
+    let path_p = parse_certs(path.iter().copied(), file)?;
+    let roots_p = parse_certs(m.roots.iter(), file)?;
     let mut covered = vec![false; path_p.len()];
     let mut out = String::new();
-    for (n, der) in ders.iter().enumerate() {
+    for (i, der) in ders.iter().enumerate() {
+        let n = i + 1;
         let (rest, crl) = x509_parser::parse_x509_crl(der.as_ref())
-            .map_err(|e| refuse(format!("CRL #{} does not parse: {e}", n + 1)))?;
+            .map_err(|e| CrlError::Unparsable { n, error: e.into() })?;
         if !rest.is_empty() {
-            return Err(refuse(format!("CRL #{} has trailing data", n + 1)));
+            return Err(CrlError::TrailingData { n });
         }
-        let which = format!("CRL #{} (issuer {:?})", n + 1, crl.issuer().to_string());
-        if let Some(next) = crl.next_update() {
-            if now > next.to_datetime() {
-                return Err(refuse(format!(
-                    "{which} expired: its nextUpdate {} has passed",
-                    next.to_datetime()
-                )));
-            }
-        }
-        let signer = path_p
-            .iter()
-            .position(|c| issued(&crl, c))
-            .map(Signer::Path)
-            .or_else(|| {
-                roots_p
-                    .iter()
-                    .position(|c| issued(&crl, c))
-                    .map(|_| Signer::OtherRoot)
-            })
-            .ok_or_else(|| {
-                refuse(format!(
-                    "{which} is not signed by a CA certificate of the imported chain or roots"
-                ))
-            })?;
-        if let Signer::Path(i) = signer {
+        if let Signer::Path(i) = check_one(&crl, n, &path_p, &roots_p, now)? {
             covered[i] = true;
-            // The certificate below the issuer on the path: revoking it breaks every leaf.
-            if i > 0 {
-                let child = &path_p[i - 1];
-                if revokes(&crl, child) {
-                    return Err(refuse(format!(
-                        "{which} revokes {:?} (serial {}), a certificate on meshid's signing path; every certificate issued with it would be refused",
-                        child.subject().to_string(),
-                        child.raw_serial_as_string()
-                    )));
-                }
-            }
         }
         out.push_str(&to_pem(der.as_ref()));
     }
     if let Some(i) = covered.iter().position(|c| !c) {
-        return Err(refuse(format!(
-            "no CRL from {:?}: Envoy needs a CRL from every CA of the chain once one is given (only_verify_leaf_cert_crl is false, as Istio leaves it)",
-            path_p[i].subject().to_string()
-        )));
+        return Err(CrlError::MissingFrom {
+            subject: path_p[i].subject().to_string(),
+        });
     }
     Ok(out)
 }
 
-fn parse_cert<'a>(c: &'a CertDer, file: &str) -> Result<X509Certificate<'a>, CaError> {
-    cert::parse(c, file).map_err(|e| CaError::CrlInvalid {
-        file: file.to_owned(),
-        why: e.to_string(),
-    })
+/// The signing path, signer first, then the root that anchors it (unless the signer is it).
+fn signing_path(m: &SigningMaterial) -> Vec<&CertDer> {
+    let mut path: Vec<&CertDer> = std::iter::once(&m.signer_cert)
+        .chain(m.intermediates.iter())
+        .collect();
+    let last = m.intermediates.last().unwrap_or(&m.signer_cert);
+    if let Some(i) = chain::anchor_index(last, &m.roots) {
+        if m.roots[i].as_ref() != last.as_ref() {
+            path.push(&m.roots[i]);
+        }
+    }
+    path
+}
+
+/// Checks CRL number `n`: not expired, issued by a CA of the path (`Signer::Path`) or another
+/// root, and revoking no certificate of the path below its issuer.
+fn check_one(
+    crl: &CertificateRevocationList<'_>,
+    n: usize,
+    path: &[X509Certificate<'_>],
+    roots: &[X509Certificate<'_>],
+    now: OffsetDateTime,
+) -> Result<Signer, CrlError> {
+    let issuer = || crl.issuer().to_string();
+    if let Some(next) = crl.next_update() {
+        if now > next.to_datetime() {
+            return Err(CrlError::Expired {
+                n,
+                issuer: issuer(),
+                next_update: next.to_datetime(),
+            });
+        }
+    }
+    let signer = path
+        .iter()
+        .position(|c| issued(crl, c))
+        .map(Signer::Path)
+        .or_else(|| {
+            roots
+                .iter()
+                .any(|c| issued(crl, c))
+                .then_some(Signer::OtherRoot)
+        })
+        .ok_or_else(|| CrlError::UnknownIssuer {
+            n,
+            issuer: issuer(),
+        })?;
+    // The certificate below the issuer on the path: revoking it breaks every leaf.
+    if let Signer::Path(i @ 1..) = signer {
+        let child = &path[i - 1];
+        if revokes(crl, child) {
+            return Err(CrlError::RevokesSigningPath {
+                n,
+                issuer: issuer(),
+                subject: child.subject().to_string(),
+                serial: child.raw_serial_as_string(),
+            });
+        }
+    }
+    Ok(signer)
+}
+
+fn parse_certs<'a>(
+    certs: impl Iterator<Item = &'a CertDer>,
+    file: &str,
+) -> Result<Vec<X509Certificate<'a>>, CrlError> {
+    certs
+        .map(|c| cert::parse(c, file).map_err(|e| CrlError::Certificate(Box::new(e))))
+        .collect()
 }
 
 enum Signer {

@@ -9,8 +9,9 @@ use x509_parser::{
 };
 
 use super::{
+    cert,
+    error::CaError,
     sig::{self, PublicKeyKind, SigError},
-    CaError,
 };
 use crate::spiffe::SpiffeId;
 
@@ -158,6 +159,6 @@ fn format_ip(bytes: &[u8]) -> String {
     match bytes.len() {
         4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).expect("4 bytes")).to_string(),
         16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes")).to_string(),
-        _ => super::cert::hex(bytes),
+        _ => cert::hex(bytes),
     }
 }

@@ -1,9 +1,21 @@
+//! Everything the authority can refuse or fail at, by what failed. The enums for one step
+//! (a chain, a leaf's profile, a CRL file, the policy) live here beside `CaError`, which
+//! carries them, so that no file of the CA imports the one that imports it.
+//!
+//! A variant that wraps another error prints it in its own message and does not also return it
+//! as `source()`: a chain printed with `{:#}` says each cause once.
+
 use std::time::Duration;
 
 use thiserror::Error;
+use time::OffsetDateTime;
+use x509_parser::error::X509Error;
 
-use super::KeyType;
-use crate::{duration::fmt_duration, spiffe::SpiffeId};
+use super::key_type::KeyType;
+use crate::{
+    duration::fmt_duration,
+    spiffe::{SpiffeId, SpiffeIdError, TrustDomain},
+};
 
 /// Everything the authority can refuse or fail at. Each variant names what was wrong.
 #[derive(Debug, Error)]
@@ -37,6 +49,8 @@ pub enum CaError {
     CsrMultipleUriSans { count: usize },
 
     // --- policy ---
+    #[error("issuance policy is invalid: {0}")]
+    PolicyInvalid(PolicyError),
     #[error("identity {id} is not in this authority's trust domain {trust_domain}")]
     IdentityOutsideTrustDomain { id: SpiffeId, trust_domain: String },
     #[error("requested TTL {} is above the maximum of {}", fmt_duration(*requested), fmt_duration(*max))]
@@ -50,18 +64,228 @@ pub enum CaError {
     #[error("the private key in {key} does not match the certificate in {cert}")]
     PluginKeyMismatch { key: String, cert: String },
     #[error("the plug-in CA chain does not verify to the root: {why}")]
-    PluginChainInvalid { why: String },
+    PluginChainInvalid { why: ChainError },
     #[error("{what} is not a CA certificate ({why}); a signing certificate needs CA:true and keyCertSign")]
-    PluginNotCa { what: String, why: String },
-
+    PluginNotCa { what: String, why: CannotSign },
     #[error("CRL file {file} is refused: {why}")]
-    CrlInvalid { file: String, why: String },
+    CrlInvalid { file: String, why: CrlError },
+
+    // --- generating signing certificates ---
+    #[error("the root key does not match the root certificate")]
+    RootKeyMismatch,
+    #[error("the root certificate cannot issue: {0}")]
+    RootUnusable(rcgen::Error),
+    #[error(
+        "cluster name {cluster:?} must be 1-63 characters of letters, digits, '-', '_' or '.'"
+    )]
+    ClusterNameInvalid { cluster: String },
 
     // --- the authority itself ---
-    #[error("signing material is inconsistent: {0}")]
-    SignerInvalid(String),
+    #[error("the signing certificate cannot sign: {0}")]
+    SignerNotCa(CannotSign),
+    #[error("the signing key does not match the signing certificate")]
+    SignerKeyMismatch,
+    #[error("the signing chain does not verify to a root: {0}")]
+    SignerChainInvalid(ChainError),
+    #[error("the self-test leaf does not verify: {0}")]
+    SelfTestFailed(ChainError),
     #[error("an issued certificate failed validation ({rule}); nothing was issued. This is a bug in meshid: please report it")]
-    LeafRejected { rule: String },
+    LeafRejected { rule: ValidationError },
     #[error("cryptographic operation failed: {0}")]
     Crypto(String),
+}
+
+/// Why a certificate cannot sign others (it needs CA:true, and keyCertSign if keyUsage is present).
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum CannotSign {
+    #[error("basicConstraints CA:true is missing")]
+    NotCa,
+    #[error("bad basicConstraints ({0})")]
+    BasicConstraintsUnreadable(X509Error),
+    #[error("keyUsage lacks keyCertSign")]
+    NoKeyCertSign,
+    #[error("bad keyUsage ({0})")]
+    KeyUsageUnreadable(X509Error),
+}
+
+/// Why a chain does not verify (`ca::chain`). Certificates are named by their subject.
+#[derive(Debug, Error)]
+pub enum ChainError {
+    #[error("a root is not a usable trust anchor: {0}")]
+    AnchorUnusable(webpki::Error),
+    #[error("leaf does not parse: {0}")]
+    LeafUnparsable(webpki::Error),
+    #[error("chain does not verify for {usage}: {error}")]
+    LeafRejected {
+        usage: &'static str,
+        error: webpki::Error,
+    },
+    #[error("{0}")]
+    Certificate(Box<CaError>),
+    #[error("empty chain")]
+    Empty,
+    #[error("chain is too long")]
+    TooLong,
+    #[error("no root in the bundle issued {subject:?} (issuer {issuer:?})")]
+    NoIssuingRoot { subject: String, issuer: String },
+    #[error("no root in the bundle, and no certificate in the chain, issued {subject:?} (issuer {issuer:?})")]
+    NoIssuer { subject: String, issuer: String },
+    #[error("no path to a root within {max} certificates")]
+    NoPathWithin { max: usize },
+    #[error("chain is out of order: {subject:?} was not issued by the next certificate {next:?}")]
+    OutOfOrder { subject: String, next: String },
+    #[error("{subject:?} allows {max} CA certificate(s) below it (pathlen:{max}), but the path puts {below} there")]
+    PathLenExceeded {
+        subject: String,
+        max: u32,
+        below: usize,
+    },
+    #[error("signature of {subject:?} does not verify with its issuer's key")]
+    SignatureInvalid { subject: String },
+    #[error("signature algorithm {algorithm} of {subject:?} is not accepted")]
+    SignatureAlgorithmUnsupported { subject: String, algorithm: String },
+    #[error("{subject:?} cannot issue certificates: {why}")]
+    IssuerNotCa { subject: String, why: CannotSign },
+    #[error("{subject:?} is not valid now (valid {not_before} to {not_after})")]
+    NotValidAt {
+        subject: String,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    },
+}
+
+/// The X.509-SVID profile rule a freshly signed leaf broke (`ca::validate`).
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum ValidationError {
+    #[error("does not parse: {0}")]
+    Unparsable(X509Error),
+    #[error("must be X.509 v3")]
+    NotV3,
+    #[error("serial {found} is not the drawn serial {drawn}")]
+    SerialMismatch { found: String, drawn: String },
+    #[error("public key is not the requester's")]
+    PublicKeyMismatch,
+    #[error("issuer name is not the signing certificate's subject")]
+    IssuerNameMismatch,
+    #[error("authority key identifier does not match the signer's subject key identifier")]
+    AuthorityKeyIdMismatch,
+    #[error("bad subjectAltName: {0}")]
+    SanUnreadable(X509Error),
+    #[error("no subjectAltName")]
+    SanMissing,
+    #[error("must have exactly one SAN, a URI{}; has {count}", then_dns(dns_names))]
+    SanCount {
+        dns_names: Vec<String>,
+        count: usize,
+    },
+    #[error("URI SAN {uri:?} is not a SPIFFE ID: {error}")]
+    UriNotSpiffe { uri: String, error: SpiffeIdError },
+    #[error("URI SAN {uri} is outside trust domain {trust_domain}")]
+    UriOutsideTrustDomain {
+        uri: String,
+        trust_domain: TrustDomain,
+    },
+    #[error("URI SAN {uri} is not the authenticated identity {id}")]
+    UriNotIdentity { uri: String, id: SpiffeId },
+    #[error("subjectAltName must be critical when the subject is empty")]
+    SanNotCritical,
+    #[error("bad basicConstraints: {0}")]
+    BasicConstraintsUnreadable(X509Error),
+    #[error("must be CA:false")]
+    IsCa,
+    #[error("basicConstraints CA:false must be present")]
+    BasicConstraintsMissing,
+    #[error("bad keyUsage: {0}")]
+    KeyUsageUnreadable(X509Error),
+    #[error("keyUsage must be present")]
+    KeyUsageMissing,
+    #[error("keyUsage must be critical")]
+    KeyUsageNotCritical,
+    #[error("keyUsage must include digitalSignature")]
+    DigitalSignatureMissing,
+    #[error("keyUsage keyEncipherment is only for RSA keys")]
+    KeyEnciphermentNotRsa,
+    #[error("keyUsage must not include keyCertSign or cRLSign")]
+    KeyUsageCaBits,
+    #[error("keyUsage has bits beyond digitalSignature/keyEncipherment")]
+    KeyUsageExtraBits,
+    #[error("bad extendedKeyUsage: {0}")]
+    EkuUnreadable(X509Error),
+    #[error("extendedKeyUsage must be present")]
+    EkuMissing,
+    #[error("extendedKeyUsage must include serverAuth and clientAuth")]
+    EkuLacksServerOrClientAuth,
+    #[error("notBefore {not_before} is not the backdated issuing time {want}")]
+    NotBeforeNotBackdated {
+        not_before: OffsetDateTime,
+        want: OffsetDateTime,
+    },
+    #[error("notAfter is not after notBefore")]
+    NotAfterBeforeNotBefore,
+    #[error("notAfter {not_after} is past the issuing chain's notAfter {chain_not_after}")]
+    NotAfterPastChain {
+        not_after: OffsetDateTime,
+        chain_not_after: OffsetDateTime,
+    },
+}
+
+fn then_dns(dns_names: &[String]) -> String {
+    if dns_names.is_empty() {
+        String::new()
+    } else {
+        format!(", then DNS {dns_names:?}")
+    }
+}
+
+/// Why a plug-in CA's CRL file is refused (`ca::crl`). CRLs are numbered from 1 in file order.
+#[derive(Debug, Error)]
+pub enum CrlError {
+    #[error("{0}")]
+    Read(std::io::Error),
+    #[error("bad PEM ({0})")]
+    BadPem(rustls_pki_types::pem::Error),
+    #[error("no X509 CRL PEM block")]
+    NoPemBlock,
+    #[error("{0}")]
+    Certificate(Box<CaError>),
+    #[error("CRL #{n} does not parse: {error}")]
+    Unparsable { n: usize, error: X509Error },
+    #[error("CRL #{n} has trailing data")]
+    TrailingData { n: usize },
+    #[error("CRL #{n} (issuer {issuer:?}) expired: its nextUpdate {next_update} has passed")]
+    Expired {
+        n: usize,
+        issuer: String,
+        next_update: OffsetDateTime,
+    },
+    #[error("CRL #{n} (issuer {issuer:?}) is not signed by a CA certificate of the imported chain or roots")]
+    UnknownIssuer { n: usize, issuer: String },
+    #[error("CRL #{n} (issuer {issuer:?}) revokes {subject:?} (serial {serial}), a certificate on meshid's signing path; every certificate issued with it would be refused")]
+    RevokesSigningPath {
+        n: usize,
+        issuer: String,
+        subject: String,
+        serial: String,
+    },
+    #[error("no CRL from {subject:?}: Envoy needs a CRL from every CA of the chain once one is given (only_verify_leaf_cert_crl is false, as Istio leaves it)")]
+    MissingFrom { subject: String },
+}
+
+/// Why an issuance policy is incoherent (`IssuancePolicy::validate`).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum PolicyError {
+    #[error("default_ttl and max_ttl must be above zero")]
+    ZeroTtl,
+    #[error("default_ttl ({}) is above max_ttl ({})", fmt_duration(*default_ttl), fmt_duration(*max_ttl))]
+    DefaultAboveMax {
+        default_ttl: Duration,
+        max_ttl: Duration,
+    },
+    #[error("backdate ({}) is above {}; it only absorbs clock skew between peers", fmt_duration(*backdate), fmt_duration(*max))]
+    BackdateTooLong { backdate: Duration, max: Duration },
+    #[error("default_ttl ({}) must be longer than backdate ({}): a leaf must stay valid after it is issued", fmt_duration(*default_ttl), fmt_duration(*backdate))]
+    DefaultNotAboveBackdate {
+        default_ttl: Duration,
+        backdate: Duration,
+    },
 }

@@ -12,7 +12,12 @@ use rcgen::{
 };
 use x509_parser::certificate::X509Certificate;
 
-use super::{der, validate::subject_key_id, CaError, CertDer, PrivateKey};
+use super::{
+    cert::{subject_key_id, CertDer},
+    der,
+    error::CaError,
+    key::PrivateKey,
+};
 
 const SEQUENCE: u8 = 0x30;
 const BIT_STRING: u8 = 0x03;

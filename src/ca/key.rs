@@ -4,61 +4,9 @@ use std::fmt;
 
 use rcgen::{KeyPair, PublicKeyData, SignatureAlgorithm};
 use rustls_pki_types::{pem::PemObject, PrivateKeyDer, PrivatePkcs8KeyDer};
-use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{der, CaError};
-
-/// The key algorithms meshid knows. ECDSA keys can be generated; RSA keys only imported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyType {
-    #[value(name = "ecdsa-p256")]
-    EcdsaP256,
-    #[value(name = "ecdsa-p384")]
-    EcdsaP384,
-    #[value(name = "rsa-2048")]
-    Rsa2048,
-    #[value(name = "rsa-3072")]
-    Rsa3072,
-    #[value(name = "rsa-4096")]
-    Rsa4096,
-}
-
-// === impl KeyType ===
-
-impl KeyType {
-    /// Stable name, as used on the CLI and in JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::EcdsaP256 => "ecdsa-p256",
-            Self::EcdsaP384 => "ecdsa-p384",
-            Self::Rsa2048 => "rsa-2048",
-            Self::Rsa3072 => "rsa-3072",
-            Self::Rsa4096 => "rsa-4096",
-        }
-    }
-
-    /// Whether this is an RSA key (RSA leaves may carry keyEncipherment, EC leaves must not).
-    pub fn is_rsa(self) -> bool {
-        matches!(self, Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096)
-    }
-
-    fn from_rsa_bits(bits: usize) -> Option<Self> {
-        match bits {
-            2048 => Some(Self::Rsa2048),
-            3072 => Some(Self::Rsa3072),
-            4096 => Some(Self::Rsa4096),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for KeyType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use super::{der, error::CaError, key_type::KeyType};
 
 /// Bit length of a big-endian unsigned integer (an RSA modulus).
 pub(crate) fn bit_len(be: &[u8]) -> usize {

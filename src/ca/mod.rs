@@ -1,5 +1,5 @@
 //! The authority: keys, signing certificates, leaf issuance (template → sign → validate),
-//! plug-in CA import, and TTL policy.
+//! plug-in CA import with its CRLs, and TTL policy.
 
 mod authority;
 pub mod cert;
@@ -10,6 +10,7 @@ pub(crate) mod der;
 mod error;
 mod issuer_name;
 mod key;
+mod key_type;
 pub mod plugin;
 mod policy;
 mod profile;
@@ -19,7 +20,8 @@ mod validate;
 
 pub use authority::{Authority, IssuedCert, SigningMaterial};
 pub use cert::{CertDer, Serial};
-pub use error::CaError;
-pub use key::{KeyType, PrivateKey};
+pub use error::{CaError, CannotSign, ChainError, CrlError, PolicyError, ValidationError};
+pub use key::PrivateKey;
+pub use key_type::KeyType;
 pub use policy::{IssuancePolicy, DEFAULT_BACKDATE, DEFAULT_MAX_TTL, DEFAULT_TTL};
 pub use validate::LeafValidator;

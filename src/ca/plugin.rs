@@ -4,9 +4,14 @@
 use std::path::Path;
 
 use time::OffsetDateTime;
-use x509_parser::certificate::X509Certificate;
 
-use super::{cert, chain, CaError, CertDer, PrivateKey, SigningMaterial};
+use super::{
+    authority::SigningMaterial,
+    cert::{self, CertDer},
+    chain,
+    error::CaError,
+    key::PrivateKey,
+};
 
 const ISTIO_FILES: [&str; 4] = [
     "ca-cert.pem",
@@ -15,20 +20,6 @@ const ISTIO_FILES: [&str; 4] = [
     "cert-chain.pem",
 ];
 const TLS_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
-
-/// Why a certificate cannot sign others, or `None` if it can (CA:true, keyCertSign if keyUsage is present).
-pub(crate) fn signing_cert_problem(c: &X509Certificate<'_>) -> Option<String> {
-    match c.basic_constraints() {
-        Ok(Some(bc)) if bc.value.ca => {}
-        Ok(_) => return Some("basicConstraints CA:true is missing".into()),
-        Err(e) => return Some(format!("bad basicConstraints ({e})")),
-    }
-    match c.key_usage() {
-        Ok(Some(ku)) if !ku.value.key_cert_sign() => Some("keyUsage lacks keyCertSign".into()),
-        Ok(_) => None,
-        Err(e) => Some(format!("bad keyUsage ({e})")),
-    }
-}
 
 /// Loads and checks a plug-in CA directory. Refuses, naming the problem, an incomplete set,
 /// a key that does not match its certificate, a signing cert that is not a CA, or a chain
@@ -122,7 +113,7 @@ fn check_signer(
     key_f: &str,
 ) -> Result<(), CaError> {
     let parsed = cert::parse(signer, cert_f)?;
-    if let Some(why) = signing_cert_problem(&parsed) {
+    if let Some(why) = cert::signing_cert_problem(&parsed) {
         return Err(CaError::PluginNotCa {
             what: cert_f.to_owned(),
             why,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::CaError;
+use super::error::{CaError, PolicyError};
 
 /// Default workload certificate lifetime (SPIRE's default; Istio uses 24h).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -45,30 +45,27 @@ impl Default for IssuancePolicy {
 
 impl IssuancePolicy {
     /// Checks the policy itself is coherent.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
-            return Err("default_ttl and max_ttl must be above zero".into());
+            return Err(PolicyError::ZeroTtl);
         }
         if self.default_ttl > self.max_ttl {
-            return Err(format!(
-                "default_ttl ({}) is above max_ttl ({})",
-                crate::duration::fmt_duration(self.default_ttl),
-                crate::duration::fmt_duration(self.max_ttl)
-            ));
+            return Err(PolicyError::DefaultAboveMax {
+                default_ttl: self.default_ttl,
+                max_ttl: self.max_ttl,
+            });
         }
         if self.backdate > MAX_BACKDATE {
-            return Err(format!(
-                "backdate ({}) is above {}; it only absorbs clock skew between peers",
-                crate::duration::fmt_duration(self.backdate),
-                crate::duration::fmt_duration(MAX_BACKDATE)
-            ));
+            return Err(PolicyError::BackdateTooLong {
+                backdate: self.backdate,
+                max: MAX_BACKDATE,
+            });
         }
         if self.default_ttl <= self.backdate {
-            return Err(format!(
-                "default_ttl ({}) must be longer than backdate ({}): a leaf must stay valid after it is issued",
-                crate::duration::fmt_duration(self.default_ttl),
-                crate::duration::fmt_duration(self.backdate)
-            ));
+            return Err(PolicyError::DefaultNotAboveBackdate {
+                default_ttl: self.default_ttl,
+                backdate: self.backdate,
+            });
         }
         Ok(())
     }
@@ -136,6 +133,8 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             ..Default::default()
         };
-        assert!(p.validate().unwrap_err().contains("above max_ttl"));
+        let err = p.validate().unwrap_err();
+        assert!(matches!(err, PolicyError::DefaultAboveMax { .. }), "{err}");
+        assert_eq!(err.to_string(), "default_ttl (2h) is above max_ttl (1h)");
     }
 }

@@ -7,7 +7,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use super::{CaError, Serial};
+use super::{cert::Serial, error::CaError};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 fn uri_san(uri: String) -> Result<SanType, CaError> {

@@ -5,7 +5,13 @@ use std::time::Duration;
 use rcgen::Issuer;
 use time::OffsetDateTime;
 
-use super::{cert, profile, CaError, CertDer, KeyType, PrivateKey, Serial};
+use super::{
+    cert::{self, CertDer, Serial},
+    error::CaError,
+    key::PrivateKey,
+    key_type::KeyType,
+    profile,
+};
 use crate::spiffe::TrustDomain;
 
 /// Default lifetime of a self-signed root (Istio's default).
@@ -62,9 +68,7 @@ pub fn issue_intermediate(
     check_cluster_name(cluster)?;
     let root = cert::parse(root_cert, "root certificate")?;
     if root.public_key().subject_public_key.data.as_ref() != root_key.public_key_raw() {
-        return Err(CaError::SignerInvalid(
-            "root key does not match the root certificate".into(),
-        ));
+        return Err(CaError::RootKeyMismatch);
     }
     let root_not_after = root.validity().not_after.to_datetime();
     let now = truncate(now);
@@ -82,8 +86,7 @@ pub fn issue_intermediate(
         now - CA_BACKDATE,
         (now + ttl).min(root_not_after),
     )?;
-    let issuer = Issuer::from_ca_cert_der(root_cert, root_key)
-        .map_err(|e| CaError::SignerInvalid(format!("root certificate: {e}")))?;
+    let issuer = Issuer::from_ca_cert_der(root_cert, root_key).map_err(CaError::RootUnusable)?;
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| CaError::Crypto(format!("signing the intermediate failed: {e}")))?;
@@ -103,8 +106,8 @@ fn check_cluster_name(cluster: &str) -> Result<(), CaError> {
     if ok {
         Ok(())
     } else {
-        Err(CaError::SignerInvalid(format!(
-            "cluster name {cluster:?} must be 1-63 characters of letters, digits, '-', '_' or '.'"
-        )))
+        Err(CaError::ClusterNameInvalid {
+            cluster: cluster.to_owned(),
+        })
     }
 }

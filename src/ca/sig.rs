@@ -14,7 +14,7 @@ use x509_parser::{
     x509::{AlgorithmIdentifier, SubjectPublicKeyInfo},
 };
 
-use super::{key::bit_len, KeyType};
+use super::{key::bit_len, key_type::KeyType};
 
 /// What a public key is, as far as meshid cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,10 @@ use x509_parser::{
     x509::X509Version,
 };
 
-use super::{cert, CaError, Serial};
+use super::{
+    cert::{self, Serial},
+    error::{CaError, ValidationError as V},
+};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What the issuer meant to issue; the validator checks the certificate says exactly that.
@@ -42,30 +45,29 @@ impl LeafValidator {
         Self {
             td,
             issuer_subject_raw: signer.subject().as_raw().to_vec(),
-            issuer_key_id: subject_key_id(signer),
+            issuer_key_id: cert::subject_key_id(signer),
         }
     }
 
     /// Checks a freshly signed leaf; any failure names the rule that was broken.
     pub(crate) fn validate(&self, der: &[u8], want: &LeafExpectation<'_>) -> Result<(), CaError> {
         let (_, c) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| reject(format!("does not parse: {e}")))?;
+            .map_err(|e| reject(V::Unparsable(e.into())))?;
         self.check(&c, want).map_err(reject)
     }
 
-    fn check(&self, c: &X509Certificate<'_>, want: &LeafExpectation<'_>) -> Result<(), String> {
+    fn check(&self, c: &X509Certificate<'_>, want: &LeafExpectation<'_>) -> Result<(), V> {
         if c.version() != X509Version::V3 {
-            return Err("must be X.509 v3".into());
+            return Err(V::NotV3);
         }
         if !want.serial.matches_raw(c.raw_serial()) {
-            return Err(format!(
-                "serial {} is not the drawn serial {}",
-                cert::hex(c.raw_serial()),
-                want.serial
-            ));
+            return Err(V::SerialMismatch {
+                found: cert::hex(c.raw_serial()),
+                drawn: want.serial.to_string(),
+            });
         }
         if c.public_key().subject_public_key.data.as_ref() != want.public_key_raw {
-            return Err("public key is not the requester's".into());
+            return Err(V::PublicKeyMismatch);
         }
         self.check_issuer(c)?;
         check_san(c, want.id, want.dns_names, &self.td)?;
@@ -75,9 +77,9 @@ impl LeafValidator {
         check_validity(c, want)
     }
 
-    fn check_issuer(&self, c: &X509Certificate<'_>) -> Result<(), String> {
+    fn check_issuer(&self, c: &X509Certificate<'_>) -> Result<(), V> {
         if c.issuer().as_raw() != self.issuer_subject_raw.as_slice() {
-            return Err("issuer name is not the signing certificate's subject".into());
+            return Err(V::IssuerNameMismatch);
         }
         let aki = c
             .iter_extensions()
@@ -89,26 +91,14 @@ impl LeafValidator {
             });
         match (&self.issuer_key_id, aki) {
             (Some(ski), Some(aki)) if *ski == aki => Ok(()),
-            (Some(_), _) => Err(
-                "authority key identifier does not match the signer's subject key identifier"
-                    .into(),
-            ),
+            (Some(_), _) => Err(V::AuthorityKeyIdMismatch),
             (None, _) => Ok(()),
         }
     }
 }
 
-fn reject(rule: String) -> CaError {
+fn reject(rule: V) -> CaError {
     CaError::LeafRejected { rule }
-}
-
-/// The subject key identifier of a certificate, if it has one.
-pub(crate) fn subject_key_id(c: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    c.iter_extensions()
-        .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
-            _ => None,
-        })
 }
 
 fn check_san(
@@ -116,19 +106,15 @@ fn check_san(
     id: &SpiffeId,
     dns_names: &[String],
     td: &TrustDomain,
-) -> Result<(), String> {
+) -> Result<(), V> {
     let san = c
         .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("no subjectAltName")?;
+        .map_err(V::SanUnreadable)?
+        .ok_or(V::SanMissing)?;
     let names = &san.value.general_names;
-    let count = || {
-        let dns = if dns_names.is_empty() {
-            String::new()
-        } else {
-            format!(", then DNS {dns_names:?}")
-        };
-        format!("must have exactly one SAN, a URI{dns}; has {}", names.len())
+    let count = || V::SanCount {
+        dns_names: dns_names.to_vec(),
+        count: names.len(),
     };
     let Some((GeneralName::URI(uri), dns)) = names.split_first() else {
         return Err(count());
@@ -141,50 +127,56 @@ fn check_san(
     if !dns_ok {
         return Err(count());
     }
-    let parsed =
-        SpiffeId::parse(uri).map_err(|e| format!("URI SAN {uri:?} is not a SPIFFE ID: {e}"))?;
+    let parsed = SpiffeId::parse(uri).map_err(|error| V::UriNotSpiffe {
+        uri: (*uri).to_owned(),
+        error,
+    })?;
     if parsed.trust_domain() != td {
-        return Err(format!("URI SAN {uri} is outside trust domain {td}"));
+        return Err(V::UriOutsideTrustDomain {
+            uri: (*uri).to_owned(),
+            trust_domain: td.clone(),
+        });
     }
     if parsed != *id {
-        return Err(format!(
-            "URI SAN {uri} is not the authenticated identity {id}"
-        ));
+        return Err(V::UriNotIdentity {
+            uri: (*uri).to_owned(),
+            id: id.clone(),
+        });
     }
     if c.subject().iter_attributes().next().is_none() && !san.critical {
-        return Err("subjectAltName must be critical when the subject is empty".into());
+        return Err(V::SanNotCritical);
     }
     Ok(())
 }
 
-fn check_basic_constraints(c: &X509Certificate<'_>) -> Result<(), String> {
+fn check_basic_constraints(c: &X509Certificate<'_>) -> Result<(), V> {
     match c
         .basic_constraints()
-        .map_err(|e| format!("bad basicConstraints: {e}"))?
+        .map_err(V::BasicConstraintsUnreadable)?
     {
         Some(bc) if !bc.value.ca => Ok(()),
-        Some(_) => Err("must be CA:false".into()),
-        None => Err("basicConstraints CA:false must be present".into()),
+        Some(_) => Err(V::IsCa),
+        None => Err(V::BasicConstraintsMissing),
     }
 }
 
-fn check_key_usage(c: &X509Certificate<'_>, rsa_key: bool) -> Result<(), String> {
+fn check_key_usage(c: &X509Certificate<'_>, rsa_key: bool) -> Result<(), V> {
     let ku = c
         .key_usage()
-        .map_err(|e| format!("bad keyUsage: {e}"))?
-        .ok_or("keyUsage must be present")?;
+        .map_err(V::KeyUsageUnreadable)?
+        .ok_or(V::KeyUsageMissing)?;
     if !ku.critical {
-        return Err("keyUsage must be critical".into());
+        return Err(V::KeyUsageNotCritical);
     }
     let v = ku.value;
     if !v.digital_signature() {
-        return Err("keyUsage must include digitalSignature".into());
+        return Err(V::DigitalSignatureMissing);
     }
     if v.key_encipherment() && !rsa_key {
-        return Err("keyUsage keyEncipherment is only for RSA keys".into());
+        return Err(V::KeyEnciphermentNotRsa);
     }
     if v.key_cert_sign() || v.crl_sign() {
-        return Err("keyUsage must not include keyCertSign or cRLSign".into());
+        return Err(V::KeyUsageCaBits);
     }
     if v.non_repudiation()
         || v.data_encipherment()
@@ -192,40 +184,40 @@ fn check_key_usage(c: &X509Certificate<'_>, rsa_key: bool) -> Result<(), String>
         || v.encipher_only()
         || v.decipher_only()
     {
-        return Err("keyUsage has bits beyond digitalSignature/keyEncipherment".into());
+        return Err(V::KeyUsageExtraBits);
     }
     Ok(())
 }
 
-fn check_eku(c: &X509Certificate<'_>) -> Result<(), String> {
+fn check_eku(c: &X509Certificate<'_>) -> Result<(), V> {
     let eku = c
         .extended_key_usage()
-        .map_err(|e| format!("bad extendedKeyUsage: {e}"))?
-        .ok_or("extendedKeyUsage must be present")?
+        .map_err(V::EkuUnreadable)?
+        .ok_or(V::EkuMissing)?
         .value;
     if !(eku.server_auth && eku.client_auth) {
-        return Err("extendedKeyUsage must include serverAuth and clientAuth".into());
+        return Err(V::EkuLacksServerOrClientAuth);
     }
     Ok(())
 }
 
-fn check_validity(c: &X509Certificate<'_>, want: &LeafExpectation<'_>) -> Result<(), String> {
+fn check_validity(c: &X509Certificate<'_>, want: &LeafExpectation<'_>) -> Result<(), V> {
     let nb = c.validity().not_before.to_datetime();
     let na = c.validity().not_after.to_datetime();
     if nb != want.not_before {
-        return Err(format!(
-            "notBefore {nb} is not the backdated issuing time {}",
-            want.not_before
-        ));
+        return Err(V::NotBeforeNotBackdated {
+            not_before: nb,
+            want: want.not_before,
+        });
     }
     if na <= nb {
-        return Err("notAfter is not after notBefore".into());
+        return Err(V::NotAfterBeforeNotBefore);
     }
     if na > want.not_after_max {
-        return Err(format!(
-            "notAfter {na} is past the issuing chain's notAfter {}",
-            want.not_after_max
-        ));
+        return Err(V::NotAfterPastChain {
+            not_after: na,
+            chain_not_after: want.not_after_max,
+        });
     }
     Ok(())
 }
@@ -236,7 +228,7 @@ mod tests {
     use time::{Duration, OffsetDateTime};
 
     use super::*;
-    use crate::ca::{profile, root, KeyType, PrivateKey};
+    use crate::ca::{key::PrivateKey, key_type::KeyType, profile, root};
 
     struct Fixture {
         td: TrustDomain,
@@ -284,7 +276,7 @@ mod tests {
         )
     }
 
-    fn rule_of(r: Result<(), CaError>) -> String {
+    fn rule_of(r: Result<(), CaError>) -> V {
         match r {
             Err(CaError::LeafRejected { rule }) => rule,
             other => panic!("expected LeafRejected, got {other:?}"),
@@ -300,17 +292,18 @@ mod tests {
     #[test]
     fn every_rule_is_enforced() {
         type Edit = Box<dyn FnOnce(&mut rcgen::CertificateParams)>;
+        type Want = fn(&V) -> bool;
         let other = SpiffeId::parse("spiffe://example.org/ns/x/sa/y").unwrap();
         let foreign = SpiffeId::parse("spiffe://evil.org/ns/ns1/sa/sa1").unwrap();
         let uri = |id: &SpiffeId| rcgen::SanType::URI(id.to_string().try_into().unwrap());
-        let rows: Vec<(&str, Edit, &str)> = vec![
+        let rows: Vec<(&str, Edit, Want)> = vec![
             (
                 "two SANs",
                 {
                     let u = uri(&other);
                     Box::new(move |p| p.subject_alt_names.push(u))
                 },
-                "exactly one SAN",
+                |r| matches!(r, V::SanCount { count: 2, .. }),
             ),
             (
                 "DNS SAN",
@@ -318,7 +311,7 @@ mod tests {
                     p.subject_alt_names =
                         vec![rcgen::SanType::DnsName("a.example".try_into().unwrap())]
                 }),
-                "exactly one SAN",
+                |r| matches!(r, V::SanCount { count: 1, .. }),
             ),
             (
                 "other identity",
@@ -326,7 +319,7 @@ mod tests {
                     let u = uri(&other);
                     Box::new(move |p| p.subject_alt_names = vec![u])
                 },
-                "not the authenticated identity",
+                |r| matches!(r, V::UriNotIdentity { .. }),
             ),
             (
                 "foreign trust domain",
@@ -334,59 +327,59 @@ mod tests {
                     let u = uri(&foreign);
                     Box::new(move |p| p.subject_alt_names = vec![u])
                 },
-                "outside trust domain",
+                |r| matches!(r, V::UriOutsideTrustDomain { .. }),
             ),
             (
                 "CA:true",
                 Box::new(|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)),
-                "CA:false",
+                |r| matches!(r, V::IsCa),
             ),
             (
                 "no basicConstraints",
                 Box::new(|p| p.is_ca = rcgen::IsCa::NoCa),
-                "basicConstraints",
+                |r| matches!(r, V::BasicConstraintsMissing),
             ),
             (
                 "keyCertSign",
                 Box::new(|p| p.key_usages.push(Ku::KeyCertSign)),
-                "keyCertSign",
+                |r| matches!(r, V::KeyUsageCaBits),
             ),
             (
                 "EC keyEncipherment",
                 Box::new(|p| p.key_usages.push(Ku::KeyEncipherment)),
-                "only for RSA",
+                |r| matches!(r, V::KeyEnciphermentNotRsa),
             ),
             (
                 "no digitalSignature",
                 Box::new(|p| p.key_usages = vec![Ku::KeyEncipherment]),
-                "digitalSignature",
+                |r| matches!(r, V::DigitalSignatureMissing),
             ),
             (
                 "no clientAuth",
                 Box::new(|p| p.extended_key_usages = vec![Eku::ServerAuth]),
-                "clientAuth",
+                |r| matches!(r, V::EkuLacksServerOrClientAuth),
             ),
             (
                 "wrong serial",
                 Box::new(|p| p.serial_number = Some(rcgen::SerialNumber::from_slice(&[1, 2, 3]))),
-                "serial",
+                |r| matches!(r, V::SerialMismatch { .. }),
             ),
             (
                 "notAfter past chain",
                 Box::new(|p| p.not_after += Duration::hours(5)),
-                "past the issuing chain",
+                |r| matches!(r, V::NotAfterPastChain { .. }),
             ),
             (
                 "notBefore not backdated",
                 Box::new(|p| p.not_before += Duration::seconds(60)),
-                "notBefore",
+                |r| matches!(r, V::NotBeforeNotBackdated { .. }),
             ),
         ];
         for (name, edit, want) in rows {
             let rule = rule_of(sign(&fixture(), edit));
             assert!(
-                rule.contains(want),
-                "row {name:?}: rule {rule:?} should mention {want:?}"
+                want(&rule),
+                "row {name:?}: refused for another rule: {rule}"
             );
         }
     }
@@ -416,6 +409,6 @@ mod tests {
             not_after_max: f.now + Duration::hours(2),
         };
         let rule = rule_of(v.validate(leaf.der(), &want));
-        assert!(rule.contains("issuer name"), "{rule}");
+        assert_eq!(rule, V::IssuerNameMismatch, "{rule}");
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::root::StoreArgs;
 use crate::{
-    ca::{cert, plugin::signing_cert_problem, CertDer},
+    ca::{cert, CertDer},
     clock::{rfc3339, Clock, SystemClock},
     spiffe::TrustDomain,
     state::StateStore,
@@ -297,7 +297,7 @@ fn parse_any(bytes: &[u8]) -> anyhow::Result<SpiffeBundle> {
     let roots: Vec<CertDer> = cert::certs_from_pem(bytes, "PEM bundle")?;
     for (i, r) in roots.iter().enumerate() {
         let p = cert::parse(r, "PEM bundle")?;
-        if let Some(why) = signing_cert_problem(&p) {
+        if let Some(why) = cert::signing_cert_problem(&p) {
             bail!("certificate {i} is not a CA ({why}); a bundle holds CA certificates");
         }
     }

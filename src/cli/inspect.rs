@@ -151,7 +151,7 @@ fn verify(certs: &[CertDer], root_file: &std::path::Path) -> anyhow::Result<Veri
     Ok(Verification {
         root_file: what,
         verified: result.is_ok(),
-        error: result.err(),
+        error: result.err().map(|e| e.to_string()),
     })
 }
 

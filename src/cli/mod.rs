@@ -70,6 +70,17 @@ pub enum Output {
     Json,
 }
 
+/// `--key-type` values: the CA's own names (`KeyType::name`), so the CA needs no clap.
+impl ValueEnum for crate::ca::KeyType {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// Parses the command line, runs the command, and maps failure to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

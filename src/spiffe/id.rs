@@ -2,12 +2,11 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{trust_domain::validate_name, SpiffeIdError, TrustDomain};
-
-/// Maximum length of a SPIFFE ID in bytes (SPIFFE-ID spec, section 2.3).
-pub const MAX_SPIFFE_ID_LEN: usize = 2048;
-
-const SCHEME: &str = "spiffe://";
+use super::{
+    error::SpiffeIdError,
+    rules::{self, SCHEME},
+    trust_domain::TrustDomain,
+};
 
 /// A validated SPIFFE ID: `spiffe://<trust-domain><path>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,28 +21,9 @@ pub struct SpiffeId {
 impl SpiffeId {
     /// Parses and validates a SPIFFE ID against every rule of the SPIFFE-ID spec.
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
-        if s.is_empty() {
-            return Err(SpiffeIdError::Empty);
-        }
-        if s.len() > MAX_SPIFFE_ID_LEN {
-            return Err(SpiffeIdError::TooLong { len: s.len() });
-        }
-        let rest = s.strip_prefix(SCHEME).ok_or(SpiffeIdError::WrongScheme)?;
-        // Query and fragment end the authority/path in a URI; refuse them wherever they appear.
-        if rest.contains('?') {
-            return Err(SpiffeIdError::Query);
-        }
-        if rest.contains('#') {
-            return Err(SpiffeIdError::Fragment);
-        }
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        validate_name(authority)?;
-        validate_path(path)?;
+        let (td, path) = rules::split_id(s)?;
         Ok(Self {
-            td: TrustDomain::new(authority)?,
+            td: TrustDomain::new(td)?,
             path: path.to_owned(),
         })
     }
@@ -92,33 +72,6 @@ impl SpiffeId {
     pub fn is_trust_domain_id(&self) -> bool {
         self.path.is_empty()
     }
-}
-
-fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
-    if path.is_empty() {
-        return Ok(());
-    }
-    if path.contains('%') {
-        return Err(SpiffeIdError::PercentEncoded);
-    }
-    if path.ends_with('/') {
-        // "spiffe://td/" is a trailing slash, not an empty segment.
-        return Err(SpiffeIdError::TrailingSlash);
-    }
-    for seg in path[1..].split('/') {
-        match seg {
-            "" => return Err(SpiffeIdError::EmptySegment),
-            "." | ".." => return Err(SpiffeIdError::DotSegment),
-            _ => {}
-        }
-        if let Some(found) = seg
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-        {
-            return Err(SpiffeIdError::PathBadChar { found });
-        }
-    }
-    Ok(())
 }
 
 fn check_k8s_name(

@@ -2,6 +2,7 @@
 
 mod error;
 mod id;
+mod rules;
 mod trust_domain;
 
 pub use error::SpiffeIdError;

@@ -7,13 +7,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::StateError;
+use super::error::StateError;
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io {
+    move |error| StateError::Io {
         op,
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 

@@ -22,7 +22,10 @@ use serde_json::value::RawValue;
 
 use super::{
     atomic::{commit_temp, temp_prefix, write_temp},
-    CaState, Generation, StateError, StateStore, Versioned,
+    document::CaState,
+    error::StateError,
+    generation::Generation,
+    store::{StateStore, Versioned},
 };
 
 const STATE_FILE: &str = "state.json";
@@ -91,10 +94,10 @@ impl DirStore {
         op: &'static str,
         path: &'a Path,
     ) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-        move |source| StateError::Io {
+        move |error| StateError::Io {
             op,
             path: path.to_owned(),
-            source,
+            error,
         }
     }
 

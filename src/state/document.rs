@@ -7,39 +7,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::{JournalEntry, StateError};
+use super::{
+    error::StateError,
+    journal::{self, JournalEntry},
+    root_state::RootState,
+};
 use crate::{
     ca::{cert, chain, CertDer, KeyType, PrivateKey, SigningMaterial},
     spiffe::TrustDomain,
 };
-
-/// Lifecycle state of a root: prepared → active → old → tainted → revoked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RootState {
-    /// Trusted (in every bundle), not signing yet.
-    Prepared,
-    /// Trusted and signing; exactly one root is active.
-    Active,
-    /// Trusted, no longer signing: leaves it signed stay valid until they expire.
-    Old,
-    /// Trusted, but every leaf it signed is re-issued from the active root now.
-    Tainted,
-    /// In no bundle; its keys are wiped, the record stays for the journal.
-    Revoked,
-}
-
-impl fmt::Display for RootState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Prepared => "prepared",
-            Self::Active => "active",
-            Self::Old => "old",
-            Self::Tainted => "tainted",
-            Self::Revoked => "revoked",
-        })
-    }
-}
 
 /// When a root entered each state (absent: not yet, or a state file older than the journal).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +345,17 @@ impl FederatedBundle {
 // === impl CaState ===
 
 impl CaState {
+    /// Appends `entry` to the journal with the next sequence number, dropping the oldest
+    /// beyond `JOURNAL_MAX`.
+    pub fn record(&mut self, entry: JournalEntry) {
+        journal::append(&mut self.journal, entry);
+    }
+
+    /// The last `n` journal entries, oldest first.
+    pub fn journal_tail(&self, n: usize) -> &[JournalEntry] {
+        journal::tail(&self.journal, n)
+    }
+
     /// Checks the document's invariants: roots parse, ids match and are unique, exactly one
     /// active root and it signs, at most one prepared root or signer, revoked roots hold no keys.
     pub fn validate(&self) -> Result<(), StateError> {

@@ -2,17 +2,17 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use super::Generation;
+use super::generation::Generation;
 
 /// Why the state could not be read or written. Nothing is changed when one of these is returned.
 #[derive(Debug, Error)]
 pub enum StateError {
-    #[error("{op} {path}: {source}")]
+    // The I/O error is printed here and not returned as `source()`, so `{:#}` says it once.
+    #[error("{op} {path}: {error}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("state file {path} is corrupted ({why}); it was left untouched: restore it from a backup or move it away and run `meshid ca init` again")]
     Corrupted { path: PathBuf, why: String },

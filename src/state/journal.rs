@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{CaState, Generation, RootState};
+use super::{generation::Generation, root_state::RootState};
 
 /// How many entries the state keeps; older ones are dropped (the sequence keeps counting).
 pub const JOURNAL_MAX: usize = 200;
@@ -105,56 +105,50 @@ pub struct JournalEntry {
     pub forced: bool,
 }
 
-// === impl CaState (journal) ===
+/// Appends `entry` to `journal` with the next sequence number, dropping the oldest beyond
+/// `JOURNAL_MAX`.
+pub(super) fn append(journal: &mut Vec<JournalEntry>, mut entry: JournalEntry) {
+    entry.seq = journal.last().map_or(1, |e| e.seq + 1);
+    journal.push(entry);
+    let excess = journal.len().saturating_sub(JOURNAL_MAX);
+    journal.drain(..excess);
+}
 
-impl CaState {
-    /// Appends `entry` with the next sequence number, dropping the oldest beyond `JOURNAL_MAX`.
-    pub fn record(&mut self, mut entry: JournalEntry) {
-        entry.seq = self.journal.last().map_or(1, |e| e.seq + 1);
-        self.journal.push(entry);
-        let excess = self.journal.len().saturating_sub(JOURNAL_MAX);
-        self.journal.drain(..excess);
-    }
-
-    /// The last `n` journal entries, oldest first.
-    pub fn journal_tail(&self, n: usize) -> &[JournalEntry] {
-        &self.journal[self.journal.len().saturating_sub(n)..]
-    }
+/// The last `n` entries, oldest first.
+pub(super) fn tail(journal: &[JournalEntry], n: usize) -> &[JournalEntry] {
+    &journal[journal.len().saturating_sub(n)..]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        ca::{root, KeyType},
-        spiffe::TrustDomain,
-    };
 
     #[test]
     fn journal_is_bounded_and_keeps_counting() {
-        let td = TrustDomain::new("example.org").unwrap();
         let now = OffsetDateTime::now_utc();
-        let ca = root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now).unwrap();
-        let mut s = CaState::with_generated_root(td, &ca, now);
+        let mut journal = Vec::new();
         for _ in 0..JOURNAL_MAX + 50 {
-            s.record(JournalEntry {
-                seq: 0,
-                at: now,
-                actor: Actor::auto(),
-                action: JournalAction::Taint,
-                root: "r".into(),
-                signer: None,
-                from_state: Some(RootState::Old),
-                to_state: RootState::Tainted,
-                reason: None,
-                from_generation: None,
-                forced: false,
-            });
+            append(
+                &mut journal,
+                JournalEntry {
+                    seq: 0,
+                    at: now,
+                    actor: Actor::auto(),
+                    action: JournalAction::Taint,
+                    root: "r".into(),
+                    signer: None,
+                    from_state: Some(RootState::Old),
+                    to_state: RootState::Tainted,
+                    reason: None,
+                    from_generation: None,
+                    forced: false,
+                },
+            );
         }
-        assert_eq!(s.journal.len(), JOURNAL_MAX);
-        assert_eq!(s.journal[0].seq, 51);
+        assert_eq!(journal.len(), JOURNAL_MAX);
+        assert_eq!(journal[0].seq, 51);
         assert_eq!(
-            s.journal_tail(2).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            tail(&journal, 2).iter().map(|e| e.seq).collect::<Vec<_>>(),
             [249, 250]
         );
     }

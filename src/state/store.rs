@@ -1,19 +1,6 @@
-use std::fmt;
+//! Where the CA state lives: the store contract every backend implements.
 
-use serde::{Deserialize, Serialize};
-
-use super::{CaState, StateError};
-
-/// Monotonic version of the stored state; every successful write increments it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Generation(pub u64);
-
-impl fmt::Display for Generation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+use super::{document::CaState, error::StateError, generation::Generation};
 
 /// A state as read, with the generation a later write must name.
 #[derive(Debug)]

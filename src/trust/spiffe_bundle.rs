@@ -21,7 +21,7 @@ use x509_parser::{
     x509::SubjectPublicKeyInfo,
 };
 
-use crate::ca::{cert, plugin::signing_cert_problem, CertDer};
+use crate::ca::{cert, CertDer};
 
 /// The spec's suggested refresh hint, and meshid's default.
 pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
@@ -195,8 +195,11 @@ fn authority(index: usize, key: &Map<String, Value>) -> Result<CertDer, BundleEr
             .map_err(|e| invalid(format!("x5c is not base64 ({e})")))?,
     );
     let parsed = cert::parse(&der, "x5c").map_err(|e| invalid(e.to_string()))?;
-    if let Some(why) = signing_cert_problem(&parsed) {
-        return Err(BundleError::NotCa { index, why });
+    if let Some(why) = cert::signing_cert_problem(&parsed) {
+        return Err(BundleError::NotCa {
+            index,
+            why: why.to_string(),
+        });
     }
     let want = jwk_params(parsed.public_key())
         .ok_or_else(|| invalid("its key is not EC P-256/P-384/P-521 or RSA".into()))?;
