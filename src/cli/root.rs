@@ -492,7 +492,7 @@ fn print_server(st: &rotation::RotationStatus) {
         );
     }
     if c.laggard_count > 0 {
-        println!("  behind: {}", st.laggard_names());
+        println!("  behind: {}", st.waiting());
     }
 }
 

@@ -9,12 +9,25 @@
 //! with actor `auto`; taint and revoke stay with the operator (`meshid root rotate` continues
 //! from an automatic activation).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::state::{CaState, RootOrigin, RootState};
+use super::{
+    gate::{ActivationGate, LocalStatus},
+    propagation::Propagation,
+    roots::{
+        activate, activation_point, apply, expiry_warning, prepare, Candidate, Ctx, RootError,
+    },
+};
+use crate::{
+    ca::root::generate_root,
+    clock::{rfc3339, Clock},
+    state::{Actor, CaState, RootOrigin, RootState, StateStore},
+    telemetry::Metrics,
+    trust::LiveCa,
+};
 
 /// `[auto_rotation]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,7 +119,7 @@ pub fn auto_step(state: &CaState, cfg: &AutoRotation, now: OffsetDateTime) -> Au
     let remaining = not_after - now;
     let prepared = state.roots.iter().find(|r| r.state == RootState::Prepared);
     // The same point `expiry_warning` calls overdue.
-    let activate_at = super::activation_point(active, cfg.activate_before);
+    let activate_at = activation_point(active, cfg.activate_before);
     let prepare_at = (lifetime / 2).min(cfg.prepare_before);
     match prepared {
         Some(p) if p.can_sign() && remaining <= activate_at => AutoStep::Activate {
@@ -123,11 +136,11 @@ pub fn auto_step(state: &CaState, cfg: &AutoRotation, now: OffsetDateTime) -> Au
 /// What the schedule loop needs from the running server.
 pub struct Schedule {
     pub cfg: AutoRotation,
-    pub store: std::sync::Arc<dyn crate::state::StateStore>,
-    pub live: std::sync::Arc<crate::trust::LiveCa>,
-    pub registry: std::sync::Arc<super::Propagation>,
-    pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
-    pub clock: std::sync::Arc<dyn crate::clock::Clock>,
+    pub store: Arc<dyn StateStore>,
+    pub live: Arc<LiveCa>,
+    pub registry: Arc<Propagation>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
     pub replica: String,
     /// The federation refresh hint when a bundle endpoint publishes our bundle: a prepared
     /// root is activated only once peers have had 3 hints to fetch it.
@@ -135,12 +148,15 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Every `check_interval`: the expiry warning (log and `meshid_root_expiry_warning`) and,
-    /// when enabled, the automatic prepare/activate with actor `auto`.
+    /// Every `check_interval` of the injected clock: the expiry warning (log and
+    /// `meshid_root_expiry_warning`) and, when enabled, the automatic prepare/activate with
+    /// actor `auto`. A step not taken is tried again at the next check.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let me = std::sync::Arc::new(self);
+        let me = Arc::new(self);
         let mut warned: Option<(String, OffsetDateTime)> = None;
         loop {
+            // The next check is due one interval after this one starts, whatever it does.
+            let next = me.clock.now() + me.cfg.check_interval;
             let m = me.clone();
             match tokio::task::spawn_blocking(move || m.check()).await {
                 Ok(Ok(warning)) => {
@@ -155,7 +171,7 @@ impl Schedule {
                 Err(e) => tracing::error!(error = %e, "automatic rotation task failed"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(me.cfg.check_interval) => {}
+                _ = me.clock.sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -182,65 +198,71 @@ impl Schedule {
     }
 
     /// One check: returns the expiry warning, if any.
-    fn check(&self) -> Result<Option<String>, super::RootError> {
+    fn check(&self) -> Result<Option<String>, RootError> {
         let now = self.clock.now();
-        let state = self.store.load_existing()?.state;
         if self.cfg.enabled {
-            let ctx = super::Ctx::new(
-                crate::state::Actor::auto(),
+            let state = self.store.load_existing()?.state;
+            let ctx = Ctx::new(
+                Actor::auto(),
                 now,
                 Some("automatic rotation schedule".into()),
             )?;
             match auto_step(&state, &self.cfg, now) {
                 AutoStep::Nothing => {}
-                AutoStep::Prepare { root_ttl } => {
-                    let ca = match crate::ca::root::generate_root(
-                        &state.trust_domain,
-                        state.key_type,
-                        root_ttl,
-                        now,
-                    ) {
-                        Ok(ca) => ca,
-                        Err(e) => {
-                            tracing::error!(error = %e, "automatic rotation: generating the successor root failed; retrying at the next check");
-                            return Ok(super::expiry_warning(
-                                &state,
-                                now,
-                                self.cfg.activate_before,
-                            ));
-                        }
-                    };
-                    let a = super::apply(self.store.as_ref(), &ctx, |s, c| {
-                        super::prepare(s, super::Candidate::Generated(ca), c)
-                    })?;
-                    tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: successor root prepared");
-                }
-                AutoStep::Activate { id, due } => {
-                    let local = super::LocalStatus {
-                        registry: &self.registry,
-                        live: &self.live,
-                        replica: &self.replica,
-                    };
-                    let deadline = due + self.cfg.propagation_timeout;
-                    let gate = super::ActivationGate::new(self.publication_hint, Some(&local), now)
-                        .with_propagation_deadline(deadline);
-                    let a = super::apply(self.store.as_ref(), &ctx, |s, c| {
-                        super::activate(s, &id, false, &|r| gate.check(r), c)
-                    })?;
-                    match gate.overridden() {
-                        Some(laggards) => {
-                            self.metrics.rotation_forced_activations.inc();
-                            tracing::warn!(root = %a.outcome.root, generation = %a.generation, deadline = %crate::clock::rfc3339(deadline), %laggards, "automatic rotation: root activated at its propagation deadline although streams lag; they refuse leaves from the new root until they take the new bundle");
-                        }
-                        None => {
-                            tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: root activated")
-                        }
-                    }
-                }
+                AutoStep::Prepare { root_ttl } => self.prepare_successor(&state, root_ttl, &ctx)?,
+                AutoStep::Activate { id, due } => self.activate_prepared(&id, due, &ctx)?,
             }
         }
         let state = self.store.load_existing()?.state;
-        Ok(super::expiry_warning(&state, now, self.cfg.activate_before))
+        Ok(expiry_warning(&state, now, self.cfg.activate_before))
+    }
+
+    /// Prepares a generated successor valid for `root_ttl` (a failed generation is logged and
+    /// tried again at the next check).
+    fn prepare_successor(
+        &self,
+        state: &CaState,
+        root_ttl: Duration,
+        ctx: &Ctx,
+    ) -> Result<(), RootError> {
+        let ca = match generate_root(&state.trust_domain, state.key_type, root_ttl, ctx.now) {
+            Ok(ca) => ca,
+            Err(e) => {
+                tracing::error!(error = %e, "automatic rotation: generating the successor root failed; retrying at the next check");
+                return Ok(());
+            }
+        };
+        let a = apply(self.store.as_ref(), ctx, |s, c| {
+            prepare(s, Candidate::Generated(ca), c)
+        })?;
+        tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: successor root prepared");
+        Ok(())
+    }
+
+    /// Activates the prepared root `id` through the activation gate, with its propagation
+    /// deadline `propagation_timeout` after `due`.
+    fn activate_prepared(&self, id: &str, due: OffsetDateTime, ctx: &Ctx) -> Result<(), RootError> {
+        let local = LocalStatus {
+            registry: &self.registry,
+            live: &self.live,
+            replica: &self.replica,
+        };
+        let deadline = due + self.cfg.propagation_timeout;
+        let gate = ActivationGate::new(self.publication_hint, Some(&local), ctx.now)
+            .with_propagation_deadline(deadline);
+        let a = apply(self.store.as_ref(), ctx, |s, c| {
+            activate(s, id, false, &|r| gate.check(r), c)
+        })?;
+        match gate.take_overridden() {
+            Some(laggards) => {
+                self.metrics.rotation_forced_activations.inc();
+                tracing::warn!(root = %a.outcome.root, generation = %a.generation, deadline = %rfc3339(deadline), %laggards, "automatic rotation: root activated at its propagation deadline although streams lag; they refuse leaves from the new root until they take the new bundle");
+            }
+            None => {
+                tracing::info!(root = %a.outcome.root, generation = %a.generation, "automatic rotation: root activated")
+            }
+        }
+        Ok(())
     }
 }
 
@@ -359,8 +381,6 @@ mod tests {
     /// `rotateX509CA` activates on schedule whatever its clients do).
     #[test]
     fn activation_is_held_by_a_laggard_only_until_its_deadline() {
-        use crate::clock::Clock;
-        use std::sync::Arc;
         let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
         let clock = Arc::new(crate::clock::ManualClock::new(t0));
         let dir = tempfile::tempdir().unwrap();
@@ -371,7 +391,7 @@ mod tests {
         let live = Arc::new(
             crate::trust::LiveCa::load(store.clone(), Default::default(), clock.clone()).unwrap(),
         );
-        let registry = Arc::new(super::super::Propagation::default());
+        let registry = Arc::new(Propagation::default());
         let stuck = registry.open("spiffe://cluster.local/ns/a/sa/stuck".into(), None);
         stuck.subscribed(true, false);
         stuck.acked_bundle(vec![old.clone()].into());
@@ -412,7 +432,7 @@ mod tests {
             held.contains("sa/stuck"),
             "held by the laggard, named: {held}"
         );
-        let warning = super::super::expiry_warning(
+        let warning = expiry_warning(
             &crate::state::StateStore::load_existing(store.as_ref())
                 .unwrap()
                 .state,

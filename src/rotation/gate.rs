@@ -14,10 +14,53 @@
 
 use std::{cell::RefCell, time::Duration};
 
+use thiserror::Error;
 use time::OffsetDateTime;
 
-use super::{check_servers, StatusSource};
+use super::{
+    propagation::{status_of, Lag, Propagation, RotationStatus},
+    publication::{bundle_publication_gate, Unpublished},
+    status::{StatusError, StatusSource, STATUS_READ_TIMEOUT},
+};
 use crate::state::RootRecord;
+
+/// Why the activation gate holds a prepared root (or a wait holds a step) back.
+#[derive(Debug, Error)]
+pub enum GateRefusal {
+    /// Federated peers have not had time to fetch it from our bundle endpoint.
+    #[error(transparent)]
+    Unpublished(#[from] Unpublished),
+    /// Replicas whose streams have not caught up, each with why.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NotPropagated(Vec<Lag>),
+    /// A replica's status could not be read.
+    #[error("cannot read the server's status: {0}")]
+    StatusUnreadable(StatusError),
+}
+
+/// `Ok` when `check` passes on every replica; otherwise every lagging replica's reason.
+pub fn on_every_replica(
+    statuses: &[RotationStatus],
+    check: impl Fn(&RotationStatus) -> Result<(), Lag>,
+) -> Result<(), GateRefusal> {
+    let lags: Vec<Lag> = statuses.iter().filter_map(|s| check(s).err()).collect();
+    if lags.is_empty() {
+        Ok(())
+    } else {
+        Err(GateRefusal::NotPropagated(lags))
+    }
+}
+
+/// Checks `check` against every replica of `server` now.
+pub fn check_servers(
+    server: &dyn StatusSource,
+    check: impl Fn(&RotationStatus) -> Result<(), Lag>,
+) -> Result<(), GateRefusal> {
+    let statuses = server
+        .statuses(STATUS_READ_TIMEOUT)
+        .map_err(GateRefusal::StatusUnreadable)?;
+    on_every_replica(&statuses, check)
+}
 
 /// The activation gate for one activation at `now`.
 pub struct ActivationGate<'a> {
@@ -30,7 +73,7 @@ pub struct ActivationGate<'a> {
     /// From this instant on, propagation no longer holds the activation back: laggards are
     /// reported (automatic rotation's deadline). `None`: it always holds (the operator's gate).
     pub propagation_deadline: Option<OffsetDateTime>,
-    overridden: RefCell<Option<String>>,
+    overridden: RefCell<Option<GateRefusal>>,
 }
 
 impl<'a> ActivationGate<'a> {
@@ -55,10 +98,10 @@ impl<'a> ActivationGate<'a> {
         self
     }
 
-    /// `Err(why)` while `root` may not sign yet.
-    pub fn check(&self, root: &RootRecord) -> Result<(), String> {
+    /// `Err` while `root` may not sign yet.
+    pub fn check(&self, root: &RootRecord) -> Result<(), GateRefusal> {
         if let Some(hint) = self.publication_hint {
-            super::bundle_publication_gate(hint, self.now)(root)?;
+            bundle_publication_gate(hint, self.now)(root)?;
         }
         let Some(source) = self.propagation else {
             return Ok(());
@@ -73,22 +116,23 @@ impl<'a> ActivationGate<'a> {
         }
     }
 
-    /// The propagation the last `check` let through past its deadline, if any.
-    pub fn overridden(&self) -> Option<String> {
-        self.overridden.borrow().clone()
+    /// What held propagation back when the last `check` let the root through past its
+    /// deadline, if anything (taken: a second call returns `None`).
+    pub fn take_overridden(&self) -> Option<GateRefusal> {
+        self.overridden.borrow_mut().take()
     }
 }
 
 /// This server's own registry as a status source (automatic rotation reads its own replica).
 pub struct LocalStatus<'a> {
-    pub registry: &'a super::Propagation,
+    pub registry: &'a Propagation,
     pub live: &'a crate::trust::LiveCa,
     pub replica: &'a str,
 }
 
 impl StatusSource for LocalStatus<'_> {
-    fn statuses(&self, _: Duration) -> Result<Vec<super::RotationStatus>, String> {
-        Ok(vec![super::status_of(
+    fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, StatusError> {
+        Ok(vec![status_of(
             self.registry,
             &self.live.current(),
             self.replica,
@@ -109,7 +153,7 @@ mod tests {
     struct Fixed(RotationStatus);
 
     impl StatusSource for Fixed {
-        fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, String> {
+        fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, StatusError> {
             Ok(vec![self.0.clone()])
         }
     }
@@ -158,7 +202,11 @@ mod tests {
         let source = lagging(&r.id);
         let strict = ActivationGate::new(None, Some(&source), now);
         assert!(
-            strict.check(&r).unwrap_err().contains("sa/stuck"),
+            strict
+                .check(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("sa/stuck"),
             "strict: holds"
         );
         let before = ActivationGate::new(None, Some(&source), now)
@@ -168,16 +216,19 @@ mod tests {
             .with_propagation_deadline(now - Duration::from_secs(1));
         assert!(past.check(&r).is_ok(), "past the deadline: activates");
         assert!(
-            past.overridden().unwrap().contains("sa/stuck"),
+            past.take_overridden()
+                .unwrap()
+                .to_string()
+                .contains("sa/stuck"),
             "and names the laggard"
         );
         let published = ActivationGate::new(Some(Duration::from_secs(3600)), Some(&source), now)
             .with_propagation_deadline(now - Duration::from_secs(1));
         assert!(
-            published.check(&r).is_err(),
+            matches!(published.check(&r), Err(GateRefusal::Unpublished(_))),
             "federated peers still get their time to fetch the root"
         );
         let unchecked = ActivationGate::new(None, None, now);
-        assert!(unchecked.check(&r).is_ok() && unchecked.overridden().is_none());
+        assert!(unchecked.check(&r).is_ok() && unchecked.take_overridden().is_none());
     }
 }

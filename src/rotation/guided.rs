@@ -8,50 +8,31 @@
 //! failed write, a timeout) continues from the state when run again. The waits read the server's
 //! rotation status (`GET /debug/rotation`, `RotationStatus`) through `StatusSource`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 use time::OffsetDateTime;
 
 use super::{
-    activate, apply, prepare, revoke, taint, valid_certs_until, Applied, Candidate, Ctx, RootError,
-    RotationStatus, STATUS_PATH,
+    gate::{on_every_replica, ActivationGate, GateRefusal},
+    propagation::{Lag, RotationStatus},
+    roots::{
+        activate, apply, no_gate, prepare, revoke, taint, valid_certs_until, Applied, Candidate,
+        Ctx, RootError,
+    },
+    status::{Budget, StatusSource, STATUS_READ_TIMEOUT},
 };
 use crate::{
-    ca::{root, KeyType},
+    ca::{root, CaError, KeyType},
     clock::rfc3339,
-    state::{CaState, JournalAction, RootState, StateStore},
+    duration::fmt_duration,
+    state::{CaState, JournalAction, RootOrigin, RootState, StateStore},
 };
 
-/// Reads the rotation status of one or more server replicas.
-pub trait StatusSource {
-    /// Each replica's status now, or why one could not be read, all within `within`.
-    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String>;
-}
-
-/// How long a single gate check may read statuses.
-pub const STATUS_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `Ok` when `check` passes on every replica; otherwise every replica's reason.
-pub fn on_every_replica(
-    statuses: &[RotationStatus],
-    check: impl Fn(&RotationStatus) -> Result<(), String>,
-) -> Result<(), String> {
-    let why: Vec<String> = statuses.iter().filter_map(|s| check(s).err()).collect();
-    if why.is_empty() {
-        Ok(())
-    } else {
-        Err(why.join("; "))
-    }
-}
-
-/// Checks `check` against every replica of `server` now.
-pub fn check_servers(
-    server: &dyn StatusSource,
-    check: impl Fn(&RotationStatus) -> Result<(), String>,
-) -> Result<(), String> {
-    on_every_replica(&server.statuses(STATUS_READ_TIMEOUT)?, check)
-}
+/// How often the CLI reads the server's status while it waits.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
+/// The shortest bound of one status read while waiting (near the end of a wait).
+const MIN_READ: Duration = Duration::from_millis(100);
 
 /// Why a guided rotation stopped before its end. The state says where it stands; run again to
 /// continue.
@@ -59,10 +40,13 @@ pub fn check_servers(
 pub enum GuidedError {
     #[error(transparent)]
     Root(#[from] RootError),
-    #[error("timed out after {} waiting: {why}; the rotation stays where it is (run `meshid root rotate` again to continue)", crate::duration::fmt_duration(*.waited))]
-    TimedOut { waited: Duration, why: String },
+    #[error("timed out after {} waiting: {why}; the rotation stays where it is (run `meshid root rotate` again to continue)", fmt_duration(*.waited))]
+    TimedOut {
+        waited: Duration,
+        why: Box<GateRefusal>,
+    },
     #[error("generating the new root: {0}")]
-    Generate(#[source] crate::ca::CaError),
+    Generate(CaError),
     #[error("stopped after {0}; run `meshid root rotate` again to continue")]
     Stopped(JournalAction),
 }
@@ -142,225 +126,168 @@ pub fn rotate(
     progress: &mut dyn FnMut(&str),
     after_write: &mut dyn FnMut(JournalAction) -> Result<(), GuidedError>,
 ) -> Result<Finished, GuidedError> {
+    let mut guide = Guide {
+        store,
+        server,
+        opts,
+        ctx,
+        progress,
+        after_write,
+    };
     let mut first = true;
     loop {
         let state = store.load_existing().map_err(RootError::from)?.state;
-        let step = phase(&state)?;
-        let applied = match step {
-            Phase::Idle if first => {
-                let active = state.signing_root().map_err(RootError::from)?;
-                if active.origin == crate::state::RootOrigin::Plugin {
-                    return Err(RootError::Refused {
-                        refused: format!("the active root {} is a plug-in CA; `root rotate` does not replace it with a generated root", active.id),
-                        next: "prepare the successor from its cacerts directory with `meshid root prepare --from-plugin DIR`, then re-run `meshid root rotate`".into(),
-                    }
-                    .into());
-                }
-                let c = ctx()?;
-                let key_type = opts.key_type.unwrap_or(state.key_type);
-                let ca = root::generate_root(&state.trust_domain, key_type, opts.root_ttl, c.now)
-                    .map_err(GuidedError::Generate)?;
-                apply(store, &c, |s, c| prepare(s, Candidate::Generated(ca), c))?
-            }
-            Phase::Idle => {
-                return Err(RootError::Refused {
-                    refused:
-                        "no rotation is in progress any more (another writer finished or undid it)"
-                            .into(),
-                    next: "`meshid root status` shows the roots".into(),
-                }
-                .into())
-            }
-            Phase::Prepared(p) => {
-                progress(&format!(
-                    "waiting until every connected stream has acknowledged a bundle with root {p}"
-                ));
-                wait(server, opts, |st| st.root_propagated(&p), progress)?;
-                let c = ctx()?;
-                let gate = super::ActivationGate::new(opts.publication_hint, Some(server), c.now);
-                apply(store, &c, |s, c| {
-                    activate(s, &p, false, &|r| gate.check(r), c)
-                })?
-            }
-            Phase::StagedSigner(sid) => {
-                let applied = apply(store, &ctx()?, |s, c| {
-                    activate(s, &sid, false, &super::no_gate, c)
-                })?;
-                report(&applied, progress);
-                after_write(applied.outcome.action)?;
-                progress(&format!(
-                    "waiting until every connected stream runs on a leaf from signer {sid}"
-                ));
-                wait(server, opts, |st| st.signer_propagated(&sid), progress)?;
-                return Ok(Finished::SignerActivated { signer: sid });
-            }
-            Phase::Old { old, signer } => {
-                progress(&format!(
-                    "waiting until every connected stream runs on a leaf from signer {signer}"
-                ));
-                wait(server, opts, |st| st.signer_propagated(&signer), progress)?;
-                apply(store, &ctx()?, |s, c| taint(s, &old, c))?
-            }
-            Phase::Tainted(t) => {
-                let c = ctx()?;
-                let record = state
-                    .roots
-                    .iter()
-                    .find(|r| r.id == t)
-                    .expect("phase names a root");
-                let (until, _) = valid_certs_until(&state, record, opts.max_ttl, c.now);
-                if c.now < until {
-                    let command = format!("meshid root revoke {t}");
-                    progress(&format!(
-                        "root {t} may still anchor valid leaves until {}; run `{command}` then (or re-run `meshid root rotate`)",
-                        rfc3339(until)
-                    ));
-                    return Ok(Finished::RevokeLater {
-                        root: t,
-                        at: until,
-                        command,
-                    });
-                }
-                let applied = apply(store, &c, |s, c| revoke(s, &t, false, opts.max_ttl, c))?;
-                report(&applied, progress);
-                after_write(applied.outcome.action)?;
-                return Ok(Finished::Revoked { root: t });
-            }
+        let applied = match phase(&state)? {
+            Phase::Idle if first => guide.prepare(&state)?,
+            Phase::Idle => return Err(nothing_in_progress().into()),
+            Phase::Prepared(p) => guide.activate_root(&p)?,
+            Phase::StagedSigner(sid) => return guide.activate_signer(sid),
+            Phase::Old { old, signer } => guide.taint_old(&old, &signer)?,
+            Phase::Tainted(t) => return guide.revoke_when_safe(&state, t),
         };
         first = false;
-        report(&applied, progress);
-        after_write(applied.outcome.action)?;
+        guide.written(&applied)?;
     }
 }
 
-fn report(applied: &Applied, progress: &mut dyn FnMut(&str)) {
-    let o = &applied.outcome;
-    progress(&format!(
-        "{}: root {} is now {} (generation {})",
-        o.action, o.root, o.to, applied.generation
-    ));
-}
-
-/// Polls `server` until `done` passes, at most `opts.timeout`; prints the counts when they move.
-fn wait(
-    server: &dyn StatusSource,
-    opts: &GuidedOptions,
-    done: impl Fn(&RotationStatus) -> Result<(), String>,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(), GuidedError> {
-    let start = Instant::now();
-    let mut last = String::new();
-    loop {
-        let left = opts.timeout.saturating_sub(start.elapsed());
-        if left.is_zero() && !last.is_empty() {
-            return Err(GuidedError::TimedOut {
-                waited: opts.timeout,
-                why: last,
-            });
-        }
-        let why = match server.statuses(left.clamp(Duration::from_millis(100), STATUS_READ_TIMEOUT))
-        {
-            Ok(st) => match on_every_replica(&st, &done) {
-                Ok(()) => return Ok(()),
-                Err(why) => why,
-            },
-            Err(e) => format!("cannot read the server's status: {e}"),
-        };
-        if why != last {
-            progress(&format!("  {why}"));
-            last = why.clone();
-        }
-        if start.elapsed() >= opts.timeout {
-            return Err(GuidedError::TimedOut {
-                waited: opts.timeout,
-                why,
-            });
-        }
-        std::thread::sleep(opts.poll.min(opts.timeout.saturating_sub(start.elapsed())));
+fn nothing_in_progress() -> RootError {
+    RootError::Refused {
+        refused: "no rotation is in progress any more (another writer finished or undid it)".into(),
+        next: "`meshid root status` shows the roots".into(),
     }
 }
 
-// === the server's status over HTTP ===
-
-/// The status endpoint of a server's HTTP port, e.g. `http://meshid:15014`. What it trusts: the
-/// answer is plain, unauthenticated HTTP from whoever answers at that address (the server
-/// serves it to loopback callers only, so reach it through `kubectl port-forward`); a forged
-/// answer can make the gate pass early, never make the CLI write anything but the transition
-/// it was asked for. The whole read is bounded by `timeout`, the body by 16 MiB, and every
-/// string in it is stripped of control characters before it is printed.
-pub struct HttpStatus {
-    url: String,
-    timeout: Duration,
+/// One run of the guided rotation: each phase's step.
+struct Guide<'a> {
+    store: &'a dyn StateStore,
+    server: &'a dyn StatusSource,
+    opts: &'a GuidedOptions,
+    ctx: &'a dyn Fn() -> Result<Ctx, RootError>,
+    progress: &'a mut dyn FnMut(&str),
+    after_write: &'a mut dyn FnMut(JournalAction) -> Result<(), GuidedError>,
 }
 
-/// Largest status document read.
-const MAX_STATUS_BYTES: usize = 16 << 20;
+impl Guide<'_> {
+    /// Idle at the start: prepares a generated successor (never over a plug-in CA).
+    fn prepare(&mut self, state: &CaState) -> Result<Applied, GuidedError> {
+        let active = state.signing_root().map_err(RootError::from)?;
+        if active.origin == RootOrigin::Plugin {
+            return Err(RootError::Refused {
+                refused: format!("the active root {} is a plug-in CA; `root rotate` does not replace it with a generated root", active.id),
+                next: "prepare the successor from its cacerts directory with `meshid root prepare --from-plugin DIR`, then re-run `meshid root rotate`".into(),
+            }
+            .into());
+        }
+        let c = (self.ctx)()?;
+        let key_type = self.opts.key_type.unwrap_or(state.key_type);
+        let ca = root::generate_root(&state.trust_domain, key_type, self.opts.root_ttl, c.now)
+            .map_err(GuidedError::Generate)?;
+        Ok(apply(self.store, &c, |s, c| {
+            prepare(s, Candidate::Generated(ca), c)
+        })?)
+    }
 
-impl HttpStatus {
-    /// Parses `http://host:port` (a trailing `/debug/rotation` or `/` is accepted).
-    pub fn new(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("--server {url:?}: give the server's plain HTTP port as http://HOST:PORT (the port of /metrics)")
+    /// Waits until every stream has the prepared root, then activates it through the gate.
+    fn activate_root(&mut self, root: &str) -> Result<Applied, GuidedError> {
+        (self.progress)(&format!(
+            "waiting until every connected stream has acknowledged a bundle with root {root}"
+        ));
+        self.wait(|st| st.root_propagated(root))?;
+        let c = (self.ctx)()?;
+        let gate = ActivationGate::new(self.opts.publication_hint, Some(self.server), c.now);
+        Ok(apply(self.store, &c, |s, c| {
+            activate(s, root, false, &|r| gate.check(r), c)
+        })?)
+    }
+
+    /// Activates a staged plug-in signer and waits until every stream runs on it.
+    fn activate_signer(&mut self, signer: String) -> Result<Finished, GuidedError> {
+        let applied = apply(self.store, &(self.ctx)()?, |s, c| {
+            activate(s, &signer, false, &no_gate, c)
         })?;
-        let hostport = rest
-            .trim_end_matches('/')
-            .trim_end_matches(STATUS_PATH)
-            .trim_end_matches('/');
-        if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
-            return Err(format!(
-                "--server {url:?}: expected http://HOST:PORT, e.g. http://127.0.0.1:15014"
+        self.written(&applied)?;
+        (self.progress)(&format!(
+            "waiting until every connected stream runs on a leaf from signer {signer}"
+        ));
+        self.wait(|st| st.signer_propagated(&signer))?;
+        Ok(Finished::SignerActivated { signer })
+    }
+
+    /// Waits until every stream runs on the new signer, then taints the old root.
+    fn taint_old(&mut self, old: &str, signer: &str) -> Result<Applied, GuidedError> {
+        (self.progress)(&format!(
+            "waiting until every connected stream runs on a leaf from signer {signer}"
+        ));
+        self.wait(|st| st.signer_propagated(signer))?;
+        Ok(apply(self.store, &(self.ctx)()?, |s, c| taint(s, old, c))?)
+    }
+
+    /// Revokes the tainted root once nothing it anchors can be valid; until then, stops and
+    /// says when and how.
+    fn revoke_when_safe(&mut self, state: &CaState, t: String) -> Result<Finished, GuidedError> {
+        let c = (self.ctx)()?;
+        let Some(record) = state.roots.iter().find(|r| r.id == t) else {
+            return Err(nothing_in_progress().into());
+        };
+        let (until, _) = valid_certs_until(state, record, self.opts.max_ttl, c.now);
+        if c.now < until {
+            let command = format!("meshid root revoke {t}");
+            (self.progress)(&format!(
+                "root {t} may still anchor valid leaves until {}; run `{command}` then (or re-run `meshid root rotate`)",
+                rfc3339(until)
             ));
+            return Ok(Finished::RevokeLater {
+                root: t,
+                at: until,
+                command,
+            });
         }
-        Ok(Self {
-            url: format!("http://{hostport}{STATUS_PATH}"),
-            timeout: Duration::from_secs(5),
-        })
+        let max_ttl = self.opts.max_ttl;
+        let applied = apply(self.store, &c, |s, c| revoke(s, &t, false, max_ttl, c))?;
+        self.written(&applied)?;
+        Ok(Finished::Revoked { root: t })
     }
 
-    /// Bounds each whole read (connect, headers, body) by `timeout`.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
+    /// Reports a write and runs `after_write`.
+    fn written(&mut self, applied: &Applied) -> Result<(), GuidedError> {
+        let o = &applied.outcome;
+        (self.progress)(&format!(
+            "{}: root {} is now {} (generation {})",
+            o.action, o.root, o.to, applied.generation
+        ));
+        (self.after_write)(o.action)
     }
 
-    /// This server's status now, read within `within` (at most the configured timeout).
-    pub fn status_within(&self, within: Duration) -> Result<RotationStatus, String> {
-        let body = crate::http_client::Get::new(&self.url)
-            .timeout(self.timeout.min(within))
-            .max_body(MAX_STATUS_BYTES)
-            .send_blocking()
-            .map_err(|e| match e {
-                crate::http_client::HttpError::Status { status: 403, .. } => format!("{e}: the server serves {STATUS_PATH} to loopback callers only; reach it through `kubectl port-forward` (or see listen.debug_from)"),
-                crate::http_client::HttpError::Status { .. } => format!("{e}: is it a meshid server's HTTP port?"),
-                e => e.to_string(),
-            })?;
-        serde_json::from_slice::<RotationStatus>(&body)
-            .map(RotationStatus::printable)
-            .map_err(|e| format!("{} sent an unreadable rotation status: {e}", self.url))
-    }
-}
-
-impl HttpStatus {
-    /// This server's status now.
-    pub fn status(&self) -> Result<RotationStatus, String> {
-        self.status_within(self.timeout)
-    }
-}
-
-impl StatusSource for HttpStatus {
-    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String> {
-        Ok(vec![self.status_within(within)?])
-    }
-}
-
-/// Several replicas (`--server` given more than once): every one must pass, all read within
-/// `within` together.
-impl StatusSource for Vec<HttpStatus> {
-    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, String> {
-        let start = Instant::now();
-        self.iter()
-            .map(|s| s.status_within(within.saturating_sub(start.elapsed())))
-            .collect()
+    /// Reads the server every `opts.poll` until `done` passes on every replica, for at most
+    /// `opts.timeout`; prints the reason whenever it changes.
+    fn wait(
+        &mut self,
+        done: impl Fn(&RotationStatus) -> Result<(), Lag>,
+    ) -> Result<(), GuidedError> {
+        let budget = Budget::new(self.opts.timeout);
+        let mut last = String::new();
+        loop {
+            let within = budget.left().clamp(MIN_READ, STATUS_READ_TIMEOUT);
+            let why = match self.server.statuses(within) {
+                Ok(st) => match on_every_replica(&st, &done) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => why,
+                },
+                Err(e) => GateRefusal::StatusUnreadable(e),
+            };
+            let text = why.to_string();
+            if text != last {
+                (self.progress)(&format!("  {text}"));
+                last = text;
+            }
+            budget.sleep(self.opts.poll);
+            if budget.is_spent() {
+                return Err(GuidedError::TimedOut {
+                    waited: budget.total(),
+                    why: Box::new(why),
+                });
+            }
+        }
     }
 }
 
@@ -376,7 +303,10 @@ mod tests {
     struct NoServer;
 
     impl StatusSource for NoServer {
-        fn statuses(&self, _: Duration) -> Result<Vec<RotationStatus>, String> {
+        fn statuses(
+            &self,
+            _: Duration,
+        ) -> Result<Vec<RotationStatus>, crate::rotation::StatusError> {
             Ok(Vec::new())
         }
     }

@@ -1,5 +1,6 @@
 //! Lifecycles: one credential's cycle (`Renewer`, used by the serving certificate and every
-//! SDS `default`), when a leaf is refreshed, and the root state machine with its journal.
+//! SDS `default`), when a leaf is refreshed, the root state machine with its journal, the
+//! activation gate, and the guided and automatic rotations that drive it.
 
 mod auto;
 mod gate;
@@ -9,18 +10,16 @@ pub mod publication;
 mod renewer;
 mod roots;
 mod schedule;
+mod status;
 
 pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
-pub use gate::{ActivationGate, LocalStatus};
-pub use guided::{
-    check_servers, on_every_replica, rotate, Finished, GuidedError, GuidedOptions, HttpStatus,
-    StatusSource, STATUS_READ_TIMEOUT,
-};
+pub use gate::{check_servers, on_every_replica, ActivationGate, GateRefusal, LocalStatus};
+pub use guided::{rotate, Finished, GuidedError, GuidedOptions, DEFAULT_POLL};
 pub use propagation::{
-    replica_name, status_of, Counts, Laggard, Propagation, RotationStatus, StreamTrack,
-    LAGGARDS_SHOWN, STATUS_PATH,
+    replica_name, status_of, Counts, Lag, Laggard, Propagation, RotationStatus, StreamTrack,
+    Waiting, LAGGARDS_SHOWN, STATUS_PATH,
 };
-pub use publication::bundle_publication_gate;
+pub use publication::{bundle_publication_gate, Unpublished};
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView, Turn};
 pub use roots::{
@@ -28,4 +27,5 @@ pub use roots::{
     revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target,
     Transition, EXPIRY_WARNING, REVOKE_MARGIN,
 };
-pub use schedule::{RefreshPolicy, DEFAULT_JITTER, DEFAULT_RATIO};
+pub use schedule::{RefreshPolicy, RefreshPolicyError, DEFAULT_JITTER, DEFAULT_RATIO};
+pub use status::{Budget, HttpStatus, StatusError, StatusSource, STATUS_READ_TIMEOUT};

@@ -17,6 +17,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -24,6 +25,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// At most this many laggards are listed in a summary.
 pub const LAGGARDS_SHOWN: usize = 20;
@@ -293,42 +295,46 @@ pub struct RotationStatus {
 }
 
 impl RotationStatus {
-    /// `Err(why)` unless the server trusts `root` and every bundle stream has ACKed it.
-    pub fn root_propagated(&self, root: &str) -> Result<(), String> {
+    /// `Err` unless the server trusts `root` and every bundle stream has ACKed it.
+    pub fn root_propagated(&self, root: &str) -> Result<(), Lag> {
         if !self.trusted_roots.iter().any(|r| r == root) {
-            return Err(format!(
-                "server {} (generation {}) does not serve root {root} yet",
-                self.replica, self.generation
-            ));
+            return Err(Lag::RootNotServed {
+                replica: self.replica.clone(),
+                generation: self.generation,
+                root: root.to_owned(),
+            });
         }
         let have = self.counts.roots.get(root).copied().unwrap_or(0);
         if have < self.counts.bundle_streams {
-            return Err(format!(
-                "{have} of {} streams on {} have acknowledged a bundle with root {root}; waiting for {}",
-                self.counts.bundle_streams,
-                self.replica,
-                self.laggard_names()
-            ));
+            return Err(Lag::RootNotAcknowledged {
+                replica: self.replica.clone(),
+                root: root.to_owned(),
+                have,
+                streams: self.counts.bundle_streams,
+                waiting: self.waiting(),
+            });
         }
         Ok(())
     }
 
-    /// `Err(why)` unless the server signs with `signer` and every leaf stream runs on it.
-    pub fn signer_propagated(&self, signer: &str) -> Result<(), String> {
+    /// `Err` unless the server signs with `signer` and every leaf stream runs on it.
+    pub fn signer_propagated(&self, signer: &str) -> Result<(), Lag> {
         if self.signer != signer {
-            return Err(format!(
-                "server {} (generation {}) does not sign with {signer} yet",
-                self.replica, self.generation
-            ));
+            return Err(Lag::SignerNotUsed {
+                replica: self.replica.clone(),
+                generation: self.generation,
+                signer: signer.to_owned(),
+            });
         }
         let have = self.counts.signers.get(signer).copied().unwrap_or(0);
         if have < self.counts.leaf_streams {
-            return Err(format!(
-                "{have} of {} streams on {} run on a leaf from signer {signer}; waiting for {}",
-                self.counts.leaf_streams,
-                self.replica,
-                self.laggard_names()
-            ));
+            return Err(Lag::SignerNotRunning {
+                replica: self.replica.clone(),
+                signer: signer.to_owned(),
+                have,
+                streams: self.counts.leaf_streams,
+                waiting: self.waiting(),
+            });
         }
         Ok(())
     }
@@ -357,10 +363,63 @@ impl RotationStatus {
         self
     }
 
-    /// The laggards, named (capped), for messages.
-    pub fn laggard_names(&self) -> String {
+    /// The streams a rotation waits for on this replica (the laggards, capped), for messages.
+    pub fn waiting(&self) -> Waiting {
         let c = &self.counts;
-        let mut names: Vec<String> = c
+        Waiting {
+            laggards: c.laggards.clone(),
+            count: c.laggard_count,
+            silent: c.silent,
+        }
+    }
+}
+
+/// Why one replica holds a rotation step back: it does not serve the new root (or signer) yet,
+/// or some of its streams have not caught up.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum Lag {
+    #[error("server {replica} (generation {generation}) does not serve root {root} yet")]
+    RootNotServed {
+        replica: String,
+        generation: u64,
+        root: String,
+    },
+    #[error("{have} of {streams} streams on {replica} have acknowledged a bundle with root {root}; waiting for {waiting}")]
+    RootNotAcknowledged {
+        replica: String,
+        root: String,
+        have: usize,
+        streams: usize,
+        waiting: Waiting,
+    },
+    #[error("server {replica} (generation {generation}) does not sign with {signer} yet")]
+    SignerNotUsed {
+        replica: String,
+        generation: u64,
+        signer: String,
+    },
+    #[error("{have} of {streams} streams on {replica} run on a leaf from signer {signer}; waiting for {waiting}")]
+    SignerNotRunning {
+        replica: String,
+        signer: String,
+        have: usize,
+        streams: usize,
+        waiting: Waiting,
+    },
+}
+
+/// The streams of one replica that a rotation waits for: the first `LAGGARDS_SHOWN` laggards
+/// named, how many lag in all, and how many never acknowledged anything (not waited for).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Waiting {
+    pub laggards: Vec<Laggard>,
+    pub count: usize,
+    pub silent: usize,
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<String> = self
             .laggards
             .iter()
             .map(|l| match &l.pod {
@@ -368,21 +427,22 @@ impl RotationStatus {
                 None => format!("{} ({})", l.peer, l.why),
             })
             .collect();
-        if c.laggard_count > names.len() {
-            names.push(format!("and {} more", c.laggard_count - names.len()));
+        if self.count > names.len() {
+            names.push(format!("and {} more", self.count - names.len()));
         }
-        let mut text = if names.is_empty() {
-            "no stream".into()
+        if names.is_empty() {
+            f.write_str("no stream")?;
         } else {
-            names.join(", ")
-        };
-        if c.silent > 0 {
-            text.push_str(&format!(
-                " ({} more stream(s) never acknowledged anything and are not waited for)",
-                c.silent
-            ));
+            f.write_str(&names.join(", "))?;
         }
-        text
+        if self.silent > 0 {
+            write!(
+                f,
+                " ({} more stream(s) never acknowledged anything and are not waited for)",
+                self.silent
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use thiserror::Error;
 use time::OffsetDateTime;
 
 use crate::{
@@ -34,28 +35,46 @@ pub fn publishable_at(root: &RootRecord, refresh_hint: Duration) -> OffsetDateTi
     root.since.prepared.unwrap_or(root.created_at) + publication_delay(refresh_hint)
 }
 
-/// The gate: `Err(why)` until `root` has been published for `publication_delay` at `now`; the
-/// refusal says what it waits for.
+/// Why a prepared root may not sign yet: it has not been on the bundle endpoint for
+/// `publication_delay` of the refresh hint. The message says what it waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error(
+    "it is on the bundle endpoint since {}; it may sign from {} ({} later: {PUBLISH_HINTS}x the refresh hint {}, as the SPIFFE federation spec advises, which covers a federated peer that polls every {} and retries a failed poll after {}, {} in all)",
+    rfc3339(*.since),
+    rfc3339(*.from),
+    fmt_duration(publication_delay(*.refresh_hint)),
+    fmt_duration(*.refresh_hint),
+    fmt_duration(poll_interval(Some(*.refresh_hint))),
+    fmt_duration(RETRY_AFTER_FAILURE),
+    fmt_duration(worst_case_fetch(*.refresh_hint)),
+)]
+pub struct Unpublished {
+    /// The prepared root.
+    pub root: String,
+    /// When it was prepared (and so published).
+    pub since: OffsetDateTime,
+    /// When it may sign.
+    pub from: OffsetDateTime,
+    /// The refresh hint we publish.
+    pub refresh_hint: Duration,
+}
+
+/// The gate: `Err` until `root` has been published for `publication_delay` at `now`.
 pub fn bundle_publication_gate(
     refresh_hint: Duration,
     now: OffsetDateTime,
-) -> impl Fn(&RootRecord) -> Result<(), String> {
+) -> impl Fn(&RootRecord) -> Result<(), Unpublished> {
     move |root| {
-        let at = publishable_at(root, refresh_hint);
-        if now >= at {
+        let from = publishable_at(root, refresh_hint);
+        if now >= from {
             return Ok(());
         }
-        Err(format!(
-            "it is on the bundle endpoint since {}; it may sign from {} ({} later: {}x the refresh hint {}, as the SPIFFE federation spec advises, which covers a federated peer that polls every {} and retries a failed poll after {}, {} in all)",
-            rfc3339(root.since.prepared.unwrap_or(root.created_at)),
-            rfc3339(at),
-            fmt_duration(publication_delay(refresh_hint)),
-            PUBLISH_HINTS,
-            fmt_duration(refresh_hint),
-            fmt_duration(poll_interval(Some(refresh_hint))),
-            fmt_duration(RETRY_AFTER_FAILURE),
-            fmt_duration(worst_case_fetch(refresh_hint)),
-        ))
+        Err(Unpublished {
+            root: root.id.clone(),
+            since: root.since.prepared.unwrap_or(root.created_at),
+            from,
+            refresh_hint,
+        })
     }
 }
 
@@ -84,7 +103,7 @@ mod tests {
         );
         let hint = Duration::from_secs(300);
         let early = bundle_publication_gate(hint, now + Duration::from_secs(899));
-        let why = early(&r).unwrap_err();
+        let why = early(&r).unwrap_err().to_string();
         assert!(
             why.contains("3x the refresh hint 5m")
                 && why.contains("polls every 75s and retries a failed poll after 1m"),

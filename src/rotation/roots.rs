@@ -6,15 +6,16 @@
 //! the old state or the new one (with its journal entry), and of two concurrent writers one
 //! wins and the other is told to re-run.
 //!
-//! `activate` takes a propagation gate: the server-side check (has every connected stream
-//! acknowledged a bundle holding the new root?) plugs in there; the local CLI passes `no_gate`,
-//! and `meshid root rotate --server` is the guided, gated path.
+//! `activate` takes the activation gate (`gate::ActivationGate::check`: published long enough
+//! for federated peers, acknowledged by every stream read); its refusal is carried typed in
+//! `RootError::ActivationHeld`, and `--force` records the activation as forced.
 
 use std::time::Duration;
 
 use thiserror::Error;
 use time::OffsetDateTime;
 
+use super::gate::GateRefusal;
 use crate::{
     ca::{root::NewCa, Authority, CaError, IssuancePolicy, SigningMaterial},
     clock::{rfc3339, ManualClock},
@@ -51,8 +52,10 @@ pub enum RootError {
     },
     #[error("--reason must be 1-{REASON_MAX} printable characters")]
     BadReason,
+    #[error("root {root} has not reached every peer yet: {why}; next: wait and re-run, or `meshid root activate {root} --force` (peers without it will refuse the new leaves)")]
+    ActivationHeld { root: String, why: Box<GateRefusal> },
     #[error("the resulting authority does not work, so nothing was written: {0}")]
-    AuthorityCheck(#[source] CaError),
+    AuthorityCheck(CaError),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -147,12 +150,12 @@ pub enum Candidate {
     Plugin(SigningMaterial),
 }
 
-/// The propagation gate of `activate`: `Err(why)` while the prepared root has not reached
-/// every peer.
-pub type Gate<'a> = &'a dyn Fn(&RootRecord) -> Result<(), String>;
+/// The activation gate of `activate` (`ActivationGate::check`): `Err` while the prepared root
+/// may not sign yet.
+pub type Gate<'a> = &'a dyn Fn(&RootRecord) -> Result<(), GateRefusal>;
 
-/// No propagation check (the local CLI; the server supplies a real one).
-pub fn no_gate(_: &RootRecord) -> Result<(), String> {
+/// No gate (a staged signer, which changes no bundle; tests).
+pub fn no_gate(_: &RootRecord) -> Result<(), GateRefusal> {
     Ok(())
 }
 
@@ -398,10 +401,10 @@ pub fn activate(
     let mut forced = false;
     if let Err(why) = gate(root) {
         if !force {
-            return Err(refused(
-                format!("root {} has not reached every peer yet: {why}", root.id),
-                format!("wait and re-run, or `meshid root activate {} --force` (peers without it will refuse the new leaves)", root.id),
-            ));
+            return Err(RootError::ActivationHeld {
+                root: root.id.clone(),
+                why: Box::new(why),
+            });
         }
         forced = true;
     }

@@ -1,6 +1,10 @@
+//! When a leaf is renewed (`[rotation]`): at a fraction of its lifetime with jitter, how failed
+//! renewals are retried, and how a signer change is spread.
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use time::OffsetDateTime;
 
 /// Refresh at half the lifetime (Istio's ratio).
@@ -42,25 +46,38 @@ impl Default for RefreshPolicy {
     }
 }
 
+/// Why a refresh policy is refused, naming the key.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum RefreshPolicyError {
+    #[error("ratio {ratio} ± jitter {jitter} must stay strictly between 0 and 1 of the lifetime")]
+    Fraction { ratio: f64, jitter: f64 },
+    #[error("retry_min must be at least 100ms and at most retry_max")]
+    RetryMin,
+    #[error("retry_max must be at most 1h")]
+    RetryMax,
+    #[error("signer_change_spread must be at most 1h")]
+    SignerChangeSpread,
+}
+
 impl RefreshPolicy {
     /// Checks 0 < ratio - jitter and ratio + jitter < 1, and the retry and spread bounds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RefreshPolicyError> {
         let ok =
             self.jitter >= 0.0 && self.ratio - self.jitter > 0.0 && self.ratio + self.jitter < 1.0;
         if !ok {
-            return Err(format!(
-                "ratio {} ± jitter {} must stay strictly between 0 and 1 of the lifetime",
-                self.ratio, self.jitter
-            ));
+            return Err(RefreshPolicyError::Fraction {
+                ratio: self.ratio,
+                jitter: self.jitter,
+            });
         }
         if self.retry_min < Duration::from_millis(100) || self.retry_min > self.retry_max {
-            return Err("retry_min must be at least 100ms and at most retry_max".into());
+            return Err(RefreshPolicyError::RetryMin);
         }
         if self.retry_max > Duration::from_secs(3600) {
-            return Err("retry_max must be at most 1h".into());
+            return Err(RefreshPolicyError::RetryMax);
         }
         if self.signer_change_spread > Duration::from_secs(3600) {
-            return Err("signer_change_spread must be at most 1h".into());
+            return Err(RefreshPolicyError::SignerChangeSpread);
         }
         Ok(())
     }
@@ -71,7 +88,7 @@ impl RefreshPolicy {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> OffsetDateTime {
-        self.refresh_at_with(not_before, not_after, super::renewer::unit_random())
+        self.refresh_at_with(not_before, not_after, crate::backoff::unit_random())
     }
 
     /// As `refresh_at`, with the random draw `unit` in [0, 1] given (0 → earliest, 1 → latest).
@@ -114,27 +131,62 @@ mod tests {
         }
     }
 
+    /// One row per rule, each refused by name.
     #[test]
     fn incoherent_policy_is_refused() {
-        assert!(RefreshPolicy {
-            ratio: 0.98,
-            jitter: 0.05,
-            ..Default::default()
+        let rows = [
+            (
+                "ratio + jitter reaches the end of the lifetime",
+                RefreshPolicy {
+                    ratio: 0.98,
+                    jitter: 0.05,
+                    ..Default::default()
+                },
+                RefreshPolicyError::Fraction {
+                    ratio: 0.98,
+                    jitter: 0.05,
+                },
+            ),
+            (
+                "negative jitter",
+                RefreshPolicy {
+                    ratio: 0.5,
+                    jitter: -0.1,
+                    ..Default::default()
+                },
+                RefreshPolicyError::Fraction {
+                    ratio: 0.5,
+                    jitter: -0.1,
+                },
+            ),
+            (
+                "no retry delay",
+                RefreshPolicy {
+                    retry_min: Duration::ZERO,
+                    ..Default::default()
+                },
+                RefreshPolicyError::RetryMin,
+            ),
+            (
+                "retries more than an hour apart",
+                RefreshPolicy {
+                    retry_max: Duration::from_secs(7200),
+                    ..Default::default()
+                },
+                RefreshPolicyError::RetryMax,
+            ),
+            (
+                "a spread over an hour",
+                RefreshPolicy {
+                    signer_change_spread: Duration::from_secs(7200),
+                    ..Default::default()
+                },
+                RefreshPolicyError::SignerChangeSpread,
+            ),
+        ];
+        for (rule, policy, want) in rows {
+            assert_eq!(policy.validate(), Err(want), "{rule}");
         }
-        .validate()
-        .is_err());
-        assert!(RefreshPolicy {
-            ratio: 0.5,
-            jitter: -0.1,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(RefreshPolicy {
-            retry_min: Duration::ZERO,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
+        assert_eq!(RefreshPolicy::default().validate(), Ok(()));
     }
 }

@@ -547,6 +547,7 @@ async fn a_prepared_root_reaches_a_peer_whose_poll_failed_before_the_gate_opens(
     assert!(publication_delay(hint) >= took);
     let why = rotation::bundle_publication_gate(hint, since + took)(&prepared)
         .expect_err("the gate is still closed when the peer has just got the root");
+    let why = why.to_string();
     assert!(
         why.contains("3x the refresh hint 1m")
             && why.contains("polls every 1m and retries a failed poll after 1m, 2m in all"),

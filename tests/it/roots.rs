@@ -22,7 +22,7 @@ use meshid::{
         cert, chain, root, Authority, CertDer, IssuancePolicy, KeyType, PrivateKey, SigningMaterial,
     },
     clock::SystemClock,
-    rotation::{self, Candidate, Ctx, RootError},
+    rotation::{self, Candidate, Ctx, GateRefusal, Lag, RootError, Waiting},
     state::{
         Actor, CaState, DirStore, Generation, IssuedIntermediate, JournalAction, RootState,
         StateError, StateStore, Versioned,
@@ -95,14 +95,24 @@ fn walk(now: OffsetDateTime) -> Walk {
     }
 }
 
+/// The activation gate's refusal while `have` of `streams` streams hold `root`.
+fn not_acknowledged(root: &meshid::state::RootRecord, have: usize, streams: usize) -> GateRefusal {
+    GateRefusal::NotPropagated(vec![Lag::RootNotAcknowledged {
+        replica: "meshid-0".into(),
+        root: root.id.clone(),
+        have,
+        streams,
+        waiting: Waiting::default(),
+    }])
+}
+
 #[test]
 fn refusals_name_the_next_step() {
     let now = t0();
     let Walk { states: s, a, b } = walk(now);
     let c = ctx(now);
     let later = ctx(now + Duration::from_secs(3600));
-    let gate =
-        |_: &meshid::state::RootRecord| Err("2 of 5 streams have not acknowledged it".into());
+    let gate = |r: &meshid::state::RootRecord| Err(not_acknowledged(r, 2, 5));
     let rows: Vec<(&str, String, Vec<String>)> = vec![
         (
             "prepare: at most one prepared root",
@@ -144,7 +154,7 @@ fn refusals_name_the_next_step() {
             "activate: propagation gate refuses",
             err_text(rotation::activate(&s[1], &b, false, &gate, &c)),
             vec![
-                "has not reached every peer yet: 2 of 5 streams have not acknowledged it".into(),
+                format!("has not reached every peer yet: 2 of 5 streams on meshid-0 have acknowledged a bundle with root {b}"),
                 format!("`meshid root activate {b} --force`"),
             ],
         ),
@@ -228,7 +238,7 @@ fn refusals_name_the_next_step() {
 fn forced_and_safe_transitions_are_journaled() {
     let now = t0();
     let Walk { states: s, a, b } = walk(now);
-    let gate = |_: &meshid::state::RootRecord| Err("not yet".into());
+    let gate = |r: &meshid::state::RootRecord| Err(not_acknowledged(r, 0, 1));
     let forced = rotation::activate(&s[1], &b, true, &gate, &ctx(now))
         .unwrap()
         .state;

@@ -309,7 +309,7 @@ async fn the_status_endpoint_counts_acked_bundles_and_signers() {
         st.counts.laggards[0].peer,
         "spiffe://cluster.local/ns/shop/sa/behind"
     );
-    let why = st.root_propagated(&new).unwrap_err();
+    let why = st.root_propagated(&new).unwrap_err().to_string();
     assert!(
         why.contains("1 of 2")
             && why.contains("sa/behind")
@@ -921,7 +921,9 @@ async fn every_replica_given_must_have_propagated() {
         rotation::check_servers(&h1, |s| s.root_propagated(&new)).is_ok()
     })
     .await;
-    let why = rotation::check_servers(&both, |s| s.root_propagated(&new)).unwrap_err();
+    let why = rotation::check_servers(&both, |s| s.root_propagated(&new))
+        .unwrap_err()
+        .to_string();
     assert!(why.contains("sa/stuck-on-two"), "{why}");
     let refused = rotation::apply(&st, &ctx, |s, c| {
         rotation::activate(
@@ -933,7 +935,11 @@ async fn every_replica_given_must_have_propagated() {
         )
     });
     assert!(
-        matches!(refused, Err(rotation::RootError::Refused { .. })),
+        matches!(
+            &refused,
+            Err(rotation::RootError::ActivationHeld { root, why })
+                if *root == new && matches!(**why, rotation::GateRefusal::NotPropagated(_))
+        ),
         "{refused:?}"
     );
     drop(stuck);
