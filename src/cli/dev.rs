@@ -64,8 +64,7 @@ impl DevCommand {
     pub(super) fn run(self) -> anyhow::Result<ExitCode> {
         match self {
             Self::Issuer(IssuerCommand::Init(a)) => {
-                let issuer = DevIssuer::init(&a.dir, &a.issuer, a.key.as_deref())
-                    .map_err(anyhow::Error::msg)?;
+                let issuer = DevIssuer::init(&a.dir, &a.issuer, a.key.as_deref())?;
                 println!(
                     "created issuer {} (kid {}) in {}",
                     issuer.issuer(),
@@ -76,7 +75,6 @@ impl DevCommand {
             }
             Self::Token(a) => {
                 let issuer = DevIssuer::load(&a.issuer_dir)
-                    .map_err(anyhow::Error::msg)
                     .with_context(|| format!("loading the issuer in {}", a.issuer_dir.display()))?;
                 let req = TokenRequest {
                     namespace: a.namespace,

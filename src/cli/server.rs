@@ -204,7 +204,6 @@ impl ServerArgs {
         };
         let cluster = if let Some(dir) = &self.dev_issuer_dir {
             let issuer = DevIssuer::load(dir)
-                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("--dev-issuer-dir {}", dir.display()))?;
             let jwks = config::Jwks {
                 issuer: issuer.issuer().into(),

@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use time::OffsetDateTime;
 
 use super::{
@@ -37,6 +38,42 @@ pub struct TokenRequest {
     pub pod: Option<(String, String)>,
 }
 
+/// Why a dev issuer could not be created or loaded.
+#[derive(Debug, Error)]
+pub enum DevIssuerError {
+    #[error("{} already holds an issuer; refusing to overwrite it", .0.display())]
+    Exists(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: crate::state::StateError,
+    },
+    #[error("{}: not an issuer description: {source}", path.display())]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("{0}")]
+    Key(#[from] crate::ca::CaError),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, DevIssuerError> {
+    std::fs::read(path).map_err(|source| DevIssuerError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// The issuer: key, key id and issuer URL.
 pub struct DevIssuer {
     key: PrivateKey,
@@ -49,31 +86,28 @@ pub struct DevIssuer {
 impl DevIssuer {
     /// Creates `dir` with `key.pem` (0600), `jwks.json` and `issuer.json`. With `key`, imports
     /// that PEM key (RSA or ECDSA, e.g. a cluster's `sa.key`) instead of generating ECDSA P-256.
-    pub fn init(dir: &Path, issuer: &str, key: Option<&Path>) -> Result<Self, String> {
+    pub fn init(dir: &Path, issuer: &str, key: Option<&Path>) -> Result<Self, DevIssuerError> {
         if dir.join("issuer.json").exists() {
-            return Err(format!(
-                "{} already holds an issuer; refusing to overwrite it",
-                dir.display()
-            ));
+            return Err(DevIssuerError::Exists(dir.to_owned()));
         }
         let key = match key {
-            Some(p) => {
-                let pem = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
-                PrivateKey::from_pem(&pem, &p.display().to_string()).map_err(|e| e.to_string())?
-            }
-            None => PrivateKey::generate(KeyType::EcdsaP256).map_err(|e| e.to_string())?,
+            Some(p) => PrivateKey::from_pem(&read(p)?, &p.display().to_string())?,
+            None => PrivateKey::generate(KeyType::EcdsaP256)?,
         };
         let kid = jwt::kubernetes_kid(&key);
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let jwks =
-            serde_json::to_vec_pretty(&JwkSet::for_key(&key, &kid)).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(|source| DevIssuerError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let jwks = serde_json::to_vec_pretty(&JwkSet::for_key(&key, &kid))?;
         let meta = serde_json::to_vec_pretty(&IssuerMeta {
             issuer: issuer.into(),
             kid: kid.clone(),
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         let write = |name: &str, bytes: &[u8], mode| {
-            write_file_atomic(&dir.join(name), bytes, mode).map_err(|e| e.to_string())
+            let path = dir.join(name);
+            write_file_atomic(&path, bytes, mode)
+                .map_err(|source| DevIssuerError::Write { path, source })
         };
         write("key.pem", key.secret_pkcs8_pem().as_bytes(), 0o600)?;
         write("jwks.json", &jwks, 0o644)?;
@@ -86,14 +120,14 @@ impl DevIssuer {
     }
 
     /// Loads an issuer made by `init`.
-    pub fn load(dir: &Path) -> Result<Self, String> {
-        let read = |n: &str| {
-            std::fs::read(dir.join(n))
-                .map_err(|e| format!("reading {}: {e}", dir.join(n).display()))
-        };
-        let meta: IssuerMeta = serde_json::from_slice(&read("issuer.json")?)
-            .map_err(|e| format!("issuer.json: {e}"))?;
-        let key = PrivateKey::from_pem(&read("key.pem")?, "key.pem").map_err(|e| e.to_string())?;
+    pub fn load(dir: &Path) -> Result<Self, DevIssuerError> {
+        let meta_path = dir.join("issuer.json");
+        let meta: IssuerMeta =
+            serde_json::from_slice(&read(&meta_path)?).map_err(|source| DevIssuerError::Meta {
+                path: meta_path.clone(),
+                source,
+            })?;
+        let key = PrivateKey::from_pem(&read(&dir.join("key.pem"))?, "key.pem")?;
         Ok(Self {
             key,
             kid: meta.kid,

@@ -2,13 +2,15 @@
 
 use std::sync::Arc;
 
+use thiserror::Error;
+
 use super::ServerError;
 use crate::{
     clock::Clock,
     config::Config,
     identity::{
-        CacheConfig, CachingValidator, ClusterId, ClusterRouter, JwksSource, JwksValidator,
-        JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
+        CacheConfig, CachingValidator, ClusterId, ClusterRouter, IdentityError, JwksSource,
+        JwksValidator, JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
     },
     spiffe::TrustDomain,
 };
@@ -23,9 +25,9 @@ pub(super) async fn build_router(
     for c in &cfg.clusters {
         let v = validator_for(c, td, clock)
             .await
-            .map_err(|why| ServerError::Identity {
+            .map_err(|source| ServerError::Identity {
                 cluster: c.name.clone(),
-                why,
+                source,
             })?;
         clusters.push((ClusterId(c.name.clone()), v));
     }
@@ -40,28 +42,67 @@ pub(super) async fn build_router(
     Ok(router)
 }
 
+/// Why no Kubernetes client could be built.
+#[derive(Debug, Error)]
+pub enum KubeClientError {
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no in-cluster or KUBECONFIG configuration: {0}")]
+    Infer(#[source] kube::Error),
+    #[error("{0}")]
+    Client(#[from] kube::Error),
+}
+
 /// A kube client from a kubeconfig file, or in-cluster/`KUBECONFIG` configuration.
-pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, KubeClientError> {
     match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let bad = |source| KubeClientError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
             let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .map_err(|e| e.to_string())?;
-            kube::Client::try_from(config).map_err(|e| e.to_string())
+                .map_err(bad)?;
+            Ok(kube::Client::try_from(config)?)
         }
         None => kube::Client::try_default()
             .await
-            .map_err(|e| format!("no in-cluster or KUBECONFIG configuration: {e}")),
+            .map_err(KubeClientError::Infer),
     }
+}
+
+/// Why a cluster's token validator could not be built.
+#[derive(Debug, Error)]
+pub enum ValidatorError {
+    #[error(transparent)]
+    KubeClient(#[from] KubeClientError),
+    #[error("set [tokenreview] or [jwks]")]
+    NoBackend,
+    #[error("set one of file, url, oidc_issuer or api_server")]
+    NoJwksSource,
+    #[error("ca_file {}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 async fn validator_for(
     c: &crate::identity::config::Cluster,
     td: &TrustDomain,
     clock: &Arc<dyn Clock>,
-) -> Result<Arc<dyn TokenValidator>, String> {
+) -> Result<Arc<dyn TokenValidator>, ValidatorError> {
     let cache = CacheConfig {
         ttl: c.cache_ttl,
         max_entries: c.cache_max_entries,
@@ -82,23 +123,25 @@ async fn validator_for(
         let v = TokenReviewValidator::new(client, rc, clock.clone());
         return Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())));
     }
-    let j = c.jwks.as_ref().ok_or("set [tokenreview] or [jwks]")?;
+    let j = c.jwks.as_ref().ok_or(ValidatorError::NoBackend)?;
     let mut jc = JwtConfig::new(id, td.clone(), Some(j.issuer.clone()));
     jc.issuers.extend(j.additional_issuers.iter().cloned());
     jc.audiences = c.audiences.clone();
     jc.allow_legacy_tokens = c.allow_legacy_tokens;
     jc.leeway = c.leeway;
     if let Some(ca) = &j.ca_file {
-        jc.extra_ca_pem =
-            Some(std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?);
+        jc.extra_ca_pem = Some(std::fs::read(ca).map_err(|source| ValidatorError::CaFile {
+            path: ca.clone(),
+            source,
+        })?);
     }
     let source = match (&j.file, &j.url, &j.oidc_issuer, &j.api_server) {
         (Some(f), ..) => JwksSource::File(f.clone()),
         (_, Some(u), ..) => JwksSource::Url(u.clone()),
         (_, _, Some(i), _) => JwksSource::Discovery(i.clone()),
         (.., Some(a)) => JwksSource::ApiServer(kube_client(a.kubeconfig.as_deref()).await?),
-        _ => return Err("set one of file, url, oidc_issuer or api_server".into()),
+        _ => return Err(ValidatorError::NoJwksSource),
     };
-    let v = JwksValidator::new(jc, source, clock.clone()).map_err(|e| e.to_string())?;
+    let v = JwksValidator::new(jc, source, clock.clone())?;
     Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())))
 }

@@ -13,7 +13,7 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 use thiserror::Error;
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use identity::kube_client;
+pub use identity::{kube_client, KubeClientError, ValidatorError};
 
 use crate::{
     api::{lifetime::StreamLimits, Authenticator, CsrService, SdsService},
@@ -37,8 +37,12 @@ pub enum ServerError {
     Config(Vec<String>),
     #[error("loading the CA: {0}")]
     Ca(#[from] LiveCaError),
-    #[error("identity backend for cluster {cluster}: {why}")]
-    Identity { cluster: String, why: String },
+    #[error("identity backend for cluster {cluster}: {source}")]
+    Identity {
+        cluster: String,
+        #[source]
+        source: identity::ValidatorError,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -152,7 +152,7 @@ impl PeerClient {
         clock: Arc<dyn Clock>,
         status: FederationStatus,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, WebRootsError> {
         let web_roots = match cfg.profile {
             EndpointProfile::HttpsWeb => Some(Arc::new(web_roots(&cfg)?)),
             EndpointProfile::HttpsSpiffe => None,
@@ -376,7 +376,7 @@ pub async fn fetch_web(cfg: &PeerConfig) -> Result<Vec<u8>, FederationError> {
         url: cfg.url.clone(),
         why,
     };
-    let roots = web_roots(cfg).map_err(fail)?;
+    let roots = web_roots(cfg).map_err(|e| fail(e.to_string()))?;
     let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| fail(e.to_string()))?
@@ -387,13 +387,43 @@ pub async fn fetch_web(cfg: &PeerConfig) -> Result<Vec<u8>, FederationError> {
         .map_err(|_| fail(format!("no answer within {}s", FETCH_TIMEOUT.as_secs())))?
 }
 
-fn web_roots(cfg: &PeerConfig) -> Result<rustls::RootCertStore, String> {
+/// Why an https_web peer's CA certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum WebRootsError {
+    #[error("federation peer {trust_domain}: ca_file {}: {source}", path.display())]
+    Read {
+        trust_domain: TrustDomain,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("federation peer {trust_domain}: {source}")]
+    Pem {
+        trust_domain: TrustDomain,
+        #[source]
+        source: Box<crate::ca::CaError>,
+    },
+    #[error("federation peer {0}: no CA certificate to validate its https_web endpoint")]
+    Empty(TrustDomain),
+}
+
+fn web_roots(cfg: &PeerConfig) -> Result<rustls::RootCertStore, WebRootsError> {
+    let td = || cfg.trust_domain.clone();
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let certs = cert::certs_from_pem(&pem, &path.display().to_string())
-                .map_err(|e| e.to_string())?;
+            let pem = std::fs::read(path).map_err(|source| WebRootsError::Read {
+                trust_domain: td(),
+                path: path.clone(),
+                source,
+            })?;
+            let certs =
+                cert::certs_from_pem(&pem, &path.display().to_string()).map_err(|source| {
+                    WebRootsError::Pem {
+                        trust_domain: td(),
+                        source: Box::new(source),
+                    }
+                })?;
             roots.add_parsable_certificates(certs);
         }
         None => {
@@ -401,10 +431,7 @@ fn web_roots(cfg: &PeerConfig) -> Result<rustls::RootCertStore, String> {
         }
     }
     if roots.is_empty() {
-        return Err(format!(
-            "federation peer {}: no CA certificate to validate its https_web endpoint",
-            cfg.trust_domain
-        ));
+        return Err(WebRootsError::Empty(td()));
     }
     Ok(roots)
 }

@@ -107,7 +107,7 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
             status.clone(),
             i.metrics.clone(),
         )
-        .map_err(|why| vec![why])?;
+        .map_err(|why| vec![why.to_string()])?;
         refresh.insert(peer.trust_domain.clone(), client.refresh_handle());
         tasks.push(tokio::spawn(client.run(i.stop.clone())));
     }
