@@ -869,17 +869,22 @@ fn header(head: &str, name: &str) -> Option<String> {
     })
 }
 
-/// Whether a TLS handshake with `addr` trusting only `ca` completes.
-async fn handshake_trusting(addr: SocketAddr, ca: &std::path::Path) -> Result<(), std::io::Error> {
+/// A TLS client trusting only the CA certificates in `ca`.
+fn client_trusting(ca: &std::path::Path) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(
         cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap(),
     );
-    let cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+/// Whether a TLS handshake with `addr` trusting only `ca` completes.
+async fn handshake_trusting(addr: SocketAddr, ca: &std::path::Path) -> Result<(), std::io::Error> {
+    let cfg = client_trusting(ca);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
@@ -893,15 +898,7 @@ pub(crate) async fn raw_request(
     ca: &std::path::Path,
     req: &str,
 ) -> (String, Vec<u8>, CertDer) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(
-        cert::certs_from_pem(&std::fs::read(ca).unwrap(), "ca").unwrap(),
-    );
-    let cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = client_trusting(ca);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)

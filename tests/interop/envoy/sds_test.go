@@ -8,7 +8,6 @@ package envoy
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"testing"
 	"time"
 
@@ -22,29 +21,11 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"meshid.dev/interop/internal/meshidproc"
+	"meshid.dev/interop/internal/testca"
 	"meshid.dev/interop/internal/xdsclient"
 )
 
 var node = &corev3.Node{Id: "sidecar~127.0.0.1~product-7d4b9.shop~shop.svc.cluster.local", Cluster: "product.shop"}
-
-func sameCerts(a, b []*x509.Certificate) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	seen := map[string]int{}
-	for _, c := range a {
-		seen[string(c.Raw)]++
-	}
-	for _, c := range b {
-		seen[string(c.Raw)]--
-	}
-	for _, n := range seen {
-		if n != 0 {
-			return false
-		}
-	}
-	return true
-}
 
 // TestSDSStateOfTheWorldDecodesWithEnvoyProtosAndFollowsACKNACK: StreamSecrets for `default`,
 // `ROOTCA`, `ALL` and `spiffe://mesh.test`, as Envoy subscribes (type URL of
@@ -121,12 +102,12 @@ func TestSDSStateOfTheWorldDecodesWithEnvoyProtosAndFollowsACKNACK(t *testing.T)
 	roots := ca.Roots()
 	for _, n := range []string{"ROOTCA", "spiffe://mesh.test"} {
 		got, err := xdsclient.TrustedCA(held[n])
-		if err != nil || !sameCerts(got, roots) {
+		if err != nil || !testca.SameCerts(got, roots) {
 			t.Fatalf("%s: trusted_ca %d certs (%v), want the CA's %d roots", n, len(got), err, len(roots))
 		}
 	}
 	all, err := xdsclient.SpiffeValidator(held["ALL"])
-	if err != nil || !sameCerts(all["mesh.test"], roots) {
+	if err != nil || !testca.SameCerts(all["mesh.test"], roots) {
 		t.Fatalf("ALL: %v, trust domains %v", err, all)
 	}
 
@@ -151,7 +132,7 @@ func TestSDSStateOfTheWorldDecodesWithEnvoyProtosAndFollowsACKNACK(t *testing.T)
 	if after.GetVersionInfo() == resp.GetVersionInfo() {
 		t.Fatalf("after a NACK, meshid re-sent version %q", after.GetVersionInfo())
 	}
-	if got, err := xdsclient.TrustedCA(secs["ROOTCA"]); err != nil || !sameCerts(got, roots) {
+	if got, err := xdsclient.TrustedCA(secs["ROOTCA"]); err != nil || !testca.SameCerts(got, roots) {
 		t.Fatalf("ROOTCA after the prepared root was withdrawn: %d roots (%v), want the original", len(got), err)
 	}
 }
@@ -251,7 +232,7 @@ func TestFetchSecretsUnaryReturnsROOTCA(t *testing.T) {
 	if err != nil || len(secs) != 1 {
 		t.Fatalf("FetchSecrets: %d secrets, %v", len(secs), err)
 	}
-	if got, err := xdsclient.TrustedCA(secs[0]); err != nil || !sameCerts(got, ca.Roots()) {
+	if got, err := xdsclient.TrustedCA(secs[0]); err != nil || !testca.SameCerts(got, ca.Roots()) {
 		t.Fatalf("ROOTCA: %v", err)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"meshid.dev/interop/internal/meshidproc"
+	"meshid.dev/interop/internal/testca"
 	"meshid.dev/interop/internal/xdsclient"
 )
 
@@ -210,7 +211,7 @@ func TestPilotAgentGetsItsWorkloadCertificateFromMeshid(t *testing.T) {
 		t.Fatalf("the agent's certificate does not verify against meshid's root: %v", err)
 	}
 	got, err := xdsclient.TrustedCA(secrets["ROOTCA"])
-	if err != nil || !sameCerts(got, roots) {
+	if err != nil || !testca.SameCerts(got, roots) {
 		t.Fatalf("the agent's ROOTCA (%d certs, %v) is not meshid's roots", len(got), err)
 	}
 	// meshid counted the agent's CSR.

@@ -25,6 +25,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"meshid.dev/interop/internal/meshidproc"
+	"meshid.dev/interop/internal/testca"
 	"meshid.dev/interop/internal/xdsclient"
 )
 
@@ -116,7 +117,7 @@ func checkIstioChain(t *testing.T, chain []string, wantID string, wantRoots []*x
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !sameCerts(roots, wantRoots) {
+	if !testca.SameCerts(roots, wantRoots) {
 		t.Fatalf("last element holds %d certificates; want meshid's %d trusted roots (istio-agent's root-cert.pem)", len(roots), len(wantRoots))
 	}
 	nonRoot := len(chain) - 1
@@ -175,7 +176,7 @@ func TestCreateCertificateAsIstioAgentSendsItReturnsLeafFirstRootLast(t *testing
 		sds := xdsclient.OpenSDS(t, xdsclient.Dial(t, srv, token), "ROOTCA")
 		sds.WaitFor("both roots", func(s map[string]*tlsv3.Secret) bool {
 			roots, err := xdsclient.TrustedCA(s["ROOTCA"])
-			return err == nil && sameCerts(roots, want)
+			return err == nil && testca.SameCerts(roots, want)
 		})
 		resp := createCertificate(t, srv, token, istioCSR(t, id, true), 3600)
 		checkIstioChain(t, resp.GetCertChain(), id, want)
@@ -189,23 +190,4 @@ func TestCreateCertificateAsIstioAgentSendsItReturnsLeafFirstRootLast(t *testing
 			t.Fatalf("ClusterID elsewhere: %v, want UNAUTHENTICATED (fail closed)", err)
 		}
 	})
-}
-
-func sameCerts(a, b []*x509.Certificate) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	seen := map[string]int{}
-	for _, c := range a {
-		seen[string(c.Raw)]++
-	}
-	for _, c := range b {
-		seen[string(c.Raw)]--
-	}
-	for _, n := range seen {
-		if n != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
@@ -96,7 +95,7 @@ func TestSpiffebundleParseAndReadAcceptMeshidExportAndEndpointBody(t *testing.T)
 		if !parsed.Equal(read) {
 			t.Fatalf("%s: spiffebundle.Parse and Read disagree", src.name)
 		}
-		if !sameCerts(parsed.X509Authorities(), wantRoots) {
+		if !testca.SameCerts(parsed.X509Authorities(), wantRoots) {
 			t.Fatalf("%s: x509 authorities %v, want meshid's roots %v", src.name, subjects(parsed.X509Authorities()), subjects(wantRoots))
 		}
 		if hint, ok := parsed.RefreshHint(); !ok || hint != 90*time.Second {
@@ -141,7 +140,7 @@ func TestFederationFetchBundleFetchesMeshidEndpointInBothProfiles(t *testing.T) 
 			if err != nil {
 				t.Fatalf("federation.FetchBundle (%s): %v", p.profile, err)
 			}
-			if !sameCerts(b.X509Authorities(), wantRoots) {
+			if !testca.SameCerts(b.X509Authorities(), wantRoots) {
 				t.Fatalf("fetched authorities %v, want %v", subjects(b.X509Authorities()), subjects(wantRoots))
 			}
 			if hint, ok := b.RefreshHint(); !ok || hint != time.Minute {
@@ -160,18 +159,6 @@ func TestFederationFetchBundleFetchesMeshidEndpointInBothProfiles(t *testing.T) 
 			t.Fatal("federation.FetchBundle accepted meshid's endpoint for another SPIFFE ID")
 		}
 	})
-}
-
-func sameCerts(a, b []*x509.Certificate) bool {
-	key := func(cs []*x509.Certificate) []string {
-		var out []string
-		for _, c := range cs {
-			out = append(out, string(c.Raw))
-		}
-		slices.Sort(out)
-		return out
-	}
-	return slices.Equal(key(a), key(b))
 }
 
 func subjects(cs []*x509.Certificate) []string {

@@ -179,7 +179,7 @@ endpoint_spiffe_id = %q
 				if err != nil {
 					t.Fatalf("spiffe://%s: %v", td, err)
 				}
-				if !sameCerts(got, roots) || !sameCerts(all[td], roots) {
+				if !testca.SameCerts(got, roots) || !testca.SameCerts(all[td], roots) {
 					return false
 				}
 			}

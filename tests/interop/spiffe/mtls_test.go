@@ -20,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"meshid.dev/interop/internal/meshidproc"
+	"meshid.dev/interop/internal/testca"
 	"meshid.dev/interop/internal/xdsclient"
 )
 
@@ -142,7 +143,7 @@ func signedBy(s *x509svid.SVID, root *x509.Certificate) bool {
 }
 
 func holdsExactly(b *x509bundle.Bundle, roots ...*x509.Certificate) bool {
-	return b != nil && sameCerts(b.X509Authorities(), roots)
+	return b != nil && testca.SameCerts(b.X509Authorities(), roots)
 }
 
 // echoServer accepts mTLS connections with go-spiffe's MTLSServerConfig, authorizing only

@@ -31,6 +31,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"meshid.dev/interop/internal/meshidproc"
+	"meshid.dev/interop/internal/testca"
 	"meshid.dev/interop/internal/xdsclient"
 )
 
@@ -248,25 +249,6 @@ func tail(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-func sameCerts(a, b []*x509.Certificate) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	seen := map[string]int{}
-	for _, c := range a {
-		seen[string(c.Raw)]++
-	}
-	for _, c := range b {
-		seen[string(c.Raw)]--
-	}
-	for _, n := range seen {
-		if n != 0 {
-			return false
-		}
-	}
-	return true
-}
-
 // minted is an X509-SVID minted by SPIRE (`spire-server x509 mint -write DIR`).
 func (s *spireServer) mint(id string) *x509svid.SVID {
 	s.t.Helper()
@@ -358,7 +340,7 @@ endpoint_spiffe_id = %q
 			if err != nil {
 				t.Fatal(err)
 			}
-			return sameCerts(got, want) && sameCerts(all[spireTD], want)
+			return testca.SameCerts(got, want) && testca.SameCerts(all[spireTD], want)
 		}
 	}
 	sds.WaitFor("SPIRE's bundle", holdsSpire(spireRoots()))
@@ -389,7 +371,7 @@ endpoint_spiffe_id = %q
 		return svid
 	}
 	mark := spire.waitLog("SPIRE's own fetch of mesh.test from meshid's endpoint", isMeshRefresh)
-	if !sameCerts(spire.meshBundleInSpire().X509Authorities(), ca.Roots()) {
+	if !testca.SameCerts(spire.meshBundleInSpire().X509Authorities(), ca.Roots()) {
 		t.Fatal("SPIRE's bundle for mesh.test differs from meshid's roots")
 	}
 	if hint, ok := spire.meshBundleInSpire().RefreshHint(); !ok || hint != time.Minute {
@@ -408,7 +390,7 @@ endpoint_spiffe_id = %q
 	start := time.Now()
 	ca.Run("root", "prepare", "--state-dir", ca.StateDir, "--reason", "interop")
 	meshRoots := ca.Roots()
-	for !sameCerts(spire.meshBundleInSpire().X509Authorities(), meshRoots) {
+	for !testca.SameCerts(spire.meshBundleInSpire().X509Authorities(), meshRoots) {
 		mark = spire.waitLogAfter(mark, "a refresh of mesh.test carrying the prepared root", isMeshRefresh)
 	}
 	if took := time.Since(start); took > time.Minute {

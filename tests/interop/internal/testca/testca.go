@@ -130,3 +130,23 @@ func WriteKeyPair(t testing.TB, c tls.Certificate, certPath, keyPath string) {
 		t.Fatal(err)
 	}
 }
+
+// SameCerts reports whether a and b hold the same certificates, in any order.
+func SameCerts(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[string]int{}
+	for _, c := range a {
+		seen[string(c.Raw)]++
+	}
+	for _, c := range b {
+		seen[string(c.Raw)]--
+	}
+	for _, n := range seen {
+		if n != 0 {
+			return false
+		}
+	}
+	return true
+}
