@@ -1,14 +1,8 @@
-//! A small HTTPS GET client (hyper + rustls over ring) for OIDC discovery and JWKS fetches.
+//! HTTPS GETs for OIDC discovery and JWKS fetches: the one HTTP client (`crate::http_client`)
+//! with the system roots plus optional extra CAs.
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 
 use super::IdentityError;
@@ -19,7 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Fetches small documents over HTTPS, trusting the system roots plus optional extra CAs.
 #[derive(Clone)]
 pub(crate) struct HttpsGetter {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl HttpsGetter {
@@ -42,37 +36,18 @@ impl HttpsGetter {
         .map_err(|e| bad(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let conn = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .build();
-        Ok(Self {
-            client: Client::builder(TokioExecutor::new()).build(conn),
-        })
+        Ok(Self { tls: Arc::new(tls) })
     }
 
     /// GETs `url`, requiring a 200 and a body under 1 MiB, within 10 s.
     pub(crate) async fn get(&self, url: &str) -> Result<Vec<u8>, IdentityError> {
-        let bad = |e: String| IdentityError::JwksUnavailable(format!("GET {url}: {e}"));
-        let uri: hyper::Uri = url.parse().map_err(|e| bad(format!("bad URL ({e})")))?;
-        let fut = async {
-            let resp = self
-                .client
-                .get(uri)
-                .await
-                .map_err(|e| bad(format!("{e:#}")))?;
-            if resp.status() != hyper::StatusCode::OK {
-                return Err(bad(format!("HTTP {}", resp.status())));
-            }
-            let body = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| bad(format!("reading body: {e}")))?;
-            Ok(body.to_bytes().to_vec())
-        };
-        tokio::time::timeout(TIMEOUT, fut)
+        crate::http_client::Get::new(url)
+            .tls(self.tls.clone())
+            .timeout(TIMEOUT)
+            .max_body(MAX_BODY)
+            .send()
             .await
-            .map_err(|_| bad(format!("timed out after {}s", TIMEOUT.as_secs())))?
+            .map(|body| body.to_vec())
+            .map_err(|e| IdentityError::JwksUnavailable(e.to_string()))
     }
 }

@@ -13,7 +13,6 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::{BodyExt, Limited};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
@@ -438,56 +437,30 @@ fn web_roots(cfg: &PeerConfig) -> Result<rustls::RootCertStore, WebRootsError> {
 
 /// GET `url` over TLS with `tls`, HTTP/1.1; the body of a 200.
 async fn fetch(url: &str, tls: rustls::ClientConfig) -> Result<Vec<u8>, FederationError> {
-    let fail = |why: String| FederationError::Fetch {
-        url: url.to_owned(),
-        why,
-    };
-    let uri: hyper::Uri = url.parse().map_err(|e| fail(format!("bad URL ({e})")))?;
-    let host = uri.host().ok_or_else(|| fail("URL has no host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(443);
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+    use crate::http_client::{Get, HttpError};
+    let body = Get::new(url)
+        .tls(Arc::new(tls))
+        .timeout(FETCH_TIMEOUT)
+        .max_body(MAX_BUNDLE_BYTES)
+        .send()
         .await
-        .map_err(|e| fail(e.to_string()))?;
-    let name = rustls_pki_types::ServerName::try_from(host.clone())
-        .map_err(|e| fail(format!("bad server name ({e})")))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| fail(format!("TLS: {e}")))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-    let conn = tokio::spawn(conn);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let req = hyper::Request::get(path)
-        .header(
-            hyper::header::HOST,
-            uri.authority().map_or(host.clone(), |a| a.to_string()),
-        )
-        .header(hyper::header::ACCEPT, "application/json")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| fail(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    if resp.status() != hyper::StatusCode::OK {
-        conn.abort();
-        return Err(FederationError::HttpStatus {
-            url: url.to_owned(),
-            status: resp.status().as_u16(),
-        });
-    }
-    let body = Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| fail(format!("reading the body: {e}")))?
-        .to_bytes();
-    conn.abort();
+        .map_err(|e| match e {
+            HttpError::Status { status, .. } => FederationError::HttpStatus {
+                url: url.to_owned(),
+                status,
+            },
+            HttpError::TimedOut { after, .. } => FederationError::Fetch {
+                url: url.to_owned(),
+                why: format!("no answer within {}s", after.as_secs()),
+            },
+            HttpError::Connect { source, .. } => FederationError::Fetch {
+                url: url.to_owned(),
+                why: source.to_string(),
+            },
+            other => FederationError::Fetch {
+                url: url.to_owned(),
+                why: other.to_string(),
+            },
+        })?;
     Ok(body.to_vec())
 }
