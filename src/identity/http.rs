@@ -41,13 +41,19 @@ impl HttpsGetter {
 
     /// GETs `url`, requiring a 200 and a body under 1 MiB, within 10 s.
     pub(crate) async fn get(&self, url: &str) -> Result<Vec<u8>, IdentityError> {
-        crate::http_client::Get::new(url)
-            .tls(self.tls.clone())
-            .timeout(TIMEOUT)
-            .max_body(MAX_BODY)
-            .send()
-            .await
-            .map(|body| body.to_vec())
-            .map_err(|e| IdentityError::JwksUnavailable(e.to_string()))
+        // No media type is asked for: kube-apiserver answers `/openid/v1/jwks` as
+        // `application/jwk-set+json` and refuses `Accept: application/json` with 406; go-oidc's
+        // `RemoteKeySet` (what Istio uses) sends no Accept header either.
+        crate::http_client::Get {
+            accept: "*/*",
+            ..crate::http_client::Get::new(url)
+        }
+        .tls(self.tls.clone())
+        .timeout(TIMEOUT)
+        .max_body(MAX_BODY)
+        .send()
+        .await
+        .map(|body| body.to_vec())
+        .map_err(|e| IdentityError::JwksUnavailable(e.to_string()))
     }
 }
