@@ -10,13 +10,36 @@
 #                                 Envoy protos, and istiod's own auto-mTLS decisions (tests/interop/)
 #
 # Needs: a Rust toolchain, Go >= 1.26 with the module proxy, gcc (SPIRE's SQLite is cgo), openssl,
-# kubectl and setpriv. A part whose tools are missing fails and says which; nothing is skipped.
+# kubectl, setpriv and unshare (util-linux), and root for the interop part. What is missing is
+# listed before anything runs, and the run fails; nothing is skipped.
 # Run one part with `tools/test.sh rust|kube|interop`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(rust kube interop)
+
+# Everything the parts need, checked before any of them runs (a fresh machine learns it all at
+# once, not after the first part's build). .ci/run installs the Debian packages.
+declare -a missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 ($2)"); }
+for part in "${parts[@]}"; do
+  case "$part" in
+    rust) need cargo "a Rust toolchain: rustup"; need openssl "apt-get install openssl" ;;
+    kube)
+      need go "Go >= 1.26: https://go.dev/dl"; need kubectl "apt-get install kubectl"
+      need setpriv "apt-get install util-linux" ;;
+    interop)
+      need go "Go >= 1.26: https://go.dev/dl"; need gcc "apt-get install gcc (SPIRE's SQLite is cgo)"
+      need unshare "apt-get install util-linux"
+      [ "$(id -u)" = 0 ] || missing+=("root (pilot-agent runs in a network namespace of its own: unshare --net)") ;;
+  esac
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: missing before any test runs:" >&2
+  printf '  - %s\n' "${missing[@]}" | sort -u >&2
+  exit 1
+fi
 
 declare -a summary=()
 status=0
