@@ -16,14 +16,25 @@ const UNITS: &[(&str, u64)] = &[
 /// small enough that adding it to or subtracting it from any time of this era cannot overflow.
 const MAX_DURATION_MS: u64 = 1000 * 365 * 86_400_000;
 
+/// Why a duration could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration (expected e.g. 250ms, 90s, 30m, 1h, 7d, 10y)")]
+    NotADuration(String),
+    #[error("{input:?} has an unknown unit {unit:?} (use ms, s, m, h, d or y)")]
+    UnknownUnit { input: String, unit: String },
+    #[error("{0:?} is above the largest duration accepted (1000y)")]
+    TooLong(String),
+}
+
 /// Parses `<number><unit>` where unit is one of ms, s, m, h, d, y; a bare number means seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("{s:?} is not a duration (expected e.g. 250ms, 90s, 30m, 1h, 7d, 10y)")
-    })?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| DurationError::NotADuration(s.to_owned()))?;
     let mult = if unit.is_empty() {
         1_000
     } else {
@@ -31,14 +42,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .iter()
             .find(|(u, _)| *u == unit)
             .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                format!("{s:?} has an unknown unit {unit:?} (use ms, s, m, h, d or y)")
+            .ok_or_else(|| DurationError::UnknownUnit {
+                input: s.to_owned(),
+                unit: unit.to_owned(),
             })?
     };
     n.checked_mul(mult)
         .filter(|ms| *ms <= MAX_DURATION_MS)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is above the largest duration accepted (1000y)"))
+        .ok_or_else(|| DurationError::TooLong(s.to_owned()))
 }
 
 /// Formats a duration with the largest unit that divides it exactly (`86400s` → `1d`).
@@ -105,7 +117,10 @@ mod tests {
     fn durations_that_would_overflow_time_are_refused() {
         // 10000y parsed before and then panicked in `now - backdate` (time overflow).
         let e = parse_duration("10000y").unwrap_err();
-        assert!(e.contains("largest duration accepted (1000y)"), "{e}");
+        assert!(
+            e.to_string().contains("largest duration accepted (1000y)"),
+            "{e}"
+        );
         let max = parse_duration("1000y").unwrap();
         let now = time::OffsetDateTime::now_utc();
         let _ = (now + max, now - max); // no overflow at the bound

@@ -203,14 +203,23 @@ fn mask_eq(net: &[u8], a: &[u8], prefix: u8) -> bool {
     rest == 0 || (net[full] ^ a[full]) >> (8 - rest) == 0
 }
 
-impl std::str::FromStr for Cidr {
-    type Err = String;
+/// Why a string is not an address range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an address or ADDRESS/PREFIX")]
+    NotAnAddress(String),
+    #[error("{input:?}: the prefix must be 0..={max}")]
+    BadPrefix { input: String, max: u8 },
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
         let addr: std::net::IpAddr = a
             .parse()
-            .map_err(|_| format!("{s:?} is not an address or ADDRESS/PREFIX"))?;
+            .map_err(|_| CidrError::NotAnAddress(s.to_owned()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
@@ -218,15 +227,18 @@ impl std::str::FromStr for Cidr {
             p.parse::<u8>()
                 .ok()
                 .filter(|n| *n <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix must be 0..={max}"))?
+                .ok_or_else(|| CidrError::BadPrefix {
+                    input: s.to_owned(),
+                    max,
+                })?
         };
         Ok(Self { addr, prefix })
     }
 }
 
 impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = CidrError;
+    fn try_from(s: String) -> Result<Self, CidrError> {
         s.parse()
     }
 }

@@ -241,10 +241,15 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+/// Why the server cannot do its job now (the body of a failing `/readyz`).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct NotReady(pub Box<dyn std::error::Error + Send + Sync>);
+
 /// What the health endpoints report.
 pub trait Health: Send + Sync + 'static {
     /// `Ok` when the server can do its job; otherwise why not.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
     /// A JSON status document served at `path` (e.g. `/debug/rotation`), if there is one.
     fn json_page(&self, _path: &str) -> Option<String> {
         None

@@ -164,7 +164,7 @@ impl SpiffeVerifier {
                 Arc::new(e),
             )))
         })?;
-        let id = peer_spiffe_id(end_entity).map_err(bad)?;
+        let id = peer_spiffe_id(end_entity).map_err(|e| bad(e.to_string()))?;
         let ok = match &self.policy {
             PeerPolicy::TrustDomain(td) => id.trust_domain() == td,
             PeerPolicy::Exact(want) => &id == want,
@@ -180,14 +180,30 @@ impl SpiffeVerifier {
     }
 }
 
+/// Why a peer certificate names no single SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdError {
+    #[error("peer certificate does not parse: {0}")]
+    Unparsable(String),
+    #[error("peer certificate has no SAN")]
+    NoSan,
+    #[error("peer URI SAN {uri:?}: {source}")]
+    NotSpiffe {
+        uri: String,
+        source: crate::spiffe::SpiffeIdError,
+    },
+    #[error("peer certificate has {0} URI SANs; an SVID has exactly one")]
+    UriSanCount(usize),
+}
+
 /// The SPIFFE ID of a certificate: its one URI SAN.
-pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, PeerIdError> {
     let (_, c) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("peer certificate does not parse: {e}"))?;
+        .map_err(|e| PeerIdError::Unparsable(e.to_string()))?;
     let san = c
         .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or("peer certificate has no SAN")?;
+        .map_err(|e| PeerIdError::Unparsable(e.to_string()))?
+        .ok_or(PeerIdError::NoSan)?;
     let uris: Vec<&str> = san
         .value
         .general_names
@@ -198,11 +214,11 @@ pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
         })
         .collect();
     match uris.as_slice() {
-        [one] => SpiffeId::parse(one).map_err(|e| format!("peer URI SAN {one:?}: {e}")),
-        other => Err(format!(
-            "peer certificate has {} URI SANs; an SVID has exactly one",
-            other.len()
-        )),
+        [one] => SpiffeId::parse(one).map_err(|source| PeerIdError::NotSpiffe {
+            uri: (*one).to_owned(),
+            source,
+        }),
+        other => Err(PeerIdError::UriSanCount(other.len())),
     }
 }
 

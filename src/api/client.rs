@@ -8,6 +8,21 @@ use tonic::{
     Request, Status,
 };
 
+/// Why a client could not be set up or connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the token has characters not allowed in a header")]
+    TokenNotAHeader,
+    #[error("cluster id {0:?} is not a valid header value")]
+    ClusterNotAHeader(String),
+    #[error("a TLS server needs --ca-file (the mesh root, e.g. root-cert.pem)")]
+    NoCaFile,
+    #[error("server {server:?}: {reason}")]
+    BadAddress { server: String, reason: String },
+    #[error("connecting to {server}: {reason}")]
+    Connect { server: String, reason: String },
+}
+
 /// Adds `authorization: Bearer <token>` (and `ClusterID`) to every call.
 #[derive(Clone)]
 pub struct BearerToken {
@@ -16,14 +31,14 @@ pub struct BearerToken {
 }
 
 impl BearerToken {
-    pub fn new(token: &str, cluster: Option<&str>) -> Result<Self, String> {
+    pub fn new(token: &str, cluster: Option<&str>) -> Result<Self, ClientError> {
         let value = format!("Bearer {}", token.trim())
             .parse()
-            .map_err(|_| "the token has characters not allowed in a header".to_string())?;
+            .map_err(|_| ClientError::TokenNotAHeader)?;
         let cluster = cluster
             .map(|c| {
                 c.parse()
-                    .map_err(|_| format!("cluster id {c:?} is not a valid header value"))
+                    .map_err(|_| ClientError::ClusterNotAHeader(c.to_owned()))
             })
             .transpose()?;
         Ok(Self { value, cluster })
@@ -51,11 +66,19 @@ pub async fn connect(
     server: &str,
     ca_pem: Option<&[u8]>,
     server_name: &str,
-) -> Result<Channel, String> {
+) -> Result<Channel, ClientError> {
+    let bad_address = |e: tonic::transport::Error| ClientError::BadAddress {
+        server: server.to_owned(),
+        reason: e.to_string(),
+    };
+    let connect_failed = |e: tonic::transport::Error| ClientError::Connect {
+        server: server.to_owned(),
+        reason: format!("{e:#}"),
+    };
     if let Some(path) = server.strip_prefix("unix:") {
         let path = path.to_owned();
         return Endpoint::try_from("http://[::]:50051")
-            .map_err(|e| e.to_string())?
+            .map_err(bad_address)?
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move {
@@ -65,17 +88,17 @@ pub async fn connect(
                 }
             }))
             .await
-            .map_err(|e| format!("connecting to {server}: {e}"));
+            .map_err(connect_failed);
     }
-    let ca = ca_pem.ok_or("a TLS server needs --ca-file (the mesh root, e.g. root-cert.pem)")?;
+    let ca = ca_pem.ok_or(ClientError::NoCaFile)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(server_name);
     Endpoint::from_shared(server.to_owned())
-        .map_err(|e| format!("server {server:?}: {e}"))?
+        .map_err(bad_address)?
         .tls_config(tls)
-        .map_err(|e| e.to_string())?
+        .map_err(bad_address)?
         .connect()
         .await
-        .map_err(|e| format!("connecting to {server}: {e:#}"))
+        .map_err(connect_failed)
 }

@@ -66,11 +66,8 @@ impl ServerConn {
             Some(f) => Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?),
             None => None,
         };
-        let channel = connect(&self.server, ca.as_deref(), &self.server_name)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let auth =
-            BearerToken::new(&token, self.cluster_id.as_deref()).map_err(anyhow::Error::msg)?;
+        let channel = connect(&self.server, ca.as_deref(), &self.server_name).await?;
+        let auth = BearerToken::new(&token, self.cluster_id.as_deref())?;
         Ok(tonic::service::interceptor::InterceptedService::new(
             channel, auth,
         ))
@@ -126,7 +123,7 @@ impl RequestArgs {
             )?;
             write_file_atomic(&self.out_dir.join("root-cert.pem"), roots.as_bytes(), 0o644)?;
             let leaf = cert::certs_from_pem(chain[0].as_bytes(), "leaf")?;
-            let id = crate::tls::peer_spiffe_id(&leaf[0]).map_err(anyhow::Error::msg)?;
+            let id = crate::tls::peer_spiffe_id(&leaf[0])?;
             println!(
                 "received {id} ({} certificate(s) + roots) into {}",
                 chain.len(),
@@ -188,7 +185,7 @@ impl SdsGetArgs {
             Some(secret::Type::TlsCertificate(t)) => {
                 let chain = inline(&t.certificate_chain);
                 let leaf = cert::certs_from_pem(&chain, "certificate_chain")?;
-                let id = crate::tls::peer_spiffe_id(&leaf[0]).map_err(anyhow::Error::msg)?;
+                let id = crate::tls::peer_spiffe_id(&leaf[0])?;
                 println!(
                     "{}: certificate for {id} ({} in chain, private key included)",
                     s.name,

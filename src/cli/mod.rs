@@ -106,6 +106,6 @@ pub fn main() -> ExitCode {
 }
 
 /// Parses a duration flag (`1h`, `30m`, `10y`).
-fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+fn duration_arg(s: &str) -> Result<std::time::Duration, crate::duration::DurationError> {
     crate::duration::parse_duration(s)
 }

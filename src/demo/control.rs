@@ -81,6 +81,44 @@ pub struct ProxyState {
     pub last_error: Option<String>,
 }
 
+/// Why a demo sidecar's xDS stream ended, or why it refused (NACKed) a response.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum XdsClientError {
+    #[error("token: {0}")]
+    Token(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Client(#[from] crate::api::client::ClientError),
+    #[error("connecting to meshid at {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("{kind:?}: {code:?}: {message}")]
+    Rpc {
+        kind: XdsKind,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("the request stream closed")]
+    RequestsClosed,
+    #[error("{what}: {reason}")]
+    Resource { what: String, reason: String },
+}
+
+impl XdsClientError {
+    fn rpc(kind: XdsKind, s: &tonic::Status) -> Self {
+        Self::Rpc {
+            kind,
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+
+    fn resource(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self::Resource {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// How one sidecar reaches meshid.
 #[derive(Clone)]
 pub(crate) struct ControlPlane {
@@ -88,13 +126,13 @@ pub(crate) struct ControlPlane {
     pub server_id: SpiffeId,
     /// Roots the control-plane connection trusts: the bootstrap root, then the latest ROOTCA.
     pub trust: Arc<RwLock<Vec<CertDer>>>,
-    pub token: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
+    pub token: Arc<dyn Fn() -> Result<String, crate::identity::IdentityError> + Send + Sync>,
     pub node: Node,
 }
 
 impl ControlPlane {
     /// A gRPC channel over TLS to meshid, verified against the current roots and meshid's ID.
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel, XdsClientError> {
         let (addr, trust, id) = (self.addr, self.trust.clone(), self.server_id.clone());
         let connector = tower::service_fn(move |_: Uri| {
             let roots = trust.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -111,14 +149,21 @@ impl ControlPlane {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         });
+        let connect_failed = |e: tonic::transport::Error| XdsClientError::Connect {
+            addr: self.addr,
+            reason: e.to_string(),
+        };
         Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| e.to_string())?
+            .map_err(connect_failed)?
             .connect_with_connector(connector)
             .await
-            .map_err(|e| format!("connecting to meshid at {}: {e}", self.addr))
+            .map_err(connect_failed)
     }
 
-    fn authed(&self, channel: Channel) -> Result<InterceptedService<Channel, BearerToken>, String> {
+    fn authed(
+        &self,
+        channel: Channel,
+    ) -> Result<InterceptedService<Channel, BearerToken>, XdsClientError> {
         let token = (self.token)()?;
         let auth = BearerToken::new(&token, Some(crate::identity::DEFAULT_CLUSTER))?;
         Ok(InterceptedService::new(channel, auth))
@@ -184,7 +229,7 @@ pub(crate) async fn subscribe(
         };
         if let Err(why) = result {
             tracing::debug!(%why, kind = ?kind, "demo sidecar: xDS stream failed; reconnecting");
-            state.send_modify(|s| s.last_error = Some(why));
+            state.send_modify(|s| s.last_error = Some(why.to_string()));
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -205,7 +250,7 @@ async fn stream_once(
     kind: XdsKind,
     names: &[String],
     state: &watch::Sender<ProxyState>,
-) -> Result<(), String> {
+) -> Result<(), XdsClientError> {
     let channel = cp.channel().await?;
     let authed = cp.authed(channel)?;
     let type_url = match kind {
@@ -215,18 +260,20 @@ async fn stream_once(
     let (tx, rx) = mpsc::channel(8);
     let mut first = request(names, type_url, "", "");
     first.node = Some(cp.node.clone());
-    tx.send(first).await.map_err(|e| e.to_string())?;
+    tx.send(first)
+        .await
+        .map_err(|_| XdsClientError::RequestsClosed)?;
     let requests = ReceiverStream::new(rx);
     let mut stream = match kind {
         XdsKind::Sds => SecretDiscoveryServiceClient::new(authed)
             .stream_secrets(requests)
             .await
-            .map_err(|s| format!("SDS: {:?}: {}", s.code(), s.message()))?
+            .map_err(|s| XdsClientError::rpc(kind, &s))?
             .into_inner(),
         XdsKind::Eds => EndpointDiscoveryServiceClient::new(authed)
             .stream_endpoints(requests)
             .await
-            .map_err(|s| format!("EDS: {:?}: {}", s.code(), s.message()))?
+            .map_err(|s| XdsClientError::rpc(kind, &s))?
             .into_inner(),
     };
     let mut accepted = String::new();
@@ -234,7 +281,7 @@ async fn stream_once(
         let resp = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
-            Err(s) => return Err(format!("{kind:?} stream: {:?}: {}", s.code(), s.message())),
+            Err(s) => return Err(XdsClientError::rpc(kind, &s)),
         };
         let applied = match kind {
             XdsKind::Sds => apply_sds(&resp, state, &cp.trust),
@@ -250,12 +297,14 @@ async fn stream_once(
                 tracing::warn!(%why, "demo sidecar: NACK");
                 ack.error_detail = Some(RpcStatus {
                     code: tonic::Code::InvalidArgument as i32,
-                    message: why,
+                    message: why.to_string(),
                     details: Vec::new(),
                 });
             }
         }
-        tx.send(ack).await.map_err(|e| e.to_string())?;
+        tx.send(ack)
+            .await
+            .map_err(|_| XdsClientError::RequestsClosed)?;
     }
 }
 
@@ -271,24 +320,26 @@ fn apply_sds(
     resp: &DiscoveryResponse,
     state: &watch::Sender<ProxyState>,
     trust: &RwLock<Vec<CertDer>>,
-) -> Result<(), String> {
+) -> Result<(), XdsClientError> {
     let (mut default, mut roots) = (None, None);
     for any in &resp.resources {
-        let s = Secret::decode(any.value.as_slice()).map_err(|e| format!("secret: {e}"))?;
+        let s = Secret::decode(any.value.as_slice())
+            .map_err(|e| XdsClientError::resource("secret", e))?;
         match (s.name.as_str(), &s.r#type) {
             ("default", Some(secret::Type::TlsCertificate(t))) => {
                 let chain = cert::certs_from_pem(&inline(&t.certificate_chain), "default chain")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| XdsClientError::resource("default chain", e))?;
                 let key = PrivateKey::from_pem(&inline(&t.private_key), "default key")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| XdsClientError::resource("default key", e))?;
                 let der = key.secret_pkcs8_der();
                 let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(
                     rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_slice()).clone_key(),
                 );
                 let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
-                    .map_err(|e| format!("default key: {e}"))?;
+                    .map_err(|e| XdsClientError::resource("default key", e))?;
                 let ck = CertifiedKey::new(chain.clone(), signing);
-                ck.keys_match().map_err(|e| format!("default: {e}"))?;
+                ck.keys_match()
+                    .map_err(|e| XdsClientError::resource("default", e))?;
                 default = Some(Arc::new(Secrets {
                     chain,
                     certified: Arc::new(ck),
@@ -296,10 +347,15 @@ fn apply_sds(
             }
             ("ROOTCA", Some(secret::Type::ValidationContext(v))) => {
                 let r = cert::certs_from_pem(&inline(&v.trusted_ca), "ROOTCA")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| XdsClientError::resource("ROOTCA", e))?;
                 roots = Some(r);
             }
-            (name, _) => return Err(format!("unexpected secret {name:?}")),
+            (name, _) => {
+                return Err(XdsClientError::resource(
+                    format!("secret {name:?}"),
+                    "not one a sidecar asked for",
+                ))
+            }
         }
     }
     if let Some(r) = &roots {
@@ -318,11 +374,14 @@ fn apply_sds(
     Ok(())
 }
 
-fn apply_eds(resp: &DiscoveryResponse, state: &watch::Sender<ProxyState>) -> Result<(), String> {
+fn apply_eds(
+    resp: &DiscoveryResponse,
+    state: &watch::Sender<ProxyState>,
+) -> Result<(), XdsClientError> {
     let mut got = BTreeMap::new();
     for any in &resp.resources {
         let cla = ClusterLoadAssignment::decode(any.value.as_slice())
-            .map_err(|e| format!("assignment: {e}"))?;
+            .map_err(|e| XdsClientError::resource("assignment", e))?;
         let mut eps = Vec::new();
         for lb in cla.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
             let Some(HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
@@ -331,17 +390,23 @@ fn apply_eds(resp: &DiscoveryResponse, state: &watch::Sender<ProxyState>) -> Res
             let Some(address::Address::SocketAddress(sa)) =
                 ep.address.as_ref().and_then(|a| a.address.as_ref())
             else {
-                return Err(format!(
-                    "{}: endpoint without a socket address",
-                    cla.cluster_name
+                return Err(XdsClientError::resource(
+                    &cla.cluster_name,
+                    "endpoint without a socket address",
                 ));
             };
             let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
-                return Err(format!("{}: endpoint without a port", cla.cluster_name));
+                return Err(XdsClientError::resource(
+                    &cla.cluster_name,
+                    "endpoint without a port",
+                ));
             };
-            let addr = format!("{}:{port}", sa.address)
-                .parse()
-                .map_err(|e| format!("{}: endpoint {}: {e}", cla.cluster_name, sa.address))?;
+            let addr = format!("{}:{port}", sa.address).parse().map_err(|e| {
+                XdsClientError::resource(
+                    format!("{}: endpoint {}", cla.cluster_name, sa.address),
+                    e,
+                )
+            })?;
             let tls_mode = lb
                 .metadata
                 .as_ref()

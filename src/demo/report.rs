@@ -1,7 +1,5 @@
 //! Step 5: /metrics read back, then the summary table and where to look next.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::{
     outcome::{expect, show, StepOutcome, StepResult},
     world::{World, WAIT},
@@ -11,20 +9,19 @@ use super::{
 /// Reads /metrics and returns the lines worth showing; fails if the endpoint does not answer
 /// or shows no issuance.
 pub(super) async fn step5_metrics(w: &World) -> Result<Vec<String>, DemoError> {
-    let mut tcp = tokio::net::TcpStream::connect(w.http_addr)
-        .await
-        .map_err(|e| DemoError::conn("connecting to /metrics", e))?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| DemoError::conn("GET /metrics", e))?;
-    let mut body = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut body))
-        .await
-        .map_err(|_| DemoError::Timeout {
+    let url = format!("http://{}/metrics", w.http_addr);
+    let mut get = crate::http_client::Get::new(&url)
+        .timeout(WAIT)
+        .max_body(16 << 20);
+    get.accept = "text/plain";
+    let body = get.send().await.map_err(|e| match e {
+        crate::http_client::HttpError::TimedOut { .. } => DemoError::Timeout {
             what: "/metrics".into(),
             secs: WAIT.as_secs(),
-        })?
-        .map_err(|e| DemoError::conn("reading /metrics", e))?;
+        },
+        other => DemoError::conn("GET /metrics", other),
+    })?;
+    let body = String::from_utf8_lossy(&body);
     let lines: Vec<String> = body
         .lines()
         .filter(|l| {

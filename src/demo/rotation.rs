@@ -199,17 +199,7 @@ async fn rotate(
     let old = active_root(w)?;
     wait_handshakes(count, 3).await?;
 
-    let current = store
-        .load_existing()
-        .map_err(|e| DemoError::conn("reading the CA state", e))?;
-    let new = root::generate_root(
-        &w.td,
-        current.state.key_type,
-        root::DEFAULT_ROOT_TTL,
-        SystemClock.now(),
-    )
-    .map_err(|e| DemoError::conn("generating the new root", e))?;
-    let candidate = std::sync::Mutex::new(Some(Candidate::Generated(new)));
+    let candidate = std::sync::Mutex::new(Some(new_root(w, &store)?));
     let prepared = apply(&|s, c| {
         let cand = candidate.lock().unwrap_or_else(|e| e.into_inner()).take();
         rotation::prepare(s, cand.expect("prepare runs once"), c)
@@ -264,6 +254,21 @@ async fn rotate(
         forced_revoke_note: revoked.outcome.notes,
         ..Default::default()
     })
+}
+
+/// A new root of the state's key type, generated now.
+fn new_root(w: &World, store: &DirStore) -> Result<Candidate, DemoError> {
+    let current = store
+        .load_existing()
+        .map_err(|e| DemoError::conn("reading the CA state", e))?;
+    let new = root::generate_root(
+        &w.td,
+        current.state.key_type,
+        root::DEFAULT_ROOT_TTL,
+        SystemClock.now(),
+    )
+    .map_err(|e| DemoError::conn("generating the new root", e))?;
+    Ok(Candidate::Generated(new))
 }
 
 /// Waits until meshid serves a certificate anchored by `root` (a fresh TLS handshake that

@@ -114,13 +114,7 @@ impl World {
             inventory: local(&inventory_in)?.port(),
             legacy: legacy_db.addr.port(),
         };
-        let snapshot = dir.join("mixed-traffic.yaml");
-        let base_snapshot = rewrite_snapshot(MIXED_TRAFFIC, &ports)?;
-        write_snapshot(&snapshot, &base_snapshot)?;
-        say(&format!(
-            "==> discovery snapshot {} (the mission's mixed-traffic example, pod IPs rewritten to 127.0.0.1: product-service sidecar :{}, inventory-service sidecar :{}, legacy-db :{} with no sidecar)",
-            snapshot.display(), ports.product, ports.inventory, ports.legacy
-        ));
+        let (snapshot, base_snapshot) = mixed_traffic_snapshot(&dir, &ports, &say)?;
 
         let cfg = server_config(&dir, &issuer, &snapshot)?;
         let running = crate::server::start(cfg, Arc::new(SystemClock))
@@ -135,13 +129,6 @@ impl World {
         let server_id = SpiffeId::for_service_account(&td, "istio-system", "meshid")
             .map_err(|e| DemoError::setup("meshid's SPIFFE ID", e))?;
         let clusters = demo_clusters(&settings);
-        let mk = |app: &str, pod: &str, listener: TcpListener, app_addr: SocketAddr| Workload {
-            ns: "shop".into(),
-            sa: app.into(),
-            pod: pod.into(),
-            listener,
-            app: app_addr,
-        };
         let common = Common {
             td: td.clone(),
             settings: settings.clone(),
@@ -153,18 +140,18 @@ impl World {
             clusters,
             stop: stop_rx.clone(),
         };
-        let product = common.sidecar(mk(
+        let product = common.shop_sidecar(
             "product-service",
             "product-service-7d4b9-x2x7q",
             product_in,
             product_app.addr,
-        ))?;
-        let inventory = common.sidecar(mk(
+        )?;
+        let inventory = common.shop_sidecar(
             "inventory-service",
             "inventory-service-5c8f7-k9p2m",
             inventory_in,
             inventory_app.addr,
-        ))?;
+        )?;
         for s in [&product, &inventory] {
             wait_ready(s).await?;
             say(&sidecar_ready_line(s));
@@ -186,6 +173,23 @@ impl World {
             stop,
         })
     }
+}
+
+/// The mission's mixed-traffic example as the discovery snapshot, its pod IPs rewritten to
+/// the demo's loopback listeners: the snapshot's path and its text.
+fn mixed_traffic_snapshot(
+    dir: &Path,
+    ports: &Ports,
+    say: &dyn Fn(&str),
+) -> Result<(PathBuf, serde_json::Value), DemoError> {
+    let snapshot = dir.join("mixed-traffic.yaml");
+    let text = rewrite_snapshot(MIXED_TRAFFIC, ports)?;
+    write_snapshot(&snapshot, &text)?;
+    say(&format!(
+        "==> discovery snapshot {} (the mission's mixed-traffic example, pod IPs rewritten to 127.0.0.1: product-service sidecar :{}, inventory-service sidecar :{}, legacy-db :{} with no sidecar)",
+        snapshot.display(), ports.product, ports.inventory, ports.legacy
+    ));
+    Ok((snapshot, text))
 }
 
 /// A fresh CA (an ECDSA P-256 root written as the state) and the dev token issuer standing in
@@ -313,6 +317,23 @@ struct Common {
 }
 
 impl Common {
+    /// A sidecar for `app` (its service account too) in namespace `shop`, as pod `pod`.
+    fn shop_sidecar(
+        &self,
+        app: &str,
+        pod: &str,
+        listener: TcpListener,
+        app_addr: SocketAddr,
+    ) -> Result<Sidecar, DemoError> {
+        self.sidecar(Workload {
+            ns: "shop".into(),
+            sa: app.into(),
+            pod: pod.into(),
+            listener,
+            app: app_addr,
+        })
+    }
+
     /// Starts a sidecar: SDS and EDS subscriptions with its own token, and its inbound listener.
     fn sidecar(&self, w: Workload) -> Result<Sidecar, DemoError> {
         let id = SpiffeId::for_service_account(&self.td, &w.ns, &w.sa)
@@ -327,11 +348,7 @@ impl Common {
             pod: Some((w.pod.clone(), format!("uid-{}", w.pod))),
         };
         let issuer = self.issuer.clone();
-        let token = Arc::new(move || {
-            issuer
-                .token(&req, SystemClock.now())
-                .map_err(|e| e.to_string())
-        });
+        let token = Arc::new(move || issuer.token(&req, SystemClock.now()));
         let cp = ControlPlane {
             addr: self.grpc,
             server_id: self.server_id.clone(),

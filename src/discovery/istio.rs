@@ -102,12 +102,19 @@ pub struct ClientTls {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
+/// A DestinationRule `tls.mode` that is not one of Istio's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "DestinationRule tls mode {0:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored"
+)]
+pub struct UnknownTlsMode(pub String);
+
 impl ClientTls {
-    /// The mode, `Err(raw)` when it is not one Istio knows.
-    pub fn parsed(&self) -> Result<DrTlsMode, String> {
+    /// The mode; an error naming the raw value when it is not one Istio knows.
+    pub fn parsed(&self) -> Result<DrTlsMode, UnknownTlsMode> {
         match self.mode.as_deref() {
             None | Some("") => Ok(DrTlsMode::Disable),
-            Some(raw) => DrTlsMode::parse(raw).ok_or_else(|| raw.to_owned()),
+            Some(raw) => DrTlsMode::parse(raw).ok_or_else(|| UnknownTlsMode(raw.to_owned())),
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::{
-    core::v1::{Pod, Service, ServicePort},
+    core::v1::{ObjectReference, Pod, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
 use serde::Serialize;
@@ -328,38 +328,14 @@ impl<'a> Index<'a> {
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"));
             for address in &endpoint.addresses {
-                let what = target.map_or_else(
-                    || format!("endpoint {address}"),
-                    |r| {
-                        format!(
-                            "pod {}.{}",
-                            r.name.as_deref().unwrap_or(""),
-                            r.namespace.as_deref().unwrap_or("")
-                        )
-                    },
-                );
-                // `endpointslice.go` `getPod`: by targetRef when it names a pod, else the
-                // pod of the slice's namespace with this IP (`getPodsByIP`).
-                let pod = match target {
-                    Some(r) => self.pods.get(&(
-                        cluster,
-                        r.namespace.as_deref().unwrap_or(""),
-                        r.name.as_deref().unwrap_or(""),
-                    )),
-                    None => self
-                        .pods_by_ip
-                        .get(&(cluster, address.as_str()))
-                        .and_then(|ps| {
-                            ps.iter()
-                                .find(|p| p.metadata.namespace.as_deref() == Some(ns))
-                        }),
-                };
-                match (pod, target) {
+                match (self.slice_pod(cluster, target, address, ns), target) {
                     (Some(p), _) => {
                         out.push(self.pod_backend(p, address.clone(), port, ready, cluster))
                     }
-                    (None, Some(_)) => skipped.push(format!(
-                        "{what} ({address}) is named by the EndpointSlice but not in the input: not served (istiod waits for the pod)"
+                    (None, Some(r)) => skipped.push(format!(
+                        "pod {}.{} ({address}) is named by the EndpointSlice but not in the input: not served (istiod waits for the pod)",
+                        r.name.as_deref().unwrap_or(""),
+                        r.namespace.as_deref().unwrap_or("")
                     )),
                     (None, None) => {
                         let mut b = self.entry_backend(
@@ -376,6 +352,35 @@ impl<'a> Index<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// `endpointslice.go` `getPod`: by targetRef when it names a pod, else the pod of the
+    /// slice's namespace with this IP (`getPodsByIP`).
+    fn slice_pod(
+        &self,
+        cluster: usize,
+        target: Option<&ObjectReference>,
+        address: &str,
+        ns: &str,
+    ) -> Option<&'a Pod> {
+        match target {
+            Some(r) => self
+                .pods
+                .get(&(
+                    cluster,
+                    r.namespace.as_deref().unwrap_or(""),
+                    r.name.as_deref().unwrap_or(""),
+                ))
+                .copied(),
+            None => self
+                .pods_by_ip
+                .get(&(cluster, address))
+                .and_then(|ps| {
+                    ps.iter()
+                        .find(|p| p.metadata.namespace.as_deref() == Some(ns))
+                })
+                .copied(),
         }
     }
 

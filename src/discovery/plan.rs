@@ -299,6 +299,45 @@ struct Target {
 }
 
 /// Everything a plan needs that does not depend on the client: joined once per model.
+/// A rule's TLS modes for one cluster: the cluster side (with `dropped` saying why istiod builds
+/// no TLS at all on a sidecar), the endpoint side, and a warning for each mode Istio does not know.
+struct DrModes {
+    dropped: Option<&'static str>,
+    cluster: Option<DrTlsMode>,
+    endpoint: Option<DrTlsMode>,
+    warnings: Vec<String>,
+}
+
+fn dr_modes(drt: Option<&DrTls<'_>>) -> DrModes {
+    let mut warnings = Vec::new();
+    let cluster_client_tls = drt
+        .and_then(|d| d.cluster.as_ref())
+        .and_then(|p| p.tls.as_ref());
+    let dropped =
+        cluster_client_tls.and_then(|t| t.dropped_on_sidecar(drt.is_some_and(|d| d.has_selector)));
+    let mut parse = |t: Option<&ClientTls>| -> Option<DrTlsMode> {
+        match t?.parsed() {
+            Ok(m) => Some(m),
+            Err(unknown) => {
+                warnings.push(unknown.to_string());
+                None
+            }
+        }
+    };
+    let cluster = if dropped.is_some() {
+        Some(DrTlsMode::Disable)
+    } else {
+        parse(cluster_client_tls)
+    };
+    let endpoint = parse(drt.and_then(|d| d.endpoint));
+    DrModes {
+        dropped,
+        cluster,
+        endpoint,
+        warnings,
+    }
+}
+
 pub struct Planner<'a> {
     objs: &'a MeshObjects,
     s: &'a MeshSettings,
@@ -414,29 +453,14 @@ impl<'a> Planner<'a> {
     ) -> ClusterPlan {
         let s = self.s;
         let drt = dr.map(|d| dr_tls(d, port, subset));
-        let mut warnings = Vec::new();
-        // The cluster side's TLS setting, with the cases where istiod builds none.
         let policy = drt.as_ref().and_then(|d| d.cluster.as_ref());
         let cluster_client_tls = policy.and_then(|p| p.tls.as_ref());
-        let dropped = cluster_client_tls
-            .and_then(|t| t.dropped_on_sidecar(drt.as_ref().is_some_and(|d| d.has_selector)));
-        let mut parse = |t: Option<&ClientTls>| -> Option<DrTlsMode> {
-            match t?.parsed() {
-                Ok(m) => Some(m),
-                Err(raw) => {
-                    warnings.push(format!(
-                        "DestinationRule tls mode {raw:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL; ignored"
-                    ));
-                    None
-                }
-            }
-        };
-        let cluster_dr = if dropped.is_some() {
-            Some(DrTlsMode::Disable)
-        } else {
-            parse(cluster_client_tls)
-        };
-        let endpoint_dr = parse(drt.as_ref().and_then(|d| d.endpoint));
+        let DrModes {
+            dropped,
+            cluster: cluster_dr,
+            endpoint: endpoint_dr,
+            mut warnings,
+        } = dr_modes(drt.as_ref());
         // `buildUpstreamTLSSettings`: ISTIO_MUTUAL checks the rule's subjectAltNames, else the
         // service's accounts (`PushContext.ServiceAccounts`: those of its endpoints that name
         // one), so an endpoint without an account fails once others have one.
@@ -452,30 +476,24 @@ impl<'a> Planner<'a> {
         let lb_passthrough = policy.is_some_and(EffectivePolicy::passthrough)
             || drt.as_ref().is_some_and(|d| d.subset_passthrough);
         let passthrough = t.passthrough || lb_passthrough;
-        let (tls, tls_why) = match dropped {
-            Some(why) => (ClusterTls::Plain, why),
-            None => cluster_tls(ClusterInput {
-                dr_tls: cluster_dr,
-                mesh_external: t.mesh_external,
-                auto_mtls: s.auto_mtls,
-                inferred_disable: None,
-                original_dst: false,
-            }),
-        };
-        // `BestEffortInferServiceMTLSMode`: a passthrough service (headless, or the rule's top
-        // level PASSTHROUGH) is DISABLE unless every instance of the port has a sidecar.
-        let infer_passthrough = t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
-        let inferred_disable = inferred_disable(infer_passthrough, all, ns_mode);
-        let (istio_tls, istio_tls_why) = match dropped {
+        let side = |inferred_disable, original_dst| match dropped {
             Some(why) => (ClusterTls::Plain, why),
             None => cluster_tls(ClusterInput {
                 dr_tls: cluster_dr,
                 mesh_external: t.mesh_external,
                 auto_mtls: s.auto_mtls,
                 inferred_disable,
-                original_dst: passthrough,
+                original_dst,
             }),
         };
+        let (tls, tls_why) = side(None, false);
+        // `BestEffortInferServiceMTLSMode`: a passthrough service (headless, or the rule's top
+        // level PASSTHROUGH) is DISABLE unless every instance of the port has a sidecar.
+        let infer_passthrough = t.passthrough || drt.as_ref().is_some_and(|d| d.infer_passthrough);
+        let (istio_tls, istio_tls_why) = side(
+            inferred_disable(infer_passthrough, all, ns_mode),
+            passthrough,
+        );
         let endpoints = backends
             .iter()
             .filter(|b| b.ready)

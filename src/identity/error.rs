@@ -76,3 +76,40 @@ impl IdentityError {
         }
     }
 }
+
+/// Why an identity backend cannot be used now (a readiness probe's answer).
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ProbeError {
+    #[error("identity backends not probed yet")]
+    NotProbedYet,
+    #[error(transparent)]
+    NoValidator(#[from] NoDefaultValidator),
+    #[error("cluster {cluster}: {source}")]
+    Cluster {
+        cluster: super::ClusterId,
+        source: Box<ProbeError>,
+    },
+    #[error("{0}")]
+    Keys(IdentityError),
+    #[error("API server did not answer a SelfSubjectAccessReview within {0:?}")]
+    AccessReviewTimeout(std::time::Duration),
+    #[error("SelfSubjectAccessReview failed: {0}")]
+    AccessReviewFailed(String),
+    #[error("meshid may not create tokenreviews.authentication.k8s.io{}; bind its service account to the ClusterRole system:auth-delegator", .why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default())]
+    TokenReviewDenied { why: Option<String> },
+}
+
+impl ProbeError {
+    /// The same failure, naming the cluster whose backend failed.
+    pub fn in_cluster(self, cluster: &super::ClusterId) -> Self {
+        Self::Cluster {
+            cluster: cluster.clone(),
+            source: Box::new(self),
+        }
+    }
+}
+
+/// A cluster router was asked to default to a cluster it has no validator for.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("default cluster {0} has no validator")]
+pub struct NoDefaultValidator(pub super::ClusterId);

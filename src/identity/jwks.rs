@@ -124,7 +124,12 @@ impl TokenValidator for JwksValidator {
     }
 
     fn probe(&self) -> super::ProbeFuture<'_> {
-        Box::pin(async move { self.keys.ensure_loaded().await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            self.keys
+                .ensure_loaded()
+                .await
+                .map_err(super::ProbeError::Keys)
+        })
     }
 }
 

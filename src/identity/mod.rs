@@ -17,7 +17,7 @@ mod router;
 mod tokenreview;
 
 pub use cache::{CacheConfig, CachingValidator};
-pub use error::IdentityError;
+pub use error::{IdentityError, NoDefaultValidator, ProbeError};
 pub use jwk::{Jwk, JwkSet};
 pub use jwks::{JwksValidator, JwtConfig};
 pub use jwt::{sign_token, ServiceAccountClaims};

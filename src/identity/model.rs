@@ -98,7 +98,7 @@ pub type ValidateFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Identity, IdentityError>> + Send + 'a>>;
 
 /// The future a readiness probe returns: `Err` says why the backend cannot be used.
-pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), super::ProbeError>> + Send + 'a>>;
 
 /// Validates a bearer token into an identity. Implementations fail closed: any doubt is an error.
 pub trait TokenValidator: Send + Sync {

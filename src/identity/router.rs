@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use super::{ClusterId, IdentityError, Peer, Token, TokenValidator, ValidateFuture};
+use super::{
+    ClusterId, IdentityError, NoDefaultValidator, Peer, ProbeError, Token, TokenValidator,
+    ValidateFuture,
+};
 
 /// Routes a token to its cluster's validator.
 #[derive(Clone)]
@@ -30,10 +33,10 @@ impl ClusterRouter {
     pub fn from_clusters(
         default: ClusterId,
         clusters: impl IntoIterator<Item = (ClusterId, Arc<dyn TokenValidator>)>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, NoDefaultValidator> {
         let clusters: BTreeMap<_, _> = clusters.into_iter().collect();
         if !clusters.contains_key(&default) {
-            return Err(format!("default cluster {default} has no validator"));
+            return Err(NoDefaultValidator(default));
         }
         Ok(Self {
             default,
@@ -60,23 +63,23 @@ impl ClusterRouter {
     }
 
     /// Probes every cluster's backend; the first failure names its cluster.
-    pub async fn probe_all(&self) -> Result<(), String> {
+    pub async fn probe_all(&self) -> Result<(), ProbeError> {
         for (id, v) in &self.clusters {
-            v.probe().await.map_err(|e| format!("cluster {id}: {e}"))?;
+            v.probe().await.map_err(|e| e.in_cluster(id))?;
         }
         Ok(())
     }
 
     /// Probes the default cluster's backend: the one readiness depends on.
-    pub async fn probe_default(&self) -> Result<(), String> {
+    pub async fn probe_default(&self) -> Result<(), ProbeError> {
         match self.clusters.get(&self.default) {
             Some(v) => v.probe().await,
-            None => Err(format!("default cluster {} has no validator", self.default)),
+            None => Err(NoDefaultValidator(self.default.clone()).into()),
         }
     }
 
     /// Probes every other cluster's backend, each with its result.
-    pub async fn probe_remotes(&self) -> Vec<(ClusterId, Result<(), String>)> {
+    pub async fn probe_remotes(&self) -> Vec<(ClusterId, Result<(), ProbeError>)> {
         let mut out = Vec::new();
         for (id, v) in self.clusters.iter().filter(|(id, _)| **id != self.default) {
             out.push((id.clone(), v.probe().await));

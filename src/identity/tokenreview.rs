@@ -288,13 +288,14 @@ impl TokenValidator for TokenReviewValidator {
             }
             can_create_tokenreviews(&self.client)
                 .await
-                .map_err(|e| format!("cluster {}: {e}", self.cfg.cluster))
+                .map_err(|e| e.in_cluster(&self.cfg.cluster))
         })
     }
 }
 
 /// Asks the API server whether this client may create TokenReviews.
-async fn can_create_tokenreviews(client: &kube::Client) -> Result<(), String> {
+async fn can_create_tokenreviews(client: &kube::Client) -> Result<(), super::ProbeError> {
+    use super::ProbeError;
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
     };
@@ -313,10 +314,11 @@ async fn can_create_tokenreviews(client: &kube::Client) -> Result<(), String> {
     let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let params = PostParams::default();
     let call = api.create(&params, &review);
-    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+    let deadline = Duration::from_secs(5);
+    let answer = tokio::time::timeout(deadline, call)
         .await
-        .map_err(|_| "API server did not answer a SelfSubjectAccessReview within 5s".to_string())?
-        .map_err(|e| format!("SelfSubjectAccessReview failed: {e}"))?;
+        .map_err(|_| ProbeError::AccessReviewTimeout(deadline))?
+        .map_err(|e| ProbeError::AccessReviewFailed(e.to_string()))?;
     let status = answer.status.unwrap_or_default();
     if status.allowed {
         return Ok(());
@@ -327,8 +329,7 @@ async fn can_create_tokenreviews(client: &kube::Client) -> Result<(), String> {
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    Err(format!(
-        "meshid may not create tokenreviews.authentication.k8s.io{}; bind its service account to the ClusterRole system:auth-delegator",
-        if why.is_empty() { String::new() } else { format!(" ({why})") }
-    ))
+    Err(ProbeError::TokenReviewDenied {
+        why: (!why.is_empty()).then_some(why),
+    })
 }

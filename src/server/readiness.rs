@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use crate::{
     backoff::Backoff,
     clock::Clock,
-    identity::{ClusterId, ClusterRouter},
+    identity::{ClusterId, ClusterRouter, ProbeError},
     rotation::Propagation,
     shutdown::stopping,
-    telemetry::{Health, Metrics},
+    telemetry::{Health, Metrics, NotReady},
     trust::LiveCa,
 };
 
@@ -24,20 +24,16 @@ use crate::{
 #[derive(Default)]
 pub(super) struct Readiness {
     identity_ok: AtomicBool,
-    why: Mutex<String>,
+    why: Mutex<Option<ProbeError>>,
 }
 
 impl Health for Readiness {
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotReady> {
         if self.identity_ok.load(Ordering::Acquire) {
             Ok(())
         } else {
             let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Err(if why.is_empty() {
-                "identity backends not probed yet".into()
-            } else {
-                why
-            })
+            Err(NotReady(Box::new(why.unwrap_or(ProbeError::NotProbedYet))))
         }
     }
 }
@@ -49,7 +45,7 @@ pub(super) struct HttpSurface {
 }
 
 impl Health for HttpSurface {
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotReady> {
         self.readiness.ready()
     }
 
@@ -98,7 +94,7 @@ async fn probe_once(router: &ClusterRouter, readiness: &Readiness, metrics: &Met
         }
         Err(why) => {
             tracing::warn!(%why, "identity backend not ready");
-            *readiness.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+            *readiness.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
             readiness.identity_ok.store(false, Ordering::Release);
             false
         }
@@ -151,7 +147,7 @@ mod tests {
                 if up {
                     Ok(())
                 } else {
-                    Err("API server down".into())
+                    Err(ProbeError::AccessReviewFailed("API server down".into()))
                 }
             })
         }
@@ -178,6 +174,7 @@ mod tests {
         };
         assert_eq!((up("Kubernetes"), up("east")), (1, 0));
         assert!(!probe_once(&router(false, true), &readiness, &metrics).await);
-        assert!(readiness.ready().unwrap_err().contains("API server down"));
+        let why = readiness.ready().unwrap_err().to_string();
+        assert!(why.contains("API server down"), "{why}");
     }
 }

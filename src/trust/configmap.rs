@@ -89,6 +89,11 @@ impl RootCertConfigMap {
     }
 }
 
+/// A term that is not an equality-based label selector term.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an equality-based selector term (key=value, key!=value, key, !key)")]
+pub struct SelectorError(pub String);
+
 /// An equality-based label selector.
 #[derive(Clone, Debug, Default)]
 pub struct Selector(Vec<Term>);
@@ -103,7 +108,7 @@ enum Term {
 
 impl Selector {
     /// Parses `a=b`, `a==b`, `a!=b`, `a`, `!a`, comma-separated; empty matches everything.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut terms = Vec::new();
         for raw in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let valid = |k: &str| {
@@ -123,9 +128,7 @@ impl Selector {
             };
             let (Term::Eq(k, _) | Term::Ne(k, _) | Term::Exists(k) | Term::Absent(k)) = &term;
             if !valid(k) {
-                return Err(format!(
-                    "{raw:?} is not an equality-based selector term (key=value, key!=value, key, !key)"
-                ));
+                return Err(SelectorError(raw.to_owned()));
             }
             terms.push(term);
         }

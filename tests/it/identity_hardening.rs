@@ -261,7 +261,7 @@ async fn tokenreview_probe_checks_the_permission() {
         json!({"group": "authentication.k8s.io", "resource": "tokenreviews", "verb": "create"})
     );
     api.shared.ssar_allowed.store(false, Ordering::SeqCst);
-    let why = v.probe().await.unwrap_err();
+    let why = v.probe().await.unwrap_err().to_string();
     assert!(
         why.contains("may not create tokenreviews") && why.contains("system:auth-delegator"),
         "{why}"
