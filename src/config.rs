@@ -21,8 +21,16 @@ use crate::{
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Directory of the CA state (`meshid ca init --state-dir`).
+    /// Directory of the CA state (`meshid ca init --state DIR`), and of the server's own
+    /// files (federation status) when the state is in a Secret.
     pub state_dir: PathBuf,
+    /// The CA state in a Kubernetes Secret instead, `kube://NAMESPACE/NAME` (every replica
+    /// shares it; see the README's "Several replicas").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::state::StateLocation>,
+    /// The kubeconfig for the state Secret (in-cluster or `KUBECONFIG` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_kubeconfig: Option<PathBuf>,
     #[serde(default)]
     pub listen: Listen,
     #[serde(default)]
@@ -58,6 +66,15 @@ pub struct Config {
     /// SPIFFE federation: our bundle endpoint and the peers whose bundles we trust.
     #[serde(default)]
     pub federation: crate::trust::FederationConfig,
+}
+
+impl Config {
+    /// Where the CA state lives: `state`, else the directory `state_dir`.
+    pub fn state_location(&self) -> crate::state::StateLocation {
+        self.state
+            .clone()
+            .unwrap_or_else(|| crate::state::StateLocation::Dir(self.state_dir.clone()))
+    }
 }
 
 fn default_poll() -> Duration {

@@ -6,9 +6,11 @@
 //! docs/ARCHITECTURE.md has the wire contracts):
 //! - foundations: `clock` (injected time), `duration` (parsing, printing, serde), `backoff` (the
 //!   one retry schedule), `shutdown` (the stop signal), `deadline`, `fswatch` (file changes),
-//!   `net` (listeners, the accept loop, connection adapters), `http_client` (the one HTTP GET)
+//!   `net` (listeners, the accept loop, connection adapters), `http_client` (the one HTTP GET),
+//!   `kube_client` (the one way a Kubernetes client is built)
 //! - `spiffe` (SPIFFE IDs and trust domains), `ca` (the authority: keys, templates, signing,
-//!   validation, CRLs), `state` (the state document, its journal, atomic writes)
+//!   validation, CRLs), `state` (the state document, its journal, atomic writes; a directory or a
+//!   Kubernetes Secret)
 //! - `identity` (Kubernetes token validation: TokenReview, JWKS, caches, cluster routing)
 //! - `trust` (the live CA snapshot, trust bundles, federation and the bundle endpoint, ConfigMaps),
 //!   `rotation` (root transitions, the activation gate, propagation, renewal, schedules)
@@ -32,6 +34,7 @@ pub mod duration;
 pub mod fswatch;
 pub mod http_client;
 pub mod identity;
+pub mod kube_client;
 pub mod net;
 pub mod rotation;
 pub mod server;

@@ -214,7 +214,7 @@ fn set(a: SetArgs) -> anyhow::Result<()> {
 fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     let (store, _) = a.store.open()?;
     let td = &a.trust_domain;
-    let uses = uses_of(&a.store, store.dir(), td)?;
+    let uses = uses_of(&a.store, a.store.files_dir()?.as_deref(), td)?;
     if a.store.config_path().is_none() && a.mode == DeleteMode::Restrict {
         println!("no --config: checked the peers of the running server only ({STATUS_FILE})");
     }
@@ -246,20 +246,22 @@ fn delete(a: DeleteArgs) -> anyhow::Result<()> {
 /// peers in the status file it writes beside the state).
 fn uses_of(
     args: &StoreArgs,
-    dir: &std::path::Path,
+    dir: Option<&std::path::Path>,
     td: &TrustDomain,
 ) -> anyhow::Result<Vec<Association>> {
     let mut uses = match (args.federation()?, args.config_path()) {
         (Some(f), Some(path)) => f.uses_of(td, &path.display().to_string()),
         _ => Vec::new(),
     };
-    let polled = read_status_file(dir).contains_key(&td.to_string());
+    let polled = dir.is_some_and(|d| read_status_file(d).contains_key(&td.to_string()));
     let listed = uses.iter().any(|u| matches!(u, Association::Peer { .. }));
     if polled && !listed {
         uses.push(Association::Peer {
             seen_in: format!(
                 "the running server fetches it: {}",
-                dir.join(STATUS_FILE).display()
+                dir.unwrap_or(std::path::Path::new("."))
+                    .join(STATUS_FILE)
+                    .display()
             ),
         });
     }
@@ -267,7 +269,6 @@ fn uses_of(
 }
 
 fn refresh(a: RefreshArgs) -> anyhow::Result<()> {
-    let (store, _) = a.store.open()?;
     if let (Some(f), Some(path)) = (a.store.federation()?, a.store.config_path()) {
         if !f.peer_trust_domains().contains(&a.trust_domain) {
             bail!(
@@ -277,7 +278,10 @@ fn refresh(a: RefreshArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let dir = store.dir().join(federation::REFRESH_DIR);
+    let Some(files) = a.store.files_dir()? else {
+        bail!("a refresh request goes to the server's state_dir: give --config (the state is in a Secret)");
+    };
+    let dir = files.join(federation::REFRESH_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let request = dir.join(a.trust_domain.to_string());
     std::fs::write(&request, b"").with_context(|| format!("writing {}", request.display()))?;

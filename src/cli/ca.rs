@@ -9,7 +9,7 @@ use crate::{
     ca::{cert, plugin, root, Authority, IssuancePolicy, KeyType},
     clock::{Clock, SystemClock},
     spiffe::TrustDomain,
-    state::{write_file_atomic, CaState, DirStore, IssuedIntermediate, StateStore},
+    state::{write_file_atomic, CaState, IssuedIntermediate, StateLocation, StateStore},
 };
 
 #[derive(Debug, Subcommand)]
@@ -20,14 +20,36 @@ pub(super) enum CaCommand {
     Intermediate(IntermediateArgs),
 }
 
+/// Where the CA state is, for the commands that need nothing else of a server config.
+#[derive(Debug, Args)]
+pub(super) struct StateArg {
+    /// Where the CA state is: a directory, or kube://NAMESPACE/NAME for a Kubernetes Secret.
+    #[arg(
+        long = "state",
+        visible_alias = "state-dir",
+        value_name = "DIR|kube://NS/NAME"
+    )]
+    state: StateLocation,
+    /// The kubeconfig for a kube:// state (default: in-cluster, or KUBECONFIG).
+    #[arg(long, value_name = "FILE")]
+    state_kubeconfig: Option<PathBuf>,
+}
+
+impl StateArg {
+    pub(super) fn open(&self) -> anyhow::Result<Arc<dyn StateStore>> {
+        Ok(self.state.open(self.state_kubeconfig.as_deref())?)
+    }
+}
+
 #[derive(Debug, Args)]
 pub(super) struct InitArgs {
     /// Trust domain of the mesh, e.g. cluster.local.
     #[arg(long)]
     trust_domain: TrustDomain,
-    /// Directory for the CA state (created 0700 if missing; must not hold a state already).
-    #[arg(long)]
-    state_dir: PathBuf,
+    /// Where to create the CA state: a directory (created 0700 if missing) or
+    /// kube://NAMESPACE/NAME for a Kubernetes Secret; it must not hold a state already.
+    #[command(flatten)]
+    state: StateArg,
     /// Key algorithm of the generated root.
     #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
     key_type: KeyType,
@@ -46,9 +68,9 @@ pub(super) struct InitArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct IntermediateArgs {
-    /// Directory of the CA state holding the root.
-    #[arg(long)]
-    state_dir: PathBuf,
+    /// The CA state holding the root.
+    #[command(flatten)]
+    state: StateArg,
     /// Name of the cluster the intermediate is for (appears in its subject).
     #[arg(long)]
     cluster: String,
@@ -74,7 +96,7 @@ impl CaCommand {
 }
 
 fn init(a: InitArgs) -> anyhow::Result<()> {
-    let store = DirStore::new(&a.state_dir);
+    let store = a.state.open()?;
     if store
         .load()
         .with_context(|| format!("reading {}", store.location()))?
@@ -131,7 +153,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
 }
 
 fn intermediate(a: IntermediateArgs) -> anyhow::Result<()> {
-    let store = DirStore::new(&a.state_dir);
+    let store = a.state.open()?;
     let current = store.load_existing()?;
     let state = &current.state;
     let root = state.signing_root()?;

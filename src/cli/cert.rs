@@ -10,7 +10,7 @@ use crate::{
     ca::{Authority, IssuancePolicy, DEFAULT_BACKDATE, DEFAULT_MAX_TTL},
     clock::SystemClock,
     spiffe::SpiffeId,
-    state::{write_file_atomic, DirStore, StateStore},
+    state::{write_file_atomic, StateStore},
 };
 
 #[derive(Debug, Subcommand)]
@@ -25,9 +25,8 @@ pub(super) enum CertCommand {
 
 #[derive(Debug, Args)]
 pub(super) struct IssueArgs {
-    /// Directory of the CA state.
-    #[arg(long)]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: super::ca::StateArg,
     /// The identity to certify, e.g. spiffe://cluster.local/ns/shop/sa/product-service.
     #[arg(long)]
     spiffe_id: SpiffeId,
@@ -56,7 +55,7 @@ impl CertCommand {
 }
 
 fn issue(a: IssueArgs) -> anyhow::Result<()> {
-    let store = DirStore::new(&a.state_dir);
+    let store = a.state.open()?;
     let state = store.load_existing()?.state;
     let policy = IssuancePolicy {
         default_ttl: crate::ca::DEFAULT_TTL.min(a.max_ttl),

@@ -10,6 +10,7 @@ mod dev;
 mod inspect;
 mod root;
 mod server;
+mod state;
 mod token;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Command {
     /// Issue and inspect certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Move the CA state between a directory and a Kubernetes Secret.
+    #[command(subcommand)]
+    State(state::StateCommand),
     /// Check service-account tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ca(c) => c.run(),
+        Command::State(c) => c.run(),
         Command::Root(c) => c.run(),
         Command::Bundle(c) => c.run(),
         Command::Cert(c) => c.run(),

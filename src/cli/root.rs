@@ -13,7 +13,7 @@ use crate::{
     clock::{rfc3339, Clock, SystemClock},
     config::Config,
     rotation::{self, Candidate, Ctx, Finished, GuidedOptions, HttpStatus},
-    state::{Actor, CaState, DirStore, JournalEntry, RootRecord, StateStore},
+    state::{Actor, CaState, JournalEntry, RootRecord, StateLocation, StateStore},
 };
 
 const JOURNAL_SHOWN: usize = 10;
@@ -65,13 +65,22 @@ pub(super) struct RotateArgs {
     reason: Option<String>,
 }
 
-/// Where the state is: `--state-dir`, or the `state_dir` of a server config file.
+/// Where the state is: `--state`, or the state of a server config file.
 #[derive(Debug, Args)]
 pub(super) struct StoreArgs {
-    /// Directory of the CA state.
-    #[arg(long, required_unless_present = "config")]
-    state_dir: Option<PathBuf>,
-    /// The server's TOML config: its state_dir (unless --state-dir) and issuance.max_ttl.
+    /// Where the CA state is: a directory, or kube://NAMESPACE/NAME for a Kubernetes Secret.
+    #[arg(
+        long = "state",
+        visible_alias = "state-dir",
+        value_name = "DIR|kube://NS/NAME",
+        required_unless_present = "config"
+    )]
+    state: Option<StateLocation>,
+    /// The kubeconfig for a kube:// state (default: the config's state_kubeconfig, else
+    /// in-cluster or KUBECONFIG).
+    #[arg(long, value_name = "FILE")]
+    state_kubeconfig: Option<PathBuf>,
+    /// The server's TOML config: its state (unless --state) and issuance.max_ttl.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -207,15 +216,27 @@ impl StoreArgs {
     }
 
     /// The store, and the max leaf TTL to assume.
-    pub(super) fn open(&self) -> anyhow::Result<(DirStore, Duration)> {
+    pub(super) fn open(&self) -> anyhow::Result<(std::sync::Arc<dyn StateStore>, Duration)> {
         let cfg = self.read_config()?;
-        let dir = match (&self.state_dir, &cfg) {
-            (Some(d), _) => d.clone(),
-            (None, Some(c)) => c.state_dir.clone(),
-            (None, None) => bail!("give --state-dir or --config"),
+        let location = match (&self.state, &cfg) {
+            (Some(l), _) => l.clone(),
+            (None, Some(c)) => c.state_location(),
+            (None, None) => bail!("give --state or --config"),
         };
+        let kubeconfig = (self.state_kubeconfig.clone())
+            .or_else(|| cfg.as_ref().and_then(|c| c.state_kubeconfig.clone()));
         let max_ttl = cfg.map_or(DEFAULT_MAX_TTL, |c| c.issuance.max_ttl);
-        Ok((DirStore::new(dir), max_ttl))
+        Ok((location.open(kubeconfig.as_deref())?, max_ttl))
+    }
+
+    /// The directory of the server's own files (the federation status it writes, the refresh
+    /// requests it reads): the state directory, or the config's `state_dir` when the state is
+    /// in a Secret.
+    pub(super) fn files_dir(&self) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(d) = self.state.as_ref().and_then(StateLocation::dir) {
+            return Ok(Some(d.to_owned()));
+        }
+        Ok(self.read_config()?.map(|c| c.state_dir))
     }
 
     /// Reads the server config for the CLI. Every key must parse, as for the server (a typo is
@@ -441,7 +462,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .store
         .federation()?
         .map(|f| f.peers.iter().map(|p| p.trust_domain.to_string()).collect());
-    let federation = federation_json(state, store.dir(), config_peers);
+    let federation = federation_json(state, a.store.files_dir()?.as_deref(), config_peers);
     match a.output {
         Output::Json => {
             let doc = json!({
@@ -502,14 +523,13 @@ fn print_server(st: &rotation::RotationStatus) {
 /// status file it keeps beside the state), and dissociated trust domains.
 fn federation_json(
     state: &CaState,
-    dir: &std::path::Path,
+    dir: Option<&std::path::Path>,
     config_peers: Option<std::collections::BTreeSet<String>>,
 ) -> serde_json::Value {
     use crate::trust::federation::{read_status_file, STATUS_FILE};
-    let mut live = read_status_file(dir);
+    let mut live = dir.map(read_status_file).unwrap_or_default();
     let peers = config_peers.or_else(|| {
-        dir.join(STATUS_FILE)
-            .exists()
+        dir.is_some_and(|d| d.join(STATUS_FILE).exists())
             .then(|| live.keys().cloned().collect())
     });
     let trusted = |td: &str| peers.as_ref().map(|p| p.contains(td));

@@ -21,6 +21,13 @@ pub(super) struct ServerArgs {
     /// Directory of the CA state (overrides state_dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where the CA state is: a directory, or kube://NAMESPACE/NAME for a Kubernetes Secret
+    /// (overrides state; the directory then keeps only the server's own files).
+    #[arg(long, value_name = "LOCATION")]
+    state: Option<crate::state::StateLocation>,
+    /// The kubeconfig for a kube:// state (overrides state_kubeconfig; default in-cluster or KUBECONFIG).
+    #[arg(long, value_name = "FILE")]
+    state_kubeconfig: Option<PathBuf>,
     /// gRPC over TLS address (overrides listen.grpc; default 0.0.0.0:15012).
     #[arg(long, value_name = "ADDR")]
     grpc_listen: Option<SocketAddr>,
@@ -126,10 +133,19 @@ impl ServerArgs {
                 })?
             }
             None => Config {
-                state_dir: self
-                    .state_dir
-                    .clone()
-                    .context("--state-dir is required without --config")?,
+                state_dir: match (&self.state_dir, &self.state) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(crate::state::StateLocation::Dir(d))) => d.clone(),
+                    (None, Some(secret)) => std::env::temp_dir().join(format!(
+                        "meshid-{}",
+                        secret.to_string().replace(['/', ':'], "_")
+                    )),
+                    (None, None) => {
+                        anyhow::bail!("--state (or --state-dir) is required without --config")
+                    }
+                },
+                state: None,
+                state_kubeconfig: None,
                 listen: Default::default(),
                 server_identity: Default::default(),
                 issuance: Default::default(),
@@ -151,6 +167,17 @@ impl ServerArgs {
     fn apply_overrides(self, cfg: &mut Config) {
         if let Some(d) = self.state_dir {
             cfg.state_dir = d;
+        }
+        match self.state {
+            Some(crate::state::StateLocation::Dir(d)) => {
+                cfg.state_dir = d;
+                cfg.state = None;
+            }
+            Some(secret) => cfg.state = Some(secret),
+            None => {}
+        }
+        if self.state_kubeconfig.is_some() {
+            cfg.state_kubeconfig = self.state_kubeconfig;
         }
         if let Some(a) = self.grpc_listen {
             cfg.listen.grpc = a;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{identity::kube_client, ServerError, Wiring};
+use super::{ServerError, Wiring};
+use crate::kube_client::kube_client;
 use crate::{
     api::{lifetime::StreamLimits, Authenticator, EdsService},
     discovery::{

@@ -12,6 +12,7 @@ use crate::{
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, IdentityError, JwksSource,
         JwksValidator, JwtConfig, TokenReviewConfig, TokenReviewValidator, TokenValidator,
     },
+    kube_client::{kube_client, KubeClientError},
     spiffe::TrustDomain,
 };
 
@@ -40,43 +41,6 @@ pub(super) async fn build_router(
         }
     }
     Ok(router)
-}
-
-/// Why no Kubernetes client could be built.
-#[derive(Debug, Error)]
-pub enum KubeClientError {
-    #[error("kubeconfig {}: {source}", path.display())]
-    Kubeconfig {
-        path: std::path::PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("no in-cluster or KUBECONFIG configuration: {0}")]
-    Infer(#[source] kube::Error),
-    #[error("{0}")]
-    Client(#[from] kube::Error),
-}
-
-/// A kube client from a kubeconfig file, or in-cluster/`KUBECONFIG` configuration.
-pub async fn kube_client(
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<kube::Client, KubeClientError> {
-    match kubeconfig {
-        Some(path) => {
-            let bad = |source| KubeClientError::Kubeconfig {
-                path: path.to_owned(),
-                source,
-            };
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
-            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(bad)?;
-            Ok(kube::Client::try_from(config)?)
-        }
-        None => kube::Client::try_default()
-            .await
-            .map_err(KubeClientError::Infer),
-    }
 }
 
 /// Why a cluster's token validator could not be built.

@@ -13,7 +13,8 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 use thiserror::Error;
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use identity::{kube_client, KubeClientError, ValidatorError};
+pub use crate::kube_client::{kube_client, KubeClientError};
+pub use identity::ValidatorError;
 
 use crate::{
     api::{lifetime::StreamLimits, Authenticator, CsrService, SdsService},
@@ -24,7 +25,7 @@ use crate::{
     rotation::{Issued, Propagation, Renewer},
     shutdown::stopping,
     spiffe::{SpiffeId, TrustDomain},
-    state::DirStore,
+    state::StateStore,
     telemetry::{serve_http, HttpLimits, Metrics},
     tls::{certified_key, grpc_server_config, RotatingCert},
     trust::{federation::FederationStatus, federation_run, CaSnapshot, LiveCa, LiveCaError},
@@ -37,6 +38,8 @@ pub enum ServerError {
     Config(Vec<String>),
     #[error("loading the CA: {0}")]
     Ca(#[from] LiveCaError),
+    #[error("the CA state: {0}")]
+    State(#[from] crate::state::StateError),
     #[error("identity backend for cluster {cluster}: {source}")]
     Identity {
         cluster: String,
@@ -110,11 +113,15 @@ impl Wiring<'_> {
 /// Builds and starts everything `cfg` describes.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
-    let store = Arc::new(DirStore::new(&cfg.state_dir));
-    let (policy, c2, s2) = (cfg.issuance, clock.clone(), store.clone());
-    let live = tokio::task::spawn_blocking(move || LiveCa::load(s2, policy, c2))
-        .await
-        .map_err(|e| ServerError::ServingCert(format!("the CA load task failed: {e}")))??;
+    let (location, kubeconfig) = (cfg.state_location(), cfg.state_kubeconfig.clone());
+    let (policy, c2) = (cfg.issuance, clock.clone());
+    let (store, live) = tokio::task::spawn_blocking(move || {
+        let store = location.open(kubeconfig.as_deref())?;
+        let live = LiveCa::load(store.clone(), policy, c2)?;
+        Ok::<_, ServerError>((store, live))
+    })
+    .await
+    .map_err(|e| ServerError::ServingCert(format!("the CA load task failed: {e}")))??;
     let live = Arc::new(live);
     let td = live.current().authority.trust_domain().clone();
     let (stop, stop_rx) = watch::channel(false);
@@ -353,7 +360,7 @@ async fn serve_http_surface(
 /// The schedules: automatic rotation, and the root ConfigMap publishers when enabled.
 async fn schedules(
     w: &mut Wiring<'_>,
-    store: &Arc<DirStore>,
+    store: &Arc<dyn StateStore>,
     live: &Arc<LiveCa>,
     propagation: &Arc<Propagation>,
 ) -> Result<(), ServerError> {

@@ -17,39 +17,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
-
 use super::{
     atomic::{commit_temp, temp_prefix, write_temp},
     document::CaState,
+    envelope,
     error::StateError,
     generation::Generation,
-    store::{StateStore, Versioned},
+    store::{ChangeWatch, StateStore, Versioned},
 };
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = ".lock";
-const FORMAT: &str = "meshid-ca-state/v1";
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The on-disk envelope. The checksum covers format, generation and the exact state text,
-/// so a torn or bit-rotted file is detected rather than half-read.
-#[derive(Serialize, Deserialize)]
-struct Envelope<'a> {
-    format: String,
-    generation: u64,
-    checksum: String,
-    #[serde(borrow)]
-    state: &'a RawValue,
-}
-
-fn checksum(format: &str, generation: u64, body: &str) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(format!("{format}\n{generation}\n").as_bytes());
-    ctx.update(body.as_bytes());
-    format!("sha256:{}", crate::ca::cert::hex(ctx.finish().as_ref()))
-}
 
 /// A state directory: `state.json` (0600), `.lock`, in a 0700 directory.
 #[derive(Clone, Debug)]
@@ -66,6 +45,8 @@ enum CrashPoint {
     BeforeRename,
     /// The rename fails (as on EXDEV, EIO or a read-only remount).
     RenameFails,
+    /// Not a crash: a first write that keeps the generation of a migrated state.
+    KeepGeneration(Generation),
 }
 
 // === impl DirStore ===
@@ -180,29 +161,7 @@ impl DirStore {
         let Some(bytes) = self.read_private(&path)? else {
             return Ok(None);
         };
-        let corrupted = |why: String| StateError::Corrupted {
-            path: path.clone(),
-            why,
-        };
-        let env: Envelope<'_> = serde_json::from_slice(&bytes)
-            .map_err(|e| corrupted(format!("not a state document: {e}")))?;
-        if env.format != FORMAT {
-            return Err(StateError::UnsupportedFormat {
-                path,
-                found: env.format,
-                expected: FORMAT,
-            });
-        }
-        if checksum(&env.format, env.generation, env.state.get()) != env.checksum {
-            return Err(corrupted("checksum mismatch".into()));
-        }
-        let state: CaState = serde_json::from_str(env.state.get())
-            .map_err(|e| corrupted(format!("bad state body: {e}")))?;
-        state.validate()?;
-        Ok(Some(Versioned {
-            generation: Generation(env.generation),
-            state,
-        }))
+        envelope::decode(&bytes, &path).map(Some)
     }
 
     fn remove_stale_temps(&self) {
@@ -232,17 +191,11 @@ impl DirStore {
             return Err(StateError::Conflict { expected, found });
         }
         self.remove_stale_temps();
-        let generation = found.map_or(1, |g| g.0 + 1);
-        let body =
-            serde_json::to_string_pretty(state).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let raw = RawValue::from_string(body).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let env = Envelope {
-            format: FORMAT.into(),
-            generation,
-            checksum: checksum(FORMAT, generation, raw.get()),
-            state: &raw,
+        let generation = match (crash, found) {
+            (CrashPoint::KeepGeneration(g), None) => g.0,
+            (_, found) => found.map_or(1, |g| g.0 + 1),
         };
-        let bytes = serde_json::to_vec(&env).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let bytes = envelope::encode(state, generation)?;
         let path = self.state_path();
         let tmp = write_temp(&path, &bytes, 0o600)?;
         let committed = match crash {
@@ -253,7 +206,7 @@ impl DirStore {
             CrashPoint::RenameFails => Err(self.io("rename", &path)(std::io::Error::other(
                 "simulated rename failure",
             ))),
-            CrashPoint::None => commit_temp(&tmp, &path),
+            CrashPoint::None | CrashPoint::KeepGeneration(_) => commit_temp(&tmp, &path),
         };
         // A failed write must not leave a key-bearing temp file behind.
         committed.inspect_err(|_| {
@@ -268,9 +221,19 @@ impl StateStore for DirStore {
         self.read()
     }
 
-    /// Every write renames a new file over the state file.
-    fn watched_file(&self) -> Option<PathBuf> {
-        Some(self.state_path())
+    /// Every write renames a new file over the state file, which is watched.
+    fn on_change(
+        &self,
+        wake: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<Option<ChangeWatch>, StateError> {
+        let path = self.state_path();
+        crate::fswatch::watch_file(&path, wake)
+            .map(|w| Some(ChangeWatch::new(w)))
+            .map_err(|e| StateError::Io {
+                op: "watching",
+                path,
+                error: std::io::Error::other(e),
+            })
     }
 
     fn compare_and_swap(
@@ -279,6 +242,14 @@ impl StateStore for DirStore {
         state: &CaState,
     ) -> Result<Generation, StateError> {
         self.write(expected, state, CrashPoint::None)
+    }
+
+    fn create_migrated(&self, from: &Versioned) -> Result<Generation, StateError> {
+        self.write(
+            None,
+            &from.state,
+            CrashPoint::KeepGeneration(from.generation),
+        )
     }
 
     fn location(&self) -> String {

@@ -29,7 +29,7 @@ pub enum StateError {
     },
     #[error("a CA state already exists in {path}; refusing to overwrite it")]
     AlreadyInitialized { path: PathBuf },
-    #[error("no CA state in {path}; create one with `meshid ca init --state-dir {}`", path.display())]
+    #[error("no CA state in {path}; create one with `meshid ca init --state {}`", path.display())]
     NotInitialized { path: PathBuf },
     #[error(
         "timed out after {secs}s waiting for the lock on {path}; is another meshid process stuck?"
@@ -37,6 +37,18 @@ pub enum StateError {
     LockTimeout { path: PathBuf, secs: u64 },
     #[error("{path} holds private keys but is accessible to group or others (mode {mode:04o}); refusing to use it: run `chmod 600 {}` and check who could have read it", path.display())]
     InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("{op} {location}: {why}")]
+    Remote {
+        op: &'static str,
+        location: String,
+        why: String,
+    },
+    #[error("the CA state would be {size} bytes in {location}, above the {max} a Kubernetes Secret can hold; nothing was written (trim federated bundles or old roots)")]
+    TooLarge {
+        location: String,
+        size: usize,
+        max: usize,
+    },
     #[error("CA state is invalid: {0}")]
     Invalid(String),
 }

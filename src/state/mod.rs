@@ -1,12 +1,16 @@
 //! Persistence of the CA state: the document, atomic file writes, and stores with
-//! compare-and-swap on a generation number; the rotation journal inside the document.
+//! compare-and-swap on a generation number (a directory, or a Kubernetes Secret); the
+//! rotation journal inside the document.
 
 mod atomic;
 mod dir;
 mod document;
+mod envelope;
 mod error;
 mod generation;
 mod journal;
+pub mod kube;
+mod location;
 mod root_state;
 mod store;
 
@@ -20,5 +24,7 @@ pub use document::{
 pub use error::StateError;
 pub use generation::Generation;
 pub use journal::{Actor, JournalAction, JournalEntry, JOURNAL_MAX};
+pub use kube::KubeStore;
+pub use location::{LocationError, StateLocation};
 pub use root_state::RootState;
-pub use store::{StateStore, Versioned};
+pub use store::{ChangeWatch, StateStore, Versioned};

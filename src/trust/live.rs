@@ -157,21 +157,18 @@ impl LiveCa {
         Ok(true)
     }
 
-    /// Reloads whenever the store's file changes (watched), and at least every `interval` (the
-    /// poll backs up a watch that misses events, e.g. on a network file system, or that could
-    /// not be set up), until `stop` fires.
+    /// Reloads whenever the store says it changed (a watched file or Secret), and at least
+    /// every `interval` (the poll backs up a watch that misses events, e.g. on a network file
+    /// system, or that could not be set up), until `stop` fires.
     pub async fn watch_store(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
         let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
-        let _watcher = self
-            .store
-            .watched_file()
-            .and_then(|file| match crate::fswatch::watch_file(&file, wake_tx) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, poll = ?interval, "the state file cannot be watched; changes are picked up by polling only");
-                    None
-                }
-            });
+        let _watcher = match self.store.on_change(wake_tx) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(state = %self.store.location(), error = %e, poll = ?interval, "the state cannot be watched; changes are picked up by polling only");
+                None
+            }
+        };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}

@@ -321,6 +321,10 @@ impl StateStore for Flaky {
     fn location(&self) -> String {
         self.inner.location()
     }
+
+    fn create_migrated(&self, from: &Versioned) -> Result<Generation, StateError> {
+        self.inner.create_migrated(from)
+    }
 }
 
 /// A resumable rotation: reads where the state stands (the journal, the root states) and

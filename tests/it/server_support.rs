@@ -88,6 +88,8 @@ impl TestServer {
         .unwrap();
         let mut cfg = Config {
             state_dir: dir.path().join("state"),
+            state: None,
+            state_kubeconfig: None,
             listen: config::Listen {
                 grpc: "127.0.0.1:0".parse().unwrap(),
                 http: "127.0.0.1:0".parse().unwrap(),

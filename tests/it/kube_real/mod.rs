@@ -12,4 +12,5 @@ mod mesh;
 mod process;
 mod proxy;
 mod rbac;
+mod state;
 mod support;
