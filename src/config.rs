@@ -66,6 +66,10 @@ pub struct Config {
     /// SPIFFE federation: our bundle endpoint and the peers whose bundles we trust.
     #[serde(default)]
     pub federation: crate::trust::FederationConfig,
+    /// Leader election among replicas (`[leader_election]`, off by default): only the leader
+    /// runs the schedules.
+    #[serde(default)]
+    pub leader_election: crate::leader::LeaderElectionConfig,
 }
 
 impl Config {
@@ -178,6 +182,7 @@ impl Config {
         self.server_identity.validate(&mut errs);
         validate_clusters(&self.clusters, self.limits.unary_timeout, &mut errs);
         self.xds.validate(&mut errs);
+        self.leader_election.validate(&mut errs);
         if let Some(d) = &self.discovery {
             d.validate(&mut errs);
         }

@@ -7,7 +7,8 @@
 //! - foundations: `clock` (injected time), `duration` (parsing, printing, serde), `backoff` (the
 //!   one retry schedule), `shutdown` (the stop signal), `deadline`, `fswatch` (file changes),
 //!   `net` (listeners, the accept loop, connection adapters), `http_client` (the one HTTP GET),
-//!   `kube_client` (the one way a Kubernetes client is built)
+//!   `kube_client` (the one way a Kubernetes client is built), `leader` (leader election on a
+//!   Lease; the schedules run on the leader only)
 //! - `spiffe` (SPIFFE IDs and trust domains), `ca` (the authority: keys, templates, signing,
 //!   validation, CRLs), `state` (the state document, its journal, atomic writes; a directory or a
 //!   Kubernetes Secret)
@@ -35,6 +36,7 @@ pub mod fswatch;
 pub mod http_client;
 pub mod identity;
 pub mod kube_client;
+pub mod leader;
 pub mod net;
 pub mod rotation;
 pub mod server;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub discovery_mismatches: Gauge,
     pub discovery_declared_without_proxy: Gauge,
     pub identity_backend_up: Family<Labels, Gauge>,
+    /// 1 while this replica leads (runs the schedules).
+    pub leader: Gauge,
     pub federation_refreshes: Family<Labels, Counter>,
     pub federation_up: Family<Labels, Gauge>,
     pub federation_sequence: Family<Labels, Gauge>,
@@ -82,6 +84,7 @@ impl Metrics {
             discovery_mismatches: Gauge::default(),
             discovery_declared_without_proxy: Gauge::default(),
             identity_backend_up: Family::default(),
+            leader: Gauge::default(),
             federation_refreshes: Family::default(),
             federation_up: Family::default(),
             federation_sequence: Family::default(),
@@ -93,6 +96,11 @@ impl Metrics {
             "meshid_csr_requests",
             "CreateCertificate requests received",
             m.csr_requests.clone(),
+        );
+        r.register(
+            "meshid_leader",
+            "1 while this replica holds the leader Lease and runs the schedules (automatic rotation, federation polling, ConfigMap publishing); 1 without leader election",
+            m.leader.clone(),
         );
         r.register(
             "meshid_identity_backend_up",

@@ -159,6 +159,7 @@ impl ServerArgs {
                 auto_rotation: Default::default(),
                 root_cert_configmap: Default::default(),
                 federation: Default::default(),
+                leader_election: Default::default(),
             },
         })
     }

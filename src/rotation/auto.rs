@@ -134,6 +134,7 @@ pub fn auto_step(state: &CaState, cfg: &AutoRotation, now: OffsetDateTime) -> Au
 }
 
 /// What the schedule loop needs from the running server.
+#[derive(Clone)]
 pub struct Schedule {
     pub cfg: AutoRotation,
     pub store: Arc<dyn StateStore>,

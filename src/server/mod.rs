@@ -101,6 +101,8 @@ struct Wiring<'a> {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    /// Whether this replica leads (runs the schedules).
+    leading: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -130,8 +132,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         clock,
         metrics: Arc::new(Metrics::new()),
         stop: stop_rx,
+        leading: crate::leader::always_leading(),
         tasks: Vec::new(),
     };
+    leadership(&mut w).await?;
     let router = identity::build_router(&cfg, &td, &w.clock).await?;
     let auth = Authenticator::new(router.clone(), w.metrics.clone());
     let serving = serving_cert(&mut w, &td, &live)?;
@@ -152,6 +156,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
         clock: &w.clock,
         metrics: &w.metrics,
         stop: &w.stop,
+        leading: &w.leading,
     })
     .await
     .map_err(ServerError::Config)?;
@@ -357,6 +362,33 @@ async fn serve_http_surface(
     Ok(addr)
 }
 
+/// Whether this replica leads: the Lease's verdict with `[leader_election]`, else always; the
+/// `meshid_leader` gauge follows it.
+async fn leadership(w: &mut Wiring<'_>) -> Result<(), ServerError> {
+    let le = &w.cfg.leader_election;
+    if le.enabled {
+        let client = kube_client(le.kubeconfig.as_deref())
+            .await
+            .map_err(|e| ServerError::Config(vec![format!("leader_election: {e}")]))?;
+        let identity = (le.identity.clone()).unwrap_or_else(crate::rotation::replica_name);
+        let (tx, rx) = watch::channel(false);
+        let elector = crate::leader::Elector::new(client, le.clone(), identity, w.clock.clone());
+        w.spawn(elector.run(tx, w.stop.clone()));
+        w.leading = rx;
+    }
+    let (mut leading, metrics, mut stop) = (w.leading.clone(), w.metrics.clone(), w.stop.clone());
+    w.spawn(async move {
+        loop {
+            metrics.leader.set(i64::from(*leading.borrow_and_update()));
+            tokio::select! {
+                r = leading.changed() => if r.is_err() { return },
+                () = stopping(&mut stop) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The schedules: automatic rotation, and the root ConfigMap publishers when enabled.
 async fn schedules(
     w: &mut Wiring<'_>,
@@ -376,7 +408,11 @@ async fn schedules(
         publication_hint: (cfg.federation.bundle_endpoint.as_ref())
             .map(|_| cfg.federation.refresh_hint),
     };
-    w.spawn(schedule.run(w.stop.clone()));
+    w.spawn(crate::leader::while_leading(
+        w.leading.clone(),
+        w.stop.clone(),
+        move |stop| schedule.clone().run(stop),
+    ));
     let rc = &cfg.root_cert_configmap;
     if !rc.enabled {
         return Ok(());
@@ -392,12 +428,19 @@ async fn schedules(
         crate::trust::configmap::ROOT_CERT,
         crate::trust::configmap::CA_CRL,
     ] {
-        w.spawn(crate::trust::configmap::publish_document(
-            client.clone(),
-            selector.clone(),
-            live.subscribe(),
-            doc,
+        let (client, selector, live) = (client.clone(), selector.clone(), live.clone());
+        w.spawn(crate::leader::while_leading(
+            w.leading.clone(),
             w.stop.clone(),
+            move |stop| {
+                crate::trust::configmap::publish_document(
+                    client.clone(),
+                    selector.clone(),
+                    live.subscribe(),
+                    doc,
+                    stop,
+                )
+            },
         ));
     }
     Ok(())

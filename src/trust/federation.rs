@@ -131,7 +131,8 @@ impl FederationStatus {
 
 // === the client ===
 
-/// One peer's poll loop, and a handle to ask it to fetch now.
+/// One peer's poll loop, and a handle to ask it to fetch now (shared by its clones).
+#[derive(Clone)]
 pub struct PeerClient {
     cfg: PeerConfig,
     store: Arc<dyn StateStore>,

@@ -37,6 +37,9 @@ pub struct Inputs<'a> {
     pub clock: &'a Arc<dyn Clock>,
     pub metrics: &'a Arc<Metrics>,
     pub stop: &'a watch::Receiver<bool>,
+    /// Whether this replica leads: peers are polled by the leader only (every replica serves
+    /// the bundles stored in the shared state).
+    pub leading: &'a watch::Receiver<bool>,
 }
 
 /// The running federation parts.
@@ -109,14 +112,18 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
         )
         .map_err(|why| vec![why.to_string()])?;
         refresh.insert(peer.trust_domain.clone(), client.refresh_handle());
-        tasks.push(tokio::spawn(client.run(i.stop.clone())));
+        tasks.push(tokio::spawn(crate::leader::while_leading(
+            i.leading.clone(),
+            i.stop.clone(),
+            move |stop| client.clone().run(stop),
+        )));
     }
     if !refresh.is_empty() {
-        tasks.push(tokio::spawn(refresh_requests(
-            i.state_dir.join(REFRESH_DIR),
-            refresh.clone(),
-            i.poll,
+        let (dir, handles, poll) = (i.state_dir.join(REFRESH_DIR), refresh.clone(), i.poll);
+        tasks.push(tokio::spawn(crate::leader::while_leading(
+            i.leading.clone(),
             i.stop.clone(),
+            move |stop| refresh_requests(dir.clone(), handles.clone(), poll, stop),
         )));
     }
     Ok(Started {

@@ -129,6 +129,7 @@ impl TestServer {
             auto_rotation: Default::default(),
             root_cert_configmap: Default::default(),
             federation: Default::default(),
+            leader_election: Default::default(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
