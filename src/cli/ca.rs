@@ -136,7 +136,18 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         Arc::new(SystemClock),
     )?;
     authority.self_test()?;
-    let generation = store.compare_and_swap(None, &state)?;
+    let generation = match store.compare_and_swap(None, &state) {
+        Ok(g) => g,
+        // Another replica's init container created it between our read and our write.
+        Err(crate::state::StateError::Conflict { .. }) if a.if_absent => {
+            println!(
+                "a CA state was created in {} meanwhile; left unchanged (--if-absent)",
+                store.location()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let root = state.signing_root()?;
     println!(
         "initialized CA for trust domain {} in {} (generation {generation})",

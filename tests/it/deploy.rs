@@ -212,9 +212,10 @@ fn kubectl_kustomize_renders_every_kustomization() {
                     "ConfigMap",
                     "Deployment",
                     "Namespace",
-                    "PersistentVolumeClaim",
                     "PodDisruptionBudget",
                     "Role",
+                    "Role",
+                    "RoleBinding",
                     "RoleBinding",
                     "Service",
                     "ServiceAccount"
@@ -339,6 +340,7 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
             "Api::<Service",
             "Api<ConfigMap",
             "Api<K",
+            "Api<Lease",
             "Api<Secret",
             "Api<SelfSubjectAccessReview",
             "Api<TokenReview",
@@ -418,9 +420,12 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
         ),
     )
     .unwrap();
-    let live =
-        meshid::trust::LiveCa::load(Arc::new(store), Default::default(), Arc::new(SystemClock))
-            .unwrap();
+    let live = meshid::trust::LiveCa::load(
+        Arc::new(store.clone()),
+        Default::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     tasks.push(tokio::spawn(meshid::trust::configmap::publish(
         api.client().await,
         meshid::trust::configmap::Selector::parse("").unwrap(),
@@ -456,6 +461,41 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     while !has("PUT", cm_path) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The CA state in Secret istio-system/meshid-ca-state (create, read, compare-and-swap,
+    // watch) and leader election on Lease istio-system/meshid-leader (create, then renew).
+    let kubeconfig = dir.path().join("fake.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig_yaml()).unwrap();
+    let secret_store = tokio::task::spawn_blocking({
+        let state = meshid::state::StateStore::load_existing(&store).unwrap();
+        let kubeconfig = kubeconfig.clone();
+        move || {
+            let secret: meshid::state::StateLocation =
+                "kube://istio-system/meshid-ca-state".parse().unwrap();
+            let to = secret.open(Some(&kubeconfig)).unwrap();
+            to.create_migrated(&state).unwrap();
+            let v = to.load_existing().unwrap();
+            to.compare_and_swap(Some(v.generation), &v.state).unwrap();
+            to
+        }
+    })
+    .await
+    .unwrap();
+    let (wake, mut woken) = tokio::sync::mpsc::channel(1);
+    let _state_watch = meshid::state::StateStore::on_change(&secret_store, wake).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), woken.recv())
+        .await
+        .expect("the state Secret is watched");
+    let mut elector = meshid::leader::Elector::new(
+        api.client().await,
+        meshid::leader::LeaderElectionConfig {
+            enabled: true,
+            ..Default::default()
+        },
+        "meshid-0".into(),
+        Arc::new(SystemClock),
+    );
+    assert!(elector.try_acquire_or_renew().await.unwrap(), "created");
+    assert!(elector.try_acquire_or_renew().await.unwrap(), "renewed");
     // Wait until every watcher has opened its watch.
     let watched = || {
         api.shared
@@ -469,7 +509,7 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
             .len()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while watched() < 10 && tokio::time::Instant::now() < deadline {
+    while watched() < 11 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);

@@ -4,9 +4,9 @@
 //! clusters grant `system:service-account-issuer-discovery`), SelfSubjectAccessReview
 //! (scriptable allowed/denied), and list + watch of pods, services, namespaces,
 //! endpointslices, peerauthentications, destinationrules, serviceentries, workloadentries,
-//! secrets and configmaps (seeded and changed by tests), and ConfigMap get/create/update per
-//! namespace (create of an existing one: 409 AlreadyExists; update with a stale
-//! resourceVersion: 409 Conflict, as kube-apiserver does).
+//! secrets, configmaps and leases (seeded and changed by tests), and get/create/update of one
+//! ConfigMap, Secret or Lease per namespace (create of an existing one: 409 AlreadyExists;
+//! update with a stale resourceVersion: 409 Conflict, as kube-apiserver does).
 //! It runs on the test's tokio runtime and stops with it.
 
 use std::{
@@ -71,6 +71,11 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
         "WorkloadEntry",
     ),
     ("/api/v1/secrets", "v1", "Secret"),
+    (
+        "/apis/coordination.k8s.io/v1/leases",
+        "coordination.k8s.io/v1",
+        "Lease",
+    ),
 ];
 
 type Body = BoxBody<Bytes, std::convert::Infallible>;
@@ -131,9 +136,12 @@ fn store_object(s: &Shared, collection: &str, mut obj: Value) -> Value {
     obj
 }
 
-/// `GET|POST /api/v1/namespaces/{ns}/configmaps[/{name}]` and `PUT .../{name}`.
-async fn configmap_call(
+/// `GET .../namespaces/{ns}/{plural}/{name}`, `POST .../namespaces/{ns}/{plural}` and `PUT
+/// .../{name}` of a ConfigMap, Secret or Lease, stored in `collection`.
+async fn object_call(
     s: &Shared,
+    collection: &str,
+    plural: &str,
     method: Method,
     ns: &str,
     name: Option<&str>,
@@ -143,43 +151,45 @@ async fn configmap_call(
         s.objects
             .lock()
             .unwrap()
-            .get(CONFIGMAPS)
+            .get(collection)
             .and_then(|m| m.get(&format!("{ns}/{n}")).cloned())
     };
-    let not_found = |n: &str| status_error(404, &format!("configmaps \"{n}\" not found"));
+    let not_found = |n: &str| status_error(404, &format!("{plural} \"{n}\" not found"));
+    let counted = || {
+        if collection == CONFIGMAPS {
+            s.configmap_writes.fetch_add(1, Ordering::SeqCst);
+        }
+    };
     match (method, name) {
         (Method::GET, Some(n)) => match stored(n) {
-            Some(cm) => json_response(StatusCode::OK, &cm),
+            Some(obj) => json_response(StatusCode::OK, &obj),
             None => not_found(n),
         },
         (Method::POST, None) => {
-            let Ok(mut cm) = serde_json::from_slice::<Value>(body) else {
-                return status_error(400, "bad ConfigMap body");
+            let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+                return status_error(400, &format!("bad {plural} body"));
             };
-            let n = cm["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            let n = obj["metadata"]["name"].as_str().unwrap_or("").to_owned();
             if stored(&n).is_some() {
-                return conflict(
-                    "AlreadyExists",
-                    &format!("configmaps \"{n}\" already exists"),
-                );
+                return conflict("AlreadyExists", &format!("{plural} \"{n}\" already exists"));
             }
-            cm["metadata"]["namespace"] = json!(ns);
-            s.configmap_writes.fetch_add(1, Ordering::SeqCst);
-            json_response(StatusCode::CREATED, &store_object(s, CONFIGMAPS, cm))
+            obj["metadata"]["namespace"] = json!(ns);
+            counted();
+            json_response(StatusCode::CREATED, &store_object(s, collection, obj))
         }
         (Method::PUT, Some(n)) => {
-            let Ok(mut cm) = serde_json::from_slice::<Value>(body) else {
-                return status_error(400, "bad ConfigMap body");
+            let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+                return status_error(400, &format!("bad {plural} body"));
             };
             let Some(current) = stored(n) else {
                 return not_found(n);
             };
-            if cm["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
-                return conflict("Conflict", &format!("Operation cannot be fulfilled on configmaps \"{n}\": the object has been modified; please apply your changes to the latest version and try again"));
+            if obj["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return conflict("Conflict", &format!("Operation cannot be fulfilled on {plural} \"{n}\": the object has been modified; please apply your changes to the latest version and try again"));
             }
-            cm["metadata"]["namespace"] = json!(ns);
-            s.configmap_writes.fetch_add(1, Ordering::SeqCst);
-            json_response(StatusCode::OK, &store_object(s, CONFIGMAPS, cm))
+            obj["metadata"]["namespace"] = json!(ns);
+            counted();
+            json_response(StatusCode::OK, &store_object(s, collection, obj))
         }
         _ => status_error(405, "method not allowed"),
     }
@@ -529,12 +539,25 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
     if discovery && !authed && s.discovery_requires_auth.load(Ordering::SeqCst) {
         return Ok(status_error(401, "Unauthorized"));
     }
-    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/") {
+    // One object of a namespace: everything but a collection's list or watch.
+    for prefix in ["/api/v1", "/apis/coordination.k8s.io/v1"] {
+        let Some(rest) = path.strip_prefix(&format!("{prefix}/namespaces/")) else {
+            continue;
+        };
         let parts: Vec<&str> = rest.split('/').collect();
-        if parts.len() >= 2 && parts[1] == "configmaps" && parts.len() <= 3 {
+        let plural = parts.get(1).copied().unwrap_or("");
+        let known = matches!(
+            (prefix, plural),
+            ("/api/v1", "configmaps" | "secrets") | ("/apis/coordination.k8s.io/v1", "leases")
+        );
+        let collection_read = method == Method::GET && parts.len() == 2;
+        if known && (2..=3).contains(&parts.len()) && !collection_read {
             let (ns, name) = (parts[0].to_owned(), parts.get(2).map(|n| n.to_string()));
+            let collection = format!("{prefix}/{plural}");
             let body = req.into_body().collect().await?.to_bytes();
-            return Ok(configmap_call(&s, method, &ns, name.as_deref(), &body).await);
+            return Ok(
+                object_call(&s, &collection, plural, method, &ns, name.as_deref(), &body).await,
+            );
         }
     }
     if method == Method::GET {

@@ -4,7 +4,11 @@
 //! call it needs, each allowed (read back from the API server's audit log); calls outside the
 //! grants are refused.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -43,7 +47,20 @@ async fn deployed_meshid(kubeconfig: std::path::PathBuf) -> TestServer {
         discovery.remote_secrets = true;
         cfg.discovery = Some(discovery);
         cfg.root_cert_configmap.enabled = true;
-        cfg.root_cert_configmap.kubeconfig = Some(kubeconfig);
+        cfg.root_cert_configmap.kubeconfig = Some(kubeconfig.clone());
+        // The state in the deployed Secret, created by meshid itself (as `ca init` does), and
+        // the deployed leader election.
+        let secret = deployed.state.expect("deploy/ keeps the state in a Secret");
+        let from = meshid::state::StateLocation::Dir(cfg.state_dir.clone())
+            .open(None)
+            .unwrap();
+        let to = secret.open(Some(&kubeconfig)).unwrap();
+        to.create_migrated(&from.load_existing().unwrap()).unwrap();
+        cfg.state = Some(secret);
+        cfg.state_kubeconfig = Some(kubeconfig.clone());
+        assert!(deployed.leader_election.enabled, "deploy/ elects a leader");
+        cfg.leader_election = deployed.leader_election;
+        cfg.leader_election.kubeconfig = Some(kubeconfig);
     })
     .await
 }
@@ -140,6 +157,34 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
     .expect("the publisher writes istio-ca-root-cert within 60 s")
     .unwrap();
 
+    // A state write under meshid's account (the CLI in a pod, or the leader's schedules) and
+    // the leader's first renewal (one retry period after it took the Lease).
+    let store_kubeconfig = kubeconfig.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = meshid::state::StateLocation::Secret {
+            namespace: "istio-system".into(),
+            name: "meshid-ca-state".into(),
+        }
+        .open(Some(&store_kubeconfig))
+        .unwrap();
+        let v = store.load_existing().unwrap();
+        store
+            .compare_and_swap(Some(v.generation), &v.state)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let renewed = Instant::now() + Duration::from_secs(15);
+    while !meshid_calls(cluster)
+        .0
+        .contains(&("update".to_owned(), "leases".to_owned()))
+    {
+        assert!(
+            Instant::now() < renewed,
+            "the leader never renewed its Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (calls, denied) = meshid_calls(cluster);
     assert!(denied.is_empty(), "calls refused to meshid: {denied:#?}");
     let has = |verb: &str, what: &str| calls.contains(&(verb.to_owned(), what.to_owned()));
@@ -151,6 +196,12 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
         ("create", "configmaps"),
         ("list", "secrets"),
         ("watch", "secrets"),
+        ("create", "secrets"),
+        ("get", "secrets"),
+        ("update", "secrets"),
+        ("create", "leases"),
+        ("get", "leases"),
+        ("update", "leases"),
     ]
     .into_iter()
     .chain(
@@ -178,8 +229,8 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
     );
     eprintln!("kube_real: meshid's calls under deploy/'s RBAC, all allowed: {calls:?}");
 
-    // Outside the grants: another Secret (get is not granted, and not outside istio-system at
-    // all), any Lease, writing Secrets.
+    // Outside the grants: another Secret (read or written), Secrets or Leases in another
+    // namespace, another Lease in istio-system.
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("kube-real-probe".into()),
@@ -193,12 +244,19 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
     let meshid = client_from(&kubeconfig).await;
     let secrets = Api::<Secret>::namespaced(meshid.clone(), "istio-system");
     refused(
-        "get a Secret in istio-system",
+        "get another Secret in istio-system",
         secrets.get("kube-real-probe").await,
     );
+    let mut probe = Api::<Secret>::namespaced(admin.clone(), "istio-system")
+        .get("kube-real-probe")
+        .await
+        .unwrap();
+    probe.string_data = Some([("k".to_owned(), "v".to_owned())].into());
     refused(
-        "create a Secret in istio-system",
-        secrets.create(&PostParams::default(), &secret).await,
+        "update another Secret in istio-system",
+        secrets
+            .replace("kube-real-probe", &PostParams::default(), &probe)
+            .await,
     );
     refused(
         "list Secrets in another namespace",
@@ -213,16 +271,33 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
         },
         ..Default::default()
     };
-    for lease_ns in [ns.as_str(), "istio-system"] {
-        let leases = Api::<Lease>::namespaced(meshid.clone(), lease_ns);
-        refused(
-            &format!("get a Lease in {lease_ns}"),
-            leases.get("kube-real-probe").await,
-        );
-        refused(
-            &format!("create a Lease in {lease_ns}"),
-            leases.create(&PostParams::default(), &lease).await,
-        );
-    }
+    let _ = Api::<Lease>::namespaced(admin.clone(), "istio-system")
+        .create(&PostParams::default(), &lease)
+        .await;
+    let leases = Api::<Lease>::namespaced(meshid.clone(), &ns);
+    refused(
+        &format!("get a Lease in {ns}"),
+        leases.get("kube-real-probe").await,
+    );
+    refused(
+        &format!("create a Lease in {ns}"),
+        leases.create(&PostParams::default(), &lease).await,
+    );
+    let system_leases = Api::<Lease>::namespaced(meshid.clone(), "istio-system");
+    refused(
+        "get another Lease in istio-system",
+        system_leases.get("kube-real-probe").await,
+    );
+    let mut other = Api::<Lease>::namespaced(admin.clone(), "istio-system")
+        .get("kube-real-probe")
+        .await
+        .unwrap();
+    other.spec = Some(Default::default());
+    refused(
+        "update another Lease in istio-system",
+        system_leases
+            .replace("kube-real-probe", &PostParams::default(), &other)
+            .await,
+    );
     server.running.shutdown().await;
 }
