@@ -60,6 +60,14 @@ pub(super) struct InitArgs {
     /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) or tls.crt, tls.key, ca.crt.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["key_type", "root_ttl"])]
     from_plugin: Option<PathBuf>,
+    /// Import Istio's CA from a Kubernetes Secret instead, NAMESPACE/NAME: `cacerts` (a plug-in
+    /// CA, either key layout, with ca-crl.pem if present) or `istio-ca-secret` (istiod's
+    /// self-signed CA), so a mesh moves to meshid without a new root.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with_all = ["key_type", "root_ttl", "from_plugin"])]
+    from_secret: Option<String>,
+    /// The kubeconfig for --from-secret (default: in-cluster, or KUBECONFIG).
+    #[arg(long, value_name = "FILE", requires = "from_secret")]
+    kubeconfig: Option<PathBuf>,
     /// Exit 0 without writing anything when a state already exists (a Kubernetes init
     /// container runs this on every start).
     #[arg(long)]
@@ -115,7 +123,13 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         );
     }
     let now = SystemClock.now();
-    let state = match &a.from_plugin {
+    // A Secret's keys become a private directory of Istio's file names, read like --from-plugin.
+    let secret_files = match &a.from_secret {
+        Some(ns_name) => Some(secret_as_plugin_dir(ns_name, a.kubeconfig.as_deref())?),
+        None => None,
+    };
+    let plugin_dir = (secret_files.as_ref().map(|d| d.path().to_owned())).or(a.from_plugin.clone());
+    let state = match &plugin_dir {
         Some(dir) => {
             let material = plugin::load_plugin_dir(dir, now)?;
             let crl = crate::ca::crl::load_plugin_crl(dir, &material, now)?;
@@ -161,6 +175,101 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         crate::clock::rfc3339(authority.chain_not_after())
     );
     Ok(())
+}
+
+/// A 0700 directory of its own under the temp dir, removed (with the keys in it) when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut nonce = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| anyhow::anyhow!("no randomness for a temp directory name"))?;
+        let path =
+            std::env::temp_dir().join(format!("meshid-import-{}", crate::ca::cert::hex(&nonce)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Istio's CA Secret `ns_name` (`cacerts` or `istio-ca-secret`) as a plug-in directory (0700,
+/// files 0600, removed when dropped). istiod's `istio-ca-secret` holds its self-signed root as
+/// `ca-cert.pem` + `ca-key.pem` (`root-cert.pem` the same root, `cert-chain.pem` empty; security
+/// `pkg/pki/ca` `NewSelfSignedIstioCAOptions`); a missing `root-cert.pem` of a self-signed
+/// `ca-cert.pem` is that certificate, as istiod reads it.
+fn secret_as_plugin_dir(
+    ns_name: &str,
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<PrivateDir> {
+    let Some((ns, name)) = ns_name.split_once('/') else {
+        bail!("--from-secret {ns_name:?}: give NAMESPACE/NAME, e.g. istio-system/cacerts");
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let secret = rt
+        .block_on(async {
+            let client = crate::kube_client::kube_client(kubeconfig).await?;
+            let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                kube::Api::namespaced(client, ns);
+            anyhow::Ok(api.get_opt(name).await?)
+        })
+        .with_context(|| format!("reading Secret {ns}/{name}"))?;
+    let Some(secret) = secret else {
+        bail!("Secret {ns}/{name} does not exist");
+    };
+    let data = secret.data.unwrap_or_default();
+    let known = [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "root-cert.pem",
+        "cert-chain.pem",
+        "ca-crl.pem",
+        "tls.crt",
+        "tls.key",
+        "ca.crt",
+    ];
+    let dir = PrivateDir::new()?;
+    let mut written = Vec::new();
+    for (k, v) in &data {
+        if known.contains(&k.as_str()) && !v.0.is_empty() {
+            write_file_atomic(&dir.path().join(k), &v.0, 0o600)?;
+            written.push(k.as_str());
+        }
+    }
+    let has = |f: &str| written.contains(&f);
+    if has("ca-cert.pem") && has("ca-key.pem") {
+        if !has("root-cert.pem") {
+            write_file_atomic(
+                &dir.path().join("root-cert.pem"),
+                &data["ca-cert.pem"].0,
+                0o600,
+            )?;
+        }
+        if !has("cert-chain.pem") {
+            write_file_atomic(&dir.path().join("cert-chain.pem"), b"", 0o600)?;
+        }
+    } else if !(has("tls.crt") && has("tls.key") && has("ca.crt")) {
+        bail!(
+            "Secret {ns}/{name} holds no CA Istio would load: it needs ca-cert.pem and ca-key.pem (cacerts, istio-ca-secret) or tls.crt, tls.key and ca.crt; it has {:?}",
+            data.keys().collect::<Vec<_>>()
+        );
+    }
+    Ok(dir)
 }
 
 fn intermediate(a: IntermediateArgs) -> anyhow::Result<()> {

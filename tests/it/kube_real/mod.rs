@@ -8,6 +8,7 @@ mod deploy_rbac;
 mod discovery;
 mod identity;
 mod istio_crds;
+mod istio_import;
 mod leader;
 mod mesh;
 mod process;
