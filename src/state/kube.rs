@@ -57,7 +57,10 @@ pub struct KubeStore {
 struct Worker {
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
+    /// For reads and writes, each bounded by [`CALL_TIMEOUT`].
     client: kube::Client,
+    /// For the watch (long-lived; the watcher has its own idle timeout).
+    watch_client: kube::Client,
 }
 
 impl Drop for Worker {
@@ -103,8 +106,12 @@ impl KubeStore {
             .map_err(|e| remote(format!("cannot start its runtime: {e}")))?;
         let handle = rt.handle().clone();
         let kubeconfig = kubeconfig.map(Path::to_owned);
-        let client = block_on(&handle, async move {
-            crate::kube_client::kube_client(kubeconfig.as_deref()).await
+        let (client, watch_client) = block_on(&handle, async move {
+            let calls =
+                crate::kube_client::kube_client_for_calls(kubeconfig.as_deref(), CALL_TIMEOUT)
+                    .await?;
+            let watch = crate::kube_client::kube_client(kubeconfig.as_deref()).await?;
+            Ok::<_, crate::kube_client::KubeClientError>((calls, watch))
         })
         .ok_or_else(|| remote("its runtime stopped".into()))?
         .map_err(|e| remote(e.to_string()))?;
@@ -115,6 +122,7 @@ impl KubeStore {
                 rt: Mutex::new(Some(rt)),
                 handle,
                 client,
+                watch_client,
             },
         })
     }
@@ -305,7 +313,7 @@ impl StateStore for KubeStore {
     /// A watch on the one Secret (`fieldSelector=metadata.name=NAME`, which RBAC authorizes
     /// by `resourceNames`); it re-lists by itself after a `410 Gone` or a lost connection.
     fn on_change(&self, wake: mpsc::Sender<()>) -> Result<Option<ChangeWatch>, StateError> {
-        let api = self.api();
+        let api: Api<Secret> = Api::namespaced(self.worker.watch_client.clone(), &self.namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let location = self.location();
         let task = self.worker.handle.spawn(async move {

@@ -27,7 +27,7 @@ use meshid::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::cluster::Cluster;
+use super::{cluster::Cluster, support::csr_identity};
 use crate::server_support::{now, sds_req, secrets, trusted_ca, TestServer};
 
 fn secret_location(ns: &str, name: &str) -> StateLocation {
@@ -468,4 +468,130 @@ async fn state_migrate_moves_a_state_into_a_secret_and_back() {
         v["roots"].clone()
     };
     assert_eq!(strip(&a), strip(&b), "the round trip keeps every root");
+}
+
+/// Issue 21: with the API server stopped for 30 s a replica on the Secret state keeps issuing
+/// from the state it holds and stays ready; a state write fails naming the API server and
+/// changes nothing; the leader steps down (its schedules stop) and leads again; once the API
+/// server is back, the watch resumes and a write reaches the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
+async fn with_the_api_server_down_issuance_goes_on_and_writes_fail_clearly() {
+    let cluster = Cluster::start().await;
+    let ns = cluster.namespace("state-down").await;
+    let loc = secret_location(&ns, "meshid-ca-state");
+    let kc = cluster.admin_kubeconfig.clone();
+    let (loc2, kc2, ns2) = (loc.clone(), kc.clone(), ns.clone());
+    let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+        let from = StateLocation::Dir(cfg.state_dir.clone())
+            .open(None)
+            .unwrap();
+        loc2.open(Some(&kc2))
+            .unwrap()
+            .create_migrated(&from.load_existing().unwrap())
+            .unwrap();
+        cfg.state = Some(loc2);
+        cfg.state_kubeconfig = Some(kc2.clone());
+        cfg.state_poll_interval = Duration::from_secs(60);
+        cfg.leader_election = meshid::leader::LeaderElectionConfig {
+            enabled: true,
+            namespace: ns2,
+            identity: Some("replica-a".into()),
+            kubeconfig: Some(kc2),
+            lease_duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            retry_period: Duration::from_millis(250),
+            ..Default::default()
+        };
+    })
+    .await;
+    let token = server.token("shop", "product");
+    csr_identity(&server, &token).await.unwrap();
+    let leads = || server.running.metrics.leader.get();
+    let until = |want: i64, limit: Duration| async move {
+        let deadline = Instant::now() + limit;
+        while leads() != want {
+            assert!(
+                Instant::now() < deadline,
+                "meshid_leader never became {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    until(1, Duration::from_secs(10)).await;
+    let generation = server.running.live.current().generation;
+
+    cluster.stop_apiserver();
+    let down = Instant::now();
+    let store = {
+        let (loc, kc) = (loc.clone(), kc.clone());
+        tokio::task::spawn_blocking(move || open(&loc, &kc))
+            .await
+            .unwrap()
+    };
+    let refused = {
+        let store = store.clone();
+        let state = sample_state("cluster.local");
+        tokio::task::spawn_blocking(move || {
+            store
+                .compare_and_swap(Some(meshid::state::Generation(1)), &state)
+                .unwrap_err()
+                .to_string()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        refused.contains(&format!("kube://{ns}/meshid-ca-state")),
+        "the error names the state: {refused}"
+    );
+    until(0, Duration::from_secs(10)).await;
+    let mut issued = 0;
+    while down.elapsed() < Duration::from_secs(30) {
+        csr_identity(&server, &token)
+            .await
+            .unwrap_or_else(|e| panic!("issuance stopped with the API server down: {e}"));
+        issued += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert_eq!(server.running.live.current().generation, generation);
+
+    cluster.start_apiserver().await;
+    let back = Instant::now();
+    until(1, Duration::from_secs(90)).await;
+    eprintln!(
+        "kube_real::state: leading again {:.1} s after the API server's restart",
+        back.elapsed().as_secs_f64()
+    );
+    let td = server
+        .running
+        .live
+        .current()
+        .authority
+        .trust_domain()
+        .clone();
+    let ctx = Ctx::new(Actor::user("ops", "test"), now(), None).unwrap();
+    let new_root =
+        root::generate_root(&td, KeyType::EcdsaP256, root::DEFAULT_ROOT_TTL, now()).unwrap();
+    tokio::task::spawn_blocking(move || {
+        rotation::apply(&store, &ctx, |s, c| {
+            rotation::prepare(s, Candidate::Generated(new_root), c)
+        })
+        .unwrap();
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.running.live.current().bundle.own_roots().len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the watch did not resume: the prepared root never reached the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "kube_real::state: {issued} certificates issued over 30 s with the API server down; after its restart the replica led again and saw a write {:.1} s later",
+        back.elapsed().as_secs_f64()
+    );
+    server.running.shutdown().await;
 }
