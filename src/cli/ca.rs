@@ -224,8 +224,8 @@ fn secret_as_plugin_dir(
     let secret = rt
         .block_on(async {
             let client = crate::kube_client::kube_client(kubeconfig).await?;
-            let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-                kube::Api::namespaced(client, ns);
+            use k8s_openapi::api::core::v1::Secret;
+            let api: kube::Api<Secret> = kube::Api::namespaced(client, ns);
             anyhow::Ok(api.get_opt(name).await?)
         })
         .with_context(|| format!("reading Secret {ns}/{name}"))?;

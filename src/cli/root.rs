@@ -45,8 +45,9 @@ pub(super) struct RotateArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// The server's HTTP port (where /metrics is), e.g. http://127.0.0.1:15014; give it once
-    /// per replica to wait on every one.
-    #[arg(long, value_name = "URL", required = true)]
+    /// per replica to wait on every one. Not needed with a kube:// state: every replica's
+    /// status is read from its Lease.
+    #[arg(long, value_name = "URL")]
     server: Vec<String>,
     /// Longest wait for each propagation step.
     #[arg(long, value_parser = super::duration_arg, default_value = "5m")]
@@ -123,11 +124,11 @@ pub(super) struct TransitionArgs {
     id: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Activate even if the propagation check fails (only with --server).
+    /// Activate even if the propagation check fails (with --server, or a kube:// state).
     #[arg(long)]
     force: bool,
     /// Activate only once every stream of this server (its HTTP port; once per replica) has the
-    /// prepared root.
+    /// prepared root. With a kube:// state every replica's status is read from its Lease instead.
     #[arg(long, value_name = "URL")]
     server: Vec<String>,
     /// Why, recorded in the journal.
@@ -168,8 +169,16 @@ impl RootCommand {
                     .and_then(|f| f.bundle_endpoint.map(|_| f.refresh_hint));
                 let id = a.id;
                 let servers = servers(&a.server)?;
-                let propagation = (!servers.is_empty())
-                    .then_some(&servers as &dyn rotation::StatusSource);
+                // Every replica's Lease with a Secret state; else the --server list.
+                let replicas = if servers.is_empty() {
+                    a.store.replicas()?
+                } else {
+                    None
+                };
+                let propagation: Option<&dyn rotation::StatusSource> = match &replicas {
+                    Some(r) => Some(r),
+                    None => (!servers.is_empty()).then_some(&servers),
+                };
                 let gate = rotation::ActivationGate::new(publication, propagation, ctx.now);
                 let applied = rotation::apply(&store, &ctx, |s, c| {
                     rotation::activate(s, &id, a.force, &|r| gate.check(r), c)
@@ -178,7 +187,7 @@ impl RootCommand {
                 if a.store.config_path().is_none() && applied.outcome.signer.is_none() {
                     warn_no_publication_gate(&format!("root {}", applied.outcome.root));
                 }
-                if servers.is_empty() && applied.outcome.signer.is_none() {
+                if propagation.is_none() && applied.outcome.signer.is_none() {
                     println!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
                 }
                 Ok(())
@@ -227,6 +236,26 @@ impl StoreArgs {
             .or_else(|| cfg.as_ref().and_then(|c| c.state_kubeconfig.clone()));
         let max_ttl = cfg.map_or(DEFAULT_MAX_TTL, |c| c.issuance.max_ttl);
         Ok((location.open(kubeconfig.as_deref())?, max_ttl))
+    }
+
+    /// Every replica's status from its Lease, when the state is in a Secret (`None`: a
+    /// directory; give `--server`).
+    pub(super) fn replicas(&self) -> anyhow::Result<Option<rotation::ReplicaLeases>> {
+        let cfg = self.read_config()?;
+        let location = match (&self.state, &cfg) {
+            (Some(l), _) => l.clone(),
+            (None, Some(c)) => c.state_location(),
+            (None, None) => return Ok(None),
+        };
+        let StateLocation::Secret { namespace, .. } = location else {
+            return Ok(None);
+        };
+        let kubeconfig = (self.state_kubeconfig.clone())
+            .or_else(|| cfg.as_ref().and_then(|c| c.state_kubeconfig.clone()));
+        Ok(Some(rotation::ReplicaLeases {
+            namespace,
+            kubeconfig,
+        }))
     }
 
     /// The directory of the server's own files (the federation status it writes, the refresh
@@ -367,6 +396,18 @@ fn servers(urls: &[String]) -> anyhow::Result<Vec<HttpStatus>> {
 
 fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
     let servers = servers(&a.server)?;
+    let replicas = if servers.is_empty() {
+        match a.store.replicas()? {
+            Some(r) => Some(r),
+            None => bail!("give --server (the HTTP port of each replica), or a kube:// state whose replicas publish their status"),
+        }
+    } else {
+        None
+    };
+    let source: &dyn rotation::StatusSource = match &replicas {
+        Some(r) => r,
+        None => &servers,
+    };
     if a.store.config_path().is_none() {
         warn_no_publication_gate("the new root");
     }
@@ -393,14 +434,9 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let mut progress = |line: &str| println!("{line}");
-    let finished = rotation::rotate(
-        &store,
-        &servers,
-        &opts,
-        &make_ctx,
-        &mut progress,
-        &mut |_| Ok(()),
-    )?;
+    let finished = rotation::rotate(&store, source, &opts, &make_ctx, &mut progress, &mut |_| {
+        Ok(())
+    })?;
     match finished {
         Finished::Revoked { root } => {
             println!("done: root {root} is revoked; the rotation is complete")
@@ -454,10 +490,18 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     let journal = state.journal_tail(JOURNAL_SHOWN);
-    let server = servers(&a.server)?
+    let mut server = servers(&a.server)?
         .iter()
         .map(|s| s.status().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.server.is_empty() {
+        if let Some(replicas) = a.store.replicas()? {
+            match rotation::StatusSource::statuses(&replicas, rotation::STATUS_READ_TIMEOUT) {
+                Ok(s) => server = s,
+                Err(e) => eprintln!("warning: {e}"),
+            }
+        }
+    }
     let config_peers = a
         .store
         .federation()?

@@ -8,6 +8,7 @@ mod guided;
 mod propagation;
 pub mod publication;
 mod renewer;
+pub mod replicas;
 mod roots;
 mod schedule;
 mod status;
@@ -22,6 +23,7 @@ pub use propagation::{
 pub use publication::{bundle_publication_gate, Unpublished};
 pub(crate) use renewer::unit_random;
 pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView, Turn};
+pub use replicas::ReplicaLeases;
 pub use roots::{
     activate, activation_point, apply, expiry_warning, next_step, no_gate, prepare, resolve,
     revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target,

@@ -36,6 +36,10 @@ pub enum StatusError {
     Read(HttpError),
     #[error("{url} sent an unreadable rotation status: {why}")]
     Unreadable { url: String, why: serde_json::Error },
+    #[error("{what}: {why}")]
+    Replicas { what: String, why: String },
+    #[error("replica {replica} stopped reporting its rotation status (last at {last_seen}): its streams are unknown; wait until it reports or is gone, or use --force")]
+    ReplicaUnknown { replica: String, last_seen: String },
 }
 
 /// A time budget on the std clock: the synchronous CLI's reads and waits (`meshid root rotate`

@@ -175,6 +175,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     let unix_path = serve_grpc_unix(&mut w, &services)?;
     let http_addr = serve_http_surface(&mut w, router, &propagation, &live).await?;
     schedules(&mut w, &store, &live, &propagation).await?;
+    publish_replica_status(&mut w, &live, &propagation).await?;
     w.spawn(expiry_gauges(
         live.subscribe(),
         w.metrics.clone(),
@@ -387,6 +388,40 @@ async fn leadership(w: &mut Wiring<'_>) -> Result<(), ServerError> {
             }
         }
     });
+    Ok(())
+}
+
+/// With the state in a Secret, this replica's rotation status in a Lease of its own beside it,
+/// where the CLI reads every replica's (`rotation::replicas`).
+async fn publish_replica_status(
+    w: &mut Wiring<'_>,
+    live: &Arc<LiveCa>,
+    propagation: &Arc<Propagation>,
+) -> Result<(), ServerError> {
+    let Some(crate::state::StateLocation::Secret { namespace, .. }) = &w.cfg.state else {
+        return Ok(());
+    };
+    let client = crate::kube_client::kube_client_for_calls(
+        w.cfg.state_kubeconfig.as_deref(),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| ServerError::Config(vec![format!("state_kubeconfig: {e}")]))?;
+    let (live, registry) = (live.clone(), propagation.clone());
+    let replica = w
+        .cfg
+        .leader_election
+        .identity
+        .clone()
+        .unwrap_or_else(crate::rotation::replica_name);
+    let name = replica.clone();
+    w.spawn(crate::rotation::replicas::publish(
+        client,
+        namespace.clone(),
+        replica,
+        move || crate::rotation::status_of(&registry, &live.current(), &name),
+        w.stop.clone(),
+    ));
     Ok(())
 }
 

@@ -255,6 +255,7 @@ fn need_of(method: &str, path: &str, query: &str) -> Need {
     let verb = match (method, named) {
         ("POST", _) => "create",
         ("PUT", true) => "update",
+        ("DELETE", true) => "delete",
         ("GET", _) if watch => "watch",
         ("GET", true) => "get",
         ("GET", false) => "list",
@@ -496,6 +497,26 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     );
     assert!(elector.try_acquire_or_renew().await.unwrap(), "created");
     assert!(elector.try_acquire_or_renew().await.unwrap(), "renewed");
+    // This replica's rotation status on a Lease of its own: created, renewed, deleted on stop.
+    let (status_stop, status_stop_rx) = tokio::sync::watch::channel(false);
+    let status = meshid::rotation::RotationStatus {
+        replica: "meshid-0".into(),
+        generation: 1,
+        bundle_sequence: 1,
+        trusted_roots: vec![],
+        signer: String::new(),
+        counts: Default::default(),
+    };
+    let publisher = tokio::spawn(meshid::rotation::replicas::publish(
+        api.client().await,
+        "istio-system".into(),
+        "meshid-0".into(),
+        move || status.clone(),
+        status_stop_rx,
+    ));
+    tokio::time::sleep(meshid::rotation::replicas::HEARTBEAT + Duration::from_millis(500)).await;
+    let _ = status_stop.send(true);
+    publisher.await.unwrap();
     // Wait until every watcher has opened its watch.
     let watched = || {
         api.shared

@@ -191,6 +191,18 @@ async fn object_call(
             counted();
             json_response(StatusCode::OK, &store_object(s, collection, obj))
         }
+        (Method::DELETE, Some(n)) => {
+            let removed = s
+                .objects
+                .lock()
+                .unwrap()
+                .get_mut(collection)
+                .and_then(|m| m.remove(&format!("{ns}/{n}")));
+            match removed {
+                Some(obj) => json_response(StatusCode::OK, &obj),
+                None => not_found(n),
+            }
+        }
         _ => status_error(405, "method not allowed"),
     }
 }

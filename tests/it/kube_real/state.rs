@@ -595,3 +595,145 @@ async fn with_the_api_server_down_issuance_goes_on_and_writes_fail_clearly() {
     );
     server.running.shutdown().await;
 }
+
+/// Issue 21: with the state in a Secret, `root activate` reads every replica's status from its
+/// Lease (no `--server`): a replica that stopped reporting holds the activation (named, with
+/// `--force` to override); once it is gone, the root activates on both replicas' word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
+async fn root_activate_on_a_secret_state_waits_for_every_replicas_lease() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use meshid::rotation::replicas::{REPLICA_LABEL, STATUS_ANNOTATION};
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("state-replicas").await;
+    let loc = secret_location(&ns, "meshid-ca-state");
+    let kc = cluster.admin_kubeconfig.clone();
+    let start = |name: &'static str, seed: bool| {
+        let (loc, kc, ns) = (loc.clone(), kc.clone(), ns.clone());
+        TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+            if seed {
+                let from = StateLocation::Dir(cfg.state_dir.clone())
+                    .open(None)
+                    .unwrap();
+                let to = loc.open(Some(&kc)).unwrap();
+                to.create_migrated(&from.load_existing().unwrap()).unwrap();
+            }
+            cfg.state = Some(loc);
+            cfg.state_kubeconfig = Some(kc.clone());
+            cfg.leader_election = meshid::leader::LeaderElectionConfig {
+                enabled: true,
+                namespace: ns,
+                identity: Some(name.into()),
+                kubeconfig: Some(kc),
+                ..Default::default()
+            };
+        })
+    };
+    let a = start("replica-a", true).await;
+    let b = start("replica-b", false).await;
+    let leases: Api<Lease> = Api::namespaced(cluster.admin().await, &ns);
+    let listed = kube::api::ListParams::default().labels(REPLICA_LABEL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leases.list(&listed).await.unwrap().items.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "both replicas publish their status"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = loc.to_string();
+    let kcs = kc.to_str().unwrap().to_owned();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state", &state, "--state-kubeconfig", &kcs]);
+        meshid(&all)
+    };
+    let (ok, out) = cli(&["root", "prepare"]);
+    assert!(ok, "{out}");
+    let (ok, status) = cli(&["root", "status", "--output", "json"]);
+    assert!(ok, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let prepared = status["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["state"] == "prepared")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut replicas: Vec<&str> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["replica"].as_str().unwrap())
+        .collect();
+    replicas.sort();
+    assert_eq!(replicas, ["replica-a", "replica-b"]);
+
+    // A replica that stopped reporting a minute ago.
+    let stale =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+    let ghost = Lease {
+        metadata: ObjectMeta {
+            name: Some("meshid-replica-ghost".into()),
+            labels: Some(BTreeMap::from([(
+                REPLICA_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                STATUS_ANNOTATION.to_owned(),
+                serde_json::to_string(&status["servers"][0]).unwrap(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("ghost".into()),
+            lease_duration_seconds: Some(10),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                stale,
+            )),
+            ..Default::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &ghost).await.unwrap();
+    let (ok, refused) = cli(&["root", "activate", &prepared]);
+    assert!(
+        !ok && refused.contains("ghost") && refused.contains("stopped reporting"),
+        "{refused}"
+    );
+    leases
+        .delete("meshid-replica-ghost", &Default::default())
+        .await
+        .unwrap();
+    // The replicas report the prepared root at their next heartbeat (every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let activated = loop {
+        let (ok, out) = cli(&["root", "activate", &prepared]);
+        if ok {
+            break out;
+        }
+        assert!(
+            out.contains("does not serve root") && Instant::now() < deadline,
+            "{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        !activated.contains("propagation was not checked"),
+        "{activated}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let generation = |s: &TestServer| s.running.live.current().generation.0;
+    while generation(&a) < 3 || generation(&b) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "both replicas run the activation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.running.shutdown().await;
+    b.running.shutdown().await;
+    // A replica that stops deletes its Lease.
+    assert!(leases.list(&listed).await.unwrap().items.is_empty());
+}

@@ -1,0 +1,213 @@
+//! Every replica's rotation status, published in the cluster: each replica keeps a Lease of its
+//! own (`meshid-replica-<name>`, label `meshid.io/replica-status`) in the state Secret's
+//! namespace, renewed every few seconds, with what `GET /debug/rotation` reports in an
+//! annotation. `meshid root activate|rotate|status --state kube://…` read every such Lease
+//! instead of one `--server` per replica; a replica whose Lease was not renewed within its
+//! lease duration counts as unknown and holds the gate (`--force` overrides it). A replica
+//! that stops cleanly deletes its Lease.
+
+use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use tokio::sync::watch;
+
+use super::{
+    propagation::RotationStatus,
+    status::{StatusError, StatusSource},
+};
+use crate::shutdown::stopping;
+
+/// The label every replica's status Lease carries.
+pub const REPLICA_LABEL: &str = "meshid.io/replica-status";
+/// The annotation holding the status JSON.
+pub const STATUS_ANNOTATION: &str = "meshid.io/rotation-status";
+/// How often a replica renews its status.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A status not renewed for this long is unknown.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// The Lease name of `replica` (a DNS-1123 subdomain: lowercase, `-` for anything else).
+pub fn lease_name(replica: &str) -> String {
+    let mut name: String = replica
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(200);
+    format!("meshid-replica-{}", name.trim_matches(['-', '.']))
+}
+
+fn micro_now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Keeps this replica's status Lease current every [`HEARTBEAT`] until `stop`, then deletes it.
+pub async fn publish(
+    client: kube::Client,
+    namespace: String,
+    replica: String,
+    status: impl Fn() -> RotationStatus,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let name = lease_name(&replica);
+    loop {
+        if let Err(e) = write_status(&api, &name, &replica, &status()).await {
+            tracing::warn!(lease = %format!("{namespace}/{name}"), error = %e, "could not publish this replica's rotation status; `root activate --state kube://…` counts it as unknown until it is");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT) => {}
+            () = stopping(&mut stop) => break,
+        }
+    }
+    let _ = api.delete(&name, &DeleteParams::default()).await;
+}
+
+async fn write_status(
+    api: &Api<Lease>,
+    name: &str,
+    replica: &str,
+    status: &RotationStatus,
+) -> Result<(), kube::Error> {
+    let json = serde_json::to_string(status).map_err(kube::Error::SerdeError)?;
+    let spec = LeaseSpec {
+        holder_identity: Some(replica.to_owned()),
+        lease_duration_seconds: Some(STALE_AFTER.as_secs() as i32),
+        renew_time: Some(micro_now()),
+        ..Default::default()
+    };
+    let annotations = BTreeMap::from([(STATUS_ANNOTATION.to_owned(), json)]);
+    match api.get_opt(name).await? {
+        Some(mut lease) => {
+            lease.spec = Some(spec);
+            lease.metadata.annotations = Some(annotations);
+            api.replace(name, &PostParams::default(), &lease).await?;
+        }
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    labels: Some(BTreeMap::from([(
+                        REPLICA_LABEL.to_owned(),
+                        "true".to_owned(),
+                    )])),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                },
+                spec: Some(spec),
+            };
+            api.create(&PostParams::default(), &lease).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every replica's status from its Lease in `namespace`: the CLI's [`StatusSource`] for a
+/// state in a Secret.
+pub struct ReplicaLeases {
+    pub namespace: String,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Runs `fut` to completion on a runtime of its own, from synchronous code.
+fn run_blocking<T: Send>(fut: impl Future<Output = T> + Send) -> Option<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()
+                .map(|rt| rt.block_on(fut))
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
+impl StatusSource for ReplicaLeases {
+    fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, StatusError> {
+        let where_ = format!("the replica Leases in {}", self.namespace);
+        let read = async {
+            let client =
+                crate::kube_client::kube_client_for_calls(self.kubeconfig.as_deref(), within)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+            tokio::time::timeout(
+                within,
+                api.list(&ListParams::default().labels(REPLICA_LABEL)),
+            )
+            .await
+            .map_err(|_| format!("no answer within {within:?}"))?
+            .map_err(|e| e.to_string())
+        };
+        let leases = run_blocking(read)
+            .unwrap_or_else(|| Err("the reading thread failed".into()))
+            .map_err(|why| StatusError::Replicas {
+                what: where_.clone(),
+                why,
+            })?;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut out = Vec::new();
+        for lease in leases.items {
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            let spec = lease.spec.clone().unwrap_or_default();
+            let renewed = spec.renew_time.map(|t| t.0);
+            let ttl = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+            let fresh =
+                renewed.is_some_and(|t| now.duration_since(t).unsigned_abs() <= ttl || t > now);
+            if !fresh {
+                return Err(StatusError::ReplicaUnknown {
+                    replica: spec.holder_identity.unwrap_or(name),
+                    last_seen: renewed.map_or("never".into(), |t| t.to_string()),
+                });
+            }
+            let json = (lease.metadata.annotations.as_ref())
+                .and_then(|a| a.get(STATUS_ANNOTATION))
+                .ok_or_else(|| StatusError::Replicas {
+                    what: format!("Lease {}/{name}", self.namespace),
+                    why: format!("no {STATUS_ANNOTATION} annotation"),
+                })?;
+            let status = serde_json::from_str::<RotationStatus>(json).map_err(|why| {
+                StatusError::Unreadable {
+                    url: format!("Lease {}/{name}", self.namespace),
+                    why,
+                }
+            })?;
+            out.push(status.printable());
+        }
+        if out.is_empty() {
+            return Err(StatusError::Replicas {
+                what: where_,
+                why: "no replica reports its status (is a server running on this state?)".into(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_are_kubernetes_names() {
+        assert_eq!(
+            lease_name("meshid-7d4b9-x2x7q"),
+            "meshid-replica-meshid-7d4b9-x2x7q"
+        );
+        assert_eq!(lease_name("Host_Name"), "meshid-replica-host-name");
+        assert!(lease_name(&"a".repeat(400)).len() <= 253);
+    }
+}
