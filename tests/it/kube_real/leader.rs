@@ -12,13 +12,14 @@ use std::{
 use meshid::{
     clock::SystemClock,
     leader::{Elector, LeaderElectionConfig},
-    state::{StateLocation, StateStore},
+    state::StateLocation,
 };
 use tokio::sync::watch;
 
 use super::{
     cluster::{client_from, Cluster},
     proxy::TcpProxy,
+    state::on_secret_state,
 };
 use crate::server_support::TestServer;
 
@@ -183,15 +184,7 @@ async fn two_servers_elect_one_leader_and_hand_over_on_shutdown() {
     let start = |name: &'static str, seed: bool| {
         let (loc, kc, ns) = (loc.clone(), cluster.admin_kubeconfig.clone(), ns.clone());
         TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-            if seed {
-                let from = StateLocation::Dir(cfg.state_dir.clone())
-                    .open(None)
-                    .unwrap();
-                let to = loc.open(Some(&kc)).unwrap();
-                to.create_migrated(&from.load_existing().unwrap()).unwrap();
-            }
-            cfg.state = Some(loc);
-            cfg.state_kubeconfig = Some(kc.clone());
+            on_secret_state(cfg, &loc, &kc, seed);
             cfg.leader_election = LeaderElectionConfig {
                 identity: Some(name.into()),
                 kubeconfig: Some(kc),

@@ -51,13 +51,7 @@ async fn deployed_meshid(kubeconfig: std::path::PathBuf) -> TestServer {
         // The state in the deployed Secret, created by meshid itself (as `ca init` does), and
         // the deployed leader election.
         let secret = deployed.state.expect("deploy/ keeps the state in a Secret");
-        let from = meshid::state::StateLocation::Dir(cfg.state_dir.clone())
-            .open(None)
-            .unwrap();
-        let to = secret.open(Some(&kubeconfig)).unwrap();
-        to.create_migrated(&from.load_existing().unwrap()).unwrap();
-        cfg.state = Some(secret);
-        cfg.state_kubeconfig = Some(kubeconfig.clone());
+        super::state::on_secret_state(cfg, &secret, &kubeconfig, true);
         assert!(deployed.leader_election.enabled, "deploy/ elects a leader");
         cfg.leader_election = deployed.leader_election;
         cfg.leader_election.kubeconfig = Some(kubeconfig);

@@ -44,21 +44,32 @@ fn sample_state(td: &str) -> CaState {
     CaState::with_generated_root(td, &ca, now())
 }
 
+/// Points `cfg` at the Secret state `loc`; `seed`: first moves the harness server's freshly
+/// made state into the Secret (`state migrate`'s path), otherwise the Secret holds one already.
+pub(super) fn on_secret_state(
+    cfg: &mut meshid::config::Config,
+    loc: &StateLocation,
+    kubeconfig: &Path,
+    seed: bool,
+) {
+    if seed {
+        let from = StateLocation::Dir(cfg.state_dir.clone())
+            .open(None)
+            .unwrap();
+        let to = loc.open(Some(kubeconfig)).unwrap();
+        to.create_migrated(&from.load_existing().unwrap()).unwrap();
+    }
+    cfg.state = Some(loc.clone());
+    cfg.state_kubeconfig = Some(kubeconfig.to_owned());
+}
+
 /// A replica on the Secret at `loc`. `seed`: move this server's freshly made state into the
 /// Secret first (`state migrate`'s path); otherwise the Secret already holds one. The state is
 /// polled once a minute only, so what reaches the replica sooner came through the watch.
 async fn replica(loc: &StateLocation, kubeconfig: &Path, seed: bool) -> TestServer {
     let (loc, kubeconfig) = (loc.clone(), kubeconfig.to_owned());
     TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-        if seed {
-            let from = StateLocation::Dir(cfg.state_dir.clone())
-                .open(None)
-                .unwrap();
-            let to = loc.open(Some(&kubeconfig)).unwrap();
-            to.create_migrated(&from.load_existing().unwrap()).unwrap();
-        }
-        cfg.state = Some(loc);
-        cfg.state_kubeconfig = Some(kubeconfig);
+        on_secret_state(cfg, &loc, &kubeconfig, seed);
         cfg.state_poll_interval = Duration::from_secs(60);
     })
     .await
@@ -421,7 +432,7 @@ async fn state_migrate_moves_a_state_into_a_secret_and_back() {
         dir,
     ]);
     run(&["root", "prepare", "--state", dir]);
-    let moved = run(&[
+    let to_secret = [
         "state",
         "migrate",
         "--from",
@@ -430,18 +441,10 @@ async fn state_migrate_moves_a_state_into_a_secret_and_back() {
         &secret,
         "--kubeconfig",
         &kc,
-    ]);
+    ];
+    let moved = run(&to_secret);
     assert!(moved.contains("generation 2"), "{moved}");
-    let (ok, again) = meshid(&[
-        "state",
-        "migrate",
-        "--from",
-        dir,
-        "--to",
-        &secret,
-        "--kubeconfig",
-        &kc,
-    ]);
+    let (ok, again) = meshid(&to_secret);
     assert!(!ok && again.contains("already holds a CA state"), "{again}");
     // Every command reads the Secret with --state.
     let status = json(&[
@@ -494,15 +497,7 @@ async fn with_the_api_server_down_issuance_goes_on_and_writes_fail_clearly() {
     let kc = cluster.admin_kubeconfig.clone();
     let (loc2, kc2, ns2) = (loc.clone(), kc.clone(), ns.clone());
     let server = TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-        let from = StateLocation::Dir(cfg.state_dir.clone())
-            .open(None)
-            .unwrap();
-        loc2.open(Some(&kc2))
-            .unwrap()
-            .create_migrated(&from.load_existing().unwrap())
-            .unwrap();
-        cfg.state = Some(loc2);
-        cfg.state_kubeconfig = Some(kc2.clone());
+        on_secret_state(cfg, &loc2, &kc2, true);
         cfg.state_poll_interval = Duration::from_secs(60);
         cfg.leader_election = meshid::leader::LeaderElectionConfig {
             enabled: true,
@@ -622,15 +617,7 @@ async fn root_activate_on_a_secret_state_waits_for_every_replicas_lease() {
     let start = |name: &'static str, seed: bool| {
         let (loc, kc, ns) = (loc.clone(), kc.clone(), ns.clone());
         TestServer::start_with(Arc::new(SystemClock), move |cfg| {
-            if seed {
-                let from = StateLocation::Dir(cfg.state_dir.clone())
-                    .open(None)
-                    .unwrap();
-                let to = loc.open(Some(&kc)).unwrap();
-                to.create_migrated(&from.load_existing().unwrap()).unwrap();
-            }
-            cfg.state = Some(loc);
-            cfg.state_kubeconfig = Some(kc.clone());
+            on_secret_state(cfg, &loc, &kc, seed);
             cfg.leader_election = meshid::leader::LeaderElectionConfig {
                 enabled: true,
                 namespace: ns,
