@@ -24,6 +24,15 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{clock::Clock, shutdown::stopping};
 
+/// How long a candidate's try may take at most (its client's own deadline is shorter).
+const CANDIDATE_TRY_LIMIT: Duration = Duration::from_secs(60);
+
+/// The response deadline of the elector's client: every call ends by then, and a connection
+/// that got no answer is closed.
+pub fn client_deadline(cfg: &LeaderElectionConfig) -> Duration {
+    cfg.lease_duration.max(Duration::from_secs(10))
+}
+
 /// `[leader_election]`: off by default (one replica leads itself); on for several replicas
 /// sharing a Secret state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -287,14 +296,19 @@ impl Elector {
     pub async fn run(mut self, leading: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
         let mut last_renewed: Option<Instant> = None;
         loop {
-            // A try never outlives the leader's renew deadline (client-go bounds its renew
+            // A leader's renewal never outlives its renew deadline (client-go bounds `renew`
             // with the same deadline): an API server that hangs is an API server that failed.
-            let budget = last_renewed.map_or(self.cfg.renew_deadline, |t| {
-                self.cfg
+            // A candidate's try is bounded by its client's own deadline only, as client-go's
+            // `acquire` is: cutting it shorter could starve a slow API server of any try that
+            // completes (a restart, a loaded control plane).
+            let budget = match last_renewed {
+                Some(t) => self
+                    .cfg
                     .renew_deadline
                     .saturating_sub(t.elapsed())
-                    .max(Duration::from_millis(50))
-            });
+                    .max(Duration::from_millis(50)),
+                None => CANDIDATE_TRY_LIMIT,
+            };
             let tried = tokio::time::timeout(budget, self.try_acquire_or_renew()).await;
             let now_leading = match tried {
                 Ok(Ok(true)) => {

@@ -258,6 +258,11 @@ pub struct NotReady(pub Box<dyn std::error::Error + Send + Sync>);
 pub trait Health: Send + Sync + 'static {
     /// `Ok` when the server can do its job; otherwise why not.
     fn ready(&self) -> Result<(), NotReady>;
+    /// What works and what does not beyond the verdict, one line each (listed under it on
+    /// `/readyz`).
+    fn details(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// A JSON status document served at `path` (e.g. `/debug/rotation`), if there is one.
     fn json_page(&self, _path: &str) -> Option<String> {
         None
@@ -294,13 +299,17 @@ pub async fn serve_http(
                 let resp = match req.uri().path() {
                     "/metrics" => text(StatusCode::OK, metrics.render()),
                     "/healthz" => text(StatusCode::OK, "ok\n".into()),
-                    "/readyz" => match health.ready() {
-                        Ok(()) => text(StatusCode::OK, "ready\n".into()),
-                        Err(why) => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready: {why}\n"),
-                        ),
-                    },
+                    "/readyz" => {
+                        let details: String =
+                            health.details().iter().map(|d| format!("  {d}\n")).collect();
+                        match health.ready() {
+                            Ok(()) => text(StatusCode::OK, format!("ready\n{details}")),
+                            Err(why) => text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {why}\n{details}"),
+                            ),
+                        }
+                    }
                     other if other.starts_with("/debug/") && !debug_ok => text(
                         StatusCode::FORBIDDEN,
                         format!("{other} is served to loopback callers only (use kubectl port-forward), or to the ranges in listen.debug_from\n"),

@@ -352,6 +352,7 @@ async fn serve_http_surface(
             live: live.clone(),
             replica: crate::rotation::replica_name(),
         },
+        leading: w.cfg.leader_election.enabled.then(|| w.leading.clone()),
     });
     w.spawn(serve_http(
         listener,
@@ -368,10 +369,12 @@ async fn serve_http_surface(
 async fn leadership(w: &mut Wiring<'_>) -> Result<(), ServerError> {
     let le = &w.cfg.leader_election;
     if le.enabled {
-        let client =
-            crate::kube_client::kube_client_for_calls(le.kubeconfig.as_deref(), le.renew_deadline)
-                .await
-                .map_err(|e| ServerError::Config(vec![format!("leader_election: {e}")]))?;
+        let client = crate::kube_client::kube_client_for_calls(
+            le.kubeconfig.as_deref(),
+            crate::leader::client_deadline(le),
+        )
+        .await
+        .map_err(|e| ServerError::Config(vec![format!("leader_election: {e}")]))?;
         let identity = (le.identity.clone()).unwrap_or_else(crate::rotation::replica_name);
         let (tx, rx) = watch::channel(false);
         let elector = crate::leader::Elector::new(client, le.clone(), identity, w.clock.clone());

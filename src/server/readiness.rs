@@ -42,11 +42,40 @@ impl Health for Readiness {
 pub(super) struct HttpSurface {
     pub(super) readiness: Arc<Readiness>,
     pub(super) rotation: RotationPage,
+    /// Whether this replica leads, when replicas elect one.
+    pub(super) leading: Option<watch::Receiver<bool>>,
 }
 
 impl Health for HttpSurface {
     fn ready(&self) -> Result<(), NotReady> {
         self.readiness.ready()
+    }
+
+    /// The state this replica serves from and whether it can still read it, and whether it
+    /// runs the schedules: with the API server gone a replica keeps issuing from the state it
+    /// holds, and says so.
+    fn details(&self) -> Vec<String> {
+        let live = &self.rotation.live;
+        let mut out = vec![match live.reload_problem() {
+            None => format!(
+                "CA state {}: generation {} in service",
+                live.store_location(),
+                live.current().generation
+            ),
+            Some(why) => format!(
+                "CA state {}: generation {} in service; re-reading it fails ({why}): issuance goes on, state changes wait until it is readable",
+                live.store_location(),
+                live.current().generation
+            ),
+        }];
+        if let Some(leading) = &self.leading {
+            out.push(if *leading.borrow() {
+                "leader: this replica runs the schedules (rotation, federation, ConfigMaps)".into()
+            } else {
+                "leader: another replica runs the schedules; this one serves".into()
+            });
+        }
+        out
     }
 
     fn json_page(&self, path: &str) -> Option<String> {

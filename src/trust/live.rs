@@ -73,6 +73,8 @@ pub struct LiveCa {
     /// have no federation config; the server always sets it).
     peers: RwLock<Option<BTreeSet<TrustDomain>>>,
     tx: watch::Sender<Arc<CaSnapshot>>,
+    /// Why the last reload of the store failed, while it does.
+    reload_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl LiveCa {
@@ -90,6 +92,7 @@ impl LiveCa {
             clock,
             peers: RwLock::new(None),
             tx,
+            reload_problem: std::sync::Mutex::new(None),
         })
     }
 
@@ -138,6 +141,20 @@ impl LiveCa {
         self.tx.subscribe()
     }
 
+    /// Why the state store could not be re-read lately (`None`: the last read worked). The
+    /// snapshot in service stays the last good one.
+    pub fn reload_problem(&self) -> Option<String> {
+        self.reload_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Where the state lives.
+    pub fn store_location(&self) -> String {
+        self.store.location()
+    }
+
     /// The current snapshot.
     pub fn current(&self) -> Arc<CaSnapshot> {
         self.tx.borrow().clone()
@@ -176,7 +193,16 @@ impl LiveCa {
                 _ = stop.wait_for(|s| *s) => return,
             }
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
+            let reloaded = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+            *self
+                .reload_problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = match &reloaded {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            match reloaded {
                 Ok(Ok(true)) => {
                     tracing::info!(generation = %self.current().generation, "CA state changed; new snapshot published")
                 }

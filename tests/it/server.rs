@@ -555,6 +555,14 @@ async fn metrics_health_and_unix_socket() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // It says what it serves from (issue 21: readiness says what works).
+    assert!(
+        ready.contains(&format!(
+            "CA state {}: generation 1 in service",
+            server.state_dir().display()
+        )),
+        "{ready}"
+    );
     // The CSR API over the Unix socket, plaintext.
     let path = server.running.unix_path.clone().unwrap();
     let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")

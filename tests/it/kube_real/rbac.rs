@@ -59,7 +59,7 @@ async fn deployed_meshid(kubeconfig: std::path::PathBuf) -> TestServer {
     .await
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+pub(super) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let resp = client

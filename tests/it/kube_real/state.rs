@@ -552,6 +552,14 @@ async fn with_the_api_server_down_issuance_goes_on_and_writes_fail_clearly() {
         "the error names the state: {refused}"
     );
     until(0, Duration::from_secs(10), "with the API server down").await;
+    // Still ready (tokens are checked against keys it holds), and it says what it cannot do.
+    let (code, body) = super::rbac::http_get(server.running.http_addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("leader: another replica runs the schedules")
+            && body.contains(&format!("CA state kube://{ns}/meshid-ca-state: generation")),
+        "{body}"
+    );
     let mut issued = 0;
     while down.elapsed() < Duration::from_secs(30) {
         csr_identity(&server, &token)
