@@ -308,6 +308,19 @@ struct DrModes {
     warnings: Vec<String>,
 }
 
+impl From<DrModes>
+    for (
+        Option<&'static str>,
+        Option<DrTlsMode>,
+        Option<DrTlsMode>,
+        Vec<String>,
+    )
+{
+    fn from(m: DrModes) -> Self {
+        (m.dropped, m.cluster, m.endpoint, m.warnings)
+    }
+}
+
 fn dr_modes(drt: Option<&DrTls<'_>>) -> DrModes {
     let mut warnings = Vec::new();
     let cluster_client_tls = drt
@@ -455,12 +468,7 @@ impl<'a> Planner<'a> {
         let drt = dr.map(|d| dr_tls(d, port, subset));
         let policy = drt.as_ref().and_then(|d| d.cluster.as_ref());
         let cluster_client_tls = policy.and_then(|p| p.tls.as_ref());
-        let DrModes {
-            dropped,
-            cluster: cluster_dr,
-            endpoint: endpoint_dr,
-            mut warnings,
-        } = dr_modes(drt.as_ref());
+        let (dropped, cluster_dr, endpoint_dr, mut warnings) = dr_modes(drt.as_ref()).into();
         // `buildUpstreamTLSSettings`: ISTIO_MUTUAL checks the rule's subjectAltNames, else the
         // service's accounts (`PushContext.ServiceAccounts`: those of its endpoints that name
         // one), so an endpoint without an account fails once others have one.

@@ -176,15 +176,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     let http_addr = serve_http_surface(&mut w, router, &propagation, &live).await?;
     schedules(&mut w, &store, &live, &propagation).await?;
     publish_replica_status(&mut w, &live, &propagation).await?;
-    w.spawn(expiry_gauges(
-        live.subscribe(),
-        w.metrics.clone(),
-        w.stop.clone(),
-    ));
-    w.spawn(
-        live.clone()
-            .watch_store(cfg.state_poll_interval, w.stop.clone()),
-    );
+    follow_state(&mut w, &live);
     tracing::info!(%grpc_addr, %http_addr, trust_domain = %td, "meshid server started");
     Ok(Running {
         grpc_addr,
@@ -362,6 +354,19 @@ async fn serve_http_surface(
         w.stop.clone(),
     ));
     Ok(addr)
+}
+
+/// The state store watched into new snapshots, and the expiry gauges set from each.
+fn follow_state(w: &mut Wiring<'_>, live: &Arc<LiveCa>) {
+    w.spawn(expiry_gauges(
+        live.subscribe(),
+        w.metrics.clone(),
+        w.stop.clone(),
+    ));
+    w.spawn(
+        live.clone()
+            .watch_store(w.cfg.state_poll_interval, w.stop.clone()),
+    );
 }
 
 /// Whether this replica leads: the Lease's verdict with `[leader_election]`, else always; the

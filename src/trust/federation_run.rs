@@ -119,12 +119,7 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
         )));
     }
     if !refresh.is_empty() {
-        let (dir, handles, poll) = (i.state_dir.join(REFRESH_DIR), refresh.clone(), i.poll);
-        tasks.push(tokio::spawn(crate::leader::while_leading(
-            i.leading.clone(),
-            i.stop.clone(),
-            move |stop| refresh_requests(dir.clone(), handles.clone(), poll, stop),
-        )));
+        tasks.push(spawn_refresh_requests(&i, &refresh));
     }
     Ok(Started {
         bundle_addr,
@@ -132,6 +127,19 @@ pub async fn start(i: Inputs<'_>) -> Result<Started, Vec<String>> {
         refresh,
         tasks,
     })
+}
+
+/// The watcher of `meshid bundle refresh` requests, on the leader (which polls the peers).
+fn spawn_refresh_requests(
+    i: &Inputs<'_>,
+    refresh: &BTreeMap<TrustDomain, Arc<Notify>>,
+) -> JoinHandle<()> {
+    let (dir, handles, poll) = (i.state_dir.join(REFRESH_DIR), refresh.clone(), i.poll);
+    tokio::spawn(crate::leader::while_leading(
+        i.leading.clone(),
+        i.stop.clone(),
+        move |stop| refresh_requests(dir.clone(), handles.clone(), poll, stop),
+    ))
 }
 
 /// Trusts the stored bundles of the configured peers only; a stored bundle of any other trust
