@@ -72,8 +72,9 @@ struct KeyCache {
     anonymous: Vec<VerifyKey>,
     fetched_at: Option<Instant>,
     last_forced: Option<Instant>,
-    /// Failed fetches since keys were last loaded (only counted while none ever loaded).
-    failures: u32,
+    /// Failed fetches while no keys ever loaded, on the shared retry schedule (`None` until
+    /// the first failure).
+    backoff: Option<crate::backoff::Backoff>,
     retry_at: Option<OffsetDateTime>,
 }
 
@@ -209,7 +210,9 @@ impl KeyStore {
             let secs = (retry_at - now).whole_seconds().max(1);
             IdentityError::JwksUnavailable(format!(
                 "signing keys never loaded ({} failed fetches); next attempt in {secs}s",
-                k.failures
+                k.backoff
+                    .as_ref()
+                    .map_or(0, crate::backoff::Backoff::failures)
             ))
         })
     }
@@ -256,8 +259,11 @@ impl KeyStore {
             Ok(set) => set,
             Err(e) => {
                 if k.fetched_at.is_none() {
-                    k.failures = k.failures.saturating_add(1);
-                    let wait = backoff(&self.policy, k.failures);
+                    let (min, max) = (self.policy.backoff_initial, self.policy.backoff_max);
+                    let wait = k
+                        .backoff
+                        .get_or_insert_with(|| crate::backoff::Backoff::new(min, max))
+                        .failed();
                     k.retry_at = Some(self.clock.now() + wait);
                 }
                 return Err(e);
@@ -277,7 +283,7 @@ impl KeyStore {
             }
         }
         k.fetched_at = Some(Instant::now());
-        k.failures = 0;
+        k.backoff = None;
         k.retry_at = None;
         Ok(())
     }
@@ -350,27 +356,17 @@ async fn kube_get(client: &kube::Client, path: &str) -> Result<String, IdentityE
         })
 }
 
-/// `initial · 2^(failures-1)`, capped.
-fn backoff(p: &KeyPolicy, failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(30));
-    p.backoff_initial.saturating_mul(factor).min(p.backoff_max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The initial-fetch retries wait on the shared schedule with this policy's bounds: the
+    /// longest wait after the n-th failure doubles from `backoff_initial` up to `backoff_max`.
     #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let p = KeyPolicy {
-            issuers: vec![],
-            refresh_interval: Duration::from_secs(300),
-            unknown_kid_min_interval: Duration::from_secs(10),
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-        };
-        let waits: Vec<u64> = (1..=9).map(|n| backoff(&p, n).as_secs()).collect();
+    fn initial_fetch_retries_double_up_to_the_cap() {
+        let b = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let waits: Vec<u64> = (1..=9).map(|n| b.delay(n, 1.0).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(backoff(&p, u32::MAX), Duration::from_secs(60));
+        assert_eq!(b.delay(u32::MAX, 1.0), Duration::from_secs(60));
     }
 }
