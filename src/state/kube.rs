@@ -318,14 +318,18 @@ impl StateStore for KubeStore {
         let location = self.location();
         let task = self.worker.handle.spawn(async move {
             let mut events = std::pin::pin!(watcher(api, config));
+            let mut backoff =
+                crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
             while let Some(event) = events.next().await {
                 match event {
                     Ok(_) => {
+                        backoff.succeeded();
                         let _ = wake.try_send(());
                     }
                     Err(e) => {
-                        tracing::warn!(state = %location, error = %e, "watch on the state Secret failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let wait = backoff.failed();
+                        tracing::warn!(state = %location, error = %e, retry_in = ?wait, "watch on the state Secret failed");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
