@@ -318,8 +318,10 @@ impl StateStore for KubeStore {
         let location = self.location();
         let task = self.worker.handle.spawn(async move {
             let mut events = std::pin::pin!(watcher(api, config));
+            // A watch of one object is cheap to re-open; a state change (a root rotation)
+            // must not wait long behind an API server that came back.
             let mut backoff =
-                crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+                crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
             while let Some(event) = events.next().await {
                 match event {
                     Ok(_) => {
