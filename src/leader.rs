@@ -328,8 +328,13 @@ impl Elector {
                             tracing::warn!(lease = %self.lease_name(), after = ?budget, "leader election: the API server did not answer")
                         }
                     }
-                    // A leader keeps leading until the renew deadline passes without a renewal.
-                    last_renewed.is_some_and(|t| t.elapsed() < self.cfg.renew_deadline)
+                    // A leader keeps leading until the renew deadline passes without a renewal;
+                    // then it is a candidate again, whose tries are not cut at that deadline.
+                    let still = last_renewed.is_some_and(|t| t.elapsed() < self.cfg.renew_deadline);
+                    if !still {
+                        last_renewed = None;
+                    }
+                    still
                 }
             };
             if *leading.borrow() != now_leading {
