@@ -37,6 +37,11 @@ pub struct Discovery {
     /// the pod's proxy. Covers istio-agent's renewal at half the certificate's lifetime.
     #[serde(default = "default_proof_grace", with = "crate::duration::serde")]
     pub proxy_proof_grace: Duration,
+    /// With the state in a Secret (several replicas), how long after start a pod without a
+    /// proof keeps its label's tlsMode: the proofs the other replicas share arrive, and this
+    /// replica's proxies reconnect, within it.
+    #[serde(default = "default_proof_startup_grace", with = "crate::duration::serde")]
+    pub proxy_proof_startup_grace: Duration,
     /// This cluster's name, shown next to its endpoints (multi-cluster discovery).
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
@@ -78,6 +83,7 @@ impl Default for Discovery {
             auto_mtls: true,
             require_proxy_proof: false,
             proxy_proof_grace: default_proof_grace(),
+            proxy_proof_startup_grace: default_proof_startup_grace(),
             cluster_name: default_cluster_name(),
             clusters: Vec::new(),
             remote_secrets: false,
@@ -88,6 +94,10 @@ impl Default for Discovery {
 
 fn default_proof_grace() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_proof_startup_grace() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_root_ns() -> String {

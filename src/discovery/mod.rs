@@ -43,7 +43,8 @@ pub use plan::{
     plan_all, plan_named, plan_named_for, Client, ClusterPlan, EndpointPlan, Mesh, Planner, Verdict,
 };
 pub use proof::{
-    NoProofs, PodName, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, StreamGuard,
+    NoProofs, PodName, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, SharedProof,
+    StreamGuard,
 };
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};
 pub use snapshot::{MeshObjects, MeshSettings};

@@ -77,6 +77,18 @@ impl ProofLookup for NoProofs {
     }
 }
 
+/// A pod's proof as a replica publishes it for the others: the pod (cluster, namespace, name,
+/// UID) and when its proxy was last seen (now, while it holds a stream).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SharedProof {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 #[derive(Clone, Debug)]
 struct Seen {
     uid: String,
@@ -88,6 +100,11 @@ struct Seen {
 /// The registry SDS and the CSR API report to.
 pub struct ProxyRegistry {
     seen: Mutex<HashMap<Key, Seen>>,
+    /// What the other replicas published, by replica.
+    shared: Mutex<HashMap<String, Vec<SharedProof>>>,
+    /// Until then a pod with no proof is `Unknown`, not `Never` (a start-up grace: the
+    /// proxies of a replica that just started have not reached it yet).
+    hold_until: Mutex<Option<OffsetDateTime>>,
     clock: Arc<dyn Clock>,
     grace: Duration,
     changes: watch::Sender<u64>,
@@ -109,6 +126,8 @@ impl ProxyRegistry {
     pub fn new(clock: Arc<dyn Clock>, grace: Duration) -> Arc<Self> {
         Arc::new(Self {
             seen: Mutex::default(),
+            shared: Mutex::default(),
+            hold_until: Mutex::default(),
             clock,
             grace,
             changes: watch::channel(0).0,
@@ -183,9 +202,52 @@ impl ProxyRegistry {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// The proofs at this instant. Pods with no stream whose grace ran out are forgotten (a
-    /// pod meshid does not know is unproven anyway), so the registry does not grow with churn.
-    pub fn snapshot(&self) -> ProofSnapshot {
+    /// Tells every reader to look again (a start-up grace ran out, shared proofs arrived).
+    pub fn bump(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The proofs this replica holds, to publish for the others: a pod with an open stream as
+    /// seen at `now` rounded down to the minute (so an unchanged set is not rewritten every
+    /// time), the others as last seen.
+    pub fn export(&self) -> Vec<SharedProof> {
+        let snap = self.local_snapshot();
+        let minute = snap.now - Duration::from_secs(u64::from(snap.now.second()));
+        let minute = minute.replace_nanosecond(0).unwrap_or(minute);
+        let mut out: Vec<SharedProof> = snap
+            .seen
+            .iter()
+            .map(|((cluster, ns, name), s)| SharedProof {
+                cluster: cluster.clone(),
+                namespace: ns.clone(),
+                name: name.clone(),
+                uid: s.uid.clone(),
+                at: if s.streams > 0 { minute } else { s.last },
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.cluster, &a.namespace, &a.name).cmp(&(&b.cluster, &b.namespace, &b.name)));
+        out
+    }
+
+    /// The proofs `replica` published (replacing what it published before).
+    pub fn set_shared(&self, replica: &str, proofs: Vec<SharedProof>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if proofs.is_empty() {
+            shared.remove(replica);
+        } else {
+            shared.insert(replica.to_owned(), proofs);
+        }
+        drop(shared);
+        self.bump();
+    }
+
+    /// Until `t`, a pod with no proof is `Unknown` (its label decides), not `Never`.
+    pub fn hold_until(&self, t: OffsetDateTime) {
+        *self.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        self.bump();
+    }
+
+    fn local_snapshot(&self) -> ProofSnapshot {
         let now = self.clock.now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|_, s| s.streams > 0 || now - s.last <= self.grace);
@@ -193,7 +255,44 @@ impl ProxyRegistry {
             seen: seen.clone(),
             now,
             grace: self.grace,
+            hold_until: None,
         }
+    }
+
+    /// The proofs at this instant: this replica's and, where it knows of none newer, those
+    /// the other replicas published. Pods with no stream whose grace ran out are forgotten (a
+    /// pod meshid does not know is unproven anyway), so the registry does not grow with churn.
+    pub fn snapshot(&self) -> ProofSnapshot {
+        let mut snap = self.local_snapshot();
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        for p in shared.values().flatten() {
+            if snap.now - p.at > self.grace {
+                continue;
+            }
+            let key = (p.cluster.clone(), p.namespace.clone(), p.name.clone());
+            match snap.seen.get_mut(&key) {
+                Some(s) if s.streams > 0 => {}
+                Some(s) if s.uid == p.uid || s.last < p.at => {
+                    s.uid = p.uid.clone();
+                    s.last = s.last.max(p.at);
+                }
+                Some(_) => {}
+                None => {
+                    snap.seen.insert(
+                        key,
+                        Seen {
+                            uid: p.uid.clone(),
+                            streams: 0,
+                            connected_since: None,
+                            last: p.at,
+                        },
+                    );
+                }
+            }
+        }
+        drop(shared);
+        snap.hold_until = *self.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+        snap
     }
 }
 
@@ -203,6 +302,7 @@ pub struct ProofSnapshot {
     seen: HashMap<Key, Seen>,
     now: OffsetDateTime,
     grace: Duration,
+    hold_until: Option<OffsetDateTime>,
 }
 
 impl ProofSnapshot {
@@ -218,12 +318,22 @@ impl ProofSnapshot {
                     ns.clone(),
                     n.clone(),
                     s.uid.clone(),
-                    self.state(s) != ProxyProof::Never,
+                    self.held(self.state(s)) != ProxyProof::Never,
                 )
             })
             .collect();
         v.sort();
         v
+    }
+
+    /// `Never` reads `Unknown` during a start-up grace.
+    fn held(&self, p: ProxyProof) -> ProxyProof {
+        match p {
+            ProxyProof::Never if self.hold_until.is_some_and(|t| self.now < t) => {
+                ProxyProof::Unknown
+            }
+            p => p,
+        }
     }
 
     /// The proof for a pod by name, whatever its UID.
@@ -245,10 +355,10 @@ impl ProofSnapshot {
 
 impl ProofLookup for ProofSnapshot {
     fn proof(&self, pod: &PodName<'_>, uid: Option<&str>) -> ProxyProof {
-        match self.seen.get(&pod.key()) {
+        self.held(match self.seen.get(&pod.key()) {
             Some(s) if uid.is_none_or(|u| u == s.uid) => self.state(s),
             _ => ProxyProof::Never,
-        }
+        })
     }
 }
 

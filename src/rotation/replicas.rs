@@ -30,8 +30,14 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A status not renewed for this long is unknown.
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
 
-/// The Lease name of `replica` (a DNS-1123 subdomain: lowercase, `-` for anything else).
+/// The Lease name of `replica`.
 pub fn lease_name(replica: &str) -> String {
+    format!("meshid-replica-{}", name_part(replica))
+}
+
+/// `replica` as part of a Kubernetes object name (a DNS-1123 subdomain: lowercase, `-` for
+/// anything else, at most 200 characters).
+pub fn name_part(replica: &str) -> String {
     let mut name: String = replica
         .chars()
         .map(|c| {
@@ -44,7 +50,7 @@ pub fn lease_name(replica: &str) -> String {
         })
         .collect();
     name.truncate(200);
-    format!("meshid-replica-{}", name.trim_matches(['-', '.']))
+    name.trim_matches(['-', '.']).to_owned()
 }
 
 fn micro_now() -> MicroTime {

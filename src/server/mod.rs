@@ -6,6 +6,7 @@
 mod discovery;
 mod grpc;
 mod identity;
+mod proofs;
 mod readiness;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -161,6 +162,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     .await
     .map_err(ServerError::Config)?;
     w.tasks.extend(fed.tasks);
+    if let (Some(d), Some(p)) = (&cfg.discovery, &proxies) {
+        proofs::share(&mut w, p, d.proxy_proof_startup_grace).await?;
+    }
     let eds = match &cfg.discovery {
         Some(d) => Some(discovery::eds_service(&mut w, d, &auth, proxies.clone(), limits).await?),
         None => None,

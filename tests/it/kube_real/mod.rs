@@ -12,6 +12,7 @@ mod istio_import;
 mod leader;
 mod mesh;
 mod process;
+mod proofs;
 mod proxy;
 mod rbac;
 mod state;
