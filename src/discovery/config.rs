@@ -40,7 +40,10 @@ pub struct Discovery {
     /// With the state in a Secret (several replicas), how long after start a pod without a
     /// proof keeps its label's tlsMode: the proofs the other replicas share arrive, and this
     /// replica's proxies reconnect, within it.
-    #[serde(default = "default_proof_startup_grace", with = "crate::duration::serde")]
+    #[serde(
+        default = "default_proof_startup_grace",
+        with = "crate::duration::serde"
+    )]
     pub proxy_proof_startup_grace: Duration,
     /// This cluster's name, shown next to its endpoints (multi-cluster discovery).
     #[serde(default = "default_cluster_name")]

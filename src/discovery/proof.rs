@@ -225,7 +225,9 @@ impl ProxyRegistry {
                 at: if s.streams > 0 { minute } else { s.last },
             })
             .collect();
-        out.sort_by(|a, b| (&a.cluster, &a.namespace, &a.name).cmp(&(&b.cluster, &b.namespace, &b.name)));
+        out.sort_by(|a, b| {
+            (&a.cluster, &a.namespace, &a.name).cmp(&(&b.cluster, &b.namespace, &b.name))
+        });
         out
     }
 
@@ -392,6 +394,55 @@ mod tests {
             namespace: "shop",
             name,
         }
+    }
+
+    /// Issue 21: proofs published by another replica prove a pod here until the grace runs
+    /// out from when that replica saw it; another UID is not proven by them; during a start-up
+    /// grace an unproven pod reads `Unknown` (its label decides), not `Never`.
+    #[test]
+    fn shared_proofs_and_the_start_up_grace() {
+        let clock = Arc::new(ManualClock::new(OffsetDateTime::UNIX_EPOCH));
+        let r = ProxyRegistry::new(clock.clone(), Duration::from_secs(60));
+        let shared = |uid: &str| SharedProof {
+            cluster: "Kubernetes".into(),
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: uid.into(),
+            at: OffsetDateTime::UNIX_EPOCH,
+        };
+        r.set_shared("replica-b", vec![shared("u1")]);
+        assert!(matches!(
+            r.snapshot().proof(&pod("web-0"), Some("u1")),
+            ProxyProof::Recent { .. }
+        ));
+        assert_eq!(
+            r.snapshot().proof(&pod("web-0"), Some("u2")),
+            ProxyProof::Never,
+            "another pod under the same name"
+        );
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            r.snapshot().proof(&pod("web-0"), Some("u1")),
+            ProxyProof::Never,
+            "grace over"
+        );
+        // What this replica exports: an open stream as seen now (to the minute).
+        let _guard = r.stream_opened(&id("web-1", "u9")).unwrap();
+        let out = r.export();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].name.as_str(), out[0].uid.as_str()), ("web-1", "u9"));
+        r.set_shared("replica-b", Vec::new());
+        r.hold_until(clock.now() + Duration::from_secs(30));
+        assert_eq!(
+            r.snapshot().proof(&pod("web-0"), Some("u1")),
+            ProxyProof::Unknown,
+            "start-up grace"
+        );
+        clock.advance(Duration::from_secs(31));
+        assert_eq!(
+            r.snapshot().proof(&pod("web-0"), Some("u1")),
+            ProxyProof::Never
+        );
     }
 
     /// One row per proof rule.

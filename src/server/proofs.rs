@@ -48,8 +48,8 @@ pub(super) async fn share(
     let watch_client = crate::kube_client::kube_client(kubeconfig)
         .await
         .map_err(bad)?;
-    let replica = (w.cfg.leader_election.identity.clone())
-        .unwrap_or_else(crate::rotation::replica_name);
+    let replica =
+        (w.cfg.leader_election.identity.clone()).unwrap_or_else(crate::rotation::replica_name);
     registry.hold_until(w.clock.now() + startup_grace);
     let (r, mut stop) = (registry.clone(), w.stop.clone());
     w.spawn(async move {
@@ -118,7 +118,10 @@ async fn write(
             let cm = ConfigMap {
                 metadata: ObjectMeta {
                     name: Some(name.to_owned()),
-                    labels: Some(BTreeMap::from([(PROOFS_LABEL.to_owned(), "true".to_owned())])),
+                    labels: Some(BTreeMap::from([(
+                        PROOFS_LABEL.to_owned(),
+                        "true".to_owned(),
+                    )])),
                     annotations: Some(BTreeMap::from([(
                         REPLICA_ANNOTATION.to_owned(),
                         replica.to_owned(),
@@ -171,7 +174,10 @@ async fn follow(
         if writer == replica {
             continue;
         }
-        let proofs: Vec<SharedProof> = match (deleted, cm.data.as_ref().and_then(|d| d.get(PROOFS_KEY))) {
+        let proofs: Vec<SharedProof> = match (
+            deleted,
+            cm.data.as_ref().and_then(|d| d.get(PROOFS_KEY)),
+        ) {
             (false, Some(json)) => match serde_json::from_str(json) {
                 Ok(p) => p,
                 Err(e) => {
