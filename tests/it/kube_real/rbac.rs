@@ -134,8 +134,16 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
         csr_identity(&server, &token).await.unwrap(),
         format!("spiffe://cluster.local/ns/{ns}/sa/workload")
     );
-    let (code, body) = http_get(server.running.http_addr, "/readyz").await;
-    assert_eq!(code, 200, "/readyz: {body}");
+    // Ready once its first probe (SelfSubjectAccessReview) has answered.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(server.running.http_addr, "/readyz").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < ready_by, "/readyz: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let eds = EdsStream::open_as(&server, &cluster_name("web", &ns), token.clone()).await;
     eds.until(Duration::from_secs(60), |e| !e.is_empty()).await;
     let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
