@@ -218,16 +218,14 @@ fn secret_as_plugin_dir(
     let Some((ns, name)) = ns_name.split_once('/') else {
         bail!("--from-secret {ns_name:?}: give NAMESPACE/NAME, e.g. istio-system/cacerts");
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let secret = rt
-        .block_on(async {
-            let client = crate::kube_client::kube_client(kubeconfig).await?;
-            use k8s_openapi::api::core::v1::Secret;
-            let api: kube::Api<Secret> = kube::Api::namespaced(client, ns);
-            anyhow::Ok(api.get_opt(name).await?)
-        })
+    let kube = crate::kube_client::BlockingKube::connect(kubeconfig, Duration::from_secs(15))
+        .with_context(|| format!("reading Secret {ns}/{name}"))?;
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(kube.calls.clone(), ns);
+    let secret_name = name.to_owned();
+    let secret = kube
+        .run(async move { api.get_opt(&secret_name).await })
+        .context("the Kubernetes client's runtime stopped")?
         .with_context(|| format!("reading Secret {ns}/{name}"))?;
     let Some(secret) = secret else {
         bail!("Secret {ns}/{name} does not exist");

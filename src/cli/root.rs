@@ -252,10 +252,9 @@ impl StoreArgs {
         };
         let kubeconfig = (self.state_kubeconfig.clone())
             .or_else(|| cfg.as_ref().and_then(|c| c.state_kubeconfig.clone()));
-        Ok(Some(rotation::ReplicaLeases {
-            namespace,
-            kubeconfig,
-        }))
+        let leases = rotation::ReplicaLeases::connect(&namespace, kubeconfig.as_deref())
+            .with_context(|| format!("reading the replicas' status Leases in {namespace}"))?;
+        Ok(Some(leases))
     }
 
     /// The directory of the server's own files (the federation status it writes, the refresh

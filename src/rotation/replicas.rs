@@ -6,20 +6,23 @@
 //! lease duration counts as unknown and holds the gate (`--force` overrides it). A replica
 //! that stops cleanly deletes its Lease.
 
-use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
 };
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta};
 use tokio::sync::watch;
 
 use super::{
     propagation::RotationStatus,
     status::{StatusError, StatusSource},
 };
-use crate::shutdown::stopping;
+use crate::{
+    kube_client::{create_or_update, BlockingKube, BlockingKubeError},
+    shutdown::stopping,
+};
 
 /// The label every replica's status Lease carries.
 pub const REPLICA_LABEL: &str = "meshid.io/replica-status";
@@ -93,63 +96,53 @@ async fn write_status(
         ..Default::default()
     };
     let annotations = BTreeMap::from([(STATUS_ANNOTATION.to_owned(), json)]);
-    match api.get_opt(name).await? {
-        Some(mut lease) => {
-            lease.spec = Some(spec);
-            lease.metadata.annotations = Some(annotations);
-            api.replace(name, &PostParams::default(), &lease).await?;
-        }
-        None => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    labels: Some(BTreeMap::from([(
-                        REPLICA_LABEL.to_owned(),
-                        "true".to_owned(),
-                    )])),
-                    annotations: Some(annotations),
-                    ..Default::default()
-                },
-                spec: Some(spec),
-            };
-            api.create(&PostParams::default(), &lease).await?;
-        }
-    }
-    Ok(())
+    let lease = || Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(
+                REPLICA_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            annotations: Some(annotations.clone()),
+            ..Default::default()
+        },
+        spec: Some(spec.clone()),
+    };
+    create_or_update(api, name, lease, |l| {
+        l.spec = Some(spec.clone());
+        l.metadata.annotations = Some(annotations.clone());
+        true
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Every replica's status from its Lease in `namespace`: the CLI's [`StatusSource`] for a
-/// state in a Secret.
+/// state in a Secret. One client, reused by every read (the guided rotation polls).
 pub struct ReplicaLeases {
-    pub namespace: String,
-    pub kubeconfig: Option<PathBuf>,
+    namespace: String,
+    kube: BlockingKube,
 }
 
-/// Runs `fut` to completion on a runtime of its own, from synchronous code.
-fn run_blocking<T: Send>(fut: impl Future<Output = T> + Send) -> Option<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()
-                .map(|rt| rt.block_on(fut))
+impl ReplicaLeases {
+    /// Reads the Leases in `namespace` through `kubeconfig` (in-cluster or `KUBECONFIG` when
+    /// `None`).
+    pub fn connect(
+        namespace: &str,
+        kubeconfig: Option<&std::path::Path>,
+    ) -> Result<Self, BlockingKubeError> {
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            kube: BlockingKube::connect(kubeconfig, super::STATUS_READ_TIMEOUT)?,
         })
-        .join()
-        .ok()
-        .flatten()
-    })
+    }
 }
 
 impl StatusSource for ReplicaLeases {
     fn statuses(&self, within: Duration) -> Result<Vec<RotationStatus>, StatusError> {
         let where_ = format!("the replica Leases in {}", self.namespace);
-        let read = async {
-            let client =
-                crate::kube_client::kube_client_for_calls(self.kubeconfig.as_deref(), within)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+        let api: Api<Lease> = Api::namespaced(self.kube.calls.clone(), &self.namespace);
+        let read = async move {
             tokio::time::timeout(
                 within,
                 api.list(&ListParams::default().labels(REPLICA_LABEL)),
@@ -158,8 +151,8 @@ impl StatusSource for ReplicaLeases {
             .map_err(|_| format!("no answer within {within:?}"))?
             .map_err(|e| e.to_string())
         };
-        let leases = run_blocking(read)
-            .unwrap_or_else(|| Err("the reading thread failed".into()))
+        let leases = (self.kube.run(read))
+            .unwrap_or_else(|| Err("the Kubernetes client's runtime stopped".into()))
             .map_err(|why| StatusError::Replicas {
                 what: where_.clone(),
                 why,

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    api::{Api, ObjectMeta, PostParams},
+    api::{Api, ObjectMeta},
     runtime::watcher,
 };
 
@@ -18,6 +18,7 @@ use super::{ServerError, Wiring};
 use crate::{
     backoff::Backoff,
     discovery::{ProxyRegistry, SharedProof},
+    kube_client::create_or_update,
     shutdown::stopping,
 };
 
@@ -109,32 +110,28 @@ async fn write(
     json: &str,
 ) -> Result<(), kube::Error> {
     let data = BTreeMap::from([(PROOFS_KEY.to_owned(), json.to_owned())]);
-    match api.get_opt(name).await? {
-        Some(mut cm) => {
-            cm.data = Some(data);
-            api.replace(name, &PostParams::default(), &cm).await?;
-        }
-        None => {
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    labels: Some(BTreeMap::from([(
-                        PROOFS_LABEL.to_owned(),
-                        "true".to_owned(),
-                    )])),
-                    annotations: Some(BTreeMap::from([(
-                        REPLICA_ANNOTATION.to_owned(),
-                        replica.to_owned(),
-                    )])),
-                    ..Default::default()
-                },
-                data: Some(data),
-                ..Default::default()
-            };
-            api.create(&PostParams::default(), &cm).await?;
-        }
-    }
-    Ok(())
+    let new = || ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(
+                PROOFS_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                REPLICA_ANNOTATION.to_owned(),
+                replica.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(data.clone()),
+        ..Default::default()
+    };
+    create_or_update(api, name, new, |cm| {
+        cm.data = Some(data.clone());
+        true
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Merges every other replica's proofs as they change.

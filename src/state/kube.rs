@@ -6,15 +6,14 @@
 //! leader that lost its Lease cannot overwrite what the new leader wrote. Changes are seen
 //! through a watch on the one Secret, not a poll.
 //!
-//! The store's calls are synchronous like the directory's; the Kubernetes client runs on a
-//! small runtime of its own, so a caller on any runtime (or none) can block on it without
-//! starving the client's connection tasks.
+//! The store's calls are synchronous like the directory's; the Kubernetes clients run on a
+//! runtime of their own ([`BlockingKube`]), so a caller on any runtime (or none) can block on
+//! them without starving their connection tasks.
 
 use std::{
     collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
-    sync::{mpsc as std_mpsc, Mutex},
     time::Duration,
 };
 
@@ -26,6 +25,8 @@ use kube::{
     Api,
 };
 use tokio::sync::mpsc;
+
+use crate::kube_client::BlockingKube;
 
 use super::{
     document::CaState,
@@ -50,38 +51,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct KubeStore {
     namespace: String,
     name: String,
-    worker: Worker,
-}
-
-/// The runtime the Kubernetes client lives on.
-struct Worker {
-    rt: Mutex<Option<tokio::runtime::Runtime>>,
-    handle: tokio::runtime::Handle,
-    /// For reads and writes, each bounded by [`CALL_TIMEOUT`].
-    client: kube::Client,
-    /// For the watch (long-lived; the watcher has its own idle timeout).
-    watch_client: kube::Client,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which a caller inside another runtime may not do.
-        if let Some(rt) = self.rt.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// Runs `fut` on `handle` and waits for it from this thread, whatever runtime it is on.
-fn block_on<T: Send + 'static>(
-    handle: &tokio::runtime::Handle,
-    fut: impl Future<Output = T> + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = std_mpsc::sync_channel(1);
-    handle.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv().ok()
+    kube: BlockingKube,
 }
 
 impl KubeStore {
@@ -98,51 +68,31 @@ impl KubeStore {
             location: location.clone(),
             why,
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("meshid-state-kube")
-            .enable_all()
-            .build()
-            .map_err(|e| remote(format!("cannot start its runtime: {e}")))?;
-        let handle = rt.handle().clone();
-        let kubeconfig = kubeconfig.map(Path::to_owned);
-        let (client, watch_client) = block_on(&handle, async move {
-            let calls =
-                crate::kube_client::kube_client_for_calls(kubeconfig.as_deref(), CALL_TIMEOUT)
-                    .await?;
-            let watch = crate::kube_client::kube_client(kubeconfig.as_deref()).await?;
-            Ok::<_, crate::kube_client::KubeClientError>((calls, watch))
-        })
-        .ok_or_else(|| remote("its runtime stopped".into()))?
-        .map_err(|e| remote(e.to_string()))?;
+        let kube =
+            BlockingKube::connect(kubeconfig, CALL_TIMEOUT).map_err(|e| remote(e.to_string()))?;
         Ok(Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            worker: Worker {
-                rt: Mutex::new(Some(rt)),
-                handle,
-                client,
-                watch_client,
-            },
+            kube,
         })
     }
 
     fn api(&self) -> Api<Secret> {
-        Api::namespaced(self.worker.client.clone(), &self.namespace)
+        Api::namespaced(self.kube.calls.clone(), &self.namespace)
     }
 
     fn location_path(&self) -> PathBuf {
         PathBuf::from(location_of(&self.namespace, &self.name))
     }
 
-    /// Runs one API call on the worker, with the store's deadline.
+    /// Runs one API call on the clients' runtime, with the store's deadline.
     fn call<T: Send + 'static>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, kube::Error>> + Send + 'static,
     ) -> Result<T, CallError> {
         let timed = async move { tokio::time::timeout(CALL_TIMEOUT, fut).await };
-        match block_on(&self.worker.handle, timed) {
+        match self.kube.run(timed) {
             None => Err(CallError::Other(
                 self.remote(op, "the client's runtime stopped".into()),
             )),
@@ -313,10 +263,10 @@ impl StateStore for KubeStore {
     /// A watch on the one Secret (`fieldSelector=metadata.name=NAME`, which RBAC authorizes
     /// by `resourceNames`); it re-lists by itself after a `410 Gone` or a lost connection.
     fn on_change(&self, wake: mpsc::Sender<()>) -> Result<Option<ChangeWatch>, StateError> {
-        let api: Api<Secret> = Api::namespaced(self.worker.watch_client.clone(), &self.namespace);
+        let api: Api<Secret> = Api::namespaced(self.kube.watches.clone(), &self.namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let location = self.location();
-        let task = self.worker.handle.spawn(async move {
+        let task = self.kube.spawn(async move {
             let mut events = std::pin::pin!(watcher(api, config));
             // A watch of one object is cheap to re-open; a state change (a root rotation)
             // must not wait long behind an API server that came back.
