@@ -10,7 +10,12 @@
 #
 # A missing toolchain or a peer that cannot be built fails the run with the reason.
 # Environment: INTEROP_TIMEOUT (go test -timeout, default 15m), INTEROP_RUN (go test -run).
+# `tools/interop.sh --prebuild` only builds the peers and compiles the suite's dependencies
+# (go vet), without meshid or any test: .ci/run starts it in the background at low priority.
+# Peer builds hold a lock, so a second caller waits and then finds them cached.
 set -euo pipefail
+prebuild=false
+[ "${1:-}" = --prebuild ] && prebuild=true
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 out="$repo/target/interop"
@@ -33,11 +38,13 @@ command -v "${CC:-gcc}" >/dev/null || die "${CC:-gcc} not found: SPIRE's SQLite 
 [ "$(CGO_ENABLED=${CGO_ENABLED:-1} go env CGO_ENABLED)" = 1 ] || die "CGO_ENABLED=0: SPIRE's SQLite datastore needs cgo"
 
 # --- meshid --------------------------------------------------------------------------------
-echo "==> meshid: cargo build --release --locked"
-t0=$(now)
-cargo build --release --locked --quiet || die "cargo build --release failed"
-export MESHID_BIN="$repo/target/release/meshid"
-echo "    $MESHID_BIN ($(( $(now) - t0 ))s)"
+if ! $prebuild; then
+  echo "==> meshid: cargo build --release --locked"
+  t0=$(now)
+  cargo build --release --locked --quiet || die "cargo build --release failed"
+  export MESHID_BIN="$repo/target/release/meshid"
+  echo "    $MESHID_BIN ($(( $(now) - t0 ))s)"
+fi
 
 # --- peers ---------------------------------------------------------------------------------
 # build_peer NAME PACKAGE BINARY: go install PACKAGE from tests/interop/peers/NAME into
@@ -64,6 +71,9 @@ build_peer() {
   fi
   printf '%s\n' "$version" > "$out/$name.version"
 }
+command -v flock >/dev/null || die "flock (util-linux) is needed to serialize peer builds"
+exec 9>"$out/.peers.lock"
+flock 9 || die "cannot lock $out/.peers.lock"
 build_peer spire github.com/spiffe/spire/cmd/spire-server spire-server
 build_peer pilot-agent istio.io/istio/pilot/cmd/pilot-agent pilot-agent
 # The agent renders Envoy's bootstrap from the template Istio's proxy image ships as
@@ -76,11 +86,16 @@ cp "$istio_src/tools/packaging/common/envoy_bootstrap.json" "$agent_dir/envoy_bo
   die "peer pilot-agent: no tools/packaging/common/envoy_bootstrap.json in $istio_src"
 export SPIRE_SERVER_BIN="$out/spire-$(cat "$out/spire.version")/spire-server"
 export PILOT_AGENT_BIN="$out/pilot-agent-$(cat "$out/pilot-agent.version")/pilot-agent"
+flock -u 9
 
 # --- the suite -----------------------------------------------------------------------------
 cd "$repo/tests/interop"
 echo "==> go vet ./..."
 go vet ./... || die "go vet failed"
+if $prebuild; then
+  echo "interop: prebuilt (peers and the suite's compiled dependencies) in $(( $(now) - t_start ))s"
+  exit 0
+fi
 echo "==> go test ./... (timeout ${INTEROP_TIMEOUT:-15m})"
 log="$out/go-test.log"
 t0=$(now)

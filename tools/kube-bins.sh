@@ -66,6 +66,13 @@ build() {
   echo "$bin"
 }
 
+# One builder at a time: .ci/run starts one in the background while the Rust builds run, and
+# tools/kube-tests.sh then waits here until it is done and finds the binaries cached.
+command -v flock >/dev/null 2>&1 || die "flock (util-linux) is needed to serialize builds"
+mkdir -p "$out_root"
+exec 9>"$out_root/.kube-bins.lock"
+flock 9 || die "cannot lock $out_root/.kube-bins.lock"
+
 kube_version="$(version_of "$peers/kube" k8s.io/kubernetes)"
 etcd_version="$(version_of "$peers/etcd" go.etcd.io/etcd/server/v3)"
 

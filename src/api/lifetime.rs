@@ -169,6 +169,7 @@ mod tests {
             spiffe_id: SpiffeId::for_service_account(&td, "ns", "sa").unwrap(),
             namespace: "ns".into(),
             service_account: "sa".into(),
+            service_account_uid: None,
             pod: None,
             cluster: ClusterId("Kubernetes".into()),
             expires_at: exp,

@@ -28,7 +28,9 @@ pub(crate) fn identity(e: &IdentityError) -> Status {
             Code::Unauthenticated,
             "legacy service-account tokens are refused",
         ),
-        ReviewNotAuthenticated { .. } => (Code::Unauthenticated, "token not authenticated"),
+        ReviewNotAuthenticated { .. } | Invalidated(_) => {
+            (Code::Unauthenticated, "token not authenticated")
+        }
         UnknownCluster { .. } => (Code::Unauthenticated, "unknown ClusterID"),
         TokenReviewFailed(_) | JwksUnavailable(_) => {
             (Code::Unavailable, "identity backend unavailable; retry")

@@ -261,6 +261,7 @@ impl ServerArgs {
                 timeout: std::time::Duration::from_secs(5),
                 issuers: Vec::new(),
                 verify_signatures: true,
+                mode: Default::default(),
             };
             cluster(Some(tr), None)
         } else {

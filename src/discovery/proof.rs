@@ -379,6 +379,7 @@ mod tests {
             spiffe_id: SpiffeId::for_service_account(&td, "shop", "web").unwrap(),
             namespace: "shop".into(),
             service_account: "web".into(),
+            service_account_uid: None,
             pod: Some(PodRef {
                 name: pod.into(),
                 uid: uid.into(),

@@ -139,6 +139,24 @@ impl<V: TokenValidator> CachingValidator<V> {
             .map(|e| Err(e.value.clone()))
     }
 
+    /// A cached identity the inner validator now refuses (its pod deleted since) is dropped and
+    /// the refusal returned.
+    fn rechecked(
+        &self,
+        key: &Key,
+        hit: Result<Identity, IdentityError>,
+    ) -> Result<Identity, IdentityError> {
+        let Ok(id) = hit else { return hit };
+        match self.inner.recheck(&id) {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+                entries.remove(key);
+                Err(e)
+            }
+        }
+    }
+
     fn store(&self, key: Key, result: &Result<Identity, IdentityError>, now: OffsetDateTime) {
         match result {
             Ok(identity) => {
@@ -168,7 +186,7 @@ impl<V: TokenValidator> CachingValidator<V> {
     async fn validate_cached(&self, token: &Token, peer: Peer) -> Result<Identity, IdentityError> {
         let key = token.sha256();
         if let Some(result) = self.hit(&key, self.clock.now()) {
-            return result;
+            return self.rechecked(&key, result);
         }
         let guard = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,6 +244,10 @@ impl<V: TokenValidator> TokenValidator for CachingValidator<V> {
 
     fn validate_from<'a>(&'a self, token: &'a Token, peer: Peer) -> ValidateFuture<'a> {
         Box::pin(self.validate_cached(token, peer))
+    }
+
+    fn recheck(&self, id: &Identity) -> Result<(), IdentityError> {
+        self.inner.recheck(id)
     }
 
     fn probe(&self) -> super::ProbeFuture<'_> {

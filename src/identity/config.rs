@@ -80,6 +80,11 @@ pub struct TokenReview {
     /// Verify signatures against the API server's `/openid/v1/jwks` before calling TokenReview.
     #[serde(default = "default_true")]
     pub verify_signatures: bool,
+    /// `review` (default): the API server judges every well-formed token. `local`: meshid judges
+    /// the bound pod and service account against its own watch (kube-apiserver's rule), and
+    /// calls TokenReview only while the watch is not synced or has not seen them.
+    #[serde(default)]
+    pub mode: super::TokenReviewMode,
 }
 
 fn default_review_timeout() -> Duration {
@@ -209,6 +214,11 @@ impl TokenReview {
                     fmt_duration(unary_timeout),
                     (tr.rate.qps * budget).floor() as u64
                 ));
+        }
+        if tr.mode == super::TokenReviewMode::Local && !tr.verify_signatures {
+            errs.push(format!(
+                "{at}.tokenreview.mode: \"local\" judges tokens whose signature meshid verified; set verify_signatures = true"
+            ));
         }
         if tr.rate.max_queue_per_peer == 0 {
             errs.push(format!(

@@ -153,8 +153,6 @@ impl DevIssuer {
     /// The claims Kubernetes would put in a projected token for `req`, issued at `now`.
     pub fn claims(&self, req: &TokenRequest, now: OffsetDateTime) -> ServiceAccountClaims {
         let now_s = now.unix_timestamp();
-        let uid =
-            |what: &str| uid_for(&format!("{what}/{}/{}", req.namespace, req.service_account));
         ServiceAccountClaims {
             aud: req.audiences.clone(),
             exp: Some(now_s + req.ttl.as_secs() as i64),
@@ -169,7 +167,7 @@ impl DevIssuer {
                 namespace: req.namespace.clone(),
                 serviceaccount: NameUid {
                     name: req.service_account.clone(),
-                    uid: uid("sa"),
+                    uid: service_account_uid(&req.namespace, &req.service_account),
                 },
                 pod: req.pod.as_ref().map(|(name, uid)| NameUid {
                     name: name.clone(),
@@ -196,6 +194,12 @@ impl DevIssuer {
     pub fn kid(&self) -> &str {
         &self.kid
     }
+}
+
+/// The UID the dev issuer's tokens give service account `namespace/name` (stable, UUID-shaped),
+/// for tests and benchmarks that create the matching object.
+pub fn service_account_uid(namespace: &str, name: &str) -> String {
+    uid_for(&format!("sa/{namespace}/{name}"))
 }
 
 /// A stable UUID-shaped id derived from a name (service-account uids are UUIDs).

@@ -41,6 +41,8 @@ pub enum IdentityError {
     UnknownCluster { got: String, known: Vec<String> },
     #[error("signing keys of the token issuer are unavailable: {0}")]
     JwksUnavailable(String),
+    #[error("service account token has been invalidated: {0}")]
+    Invalidated(String),
 }
 
 impl IdentityError {
@@ -73,6 +75,7 @@ impl IdentityError {
             Self::Overloaded(_) => "overloaded",
             Self::UnknownCluster { .. } => "unknown_cluster",
             Self::JwksUnavailable(_) => "jwks_unavailable",
+            Self::Invalidated(_) => "invalidated",
         }
     }
 }

@@ -251,6 +251,7 @@ pub(crate) fn check_claims(
         spiffe_id,
         namespace,
         service_account,
+        service_account_uid: c.kubernetes.as_ref().map(|k| k.serviceaccount.uid.clone()),
         pod,
         cluster: cfg.cluster.clone(),
         expires_at: c

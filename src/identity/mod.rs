@@ -2,6 +2,7 @@
 //! `kube` client) or locally against the issuer's JWKS, with a cache, single-flight, a rate
 //! limit in front of the API server, and routing by cluster.
 
+pub mod bindings;
 mod cache;
 pub mod config;
 pub mod dev_issuer;
@@ -27,7 +28,7 @@ pub use model::{
     ClusterId, Identity, Peer, PodRef, ProbeFuture, Token, TokenValidator, ValidateFuture,
 };
 pub use router::ClusterRouter;
-pub use tokenreview::{TokenReviewConfig, TokenReviewValidator};
+pub use tokenreview::{TokenReviewConfig, TokenReviewMode, TokenReviewValidator};
 
 /// The `ClusterID` of the default cluster: what stock Istio sidecars send (the injection
 /// template's `ISTIO_META_CLUSTER_ID` default).

@@ -66,6 +66,9 @@ pub struct Identity {
     pub spiffe_id: SpiffeId,
     pub namespace: String,
     pub service_account: String,
+    /// The service account's UID, where the token or the review names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account_uid: Option<String>,
     pub pod: Option<PodRef>,
     pub cluster: ClusterId,
     /// When the token stops being valid (`None` only for tolerated legacy tokens).
@@ -109,6 +112,13 @@ pub trait TokenValidator: Send + Sync {
     fn validate_from<'a>(&'a self, token: &'a Token, peer: Peer) -> ValidateFuture<'a> {
         let _ = peer;
         self.validate(token)
+    }
+
+    /// Re-checks an identity this validator gave earlier, before a cache hands it out again
+    /// (a bound pod deleted since). Default: nothing to re-check.
+    fn recheck(&self, id: &Identity) -> Result<(), IdentityError> {
+        let _ = id;
+        Ok(())
     }
 
     /// Whether the backend is reachable (keys fetched, API server answering).

@@ -1,6 +1,11 @@
 //! TokenReview through the real `kube` client: the API server decides; meshid checks the
 //! answer fails closed (authenticated, no error, audience-aware, a service account).
 //!
+//! In `local` mode a token whose signature verified against the API server's keys is judged by
+//! meshid itself when its watch knows the bound pod and service account (`bindings`): the
+//! same rule as kube-apiserver's, with no API call; TokenReview answers only what the watch
+//! cannot (not synced yet, a pod not seen yet, a token bound to no pod).
+//!
 //! Only tokens that could be valid cost an API call: everything else (not a JWT, a disallowed
 //! algorithm, expired or not yet valid by the API server's own 60 s leeway, a foreign audience or
 //! issuer, and — when the cluster's keys could be read from `/openid/v1/jwks` — a bad signature or
@@ -20,9 +25,10 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 
 use super::{
+    bindings::{BoundObjects, Kind, Verdict},
     jwks, jwt,
     keys::{JwksSource, KeyPolicy, KeyStore},
-    ClusterId, Identity, IdentityError, Peer, PodRef, RateLimit, RateLimiter, Token,
+    ClusterId, Identity, IdentityError, JwtConfig, Peer, PodRef, RateLimit, RateLimiter, Token,
     TokenValidator, ValidateFuture,
 };
 use crate::{
@@ -52,6 +58,21 @@ pub struct TokenReviewConfig {
     /// Verify signatures locally against the API server's `/openid/v1/jwks` (read with the kube
     /// client's credentials) before calling TokenReview; without readable keys, calls go ahead.
     pub verify_signatures: bool,
+    /// Who judges the bound pod and service account: the API server (`Review`) or meshid's own
+    /// watch where it knows them (`Local`; needs `verify_signatures`).
+    pub mode: TokenReviewMode,
+}
+
+/// Who judges a verified token's bound objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenReviewMode {
+    /// Every well-formed token costs a TokenReview call.
+    #[default]
+    Review,
+    /// Signature against the API server's JWKS, pod and service account against meshid's own
+    /// watch; TokenReview while the watch is not synced or has not seen them.
+    Local,
 }
 
 impl TokenReviewConfig {
@@ -68,7 +89,18 @@ impl TokenReviewConfig {
             issuers: Vec::new(),
             leeway: Duration::from_secs(60),
             verify_signatures: true,
+            mode: TokenReviewMode::Review,
         }
+    }
+
+    /// The claim checks of a locally judged token (as the JWKS backend applies them).
+    fn claim_rules(&self) -> JwtConfig {
+        let mut c = JwtConfig::new(self.cluster.clone(), self.trust_domain.clone(), None);
+        c.issuers = self.issuers.clone();
+        c.audiences = self.audiences.clone();
+        c.leeway = self.leeway;
+        c.allow_legacy_tokens = self.allow_legacy_tokens;
+        c
     }
 }
 
@@ -81,11 +113,16 @@ pub struct TokenReviewValidator {
     keys: Option<Arc<KeyStore>>,
     clock: Arc<dyn Clock>,
     calls: AtomicU64,
+    /// `Local` mode: the watched pods and service accounts, and the claim rules.
+    bound: Option<(Arc<BoundObjects>, JwtConfig)>,
+    local: AtomicU64,
 }
 
 // === impl TokenReviewValidator ===
 
 impl TokenReviewValidator {
+    /// A validator; in `Local` mode it starts its pod and service-account watches (so it must be
+    /// made inside a Tokio runtime) and stops them when dropped.
     pub fn new(client: kube::Client, cfg: TokenReviewConfig, clock: Arc<dyn Clock>) -> Self {
         let keys = cfg.verify_signatures.then(|| {
             let policy = KeyPolicy {
@@ -105,6 +142,8 @@ impl TokenReviewValidator {
                 None
             }
         };
+        let bound = (cfg.mode == TokenReviewMode::Local && keys.is_some())
+            .then(|| (BoundObjects::watch(client.clone()), cfg.claim_rules()));
         Self {
             api: Api::all(client.clone()),
             client,
@@ -113,6 +152,53 @@ impl TokenReviewValidator {
             cfg,
             clock,
             calls: AtomicU64::new(0),
+            bound,
+            local: AtomicU64::new(0),
+        }
+    }
+
+    /// Tokens judged by meshid's own watch (accepted or refused) so far.
+    pub fn local_count(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// Whether the pod and service-account watches hold a complete list (`Local` mode only).
+    pub fn bindings_synced(&self) -> bool {
+        self.bound.as_ref().is_some_and(|(b, _)| b.synced())
+    }
+
+    /// `Local` mode, for a token whose signature verified: the identity when the watch knows its
+    /// pod and service account alive, a refusal when it knows one gone, `None` for TokenReview.
+    fn judge_locally(
+        &self,
+        c: &jwt::ServiceAccountClaims,
+    ) -> Result<Option<Identity>, IdentityError> {
+        let Some((bound, rules)) = &self.bound else {
+            return Ok(None);
+        };
+        // Bound to no pod, or with the API server's implicit audiences: TokenReview decides.
+        let (Some(k), false) = (&c.kubernetes, c.aud.is_empty()) else {
+            return Ok(None);
+        };
+        let Some(pod) = &k.pod else { return Ok(None) };
+        let now = self.clock.now();
+        let sa = &k.serviceaccount;
+        let account = bound.judge(Kind::ServiceAccount, &k.namespace, &sa.name, &sa.uid, now);
+        let pod = bound.judge(Kind::Pod, &k.namespace, &pod.name, &pod.uid, now);
+        match (account, pod) {
+            (Verdict::Gone(why), _) | (_, Verdict::Gone(why)) => {
+                self.local.fetch_add(1, Ordering::Relaxed);
+                Err(IdentityError::Invalidated(why))
+            }
+            (Verdict::Live, Verdict::Live) => {
+                let id = jwks::check_claims(c, rules, now)?;
+                self.local.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(id))
+            }
+            (Verdict::Unknown(why), _) | (_, Verdict::Unknown(why)) => {
+                tracing::debug!(cluster = %self.cfg.cluster, why, "bound objects unknown locally; asking TokenReview");
+                Ok(None)
+            }
         }
     }
 
@@ -121,8 +207,9 @@ impl TokenReviewValidator {
         self.keys.as_ref().map_or(0, |k| k.fetch_count())
     }
 
-    /// Refuses, without an API call, every token that cannot be valid.
-    async fn precheck(&self, jws: &jwt::Jws<'_>) -> Result<(), IdentityError> {
+    /// Refuses, without an API call, every token that cannot be valid; `true` when its signature
+    /// verified against the API server's keys.
+    async fn precheck(&self, jws: &jwt::Jws<'_>) -> Result<bool, IdentityError> {
         let c = &jws.claims;
         if c.is_legacy() && !self.cfg.allow_legacy_tokens {
             return Err(IdentityError::LegacyToken);
@@ -143,15 +230,15 @@ impl TokenReviewValidator {
             });
         }
         let Some(keys) = self.keys.as_ref() else {
-            return Ok(());
+            return Ok(false);
         };
         keys.refresh_if_stale();
         match keys.verify(jws).await {
             Err(IdentityError::JwksUnavailable(why)) => {
                 tracing::debug!(cluster = %self.cfg.cluster, %why, "signing keys unavailable; TokenReview decides alone");
-                Ok(())
+                Ok(false)
             }
-            other => other,
+            other => other.map(|()| true),
         }
     }
 
@@ -163,7 +250,11 @@ impl TokenReviewValidator {
     async fn review(&self, token: &Token, peer: Peer) -> Result<Identity, IdentityError> {
         let text = token.secret_str();
         let jws = jwt::parse(text)?;
-        self.precheck(&jws).await?;
+        if self.precheck(&jws).await? {
+            if let Some(id) = self.judge_locally(&jws.claims)? {
+                return Ok(id);
+            }
+        }
         let expires_at = jws
             .claims
             .exp
@@ -217,6 +308,8 @@ impl TokenReviewValidator {
             .user
             .ok_or_else(|| IdentityError::NotServiceAccount("no user in the review".into()))?;
         let username = user.username.unwrap_or_default();
+        // A service account's token authenticates as that account: the user's UID is its UID.
+        let service_account_uid = user.uid.filter(|u| !u.is_empty());
         let (namespace, service_account) = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
@@ -248,6 +341,7 @@ impl TokenReviewValidator {
             spiffe_id,
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
+            service_account_uid,
             pod,
             cluster: self.cfg.cluster.clone(),
             expires_at,
@@ -275,6 +369,31 @@ impl TokenValidator for TokenReviewValidator {
 
     fn validate_from<'a>(&'a self, token: &'a Token, peer: Peer) -> ValidateFuture<'a> {
         Box::pin(self.review(token, peer))
+    }
+
+    /// `Local` mode: a cached identity whose pod or service account the watch has since seen
+    /// deleted is refused.
+    fn recheck(&self, id: &Identity) -> Result<(), IdentityError> {
+        let Some((bound, _)) = &self.bound else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        let ns = &id.namespace;
+        let account = id
+            .service_account_uid
+            .as_deref()
+            .map(|uid| bound.judge(Kind::ServiceAccount, ns, &id.service_account, uid, now));
+        let pod = id
+            .pod
+            .as_ref()
+            .map(|p| bound.judge(Kind::Pod, ns, &p.name, &p.uid, now));
+        match [account, pod].into_iter().flatten().find_map(|v| match v {
+            Verdict::Gone(why) => Some(why),
+            Verdict::Live | Verdict::Unknown(_) => None,
+        }) {
+            Some(why) => Err(IdentityError::Invalidated(why)),
+            None => Ok(()),
+        }
     }
 
     /// Ready when meshid may `create tokenreviews` (a SelfSubjectAccessReview, as `kubectl auth

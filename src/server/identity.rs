@@ -84,6 +84,7 @@ async fn validator_for(
         rc.issuers = tr.issuers.clone();
         rc.leeway = c.leeway;
         rc.verify_signatures = tr.verify_signatures;
+        rc.mode = tr.mode;
         let v = TokenReviewValidator::new(client, rc, clock.clone());
         return Ok(Arc::new(CachingValidator::new(v, cache, clock.clone())));
     }

@@ -342,6 +342,7 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
             "Api<ConfigMap",
             "Api<K",
             "Api<Lease",
+            "Api<PartialObjectMeta<K",
             "Api<Secret",
             "Api<SelfSubjectAccessReview",
             "Api<TokenReview",
@@ -359,12 +360,22 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     let issuer = DevIssuer::init(dir.path(), &api.shared.issuer, None).unwrap();
     api.set_jwks(&issuer.jwks());
 
-    // Identity: readiness probe (SSAR + signing keys), then a token validated (TokenReview).
+    // Identity: readiness probe (SSAR + signing keys), the local mode's metadata watches of pods
+    // and service accounts, then a token validated (TokenReview: the fixture's pod is not "p").
     let td = TrustDomain::new("cluster.local").unwrap();
     let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td);
     cfg.issuers = vec![api.shared.issuer.clone()];
+    cfg.mode = meshid::identity::TokenReviewMode::Local;
     let v = TokenReviewValidator::new(api.client().await, cfg, Arc::new(SystemClock));
     v.probe().await.unwrap();
+    let synced = std::time::Instant::now();
+    while !v.bindings_synced() {
+        assert!(
+            synced.elapsed() < Duration::from_secs(30),
+            "pod and service-account watches never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let req = TokenRequest {
         namespace: "shop".into(),
         service_account: "product-service".into(),

@@ -42,6 +42,7 @@ type Reviewer = Arc<dyn Fn(&str, &[String]) -> Reply + Send + Sync>;
 /// Collections served with list and watch: path → list kind.
 const COLLECTIONS: &[(&str, &str, &str)] = &[
     ("/api/v1/pods", "v1", "Pod"),
+    ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/services", "v1", "Service"),
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/configmaps", "v1", "ConfigMap"),
@@ -395,6 +396,42 @@ impl FakeApiServer {
             panic!("the fake apiserver does not serve {api} {kind}");
         };
         store_object(&self.shared, path, obj);
+    }
+
+    /// Deletes an object (by apiVersion, kind, namespace, name) and tells watchers.
+    pub fn delete(&self, obj: &Value) {
+        let (api, kind) = (
+            obj["apiVersion"].as_str().unwrap_or(""),
+            obj["kind"].as_str().unwrap_or(""),
+        );
+        let Some((path, _, _)) = COLLECTIONS.iter().find(|(_, a, k)| *a == api && *k == kind)
+        else {
+            panic!("the fake apiserver does not serve {api} {kind}");
+        };
+        let key = format!(
+            "{}/{}",
+            obj["metadata"]["namespace"].as_str().unwrap_or(""),
+            obj["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let s = &self.shared;
+        let Some(mut gone) = s
+            .objects
+            .lock()
+            .unwrap()
+            .get_mut(*path)
+            .and_then(|m| m.remove(&key))
+        else {
+            panic!("the fake apiserver has no {kind} {key}");
+        };
+        let rv = s.rv.fetch_add(1, Ordering::SeqCst) + 1;
+        gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let e: Event = (
+            path.to_string(),
+            rv,
+            json!({"type": "DELETED", "object": gone}),
+        );
+        s.history.lock().unwrap().push(e.clone());
+        let _ = s.events.send(e);
     }
 
     /// A ConfigMap as stored, if any.

@@ -234,6 +234,7 @@ async fn a_renewal_rechecks_the_token_and_ends_the_stream_when_refused() {
             timeout: Duration::from_secs(5),
             issuers: vec![],
             verify_signatures: true,
+            mode: Default::default(),
         });
     })
     .await;
@@ -395,6 +396,7 @@ async fn a_unary_call_is_bounded_by_the_unary_timeout() {
             timeout: Duration::from_secs(30),
             issuers: vec![],
             verify_signatures: true,
+            mode: Default::default(),
         });
     })
     .await;

@@ -12,8 +12,8 @@ use meshid::{
     identity::{
         dev_issuer::{DevIssuer, TokenRequest},
         CacheConfig, CachingValidator, ClusterId, ClusterRouter, IdentityError, JwksSource,
-        JwksValidator, JwtConfig, RateLimit, Token, TokenReviewConfig, TokenReviewValidator,
-        TokenValidator,
+        JwksValidator, JwtConfig, RateLimit, Token, TokenReviewConfig, TokenReviewMode,
+        TokenReviewValidator, TokenValidator,
     },
 };
 use serde_json::json;
@@ -617,4 +617,116 @@ async fn stale_keys_keep_serving_while_refreshed_in_the_background() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(v.fetch_count() >= 2, "a background refresh was attempted");
+}
+
+/// `[clusters.tokenreview] mode = "local"` on the fake API server (the real one:
+/// `kube_real::identity`): the pod and service account from meshid's own metadata watch, judged
+/// with kube-apiserver's rule (`pkg/serviceaccount/claims.go`, `validator.Validate`). A token
+/// whose pod and account the watch holds costs no TokenReview; an unseen pod goes to TokenReview;
+/// a deleted pod, a pod deleted more than 60 s ago but not yet removed, and a service account
+/// recreated under its name are refused locally, a cached identity included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_judges_the_bound_pod_and_service_account_from_its_own_watch() {
+    let api = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = issuer_in(dir.path());
+    api.set_jwks(&issuer.jwks());
+    let sa_uid = meshid::identity::dev_issuer::service_account_uid("shop", "product-service");
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"namespace": "shop", "name": "product-service", "uid": sa_uid}});
+    let pod = |name: &str, uid: &str, deleting: Option<&str>| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "shop", "name": name, "uid": uid, "deletionTimestamp": deleting},
+            "spec": {"serviceAccountName": "product-service", "containers": [{"name": "app"}]}})
+    };
+    api.put(account.clone());
+    api.put(pod("p-0", "uid-0", None));
+    api.put(pod("p-1", "uid-1", None));
+    let long_ago = (OffsetDateTime::now_utc() - Duration::from_secs(61))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    api.put(pod("stuck", "uid-stuck", Some(&long_ago)));
+
+    let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td());
+    cfg.mode = TokenReviewMode::Local;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let v = CachingValidator::new(
+        TokenReviewValidator::new(api.client().await, cfg, clock.clone()),
+        CacheConfig::default(),
+        clock,
+    );
+    let t = std::time::Instant::now();
+    while !v.inner().bindings_synced() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "watches never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let token = |pod: &str, uid: &str| {
+        let mut r = req("shop", "product-service");
+        r.pod = Some((pod.into(), uid.into()));
+        Token::new(issuer.token(&r, OffsetDateTime::now_utc()).unwrap())
+    };
+
+    let id = v.validate(&token("p-0", "uid-0")).await.unwrap();
+    assert_eq!(id.service_account_uid.as_deref(), Some(sa_uid.as_str()));
+    assert_eq!((api.tokenreview_calls(), v.inner().local_count()), (0, 1));
+
+    // Not seen by the watch: the API server decides.
+    v.validate(&token("p-new", "uid-new")).await.unwrap();
+    assert_eq!(api.tokenreview_calls(), 1);
+
+    // Deleted more than the leeway ago and still there (a stuck kubelet): refused.
+    match v.validate(&token("stuck", "uid-stuck")).await {
+        Err(IdentityError::Invalidated(why)) => assert!(why.contains("awaits removal"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+
+    // The pod deleted: the cached identity is refused once the watch delivers it.
+    api.delete(&pod("p-0", "uid-0", None));
+    let t = std::time::Instant::now();
+    loop {
+        match v.validate(&token("p-0", "uid-0")).await {
+            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(IdentityError::Invalidated(why)) => {
+                assert!(
+                    why.contains("pod shop/p-0 (uid uid-0) was deleted"),
+                    "{why}"
+                );
+                break;
+            }
+            other => panic!("a deleted pod's token must be refused, got {other:?}"),
+        }
+    }
+
+    // The service account recreated under its name (a new UID): the old one's tokens are refused.
+    let judged = v.inner().local_count();
+    v.validate(&token("p-1", "uid-1")).await.unwrap();
+    assert_eq!(
+        (api.tokenreview_calls(), v.inner().local_count()),
+        (1, judged + 1)
+    );
+    let mut renewed = account.clone();
+    renewed["metadata"]["uid"] = json!("another-uid");
+    api.put(renewed);
+    let t = std::time::Instant::now();
+    loop {
+        match v.validate(&token("p-1", "uid-1")).await {
+            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(IdentityError::Invalidated(why)) => {
+                assert!(
+                    why.contains("service account shop/product-service"),
+                    "{why}"
+                );
+                break;
+            }
+            other => panic!("a replaced service account's token must be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(api.tokenreview_calls(), 1, "every refusal was local");
 }

@@ -81,6 +81,7 @@ async fn calls_beyond_the_tokenreview_budget_are_refused_at_once() {
             timeout: Duration::from_secs(5),
             issuers: vec![],
             verify_signatures: true,
+            mode: Default::default(),
         });
     })
     .await;

@@ -508,6 +508,7 @@ impl TokenValidator for OneToken {
                 spiffe_id: SpiffeId::for_service_account(&td, "shop", "a").unwrap(),
                 namespace: "shop".into(),
                 service_account: "a".into(),
+                service_account_uid: None,
                 pod: None,
                 cluster: ClusterId("primary".into()),
                 expires_at: None,

@@ -17,10 +17,14 @@
 //! least 0.5 of the 2-core ceiling, and 10,000 workloads in under 5 s, with the load generator
 //! on the same 2 cores.
 //!
-//! Modes, each against a fresh server (`--modes es256,rs256,tokenreview`):
+//! Modes, each against a fresh server (`--modes es256,rs256,local,tokenreview`):
 //! - `es256`: tokens from the dev issuer's default ECDSA P-256 key, checked by the JWKS file;
 //! - `rs256`: an RSA-2048 issuer key (Kubernetes' default; made with the `openssl` CLI, since
 //!   ring cannot generate RSA keys), checked by the JWKS file;
+//! - `local`: `[clusters.tokenreview] mode = "local"` against the fake kube-apiserver: tokens
+//!   bound to pods, the server's own metadata watch of the fake's pods and service accounts
+//!   (one of each per workload) judges them; the fake counts the TokenReview calls (must be 0);
+//!   all `--workloads`, like the JWKS modes;
 //! - `tokenreview`: TokenReview against the fake kube-apiserver of the tests, with the server's
 //!   default rate limit (`[clusters.tokenreview]` qps 50, burst 100) and the local signature
 //!   pre-check against the API server's JWKS; `--tokenreview-workloads` (default 1,000, since
@@ -39,7 +43,7 @@
 //! gRPC framing straight from h2 and prost, as lean per connection as a workload's own proxy.
 //!
 //! Run: `cargo bench --bench storm` (after `--`: `--workloads 10000 --in-flight 256
-//! --modes es256,rs256,tokenreview --tokenreview-workloads 1000 --forged-share 0.2
+//! --modes es256,rs256,local,tokenreview --tokenreview-workloads 1000 --forged-share 0.2
 //! --one-source-ip`). `MESHID_BENCH_BIN=/path/to/meshid` runs another server build.
 
 #[path = "common.rs"]
@@ -80,6 +84,7 @@ use server_proc::{init_ca, init_issuer, start_server_with, ServerProc, TD};
 enum Mode {
     Es256,
     Rs256,
+    Local,
     TokenReview,
 }
 
@@ -88,6 +93,7 @@ impl Mode {
         match self {
             Mode::Es256 => "ES256 tokens, JWKS file",
             Mode::Rs256 => "RS256 (RSA-2048) tokens, JWKS file",
+            Mode::Local => "local pod binding (API server's JWKS + own pod watch)",
             Mode::TokenReview => "TokenReview (fake kube-apiserver, default rate limit)",
         }
     }
@@ -144,7 +150,7 @@ fn main() {
     let n: usize = arg("--workloads", 10_000);
     let tr_n: usize = arg("--tokenreview-workloads", 1_000);
     let forged_share: f64 = arg("--forged-share", 0.2);
-    let modes: String = arg("--modes", "es256,rs256,tokenreview".to_string());
+    let modes: String = arg("--modes", "es256,rs256,local,tokenreview".to_string());
     let opts = Opts {
         in_flight: arg("--in-flight", 256),
         one_ip: std::env::args().any(|a| a == "--one-source-ip"),
@@ -168,12 +174,14 @@ fn main() {
         let mode = match mode {
             "es256" => Mode::Es256,
             "rs256" => Mode::Rs256,
+            "local" => Mode::Local,
             "tokenreview" => Mode::TokenReview,
-            other => panic!("--modes: unknown mode {other:?} (es256, rs256, tokenreview)"),
+            other => panic!("--modes: unknown mode {other:?} (es256, rs256, local, tokenreview)"),
         };
         let mdir = dir.path().join(mode_dir(mode));
         std::fs::create_dir_all(&mdir).unwrap();
         let rate = match mode {
+            Mode::Local => rt.block_on(local_run(&mdir, n, &opts)),
             Mode::TokenReview => {
                 let r = rt.block_on(tokenreview_run(&mdir, tr_n, 0.0, &opts));
                 if forged_share > 0.0 {
@@ -187,7 +195,7 @@ fn main() {
                 let issuer = make_issuer(&mdir, mode);
                 let server =
                     start_server_with(&mdir, &server_proc::jwks_cluster(&mdir.join("issuer")), "");
-                let workloads = make_workloads(&issuer, n, 0.0);
+                let workloads = make_workloads(&issuer, n, 0.0, false);
                 rt.block_on(run_and_report(mode, &server, &mdir, &workloads, &opts))
             }
         };
@@ -205,6 +213,7 @@ fn mode_dir(mode: Mode) -> &'static str {
     match mode {
         Mode::Es256 => "es256",
         Mode::Rs256 => "rs256",
+        Mode::Local => "local",
         Mode::TokenReview => "tokenreview",
     }
 }
@@ -243,7 +252,8 @@ fn rsa_key(dir: &Path) -> std::path::PathBuf {
 
 /// `n` workloads with distinct identities; `forged_share` of them (spread evenly) carry a token
 /// whose signature is by another key. Made on every core.
-fn make_workloads(issuer: &DevIssuer, n: usize, forged_share: f64) -> Vec<Workload> {
+/// `n` workloads; `bound`: each token bound to its own pod (`pod-<i>`, uid `pod-uid-<i>`).
+fn make_workloads(issuer: &DevIssuer, n: usize, forged_share: f64, bound: bool) -> Vec<Workload> {
     let t = Instant::now();
     let forger = P256::new();
     let forged_every = (forged_share > 0.0).then(|| (1.0 / forged_share).round() as usize);
@@ -259,7 +269,7 @@ fn make_workloads(issuer: &DevIssuer, n: usize, forged_share: f64) -> Vec<Worklo
                     (from..(from + chunk).min(n))
                         .map(|i| {
                             let forged = forged_every.is_some_and(|k| i % k == k - 1);
-                            workload(issuer, i, forged.then_some(forger))
+                            workload(issuer, i, forged.then_some(forger), bound)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -276,14 +286,14 @@ fn make_workloads(issuer: &DevIssuer, n: usize, forged_share: f64) -> Vec<Worklo
     all
 }
 
-fn workload(issuer: &DevIssuer, i: usize, forger: Option<&P256>) -> Workload {
-    let (ns, sa) = (format!("storm-{}", i / 100), format!("sa-{i}"));
+fn workload(issuer: &DevIssuer, i: usize, forger: Option<&P256>, bound: bool) -> Workload {
+    let (ns, sa) = workload_names(i);
     let req = TokenRequest {
         namespace: ns.clone(),
         service_account: sa.clone(),
         audiences: vec!["istio-ca".into()],
         ttl: Duration::from_secs(3600),
-        pod: None,
+        pod: bound.then(|| (format!("pod-{i}"), format!("pod-uid-{i}"))),
     };
     let mut token = issuer.token(&req, time::OffsetDateTime::now_utc()).unwrap();
     if let Some(f) = forger {
@@ -305,6 +315,11 @@ fn workload(issuer: &DevIssuer, i: usize, forger: Option<&P256>) -> Workload {
         csr,
         forged: forger.is_some(),
     }
+}
+
+/// Workload `i`'s namespace and service account.
+fn workload_names(i: usize) -> (String, String) {
+    (format!("storm-{}", i / 100), format!("sa-{i}"))
 }
 
 /// An ECDSA P-256 key pair for forging and for the ceiling.
@@ -729,7 +744,7 @@ async fn tokenreview_run(dir: &Path, n: usize, forged_share: f64, opts: &Opts) -
         "[[clusters]]\nname = \"bench\"\n[clusters.tokenreview]\nkubeconfig = {kubeconfig:?}\n"
     );
     let server = start_server_with(dir, &clusters, "");
-    let w = make_workloads(&issuer, n, forged_share);
+    let w = make_workloads(&issuer, n, forged_share, false);
     let rate = run_and_report(Mode::TokenReview, &server, dir, &w, opts).await;
     let genuine = w.iter().filter(|w| !w.forged).count();
     println!(
@@ -741,6 +756,64 @@ async fn tokenreview_run(dir: &Path, n: usize, forged_share: f64, opts: &Opts) -
             ""
         }
     );
+    rate
+}
+
+// === local pod binding ===
+
+/// The local mode: the fake holds each workload's pod and service account; the server watches
+/// them (metadata only) and must judge every token itself.
+async fn local_run(dir: &Path, n: usize, opts: &Opts) -> f64 {
+    let api = fake_apiserver::FakeApiServer::start().await;
+    let issuer = make_issuer(dir, Mode::Es256);
+    api.set_jwks(&issuer.jwks());
+    for i in 0..n {
+        let (ns, sa) = workload_names(i);
+        api.put(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"namespace": ns, "name": sa,
+                         "uid": meshid::identity::dev_issuer::service_account_uid(&ns, &sa)},
+        }));
+        api.put(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": ns, "name": format!("pod-{i}"), "uid": format!("pod-uid-{i}")},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]},
+        }));
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig_yaml()).unwrap();
+    let clusters = format!(
+        "[[clusters]]\nname = \"bench\"\n[clusters.tokenreview]\nkubeconfig = {kubeconfig:?}\nmode = \"local\"\n"
+    );
+    let server = start_server_with(dir, &clusters, "");
+    // Synced once both watches are open: kube's watcher watches only after its list is done.
+    let t = Instant::now();
+    let watching = |path: &str| {
+        api.shared
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, p, q)| p == path && q.contains("watch=true"))
+    };
+    while !(watching("/api/v1/pods") && watching("/api/v1/serviceaccounts")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the server's pod and service-account watches did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "  the server listed {n} pods and {n} service accounts and watches them ({:.1} s after start)",
+        t.elapsed().as_secs_f64()
+    );
+    let w = make_workloads(&issuer, n, 0.0, true);
+    let rate = run_and_report(Mode::Local, &server, dir, &w, opts).await;
+    let calls = api.tokenreview_calls();
+    println!(
+        "  TokenReview calls the fake kube-apiserver got: {calls} for {n} pod-bound workloads"
+    );
+    assert_eq!(calls, 0, "local mode judged every token itself");
     rate
 }
 
@@ -951,7 +1024,7 @@ fn token_verify_secs(mode: Mode, dir: &Path, token: &str, budget: Duration) -> f
             let public = kp.public_key().as_ref().to_vec();
             (&signature::RSA_PKCS1_2048_8192_SHA256, public, sig)
         }
-        Mode::Es256 | Mode::TokenReview => {
+        Mode::Es256 | Mode::Local | Mode::TokenReview => {
             let k = P256::new();
             let public = k.fixed.public_key().as_ref().to_vec();
             (

@@ -16,8 +16,8 @@ use meshid::{
     ca::PrivateKey,
     clock::{Clock, ManualClock, SystemClock},
     identity::{
-        ClusterId, IdentityError, JwkSet, JwksSource, JwksValidator, JwtConfig, Token,
-        TokenReviewConfig, TokenReviewValidator, TokenValidator,
+        CacheConfig, CachingValidator, ClusterId, IdentityError, JwkSet, JwksSource, JwksValidator,
+        JwtConfig, Token, TokenReviewConfig, TokenReviewMode, TokenReviewValidator, TokenValidator,
     },
     spiffe::TrustDomain,
 };
@@ -346,4 +346,160 @@ async fn expired_other_audience_and_other_issuer_tokens_are_refused() {
         }
     }
     assert_eq!(tr.call_count(), 0, "expired tokens cost no TokenReview");
+}
+
+/// Local mode (`[clusters.tokenreview] mode = "local"`): the signature against the API server's
+/// keys, the bound pod and service account against meshid's own metadata watch, with the API
+/// server's rule (kube `pkg/serviceaccount/claims.go`, `validator.Validate`: the object exists
+/// with the claim's UID, not deleted beyond the leeway). A pod-bound token is accepted with no
+/// TokenReview call; a token bound to no pod goes to TokenReview; once the pod is deleted its
+/// token — cached identity included — is refused within a second, again with no call, and
+/// kube-apiserver itself refuses it too; the same for a deleted service account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
+async fn local_mode_refuses_a_deleted_pods_token_within_a_second_without_tokenreview() {
+    let _timed = super::support::Timed::start(
+        "local_mode_refuses_a_deleted_pods_token_within_a_second_without_tokenreview",
+    );
+    let cluster = Cluster::shared().await;
+    let admin = cluster.admin().await;
+    let ns = cluster.namespace("local").await;
+    let uid = workload(&admin, &ns, "workload", "w-0", &[]).await;
+    let token = cluster
+        .token(&ns, "workload", &["istio-ca"], Some(("w-0", &uid)))
+        .await;
+
+    let client = client_from(&cluster.meshid_kubeconfig().await).await;
+    let mut cfg = TokenReviewConfig::new(ClusterId("Kubernetes".into()), td());
+    cfg.mode = TokenReviewMode::Local;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let v = CachingValidator::new(
+        TokenReviewValidator::new(client, cfg, clock.clone()),
+        CacheConfig::default(),
+        clock,
+    );
+    let started = std::time::Instant::now();
+    while !v.inner().bindings_synced() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the pod and service-account watches did not sync in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "kube_real: pod and service-account watches synced in {} ms",
+        started.elapsed().as_millis()
+    );
+
+    let id = v.validate(&Token::new(token.clone())).await.unwrap();
+    assert_eq!(
+        id.spiffe_id.to_string(),
+        format!("spiffe://cluster.local/ns/{ns}/sa/workload")
+    );
+    assert_eq!(
+        id.pod.as_ref().map(|p| (p.name.as_str(), p.uid.as_str())),
+        Some(("w-0", uid.as_str()))
+    );
+    assert_eq!(
+        v.inner().call_count(),
+        0,
+        "judged locally: no TokenReview call"
+    );
+    assert_eq!(v.inner().local_count(), 1);
+
+    // Bound to no pod: only TokenReview can tell whether it is still valid.
+    let unbound = cluster.token(&ns, "workload", &["istio-ca"], None).await;
+    v.validate(&Token::new(unbound)).await.unwrap();
+    assert_eq!(
+        v.inner().call_count(),
+        1,
+        "a token bound to no pod goes to TokenReview"
+    );
+
+    // The pod deleted: the cached identity is refused as soon as the watch delivers it.
+    let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), &ns);
+    pods.delete("w-0", &Default::default()).await.unwrap();
+    let deleted = std::time::Instant::now();
+    let why = loop {
+        match v.validate(&Token::new(token.clone())).await {
+            Ok(_) => {
+                assert!(
+                    deleted.elapsed() < Duration::from_secs(1),
+                    "a deleted pod's token was still accepted after 1 s"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(IdentityError::Invalidated(why)) => break why,
+            Err(other) => {
+                panic!("a deleted pod's token must be refused as invalidated, got {other:?}")
+            }
+        }
+    };
+    let took = deleted.elapsed();
+    eprintln!(
+        "kube_real: deleted pod's token refused {} ms after the delete call ({why})",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(
+        why.contains(&format!("pod {ns}/w-0")) && why.contains(&uid),
+        "{why}"
+    );
+    assert_eq!(
+        v.inner().call_count(),
+        1,
+        "refused with no TokenReview call"
+    );
+    assert!(
+        !apiserver_authenticates(cluster, &token).await,
+        "reference: kube-apiserver refuses the deleted pod's token too"
+    );
+
+    // The service account deleted: its live pod's token is refused the same way.
+    let uid = workload(&admin, &ns, "other", "w-1", &[]).await;
+    let token = cluster
+        .token(&ns, "other", &["istio-ca"], Some(("w-1", &uid)))
+        .await;
+    let wait_live = std::time::Instant::now();
+    let calls = v.inner().call_count();
+    loop {
+        // The new pod may reach the watch after the token: TokenReview answers meanwhile.
+        v.validate(&Token::new(token.clone())).await.unwrap();
+        if v.inner().call_count() == calls || wait_live.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &ns)
+        .delete("other", &Default::default())
+        .await
+        .unwrap();
+    let deleted = std::time::Instant::now();
+    let calls = v.inner().call_count();
+    loop {
+        match v.validate(&Token::new(token.clone())).await {
+            Ok(_) if deleted.elapsed() < Duration::from_secs(1) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(IdentityError::Invalidated(why)) => {
+                assert!(
+                    why.contains(&format!("service account {ns}/other")),
+                    "{why}"
+                );
+                break;
+            }
+            other => panic!(
+                "a deleted service account's token must be refused within 1 s, got {other:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        v.inner().call_count(),
+        calls,
+        "refused with no TokenReview call"
+    );
+    assert!(
+        !apiserver_authenticates(cluster, &token).await,
+        "reference: kube-apiserver refuses a deleted service account's token too"
+    );
 }

@@ -111,6 +111,7 @@ pub async fn tokenreview_backend(cluster: &Cluster) -> config::TokenReview {
         timeout: Duration::from_secs(5),
         issuers: Vec::new(),
         verify_signatures: true,
+        mode: Default::default(),
     }
 }
 
