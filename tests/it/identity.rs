@@ -619,6 +619,20 @@ async fn stale_keys_keep_serving_while_refreshed_in_the_background() {
     assert!(v.fetch_count() >= 2, "a background refresh was attempted");
 }
 
+/// Validates `token()` until it is refused as invalidated (within 5 s); the reason.
+async fn invalidated_within(v: &dyn TokenValidator, token: impl Fn() -> Token) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        match v.validate(&token()).await {
+            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(IdentityError::Invalidated(why)) => return why,
+            other => panic!("the token must be refused as invalidated within 5 s, got {other:?}"),
+        }
+    }
+}
+
 /// `[clusters.tokenreview] mode = "local"` on the fake API server (the real one:
 /// `kube_real::identity`): the pod and service account from meshid's own metadata watch, judged
 /// with kube-apiserver's rule (`pkg/serviceaccount/claims.go`, `validator.Validate`). A token
@@ -685,22 +699,11 @@ async fn local_mode_judges_the_bound_pod_and_service_account_from_its_own_watch(
 
     // The pod deleted: the cached identity is refused once the watch delivers it.
     api.delete(&pod("p-0", "uid-0", None));
-    let t = std::time::Instant::now();
-    loop {
-        match v.validate(&token("p-0", "uid-0")).await {
-            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(5)).await
-            }
-            Err(IdentityError::Invalidated(why)) => {
-                assert!(
-                    why.contains("pod shop/p-0 (uid uid-0) was deleted"),
-                    "{why}"
-                );
-                break;
-            }
-            other => panic!("a deleted pod's token must be refused, got {other:?}"),
-        }
-    }
+    let why = invalidated_within(&v, || token("p-0", "uid-0")).await;
+    assert!(
+        why.contains("pod shop/p-0 (uid uid-0) was deleted"),
+        "{why}"
+    );
 
     // The service account recreated under its name (a new UID): the old one's tokens are refused.
     let judged = v.inner().local_count();
@@ -712,21 +715,10 @@ async fn local_mode_judges_the_bound_pod_and_service_account_from_its_own_watch(
     let mut renewed = account.clone();
     renewed["metadata"]["uid"] = json!("another-uid");
     api.put(renewed);
-    let t = std::time::Instant::now();
-    loop {
-        match v.validate(&token("p-1", "uid-1")).await {
-            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(5)).await
-            }
-            Err(IdentityError::Invalidated(why)) => {
-                assert!(
-                    why.contains("service account shop/product-service"),
-                    "{why}"
-                );
-                break;
-            }
-            other => panic!("a replaced service account's token must be refused, got {other:?}"),
-        }
-    }
+    let why = invalidated_within(&v, || token("p-1", "uid-1")).await;
+    assert!(
+        why.contains("service account shop/product-service"),
+        "{why}"
+    );
     assert_eq!(api.tokenreview_calls(), 1, "every refusal was local");
 }
