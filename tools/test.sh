@@ -28,10 +28,10 @@ for part in "${parts[@]}"; do
     rust) need cargo "a Rust toolchain: rustup"; need openssl "apt-get install openssl" ;;
     kube)
       need go "Go >= 1.26: https://go.dev/dl"; need kubectl "apt-get install kubectl"
-      need setpriv "apt-get install util-linux" ;;
+      need setpriv "apt-get install util-linux"; need flock "apt-get install util-linux" ;;
     interop)
       need go "Go >= 1.26: https://go.dev/dl"; need gcc "apt-get install gcc (SPIRE's SQLite is cgo)"
-      need unshare "apt-get install util-linux"
+      need unshare "apt-get install util-linux"; need flock "apt-get install util-linux"
       [ "$(id -u)" = 0 ] || missing+=("root (pilot-agent runs in a network namespace of its own: unshare --net)") ;;
   esac
 done

@@ -74,15 +74,43 @@ struct Live {
 
 type Key = (String, String);
 
+/// Objects by namespace, then name: looked up by `&str` on every token and cache hit, with no
+/// allocation.
+#[derive(Default)]
+struct ByName(HashMap<String, HashMap<String, Live>>);
+
+impl ByName {
+    fn get(&self, ns: &str, name: &str) -> Option<&Live> {
+        self.0.get(ns)?.get(name)
+    }
+
+    fn insert(&mut self, (ns, name): Key, live: Live) -> Option<Live> {
+        self.0.entry(ns).or_default().insert(name, live)
+    }
+
+    fn remove(&mut self, ns: &str, name: &str) {
+        if let Some(names) = self.0.get_mut(ns) {
+            names.remove(name);
+            if names.is_empty() {
+                self.0.remove(ns);
+            }
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Live> {
+        self.0.values().flat_map(|names| names.values())
+    }
+}
+
 /// One kind's objects, by namespace and name.
 #[derive(Default)]
 struct Objects {
     synced: bool,
-    live: HashMap<Key, Live>,
+    live: ByName,
     gone: HashSet<String>,
     gone_order: VecDeque<String>,
     /// A re-list in progress (between the watcher's `Init` and `InitDone`).
-    relist: Option<HashMap<Key, Live>>,
+    relist: Option<ByName>,
 }
 
 impl Objects {
@@ -105,15 +133,15 @@ impl Objects {
         }
     }
 
-    fn delete(&mut self, key: &Key, uid: &str) {
-        if self.live.get(key).is_some_and(|l| l.uid == uid) {
-            self.live.remove(key);
+    fn delete(&mut self, (ns, name): &Key, uid: &str) {
+        if self.live.get(ns, name).is_some_and(|l| l.uid == uid) {
+            self.live.remove(ns, name);
         }
         self.forget(uid.to_owned());
     }
 
     /// A complete list replaces the objects; whatever it lacks was deleted meanwhile.
-    fn relisted(&mut self, listed: HashMap<Key, Live>) {
+    fn relisted(&mut self, listed: ByName) {
         let still: HashSet<&str> = listed.values().map(|l| l.uid.as_str()).collect();
         let lost: Vec<String> = self
             .live
@@ -135,7 +163,7 @@ impl Objects {
         if self.gone.contains(uid) {
             return Verdict::Gone(format!("{kind} {ns}/{name} (uid {uid}) was deleted"));
         }
-        match self.live.get(&(ns.to_owned(), name.to_owned())) {
+        match self.live.get(ns, name) {
             Some(l) if l.uid == uid => {
                 let limit = now - DELETION_LEEWAY;
                 match l.deleting_at {
@@ -235,6 +263,32 @@ impl BoundObjects {
             .judge(kind, ns, name, uid, now)
     }
 
+    /// What the cache says of a token's binding in namespace `ns`: its service account and its
+    /// pod, each `(name, uid)` where known. Gone when either is gone; Live when every one given is
+    /// live; Unknown otherwise (or when none is given).
+    pub fn judge_binding(
+        &self,
+        ns: &str,
+        account: Option<(&str, &str)>,
+        pod: Option<(&str, &str)>,
+        now: OffsetDateTime,
+    ) -> Verdict {
+        let given = [(Kind::ServiceAccount, account), (Kind::Pod, pod)]
+            .into_iter()
+            .filter_map(|(kind, o)| o.map(|(name, uid)| (kind, name, uid)));
+        let mut verdict = Verdict::Unknown("nothing to judge");
+        for (i, (kind, name, uid)) in given.enumerate() {
+            match self.judge(kind, ns, name, uid, now) {
+                gone @ Verdict::Gone(_) => return gone,
+                unknown @ Verdict::Unknown(_) => verdict = unknown,
+                // Live only if every one before was live too.
+                Verdict::Live if i == 0 => verdict = Verdict::Live,
+                Verdict::Live => {}
+            }
+        }
+        verdict
+    }
+
     /// Applies one watch event (public for tests that feed events by hand).
     pub fn on_event(&self, kind: Kind, event: Event<ObjectMeta>) {
         let mut o = self
@@ -242,7 +296,7 @@ impl BoundObjects {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         match event {
-            Event::Init => o.relist = Some(HashMap::new()),
+            Event::Init => o.relist = Some(ByName::default()),
             Event::InitApply(meta) => {
                 if let (Some((key, live)), Some(buf)) = (entry(&meta), o.relist.as_mut()) {
                     buf.insert(key, live);
@@ -422,6 +476,35 @@ mod tests {
         b.on_event(Kind::Pod, Event::InitDone);
         assert!(matches!(judge(&b, "p", "u1"), Verdict::Gone(_)));
         assert_eq!(judge(&b, "q", "u2"), Verdict::Live);
+    }
+
+    /// A token's binding: gone if its account or its pod is, live only if both are.
+    #[test]
+    fn a_binding_is_live_only_when_its_account_and_pod_are() {
+        let b = synced_with(&[meta("shop", "p", "u1", None)]);
+        b.on_event(Kind::ServiceAccount, Event::Init);
+        b.on_event(
+            Kind::ServiceAccount,
+            Event::InitApply(meta("shop", "sa", "s1", None)),
+        );
+        b.on_event(Kind::ServiceAccount, Event::InitDone);
+        let judge = |account, pod| b.judge_binding("shop", account, pod, now());
+        assert_eq!(judge(Some(("sa", "s1")), Some(("p", "u1"))), Verdict::Live);
+        assert_eq!(judge(Some(("sa", "s1")), None), Verdict::Live);
+        assert!(matches!(
+            judge(Some(("sa", "s1")), Some(("q", "u9"))),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(Some(("other", "s9")), Some(("p", "u1"))),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(judge(None, None), Verdict::Unknown(_)));
+        b.on_event(Kind::Pod, Event::Delete(meta("shop", "p", "u1", None)));
+        assert!(matches!(
+            judge(Some(("other", "s9")), Some(("p", "u1"))),
+            Verdict::Gone(_)
+        ));
     }
 
     #[test]

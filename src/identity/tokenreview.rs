@@ -25,7 +25,7 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 
 use super::{
-    bindings::{BoundObjects, Kind, Verdict},
+    bindings::{BoundObjects, Verdict},
     jwks, jwt,
     keys::{JwksSource, KeyPolicy, KeyStore},
     ClusterId, Identity, IdentityError, JwtConfig, Peer, PodRef, RateLimit, RateLimiter, Token,
@@ -183,19 +183,19 @@ impl TokenReviewValidator {
         let Some(pod) = &k.pod else { return Ok(None) };
         let now = self.clock.now();
         let sa = &k.serviceaccount;
-        let account = bound.judge(Kind::ServiceAccount, &k.namespace, &sa.name, &sa.uid, now);
-        let pod = bound.judge(Kind::Pod, &k.namespace, &pod.name, &pod.uid, now);
-        match (account, pod) {
-            (Verdict::Gone(why), _) | (_, Verdict::Gone(why)) => {
+        let account = Some((sa.name.as_str(), sa.uid.as_str()));
+        let pod = Some((pod.name.as_str(), pod.uid.as_str()));
+        match bound.judge_binding(&k.namespace, account, pod, now) {
+            Verdict::Gone(why) => {
                 self.local.fetch_add(1, Ordering::Relaxed);
                 Err(IdentityError::Invalidated(why))
             }
-            (Verdict::Live, Verdict::Live) => {
+            Verdict::Live => {
                 let id = jwks::check_claims(c, rules, now)?;
                 self.local.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(id))
             }
-            (Verdict::Unknown(why), _) | (_, Verdict::Unknown(why)) => {
+            Verdict::Unknown(why) => {
                 tracing::debug!(cluster = %self.cfg.cluster, why, "bound objects unknown locally; asking TokenReview");
                 Ok(None)
             }
@@ -377,22 +377,12 @@ impl TokenValidator for TokenReviewValidator {
         let Some((bound, _)) = &self.bound else {
             return Ok(());
         };
-        let now = self.clock.now();
-        let ns = &id.namespace;
-        let account = id
-            .service_account_uid
-            .as_deref()
-            .map(|uid| bound.judge(Kind::ServiceAccount, ns, &id.service_account, uid, now));
-        let pod = id
-            .pod
-            .as_ref()
-            .map(|p| bound.judge(Kind::Pod, ns, &p.name, &p.uid, now));
-        match [account, pod].into_iter().flatten().find_map(|v| match v {
-            Verdict::Gone(why) => Some(why),
-            Verdict::Live | Verdict::Unknown(_) => None,
-        }) {
-            Some(why) => Err(IdentityError::Invalidated(why)),
-            None => Ok(()),
+        let account =
+            (id.service_account_uid.as_deref()).map(|uid| (id.service_account.as_str(), uid));
+        let pod = id.pod.as_ref().map(|p| (p.name.as_str(), p.uid.as_str()));
+        match bound.judge_binding(&id.namespace, account, pod, self.clock.now()) {
+            Verdict::Gone(why) => Err(IdentityError::Invalidated(why)),
+            Verdict::Live | Verdict::Unknown(_) => Ok(()),
         }
     }
 
