@@ -1,7 +1,10 @@
 //! Compiles `proto/` with protox (pure Rust; no `protoc` needed) and tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/istio/v1/auth/ca.proto"];
+    let protos = [
+        "proto/istio/v1/auth/ca.proto",
+        "proto/spiffe/workload/workload.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -18,10 +18,12 @@
 //! - `discovery` (which endpoints have a sidecar: auto mTLS as istiod decides it)
 //! - `tls` (rustls configurations), `telemetry` (metrics, logs, the HTTP surface), `api` (the wire:
 //!   SDS, EDS, the Istio CSR API, gRPC status mapping)
-//! - `config` (the server configuration), `server` (composition: builds every part and runs it)
+//! - `config` (the server configuration), `server` (composition: builds every part and runs it),
+//!   `agent` (the node agent: keys made on the node, SDS and the SPIFFE Workload API on Unix sockets)
 //! - `cli` (the commands), `demo` (the mission's story on one machine)
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod ca;

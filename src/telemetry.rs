@@ -235,6 +235,12 @@ impl Metrics {
         vec![(key.to_owned(), value.to_owned())]
     }
 
+    /// The registry, for a process that exports metrics of its own beside these (the node
+    /// agent registers its own before the metrics are shared).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

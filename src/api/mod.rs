@@ -21,6 +21,13 @@ pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
 pub use lean::SdsServer;
 pub use sds::{SdsService, SECRET_TYPE_URL};
 
+/// The SPIFFE Workload API, compiled from `proto/spiffe/workload/workload.proto` (no proto
+/// package: its methods live at `/SpiffeWorkloadAPI/<Method>`).
+pub mod workload {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
 /// Istio's CA service types, compiled from `proto/istio/v1/auth/ca.proto`.
 pub mod istio {
     #![allow(missing_docs, clippy::all)]

@@ -1,5 +1,6 @@
 //! Commands: one file per subcommand; each parses, calls the library, prints.
 
+mod agent;
 mod bundle;
 mod ca;
 mod cert;
@@ -53,6 +54,9 @@ enum Command {
     Sds(SdsCommand),
     /// Run the CA service: Envoy SDS and Istio's CSR API over gRPC+TLS, plus /metrics and health.
     Server(server::ServerArgs),
+    /// Run the node agent: make the key here, get the certificate over the CSR API, serve it over
+    /// SDS and the SPIFFE Workload API on Unix sockets, follow the trust bundle as it changes.
+    Agent(agent::AgentArgs),
     /// Run the mixed-traffic example end to end on this machine: CA, server, sidecars, rotation.
     Demo(demo::DemoArgs),
     /// Local stand-ins for cluster parts, for development and tests.
@@ -97,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Token(c) => c.run(),
         Command::Dev(c) => c.run(),
         Command::Server(c) => c.run(),
+        Command::Agent(c) => c.run(),
         Command::Sds(SdsCommand::Get(a)) => a.run(),
         Command::Describe(c) => c.run(),
         Command::Demo(c) => c.run(),

@@ -294,7 +294,7 @@ pub(super) fn shutdown_signal(
 
 /// Writes to stdout, ignoring a reader that went away: a supervisor that read the address line
 /// and closed the pipe must not take the server down (`println!` panics on EPIPE).
-fn say(text: &str) {
+pub(super) fn say(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());

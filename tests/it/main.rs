@@ -1,5 +1,6 @@
 //! Integration tests: one crate (one link) with a module per area.
 
+mod agent;
 mod automtls;
 mod cacerts_istio;
 mod cli;

@@ -84,10 +84,10 @@ impl Raw {
 
 /// What a workload holds now: chain, key and trusted roots (PEM).
 #[derive(Clone, Default)]
-struct Creds {
-    chain: String,
-    key: String,
-    roots: String,
+pub(crate) struct Creds {
+    pub(crate) chain: String,
+    pub(crate) key: String,
+    pub(crate) roots: String,
 }
 
 /// An Envoy-like SDS client: subscribes to `default` and `ROOTCA`, takes every response and
@@ -147,7 +147,7 @@ impl Workload {
     }
 }
 
-fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+pub(crate) fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap()
@@ -155,7 +155,10 @@ fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 
 /// One real mTLS handshake (rustls, SPIFFE ID checked both ways) and a ping; `Err` says why it
 /// failed instead of panicking, so failures can be counted.
-async fn handshake(server: (&Creds, &SpiffeId), client: (&Creds, &SpiffeId)) -> Result<(), String> {
+pub(crate) async fn handshake(
+    server: (&Creds, &SpiffeId),
+    client: (&Creds, &SpiffeId),
+) -> Result<(), String> {
     let key = |pem: &str| PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string());
     let (s, s_id) = server;
     let (c, c_id) = client;
@@ -226,7 +229,7 @@ fn opts(timeout: Duration) -> GuidedOptions {
 }
 
 /// Prepares a generated root in `store`, as `meshid root prepare` does; its id.
-fn prepare_generated(store: &DirStore) -> String {
+pub(crate) fn prepare_generated(store: &DirStore) -> String {
     let ctx = Ctx::new(Actor::user("op", "test"), OffsetDateTime::now_utc(), None).unwrap();
     let ca = meshid::ca::root::generate_root(
         &meshid::spiffe::TrustDomain::new("cluster.local").unwrap(),
@@ -253,7 +256,7 @@ fn root_id_in(store: &DirStore, state: RootState) -> String {
         .clone()
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..200 {
         if f() {
             return;

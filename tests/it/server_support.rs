@@ -29,6 +29,8 @@ use tonic::{
 
 pub struct TestServer {
     pub running: Running,
+    /// The configuration it was started with (to start it again on the same state).
+    pub cfg: Config,
     pub issuer: DevIssuer,
     pub root_pem: String,
     pub dir: tempfile::TempDir,
@@ -132,9 +134,12 @@ impl TestServer {
             leader_election: Default::default(),
         };
         edit(&mut cfg);
-        let running = meshid::server::start(cfg, clock.clone()).await.unwrap();
+        let running = meshid::server::start(cfg.clone(), clock.clone())
+            .await
+            .unwrap();
         Self {
             running,
+            cfg,
             issuer,
             root_pem,
             dir,
