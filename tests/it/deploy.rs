@@ -112,6 +112,7 @@ fn every_manifest_parses_into_its_kubernetes_type_and_every_kustomization_is_who
         names,
         [
             "deploy/kubernetes/base",
+            "deploy/kubernetes/examples/agent",
             "deploy/kubernetes/examples/workload",
             "deploy/kubernetes/overlays/production"
         ]
@@ -647,6 +648,7 @@ fn envoy_pool() -> prost_reflect::DescriptorPool {
         "envoy/extensions/transport_sockets/raw_buffer/v3/raw_buffer.proto",
         "envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto",
         "envoy/config/grpc_credential/v3/file_based_metadata.proto",
+        "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
     ] {
         c.open_file(f).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
@@ -727,6 +729,55 @@ fn the_envoy_bootstrap_decodes_strictly_as_an_envoy_bootstrap() {
     )
     .unwrap();
     decode_strict(&pool, "envoy.config.cluster.v3.Cluster", &tmpl).unwrap();
+}
+
+/// The agent example (deploy/kubernetes/examples/agent): its bootstrap decodes strictly as an
+/// `envoy.config.bootstrap.v3.Bootstrap`, takes `default` and `ROOTCA` from a static `sds-grpc`
+/// cluster on a pipe (as Istio's sidecar bootstrap does) whose path is the agent container's
+/// `--sds-socket`, and the agent container's arguments parse as `meshid agent`.
+#[test]
+fn the_agent_example_wires_envoys_sds_to_the_agents_socket() {
+    use clap::Parser;
+    let pool = envoy_pool();
+    let dir = root().join("deploy/kubernetes/examples/agent");
+    let doc = yaml_docs(&dir.join("envoy-bootstrap.yaml")).remove(0);
+    let msg = decode_strict(&pool, "envoy.config.bootstrap.v3.Bootstrap", &doc).unwrap();
+    let json = serde_json::to_value(&msg).unwrap();
+    let clusters = json["staticResources"]["clusters"].as_array().unwrap();
+    let sds = clusters
+        .iter()
+        .find(|c| c["name"] == "sds-grpc")
+        .expect("an sds-grpc cluster");
+    let pipe = sds["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
+        ["pipe"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let text = json.to_string();
+    assert_eq!(
+        text.matches("\"clusterName\":\"sds-grpc\"").count(),
+        3,
+        "default and ROOTCA from sds-grpc (+ its own load assignment)"
+    );
+
+    let deployment = yaml_docs(&dir.join("workload.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    let agent = containers
+        .iter()
+        .find(|c| c["name"] == "meshid-agent")
+        .unwrap();
+    let args = strings(&agent["args"]);
+    assert!(
+        args.contains(&format!("--sds-socket={pipe}")),
+        "the agent serves SDS where Envoy looks: {args:?} vs {pipe}"
+    );
+    let argv = std::iter::once("meshid".to_owned()).chain(args);
+    meshid::cli::Cli::try_parse_from(argv).unwrap();
 }
 
 /// The Deployment's init container: `ca init --if-absent` creates the CA once and leaves it alone
