@@ -70,6 +70,61 @@ pub struct Config {
     /// runs the schedules.
     #[serde(default)]
     pub leader_election: crate::leader::LeaderElectionConfig,
+    /// What the CSR API does with a CSR whose SAN names another identity than the caller's.
+    #[serde(default)]
+    pub csr_san_policy: CsrSanPolicy,
+    /// Service accounts (`NAMESPACE/NAME`) whose pods may ask the CSR API for the certificates
+    /// of other pods on their node (Istio's `CA_TRUSTED_NODE_ACCOUNTS`; ztunnel). Empty: none.
+    #[serde(default = "default_trusted_node_accounts")]
+    pub trusted_node_accounts: Vec<String>,
+}
+
+/// `csr_san_policy`: what a CSR's own SANs may say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsrSanPolicy {
+    /// No SAN, or exactly the caller's SPIFFE ID; anything else is refused naming both.
+    #[default]
+    MatchCaller,
+    /// Sign for the authenticated caller whatever the CSR asks (istiod's behaviour), for
+    /// istio-agents configured with another trust domain.
+    AuthenticatedIdentity,
+}
+
+impl CsrSanPolicy {
+    /// How the authority holds a caller's own CSR to it.
+    pub fn san_check(self) -> crate::ca::SanCheck {
+        match self {
+            Self::MatchCaller => crate::ca::SanCheck::MatchIdentity,
+            Self::AuthenticatedIdentity => crate::ca::SanCheck::Ignore,
+        }
+    }
+}
+
+/// Istio's own default for ztunnel (`CA_TRUSTED_NODE_ACCOUNTS` as the ambient profile sets it).
+pub fn default_trusted_node_accounts() -> Vec<String> {
+    vec!["istio-system/ztunnel".into()]
+}
+
+/// `trusted_node_accounts` parsed: (namespace, service account) pairs.
+pub fn parse_node_accounts(list: &[String]) -> Result<Vec<(String, String)>, Vec<String>> {
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    for (i, entry) in list.iter().enumerate() {
+        match entry.split_once('/') {
+            Some((ns, sa)) if is_dns1123_label(ns) && is_dns1123_subdomain(sa) => {
+                out.push((ns.to_owned(), sa.to_owned()))
+            }
+            _ => errs.push(format!(
+                "trusted_node_accounts[{i}]: {entry:?} is not NAMESPACE/SERVICE_ACCOUNT (e.g. \"istio-system/ztunnel\")"
+            )),
+        }
+    }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(errs)
+    }
 }
 
 impl Config {
@@ -185,6 +240,9 @@ impl Config {
         self.leader_election.validate(&mut errs);
         if let Some(d) = &self.discovery {
             d.validate(&mut errs);
+        }
+        if let Err(e) = parse_node_accounts(&self.trusted_node_accounts) {
+            errs.extend(e);
         }
         if errs.is_empty() {
             Ok(())

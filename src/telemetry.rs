@@ -24,6 +24,8 @@ pub struct Metrics {
     pub auth_failures: Family<Labels, Counter>,
     pub sign_errors: Family<Labels, Counter>,
     pub certs_issued: Family<Labels, Counter>,
+    /// CSR API requests carrying `ImpersonatedIdentity`, by result (`allowed` or the refusal).
+    pub impersonations: Family<Labels, Counter>,
     pub root_expiry: Gauge,
     /// 1 while the root that signs expires within 30 days, until a successor is active.
     pub root_expiry_warning: Gauge,
@@ -67,6 +69,7 @@ impl Metrics {
             auth_failures: Family::default(),
             sign_errors: Family::default(),
             certs_issued: Family::default(),
+            impersonations: Family::default(),
             root_expiry: Gauge::default(),
             root_expiry_warning: Gauge::default(),
             chain_expiry: Gauge::default(),
@@ -121,6 +124,11 @@ impl Metrics {
             "meshid_certs_issued",
             "Certificates issued, by API",
             m.certs_issued.clone(),
+        );
+        r.register(
+            "meshid_impersonation_requests",
+            "CSR API requests of node agents for another pod's identity (ImpersonatedIdentity), by result: allowed, or why refused",
+            m.impersonations.clone(),
         );
         r.register(
             "meshid_root_cert_expiry_timestamp_seconds",

@@ -12,7 +12,14 @@ use super::{
     },
     status, Authenticator,
 };
-use crate::{ca::cert, telemetry::Metrics, trust::CaSnapshot};
+use crate::{
+    ca::{cert, SanCheck},
+    config::CsrSanPolicy,
+    telemetry::Metrics,
+    trust::CaSnapshot,
+};
+
+use super::node_auth::{requested_identity, NodeAuthorizer};
 
 /// The CSR API.
 #[derive(Clone)]
@@ -21,6 +28,9 @@ pub struct CsrService {
     ca: watch::Receiver<Arc<CaSnapshot>>,
     metrics: Arc<Metrics>,
     proxies: Option<Arc<crate::discovery::ProxyRegistry>>,
+    san_policy: CsrSanPolicy,
+    /// Judges `ImpersonatedIdentity` requests (none: every one is refused).
+    node_auth: Option<Arc<NodeAuthorizer>>,
 }
 
 impl CsrService {
@@ -34,6 +44,62 @@ impl CsrService {
             ca,
             metrics,
             proxies: None,
+            san_policy: CsrSanPolicy::default(),
+            node_auth: None,
+        }
+    }
+
+    /// What a caller's own CSR may ask for (`csr_san_policy`).
+    pub fn with_san_policy(mut self, policy: CsrSanPolicy) -> Self {
+        self.san_policy = policy;
+        self
+    }
+
+    /// Lets trusted node agents impersonate the pods on their node.
+    pub fn with_node_authorizer(mut self, node_auth: Arc<NodeAuthorizer>) -> Self {
+        self.node_auth = Some(node_auth);
+        self
+    }
+
+    /// The identity a request is issued for and how its CSR's SANs are held: the caller's own
+    /// under `csr_san_policy`, or the impersonated one (its SANs not read, as istiod) when the
+    /// node check allows it. A refusal is `PermissionDenied` with no reason; the reason is
+    /// logged and counted.
+    fn subject(
+        &self,
+        caller: &crate::identity::Identity,
+        req: &IstioCertificateRequest,
+    ) -> Result<(crate::spiffe::SpiffeId, SanCheck, bool), Status> {
+        let Some(requested) = requested_identity(req.metadata.as_ref()) else {
+            return Ok((caller.spiffe_id.clone(), self.san_policy.san_check(), false));
+        };
+        let verdict = match &self.node_auth {
+            Some(na) => na.authorize(caller, requested),
+            None => Err(super::node_auth::Refusal {
+                reason: "not_configured",
+                detail: "impersonation needs [discovery] (its pod index) and trusted_node_accounts"
+                    .into(),
+            }),
+        };
+        let result = match &verdict {
+            Ok(_) => "allowed",
+            Err(r) => r.reason,
+        };
+        self.metrics
+            .impersonations
+            .get_or_create(&Metrics::label("result", result))
+            .inc();
+        match verdict {
+            Ok(id) => {
+                tracing::info!(caller = %caller.spiffe_id, impersonated = %id, "node agent impersonation allowed");
+                Ok((id, SanCheck::Ignore, true))
+            }
+            Err(r) => {
+                tracing::warn!(caller = %caller.spiffe_id, requested, reason = r.reason, detail = %r.detail, "node agent impersonation refused");
+                Err(Status::permission_denied(
+                    "request impersonation authorization failure",
+                ))
+            }
         }
     }
 
@@ -57,6 +123,7 @@ impl IstioCertificateService for CsrService {
             None => self.auth.authenticate(&request).await?,
         };
         let req = request.into_inner();
+        let (subject, sans, impersonated) = self.subject(&identity, &req)?;
         let csr_sha256 =
             cert::hex(ring::digest::digest(&ring::digest::SHA256, req.csr.as_bytes()).as_ref());
         let ttl =
@@ -64,21 +131,22 @@ impl IstioCertificateService for CsrService {
         let snapshot = self.ca.borrow().clone();
         let issued = snapshot
             .authority
-            .sign_csr(req.csr.as_bytes(), &identity.spiffe_id, ttl)
+            .sign_csr_with(req.csr.as_bytes(), &subject, ttl, sans)
             .map_err(|e| {
                 self.metrics
                     .sign_errors
                     .get_or_create(&Metrics::label("kind", status::ca_kind(&e)))
                     .inc();
-                tracing::info!(id = %identity.spiffe_id, csr_sha256, error = %e, "CSR refused");
+                tracing::info!(id = %subject, caller = %identity.spiffe_id, csr_sha256, error = %e, "CSR refused");
                 status::ca(&e)
             })?;
         self.metrics
             .certs_issued
             .get_or_create(&Metrics::label("api", "csr"))
             .inc();
-        tracing::info!(id = %identity.spiffe_id, serial = %issued.serial, csr_sha256, "certificate issued");
-        if let Some(p) = &self.proxies {
+        tracing::info!(id = %subject, caller = %identity.spiffe_id, serial = %issued.serial, csr_sha256, "certificate issued");
+        // A node agent's certificate for another pod is no proof of a sidecar in its own pod.
+        if let (Some(p), false) = (&self.proxies, impersonated) {
             p.certificate_issued(&identity);
         }
         // Leaf first, then intermediates, then the root bundle (every trusted root) last.

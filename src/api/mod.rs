@@ -10,6 +10,7 @@ mod eds;
 pub mod gate;
 mod lean;
 pub mod lifetime;
+pub mod node_auth;
 mod proof_hook;
 mod sds;
 mod status;
@@ -19,6 +20,7 @@ pub use auth::{credentials, Authenticator, Credentials};
 pub use csr::CsrService;
 pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
 pub use lean::SdsServer;
+pub use node_auth::NodeAuthorizer;
 pub use sds::{SdsService, SECRET_TYPE_URL};
 
 /// The SPIFFE Workload API, compiled from `proto/spiffe/workload/workload.proto` (no proto

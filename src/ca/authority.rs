@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{
     cert::{self, CertDer, Serial},
     chain,
-    csr::VerifiedCsr,
+    csr::{SanCheck, VerifiedCsr},
     error::CaError,
     issuer_name::{self, DeferredKey},
     key::PrivateKey,
@@ -149,9 +149,21 @@ impl Authority {
         id: &SpiffeId,
         ttl: Option<Duration>,
     ) -> Result<IssuedCert, CaError> {
+        self.sign_csr_with(csr, id, ttl, SanCheck::MatchIdentity)
+    }
+
+    /// As [`sign_csr`](Self::sign_csr), holding the CSR's SANs to `sans`: the certificate names
+    /// `id` alone either way.
+    pub fn sign_csr_with(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        sans: SanCheck,
+    ) -> Result<IssuedCert, CaError> {
         self.check_identity(id)?;
         let ttl = self.policy.ttl_for(ttl)?;
-        let csr = VerifiedCsr::verify(csr, id)?;
+        let csr = VerifiedCsr::verify_with(csr, id, sans)?;
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(csr.spki_der()).map_err(|e| {
             CaError::CsrKeyUnsupported {
                 algorithm: e.to_string(),

@@ -20,6 +20,18 @@ pub const MIN_RSA_BITS: usize = 2048;
 /// Maximum RSA modulus size (ring verifies up to 8192 bits).
 pub const MAX_RSA_BITS: usize = 8192;
 
+/// What a CSR's SANs are held to. Whatever they say, only the identity policy decides reaches
+/// the certificate; this decides whether a CSR asking for another one is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SanCheck {
+    /// No SAN, or exactly the identity being issued (meshid's default).
+    #[default]
+    MatchIdentity,
+    /// The SANs are not read (istiod's rule: `CreateCertificate` signs for the authenticated
+    /// caller, or the identity a trusted node agent impersonates, whatever the CSR asks).
+    Ignore,
+}
+
 /// A CSR whose signature verified and whose SANs fit the caller: only its public key is kept.
 #[derive(Debug)]
 pub struct VerifiedCsr {
@@ -33,6 +45,11 @@ pub struct VerifiedCsr {
 impl VerifiedCsr {
     /// Parses and checks a CSR (PEM or DER) sent by `caller`.
     pub fn verify(csr: &[u8], caller: &SpiffeId) -> Result<Self, CaError> {
+        Self::verify_with(csr, caller, SanCheck::MatchIdentity)
+    }
+
+    /// As [`verify`](Self::verify), holding the SANs to `sans`.
+    pub fn verify_with(csr: &[u8], caller: &SpiffeId, sans: SanCheck) -> Result<Self, CaError> {
         let der = decode(csr)?;
         let (rest, req) = X509CertificationRequest::from_der(&der)
             .map_err(|e| CaError::CsrMalformed(format!("not a PKCS#10 request ({e})")))?;
@@ -55,7 +72,9 @@ impl VerifiedCsr {
                 return Err(CaError::CsrSignatureAlgorithmUnsupported { algorithm })
             }
         }
-        check_sans(&req, caller)?;
+        if sans == SanCheck::MatchIdentity {
+            check_sans(&req, caller)?;
+        }
         Ok(Self {
             spki_der: info.subject_pki.raw.to_vec(),
             public_key_raw: info.subject_pki.subject_public_key.data.to_vec(),

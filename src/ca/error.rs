@@ -39,7 +39,7 @@ pub enum CaError {
     CsrKeyUnsupported { algorithm: String },
     #[error("CSR has a {bits}-bit RSA key; the minimum is {min} bits")]
     CsrKeyTooSmall { bits: usize, min: usize },
-    #[error("CSR asks for identity {requested:?}, but the caller is {caller}; a CSR may ask for no SAN or exactly the caller's SPIFFE ID")]
+    #[error("CSR asks for identity {requested:?}, but the caller is {caller}; a CSR may ask for no SAN or exactly the caller's SPIFFE ID (a proxy configured with another trust domain than meshid's trust domain sends such CSRs: check istio-agent's TRUST_DOMAIN (meshConfig.trustDomain) against the trust domain `meshid root status` prints, or set csr_san_policy = \"authenticated-identity\" to sign for the caller whatever the CSR asks, as istiod does)")]
     CsrForeignSan { requested: String, caller: SpiffeId },
     #[error(
         "CSR asks for a {kind} SAN {value:?}; only the caller's SPIFFE ID (URI SAN) is allowed"

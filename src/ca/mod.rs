@@ -20,6 +20,7 @@ mod validate;
 
 pub use authority::{Authority, IssuedCert, SigningMaterial};
 pub use cert::{CertDer, Serial};
+pub use csr::SanCheck;
 pub use error::{CaError, CannotSign, ChainError, CrlError, PolicyError, ValidationError};
 pub use key::PrivateKey;
 pub use key_type::KeyType;

@@ -160,6 +160,8 @@ impl ServerArgs {
                 root_cert_configmap: Default::default(),
                 federation: Default::default(),
                 leader_election: Default::default(),
+                csr_san_policy: Default::default(),
+                trusted_node_accounts: crate::config::default_trusted_node_accounts(),
             },
         })
     }

@@ -165,9 +165,13 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     if let (Some(d), Some(p)) = (&cfg.discovery, &proxies) {
         proofs::share(&mut w, p, d.proxy_proof_startup_grace).await?;
     }
-    let eds = match &cfg.discovery {
-        Some(d) => Some(discovery::eds_service(&mut w, d, &auth, proxies.clone(), limits).await?),
-        None => None,
+    let (eds, csr) = match &cfg.discovery {
+        Some(d) => {
+            let (eds, objects) =
+                discovery::eds_service(&mut w, d, &auth, proxies.clone(), limits).await?;
+            (Some(eds), node_authorizer(&cfg, d, &td, objects, csr)?)
+        }
+        None => (None, csr),
     };
     let services = grpc::Services {
         sds,
@@ -248,6 +252,24 @@ fn issue_serving_cert(
     })
 }
 
+/// The CSR API judging node agents' impersonation (ztunnel) against discovery's pods, when
+/// `trusted_node_accounts` names any.
+fn node_authorizer(
+    cfg: &Config,
+    d: &crate::discovery::config::Discovery,
+    td: &TrustDomain,
+    objects: watch::Receiver<Arc<crate::discovery::MeshObjects>>,
+    csr: CsrService,
+) -> Result<CsrService, ServerError> {
+    let accounts = crate::config::parse_node_accounts(&cfg.trusted_node_accounts)
+        .map_err(ServerError::Config)?;
+    if accounts.is_empty() {
+        return Ok(csr);
+    }
+    let na = crate::api::NodeAuthorizer::new(accounts, td.clone(), d.cluster_name.clone(), objects);
+    Ok(csr.with_node_authorizer(Arc::new(na)))
+}
+
 /// SDS and the CSR API, with the proxy registry (auto mTLS proof by proxy) when discovery is on.
 fn certificate_services(
     w: &Wiring<'_>,
@@ -268,7 +290,8 @@ fn certificate_services(
     .with_name_limit(w.cfg.xds.max_resource_names_per_stream.sds)
     .with_propagation(Arc::default())
     .with_merge_into_rootca(w.cfg.federation.merge_into_rootca);
-    let csr = CsrService::new(auth.clone(), live.subscribe(), w.metrics.clone());
+    let csr = CsrService::new(auth.clone(), live.subscribe(), w.metrics.clone())
+        .with_san_policy(w.cfg.csr_san_policy);
     match proxies {
         Some(p) => (
             sds.with_proxy_registry(p.clone()),

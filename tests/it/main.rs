@@ -14,6 +14,7 @@ mod federation_trust;
 mod hardening;
 mod identity;
 mod identity_hardening;
+mod impersonation;
 mod kube_real;
 mod openssl;
 mod plugin_import;

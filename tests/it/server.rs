@@ -528,7 +528,7 @@ async fn refusals_issue_nothing() {
     server.running.shutdown().await;
 }
 
-async fn http_get(server: &TestServer, path: &str) -> String {
+pub(crate) async fn http_get(server: &TestServer, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(server.running.http_addr)
         .await
         .unwrap();

@@ -132,6 +132,8 @@ impl TestServer {
             root_cert_configmap: Default::default(),
             federation: Default::default(),
             leader_election: Default::default(),
+            csr_san_policy: Default::default(),
+            trusted_node_accounts: meshid::config::default_trusted_node_accounts(),
         };
         edit(&mut cfg);
         let running = meshid::server::start(cfg.clone(), clock.clone())

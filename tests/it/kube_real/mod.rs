@@ -7,6 +7,7 @@ mod cluster;
 mod deploy_rbac;
 mod discovery;
 mod identity;
+mod impersonation;
 mod istio_crds;
 mod istio_import;
 mod leader;

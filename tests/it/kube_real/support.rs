@@ -19,6 +19,19 @@ pub async fn workload(
     pod: &str,
     labels: &[(&str, &str)],
 ) -> String {
+    workload_on(client, ns, sa, pod, labels, None).await
+}
+
+/// As [`workload`], with the pod bound to node `node` (`spec.nodeName`, as the scheduler would
+/// set it; no Node object or kubelet is needed for the API server to keep it).
+pub async fn workload_on(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+    node: Option<&str>,
+) -> String {
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
     let account = ServiceAccount {
         metadata: ObjectMeta {
@@ -45,6 +58,7 @@ pub async fn workload(
         },
         spec: Some(PodSpec {
             service_account_name: Some(sa.into()),
+            node_name: node.map(str::to_owned),
             containers: vec![Container {
                 name: "app".into(),
                 image: Some("registry.invalid/app:1".into()),
@@ -66,9 +80,15 @@ pub async fn workload(
 /// Deletes a pod and waits until the API server no longer has it (an unscheduled pod is
 /// deleted at once: no kubelet has to confirm).
 pub async fn delete_pod(client: &kube::Client, ns: &str, pod: &str) {
+    delete_pod_with(client, ns, pod, &DeleteParams::default()).await
+}
+
+/// As [`delete_pod`], with `params` (a pod bound to a node waits for its kubelet unless the
+/// grace period is 0: `kubectl delete --force --grace-period=0`).
+pub async fn delete_pod_with(client: &kube::Client, ns: &str, pod: &str, params: &DeleteParams) {
     let api = Api::<Pod>::namespaced(client.clone(), ns);
     let uid = api.get(pod).await.unwrap().metadata.uid.unwrap();
-    api.delete(pod, &DeleteParams::default()).await.unwrap();
+    api.delete(pod, params).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(30),
         kube::runtime::wait::await_condition(
