@@ -281,6 +281,26 @@ pub trait Health: Send + Sync + 'static {
     fn json_page(&self, _path: &str) -> Option<String> {
         None
     }
+    /// Any other document served at `path` (the status page and its assets), if there is one.
+    fn page(&self, _path: &str) -> Option<Page> {
+        None
+    }
+    /// The paths of `json_page` and `page`, for the not-found hint (", /debug/rotation, /ui").
+    fn more_paths(&self) -> &'static str {
+        ""
+    }
+}
+
+/// A document the HTTP port serves besides metrics and health.
+pub struct Page {
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// Whether `path` names pods and SPIFFE IDs, and is served only to loopback and
+/// `listen.debug_from` callers: `/debug/*` and the status page `/ui`.
+fn restricted(path: &str) -> bool {
+    path.starts_with("/debug/") || path == "/ui" || path.starts_with("/ui/")
 }
 
 fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -324,7 +344,7 @@ pub async fn serve_http(
                             ),
                         }
                     }
-                    other if other.starts_with("/debug/") && !debug_ok => text(
+                    other if restricted(other) && !debug_ok => text(
                         StatusCode::FORBIDDEN,
                         format!("{other} is served to loopback callers only (use kubectl port-forward), or to the ranges in listen.debug_from\n"),
                     ),
@@ -334,10 +354,23 @@ pub async fn serve_http(
                             .header("content-type", "application/json")
                             .body(Full::new(Bytes::from(body)))
                             .expect("static response parts"),
-                        None => text(
-                            StatusCode::NOT_FOUND,
-                            format!("no such endpoint {other}; try /metrics, /healthz, /readyz, /debug/rotation\n"),
-                        ),
+                        None => match health.page(other) {
+                            Some(page) => Response::builder()
+                                .status(StatusCode::OK)
+                                .header("content-type", page.content_type)
+                                .header("cache-control", "no-store")
+                                .header("x-content-type-options", "nosniff")
+                                .header(
+                                    "content-security-policy",
+                                    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                                )
+                                .body(Full::new(Bytes::from(page.body)))
+                                .expect("static response parts"),
+                            None => text(
+                                StatusCode::NOT_FOUND,
+                                format!("no such endpoint {other}; try /metrics, /healthz, /readyz{}\n", health.more_paths()),
+                            ),
+                        },
                     },
                 };
                 async move { Ok::<_, Infallible>(resp) }
@@ -503,5 +536,27 @@ mod tests {
         );
         assert!(!use_colour(true, Some(std::ffi::OsStr::new("1"))));
         assert!(use_colour(true, Some(std::ffi::OsStr::new(""))));
+    }
+}
+
+#[cfg(test)]
+mod restricted_tests {
+    use super::restricted;
+
+    /// `/ui` names pods and SPIFFE IDs like `/debug/*`: both are held to `listen.debug_from`.
+    #[test]
+    fn the_status_page_is_held_like_debug() {
+        for p in [
+            "/ui",
+            "/ui/",
+            "/ui/status.json",
+            "/ui/app.js",
+            "/debug/rotation",
+        ] {
+            assert!(restricted(p), "{p}");
+        }
+        for p in ["/metrics", "/healthz", "/readyz", "/uix", "/"] {
+            assert!(!restricted(p), "{p}");
+        }
     }
 }

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# The README's test command: every test meshid has, in three parts.
+# The README's test command: every test meshid has, in four parts.
 #
 #   1. cargo test                 the Rust unit and integration tests (in-process servers, the fake
 #                                 API server, real gRPC clients and TLS handshakes, openssl as verifier)
 #   2. tools/kube-tests.sh        the tests on a real kube-apiserver and etcd (tests/it/kube_real/),
 #                                 built from the Go module proxy on first use and cached under target/
-#   3. tools/interop.sh           the reference implementations against meshid's release binary:
+#   3. tools/ui-tests.sh          the status page in headless Chromium (WebDriver) with axe-core
+#   4. tools/interop.sh           the reference implementations against meshid's release binary:
 #                                 go-spiffe, SPIRE, Istio's CSR client and pilot-agent, go-control-plane's
 #                                 Envoy protos, and istiod's own auto-mTLS decisions (tests/interop/)
 #
 # Needs: a Rust toolchain, Go >= 1.26 with the module proxy, gcc (SPIRE's SQLite is cgo), openssl,
-# kubectl, setpriv and unshare (util-linux), and root for the interop part. What is missing is
+# kubectl, setpriv and unshare (util-linux), chromium, chromium-driver and npm (the ui part), and
+# root for the interop part. What is missing is
 # listed before anything runs, and the run fails; nothing is skipped.
-# Run one part with `tools/test.sh rust|kube|interop`.
+# Run one part with `tools/test.sh rust|kube|ui|interop`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(rust kube interop)
+[ ${#parts[@]} -gt 0 ] || parts=(rust kube ui interop)
 
 # Everything the parts need, checked before any of them runs (a fresh machine learns it all at
 # once, not after the first part's build). .ci/run installs the Debian packages.
@@ -29,6 +31,9 @@ for part in "${parts[@]}"; do
     kube)
       need go "Go >= 1.26: https://go.dev/dl"; need kubectl "apt-get install kubectl"
       need setpriv "apt-get install util-linux"; need flock "apt-get install util-linux" ;;
+    ui)
+      need chromium "apt-get install chromium"; need chromedriver "apt-get install chromium-driver"
+      need npm "apt-get install npm (it installs axe-core)" ;;
     interop)
       need go "Go >= 1.26: https://go.dev/dl"; need gcc "apt-get install gcc (SPIRE's SQLite is cgo)"
       need unshare "apt-get install util-linux"; need flock "apt-get install util-linux"
@@ -48,8 +53,9 @@ for part in "${parts[@]}"; do
   case "$part" in
     rust) cmd=(cargo test) ;;
     kube) cmd=(bash tools/kube-tests.sh) ;;
+    ui) cmd=(bash tools/ui-tests.sh) ;;
     interop) cmd=(bash tools/interop.sh) ;;
-    *) echo "test.sh: unknown part '$part' (rust, kube or interop)" >&2; exit 2 ;;
+    *) echo "test.sh: unknown part '$part' (rust, kube, ui or interop)" >&2; exit 2 ;;
   esac
   echo "==> test.sh: $part: ${cmd[*]}"
   if "${cmd[@]}"; then result=ok; else result=FAILED; status=1; fi

@@ -527,6 +527,7 @@ impl Workload {
                 if let (Some(h), Some(track)) = (self.cred.held(), &self.track) {
                     if h.value.issued.serial.to_string() == *version {
                         track.acked_leaf(&h.signer_id);
+                        track.leaf_expires(h.not_after);
                     }
                 }
             } else if !bundle_acked && self.is_own_bundle(name) {

@@ -46,6 +46,11 @@ impl DemoArgs {
                     "still running (gRPC {}, metrics http://{}/metrics); Ctrl-C or SIGTERM stops it",
                     world.grpc_addr, world.http_addr
                 );
+                println!(
+                    "status page: http://{}/ui (live; try `meshid root prepare --state-dir {}` and watch it)",
+                    world.http_addr,
+                    world.state_dir().display()
+                );
                 let signal = signal.await?;
                 println!("{signal} received; stopping");
             }

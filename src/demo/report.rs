@@ -79,6 +79,10 @@ pub(super) fn print_summary(w: &World, results: &[StepResult]) {
         "  metrics:     curl http://{}/metrics   (while the demo runs: add --keep-running)",
         w.http_addr
     ));
+    w.say(&format!(
+        "  status page: http://{}/ui   (while the demo runs: add --keep-running)",
+        w.http_addr
+    ));
     w.say(&format!("  state dir:   {}", state.display()));
     w.say(&format!(
         "  root status: meshid root status --state-dir {}",

@@ -56,6 +56,8 @@ struct Entry {
     wants: Option<Wants>,
     bundle: Option<Arc<[String]>>,
     signer: Option<String>,
+    /// When the leaf the stream ACKed expires (Unix seconds).
+    leaf_not_after: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +97,7 @@ impl Propagation {
             wants: None,
             bundle: None,
             signer: None,
+            leaf_not_after: None,
         };
         self.shard(id).insert(id, entry);
         StreamTrack {
@@ -117,6 +120,41 @@ impl Propagation {
     /// Whether no stream is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The open streams by the namespace of their peer's SPIFFE ID (`/ns/<ns>/...`; others
+    /// under `""`): how many, the identities (the first `IDENTITIES_SHOWN`), and the earliest
+    /// and latest expiry of the leaves they ACKed.
+    pub fn namespaces(&self) -> BTreeMap<String, NamespaceStreams> {
+        let mut out: BTreeMap<String, NamespaceStreams> = BTreeMap::new();
+        for i in 0..SHARDS as u64 {
+            let shard = self.shard(i);
+            for e in shard.values() {
+                let ns = e
+                    .peer
+                    .split_once("/ns/")
+                    .and_then(|(_, rest)| rest.split('/').next())
+                    .unwrap_or("");
+                let n = match out.get_mut(ns) {
+                    Some(n) => n,
+                    None => out.entry(ns.to_owned()).or_default(),
+                };
+                n.streams += 1;
+                if n.identities.len() < IDENTITIES_SHOWN && !n.identities.contains(&e.peer) {
+                    n.identities.push(e.peer.clone());
+                }
+                if let Some(t) = e.leaf_not_after {
+                    n.leaves += 1;
+                    n.earliest_leaf_not_after =
+                        Some(n.earliest_leaf_not_after.map_or(t, |x| x.min(t)));
+                    n.latest_leaf_not_after = Some(n.latest_leaf_not_after.map_or(t, |x| x.max(t)));
+                }
+            }
+        }
+        for n in out.values_mut() {
+            n.identities.sort();
+        }
+        out
     }
 
     /// Counts against the server's view now: `trusted` own root ids and the current `signer`.
@@ -228,6 +266,11 @@ impl StreamTrack {
         self.update(|e| e.bundle = Some(roots));
     }
 
+    /// The leaf the stream ACKed expires at `not_after`.
+    pub fn leaf_expires(&self, not_after: time::OffsetDateTime) {
+        self.update(|e| e.leaf_not_after = Some(not_after.unix_timestamp()));
+    }
+
     /// The stream ACKed a leaf from `signer`.
     pub fn acked_leaf(&self, signer: &str) {
         self.update(|e| {
@@ -275,6 +318,22 @@ pub struct Counts {
     pub laggard_count: usize,
     /// The first `LAGGARDS_SHOWN` of them.
     pub laggards: Vec<Laggard>,
+}
+
+/// How many identities [`Propagation::namespaces`] lists per namespace.
+pub const IDENTITIES_SHOWN: usize = 20;
+
+/// One namespace's open SDS streams.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NamespaceStreams {
+    pub streams: usize,
+    /// Streams holding an ACKed leaf.
+    pub leaves: usize,
+    /// Up to `IDENTITIES_SHOWN` SPIFFE IDs, sorted.
+    pub identities: Vec<String>,
+    /// Unix seconds.
+    pub earliest_leaf_not_after: Option<i64>,
+    pub latest_leaf_not_after: Option<i64>,
 }
 
 /// The rotation status a server publishes on `GET /debug/rotation`.

@@ -11,7 +11,7 @@ use crate::{
     api::{lifetime::StreamLimits, Authenticator, EdsService},
     discovery::{
         spawn_view, start_kube_source, watch_remote_secrets, DiscoveryStats, DiscoveryView,
-        MeshObjects, MeshSettings, MultiCluster, ProxyRegistry, RemoteSecrets, SnapshotSource,
+        MeshSettings, MultiCluster, ProxyRegistry, RemoteSecrets, SnapshotSource,
     },
     shutdown::stopping,
     telemetry::Metrics,
@@ -25,7 +25,7 @@ pub(super) async fn eds_service(
     auth: &Authenticator,
     proxies: Option<Arc<ProxyRegistry>>,
     limits: StreamLimits,
-) -> Result<(EdsService, watch::Receiver<Arc<MeshObjects>>), ServerError> {
+) -> Result<(EdsService, super::ui::DiscoverySources), ServerError> {
     let settings = MeshSettings {
         auto_mtls: d.auto_mtls,
         root_namespace: d.root_namespace.clone(),
@@ -52,17 +52,29 @@ pub(super) async fn eds_service(
             objects
         }
     };
-    let (view, builder) = spawn_view(objects.clone(), settings, proxies, poll, w.stop.clone());
+    let (view, builder) = spawn_view(
+        objects.clone(),
+        settings.clone(),
+        proxies.clone(),
+        poll,
+        w.stop.clone(),
+    );
     w.tasks.push(builder);
     w.spawn(discovery_gauges(
         view.clone(),
         w.metrics.clone(),
         w.stop.clone(),
     ));
+    let sources = super::ui::DiscoverySources {
+        objects,
+        view: view.clone(),
+        settings,
+        proxies,
+    };
     let eds = EdsService::new(auth.clone(), view, w.stop.clone(), &w.metrics)
         .with_name_limit(w.cfg.xds.max_resource_names_per_stream.eds)
         .with_lifetime(w.clock.clone(), limits);
-    Ok((eds, objects))
+    Ok((eds, sources))
 }
 
 /// The remote clusters of multi-cluster discovery: configured ones, and Istio's remote secrets.

@@ -8,6 +8,7 @@ mod grpc;
 mod identity;
 mod proofs;
 mod readiness;
+mod ui;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -165,13 +166,14 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     if let (Some(d), Some(p)) = (&cfg.discovery, &proxies) {
         proofs::share(&mut w, p, d.proxy_proof_startup_grace).await?;
     }
-    let (eds, csr) = match &cfg.discovery {
+    let (eds, csr, discovery_sources) = match &cfg.discovery {
         Some(d) => {
-            let (eds, objects) =
+            let (eds, sources) =
                 discovery::eds_service(&mut w, d, &auth, proxies.clone(), limits).await?;
-            (Some(eds), node_authorizer(&cfg, d, &td, objects, csr)?)
+            let csr = node_authorizer(&cfg, d, &td, sources.objects.clone(), csr)?;
+            (Some(eds), csr, Some(sources))
         }
-        None => (None, csr),
+        None => (None, csr, None),
     };
     let services = grpc::Services {
         sds,
@@ -181,7 +183,15 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     };
     let grpc_addr = serve_grpc_tcp(&mut w, &services, serving).await?;
     let unix_path = serve_grpc_unix(&mut w, &services)?;
-    let http_addr = serve_http_surface(&mut w, router, &propagation, &live).await?;
+    let ui = ui::Ui::new(ui::UiSources {
+        live: live.clone(),
+        propagation: propagation.clone(),
+        federation: fed.status.clone(),
+        replica: crate::rotation::replica_name(),
+        clock: w.clock.clone(),
+        discovery: discovery_sources,
+    });
+    let http_addr = serve_http_surface(&mut w, router, &propagation, &live, ui).await?;
     schedules(&mut w, &store, &live, &propagation).await?;
     publish_replica_status(&mut w, &live, &propagation).await?;
     follow_state(&mut w, &live);
@@ -346,6 +356,7 @@ async fn serve_http_surface(
     router: crate::identity::ClusterRouter,
     propagation: &Arc<Propagation>,
     live: &Arc<LiveCa>,
+    ui: ui::Ui,
 ) -> Result<SocketAddr, ServerError> {
     let readiness = Arc::new(readiness::Readiness::default());
     w.spawn(readiness::probe_loop(
@@ -372,6 +383,7 @@ async fn serve_http_surface(
             replica: crate::rotation::replica_name(),
         },
         leading: w.cfg.leader_election.enabled.then(|| w.leading.clone()),
+        ui,
     });
     w.spawn(serve_http(
         listener,

@@ -44,6 +44,8 @@ pub(super) struct HttpSurface {
     pub(super) rotation: RotationPage,
     /// Whether this replica leads, when replicas elect one.
     pub(super) leading: Option<watch::Receiver<bool>>,
+    /// The status page.
+    pub(super) ui: super::ui::Ui,
 }
 
 impl Health for HttpSurface {
@@ -79,7 +81,29 @@ impl Health for HttpSurface {
     }
 
     fn json_page(&self, path: &str) -> Option<String> {
-        (path == crate::rotation::STATUS_PATH).then(|| self.rotation.render())
+        match path {
+            crate::rotation::STATUS_PATH => Some(self.rotation.render()),
+            super::ui::STATUS_JSON_PATH => Some(
+                serde_json::to_string_pretty(&self.ui.status())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            ),
+            _ => None,
+        }
+    }
+
+    fn page(&self, path: &str) -> Option<crate::telemetry::Page> {
+        use super::ui::page;
+        let (content_type, body) = match path {
+            "/ui" | "/ui/" => ("text/html; charset=utf-8", page::render(&self.ui.status())),
+            "/ui/app.css" => ("text/css; charset=utf-8", page::APP_CSS.to_owned()),
+            "/ui/app.js" => ("text/javascript; charset=utf-8", page::APP_JS.to_owned()),
+            _ => return None,
+        };
+        Some(crate::telemetry::Page { content_type, body })
+    }
+
+    fn more_paths(&self) -> &'static str {
+        ", /debug/rotation, /ui, /ui/status.json"
     }
 }
 

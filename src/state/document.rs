@@ -58,6 +58,17 @@ impl StateTimes {
         *self == Self::default()
     }
 
+    /// When the root entered `state`, if recorded.
+    pub fn get(&self, state: RootState) -> Option<OffsetDateTime> {
+        match state {
+            RootState::Prepared => self.prepared,
+            RootState::Active => self.active,
+            RootState::Old => self.old,
+            RootState::Tainted => self.tainted,
+            RootState::Revoked => self.revoked,
+        }
+    }
+
     /// Records that the root entered `state` at `at`.
     pub fn set(&mut self, state: RootState, at: OffsetDateTime) {
         let at = Some(at.replace_nanosecond(0).unwrap_or(at));

@@ -14,6 +14,7 @@ use std::{
 };
 
 use thiserror::Error;
+use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use super::TrustBundleSet;
@@ -38,6 +39,43 @@ pub struct CaSnapshot {
     /// SHA-256 of the state the snapshot was built from: a replaced state with the same
     /// generation (a restored backup) is still noticed.
     pub state_digest: String,
+    /// Every root of the state with its lifecycle state (revoked ones included), for views.
+    pub roots: Arc<[RootSummary]>,
+}
+
+/// A root as views show it (no key material).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RootSummary {
+    /// Fingerprint id.
+    pub id: String,
+    pub state: crate::state::RootState,
+    pub subject: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// When it entered its current state, where the state records it.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+}
+
+fn root_summaries(state: &CaState) -> Result<Arc<[RootSummary]>, StateError> {
+    state
+        .roots
+        .iter()
+        .map(|r| {
+            let der = r.cert_der()?;
+            let p = cert::parse(&der, "root").map_err(|e| StateError::Invalid(e.to_string()))?;
+            Ok(RootSummary {
+                id: r.id.clone(),
+                state: r.state,
+                subject: p.subject().to_string(),
+                not_before: p.validity().not_before.to_datetime(),
+                not_after: p.validity().not_after.to_datetime(),
+                since: r.since.get(r.state),
+            })
+        })
+        .collect()
 }
 
 impl CaSnapshot {
@@ -251,6 +289,7 @@ fn build(
         signer_id,
         tainted_signers: v.state.tainted_signers()?,
         state_digest: digest(&v.state)?,
+        roots: root_summaries(&v.state)?,
     })
 }
 

@@ -18,5 +18,5 @@ pub use federation_config::{
     poll_interval, worst_case_fetch, BundleEndpointConfig, EndpointProfile, FederationConfig,
     PeerConfig, MAX_REFRESH_HINT, MIN_REFRESH_HINT, RETRY_AFTER_FAILURE,
 };
-pub use live::{CaSnapshot, LiveCa, LiveCaError};
+pub use live::{CaSnapshot, LiveCa, LiveCaError, RootSummary};
 pub use spiffe_bundle::{serial_before, BundleError, SpiffeBundle, DEFAULT_REFRESH_HINT};

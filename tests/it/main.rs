@@ -26,4 +26,6 @@ mod server;
 mod server_support;
 mod storm_limits;
 mod support;
+mod ui;
+mod ui_browser;
 mod xds_conformance;

@@ -28,13 +28,13 @@ use crate::server_support::{sds_req as req, *};
 const TYPE: &str = meshid::api::SECRET_TYPE_URL;
 
 /// An open StreamSecrets stream: send requests, receive responses.
-struct Sds {
+pub(crate) struct Sds {
     tx: mpsc::Sender<DiscoveryRequest>,
     rx: tonic::Streaming<DiscoveryResponse>,
 }
 
 impl Sds {
-    async fn open(server: &TestServer, token: String) -> Result<Self, tonic::Status> {
+    pub(crate) async fn open(server: &TestServer, token: String) -> Result<Self, tonic::Status> {
         let (tx, out) = mpsc::channel(8);
         let mut client = server.sds(Some(token)).await;
         let rx = client
@@ -44,11 +44,11 @@ impl Sds {
         Ok(Self { tx, rx })
     }
 
-    async fn send(&self, r: DiscoveryRequest) {
+    pub(crate) async fn send(&self, r: DiscoveryRequest) {
         self.tx.send(r).await.unwrap();
     }
 
-    async fn recv(&mut self) -> DiscoveryResponse {
+    pub(crate) async fn recv(&mut self) -> DiscoveryResponse {
         tokio::time::timeout(Duration::from_secs(10), self.rx.message())
             .await
             .expect("a response within 10 s")

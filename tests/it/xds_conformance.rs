@@ -597,6 +597,7 @@ impl Fed {
             signer_id: self.base.signer_id.clone(),
             tainted_signers: Default::default(),
             state_digest: format!("{}-{generation}", self.base.state_digest),
+            roots: self.base.roots.clone(),
         }));
     }
 
