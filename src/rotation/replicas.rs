@@ -117,6 +117,73 @@ async fn write_status(
     .map(|_| ())
 }
 
+/// One replica's published status, as a view shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ReplicaReport {
+    pub replica: String,
+    /// When its Lease was last renewed (RFC 3339), if ever.
+    pub last_seen: Option<String>,
+    /// Renewed within its lease duration.
+    pub fresh: bool,
+    /// What it reported (absent when its annotation is missing or unreadable).
+    pub status: Option<RotationStatus>,
+}
+
+/// What the replicas published, as last read: their reports, or why they could not be read.
+pub type ReplicasSeen = std::sync::Mutex<Result<Vec<ReplicaReport>, String>>;
+
+/// Reads every replica's Lease in `api`'s namespace.
+pub async fn read_reports(api: &Api<Lease>) -> Result<Vec<ReplicaReport>, kube::Error> {
+    let leases = api
+        .list(&ListParams::default().labels(REPLICA_LABEL))
+        .await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut out: Vec<ReplicaReport> = leases
+        .items
+        .into_iter()
+        .map(|lease| {
+            let spec = lease.spec.clone().unwrap_or_default();
+            let renewed = spec.renew_time.map(|t| t.0);
+            let ttl = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+            ReplicaReport {
+                replica: spec
+                    .holder_identity
+                    .unwrap_or_else(|| lease.metadata.name.clone().unwrap_or_default()),
+                last_seen: renewed.map(|t| t.to_string()),
+                fresh: renewed
+                    .is_some_and(|t| now.duration_since(t).unsigned_abs() <= ttl || t > now),
+                status: (lease.metadata.annotations.as_ref())
+                    .and_then(|a| a.get(STATUS_ANNOTATION))
+                    .and_then(|j| serde_json::from_str::<RotationStatus>(j).ok()),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.replica.cmp(&b.replica));
+    Ok(out)
+}
+
+/// Reads every replica's report into `seen` every [`HEARTBEAT`] until `stop` (the status page
+/// shows them).
+pub async fn follow(
+    client: kube::Client,
+    namespace: String,
+    seen: std::sync::Arc<ReplicasSeen>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    loop {
+        let read = tokio::time::timeout(super::STATUS_READ_TIMEOUT, read_reports(&api))
+            .await
+            .map_err(|_| format!("the replica Leases in {namespace}: no answer in time"))
+            .and_then(|r| r.map_err(|e| format!("the replica Leases in {namespace}: {e}")));
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = read;
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT) => {}
+            () = stopping(&mut stop) => return,
+        }
+    }
+}
+
 /// Every replica's status from its Lease in `namespace`: the CLI's [`StatusSource`] for a
 /// state in a Secret. One client, reused by every read (the guided rotation polls).
 pub struct ReplicaLeases {

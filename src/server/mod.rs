@@ -183,7 +183,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     };
     let grpc_addr = serve_grpc_tcp(&mut w, &services, serving).await?;
     let unix_path = serve_grpc_unix(&mut w, &services)?;
+    let replicas = matches!(cfg.state, Some(crate::state::StateLocation::Secret { .. }))
+        .then(|| Arc::new(std::sync::Mutex::new(Err("not read yet".to_owned()))));
     let ui = ui::Ui::new(ui::UiSources {
+        replicas: replicas.clone(),
         live: live.clone(),
         propagation: propagation.clone(),
         federation: fed.status.clone(),
@@ -193,7 +196,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     });
     let http_addr = serve_http_surface(&mut w, router, &propagation, &live, ui).await?;
     schedules(&mut w, &store, &live, &propagation).await?;
-    publish_replica_status(&mut w, &live, &propagation).await?;
+    publish_replica_status(&mut w, &live, &propagation, replicas).await?;
     follow_state(&mut w, &live);
     tracing::info!(%grpc_addr, %http_addr, trust_domain = %td, "meshid server started");
     Ok(Running {
@@ -444,6 +447,7 @@ async fn publish_replica_status(
     w: &mut Wiring<'_>,
     live: &Arc<LiveCa>,
     propagation: &Arc<Propagation>,
+    seen: Option<Arc<crate::rotation::replicas::ReplicasSeen>>,
 ) -> Result<(), ServerError> {
     let Some(crate::state::StateLocation::Secret { namespace, .. }) = &w.cfg.state else {
         return Ok(());
@@ -462,6 +466,14 @@ async fn publish_replica_status(
         .clone()
         .unwrap_or_else(crate::rotation::replica_name);
     let name = replica.clone();
+    if let Some(seen) = seen {
+        w.spawn(crate::rotation::replicas::follow(
+            client.clone(),
+            namespace.clone(),
+            seen,
+            w.stop.clone(),
+        ));
+    }
     w.spawn(crate::rotation::replicas::publish(
         client,
         namespace.clone(),

@@ -52,6 +52,16 @@ pub struct UiStatus {
     pub proxies: Vec<NamespaceProxies>,
     /// `null` when discovery is off.
     pub discovery: Option<DiscoverySection>,
+    /// Every replica's published status, when the state is in a Secret (else `null`).
+    pub replicas: Option<ReplicasSection>,
+}
+
+/// What every replica sharing the state published (its status Lease).
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicasSection {
+    /// Why the Leases could not be read last time, else `null`.
+    pub read_error: Option<String>,
+    pub replicas: Vec<crate::rotation::replicas::ReplicaReport>,
 }
 
 /// A root and where it stands.
@@ -216,6 +226,8 @@ pub struct UiSources {
     pub replica: String,
     pub clock: Arc<dyn Clock>,
     pub discovery: Option<DiscoverySources>,
+    /// The replicas' reports, when the state is in a Secret.
+    pub replicas: Option<Arc<crate::rotation::replicas::ReplicasSeen>>,
 }
 
 /// Discovery's inputs and products.
@@ -327,6 +339,18 @@ impl Ui {
             federation,
             proxies,
             discovery: s.discovery.as_ref().map(|d| (*self.graph(d)).clone()),
+            replicas: s.replicas.as_ref().map(|seen| {
+                match &*seen.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Ok(list) => ReplicasSection {
+                        read_error: None,
+                        replicas: list.clone(),
+                    },
+                    Err(e) => ReplicasSection {
+                        read_error: Some(e.clone()),
+                        replicas: Vec::new(),
+                    },
+                }
+            }),
         }
     }
 

@@ -113,6 +113,7 @@ async fn the_status_json_follows_its_documented_schema() {
             "generated_at",
             "proxies",
             "replica",
+            "replicas",
             "roots",
             "rotation",
             "schema",
@@ -122,6 +123,10 @@ async fn the_status_json_follows_its_documented_schema() {
         ]
     );
     assert_eq!(s["schema"], "meshid.status/v1");
+    assert!(
+        s["replicas"].is_null(),
+        "the state is a directory: no replicas to list"
+    );
     assert_eq!(s["trust_domain"], "cluster.local");
     let root = &s["roots"][0];
     assert_eq!(

@@ -130,6 +130,7 @@ pub fn main(s: &UiStatus) -> String {
     }
     roots(&mut h, s);
     rotation(&mut h, s);
+    replicas(&mut h, s);
     federation(&mut h, s);
     proxies(&mut h, s);
     discovery(&mut h, s);
@@ -214,6 +215,37 @@ fn rotation(h: &mut String, s: &UiStatus) {
         r.leaf_streams,
         r.laggards,
     );
+}
+
+fn replicas(h: &mut String, s: &UiStatus) {
+    let Some(r) = &s.replicas else { return };
+    h.push_str(r#"<section aria-labelledby="rep-h"><h2 id="rep-h">Replicas</h2>"#);
+    if let Some(e) = &r.read_error {
+        let _ = write!(h, r#"<p class="alert">{}</p>"#, esc(e));
+    }
+    h.push_str(r#"<table><caption>What every replica sharing the state reports (its status Lease)</caption><thead><tr><th scope="col">Replica</th><th scope="col">Last seen</th><th scope="col">Current</th><th scope="col">State generation</th><th scope="col">Signer</th><th scope="col">SDS streams</th><th scope="col">Streams behind</th></tr></thead><tbody>"#);
+    for rep in &r.replicas {
+        let st = rep.status.as_ref();
+        let _ = write!(
+            h,
+            r#"<tr><th scope="row">{}</th><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>"#,
+            esc(&rep.replica),
+            esc(rep.last_seen.as_deref().unwrap_or("never")),
+            if rep.fresh {
+                "yes"
+            } else {
+                "no: not renewed within its lease"
+            },
+            st.map(|x| x.generation.to_string())
+                .unwrap_or_else(|| "—".into()),
+            esc(st.map(|x| x.signer.as_str()).unwrap_or("—")),
+            st.map(|x| x.counts.streams.to_string())
+                .unwrap_or_else(|| "—".into()),
+            st.map(|x| x.counts.laggard_count.to_string())
+                .unwrap_or_else(|| "—".into()),
+        );
+    }
+    h.push_str("</tbody></table></section>\n");
 }
 
 fn federation(h: &mut String, s: &UiStatus) {

@@ -165,6 +165,56 @@ async fn a_root_prepared_on_the_secret_reaches_every_replicas_streams_within_2s(
     b.running.shutdown().await;
 }
 
+/// The status page of every replica lists every replica sharing the Secret state (issue 23:
+/// "on several replicas it shows every replica's view"), from their status Leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real kube-apiserver and etcd: run tools/kube-tests.sh"]
+async fn the_status_page_lists_every_replica() {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("state-ui").await;
+    let loc = secret_location(&ns, "meshid-ca-state");
+    let named = |name: &'static str, seed: bool| {
+        let (loc, kc) = (loc.clone(), cluster.admin_kubeconfig.clone());
+        async move {
+            TestServer::start_with(Arc::new(SystemClock), move |cfg| {
+                on_secret_state(cfg, &loc, &kc, seed);
+                cfg.leader_election.identity = Some(name.into());
+            })
+            .await
+        }
+    };
+    let a = named("replica-a", true).await;
+    let b = named("replica-b", false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let resp = crate::server::http_get(&a, "/ui/status.json").await;
+        let body = resp.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let names: Vec<String> = v["replicas"]["replicas"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter(|r| r["fresh"] == true && r["status"]["generation"].is_u64())
+                    .map(|r| r["replica"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names == ["replica-a", "replica-b"] {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both replicas not listed within 30 s: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(listed["replicas"]["read_error"].is_null(), "{listed:#}");
+    let html = crate::server::http_get(&b, "/ui").await;
+    assert!(html.contains("replica-a") && html.contains("replica-b"));
+    a.running.shutdown().await;
+    b.running.shutdown().await;
+}
+
 /// Adds a dissociation for `td` (a change every writer can make without touching another's).
 fn with_dissociation(s: &CaState, td: &str) -> CaState {
     let mut next = s.clone();
