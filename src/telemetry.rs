@@ -49,6 +49,14 @@ pub struct Metrics {
     pub federation_refreshes: Family<Labels, Counter>,
     pub federation_up: Family<Labels, Gauge>,
     pub federation_sequence: Family<Labels, Gauge>,
+    /// Unix time of a federated trust domain's last successful bundle fetch.
+    pub federation_last_success: Family<Labels, Gauge>,
+    /// The interval until the next fetch after a success (the bundle's refresh hint, bounded).
+    pub federation_refresh_interval: Family<Labels, Gauge>,
+    /// Roots of the state by lifecycle state.
+    pub roots: Family<Labels, Gauge>,
+    /// Open SDS streams by what they hold against the served bundle and signer.
+    pub rotation_streams: Family<Labels, Gauge>,
     /// Automatic activations let through at their propagation deadline with streams lagging.
     pub rotation_forced_activations: Counter,
     /// Remote-secret kubeconfigs refused, by secret, cluster and reason.
@@ -62,6 +70,47 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Creates the series whose label values are known in advance at zero, so that they are
+    /// on `/metrics` from the start (dashboards and alerts see a 0, `rate()` starts from it):
+    /// each API, refusal reason and error kind, and the resources SDS serves.
+    pub fn with_known_labels(
+        self,
+        auth_reasons: &[&str],
+        sign_error_kinds: &[&str],
+        impersonation_results: &[&str],
+    ) -> Self {
+        let touch = |f: &Family<Labels, Counter>, key: &str, values: &[&str]| {
+            for v in values {
+                let _ = f.get_or_create(&Self::label(key, v));
+            }
+        };
+        touch(&self.certs_issued, "api", &["sds", "csr"]);
+        touch(&self.auth_failures, "reason", auth_reasons);
+        touch(&self.sign_errors, "kind", sign_error_kinds);
+        touch(&self.impersonations, "result", impersonation_results);
+        touch(
+            &self.sds_pushes,
+            "resource",
+            &["default", "ROOTCA", "ALL", "spiffe"],
+        );
+        touch(&self.eds_pushes, "resource", &["cluster"]);
+        self
+    }
+
+    /// A federated trust domain's series, at their "never fetched" values (up 0, last success
+    /// at 0): shown from the start, and stale for the alert until a fetch succeeds.
+    pub fn federation_peer(&self, trust_domain: &str) {
+        let l = Self::label("trust_domain", trust_domain);
+        let _ = self.federation_up.get_or_create(&l);
+        let _ = self.federation_last_success.get_or_create(&l);
+        let _ = self.federation_refresh_interval.get_or_create(&l);
+        let _ = self.federation_sequence.get_or_create(&l);
+        let _ = self.federation_refreshes.get_or_create(&vec![
+            ("trust_domain".to_owned(), trust_domain.to_owned()),
+            ("result".to_owned(), "ok".to_owned()),
+        ]);
+    }
+
     pub fn new() -> Self {
         let mut r = Registry::default();
         let m = Self {
@@ -91,6 +140,10 @@ impl Metrics {
             federation_refreshes: Family::default(),
             federation_up: Family::default(),
             federation_sequence: Family::default(),
+            federation_last_success: Family::default(),
+            federation_refresh_interval: Family::default(),
+            roots: Family::default(),
+            rotation_streams: Family::default(),
             remote_secret_refused: Family::default(),
             rotation_forced_activations: Counter::default(),
             registry: Registry::default(),
@@ -224,6 +277,26 @@ impl Metrics {
             "meshid_federation_bundle_sequence",
             "spiffe_sequence of the bundle held for a federated trust domain",
             m.federation_sequence.clone(),
+        );
+        r.register(
+            "meshid_federation_last_success_timestamp_seconds",
+            "Unix time of a federated trust domain's last successful bundle fetch",
+            m.federation_last_success.clone(),
+        );
+        r.register(
+            "meshid_federation_refresh_interval_seconds",
+            "Seconds until the next fetch after a success: the peer bundle's refresh hint, bounded",
+            m.federation_refresh_interval.clone(),
+        );
+        r.register(
+            "meshid_roots",
+            "Roots of the CA state by lifecycle state (prepared, active, old, tainted, revoked)",
+            m.roots.clone(),
+        );
+        r.register(
+            "meshid_rotation_streams",
+            "Open SDS streams: bundle / bundle_current (ACKed an own-trust-domain bundle / one holding every trusted root), leaf / leaf_current (ACKed a leaf / one from the current signer), behind",
+            m.rotation_streams.clone(),
         );
         r.register(
             "meshid_discovery_remote_secret_refused",

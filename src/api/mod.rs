@@ -22,6 +22,7 @@ pub use eds::{load_assignment, EdsService, ENDPOINT_TYPE_URL};
 pub use lean::SdsServer;
 pub use node_auth::NodeAuthorizer;
 pub use sds::{SdsService, SECRET_TYPE_URL};
+pub use status::SIGN_ERROR_KINDS;
 
 /// The SPIFFE Workload API, compiled from `proto/spiffe/workload/workload.proto` (no proto
 /// package: its methods live at `/SpiffeWorkloadAPI/<Method>`).

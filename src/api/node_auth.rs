@@ -31,6 +31,21 @@ use crate::{
 /// The metadata key ztunnel sets (Istio's `security.ImpersonatedIdentity`).
 pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
 
+/// Every `result` of `meshid_impersonation_requests_total`: `allowed` or a refusal reason.
+pub const RESULTS: &[&str] = &[
+    "allowed",
+    "not_configured",
+    "caller_not_trusted",
+    "identity_invalid",
+    "foreign_trust_domain",
+    "caller_not_pod_bound",
+    "cluster_not_discovered",
+    "caller_pod_not_found",
+    "caller_pod_uid_mismatch",
+    "caller_pod_service_account_mismatch",
+    "not_on_node",
+];
+
 /// Why an impersonation was refused: a stable label, and the detail for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {

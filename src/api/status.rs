@@ -86,6 +86,20 @@ pub(crate) fn ca(e: &CaError) -> Status {
     }
 }
 
+/// Every `kind` label [`ca_kind`] gives.
+pub const SIGN_ERROR_KINDS: &[&str] = &[
+    "permission_denied",
+    "csr_signature",
+    "csr_malformed",
+    "csr_key",
+    "csr_san",
+    "ttl",
+    "signer_expired",
+    "crypto",
+    "signer_invalid",
+    "leaf_rejected",
+];
+
 /// A stable label for the sign-errors metric.
 pub(crate) fn ca_kind(e: &CaError) -> &'static str {
     use CaError::*;

@@ -54,6 +54,29 @@ impl IdentityError {
         )
     }
 
+    /// Every label [`reason`](Self::reason) gives.
+    pub const REASONS: &'static [&'static str] = &[
+        "algorithm",
+        "audience",
+        "bad_signature",
+        "expired",
+        "invalidated",
+        "issuer",
+        "jwks_unavailable",
+        "legacy_token",
+        "malformed",
+        "missing_claim",
+        "no_token",
+        "not_authenticated",
+        "not_service_account",
+        "not_yet_valid",
+        "overloaded",
+        "tokenreview_failed",
+        "too_large",
+        "unknown_cluster",
+        "unknown_kid",
+    ];
+
     /// A short, stable reason label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -132,7 +132,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     let mut w = Wiring {
         cfg: &cfg,
         clock,
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(Metrics::new().with_known_labels(
+            crate::identity::IdentityError::REASONS,
+            crate::api::SIGN_ERROR_KINDS,
+            crate::api::node_auth::RESULTS,
+        )),
         stop: stop_rx,
         leading: crate::leader::always_leading(),
         tasks: Vec::new(),
@@ -198,6 +202,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, Server
     schedules(&mut w, &store, &live, &propagation).await?;
     publish_replica_status(&mut w, &live, &propagation, replicas).await?;
     follow_state(&mut w, &live);
+    w.spawn(rotation_gauges(
+        live.clone(),
+        propagation.clone(),
+        w.metrics.clone(),
+        w.stop.clone(),
+    ));
     tracing::info!(%grpc_addr, %http_addr, trust_domain = %td, "meshid server started");
     Ok(Running {
         grpc_addr,
@@ -398,6 +408,50 @@ async fn serve_http_surface(
     Ok(addr)
 }
 
+/// `meshid_rotation_streams`, from the propagation registry every 2 s (a scrape reads the last).
+async fn rotation_gauges(
+    live: Arc<LiveCa>,
+    registry: Arc<Propagation>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let snap = live.current();
+        let trusted: Vec<String> = snap
+            .bundle
+            .own_roots()
+            .iter()
+            .map(|r| crate::ca::cert::fingerprint_id(r))
+            .collect();
+        let c = registry.counts(&trusted, &snap.signer_id);
+        let current = trusted
+            .iter()
+            .map(|r| c.roots.get(r).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+            .min(c.bundle_streams);
+        for (view, n) in [
+            ("bundle", c.bundle_streams),
+            ("bundle_current", current),
+            ("leaf", c.leaf_streams),
+            (
+                "leaf_current",
+                c.signers.get(&snap.signer_id).copied().unwrap_or(0),
+            ),
+            ("behind", c.laggard_count),
+        ] {
+            metrics
+                .rotation_streams
+                .get_or_create(&Metrics::label("view", view))
+                .set(n as i64);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = stopping(&mut stop) => return,
+        }
+    }
+}
+
 /// The state store watched into new snapshots, and the expiry gauges set from each.
 fn follow_state(w: &mut Wiring<'_>, live: &Arc<LiveCa>) {
     w.spawn(expiry_gauges(
@@ -571,6 +625,17 @@ async fn expiry_gauges(
         metrics
             .root_expiry
             .set(snap.latest_root_not_after().unwrap_or(0));
+        for state in ["prepared", "active", "old", "tainted", "revoked"] {
+            let n = snap
+                .roots
+                .iter()
+                .filter(|r| r.state.to_string() == state)
+                .count();
+            metrics
+                .roots
+                .get_or_create(&Metrics::label("state", state))
+                .set(n as i64);
+        }
         tokio::select! {
             r = live.changed() => if r.is_err() { return },
             () = stopping(&mut stop) => return,

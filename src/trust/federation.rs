@@ -159,6 +159,7 @@ impl PeerClient {
             EndpointProfile::HttpsSpiffe => None,
         };
         status.update(&cfg.trust_domain, |s| s.url = cfg.url.clone());
+        metrics.federation_peer(&cfg.trust_domain.to_string());
         Ok(Self {
             cfg,
             store,
@@ -197,7 +198,17 @@ impl PeerClient {
                         .federation_refreshes
                         .get_or_create(&labels("ok"))
                         .inc();
-                    poll_interval(bundle.refresh_hint)
+                    let wait = poll_interval(bundle.refresh_hint);
+                    let l = Metrics::label("trust_domain", &td.to_string());
+                    self.metrics
+                        .federation_last_success
+                        .get_or_create(&l)
+                        .set(now.unix_timestamp());
+                    self.metrics
+                        .federation_refresh_interval
+                        .get_or_create(&l)
+                        .set(wait.as_secs() as i64);
+                    wait
                 }
                 Err(e) => {
                     tracing::warn!(trust_domain = %td, error = %e, "federated bundle refresh failed; the last good bundle stays");

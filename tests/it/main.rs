@@ -16,6 +16,7 @@ mod identity;
 mod identity_hardening;
 mod impersonation;
 mod kube_real;
+mod observability;
 mod openssl;
 mod plugin_import;
 mod profiles;
