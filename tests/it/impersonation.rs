@@ -263,9 +263,12 @@ async fn impersonation_is_refused_unless_every_rule_holds() {
             "{reason}\n{metrics}"
         );
     }
-    assert!(!metrics.contains("result=\"allowed\""), "{metrics}");
     assert!(
-        !metrics.contains("meshid_certs_issued_total{api=\"csr\"}"),
+        metrics.contains("meshid_impersonation_requests_total{result=\"allowed\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshid_certs_issued_total{api=\"csr\"} 0"),
         "nothing was issued: {metrics}"
     );
     server.running.shutdown().await;

@@ -513,10 +513,13 @@ async fn refusals_issue_nothing() {
         .expect("SDS refuses a bad token");
     assert_eq!(err.code(), Code::Unauthenticated);
     let metrics = http_get(&server, "/metrics").await;
-    assert!(
-        !metrics.contains("meshid_certs_issued_total{api=\"csr\"}"),
-        "nothing issued:\n{metrics}"
-    );
+    // Both APIs' series exist from the start (at 0) and stay there.
+    for api in ["csr", "sds"] {
+        assert!(
+            metrics.contains(&format!("meshid_certs_issued_total{{api=\"{api}\"}} 0\n")),
+            "nothing issued:\n{metrics}"
+        );
+    }
     assert!(
         metrics.contains("meshid_authentication_failures_total{reason=\"no_token\"} 1"),
         "{metrics}"
