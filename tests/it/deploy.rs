@@ -527,8 +527,22 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
         status_stop_rx,
     ));
     tokio::time::sleep(meshid::rotation::replicas::HEARTBEAT + Duration::from_millis(500)).await;
+    // The status page reads every replica's Lease (a list by label).
+    let seen = Arc::new(std::sync::Mutex::new(Err("not read yet".to_owned())));
+    let follower = tokio::spawn(meshid::rotation::replicas::follow(
+        api.client().await,
+        "istio-system".into(),
+        seen.clone(),
+        status_stop.subscribe(),
+    ));
+    let read = std::time::Instant::now();
+    while seen.lock().unwrap().is_err() {
+        assert!(read.elapsed() < Duration::from_secs(30), "{:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = status_stop.send(true);
     publisher.await.unwrap();
+    follower.await.unwrap();
     // Wait until every watcher has opened its watch.
     let watched = || {
         api.shared

@@ -203,6 +203,7 @@ async fn meshid_under_the_deployed_rbac_is_allowed_every_call_it_makes_and_no_ot
         ("update", "secrets"),
         ("create", "leases"),
         ("get", "leases"),
+        ("list", "leases"),
         ("update", "leases"),
     ]
     .into_iter()
