@@ -35,6 +35,7 @@ pub mod demo;
 pub mod discovery;
 pub mod duration;
 pub mod fswatch;
+pub mod h2_authority;
 pub mod http_client;
 pub mod identity;
 pub mod kube_client;

@@ -325,7 +325,9 @@ pub fn unix_incoming(
     listener: tokio::net::UnixListener,
     max_connections: usize,
     stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<Limited<tokio::net::UnixStream>, std::io::Error>> {
+) -> ReceiverStream<
+    Result<Limited<crate::h2_authority::AuthorityFix<tokio::net::UnixStream>>, std::io::Error>,
+> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     spawn_accept_loop(
         listener,
@@ -335,8 +337,9 @@ pub fn unix_incoming(
         move |conn, permit| {
             let tx = tx.clone();
             async move {
+                // Clients on grpc's C core send an authority h2 refuses: fixed here.
                 let limited = Limited {
-                    io: conn,
+                    io: crate::h2_authority::AuthorityFix::new(conn),
                     _permit: permit,
                 };
                 tx.send(Ok(limited)).await.is_ok()

@@ -85,6 +85,20 @@ istio_src=$(cd tests/interop/peers/pilot-agent && go list -m -f '{{.Dir}}' istio
   die "peer pilot-agent: istio.io/istio is not in the module cache"
 cp "$istio_src/tools/packaging/common/envoy_bootstrap.json" "$agent_dir/envoy_bootstrap_tmpl.json" ||
   die "peer pilot-agent: no tools/packaging/common/envoy_bootstrap.json in $istio_src"
+# py-spiffe (the `spiffe` package on PyPI) in a venv of its own, re-made when the pin changes.
+PYSPIFFE_VERSION=0.3.2
+pyenv="$out/pyspiffe"
+if [ "$(cat "$pyenv/version" 2>/dev/null)" != "$PYSPIFFE_VERSION" ]; then
+  command -v python3 >/dev/null || die "python3 not found: py-spiffe's driver needs Python >= 3.9 (apt-get install python3 python3-venv)"
+  rm -rf "$pyenv"
+  t0=$(now)
+  python3 -m venv "$pyenv" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+  "$pyenv/bin/pip" install --quiet --disable-pip-version-check "spiffe==$PYSPIFFE_VERSION" ||
+    die "pip install spiffe==$PYSPIFFE_VERSION failed (above)"
+  echo "$PYSPIFFE_VERSION" > "$pyenv/version"
+  echo "    py-spiffe $PYSPIFFE_VERSION installed ($(( $(now) - t0 ))s)"
+fi
+export MESHID_PYSPIFFE_PYTHON="$pyenv/bin/python"
 export SPIRE_SERVER_BIN="$out/spire-$(cat "$out/spire.version")/spire-server"
 export PILOT_AGENT_BIN="$out/pilot-agent-$(cat "$out/pilot-agent.version")/pilot-agent"
 flock -u 9
@@ -134,6 +148,7 @@ grpcv=$(modv google.golang.org/grpc)
   row "go-spiffe workloadapi" "$gospiffe" "NewX509Source (address and SPIFFE_ENDPOINT_SOCKET), FetchX509SVID/FetchX509Bundles from meshid agent's Workload API" TestGoSpiffeX509SourceGetsTheAgentsSVIDAndBundle
   row "go-spiffe workloadapi" "$gospiffe" "WatchX509Context: an update on renewal and on a root prepared on the server" TestWatchX509ContextSeesARenewalAndARootChange
   row "go-spiffe workloadapi" "$gospiffe" "two agent-fed workloads, MTLSServerConfig/MTLSClientConfig through prepare/activate/taint/revoke" TestGoSpiffeMTLSThroughAgentsSurvivesARootRotation
+  row py-spiffe "$PYSPIFFE_VERSION" "WorkloadApiClient via SPIFFE_ENDPOINT_SOCKET: fetch_x509_svid + fetch_x509_bundles from meshid agent" TestPySpiffeFetchesTheAgentsSVIDAndBundle
   row "go-spiffe proto" "$gospiffe" "a Workload API call without workload.spiffe.io: InvalidArgument" TestTheSecurityHeaderIsRequired
   row "prometheus (rulefmt, promql)" "$(modv github.com/prometheus/prometheus)" "deploy/prometheus rules as promtool checks them; PrometheusRule = plain groups; every dashboard query parses" TestRulesParseAsPromtoolChecksThem
   row SPIRE "$(cat "$out/spire.version")" "spire-server federates both ways (https_spiffe); x509 mint SVIDs verify via meshid SDS; meshid SVIDs via bundle list; rotations both ways" TestSpireAndMeshidFederateBothWaysAndFollowEachOthersRotations

@@ -537,7 +537,11 @@ async fn the_cluster_role_grants_exactly_the_calls_the_code_makes() {
     ));
     let read = std::time::Instant::now();
     while seen.lock().unwrap().is_err() {
-        assert!(read.elapsed() < Duration::from_secs(30), "{:?}", seen.lock().unwrap());
+        assert!(
+            read.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            seen.lock().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = status_stop.send(true);

@@ -1,15 +1,8 @@
-//go:build pyspiffe
-
-// py-spiffe against meshid agent's Workload API. Not part of tools/interop.sh yet: it FAILS
-// today, and the failure is meshid's to fix. py-spiffe uses grpc's C core, which (since
-// grpc/grpc#33571) sends the percent-encoded socket path as `:authority` on a Unix socket
-// (e.g. `tmp%2Fpyt%2Fwl.sock`); hyperium/h2, under tonic, refuses that authority as malformed
-// and resets the stream (RST_STREAM PROTOCOL_ERROR; hyperium/h2#442, PR #487 still open), so
-// py-spiffe reports "Stream removed". grpc-go sends `localhost` and works. Run it with:
-//
-//	python3 -m venv ../../../target/interop/pyspiffe
-//	../../../target/interop/pyspiffe/bin/pip install spiffe==0.3.2
-//	go test -tags pyspiffe -run TestPySpiffe ./workload/
+// py-spiffe (the `spiffe` package on PyPI) against meshid agent's Workload API, unchanged. It
+// uses grpc's C core, which sends the percent-encoded socket path as `:authority` on a Unix
+// socket (grpc/grpc#33571); hyperium/h2 under tonic refused that (hyperium/h2#442) until
+// meshid's Unix listeners learned to rewrite it (src/h2_authority.rs): this test is what found it.
+// tools/interop.sh installs py-spiffe into target/interop/pyspiffe.
 
 package workload
 
