@@ -17,8 +17,8 @@ pub use auto::{auto_step, AutoRotation, AutoStep, Schedule};
 pub use gate::{check_servers, on_every_replica, ActivationGate, GateRefusal, LocalStatus};
 pub use guided::{rotate, Finished, GuidedError, GuidedOptions, DEFAULT_POLL};
 pub use propagation::{
-    replica_name, status_of, Counts, Lag, Laggard, NamespaceStreams, Propagation, RotationStatus,
-    StreamTrack, Waiting, IDENTITIES_SHOWN, LAGGARDS_SHOWN, STATUS_PATH,
+    current_counts, replica_name, status_of, Counts, Lag, Laggard, NamespaceStreams, Propagation,
+    RotationStatus, StreamTrack, Waiting, IDENTITIES_SHOWN, LAGGARDS_SHOWN, STATUS_PATH,
 };
 pub use publication::{bundle_publication_gate, Unpublished};
 pub(crate) use renewer::unit_random;

@@ -531,6 +531,29 @@ pub fn status_of(
     }
 }
 
+/// The own roots `snapshot` serves (their ids), `registry`'s counts against it, and how many
+/// bundle streams hold every one of those roots (the fewest holders among them: equal when
+/// bundles are nested, as a rotation's are).
+pub fn current_counts(
+    registry: &Propagation,
+    snapshot: &crate::trust::CaSnapshot,
+) -> (Vec<String>, Counts, usize) {
+    let trusted: Vec<String> = snapshot
+        .bundle
+        .own_roots()
+        .iter()
+        .map(|r| crate::ca::cert::fingerprint_id(r))
+        .collect();
+    let counts = registry.counts(&trusted, &snapshot.signer_id);
+    let current = trusted
+        .iter()
+        .map(|r| counts.roots.get(r).copied().unwrap_or(0))
+        .min()
+        .unwrap_or(0)
+        .min(counts.bundle_streams);
+    (trusted, counts, current)
+}
+
 /// This replica's name: the host name (a pod's name in Kubernetes).
 pub fn replica_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -417,19 +417,7 @@ async fn rotation_gauges(
 ) {
     loop {
         let snap = live.current();
-        let trusted: Vec<String> = snap
-            .bundle
-            .own_roots()
-            .iter()
-            .map(|r| crate::ca::cert::fingerprint_id(r))
-            .collect();
-        let c = registry.counts(&trusted, &snap.signer_id);
-        let current = trusted
-            .iter()
-            .map(|r| c.roots.get(r).copied().unwrap_or(0))
-            .min()
-            .unwrap_or(0)
-            .min(c.bundle_streams);
+        let (_, c, current) = crate::rotation::current_counts(&registry, &snap);
         for (view, n) in [
             ("bundle", c.bundle_streams),
             ("bundle_current", current),

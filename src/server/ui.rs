@@ -260,13 +260,8 @@ impl Ui {
         let s = &self.sources;
         let now = s.clock.now();
         let snap = s.live.current();
-        let trusted: Vec<String> = snap
-            .bundle
-            .own_roots()
-            .iter()
-            .map(|r| crate::ca::cert::fingerprint_id(r))
-            .collect();
-        let counts = s.propagation.counts(&trusted, &snap.signer_id);
+        let (trusted, counts, bundle_current) =
+            crate::rotation::current_counts(&s.propagation, &snap);
         let roots = snap
             .roots
             .iter()
@@ -283,18 +278,11 @@ impl Ui {
                 streams_holding: counts.roots.get(&r.id).copied().unwrap_or(0),
             })
             .collect();
-        // A stream is on the current bundle when it holds every trusted root: the fewest
-        // holders among them bound that from above, and equal it when bundles are nested.
-        let bundle_current = trusted
-            .iter()
-            .map(|r| counts.roots.get(r).copied().unwrap_or(0))
-            .min()
-            .unwrap_or(0);
         let rotation = RotationView {
             in_progress: trusted.len() > 1 || counts.laggard_count > 0,
             streams: counts.streams,
             bundle_streams: counts.bundle_streams,
-            bundle_streams_current: bundle_current.min(counts.bundle_streams),
+            bundle_streams_current: bundle_current,
             leaf_streams: counts.leaf_streams,
             leaf_streams_current: counts.signers.get(&snap.signer_id).copied().unwrap_or(0),
             signer: snap.signer_id.clone(),
