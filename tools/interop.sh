@@ -99,6 +99,15 @@ if [ "$(cat "$pyenv/version" 2>/dev/null)" != "$PYSPIFFE_VERSION" ]; then
   echo "    py-spiffe $PYSPIFFE_VERSION installed ($(( $(now) - t0 ))s)"
 fi
 export MESHID_PYSPIFFE_PYTHON="$pyenv/bin/python"
+# The `spiffe` crate's driver: a project of its own (tests/interop/rust-spiffe, its own
+# Cargo.lock), built by cargo into target/ (incremental, so cached).
+if ! $prebuild; then
+  t0=$(now)
+  (cd tests/interop/rust-spiffe && cargo build --release --locked --quiet --target-dir "$out/rust-spiffe") ||
+    die "building tests/interop/rust-spiffe (the spiffe crate's driver) failed"
+  export MESHID_RUST_SPIFFE_BIN="$out/rust-spiffe/release/fetch-svid"
+  echo "    spiffe crate driver ready ($(( $(now) - t0 ))s)"
+fi
 export SPIRE_SERVER_BIN="$out/spire-$(cat "$out/spire.version")/spire-server"
 export PILOT_AGENT_BIN="$out/pilot-agent-$(cat "$out/pilot-agent.version")/pilot-agent"
 flock -u 9
@@ -149,6 +158,7 @@ grpcv=$(modv google.golang.org/grpc)
   row "go-spiffe workloadapi" "$gospiffe" "WatchX509Context: an update on renewal and on a root prepared on the server" TestWatchX509ContextSeesARenewalAndARootChange
   row "go-spiffe workloadapi" "$gospiffe" "two agent-fed workloads, MTLSServerConfig/MTLSClientConfig through prepare/activate/taint/revoke" TestGoSpiffeMTLSThroughAgentsSurvivesARootRotation
   row py-spiffe "$PYSPIFFE_VERSION" "WorkloadApiClient via SPIFFE_ENDPOINT_SOCKET: fetch_x509_svid + fetch_x509_bundles from meshid agent" TestPySpiffeFetchesTheAgentsSVIDAndBundle
+  row "spiffe (crate)" "$(sed -n 's/^spiffe = { version = "=\([0-9.]*\)".*/\1/p' "$repo/tests/interop/rust-spiffe/Cargo.toml")" "X509Source via SPIFFE_ENDPOINT_SOCKET: svid() + bundle_for_trust_domain() from meshid agent" TestSpiffeCrateX509SourceGetsTheAgentsSVIDAndBundle
   row "go-spiffe proto" "$gospiffe" "a Workload API call without workload.spiffe.io: InvalidArgument" TestTheSecurityHeaderIsRequired
   row "prometheus (rulefmt, promql)" "$(modv github.com/prometheus/prometheus)" "deploy/prometheus rules as promtool checks them; PrometheusRule = plain groups; every dashboard query parses" TestRulesParseAsPromtoolChecksThem
   row SPIRE "$(cat "$out/spire.version")" "spire-server federates both ways (https_spiffe); x509 mint SVIDs verify via meshid SDS; meshid SVIDs via bundle list; rotations both ways" TestSpireAndMeshidFederateBothWaysAndFollowEachOthersRotations
