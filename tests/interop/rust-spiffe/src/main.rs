@@ -13,9 +13,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bundle = source
         .bundle_for_trust_domain(&td)?
         .ok_or("no bundle for the SVID's trust domain")?;
-    let b64 = |d: &[u8]| format!("\"{}\"", base64::engine::general_purpose::STANDARD.encode(d));
+    let b64 = |d: &[u8]| {
+        format!(
+            "\"{}\"",
+            base64::engine::general_purpose::STANDARD.encode(d)
+        )
+    };
     let chain: Vec<String> = svid.cert_chain().iter().map(|c| b64(c.as_ref())).collect();
-    let roots: Vec<String> = bundle.authorities().iter().map(|c| b64(c.as_ref())).collect();
+    let roots: Vec<String> = bundle
+        .authorities()
+        .iter()
+        .map(|c| b64(c.as_ref()))
+        .collect();
     println!(
         "{{\"spiffe_id\":\"{}\",\"chain_der\":[{}],\"bundle_der\":[{}]}}",
         svid.spiffe_id(),
