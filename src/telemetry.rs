@@ -27,6 +27,8 @@ pub struct Metrics {
     /// CSR API requests carrying `ImpersonatedIdentity`, by result (`allowed` or the refusal).
     pub impersonations: Family<Labels, Counter>,
     pub root_expiry: Gauge,
+    /// 1 while a successor waits: a prepared root, or a signer staged under the active one.
+    pub root_successor_prepared: Gauge,
     /// 1 while the root that signs expires within 30 days, until a successor is active.
     pub root_expiry_warning: Gauge,
     pub chain_expiry: Gauge,
@@ -51,8 +53,8 @@ pub struct Metrics {
     pub federation_sequence: Family<Labels, Gauge>,
     /// Unix time of a federated trust domain's last successful bundle fetch.
     pub federation_last_success: Family<Labels, Gauge>,
-    /// The interval until the next fetch after a success (the bundle's refresh hint, bounded).
-    pub federation_refresh_interval: Family<Labels, Gauge>,
+    /// The refresh hint of the bundle last fetched (its `spiffe_refresh_hint`, else the default).
+    pub federation_refresh_hint: Family<Labels, Gauge>,
     /// Roots of the state by lifecycle state.
     pub roots: Family<Labels, Gauge>,
     /// Open SDS streams by what they hold against the served bundle and signer.
@@ -103,7 +105,7 @@ impl Metrics {
         let l = Self::label("trust_domain", trust_domain);
         let _ = self.federation_up.get_or_create(&l);
         let _ = self.federation_last_success.get_or_create(&l);
-        let _ = self.federation_refresh_interval.get_or_create(&l);
+        let _ = self.federation_refresh_hint.get_or_create(&l);
         let _ = self.federation_sequence.get_or_create(&l);
         let _ = self.federation_refreshes.get_or_create(&vec![
             ("trust_domain".to_owned(), trust_domain.to_owned()),
@@ -120,6 +122,7 @@ impl Metrics {
             certs_issued: Family::default(),
             impersonations: Family::default(),
             root_expiry: Gauge::default(),
+            root_successor_prepared: Gauge::default(),
             root_expiry_warning: Gauge::default(),
             chain_expiry: Gauge::default(),
             sds_streams: Gauge::default(),
@@ -141,7 +144,7 @@ impl Metrics {
             federation_up: Family::default(),
             federation_sequence: Family::default(),
             federation_last_success: Family::default(),
-            federation_refresh_interval: Family::default(),
+            federation_refresh_hint: Family::default(),
             roots: Family::default(),
             rotation_streams: Family::default(),
             remote_secret_refused: Family::default(),
@@ -187,6 +190,11 @@ impl Metrics {
             "meshid_root_cert_expiry_timestamp_seconds",
             "notAfter of the root that anchors the signer",
             m.root_expiry.clone(),
+        );
+        r.register(
+            "meshid_root_successor_prepared",
+            "1 while a successor waits to take over: a prepared root, or a plug-in signer staged under the active root (root prepare --from-plugin)",
+            m.root_successor_prepared.clone(),
         );
         r.register(
             "meshid_root_expiry_warning",
@@ -284,9 +292,9 @@ impl Metrics {
             m.federation_last_success.clone(),
         );
         r.register(
-            "meshid_federation_refresh_interval_seconds",
-            "Seconds until the next fetch after a success: the peer bundle's refresh hint, bounded",
-            m.federation_refresh_interval.clone(),
+            "meshid_federation_refresh_hint_seconds",
+            "The spiffe_refresh_hint of the bundle last fetched from a federated trust domain (5 min when it names none); meshid polls at a quarter of it",
+            m.federation_refresh_hint.clone(),
         );
         r.register(
             "meshid_roots",

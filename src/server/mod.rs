@@ -610,9 +610,23 @@ async fn expiry_gauges(
         metrics
             .chain_expiry
             .set(snap.authority.chain_not_after().unix_timestamp());
-        metrics
-            .root_expiry
-            .set(snap.latest_root_not_after().unwrap_or(0));
+        // The root that anchors the signer: the active one (a prepared successor's later
+        // notAfter must not hide it).
+        let active = snap
+            .roots
+            .iter()
+            .find(|r| r.state == crate::state::RootState::Active);
+        metrics.root_expiry.set(
+            active
+                .map(|r| r.not_after.unix_timestamp())
+                .or_else(|| snap.latest_root_not_after())
+                .unwrap_or(0),
+        );
+        let successor = snap.roots.iter().any(|r| {
+            r.state == crate::state::RootState::Prepared
+                || (r.state == crate::state::RootState::Active && r.signer_staged)
+        });
+        metrics.root_successor_prepared.set(i64::from(successor));
         for state in ["prepared", "active", "old", "tainted", "revoked"] {
             let n = snap
                 .roots

@@ -21,7 +21,7 @@ pub use super::federation_error::FederationError;
 use super::{
     federated_store::{self, dissociation_of, Origin, Stored},
     federation_config::{poll_interval, EndpointProfile, PeerConfig, RETRY_AFTER_FAILURE},
-    spiffe_bundle::SpiffeBundle,
+    spiffe_bundle::{SpiffeBundle, DEFAULT_REFRESH_HINT},
     CaSnapshot,
 };
 use crate::{
@@ -204,10 +204,12 @@ impl PeerClient {
                         .federation_last_success
                         .get_or_create(&l)
                         .set(now.unix_timestamp());
-                    self.metrics
-                        .federation_refresh_interval
-                        .get_or_create(&l)
-                        .set(wait.as_secs() as i64);
+                    self.metrics.federation_refresh_hint.get_or_create(&l).set(
+                        bundle
+                            .refresh_hint
+                            .unwrap_or(DEFAULT_REFRESH_HINT)
+                            .as_secs() as i64,
+                    );
                     wait
                 }
                 Err(e) => {

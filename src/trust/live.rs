@@ -57,6 +57,8 @@ pub struct RootSummary {
     /// When it entered its current state, where the state records it.
     #[serde(with = "time::serde::rfc3339::option")]
     pub since: Option<OffsetDateTime>,
+    /// A new signer under it is staged (`root prepare --from-plugin`).
+    pub signer_staged: bool,
 }
 
 fn root_summaries(state: &CaState) -> Result<Arc<[RootSummary]>, StateError> {
@@ -73,6 +75,7 @@ fn root_summaries(state: &CaState) -> Result<Arc<[RootSummary]>, StateError> {
                 not_before: p.validity().not_before.to_datetime(),
                 not_after: p.validity().not_after.to_datetime(),
                 since: r.since.get(r.state),
+                signer_staged: r.prepared_signer.is_some(),
             })
         })
         .collect()

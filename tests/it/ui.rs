@@ -280,6 +280,17 @@ async fn the_page_is_complete_without_javascript() {
         );
     }
     assert!(!html.contains("(prepared)"));
+    let gauge = |m: &str, name: &str| -> i64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = http_get(&server, "/metrics").await;
+    let expiry = gauge(&before, "meshid_root_cert_expiry_timestamp_seconds");
+    assert_eq!(gauge(&before, "meshid_root_successor_prepared"), 0);
     prepare_generated(&DirStore::new(server.state_dir()));
     let mut seen = false;
     for _ in 0..100 {
@@ -292,6 +303,25 @@ async fn the_page_is_complete_without_javascript() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(seen, "the prepared root reached /ui/status.json");
+    // The alert's inputs: a successor now waits, and the root that signs is still the one whose
+    // expiry counts (the successor's later notAfter does not hide it).
+    let mut after = http_get(&server, "/metrics").await;
+    for _ in 0..100 {
+        if gauge(&after, "meshid_root_successor_prepared") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = http_get(&server, "/metrics").await;
+    }
+    assert_eq!(
+        gauge(&after, "meshid_root_successor_prepared"),
+        1,
+        "{after}"
+    );
+    assert_eq!(
+        gauge(&after, "meshid_root_cert_expiry_timestamp_seconds"),
+        expiry
+    );
     assert!(body(&http_get(&server, "/ui").await).contains("(prepared)"));
     server.running.shutdown().await;
 }
