@@ -85,17 +85,19 @@ istio_src=$(cd tests/interop/peers/pilot-agent && go list -m -f '{{.Dir}}' istio
   die "peer pilot-agent: istio.io/istio is not in the module cache"
 cp "$istio_src/tools/packaging/common/envoy_bootstrap.json" "$agent_dir/envoy_bootstrap_tmpl.json" ||
   die "peer pilot-agent: no tools/packaging/common/envoy_bootstrap.json in $istio_src"
-# py-spiffe (the `spiffe` package on PyPI) in a venv of its own, re-made when the pin changes.
-PYSPIFFE_VERSION=0.3.2
+# py-spiffe (the `spiffe` package on PyPI) and its dependencies, pinned in
+# tests/interop/workload/py/requirements.txt, in a venv re-made whenever that file changes.
+PYSPIFFE_VERSION=$(sed -n 's/^spiffe==//p' tests/interop/workload/py/requirements.txt)
 pyenv="$out/pyspiffe"
-if [ "$(cat "$pyenv/version" 2>/dev/null)" != "$PYSPIFFE_VERSION" ]; then
+pystamp=$(sha256sum tests/interop/workload/py/requirements.txt | cut -c1-16)
+if [ "$(cat "$pyenv/stamp" 2>/dev/null)" != "$pystamp" ]; then
   command -v python3 >/dev/null || die "python3 not found: py-spiffe's driver needs Python >= 3.9 (apt-get install python3 python3-venv)"
   rm -rf "$pyenv"
   t0=$(now)
   python3 -m venv "$pyenv" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
-  "$pyenv/bin/pip" install --quiet --disable-pip-version-check "spiffe==$PYSPIFFE_VERSION" ||
-    die "pip install spiffe==$PYSPIFFE_VERSION failed (above)"
-  echo "$PYSPIFFE_VERSION" > "$pyenv/version"
+  "$pyenv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/workload/py/requirements.txt ||
+    die "pip install -r tests/interop/workload/py/requirements.txt failed (above)"
+  echo "$pystamp" > "$pyenv/stamp"
   echo "    py-spiffe $PYSPIFFE_VERSION installed ($(( $(now) - t0 ))s)"
 fi
 export MESHID_PYSPIFFE_PYTHON="$pyenv/bin/python"
