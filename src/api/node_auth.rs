@@ -1,6 +1,7 @@
 //! Node agents that ask for other pods' certificates (Istio ambient's ztunnel): the CSR API's
-//! `ImpersonatedIdentity` metadata, judged with istiod's rules (`NodeAuthorizer.
-//! authenticateImpersonation`, security/pkg/server/ca/node_auth.go) plus meshid's trust domain.
+//! `ImpersonatedIdentity` metadata, judged with istiod's rules (`ClusterNodeAuthorizer.
+//! authenticateImpersonation`, security/pkg/server/ca/node_auth.go, reached per caller ClusterID
+//! through `MulticlusterNodeAuthorizor`; its pod informer filters `status.phase!=Failed`) plus meshid's trust domain.
 //!
 //! A caller may impersonate `spiffe://<td>/ns/<ns>/sa/<sa>` when
 //! 1. its own service account is one of `trusted_node_accounts`;

@@ -1,6 +1,6 @@
 //! Node agents asking for the certificates of the pods on their node (Istio ambient's ztunnel:
 //! `ImpersonatedIdentity` in the CSR request's metadata), judged as istiod's
-//! `NodeAuthorizer.authenticateImpersonation` (security/pkg/server/ca/node_auth.go) judges them,
+//! `ClusterNodeAuthorizer.authenticateImpersonation` (security/pkg/server/ca/node_auth.go) judges them,
 //! over the wire; and `csr_san_policy`, istiod's `CreateCertificate` signing for the
 //! authenticated caller whatever the CSR asks.
 

@@ -1,7 +1,7 @@
 //! ztunnel-style impersonation (issue 22) on a real API server: the caller's token is a
 //! TokenRequest bound to its pod, reviewed by kube-apiserver (TokenReview's pod-name/pod-uid
 //! extra), and the pods and their nodes come from discovery's live watch under deploy/'s RBAC,
-//! as istiod's `NodeAuthorizer.authenticateImpersonation` reads them from its pod informer.
+//! as istiod's `ClusterNodeAuthorizer.authenticateImpersonation` reads them from its pod informer.
 
 use std::{sync::Arc, time::Duration};
 
