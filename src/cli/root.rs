@@ -155,9 +155,27 @@ pub(super) struct RevokeArgs {
 
 impl RootCommand {
     pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        let hint = self.hint();
+        self.run_inner(&hint)
+            .map_err(|e| anyhow::anyhow!(hint.runnable(&format!("{e:#}"))))
+    }
+
+    /// The options a pasted hint needs to reach the same state (and servers).
+    fn hint(&self) -> Hint {
+        let (store, servers): (&StoreArgs, &[String]) = match self {
+            Self::Status(a) => (&a.store, &a.server),
+            Self::Prepare(a) => (&a.store, &[]),
+            Self::Activate(a) | Self::Taint(a) => (&a.store, &a.server),
+            Self::Revoke(a) => (&a.store, &[]),
+            Self::Rotate(a) => (&a.store, &a.server),
+        };
+        Hint::new(store, servers)
+    }
+
+    fn run_inner(self, hint: &Hint) -> anyhow::Result<ExitCode> {
         match self {
-            Self::Status(a) => status(a),
-            Self::Prepare(a) => prepare(a),
+            Self::Status(a) => status(a, hint),
+            Self::Prepare(a) => prepare(a, hint),
             Self::Activate(a) => {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
@@ -183,7 +201,7 @@ impl RootCommand {
                 let applied = rotation::apply(&store, &ctx, |s, c| {
                     rotation::activate(s, &id, a.force, &|r| gate.check(r), c)
                 })?;
-                report(&applied)?;
+                report(&applied, hint)?;
                 if a.store.config_path().is_none() && applied.outcome.signer.is_none() {
                     warn_no_publication_gate(&format!("root {}", applied.outcome.root));
                 }
@@ -196,7 +214,7 @@ impl RootCommand {
                 let ctx = ctx(a.reason)?;
                 let (store, _) = a.store.open()?;
                 let applied = rotation::apply(&store, &ctx, |s, c| rotation::taint(s, &a.id, c))?;
-                report(&applied)
+                report(&applied, hint)
             }
             Self::Revoke(a) => {
                 let ctx = ctx(a.reason)?;
@@ -205,9 +223,9 @@ impl RootCommand {
                 let applied = rotation::apply(&store, &ctx, |s, c| {
                     rotation::revoke(s, &a.id, a.force, max_ttl, c)
                 })?;
-                report(&applied)
+                report(&applied, hint)
             }
-            Self::Rotate(a) => return rotate(a),
+            Self::Rotate(a) => return rotate(a, hint),
         }
         .map(|()| ExitCode::SUCCESS)
     }
@@ -341,7 +359,7 @@ fn user_for_uid(passwd: &str, uid: u32) -> Option<String> {
     })
 }
 
-fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
+fn prepare(a: PrepareArgs, hint: &Hint) -> anyhow::Result<()> {
     let ctx = ctx(a.reason)?;
     let (store, _) = a.store.open()?;
     let current = store.load_existing()?;
@@ -364,10 +382,10 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
         t.state.crl = crate::ca::crl::merge(s.crl.as_deref(), crl.as_deref());
         Ok(t)
     })?;
-    report(&applied)
+    report(&applied, hint)
 }
 
-fn report(applied: &rotation::Applied) -> anyhow::Result<()> {
+fn report(applied: &rotation::Applied, hint: &Hint) -> anyhow::Result<()> {
     let o = &applied.outcome;
     match &o.signer {
         Some(s) => println!(
@@ -380,9 +398,101 @@ fn report(applied: &rotation::Applied) -> anyhow::Result<()> {
         ),
     }
     for n in &o.notes {
-        println!("  {n}");
+        println!("  {}", hint.runnable(n));
     }
     Ok(())
+}
+
+/// Makes the commands a message suggests runnable as printed: each `` `meshid root …` `` and
+/// `` `meshid bundle set|delete …` `` in backticks gets the options this command was given to
+/// find its state (`--state-dir`, `--state`, `--state-kubeconfig`, `--config`), and `root
+/// rotate` its `--server`s, so a pasted hint reaches the same state.
+pub(super) struct Hint {
+    store: String,
+    servers: String,
+}
+
+impl Hint {
+    pub(super) fn new(store: &StoreArgs, servers: &[String]) -> Self {
+        let mut o = Vec::new();
+        match &store.state {
+            Some(l @ StateLocation::Dir(_)) => {
+                o.push(format!("--state-dir {}", shell_word(&l.to_string())))
+            }
+            Some(l) => o.push(format!("--state {}", shell_word(&l.to_string()))),
+            None => {}
+        }
+        if let Some(k) = &store.state_kubeconfig {
+            o.push(format!(
+                "--state-kubeconfig {}",
+                shell_word(&k.display().to_string())
+            ));
+        }
+        if let Some(c) = &store.config {
+            o.push(format!("--config {}", shell_word(&c.display().to_string())));
+        }
+        let servers = servers
+            .iter()
+            .map(|s| format!(" --server {}", shell_word(s)))
+            .collect();
+        Self {
+            store: o.join(" "),
+            servers,
+        }
+    }
+
+    /// A bare command (`meshid root activate ID`) with the options added.
+    pub(super) fn command(&self, command: &str) -> String {
+        let takes_store = [
+            "meshid root ",
+            "meshid bundle set ",
+            "meshid bundle delete ",
+        ]
+        .iter()
+        .any(|p| command.starts_with(p));
+        if !takes_store
+            || self.store.is_empty()
+            || command.contains("--state")
+            || command.contains("--config")
+        {
+            return command.to_owned();
+        }
+        let mut out = format!("{command} {}", self.store);
+        if command.starts_with("meshid root rotate") {
+            out.push_str(&self.servers);
+        }
+        out
+    }
+
+    /// `text` with every backticked command made runnable.
+    pub(super) fn runnable(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len() + 64);
+        let mut parts = text.split('`');
+        if let Some(first) = parts.next() {
+            out.push_str(first);
+        }
+        for (i, part) in parts.enumerate() {
+            out.push('`');
+            if i % 2 == 0 {
+                out.push_str(&self.command(part));
+            } else {
+                out.push_str(part);
+            }
+        }
+        out
+    }
+}
+
+/// `s` as one shell word: as it is when it needs no quoting, else in single quotes.
+pub(super) fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./:@%+=,-~".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 // === rotate ===
@@ -393,7 +503,7 @@ fn servers(urls: &[String]) -> anyhow::Result<Vec<HttpStatus>> {
         .collect()
 }
 
-fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
+fn rotate(a: RotateArgs, hint: &Hint) -> anyhow::Result<ExitCode> {
     let servers = servers(&a.server)?;
     let replicas = if servers.is_empty() {
         match a.store.replicas()? {
@@ -432,7 +542,12 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
             },
         })
     };
-    let mut progress = |line: &str| println!("{line}");
+    // Nothing is written before the servers (or the replicas' Leases) answer: a rotation that
+    // cannot watch propagation must not prepare a root it then cannot take further.
+    if let Err(e) = source.statuses(rotation::STATUS_READ_TIMEOUT) {
+        bail!("{e}; nothing was changed (the rotation starts only once the server's status can be read)");
+    }
+    let mut progress = |line: &str| println!("{}", hint.runnable(line));
     let finished = rotation::rotate(&store, source, &opts, &make_ctx, &mut progress, &mut |_| {
         Ok(())
     })?;
@@ -448,7 +563,7 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
                 "stopped: root {root} is tainted; revoke it at {} or later with:",
                 rfc3339(at)
             );
-            println!("  {command}");
+            println!("  {}", hint.command(&command));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -456,12 +571,13 @@ fn rotate(a: RotateArgs) -> anyhow::Result<ExitCode> {
 
 // === status ===
 
-fn status(a: StatusArgs) -> anyhow::Result<()> {
+fn status(a: StatusArgs, hint: &Hint) -> anyhow::Result<()> {
     let (store, max_ttl) = a.store.open()?;
     let v = store.load_existing()?;
     let now = SystemClock.now();
     let state = &v.state;
-    let next = rotation::next_step(state, max_ttl, now);
+    let next =
+        rotation::next_step(state, max_ttl, now).map(|n| n.runnable_with(|c| hint.command(c)));
     let activate_before = a
         .store
         .read_config()?
@@ -469,6 +585,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         .activate_before;
     let warnings: Vec<String> = rotation::expiry_warning(state, now, activate_before)
         .into_iter()
+        .map(|w| hint.runnable(&w))
         .collect();
     let mut roots = state
         .roots
@@ -525,7 +642,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
             for st in &server {
                 print_server(st);
             }
-            print_federation(&federation);
+            print_federation(&federation, hint);
         }
     }
     Ok(())
@@ -609,7 +726,7 @@ fn federation_json(
     serde_json::Value::Object(out)
 }
 
-fn print_federation(fed: &serde_json::Value) {
+fn print_federation(fed: &serde_json::Value, hint: &Hint) {
     let Some(map) = fed.as_object().filter(|m| !m.is_empty()) else {
         return;
     };
@@ -622,9 +739,10 @@ fn print_federation(fed: &serde_json::Value) {
     for (td, f) in map {
         if f["dissociated"].is_object() {
             println!(
-                "  {td}: dissociated by {} at {}: the server stores none of its bundles until `meshid bundle set {td} FILE`",
+                "  {td}: dissociated by {} at {}: the server stores none of its bundles until `{}`",
                 s(&f["dissociated"]["by"]),
-                s(&f["dissociated"]["at"])
+                s(&f["dissociated"]["at"]),
+                hint.command(&format!("meshid bundle set {td} FILE"))
             );
         } else if f["source"].is_string() {
             println!(
@@ -635,7 +753,10 @@ fn print_federation(fed: &serde_json::Value) {
                 s(&f["source"])
             );
             if f["trusted"] == false {
-                println!("    not trusted: {td} is not in [[federation.peers]]; `meshid bundle delete {td}` deletes the bundle");
+                println!(
+                    "    not trusted: {td} is not in [[federation.peers]]; `{}` deletes the bundle",
+                    hint.command(&format!("meshid bundle delete {td}"))
+                );
             }
         } else {
             println!("  {td}: no bundle stored yet");

@@ -26,8 +26,8 @@ pub use renewer::{Held, Issued, RenewPolicy, Renewer, SignerView, Turn};
 pub use replicas::ReplicaLeases;
 pub use roots::{
     activate, activation_point, apply, expiry_warning, next_step, no_gate, prepare, resolve,
-    revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, Outcome, RootError, Target,
-    Transition, EXPIRY_WARNING, REVOKE_MARGIN,
+    revoke, taint, valid_certs_until, Applied, Candidate, Ctx, Gate, NextStep, Outcome, RootError,
+    Target, Transition, EXPIRY_WARNING, REVOKE_MARGIN,
 };
 pub use schedule::{RefreshPolicy, RefreshPolicyError, DEFAULT_JITTER, DEFAULT_RATIO};
 pub use status::{Budget, HttpStatus, StatusError, StatusSource, STATUS_READ_TIMEOUT};

@@ -709,11 +709,43 @@ fn withdraw_signer(
 
 // === status helpers ===
 
+/// The next step of a rotation in progress: a command, and the time from which it is safe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextStep {
+    pub command: String,
+    pub safe_from: Option<OffsetDateTime>,
+}
+
+impl NextStep {
+    fn now(command: String) -> Self {
+        Self {
+            command,
+            safe_from: None,
+        }
+    }
+
+    /// As printed: the command, made runnable by `complete` (the CLI adds the options that
+    /// name the state), then when it is safe.
+    pub fn runnable_with(&self, complete: impl Fn(&str) -> String) -> String {
+        let cmd = complete(&self.command);
+        match self.safe_from {
+            Some(t) => format!("{cmd} (safe from {})", rfc3339(t)),
+            None => cmd,
+        }
+    }
+}
+
+impl std::fmt::Display for NextStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.runnable_with(str::to_owned))
+    }
+}
+
 /// The next step of a rotation in progress, as a command, if any.
-pub fn next_step(state: &CaState, max_ttl: Duration, now: OffsetDateTime) -> Option<String> {
+pub fn next_step(state: &CaState, max_ttl: Duration, now: OffsetDateTime) -> Option<NextStep> {
     let by = |s: RootState| state.roots.iter().find(|r| r.state == s);
     if let Some(p) = by(RootState::Prepared) {
-        return Some(format!("meshid root activate {}", p.id));
+        return Some(NextStep::now(format!("meshid root activate {}", p.id)));
     }
     if let Some(s) = state
         .signing_root()
@@ -723,17 +755,16 @@ pub fn next_step(state: &CaState, max_ttl: Duration, now: OffsetDateTime) -> Opt
         return s
             .signer_id()
             .ok()
-            .map(|sid| format!("meshid root activate {sid}"));
+            .map(|sid| NextStep::now(format!("meshid root activate {sid}")));
     }
     if let Some(o) = by(RootState::Old) {
-        return Some(format!("meshid root taint {}", o.id));
+        return Some(NextStep::now(format!("meshid root taint {}", o.id)));
     }
     let t = by(RootState::Tainted)?;
     let (until, _) = valid_certs_until(state, t, max_ttl, now);
-    Some(if now < until {
-        format!("meshid root revoke {} (safe from {})", t.id, rfc3339(until))
-    } else {
-        format!("meshid root revoke {}", t.id)
+    Some(NextStep {
+        command: format!("meshid root revoke {}", t.id),
+        safe_from: (now < until).then_some(until),
     })
 }
 

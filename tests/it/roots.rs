@@ -727,7 +727,10 @@ fn cli_rotates_a_generated_root() {
     let j = status_json(&state);
     let b = id_with(&j, "prepared");
     assert_eq!(j["roots"].as_array().unwrap().len(), 2);
-    assert_eq!(j["next_step"], format!("meshid root activate {b}"));
+    assert_eq!(
+        j["next_step"],
+        format!("meshid root activate {b} --state-dir {}", state.display())
+    );
     assert_eq!(j["journal"][0]["reason"], "yearly rotation");
     assert!(j["journal"][0]["actor"].as_str().unwrap().contains('@'));
     let (_, bundle) = issue(&state, &out);
@@ -736,11 +739,17 @@ fn cli_rotates_a_generated_root() {
     let before = std::fs::read(state.join("state.json")).unwrap();
     fails_with(
         &root_cli(&["prepare"], &state),
-        &format!("next: activate it with `meshid root activate {b}`"),
+        &format!(
+            "next: activate it with `meshid root activate {b} --state-dir {}`",
+            state.display()
+        ),
     );
     fails_with(
         &root_cli(&["taint", &a], &state),
-        &format!("`meshid root activate {b}`, which makes {a} old"),
+        &format!(
+            "`meshid root activate {b} --state-dir {}`, which makes {a} old",
+            state.display()
+        ),
     );
     assert_eq!(
         std::fs::read(state.join("state.json")).unwrap(),
@@ -756,7 +765,10 @@ fn cli_rotates_a_generated_root() {
     let before = std::fs::read(state.join("state.json")).unwrap();
     fails_with(
         &root_cli(&["revoke", &a], &state),
-        &format!("or `meshid root revoke {a} --force`"),
+        &format!(
+            "or `meshid root revoke {a} --force --state-dir {}`",
+            state.display()
+        ),
     );
     assert_eq!(std::fs::read(state.join("state.json")).unwrap(), before);
     let o = ok(&root_cli(&["revoke", &a, "--force"], &state));
@@ -888,7 +900,10 @@ fn cli_stages_and_activates_a_new_plugin_signer_under_the_same_root() {
     )
     .unwrap();
     assert_eq!(new_signer, cert::fingerprint_id(&new_cert[0]));
-    assert_eq!(j["next_step"], format!("meshid root activate {new_signer}"));
+    assert_eq!(
+        j["next_step"],
+        format!("meshid root activate {new_signer} --state-dir {}", state.display())
+    );
     fails_with(
         &root_cli(
             &["prepare", "--from-plugin", p("east-2").to_str().unwrap()],
@@ -940,4 +955,84 @@ fn a_prepared_root_can_be_withdrawn() {
     t.state.validate().unwrap();
     rotation::prepare(&t.state, Candidate::Generated(generated(now)), &ctx(now))
         .expect("a new root can be prepared after the withdrawn one");
+}
+
+/// Issue 25: every hint the root commands print runs as printed. Each backticked command (and
+/// `root status`'s next step) carries the `--state-dir` the command was given, shell-quoted
+/// when the path needs it; pasted into a shell, each moves the rotation on.
+#[test]
+fn every_root_hint_runs_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A space and a quote in the path: the hint must quote it.
+    let state = dir.path().join("my ca's state");
+    ok(&init_ca(&state));
+    let sh = |cmd: &str| {
+        let cmd = cmd.trim().strip_prefix("meshid ").expect(cmd);
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("\"$MESHID\" {cmd}"))
+            .env("MESHID", env!("CARGO_BIN_EXE_meshid"))
+            .output()
+            .unwrap()
+    };
+    let backticked = |text: &str, verb: &str| -> String {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .find(|c| c.starts_with(&format!("meshid root {verb}")))
+            .unwrap_or_else(|| panic!("no `meshid root {verb}` hint in {text:?}"))
+            .to_owned()
+    };
+    let a = id_with(&status_json(&state), "active");
+    // prepare's note names the activate command.
+    let out = ok(&root_cli(&["prepare"], &state));
+    let activate = backticked(&out, "activate");
+    assert!(activate.contains("--state-dir '"), "{activate}");
+    // A refused step's `next:` names it too.
+    let refused = root_cli(&["prepare"], &state);
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(backticked(&err, "activate"), activate, "{err}");
+    // root status's next step is the same command, runnable as printed.
+    let next = status_json(&state)["next_step"].as_str().unwrap().to_owned();
+    assert_eq!(next, activate);
+    let out = ok(&sh(&activate));
+    let taint = backticked(&out, "taint");
+    assert!(taint.contains(&a[..8]), "{taint}");
+    ok(&sh(&taint));
+    // Revoking too early is refused; the refusal names the --force command, runnable.
+    let refused = root_cli(&["revoke", &a], &state);
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let force = err
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|c| c.contains("--force"))
+        .unwrap_or_else(|| panic!("{err}"))
+        .to_owned();
+    ok(&sh(&force));
+    assert_eq!(
+        id_with(&status_json(&state), "revoked"),
+        a,
+        "the pasted hints took the root through the whole rotation"
+    );
+}
+
+/// Issue 25: `root rotate` asks the server before it changes anything. With nothing listening
+/// at `--server` it fails naming the server, and no root was prepared.
+#[test]
+fn root_rotate_checks_the_server_before_preparing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    ok(&init_ca(&state));
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let before = status_json(&state);
+    let out = root_cli(&["rotate", "--server", &url, "--timeout", "5s"], &state);
+    fails_with(&out, "nothing was changed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&url[7..]), "names the server: {err}");
+    let after = status_json(&state);
+    assert_eq!(after["generation"], before["generation"], "nothing written");
+    assert_eq!(after["roots"].as_array().unwrap().len(), 1);
 }
