@@ -32,8 +32,13 @@ pub enum HttpError {
     TooLarge { url: String, limit: usize },
     #[error("GET {url}: redirected to {location:?}; configure the final URL (redirects are not followed)")]
     Redirect { url: String, location: String },
-    #[error("GET {url}: HTTP {status}")]
-    Status { url: String, status: u16 },
+    #[error("GET {url}: HTTP {status}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Status {
+        url: String,
+        status: u16,
+        /// The first line of a plain-text answer (what the server says is wrong), printable.
+        detail: String,
+    },
 }
 
 impl HttpError {
@@ -221,9 +226,26 @@ impl<'a> Get<'a> {
             });
         }
         if status != hyper::StatusCode::OK {
+            let plain = resp
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|t| t.as_bytes().starts_with(b"text/plain"));
+            let detail = if plain {
+                match Limited::new(resp.into_body(), 4096).collect().await {
+                    Ok(b) => {
+                        let text = String::from_utf8_lossy(&b.to_bytes()).into_owned();
+                        let line = text.lines().next().unwrap_or("").trim();
+                        printable(&line.chars().take(300).collect::<String>())
+                    }
+                    Err(_) => String::new(),
+                }
+            } else {
+                String::new()
+            };
             return Err(HttpError::Status {
                 url: self.url.to_owned(),
                 status: status.as_u16(),
+                detail,
             });
         }
         match Limited::new(resp.into_body(), self.max_body)
@@ -238,6 +260,20 @@ impl<'a> Get<'a> {
             Err(e) => Err(self.exchange_error(format!("reading the body: {e}"))),
         }
     }
+}
+
+/// `text` without control characters but line breaks and tabs: a multi-line report a remote
+/// party wrote, for an operator's terminal.
+pub fn printable_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// `text` without control characters (terminal escapes among them): for strings a remote

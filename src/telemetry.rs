@@ -366,6 +366,11 @@ pub trait Health: Send + Sync + 'static {
     fn page(&self, _path: &str) -> Option<Page> {
         None
     }
+    /// A document computed from the request's query (`/debug/describe/*`), if `path` names
+    /// one: the page, or the HTTP status and plain-text reason it is refused with.
+    fn query_page(&self, _path: &str, _query: &str) -> Option<Result<Page, (StatusCode, String)>> {
+        None
+    }
     /// The paths of `json_page` and `page`, for the not-found hint (", /debug/rotation, /ui").
     fn more_paths(&self) -> &'static str {
         ""
@@ -429,7 +434,15 @@ pub async fn serve_http(
                         StatusCode::FORBIDDEN,
                         format!("{other} is served to loopback callers only (use kubectl port-forward), or to the ranges in listen.debug_from\n"),
                     ),
-                    other => match health.json_page(other) {
+                    other => match health.query_page(other, req.uri().query().unwrap_or("")) {
+                        Some(Ok(page)) => Response::builder()
+                            .status(StatusCode::OK)
+                            .header("content-type", page.content_type)
+                            .header("cache-control", "no-store")
+                            .body(Full::new(Bytes::from(page.body)))
+                            .expect("static response parts"),
+                        Some(Err((code, why))) => text(code, format!("{why}\n")),
+                        None => match health.json_page(other) {
                         Some(body) => Response::builder()
                             .status(StatusCode::OK)
                             .header("content-type", "application/json")
@@ -451,6 +464,7 @@ pub async fn serve_http(
                                 StatusCode::NOT_FOUND,
                                 format!("no such endpoint {other}; try /metrics, /healthz, /readyz{}\n", health.more_paths()),
                             ),
+                        },
                         },
                     },
                 };

@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use super::Output;
 use crate::{
     discovery::{
-        describe_pod, describe_service_with, envoy_cluster, ClusterTls, MeshObjects, MeshSettings,
-        NoProofs, PodReport, ServiceReport,
+        describe_pod, describe_service_with, envoy_cluster, pod_text, service_text, MeshObjects,
+        MeshSettings, MeshidGrpc, NoProofs,
     },
     spiffe::TrustDomain,
 };
@@ -27,16 +27,23 @@ pub(super) enum DescribeCommand {
 #[group(id = "source_group")]
 pub(super) struct Source {
     /// A snapshot: `kubectl get pods,endpointslices,services,namespaces,peerauthentications,destinationrules -A -o json` (or -o yaml).
+    /// Decides as a server with no proxy connected would.
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "kubeconfig",
-        conflicts_with = "kubeconfig"
+        required_unless_present_any = ["kubeconfig", "server"],
+        conflicts_with_all = ["kubeconfig", "server"]
     )]
     snapshot: Option<PathBuf>,
-    /// Read the objects from the cluster of this kubeconfig instead.
-    #[arg(long, value_name = "FILE")]
+    /// Read the objects from the cluster of this kubeconfig instead (no proxy connected).
+    #[arg(long, value_name = "FILE", conflicts_with = "server")]
     kubeconfig: Option<PathBuf>,
+    /// Ask a running meshid server instead (its HTTP port, e.g. http://127.0.0.1:15014): its
+    /// objects, its settings (`require_proxy_proof`, its cluster name) and its live proofs of
+    /// which proxies are connected, so the answer is the EDS metadata it serves now. Served to
+    /// loopback (or `listen.debug_from`) only, like /debug/rotation.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
     /// Istio's root namespace (its selector-less PeerAuthentication is mesh-wide).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
@@ -105,6 +112,30 @@ pub(super) struct ServiceArgs {
     /// Trust domain, for the SPIFFE IDs in --envoy-cluster.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
+    /// For --envoy-cluster: meshid's gRPC address, where the cluster's EDS and SDS go.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "meshid.istio-system.svc:15012"
+    )]
+    meshid_address: String,
+    /// For --envoy-cluster: the mesh root the proxy verifies meshid with.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    root_cert_file: String,
+    /// For --envoy-cluster: the projected service-account token (audience istio-ca) the proxy sends.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    token_file: String,
+    /// For --envoy-cluster: the ClusterID the proxy sends.
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
 }
 
 /// Whose data plane to predict besides meshid's.
@@ -123,12 +154,22 @@ pub(super) struct PodArgs {
 
 impl DescribeCommand {
     pub(super) fn run(self) -> anyhow::Result<ExitCode> {
+        if let Some(url) = self.server() {
+            print!("{}", self.ask(url)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         match self {
             Self::Service(a) => {
                 let (objs, settings) = a.source.load()?;
                 if let Some(port) = a.envoy_cluster {
+                    let meshid = MeshidGrpc {
+                        target_uri: a.meshid_address,
+                        root_cert_file: a.root_cert_file,
+                        token_file: a.token_file,
+                        cluster_id: a.cluster_id,
+                    };
                     let cluster =
-                        envoy_cluster(&objs, &settings, &a.name, port, &a.trust_domain, "meshid")?;
+                        envoy_cluster(&objs, &settings, &a.name, port, &a.trust_domain, &meshid)?;
                     println!("{}", serde_json::to_string_pretty(&cluster)?);
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -143,7 +184,7 @@ impl DescribeCommand {
                 if a.source.output.is_json() {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print_service(&report, a.mesh.is_some());
+                    print!("{}", service_text(&report, a.mesh.is_some()));
                 }
             }
             Self::Pod(a) => {
@@ -152,191 +193,74 @@ impl DescribeCommand {
                 if a.source.output.is_json() {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print_pod(&report);
+                    print!("{}", pod_text(&report));
                 }
             }
         }
         Ok(ExitCode::SUCCESS)
     }
-}
 
-fn cluster_tls_label(t: ClusterTls) -> String {
-    match t {
-        ClusterTls::AutoMatch => {
-            "auto mTLS (socket matches tlsMode-istio / tlsMode-disabled)".into()
+    fn server(&self) -> Option<&str> {
+        match self {
+            Self::Service(a) => a.source.server.as_deref(),
+            Self::Pod(a) => a.source.server.as_deref(),
         }
-        ClusterTls::Fixed(m) => format!("{m:?} for every endpoint"),
-        ClusterTls::Plain => "no TLS".into(),
     }
-}
 
-fn print_service(r: &ServiceReport, istio: bool) {
-    println!(
-        "{}: {} ({}){}",
-        r.kind,
-        r.service,
-        r.fqdn,
-        if r.headless {
-            ", headless/passthrough"
-        } else {
-            ""
-        }
-    );
-    if r.mesh_external {
-        println!("  mesh-external: auto mTLS does not apply");
-    }
-    if r.kind == "ServiceEntry" {
-        println!("  Resolution:             {}", r.resolution);
-    }
-    println!("  Decisions for:          {}", r.client);
-    println!(
-        "  Auto mTLS:              {}",
-        if r.auto_mtls { "on" } else { "off" }
-    );
-    println!(
-        "  PeerAuthentication:     {} from {}",
-        r.namespace_peer_authentication.mode, r.namespace_peer_authentication.source
-    );
-    match &r.destination_rule {
-        Some(d) => {
-            println!(
-                "  DestinationRule:        {}/{} (host {})",
-                d.namespace, d.name, d.host
-            );
-            println!("    cluster side:         {}", d.cluster_side);
-            println!("    endpoint side:        {}", d.endpoint_side);
-        }
-        None => println!("  DestinationRule:        none (auto mTLS decides per endpoint)"),
-    }
-    print_clusters(r, istio);
-    println!("  Endpoints:");
-    for e in &r.endpoints {
-        print_endpoint(e, istio);
-    }
-    let s = &r.summary;
-    println!(
-        "  Summary: {} mTLS, {} plaintext, {} TLS, {} will fail",
-        s.mtls, s.plaintext, s.tls, s.will_fail
-    );
-    if istio {
-        println!(
-            "  Istio would decide otherwise for {} endpoint(s)",
-            r.istio_differs
-        );
-    }
-    if !r.clients.is_empty() {
-        println!("  Clients:");
-        for c in &r.clients {
-            println!(
-                "    {} ({}): {}",
-                c.pod,
-                if c.sidecar { "sidecar" } else { "no sidecar" },
-                c.reaches_with
-            );
-        }
-    }
-    for w in &r.warnings {
-        println!("  warning: {w}");
-    }
-    for i in &r.ignored {
-        println!("  ignored: {i}");
-    }
-}
-
-fn print_clusters(r: &ServiceReport, istio: bool) {
-    println!("  Clusters:");
-    for c in &r.clusters {
-        println!(
-            "    {}  {}{}",
-            c.name,
-            cluster_tls_label(c.tls),
-            if c.served_by_eds {
-                ""
-            } else {
-                "  (not served by EDS)"
+    /// The running server's answer (`/debug/describe/service|pod`), from the same decision
+    /// code with its live proofs.
+    fn ask(&self, server: &str) -> anyhow::Result<String> {
+        let (kind, name, output, mut query) = match self {
+            Self::Service(a) => {
+                if a.envoy_cluster.is_some() {
+                    anyhow::bail!("--envoy-cluster is printed from a snapshot or a kubeconfig, not from --server");
+                }
+                let mut q = Vec::new();
+                if let Some(f) = &a.from {
+                    q.push(format!("from={}", query_escape(f)));
+                }
+                if a.clients {
+                    q.push("clients=true".into());
+                }
+                if a.mesh.is_some() {
+                    q.push("mesh=istio".into());
+                }
+                ("service", &a.name, a.source.output, q)
             }
-        );
-        println!("      why: {}", c.tls_why);
-        if istio && c.istio_tls != c.tls {
-            println!(
-                "      istio: {} ({})",
-                cluster_tls_label(c.istio_tls),
-                c.istio_tls_why
-            );
+            Self::Pod(a) => ("pod", &a.name, a.source.output, Vec::new()),
+        };
+        query.push(format!("name={}", query_escape(name)));
+        query.push(format!(
+            "output={}",
+            if output.is_json() { "json" } else { "text" }
+        ));
+        let base = server.trim_end_matches('/');
+        if !base.starts_with("http://") {
+            anyhow::bail!("--server {server:?}: give the server's plain HTTP port as http://HOST:PORT (the port of /metrics)");
         }
+        let url = format!("{base}/debug/describe/{kind}?{}", query.join("&"));
+        let mut get = crate::http_client::Get::new(&url).max_body(16 << 20);
+        get.accept = "application/json, text/plain";
+        let body = get.send_blocking().map_err(|e| match &e {
+            crate::http_client::HttpError::Status { status: 403, .. } => anyhow::anyhow!(
+                "{e}: the server answers describe to loopback callers only (kubectl port-forward deploy/meshid 15014), or to listen.debug_from"
+            ),
+            _ => anyhow::Error::new(e),
+        })?;
+        Ok(crate::http_client::printable_text(
+            &String::from_utf8_lossy(&body),
+        ))
     }
 }
 
-fn print_endpoint(e: &crate::discovery::EndpointReport, istio: bool) {
-    println!(
-        "    {}:{} (service port {})  {}  sidecar: {}  -> {}",
-        e.address,
-        e.port,
-        e.service_port,
-        e.workload,
-        if e.sidecar { "yes" } else { "no" },
-        e.decision.label()
-    );
-    println!(
-        "      cluster {}{}; sidecar state: {}",
-        e.cluster,
-        if e.stale {
-            " (STALE: its API server cannot be reached; last known endpoint)"
-        } else {
-            ""
-        },
-        e.sidecar_state
-    );
-    println!(
-        "      why ({} side): {}; PeerAuthentication {} from {}",
-        e.decided_by, e.why, e.peer_authentication.mode, e.peer_authentication.source
-    );
-    if istio {
-        if e.istio.decision == e.decision {
-            println!("      istio: same ({})", e.istio.decision.label());
-        } else {
-            println!(
-                "      istio: {} ({} side): {}",
-                e.istio.decision.label(),
-                e.istio.decided_by,
-                e.istio.why
-            );
-        }
-    }
-    for w in &e.warnings {
-        println!("      warning: {w}");
-    }
-}
-
-fn print_pod(r: &PodReport) {
-    println!("Pod: {} (service account {})", r.pod, r.service_account);
-    println!(
-        "  Sidecar: {} (tlsMode {}, runs istio-proxy: {})",
-        if r.sidecar.tls_mode == crate::discovery::TlsMode::Istio {
-            "yes"
-        } else {
-            "no"
-        },
-        r.sidecar.tls_mode,
-        r.sidecar.runs_proxy
-    );
-    for w in &r.sidecar.warnings {
-        println!("  warning: pod {w}");
-    }
-    for (port, pa) in &r.peer_authentication {
-        match port {
-            None => println!(
-                "  PeerAuthentication:        {} from {}",
-                pa.mode, pa.source
-            ),
-            Some(p) => println!(
-                "  PeerAuthentication :{p:<5}  {} from {}",
-                pa.mode, pa.source
-            ),
-        }
-    }
-    for s in &r.services {
-        println!();
-        print_service(s, false);
-    }
+/// `s` percent-encoded for a query string.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -55,8 +55,15 @@ impl ClusterSource {
             .map_err(|e| DemoError::conn(format!("reading {}", self.snapshot.display()), e))?;
         let objs = MeshObjects::from_snapshot(&bytes)
             .map_err(|e| DemoError::conn("parsing the discovery snapshot", e))?;
-        let template = envoy_cluster(&objs, &self.settings, service, port, &self.td, "meshid")
-            .map_err(|e| DemoError::conn(format!("cluster for {service}:{port}"), e))?;
+        let template = envoy_cluster(
+            &objs,
+            &self.settings,
+            service,
+            port,
+            &self.td,
+            &crate::discovery::MeshidGrpc::default(),
+        )
+        .map_err(|e| DemoError::conn(format!("cluster for {service}:{port}"), e))?;
         let peer_ids = peer_ids(&template);
         let report = describe_service(&objs, &self.settings, service, Some(&self.client_pod))
             .map_err(|e| DemoError::conn(format!("describe {service}"), e))?;

@@ -414,6 +414,16 @@ pub fn describe_pod(
     s: &MeshSettings,
     name: &str,
 ) -> Result<PodReport, DiscoveryError> {
+    describe_pod_with(objs, s, &NoProofs, name)
+}
+
+/// As `describe_pod`, with the proxies `proofs` knows.
+pub fn describe_pod_with(
+    objs: &MeshObjects,
+    s: &MeshSettings,
+    proofs: &dyn ProofLookup,
+    name: &str,
+) -> Result<PodReport, DiscoveryError> {
     let (pod_name, ns) = split(name)?;
     let pod = find_pod(objs, pod_name, ns).ok_or_else(|| DiscoveryError::NotFound {
         what: "pod",
@@ -456,7 +466,7 @@ pub fn describe_pod(
                     })
         })
         .filter_map(|svc| {
-            let plans = plan_named(objs, s, &NoProofs, &meta_name(&svc.metadata), None)?;
+            let plans = plan_named(objs, s, proofs, &meta_name(&svc.metadata), None)?;
             Some(build_report(objs, s, &plans, None, Some(name)))
         })
         .collect();

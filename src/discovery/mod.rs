@@ -16,6 +16,7 @@ mod multicluster;
 mod peer_auth;
 mod plan;
 mod proof;
+mod render;
 mod rules;
 mod sidecar;
 mod snapshot;
@@ -28,8 +29,8 @@ pub use decide::{
     EndpointInput, Inbound,
 };
 pub use describe::{
-    describe_pod, describe_service, describe_service_with, ClientReport, ClusterReport,
-    EndpointReport, PodReport, ServiceReport,
+    describe_pod, describe_pod_with, describe_service, describe_service_with, ClientReport,
+    ClusterReport, EndpointReport, PodReport, ServiceReport,
 };
 pub use endpoints::{cluster_name, DiscoveryStats, DiscoveryView, EndpointEntry};
 pub use error::DiscoveryError;
@@ -46,10 +47,11 @@ pub use proof::{
     NoProofs, PodName, ProofLookup, ProofSnapshot, ProxyProof, ProxyRegistry, SharedProof,
     StreamGuard,
 };
+pub use render::{pod_text, service_text};
 pub use sidecar::{sidecar_of, SidecarInfo, TlsMode};
 pub use snapshot::{MeshObjects, MeshSettings};
 pub use source::{spawn_view, SnapshotSource};
-pub use template::{cluster_json, envoy_cluster};
+pub use template::{cluster_json, envoy_cluster, MeshidGrpc};
 
 /// The pod label that marks an endpoint mTLS-capable (Istio's rule).
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";

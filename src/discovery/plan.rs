@@ -653,10 +653,11 @@ pub fn plan_named_for(
 }
 
 fn targets_named<'t>(objs: &MeshObjects, targets: &'t [Target], name: &str) -> Vec<&'t Target> {
-    if let Some(t) = targets
-        .iter()
-        .find(|t| t.kind == "Service" && t.service == name)
-    {
+    // A Service by `name.ns`, its host `name.ns.svc.<domain>`, or `name.ns.svc`.
+    let short = name.strip_suffix(".svc");
+    if let Some(t) = targets.iter().find(|t| {
+        t.kind == "Service" && (t.service == name || t.fqdn == name || short == Some(&*t.service))
+    }) {
         return vec![t];
     }
     let se_names: Vec<String> = objs

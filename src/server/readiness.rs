@@ -102,8 +102,17 @@ impl Health for HttpSurface {
         Some(crate::telemetry::Page { content_type, body })
     }
 
+    fn query_page(
+        &self,
+        path: &str,
+        query: &str,
+    ) -> Option<Result<crate::telemetry::Page, (hyper::StatusCode, String)>> {
+        let kind = path.strip_prefix("/debug/describe/")?;
+        Some(self.ui.describe(kind, query))
+    }
+
     fn more_paths(&self) -> &'static str {
-        ", /debug/rotation, /ui, /ui/status.json"
+        ", /debug/rotation, /debug/describe/service?name=NAME.NS, /debug/describe/pod?name=NAME.NS, /ui, /ui/status.json"
     }
 }
 

@@ -255,6 +255,83 @@ impl Ui {
         }
     }
 
+    /// `GET /debug/describe/service|pod?name=…`: `meshid describe` answered by this server,
+    /// with its objects, settings and live proofs (the same decision code as its EDS). Query:
+    /// `name` (required), `from` (a client pod), `clients=true`, `mesh=istio`, `output=json|text`.
+    pub fn describe(
+        &self,
+        kind: &str,
+        query: &str,
+    ) -> Result<crate::telemetry::Page, (hyper::StatusCode, String)> {
+        use hyper::StatusCode;
+        let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+        let mut name = None;
+        let (mut from, mut clients, mut istio, mut json) = (None, false, false, false);
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match (&*k, &*v) {
+                ("name", _) => name = Some(v.into_owned()),
+                ("from", _) => from = Some(v.into_owned()),
+                ("clients", "true") => clients = true,
+                ("mesh", "istio") => istio = true,
+                ("output", "json") => json = true,
+                ("output", "text") => json = false,
+                (k, v) => return Err(bad(format!("unknown query parameter {k}={v:?}; known: name, from, clients=true, mesh=istio, output=json|text"))),
+            }
+        }
+        let name = name.ok_or_else(|| bad("give the name: ?name=NAME.NAMESPACE".into()))?;
+        let Some(d) = &self.sources.discovery else {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "discovery is not configured on this server ([discovery], --discovery-snapshot or --discovery-kubeconfig)".into(),
+            ));
+        };
+        let objects = d.objects.borrow().clone();
+        let proofs: Box<dyn ProofLookup> = match &d.proxies {
+            Some(p) => Box::new(p.snapshot()),
+            None => Box::new(NoProofs),
+        };
+        let refused = |e: crate::discovery::DiscoveryError| {
+            let code = if matches!(e, crate::discovery::DiscoveryError::NotFound { .. }) {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            (code, e.to_string())
+        };
+        let (body, text) = match kind {
+            "service" => {
+                let r = describe_service_with(&objects, &d.settings, proofs.as_ref(), &name, from.as_deref(), clients)
+                    .map_err(refused)?;
+                if json {
+                    (serde_json::to_string_pretty(&r), String::new())
+                } else {
+                    (Ok(String::new()), crate::discovery::service_text(&r, istio))
+                }
+            }
+            "pod" => {
+                let r = crate::discovery::describe_pod_with(&objects, &d.settings, proofs.as_ref(), &name).map_err(refused)?;
+                if json {
+                    (serde_json::to_string_pretty(&r), String::new())
+                } else {
+                    (Ok(String::new()), crate::discovery::pod_text(&r))
+                }
+            }
+            other => return Err((StatusCode::NOT_FOUND, format!("no such endpoint /debug/describe/{other}; try /debug/describe/service or /debug/describe/pod"))),
+        };
+        let body = body.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(if json {
+            crate::telemetry::Page {
+                content_type: "application/json",
+                body: body + "\n",
+            }
+        } else {
+            crate::telemetry::Page {
+                content_type: "text/plain; charset=utf-8",
+                body: text,
+            }
+        })
+    }
+
     /// The status now.
     pub fn status(&self) -> UiStatus {
         let s = &self.sources;

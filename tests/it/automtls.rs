@@ -3,7 +3,8 @@
 //! meshid's). Each row of the rules table names the Istio function it follows.
 
 use meshid::discovery::{
-    describe_service, envoy_cluster, Decision, DiscoveryView, MeshObjects, MeshSettings, TlsMode,
+    describe_service, envoy_cluster, Decision, DiscoveryView, MeshObjects, MeshSettings,
+    MeshidGrpc, TlsMode,
 };
 use serde_json::{json, Value};
 
@@ -310,7 +311,8 @@ fn istio_rules_table_against_describe_eds_and_template() {
             .collect();
         assert_eq!(got, row.want, "rule: {}\n{r:#?}", row.rule);
         // What meshid serves says the same as what it explains.
-        let cluster = envoy_cluster(&objs, &s, row.service, 8080, &td, "meshid").unwrap();
+        let cluster =
+            envoy_cluster(&objs, &s, row.service, 8080, &td, &MeshidGrpc::default()).unwrap();
         let eds = &view.clusters[cluster["name"].as_str().unwrap()];
         for e in &r.endpoints {
             let served = eds
@@ -469,7 +471,15 @@ fn external_service_example_is_tls_origination() {
     let by_name = describe_service(&objs, &s, "external-api.shop", None).unwrap();
     assert_eq!(by_name.endpoints[0].decision, Tls);
     let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
-    let c = envoy_cluster(&objs, &s, "api.external-service.com", 443, &td, "meshid").unwrap();
+    let c = envoy_cluster(
+        &objs,
+        &s,
+        "api.external-service.com",
+        443,
+        &td,
+        &MeshidGrpc::default(),
+    )
+    .unwrap();
     assert_eq!(c["type"], "STRICT_DNS");
     assert!(c["transport_socket_matches"].is_null());
     assert_eq!(
@@ -586,7 +596,7 @@ fn workload_entries_selected_by_service_entry_and_service() {
     );
     // The template's SANs come from the WorkloadEntry's service account.
     let td = meshid::spiffe::TrustDomain::new("cluster.local").unwrap();
-    let c = envoy_cluster(&objs, &s, "vms.vm", 8080, &td, "meshid").unwrap();
+    let c = envoy_cluster(&objs, &s, "vms.vm", 8080, &td, &MeshidGrpc::default()).unwrap();
     let ctx =
         &c["transport_socket_matches"][0]["transport_socket"]["typed_config"]["common_tls_context"];
     assert_eq!(

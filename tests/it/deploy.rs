@@ -21,7 +21,7 @@ use meshid::{
     config::Config,
     discovery::{
         envoy_cluster, start_kube_source, watch_remote_secrets, MeshObjects, MeshSettings,
-        MultiCluster, RemoteSecrets,
+        MeshidGrpc, MultiCluster, RemoteSecrets,
     },
     identity::{
         dev_issuer::{DevIssuer, TokenRequest},
@@ -743,10 +743,34 @@ fn the_envoy_bootstrap_decodes_strictly_as_an_envoy_bootstrap() {
         "inventory-service.shop",
         8080,
         &td,
-        "meshid",
+        &MeshidGrpc::default(),
     )
     .unwrap();
-    decode_strict(&pool, "envoy.config.cluster.v3.Cluster", &tmpl).unwrap();
+    let tmpl_msg = decode_strict(&pool, "envoy.config.cluster.v3.Cluster", &tmpl).unwrap();
+    // Issue 25: the template reaches meshid as the bootstrap does. meshid serves EDS and SDS as
+    // their own gRPC services (no ADS), so a template whose eds_config said `ads: {}` would
+    // leave Envoy waiting for endpoints forever. Its EDS and SDS config sources are the
+    // bootstrap's, field for field (both decoded by Envoy's protos).
+    let tmpl_json = serde_json::to_value(&tmpl_msg).unwrap();
+    let eds = &tmpl_json["edsClusterConfig"]["edsConfig"];
+    assert!(eds.get("ads").is_none(), "no ADS: {eds}");
+    assert_eq!(eds, &cluster["edsClusterConfig"]["edsConfig"]);
+    let tls_ctx = |c: &serde_json::Value| {
+        c["transportSocketMatches"][0]["transportSocket"]["typedConfig"]["commonTlsContext"].clone()
+    };
+    let (ours, boot) = (tls_ctx(&tmpl_json), tls_ctx(cluster));
+    assert_eq!(
+        ours["tlsCertificateSdsSecretConfigs"],
+        boot["tlsCertificateSdsSecretConfigs"]
+    );
+    assert_eq!(
+        ours["combinedValidationContext"]["validationContextSdsSecretConfig"],
+        boot["combinedValidationContext"]["validationContextSdsSecretConfig"]
+    );
+    assert_eq!(
+        ours["combinedValidationContext"]["defaultValidationContext"],
+        boot["combinedValidationContext"]["defaultValidationContext"]
+    );
 }
 
 /// The agent example (deploy/kubernetes/examples/agent): its bootstrap decodes strictly as an

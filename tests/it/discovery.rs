@@ -3,7 +3,7 @@
 //! decisions where Istio would decide per service; the Envoy cluster template.
 
 use meshid::discovery::{
-    describe_pod, describe_service, envoy_cluster, Decision, MeshObjects, MeshSettings,
+    describe_pod, describe_service, envoy_cluster, Decision, MeshObjects, MeshSettings, MeshidGrpc,
     PeerAuthMode,
 };
 
@@ -197,7 +197,7 @@ fn envoy_cluster_has_both_socket_matches() {
         "inventory-service.shop",
         8080,
         &td,
-        "meshid",
+        &MeshidGrpc::default(),
     )
     .unwrap();
     assert_eq!(

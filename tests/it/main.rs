@@ -7,6 +7,7 @@ mod cli;
 mod csr_refusals;
 mod demo;
 mod deploy;
+mod describe_server;
 mod discovery;
 mod fake_apiserver;
 mod federation;

@@ -902,7 +902,10 @@ fn cli_stages_and_activates_a_new_plugin_signer_under_the_same_root() {
     assert_eq!(new_signer, cert::fingerprint_id(&new_cert[0]));
     assert_eq!(
         j["next_step"],
-        format!("meshid root activate {new_signer} --state-dir {}", state.display())
+        format!(
+            "meshid root activate {new_signer} --state-dir {}",
+            state.display()
+        )
     );
     fails_with(
         &root_cli(
@@ -993,7 +996,10 @@ fn every_root_hint_runs_as_printed() {
     let err = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert_eq!(backticked(&err, "activate"), activate, "{err}");
     // root status's next step is the same command, runnable as printed.
-    let next = status_json(&state)["next_step"].as_str().unwrap().to_owned();
+    let next = status_json(&state)["next_step"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(next, activate);
     let out = ok(&sh(&activate));
     let taint = backticked(&out, "taint");

@@ -1,0 +1,183 @@
+//! `meshid describe --server URL` (issue 25): the running server answers `describe` from its
+//! own objects, settings and live proofs, so the CLI shows the EDS metadata the server serves
+//! now. With `require_proxy_proof` a labelled pod whose proxy never connected is served
+//! `tlsMode` disabled, which a snapshot `describe` (no proxies known) cannot see.
+
+use std::{sync::Arc, time::Duration};
+
+use meshid::clock::SystemClock;
+use serde_json::Value;
+
+use crate::{
+    server::http_get,
+    server_support::TestServer,
+    support::meshid,
+    ui::{connected_proxy, MIXED},
+};
+
+async fn proof_server() -> TestServer {
+    TestServer::start_with(Arc::new(SystemClock), |c| {
+        c.discovery = Some(meshid::config::Discovery {
+            snapshot: Some(MIXED.into()),
+            require_proxy_proof: true,
+            proxy_proof_startup_grace: Duration::ZERO,
+            ..Default::default()
+        });
+    })
+    .await
+}
+
+/// The CLI, off the test's runtime (it blocks).
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        meshid(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
+    let server = proof_server().await;
+    let url = format!("http://{}", server.running.http_addr);
+    let svc = "inventory-service.shop";
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["describe", "service", svc, "--server", &url]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // The snapshot alone knows no proxies: the label decides, mTLS.
+    let offline = json_of(
+        &cli([
+            "describe",
+            "service",
+            svc,
+            "--snapshot",
+            MIXED,
+            "--output",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+        .await,
+    );
+    assert_eq!(offline["endpoints"][0]["eds_tls_mode"], "istio");
+
+    // The server requires a proof and has none: it serves tlsMode disabled, and says so.
+    let live = json_of(&cli(args(&["--output", "json"])).await);
+    let ep = &live["endpoints"][0];
+    assert_ne!(ep["eds_tls_mode"], "istio", "{ep:#}");
+    assert_eq!(ep["decision"], "plaintext", "{ep:#}");
+    let text = cli(args(&[])).await;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("inventory-service.shop"), "{text}");
+    assert!(text.contains("plaintext"), "{text}");
+
+    // Its proxy connects (SDS with a pod-bound token): the server now serves mTLS, and
+    // describe --server shows the proof.
+    let _proxy = connected_proxy(
+        &server,
+        "inventory-service",
+        "inventory-service-5c8f7-k9p2m",
+    )
+    .await;
+    let mut ep = Value::Null;
+    for _ in 0..100 {
+        let live = json_of(&cli(args(&["--output", "json"])).await);
+        ep = live["endpoints"][0].clone();
+        if ep["eds_tls_mode"] == "istio" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ep["eds_tls_mode"], "istio", "{ep:#}");
+    assert_eq!(ep["decision"], "mtls", "{ep:#}");
+    assert!(
+        ep["sidecar_state"].as_str().unwrap().contains("proxy"),
+        "{ep:#}"
+    );
+
+    // The host form works against the server and offline alike (the README's table says hosts work).
+    let host = json_of(
+        &cli([
+            "describe",
+            "service",
+            "inventory-service.shop.svc.cluster.local",
+            "--server",
+            &url,
+            "--output",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+        .await,
+    );
+    assert_eq!(host["service"], svc);
+    let pod = cli(["describe", "pod", "legacy-db-0.legacy", "--server", &url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    .await;
+    assert!(
+        pod.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pod.stderr)
+    );
+
+    // What the server refuses is said, with the reason it gave.
+    let missing = cli(["describe", "service", "nope.shop", "--server", &url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    .await;
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("HTTP 404") && err.contains("nope.shop not found"),
+        "{err}"
+    );
+    let resp = http_get(&server, "/debug/describe/service?name=x.y&bogus=1").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+/// Offline, `NAME.NS.svc.cluster.local` and `NAME.NS.svc` name the Service as `NAME.NS` does.
+#[test]
+fn describe_takes_a_service_by_host() {
+    for name in [
+        "inventory-service.shop",
+        "inventory-service.shop.svc",
+        "inventory-service.shop.svc.cluster.local",
+    ] {
+        let out = meshid(&[
+            "describe",
+            "service",
+            name,
+            "--snapshot",
+            MIXED,
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["service"], "inventory-service.shop", "{name}");
+    }
+}
