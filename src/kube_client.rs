@@ -12,7 +12,7 @@ pub enum KubeClientError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("no in-cluster or KUBECONFIG configuration: {0}")]
+    #[error("no Kubernetes API server to talk to: this process runs in no pod (no in-cluster service account) and found no kubeconfig (KUBECONFIG, ~/.kube/config); give one (--kubeconfig FILE, or the config's kubeconfig key)")]
     Infer(#[source] kube::Error),
     #[error("{0}")]
     Client(#[from] kube::Error),

@@ -117,7 +117,7 @@ fn export(a: ExportArgs) -> anyhow::Result<()> {
     let v = store.load_existing()?;
     let roots = v.state.trusted_roots()?;
     match a.format {
-        Format::Pem => print!("{}", cert::to_pem_bundle(&roots)),
+        Format::Pem => out!("{}", cert::to_pem_bundle(&roots)),
         Format::Spiffe => {
             // The state generation moves on every change and survives restarts: the sequence.
             let bundle = SpiffeBundle {
@@ -125,7 +125,7 @@ fn export(a: ExportArgs) -> anyhow::Result<()> {
                 sequence: Some(v.generation.0),
                 refresh_hint: Some(a.refresh_hint),
             };
-            println!("{}", bundle.to_json()?);
+            outln!("{}", bundle.to_json()?);
         }
     }
     Ok(())
@@ -138,18 +138,18 @@ fn show(a: ShowArgs) -> anyhow::Result<()> {
         std::fs::read(&a.source).with_context(|| format!("reading {}", a.source))?
     };
     let bundle = parse_any(&bytes).with_context(|| format!("bundle {}", a.source))?;
-    println!(
+    outln!(
         "sequence {}  refresh hint {}",
         bundle.sequence.map_or("-".into(), |s| s.to_string()),
         bundle
             .refresh_hint
             .map_or("-".into(), |h| format!("{}s", h.as_secs()))
     );
-    println!("{:<18} {:<22} {:<14} SUBJECT", "ID", "NOT AFTER", "KEY");
+    outln!("{:<18} {:<22} {:<14} SUBJECT", "ID", "NOT AFTER", "KEY");
     for r in &bundle.roots {
         let p = cert::parse(r, "root")?;
         let kind = crate::ca::sig::PublicKeyKind::of(p.public_key());
-        println!(
+        outln!(
             "{:<18} {:<22} {:<14} {}",
             cert::fingerprint_id(r),
             rfc3339(p.validity().not_after.to_datetime()),
@@ -178,7 +178,7 @@ fn set(a: SetArgs) -> anyhow::Result<()> {
     match outcome {
         Stored::Updated(u) => {
             match &u.previous {
-                Some(p) => println!(
+                Some(p) => outln!(
                     "replaced {td}'s bundle (sequence {}, from {}) with {} root(s) (sequence {}; state generation {})",
                     seq(p.sequence),
                     p.source,
@@ -186,27 +186,27 @@ fn set(a: SetArgs) -> anyhow::Result<()> {
                     seq(bundle.sequence),
                     u.generation
                 ),
-                None => println!(
+                None => outln!(
                     "stored {} root(s) for {td} (sequence {}; state generation {})",
                     bundle.roots.len(),
                     seq(bundle.sequence),
                     u.generation
                 ),
             }
-            println!(
+            outln!(
                 "  fetched bundles replace it from now on unless their sequence comes before {}",
                 seq(bundle.sequence)
             );
         }
-        Stored::Unchanged => println!("{td} already holds this bundle"),
+        Stored::Unchanged => outln!("{td} already holds this bundle"),
     }
     match a.store.federation()? {
-        Some(f) if !f.peer_trust_domains().contains(td) => println!(
+        Some(f) if !f.peer_trust_domains().contains(td) => outln!(
             "  note: {td} is not in [[federation.peers]] of {}: the server trusts the bundle only once it is",
             a.store.config_path().map_or(String::new(), |p| p.display().to_string())
         ),
         Some(_) => {}
-        None => println!("  the server trusts it if {td} is one of its [[federation.peers]]"),
+        None => outln!("  the server trusts it if {td} is one of its [[federation.peers]]"),
     }
     Ok(())
 }
@@ -216,12 +216,12 @@ fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     let td = &a.trust_domain;
     let uses = uses_of(&a.store, a.store.files_dir()?.as_deref(), td)?;
     if a.store.config_path().is_none() && a.mode == DeleteMode::Restrict {
-        println!("no --config: checked the peers of the running server only ({STATUS_FILE})");
+        outln!("no --config: checked the peers of the running server only ({STATUS_FILE})");
     }
     let by = super::root::ctx(None)?.actor.to_string();
     let deleted =
         federated_store::delete_bundle(&store, td, a.mode, &uses, &by, SystemClock.now())?;
-    println!(
+    outln!(
         "deleted {td}'s bundle ({} root(s), sequence {}, from {}; state generation {})",
         deleted.bundle.roots().map(|r| r.len()).unwrap_or(0),
         deleted
@@ -231,11 +231,11 @@ fn delete(a: DeleteArgs) -> anyhow::Result<()> {
         deleted.bundle.source,
         deleted.generation
     );
-    println!(
+    outln!(
         "  a running server stops trusting {td} as soon as it reloads the state (the file is watched): ALL and a merged ROOTCA are pushed without it and spiffe://{td} is no longer served (an Envoy keeps the copy it has until it restarts; see the README)"
     );
     if deleted.dissociated {
-        println!(
+        outln!(
             "  {td} is dissociated: the server stores none of its fetched bundles until `meshid bundle set {td} FILE`; remove it from [[federation.peers]] too"
         );
     }
@@ -285,7 +285,7 @@ fn refresh(a: RefreshArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let request = dir.join(a.trust_domain.to_string());
     std::fs::write(&request, b"").with_context(|| format!("writing {}", request.display()))?;
-    println!(
+    outln!(
         "asked the server to fetch {}'s bundle; see `meshid root status` for the result",
         a.trust_domain
     );

@@ -111,7 +111,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         .is_some()
     {
         if a.if_absent {
-            println!(
+            outln!(
                 "a CA state already exists in {}; left unchanged (--if-absent)",
                 store.location()
             );
@@ -154,7 +154,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         Ok(g) => g,
         // Another replica's init container created it between our read and our write.
         Err(crate::state::StateError::Conflict { .. }) if a.if_absent => {
-            println!(
+            outln!(
                 "a CA state was created in {} meanwhile; left unchanged (--if-absent)",
                 store.location()
             );
@@ -163,12 +163,12 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let root = state.signing_root()?;
-    println!(
+    outln!(
         "initialized CA for trust domain {} in {} (generation {generation})",
         a.trust_domain,
         store.location()
     );
-    println!(
+    outln!(
         "  root {} ({:?}), signing until {}",
         root.id,
         root.origin,
@@ -307,7 +307,7 @@ fn intermediate(a: IntermediateArgs) -> anyhow::Result<()> {
     store.compare_and_swap(Some(current.generation), &next)?;
     let roots = state.trusted_roots()?;
     write_cacerts(&a.out_dir, &ca, &root_cert, &roots)?;
-    println!(
+    outln!(
         "issued intermediate for cluster {} (serial {}, valid until {}) into {}",
         a.cluster,
         ca.serial,

@@ -100,7 +100,7 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
         issued.roots_pem().as_bytes(),
         0o644,
     )?;
-    println!(
+    outln!(
         "issued {} (serial {}, valid {} to {}) into {}",
         issued.id,
         issued.serial,

@@ -124,7 +124,7 @@ impl RequestArgs {
             write_file_atomic(&self.out_dir.join("root-cert.pem"), roots.as_bytes(), 0o644)?;
             let leaf = cert::certs_from_pem(chain[0].as_bytes(), "leaf")?;
             let id = crate::tls::peer_spiffe_id(&leaf[0])?;
-            println!(
+            outln!(
                 "received {id} ({} certificate(s) + roots) into {}",
                 chain.len(),
                 self.out_dir.display()

@@ -24,7 +24,7 @@ impl DemoArgs {
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            let progress: Progress = Arc::new(|line: &str| println!("{line}"));
+            let progress: Progress = Arc::new(|line: &str| outln!("{line}"));
             let opts = DemoOptions {
                 dir: self.state_dir,
             };
@@ -35,24 +35,24 @@ impl DemoArgs {
                 .map(|r| r.number)
                 .collect();
             if failed.is_empty() {
-                println!("\nmeshid demo: every step passed");
+                outln!("\nmeshid demo: every step passed");
             } else {
-                println!("\nmeshid demo: step(s) {failed:?} FAILED (see above: expected vs seen)");
+                outln!("\nmeshid demo: step(s) {failed:?} FAILED (see above: expected vs seen)");
             }
             if self.keep_running {
                 // Handlers first: a SIGTERM right after the line below must stop cleanly.
                 let signal = super::server::shutdown_signal()?;
-                println!(
+                outln!(
                     "still running (gRPC {}, metrics http://{}/metrics); Ctrl-C or SIGTERM stops it",
                     world.grpc_addr, world.http_addr
                 );
-                println!(
+                outln!(
                     "status page: http://{}/ui (live; try `meshid root prepare --state-dir {}` and watch it)",
                     world.http_addr,
                     world.state_dir().display()
                 );
                 let signal = signal.await?;
-                println!("{signal} received; stopping");
+                outln!("{signal} received; stopping");
             }
             world.shutdown().await;
             Ok(if failed.is_empty() {

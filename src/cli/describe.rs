@@ -155,7 +155,7 @@ pub(super) struct PodArgs {
 impl DescribeCommand {
     pub(super) fn run(self) -> anyhow::Result<ExitCode> {
         if let Some(url) = self.server() {
-            print!("{}", self.ask(url)?);
+            out!("{}", self.ask(url)?);
             return Ok(ExitCode::SUCCESS);
         }
         match self {
@@ -170,7 +170,7 @@ impl DescribeCommand {
                     };
                     let cluster =
                         envoy_cluster(&objs, &settings, &a.name, port, &a.trust_domain, &meshid)?;
-                    println!("{}", serde_json::to_string_pretty(&cluster)?);
+                    outln!("{}", serde_json::to_string_pretty(&cluster)?);
                     return Ok(ExitCode::SUCCESS);
                 }
                 let report = describe_service_with(
@@ -182,18 +182,18 @@ impl DescribeCommand {
                     a.clients,
                 )?;
                 if a.source.output.is_json() {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    outln!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print!("{}", service_text(&report, a.mesh.is_some()));
+                    out!("{}", service_text(&report, a.mesh.is_some()));
                 }
             }
             Self::Pod(a) => {
                 let (objs, settings) = a.source.load()?;
                 let report = describe_pod(&objs, &settings, &a.name)?;
                 if a.source.output.is_json() {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    outln!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print!("{}", pod_text(&report));
+                    out!("{}", pod_text(&report));
                 }
             }
         }

@@ -65,13 +65,13 @@ impl DevCommand {
         match self {
             Self::Issuer(IssuerCommand::Init(a)) => {
                 let issuer = DevIssuer::init(&a.dir, &a.issuer, a.key.as_deref())?;
-                println!(
+                outln!(
                     "created issuer {} (kid {}) in {}",
                     issuer.issuer(),
                     issuer.kid(),
                     a.dir.display()
                 );
-                println!("  public keys: {}", DevIssuer::jwks_path(&a.dir).display());
+                outln!("  public keys: {}", DevIssuer::jwks_path(&a.dir).display());
             }
             Self::Token(a) => {
                 let issuer = DevIssuer::load(&a.issuer_dir)
@@ -83,7 +83,7 @@ impl DevCommand {
                     ttl: a.ttl,
                     pod: a.pod_name.zip(a.pod_uid),
                 };
-                println!("{}", issuer.token(&req, SystemClock.now())?);
+                outln!("{}", issuer.token(&req, SystemClock.now())?);
             }
         }
         Ok(ExitCode::SUCCESS)

@@ -84,7 +84,7 @@ impl InspectArgs {
             verification,
         };
         if self.output.is_json() {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             print_text(&report);
         }
@@ -157,18 +157,18 @@ fn verify(certs: &[CertDer], root_file: &std::path::Path) -> anyhow::Result<Veri
 
 fn print_text(r: &Report) {
     for c in &r.certificates {
-        println!("certificate {} of {}", c.index, r.file);
-        println!(
+        outln!("certificate {} of {}", c.index, r.file);
+        outln!(
             "  spiffe id:  {}",
             c.spiffe_id.as_deref().unwrap_or("(none)")
         );
         if c.uri_sans.len() > 1 || (c.spiffe_id.is_none() && !c.uri_sans.is_empty()) {
-            println!("  uri sans:   {}", c.uri_sans.join(", "));
+            outln!("  uri sans:   {}", c.uri_sans.join(", "));
         }
         if !c.dns_names.is_empty() {
-            println!("  dns names:  {}", c.dns_names.join(", "));
+            outln!("  dns names:  {}", c.dns_names.join(", "));
         }
-        println!(
+        outln!(
             "  subject:    {}",
             if c.subject.is_empty() {
                 "(empty)"
@@ -176,17 +176,17 @@ fn print_text(r: &Report) {
                 &c.subject
             }
         );
-        println!("  issuer:     {}", c.issuer);
-        println!("  serial:     {}", c.serial);
-        println!("  not before: {}", c.not_before);
-        println!("  not after:  {}", c.not_after);
-        println!("  key type:   {}", c.key_type);
-        println!("  is ca:      {}", c.is_ca);
+        outln!("  issuer:     {}", c.issuer);
+        outln!("  serial:     {}", c.serial);
+        outln!("  not before: {}", c.not_before);
+        outln!("  not after:  {}", c.not_after);
+        outln!("  key type:   {}", c.key_type);
+        outln!("  is ca:      {}", c.is_ca);
     }
     if let Some(v) = &r.verification {
         match &v.error {
-            None => println!("chain: verifies against {}", v.root_file),
-            Some(e) => println!("chain: does NOT verify against {}: {e}", v.root_file),
+            None => outln!("chain: verifies against {}", v.root_file),
+            Some(e) => outln!("chain: does NOT verify against {}: {e}", v.root_file),
         }
     }
 }

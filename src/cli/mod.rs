@@ -1,10 +1,29 @@
 //! Commands: one file per subcommand; each parses, calls the library, prints.
 
+/// `println!` for a command's output. Into a closed pipe (`meshid … | head -1`, `| grep -q`)
+/// the command ends quietly with status 0, as ripgrep does, instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output; see `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod agent;
 mod bundle;
 mod ca;
 mod cert;
 mod client;
+mod config;
 mod demo;
 mod describe;
 mod dev;
@@ -59,6 +78,16 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Run the mixed-traffic example end to end on this machine: CA, server, sidecars, rotation.
     Demo(demo::DemoArgs),
+    /// Check a server config without starting anything.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Print a shell completion script: `meshid completions bash > /etc/bash_completion.d/meshid`,
+    /// `meshid completions zsh > "${fpath[1]}/_meshid"`, `meshid completions fish > ~/.config/fish/completions/meshid.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Local stand-ins for cluster parts, for development and tests.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -105,14 +134,63 @@ pub fn main() -> ExitCode {
         Command::Sds(SdsCommand::Get(a)) => a.run(),
         Command::Describe(c) => c.run(),
         Command::Demo(c) => c.run(),
+        Command::Config(c) => c.run(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshid", &mut out);
+            write_stdout(&out).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes command output to stdout. A closed pipe ends the process quietly with status 0
+/// (whatever the command did is done; only the rest of its output has no reader); any other
+/// write error ends it with status 1, saying so.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Writes bytes to stdout, as [`write_out`].
+pub(crate) fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
+}
+
+/// An error and its causes on one line, each cause once: many errors already name their
+/// source in their own message, and printing the chain as well would say it twice.
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Parses a duration flag (`1h`, `30m`, `10y`).

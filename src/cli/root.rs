@@ -157,7 +157,7 @@ impl RootCommand {
     pub(super) fn run(self) -> anyhow::Result<ExitCode> {
         let hint = self.hint();
         self.run_inner(&hint)
-            .map_err(|e| anyhow::anyhow!(hint.runnable(&format!("{e:#}"))))
+            .map_err(|e| anyhow::anyhow!(hint.runnable(&super::error_text(&e))))
     }
 
     /// The options a pasted hint needs to reach the same state (and servers).
@@ -206,7 +206,7 @@ impl RootCommand {
                     warn_no_publication_gate(&format!("root {}", applied.outcome.root));
                 }
                 if propagation.is_none() && applied.outcome.signer.is_none() {
-                    println!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
+                    outln!("  propagation was not checked (no --server): peers that do not have root {} yet refuse its leaves", applied.outcome.root);
                 }
                 Ok(())
             }
@@ -388,17 +388,22 @@ fn prepare(a: PrepareArgs, hint: &Hint) -> anyhow::Result<()> {
 fn report(applied: &rotation::Applied, hint: &Hint) -> anyhow::Result<()> {
     let o = &applied.outcome;
     match &o.signer {
-        Some(s) => println!(
+        Some(s) => outln!(
             "{}: signer {s} under root {} (generation {})",
-            o.action, o.root, applied.generation
+            o.action,
+            o.root,
+            applied.generation
         ),
-        None => println!(
+        None => outln!(
             "{}: root {} is now {} (generation {})",
-            o.action, o.root, o.to, applied.generation
+            o.action,
+            o.root,
+            o.to,
+            applied.generation
         ),
     }
     for n in &o.notes {
-        println!("  {}", hint.runnable(n));
+        outln!("  {}", hint.runnable(n));
     }
     Ok(())
 }
@@ -547,23 +552,23 @@ fn rotate(a: RotateArgs, hint: &Hint) -> anyhow::Result<ExitCode> {
     if let Err(e) = source.statuses(rotation::STATUS_READ_TIMEOUT) {
         bail!("{e}; nothing was changed (the rotation starts only once the server's status can be read)");
     }
-    let mut progress = |line: &str| println!("{}", hint.runnable(line));
+    let mut progress = |line: &str| outln!("{}", hint.runnable(line));
     let finished = rotation::rotate(&store, source, &opts, &make_ctx, &mut progress, &mut |_| {
         Ok(())
     })?;
     match finished {
         Finished::Revoked { root } => {
-            println!("done: root {root} is revoked; the rotation is complete")
+            outln!("done: root {root} is revoked; the rotation is complete")
         }
         Finished::SignerActivated { signer } => {
-            println!("done: every stream runs on signer {signer}")
+            outln!("done: every stream runs on signer {signer}")
         }
         Finished::RevokeLater { root, at, command } => {
-            println!(
+            outln!(
                 "stopped: root {root} is tainted; revoke it at {} or later with:",
                 rfc3339(at)
             );
-            println!("  {}", hint.command(&command));
+            outln!("  {}", hint.command(&command));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -635,7 +640,7 @@ fn status(a: StatusArgs, hint: &Hint) -> anyhow::Result<()> {
                 "servers": server,
                 "federation": federation,
             });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            outln!("{}", serde_json::to_string_pretty(&doc)?);
         }
         Output::Text => {
             print_text(state, v.generation.0, &roots, journal, next, &warnings);
@@ -650,12 +655,12 @@ fn status(a: StatusArgs, hint: &Hint) -> anyhow::Result<()> {
 
 fn print_server(st: &rotation::RotationStatus) {
     let c = &st.counts;
-    println!(
+    outln!(
         "server {} (generation {}, bundle sequence {}): {} SDS streams, {} with a bundle, {} with a leaf",
         st.replica, st.generation, st.bundle_sequence, c.streams, c.bundle_streams, c.leaf_streams
     );
     for r in &st.trusted_roots {
-        println!(
+        outln!(
             "  root {r}: in the acknowledged bundle of {} of {} streams",
             c.roots.get(r).copied().unwrap_or(0),
             c.bundle_streams
@@ -667,13 +672,13 @@ fn print_server(st: &rotation::RotationStatus) {
         } else {
             ""
         };
-        println!(
+        outln!(
             "  signer {s}{now}: leaves of {n} of {} streams",
             c.leaf_streams
         );
     }
     if c.laggard_count > 0 {
-        println!("  behind: {}", st.waiting());
+        outln!("  behind: {}", st.waiting());
     }
 }
 
@@ -730,7 +735,7 @@ fn print_federation(fed: &serde_json::Value, hint: &Hint) {
     let Some(map) = fed.as_object().filter(|m| !m.is_empty()) else {
         return;
     };
-    println!("federation:");
+    outln!("federation:");
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::String(s) => s.clone(),
@@ -738,14 +743,14 @@ fn print_federation(fed: &serde_json::Value, hint: &Hint) {
     };
     for (td, f) in map {
         if f["dissociated"].is_object() {
-            println!(
+            outln!(
                 "  {td}: dissociated by {} at {}: the server stores none of its bundles until `{}`",
                 s(&f["dissociated"]["by"]),
                 s(&f["dissociated"]["at"]),
                 hint.command(&format!("meshid bundle set {td} FILE"))
             );
         } else if f["source"].is_string() {
-            println!(
+            outln!(
                 "  {td}: {} root(s), sequence {}, stored {} from {}",
                 s(&f["roots"]),
                 s(&f["sequence"]),
@@ -753,24 +758,24 @@ fn print_federation(fed: &serde_json::Value, hint: &Hint) {
                 s(&f["source"])
             );
             if f["trusted"] == false {
-                println!(
+                outln!(
                     "    not trusted: {td} is not in [[federation.peers]]; `{}` deletes the bundle",
                     hint.command(&format!("meshid bundle delete {td}"))
                 );
             }
         } else {
-            println!("  {td}: no bundle stored yet");
+            outln!("  {td}: no bundle stored yet");
         }
         let c = &f["client"];
         if c.is_object() {
-            println!(
+            outln!(
                 "    last attempt {}, last success {}, next {}",
                 s(&c["last_attempt"]),
                 s(&c["last_success"]),
                 s(&c["next_attempt"])
             );
             if c["last_error"].is_string() {
-                println!("    last error: {}", s(&c["last_error"]));
+                outln!("    last error: {}", s(&c["last_error"]));
             }
         }
     }
@@ -805,17 +810,20 @@ fn print_text(
     next: Option<String>,
     warnings: &[String],
 ) {
-    println!(
+    outln!(
         "trust domain {} (state generation {generation})",
         state.trust_domain
     );
-    println!(
+    outln!(
         "{:<18} {:<9} {:<9} {:<22} SUBJECT",
-        "ID", "STATE", "ORIGIN", "NOT AFTER"
+        "ID",
+        "STATE",
+        "ORIGIN",
+        "NOT AFTER"
     );
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     for r in roots {
-        println!(
+        outln!(
             "{:<18} {:<9} {:<9} {:<22} {}",
             s(&r["id"]),
             s(&r["state"]),
@@ -823,26 +831,26 @@ fn print_text(
             s(&r["not_after"]),
             s(&r["subject"])
         );
-        println!("    sha256 {}", s(&r["fingerprint_sha256"]));
+        outln!("    sha256 {}", s(&r["fingerprint_sha256"]));
         if r["signer"].is_string() && r["signer"] != r["id"] {
-            println!("    signer {}", s(&r["signer"]));
+            outln!("    signer {}", s(&r["signer"]));
         }
         if r["prepared_signer"].is_string() {
-            println!("    prepared signer {}", s(&r["prepared_signer"]));
+            outln!("    prepared signer {}", s(&r["prepared_signer"]));
         }
         if r["activatable_from"].is_string() {
-            println!(
+            outln!(
                 "    on the bundle endpoint; activatable without --force from {}",
                 s(&r["activatable_from"])
             );
         }
     }
     if !journal.is_empty() {
-        println!("journal (last {}):", journal.len());
+        outln!("journal (last {}):", journal.len());
     }
     for e in journal {
         let from = e.from_state.map_or("new".into(), |s| s.to_string());
-        println!(
+        outln!(
             "  #{} {} {} {} {} {from} -> {}{}{}{}",
             e.seq,
             rfc3339(e.at),
@@ -861,10 +869,10 @@ fn print_text(
         );
     }
     if let Some(n) = next {
-        println!("next step: {n}");
+        outln!("next step: {n}");
     }
     for w in warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}");
     }
 }
 

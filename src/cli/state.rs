@@ -63,13 +63,13 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             source.generation
         );
     }
-    println!(
+    outln!(
         "copied the CA state of {} (trust domain {}, generation {generation}) to {}; read back identical",
         from.location(),
         source.state.trust_domain,
         to.location()
     );
-    println!(
+    outln!(
         "  next: point every server at {} (--state or `state = \"{}\"`), then remove the old copy",
         to.location(),
         a.to

@@ -84,21 +84,21 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     match validator.validate(&token).await {
         Ok(id) => {
             if a.output.is_json() {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({"valid": true, "identity": id})
                     )?
                 );
             } else {
-                println!("valid: {}", id.spiffe_id);
-                println!("  namespace:       {}", id.namespace);
-                println!("  service account: {}", id.service_account);
+                outln!("valid: {}", id.spiffe_id);
+                outln!("  namespace:       {}", id.namespace);
+                outln!("  service account: {}", id.service_account);
                 if let Some(p) = &id.pod {
-                    println!("  pod:             {} ({})", p.name, p.uid);
+                    outln!("  pod:             {} ({})", p.name, p.uid);
                 }
                 if let Some(t) = id.expires_at {
-                    println!("  expires at:      {}", crate::clock::rfc3339(t));
+                    outln!("  expires at:      {}", crate::clock::rfc3339(t));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -106,9 +106,9 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             if a.output.is_json() {
                 let v = serde_json::json!({"valid": false, "reason": e.reason(), "error": e.to_string()});
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("refused: {e}");
+                outln!("refused: {e}");
             }
             Ok(ExitCode::FAILURE)
         }

@@ -288,3 +288,194 @@ fn server_config_errors_are_reported_at_start_up_with_their_keys() {
         "unknown key named"
     );
 }
+
+/// Runs meshid with its stdout a pipe whose reader is already gone (`meshid … | head -0`).
+fn into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshid"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader closes before the first byte is written
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 24/25: output into a closed pipe (`| head -1`, `| grep -q`) ends the command quietly
+/// with status 0 (as ripgrep does), for every kind of output: reports, JSON, long scripts.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    ok(&init_ca(&state));
+    let s = state.to_str().unwrap();
+    let snapshot = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/mixed-traffic.yaml"
+    );
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/meshid.toml");
+    for args in [
+        vec!["root", "status", "--state-dir", s],
+        vec!["root", "status", "--state-dir", s, "--output", "json"],
+        vec!["bundle", "export", "--state-dir", s],
+        vec![
+            "describe",
+            "service",
+            "inventory-service.shop",
+            "--snapshot",
+            snapshot,
+        ],
+        vec!["completions", "zsh"],
+        vec!["config", "check", config],
+        vec!["--help"],
+    ] {
+        let out = into_closed_pipe(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Issue 25: `meshid completions bash|zsh|fish` prints a script each shell accepts.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&meshid(&["completions", shell]));
+        assert!(script.contains("meshid"), "{shell}");
+        for sub in ["root", "rotate", "describe", "state-dir"] {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let script = ok(&meshid(&["completions", "bash"]));
+    let check = std::process::Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    fails_with(&meshid(&["completions", "tcsh"]), "invalid value 'tcsh'");
+}
+
+/// Issue 25: `meshid config check FILE` validates without starting anything: the effective
+/// values (defaults filled in), what the server needs at start, exit 0; a bad key exits 1
+/// naming it; `--strict` fails on what is not there; `--clusters-from-flags` accepts a file
+/// that leaves `[[clusters]]` to `meshid server`'s flags (the README's federation configs).
+#[test]
+fn config_check_validates_and_prints_what_the_server_would_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/meshid.toml");
+    let out = ok(&meshid(&["config", "check", deploy]));
+    assert!(out.contains(": valid"), "{out}");
+    assert!(
+        out.contains("max_ttl = \"1d\"") && out.contains("[limits]"),
+        "defaults filled in: {out}"
+    );
+    assert!(out.contains("CA state"), "{out}");
+    let j: serde_json::Value = serde_json::from_str(&ok(&meshid(&[
+        "config", "check", deploy, "--output", "json",
+    ])))
+    .unwrap();
+    assert_eq!(j["valid"], true);
+    assert!(j["effective"]["listen"]["grpc"].is_string());
+    assert!(j["needs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["what"] == "CA state"));
+
+    // A state directory that exists: found; --strict passes only when everything is.
+    let state = dir.path().join("state");
+    ok(&init_ca(&state));
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "state_dir = \"{}\"\n[[clusters]]\nname = \"Kubernetes\"\n[clusters.jwks]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nfile = \"{}\"\n",
+            state.display(),
+            dir.path().join("jwks.json").display()
+        ),
+    )
+    .unwrap();
+    let out = ok(&meshid(&["config", "check", good.to_str().unwrap()]));
+    assert!(out.contains("found     CA state"), "{out}");
+    assert!(
+        out.contains("NOT FOUND cluster Kubernetes tokens: JWKS file"),
+        "{out}"
+    );
+    let strict = meshid(&["config", "check", "--strict", good.to_str().unwrap()]);
+    assert_eq!(strict.status.code(), Some(1));
+    std::fs::write(dir.path().join("jwks.json"), "{\"keys\":[]}").unwrap();
+    ok(&meshid(&[
+        "config",
+        "check",
+        "--strict",
+        good.to_str().unwrap(),
+    ]));
+
+    // A typo and an out-of-range value: exit 1, each named.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "state_dir = \"/x\"\nstate_pol_interval = \"1s\"\n").unwrap();
+    fails_with(
+        &meshid(&["config", "check", bad.to_str().unwrap()]),
+        "state_pol_interval",
+    );
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n[issuance]\nmax_ttl = \"90d\"\n",
+            std::fs::read_to_string(&good).unwrap()
+        ),
+    )
+    .unwrap();
+    fails_with(
+        &meshid(&["config", "check", bad.to_str().unwrap()]),
+        "issuance.max_ttl",
+    );
+
+    // No [[clusters]]: invalid for the server on its own, valid when flags bring them.
+    let flags = dir.path().join("a.toml");
+    std::fs::write(&flags, format!("state_dir = \"{}\"\n", state.display())).unwrap();
+    fails_with(
+        &meshid(&["config", "check", flags.to_str().unwrap()]),
+        "at least one cluster",
+    );
+    let out = ok(&meshid(&[
+        "config",
+        "check",
+        "--clusters-from-flags",
+        flags.to_str().unwrap(),
+    ]));
+    assert!(out.contains("from meshid server's flags"), "{out}");
+}
+
+/// Issue 25: the documented exit codes: 0 done, 1 failed or refused, 2 a usage error.
+#[test]
+fn exit_codes_are_the_documented_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    assert_eq!(init_ca(&state).status.code(), Some(0));
+    assert_eq!(
+        init_ca(&state).status.code(),
+        Some(1),
+        "refused: the state exists"
+    );
+    assert_eq!(
+        meshid(&["root", "status"]).status.code(),
+        Some(2),
+        "usage: no --state-dir"
+    );
+    assert_eq!(meshid(&["no-such-command"]).status.code(), Some(2));
+    let s = state.to_str().unwrap();
+    assert_eq!(
+        meshid(&["root", "taint", "nope", "--state-dir", s])
+            .status
+            .code(),
+        Some(1)
+    );
+}
