@@ -21,6 +21,32 @@ pub enum ClientError {
     BadAddress { server: String, reason: String },
     #[error("connecting to {server}: {reason}")]
     Connect { server: String, reason: String },
+    #[error("connecting to {server}: {reason}: the server's certificate does not verify against the CA file given (--ca-file, --root-cert): the file does not hold the root the server signs with now. Take its current bundle: `meshid bundle export --state-dir DIR --format pem` on the CA, the istio-ca-root-cert ConfigMap in a cluster, or the ROOTCA of `meshid sds get` through a CA file that still verifies; after a root rotation use the bundle that holds the new root")]
+    UntrustedServer { server: String, reason: String },
+    #[error("connecting to {server}: {reason}: the server's certificate does not name {name:?}; give the name it carries with --server-name (meshid's default certificate names meshid.istio-system.svc and localhost)")]
+    WrongName {
+        server: String,
+        name: String,
+        reason: String,
+    },
+}
+
+/// An error and every cause under it, each once (tonic's transport error says only
+/// "transport error"; what went wrong is in its sources).
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cur = err.source();
+    }
+    out
 }
 
 /// Adds `authorization: Bearer <token>` (and `ClusterID`) to every call.
@@ -71,9 +97,20 @@ pub async fn connect(
         server: server.to_owned(),
         reason: e.to_string(),
     };
-    let connect_failed = |e: tonic::transport::Error| ClientError::Connect {
-        server: server.to_owned(),
-        reason: format!("{e:#}"),
+    let connect_failed = |e: tonic::transport::Error| {
+        let reason = chain_text(&e);
+        let server = server.to_owned();
+        if reason.contains("UnknownIssuer") || reason.contains("BadSignature") {
+            ClientError::UntrustedServer { server, reason }
+        } else if reason.contains("NotValidForName") || reason.contains("not valid for name") {
+            ClientError::WrongName {
+                server,
+                name: server_name.to_owned(),
+                reason,
+            }
+        } else {
+            ClientError::Connect { server, reason }
+        }
     };
     if let Some(path) = server.strip_prefix("unix:") {
         let path = path.to_owned();

@@ -249,5 +249,20 @@ impl Jwks {
         if j.issuer.is_empty() {
             errs.push(format!("{at}.jwks.issuer: must not be empty"));
         }
+        for (key, url) in [("url", &j.url), ("oidc_issuer", &j.oidc_issuer)] {
+            if let Some(why) = url.as_deref().and_then(not_https) {
+                errs.push(format!("{at}.jwks.{key}: {why}"));
+            }
+        }
     }
+}
+
+/// Why `url` cannot be a source of token-signing keys: they decide who gets a certificate, so
+/// they are fetched over HTTPS only (as the API server's own OIDC discovery requires).
+pub(crate) fn not_https(url: &str) -> Option<String> {
+    (!url.starts_with("https://")).then(|| {
+        format!(
+            "{url:?} is not an https:// URL: token-signing keys are fetched over HTTPS only; give an https:// URL (with --ca-file / ca_file for a private CA), or the keys in a file (--jwks FILE, [clusters.jwks] file)"
+        )
+    })
 }

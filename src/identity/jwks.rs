@@ -88,6 +88,11 @@ impl JwksValidator {
         source: JwksSource,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityError> {
+        if let JwksSource::Url(url) | JwksSource::Discovery(url) = &source {
+            if let Some(why) = super::config::not_https(url) {
+                return Err(IdentityError::JwksUnavailable(why));
+            }
+        }
         let keys = KeyStore::new(
             source,
             cfg.key_policy(),

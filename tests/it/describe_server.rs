@@ -181,3 +181,95 @@ fn describe_takes_a_service_by_host() {
         assert_eq!(j["service"], "inventory-service.shop", "{name}");
     }
 }
+
+/// Issue 25: a CA file that does not hold the server's root is named as such, with where to
+/// take the current bundle, instead of tonic's bare "transport error"; a wrong server name
+/// says to give `--server-name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_the_wrong_ca_file_is_told_what_to_use() {
+    let server = TestServer::start(Arc::new(SystemClock)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    crate::support::ok(&crate::support::init_ca(&other));
+    let wrong = dir.path().join("wrong-root.pem");
+    let bundle = crate::support::ok(&meshid(&[
+        "bundle",
+        "export",
+        "--state-dir",
+        other.to_str().unwrap(),
+        "--format",
+        "pem",
+    ]));
+    std::fs::write(&wrong, bundle).unwrap();
+    let right = dir.path().join("root.pem");
+    std::fs::write(&right, &server.root_pem).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, server.token("shop", "a")).unwrap();
+    let url = format!("https://localhost:{}", server.running.grpc_addr.port());
+    let request = |ca: &std::path::Path, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "cert",
+            "request",
+            "--server",
+            &url,
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--out-dir",
+            dir.path().join("out").to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let out = cli(request(&wrong, &[])).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("UnknownIssuer"), "the cause is shown: {err}");
+    assert!(
+        err.contains("does not hold the root the server signs with now"),
+        "{err}"
+    );
+    assert!(err.contains("meshid bundle export"), "{err}");
+    let out = cli(request(&right, &["--server-name", "not-meshid.example"])).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--server-name"), "{err}");
+    let out = cli(request(&right, &[])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 25: `--jwks-url http://…` (and a config's `jwks.url`/`oidc_issuer`) is refused saying
+/// HTTPS is required, not with the HTTP client's "client error (Connect)".
+#[test]
+fn a_jwks_url_must_be_https_and_says_so() {
+    let out = meshid(&[
+        "token",
+        "verify",
+        "--jwks-url",
+        "http://127.0.0.1:9/jwks",
+        "a.b.c",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not an https:// URL"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "state_dir = \"/x\"\n[[clusters]]\nname = \"Kubernetes\"\n[clusters.jwks]\nissuer = \"https://k\"\nurl = \"http://127.0.0.1:9/jwks\"\n",
+    )
+    .unwrap();
+    let out = meshid(&["config", "check", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clusters[0] (Kubernetes).jwks.url") && err.contains("https://"),
+        "{err}"
+    );
+}
