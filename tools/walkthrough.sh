@@ -116,7 +116,7 @@ new_root=$("$bin" root prepare --state-dir "$work/state" --reason "walkthrough" 
 "$bin" root status --state-dir "$work/state" --output json > "$work/root-status.json"
 
 echo "==> meshid demo: the README's first command, through the release binary built above"
-"$bin" demo --state-dir "$work/demo"
+"$bin" demo --work-dir "$work/demo"
 
 if command -v kubectl >/dev/null; then
   echo "==> kubectl kustomize: the manifests the README shows"

@@ -8,10 +8,12 @@ use crate::demo::{DemoOptions, Progress};
 
 #[derive(Debug, Args)]
 pub(super) struct DemoArgs {
-    /// Work directory for the CA state, the dev issuer and the snapshot (new or empty).
-    /// Default: a new directory under the system temp dir, kept after the demo.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
+    /// Work directory (new or empty): the CA's state goes in DIR/state, the dev issuer in
+    /// DIR/issuer, the snapshot in DIR/mixed-traffic.yaml. Unlike other commands' --state-dir,
+    /// this is not the CA state itself. Default: a new directory under the system temp dir,
+    /// kept after the demo. (`--state-dir` is accepted as its old name.)
+    #[arg(long, value_name = "DIR", alias = "state-dir")]
+    work_dir: Option<PathBuf>,
     /// Leave the server, sidecars and apps running after the steps, until Ctrl-C or SIGTERM.
     #[arg(long)]
     keep_running: bool,
@@ -26,7 +28,7 @@ impl DemoArgs {
         rt.block_on(async move {
             let progress: Progress = Arc::new(|line: &str| outln!("{line}"));
             let opts = DemoOptions {
-                dir: self.state_dir,
+                dir: self.work_dir,
             };
             let (world, results) = crate::demo::run(opts, progress).await?;
             let failed: Vec<u8> = results

@@ -257,7 +257,7 @@ fn work_dir(dir: Option<PathBuf>) -> Result<PathBuf, DemoError> {
                     .map_err(|e| DemoError::setup(format!("reading {}", d.display()), e))?;
                 if entries.next().is_some() {
                     return Err(DemoError::setup(
-                        format!("--state-dir {}", d.display()),
+                        format!("--work-dir {}", d.display()),
                         "the directory is not empty; the demo makes a fresh CA: give a new or empty directory",
                     ));
                 }

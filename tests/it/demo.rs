@@ -179,7 +179,7 @@ fn the_demo_binary_keeps_running_until_sigterm() {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshid"))
-        .args(["demo", "--keep-running", "--state-dir"])
+        .args(["demo", "--keep-running", "--work-dir"])
         .arg(tmp.path().join("demo"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
