@@ -96,6 +96,9 @@ impl Metrics {
             &["default", "ROOTCA", "ALL", "spiffe"],
         );
         touch(&self.eds_pushes, "resource", &["cluster"]);
+        for view in ["bundle", "bundle_current", "leaf", "leaf_current", "behind"] {
+            let _ = self.rotation_streams.get_or_create(&Self::label("view", view));
+        }
         self
     }
 

@@ -153,6 +153,15 @@ impl AgentMetrics {
             "Workload API calls refused, by reason",
             a.workload_api_refused.clone(),
         );
+        // Known label values at 0 from the start (dashboards and `rate()` see them).
+        for result in ["ok", "error"] {
+            let _ = a.renewals.get_or_create(&Metrics::label("result", result));
+        }
+        for reason in ["no-security-header", "not-selected"] {
+            let _ = a
+                .workload_api_refused
+                .get_or_create(&Metrics::label("reason", reason));
+        }
         a
     }
 }
