@@ -97,7 +97,9 @@ impl Metrics {
         );
         touch(&self.eds_pushes, "resource", &["cluster"]);
         for view in ["bundle", "bundle_current", "leaf", "leaf_current", "behind"] {
-            let _ = self.rotation_streams.get_or_create(&Self::label("view", view));
+            let _ = self
+                .rotation_streams
+                .get_or_create(&Self::label("view", view));
         }
         self
     }

@@ -27,7 +27,9 @@ declare -a missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 ($2)"); }
 for part in "${parts[@]}"; do
   case "$part" in
-    rust) need cargo "a Rust toolchain: rustup"; need openssl "apt-get install openssl" ;;
+    rust) need cargo "a Rust toolchain: rustup"; need openssl "apt-get install openssl"
+      # the README's shell blocks (tests/it/readme.rs) call these
+      need kubectl "apt-get install kubectl"; need jq "apt-get install jq"; need curl "apt-get install curl" ;;
     kube)
       need go "Go >= 1.26: https://go.dev/dl"; need kubectl "apt-get install kubectl"
       need setpriv "apt-get install util-linux"; need flock "apt-get install util-linux" ;;

@@ -51,7 +51,12 @@ struct TestAgent {
     id: SpiffeId,
 }
 
-pub(crate) fn agent_config(server: &TestServer, dir: &Path, sa: &str, via_unix: bool) -> AgentConfig {
+pub(crate) fn agent_config(
+    server: &TestServer,
+    dir: &Path,
+    sa: &str,
+    via_unix: bool,
+) -> AgentConfig {
     std::fs::create_dir_all(dir).unwrap();
     let token_file = dir.join("istio-token");
     std::fs::write(

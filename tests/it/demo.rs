@@ -145,6 +145,24 @@ async fn the_demo_runs_the_mixed_traffic_story_for_real() {
         .any(|l| l.starts_with("meshid_certs_issued_total")));
     let text = lines.lock().unwrap().join("\n");
     assert!(text.contains("meshid root status --state-dir"), "{text}");
+    // Issue 25: the README's sample output is what the demo prints: every line of it, in
+    // order, with addresses, root IDs and counts masked.
+    let printed: Vec<String> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l.split('\n').map(mask).collect::<Vec<_>>())
+        .collect();
+    let mut at = 0;
+    for want in readme_sample().iter().map(|l| mask(l)) {
+        match printed[at..].iter().position(|p| *p == want) {
+            Some(i) => at += i + 1,
+            None => panic!(
+                "the README's sample line\n  {want}\nis not printed by the demo (in this order); it printed:\n{}",
+                printed.join("\n")
+            ),
+        }
+    }
     world.shutdown().await;
 }
 
@@ -220,4 +238,42 @@ fn the_demo_binary_keeps_running_until_sigterm() {
     assert!(text.contains("meshid demo: every step passed"), "{text}");
     assert!(text.contains("SIGTERM received; stopping"), "{text}");
     assert!(status.success(), "{status:?}\n{text}");
+}
+
+/// The demo's sample output in the README's quick start.
+fn readme_sample() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```text\n[1] ")
+        .expect("the quick start's sample output")
+        + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end].lines().map(str::to_owned).collect()
+}
+
+/// A line with what differs between runs masked: hex IDs (8+ hex digits) and numbers.
+fn mask(line: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.len() >= 8 && word.chars().all(|c| c.is_ascii_hexdigit()) {
+            out.push('H');
+        } else if !word.is_empty() && word.chars().all(|c| c.is_ascii_digit()) {
+            out.push('N');
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in line.trim_end().chars() {
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }

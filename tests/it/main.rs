@@ -21,6 +21,7 @@ mod observability;
 mod openssl;
 mod plugin_import;
 mod profiles;
+mod readme;
 mod root_configmap;
 mod roots;
 mod rotation_server;
