@@ -94,7 +94,7 @@ pub(super) fn write_snapshot(path: &Path, doc: &Value) -> Result<(), DemoError> 
     let yaml = serde_yaml_ng::to_string(doc)
         .map_err(|e| DemoError::setup("serializing the snapshot", e))?;
     let text = format!(
-        "# meshid demo: the mission's mixed-traffic example (deploy/examples/mixed-traffic.yaml)\n\
+        "# meshid demo: the mixed-traffic example (deploy/examples/mixed-traffic.yaml)\n\
          # with pod IPs and ports rewritten to the demo's loopback listeners.\n{yaml}"
     );
     write_file_atomic(path, text.as_bytes(), 0o644)

@@ -186,7 +186,7 @@ fn mixed_traffic_snapshot(
     let text = rewrite_snapshot(MIXED_TRAFFIC, ports)?;
     write_snapshot(&snapshot, &text)?;
     say(&format!(
-        "==> discovery snapshot {} (the mission's mixed-traffic example, pod IPs rewritten to 127.0.0.1: product-service sidecar :{}, inventory-service sidecar :{}, legacy-db :{} with no sidecar)",
+        "==> discovery snapshot {} (the mixed-traffic example, pod IPs rewritten to 127.0.0.1: product-service sidecar :{}, inventory-service sidecar :{}, legacy-db :{} with no sidecar)",
         snapshot.display(), ports.product, ports.inventory, ports.legacy
     ));
     Ok((snapshot, text))
