@@ -35,6 +35,8 @@ pub mod demo;
 pub mod discovery;
 pub mod duration;
 pub mod fswatch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h2_authority;
 pub mod http_client;
 pub mod identity;

@@ -624,3 +624,118 @@ impl<R: ResourceSource> Delta<R> {
 pub fn content_version(any: &Any) -> String {
     crate::ca::cert::hex(&ring::digest::digest(&ring::digest::SHA256, &any.value).as_ref()[..8])
 }
+
+/// Fuzzing (`crate::fuzzing::xds`): one SotW and one Delta stream, each driven through its
+/// decoded requests by the state machines the services run, against a source that serves the
+/// names starting with `r` (shorter than 64 bytes) at a version that moves on with every
+/// request. Checks that a response only ever carries served names and that nonces never repeat.
+#[doc(hidden)]
+pub fn fuzz_streams(sotw: Vec<DiscoveryRequest>, delta: Vec<DeltaDiscoveryRequest>) {
+    struct Source(u64);
+    impl ResourceSource for Source {
+        fn type_url(&self) -> &'static str {
+            super::SECRET_TYPE_URL
+        }
+        fn peer(&self) -> String {
+            "fuzz".into()
+        }
+        fn unknown_reason(&self, name: &str) -> Option<String> {
+            (!served(name)).then(|| "not served".into())
+        }
+        fn version(&mut self, name: &str) -> Result<Option<String>, Status> {
+            Ok(served(name).then(|| format!("v{}", self.0 / 2)))
+        }
+        fn render(&mut self, name: &str) -> Result<Option<Any>, Status> {
+            Ok(served(name).then(|| Any {
+                type_url: super::SECRET_TYPE_URL.into(),
+                value: name.as_bytes().to_vec(),
+            }))
+        }
+        fn changed<'a>(
+            &'a mut self,
+            _: &'a BTreeSet<String>,
+        ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+            Box::pin(std::future::pending())
+        }
+        fn label(_: &str) -> String {
+            "fuzz".into()
+        }
+    }
+    fn served(name: &str) -> bool {
+        name.starts_with('r') && name.len() < 64
+    }
+    let metrics = Arc::new(XdsMetrics {
+        streams: Gauge::default(),
+        pushes: Family::default(),
+        nacks: Counter::default(),
+        latency: Histogram::new([0.1].into_iter()),
+        unknown_names: Counter::default(),
+        kind: "sds",
+        max_names: 128,
+    });
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    rt.block_on(async {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut s = Sotw {
+            res: Source(0),
+            subscribed: BTreeSet::new(),
+            sent: BTreeMap::new(),
+            version: 0,
+            nonce: 0,
+            last_nonce: String::new(),
+            tx,
+            metrics: metrics.clone(),
+        };
+        let mut nonces = BTreeSet::new();
+        for req in sotw {
+            s.res.0 += 1;
+            let ended = s.handle_request(req).await.is_err();
+            while let Ok(resp) = rx.try_recv() {
+                if let Ok(r) = *resp {
+                    assert!(nonces.insert(r.nonce.clone()), "a nonce repeats");
+                    for any in &r.resources {
+                        let name = String::from_utf8_lossy(&any.value);
+                        assert!(served(&name), "an unserved name was sent: {name:?}");
+                    }
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut d = Delta {
+            res: Source(0),
+            subscribed: BTreeSet::new(),
+            sent: HashMap::new(),
+            answer: BTreeSet::new(),
+            started: false,
+            nonce: 0,
+            last_nonce: String::new(),
+            tx,
+            metrics,
+        };
+        let mut nonces = BTreeSet::new();
+        for req in delta {
+            d.res.0 += 1;
+            let ended = d.handle_request(req).await.is_err();
+            while let Ok(resp) = rx.try_recv() {
+                if let Ok(r) = *resp {
+                    assert!(nonces.insert(r.nonce.clone()), "a nonce repeats");
+                    for res in &r.resources {
+                        assert!(
+                            served(&res.name),
+                            "an unserved name was sent: {:?}",
+                            res.name
+                        );
+                    }
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+    });
+}

@@ -72,6 +72,7 @@ impl VerifiedCsr {
                 return Err(CaError::CsrSignatureAlgorithmUnsupported { algorithm })
             }
         }
+        check_extensions(&req)?;
         if sans == SanCheck::MatchIdentity {
             check_sans(&req, caller)?;
         }
@@ -96,6 +97,48 @@ impl VerifiedCsr {
     pub fn is_rsa(&self) -> bool {
         self.is_rsa
     }
+}
+
+/// At most this many extensions in a request (istio-agent and ztunnel ask for one: the SAN).
+const MAX_REQUESTED_EXTENSIONS: usize = 16;
+
+/// The extensions a request asks for. meshid copies none of them into a certificate (its
+/// profile decides), but it issues nothing on a request it cannot read as well-formed: an
+/// extension asked for twice (RFC 5280 4.2: at most one instance of each), a critical one it
+/// does not understand (the requester asks not to be served unless it is honoured, and it will
+/// not be), or more than [`MAX_REQUESTED_EXTENSIONS`].
+fn check_extensions(req: &X509CertificationRequest<'_>) -> Result<(), CaError> {
+    use x509_parser::{cri_attributes::ParsedCriAttribute, extensions::ParsedExtension};
+    let mut seen = std::collections::BTreeSet::new();
+    for attr in req.certification_request_info.iter_attributes() {
+        let ParsedCriAttribute::ExtensionRequest(er) = attr.parsed_attribute() else {
+            continue;
+        };
+        if er.extensions.len() > MAX_REQUESTED_EXTENSIONS {
+            return Err(CaError::CsrMalformed(format!(
+                "{} requested extensions; at most {MAX_REQUESTED_EXTENSIONS}",
+                er.extensions.len()
+            )));
+        }
+        for ext in &er.extensions {
+            let oid = ext.oid.to_id_string();
+            if !seen.insert(oid.clone()) {
+                return Err(CaError::CsrMalformed(format!(
+                    "extension {oid} is requested twice"
+                )));
+            }
+            let unknown = matches!(
+                ext.parsed_extension(),
+                ParsedExtension::UnsupportedExtension { .. } | ParsedExtension::ParseError { .. }
+            );
+            if ext.critical && unknown {
+                return Err(CaError::CsrMalformed(format!(
+                    "critical extension {oid} is not one meshid understands; no certificate carries a requested extension"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn decode(csr: &[u8]) -> Result<Vec<u8>, CaError> {

@@ -28,3 +28,17 @@ pub use kube::KubeStore;
 pub use location::{LocationError, StateLocation};
 pub use root_state::RootState;
 pub use store::{ChangeWatch, StateStore, Versioned};
+
+/// Fuzzing (`crate::fuzzing::state_doc`): a stored state document, decoded as a store reads it.
+#[doc(hidden)]
+pub fn fuzz_decode(bytes: &[u8], location: &std::path::Path) -> Result<Versioned, StateError> {
+    envelope::decode(bytes, location)
+}
+
+/// Fuzzing: `raw` as the state inside an envelope with a valid checksum, so the state's own
+/// checks (not the checksum) meet it.
+#[doc(hidden)]
+pub fn fuzz_decode_inner(raw: &[u8]) -> Result<Versioned, StateError> {
+    let doc = envelope::wrap_raw(raw, 1).ok_or_else(|| StateError::Invalid("not JSON".into()))?;
+    envelope::decode(&doc, std::path::Path::new("fuzz/state.json"))
+}

@@ -462,6 +462,10 @@ pub(crate) enum Mode {
     Serve(Vec<u8>),
     Close,
     Hang,
+    /// A 1 GiB body, announced with its length, sent as fast as the client reads.
+    Huge,
+    /// A body that never finishes: a byte a second.
+    Drip,
 }
 
 /// A bundle endpoint under the test's control (https_web with `pki`).
@@ -490,6 +494,10 @@ pub(crate) async fn fake_endpoint(
             };
             let (acceptor, mode) = (acceptor.clone(), mode.lock().unwrap().clone());
             tokio::spawn(async move {
+                let (streamed, drip) = (
+                    matches!(mode, Mode::Huge | Mode::Drip),
+                    matches!(mode, Mode::Drip),
+                );
                 let body = match mode {
                     Mode::Close => return,
                     Mode::Hang => {
@@ -498,6 +506,7 @@ pub(crate) async fn fake_endpoint(
                         return;
                     }
                     Mode::Serve(b) => b,
+                    Mode::Huge | Mode::Drip => Vec::new(),
                 };
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -509,6 +518,23 @@ pub(crate) async fn fake_endpoint(
                         Ok(0) | Err(_) => return,
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
+                }
+                if streamed {
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1073741824\r\nconnection: close\r\n\r\n{\"keys\":[";
+                    let _ = tls.write_all(head.as_bytes()).await;
+                    let chunk = vec![b' '; 64 * 1024];
+                    for _ in 0..(1 << 14) {
+                        let r = if drip {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            tls.write_all(b" ").await
+                        } else {
+                            tls.write_all(&chunk).await
+                        };
+                        if r.is_err() {
+                            return; // the client hung up: what a bounded client does
+                        }
+                    }
+                    return;
                 }
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -595,6 +621,15 @@ async fn a_failing_peer_leaves_the_last_good_bundle_and_shows_the_failure() {
         ),
         ("connection dropped", Mode::Close, "TLS", "fetch"),
         ("hanging", Mode::Hang, "no answer within", "fetch"),
+        // Issue 24: a peer sending a 1 GiB bundle is cut off at the size limit; one that never
+        // finishes its body, at the fetch deadline. Neither is held in memory beyond the limit.
+        ("a 1 GiB bundle", Mode::Huge, "larger than", "fetch"),
+        (
+            "a bundle that never finishes",
+            Mode::Drip,
+            "no answer within",
+            "fetch",
+        ),
     ];
     for (name, m, why, kind) in rows {
         *mode.lock().unwrap() = m;
