@@ -16,7 +16,17 @@ pub trait Clock: Send + Sync + 'static {
 
     /// Completes once `now() >= deadline`.
     fn sleep_until(&self, deadline: OffsetDateTime) -> Sleep;
+
+    /// Completes when the clock reads earlier than `since` by more than [`CLOCK_BACK`]: it was
+    /// set back, and whoever planned from `since` (a credential issued then) must re-plan.
+    fn set_back(&self, since: OffsetDateTime) -> Sleep;
 }
+
+/// How far the clock must go back for [`Clock::set_back`] to fire.
+pub const CLOCK_BACK: time::Duration = time::Duration::seconds(1);
+
+/// How often the system clock is re-read for [`Clock::set_back`].
+const SET_BACK_POLL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The system clock.
 #[derive(Clone, Copy, Debug, Default)]
@@ -31,6 +41,15 @@ impl Clock for SystemClock {
         let wait = (deadline - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let wait = std::time::Duration::try_from(wait).unwrap_or_default();
         Box::pin(tokio::time::sleep(wait))
+    }
+
+    fn set_back(&self, since: OffsetDateTime) -> Sleep {
+        // The wall clock, re-read every SET_BACK_POLL on the monotonic timer.
+        Box::pin(async move {
+            while OffsetDateTime::now_utc() >= since - CLOCK_BACK {
+                tokio::time::sleep(SET_BACK_POLL).await;
+            }
+        })
     }
 }
 
@@ -65,6 +84,13 @@ impl Clock for ManualClock {
         Box::pin(async move {
             // The sender lives as long as the clock; if it is gone, time never comes.
             let _ = rx.wait_for(|now| *now >= deadline).await;
+        })
+    }
+
+    fn set_back(&self, since: OffsetDateTime) -> Sleep {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|now| *now < since - CLOCK_BACK).await;
         })
     }
 }

@@ -42,10 +42,7 @@ impl SvidKeeper {
             if renewer.current().is_none() || renewer.is_due() {
                 self.renew(&mut renewer).await;
             }
-            let wake = match renewer.next_wake() {
-                Some(t) => clock.sleep_until(t),
-                None => Box::pin(std::future::pending()),
-            };
+            let wake = renewer.wake();
             tokio::select! {
                 _ = stopping(&mut stop) => return,
                 _ = wake => {}

@@ -584,13 +584,6 @@ fn spiffe_validation(
     }
 }
 
-fn sleep_or_never(clock: &Arc<dyn Clock>, at: Option<OffsetDateTime>) -> crate::clock::Sleep {
-    match at {
-        Some(t) => clock.sleep_until(t),
-        None => Box::pin(std::future::pending()),
-    }
-}
-
 fn resource_label(name: &str) -> &str {
     if name.starts_with("spiffe://") {
         "spiffe"
@@ -639,7 +632,11 @@ impl ResourceSource for Workload {
                 return false;
             }
             let default = subscribed.contains(DEFAULT);
-            let wake = sleep_or_never(&self.shared.clock, self.next_refresh(default));
+            let wake = if self.next_refresh(default).is_some() {
+                self.cred.wake()
+            } else {
+                Box::pin(std::future::pending())
+            };
             tokio::select! {
                 r = self.live.changed() => {
                     if r.is_err() {

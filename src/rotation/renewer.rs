@@ -20,6 +20,10 @@ use tokio::sync::watch;
 use super::RefreshPolicy;
 use crate::{clock::Clock, trust::CaSnapshot};
 
+/// How far before its issue time a credential's notBefore lies (the CA backdates every leaf
+/// and serving certificate by a minute for clock skew).
+const NOT_BEFORE_BACKDATE: time::Duration = time::Duration::seconds(60);
+
 /// A credential as issued: the value, who signed it, and until when it is valid.
 pub struct Issued<T> {
     pub value: T,
@@ -127,13 +131,43 @@ impl<T> Renewer<T> {
         self.failures
     }
 
-    /// When the renewer next wants to act: the retry after a failure, else the refresh.
+    /// When the renewer next wants to act: the retry after a failure, else the refresh; now,
+    /// when the clock went back to before the held credential's notBefore (issued minus the
+    /// CA's 60 s backdate): a credential that is not valid yet is replaced at once.
     pub fn next_wake(&self) -> Option<OffsetDateTime> {
+        let now = self.clock.now();
+        if let Some(h) = &self.held {
+            if now < h.issued_at - NOT_BEFORE_BACKDATE {
+                return Some(now);
+            }
+        }
         match (self.retry_at, &self.held) {
             (Some(r), _) => Some(r),
             (None, Some(h)) => Some(h.refresh_at),
             (None, None) => None,
         }
+    }
+
+    /// Completes when the renewer wants to act: at its next wake, or as soon as the clock is
+    /// set back to before the held credential's notBefore (which makes it due, see
+    /// [`next_wake`](Self::next_wake)). Every renewal loop waits on this.
+    pub fn wake(&self) -> crate::clock::Sleep {
+        let planned = match self.next_wake() {
+            Some(t) => self.clock.sleep_until(t),
+            None => Box::pin(std::future::pending()),
+        };
+        let back = match &self.held {
+            Some(h) => self
+                .clock
+                .set_back(h.issued_at - NOT_BEFORE_BACKDATE + crate::clock::CLOCK_BACK),
+            None => Box::pin(std::future::pending()),
+        };
+        Box::pin(async move {
+            tokio::select! {
+                () = planned => {}
+                () = back => {}
+            }
+        })
     }
 
     /// Whether the credential should be (re)issued now.
@@ -246,9 +280,10 @@ impl<T> Renewer<T> {
         ca: &mut watch::Receiver<Arc<CaSnapshot>>,
         armed: bool,
     ) -> Turn {
-        let wake = match self.next_wake().filter(|_| armed) {
-            Some(t) => self.clock.sleep_until(t),
-            None => Box::pin(std::future::pending()),
+        let wake = if armed {
+            self.wake()
+        } else {
+            Box::pin(std::future::pending())
         };
         tokio::select! {
             _ = wake => Turn::Due,

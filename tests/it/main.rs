@@ -10,6 +10,7 @@ mod deploy;
 mod describe_server;
 mod discovery;
 mod fake_apiserver;
+mod faults;
 mod federation;
 mod federation_trust;
 mod fuzz_regressions;

@@ -150,3 +150,10 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// The notBefore of the first certificate of a PEM chain.
+pub fn leaf_not_before(chain_pem: &str) -> time::OffsetDateTime {
+    let certs = meshid::ca::cert::certs_from_pem(chain_pem.as_bytes(), "chain").unwrap();
+    let parsed = meshid::ca::cert::parse(&certs[0], "leaf").unwrap();
+    parsed.validity().not_before.to_datetime()
+}
