@@ -21,9 +21,12 @@ use crate::{
     spiffe::{SpiffeId, TrustDomain},
 };
 
+/// A fuzz target: raw bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the `fuzz/fuzz_targets/<name>.rs` files and the regression
 /// directories use these names).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("csr", csr),
     ("jwt", jwt),
     ("xds", xds),

@@ -275,6 +275,40 @@ impl<IO: Connected> Connected for AuthorityFix<IO> {
     }
 }
 
+/// Fuzzing (`crate::fuzzing::h2_authority`): `data` as a client's bytes, arriving in reads of
+/// varying size, through the frame and HPACK rewriting. What passes is the preface and whole,
+/// well-formed frames, never more than the limits allow.
+#[doc(hidden)]
+pub fn fuzz_read(data: &[u8]) {
+    let mut f = AuthorityFix::new(());
+    let mut sizes = data.iter().map(|b| usize::from(*b % 61) + 1).cycle();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = sizes.next().unwrap_or(1).min(rest.len());
+        f.input.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        if f.process().is_err() {
+            return;
+        }
+    }
+    // The output: the preface as sent, then complete frames only.
+    let out = &f.output;
+    let mut at = PREFACE_LEN.min(out.len());
+    while at < out.len() {
+        assert!(
+            out.len() - at >= FRAME_HEADER_LEN,
+            "a torn frame header was passed on"
+        );
+        let len =
+            usize::from(out[at]) << 16 | usize::from(out[at + 1]) << 8 | usize::from(out[at + 2]);
+        assert!(
+            out.len() - at - FRAME_HEADER_LEN >= len,
+            "a torn frame was passed on"
+        );
+        at += FRAME_HEADER_LEN + len;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,39 +422,5 @@ mod tests {
         fix.input.extend(frame(HEADERS, 0, 1, &[0x82]));
         fix.input.extend(frame(0x0, 0, 1, b"x"));
         assert!(fix.process().is_err(), "a DATA frame inside a header block");
-    }
-}
-
-/// Fuzzing (`crate::fuzzing::h2_authority`): `data` as a client's bytes, arriving in reads of
-/// varying size, through the frame and HPACK rewriting. What passes is the preface and whole,
-/// well-formed frames, never more than the limits allow.
-#[doc(hidden)]
-pub fn fuzz_read(data: &[u8]) {
-    let mut f = AuthorityFix::new(());
-    let mut sizes = data.iter().map(|b| usize::from(*b % 61) + 1).cycle();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let n = sizes.next().unwrap_or(1).min(rest.len());
-        f.input.extend_from_slice(&rest[..n]);
-        rest = &rest[n..];
-        if f.process().is_err() {
-            return;
-        }
-    }
-    // The output: the preface as sent, then complete frames only.
-    let out = &f.output;
-    let mut at = PREFACE_LEN.min(out.len());
-    while at < out.len() {
-        assert!(
-            out.len() - at >= FRAME_HEADER_LEN,
-            "a torn frame header was passed on"
-        );
-        let len =
-            usize::from(out[at]) << 16 | usize::from(out[at + 1]) << 8 | usize::from(out[at + 2]);
-        assert!(
-            out.len() - at - FRAME_HEADER_LEN >= len,
-            "a torn frame was passed on"
-        );
-        at += FRAME_HEADER_LEN + len;
     }
 }

@@ -29,7 +29,10 @@ for part in "${parts[@]}"; do
   case "$part" in
     rust) need cargo "a Rust toolchain: rustup"; need openssl "apt-get install openssl"
       # the README's shell blocks (tests/it/readme.rs) call these
-      need kubectl "apt-get install kubectl"; need jq "apt-get install jq"; need curl "apt-get install curl" ;;
+      need kubectl "apt-get install kubectl"; need jq "apt-get install jq"; need curl "apt-get install curl"
+      # tests/it/faults.rs fills and remounts a tmpfs in a mount namespace of its own
+      need unshare "apt-get install util-linux"
+      [ "$(id -u)" = 0 ] || missing+=("root (tests/it/faults.rs mounts a tmpfs in a mount namespace: unshare --mount)") ;;
     kube)
       need go "Go >= 1.26: https://go.dev/dl"; need kubectl "apt-get install kubectl"
       need setpriv "apt-get install util-linux"; need flock "apt-get install util-linux" ;;

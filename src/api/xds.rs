@@ -668,7 +668,7 @@ pub fn fuzz_streams(sotw: Vec<DiscoveryRequest>, delta: Vec<DeltaDiscoveryReques
         streams: Gauge::default(),
         pushes: Family::default(),
         nacks: Counter::default(),
-        latency: Histogram::new([0.1].into_iter()),
+        latency: Histogram::new([0.1]),
         unknown_names: Counter::default(),
         kind: "sds",
         max_names: 128,

@@ -368,6 +368,29 @@ mod tests {
         }
     }
 
+    /// A clock set back past the held credential's notBefore (issue time minus the 60 s
+    /// backdate) makes it due at once, and `wake` fires for it; a smaller step back does not.
+    #[tokio::test]
+    async fn a_clock_set_back_before_the_credential_makes_it_due() {
+        let t0 = OffsetDateTime::now_utc();
+        let clock = ManualClock::new(t0);
+        let mut r: Renewer<u32> = Renewer::new(policy(), Arc::new(clock.clone()));
+        r.renew(|| Ok::<_, ()>(issued("s", t0 + Duration::from_secs(3600))))
+            .unwrap();
+        assert!(!r.is_due());
+        clock.set(t0 - Duration::from_secs(30));
+        assert!(!r.is_due(), "within the backdate: still valid");
+        let wake = r.wake();
+        clock.set(t0 - Duration::from_secs(86_400));
+        tokio::time::timeout(std::time::Duration::from_secs(5), wake)
+            .await
+            .expect("wake fires when the clock is set back");
+        assert!(r.is_due(), "not valid yet at the new time: due now");
+        r.renew(|| Ok::<_, ()>(issued("s", clock.now() + Duration::from_secs(3600))))
+            .unwrap();
+        assert!(!r.is_due(), "the replacement is valid now: no loop");
+    }
+
     #[test]
     fn refresh_is_scheduled_from_the_issue_time_never_in_the_past() {
         let t0 = OffsetDateTime::now_utc();

@@ -51,17 +51,14 @@ async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
     let url = format!("http://{}", server.running.http_addr);
     let svc = "inventory-service.shop";
     let args = |extra: &[&str]| {
-        let mut a: Vec<String> = ["describe", "service", svc, "--server", &url]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = owned(&["describe", "service", svc, "--server", &url]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
 
     // The snapshot alone knows no proxies: the label decides, mTLS.
     let offline = json_of(
-        &cli([
+        &cli(owned(&[
             "describe",
             "service",
             svc,
@@ -69,10 +66,7 @@ async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
             MIXED,
             "--output",
             "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
+        ]))
         .await,
     );
     assert_eq!(offline["endpoints"][0]["eds_tls_mode"], "istio");
@@ -113,7 +107,7 @@ async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
 
     // The host form works against the server and offline alike (the README's table says hosts work).
     let host = json_of(
-        &cli([
+        &cli(owned(&[
             "describe",
             "service",
             "inventory-service.shop.svc.cluster.local",
@@ -121,17 +115,17 @@ async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
             &url,
             "--output",
             "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
+        ]))
         .await,
     );
     assert_eq!(host["service"], svc);
-    let pod = cli(["describe", "pod", "legacy-db-0.legacy", "--server", &url]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
+    let pod = cli(owned(&[
+        "describe",
+        "pod",
+        "legacy-db-0.legacy",
+        "--server",
+        &url,
+    ]))
     .await;
     assert!(
         pod.status.success(),
@@ -140,10 +134,13 @@ async fn describe_asks_the_running_server_and_shows_its_live_proofs() {
     );
 
     // What the server refuses is said, with the reason it gave.
-    let missing = cli(["describe", "service", "nope.shop", "--server", &url]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
+    let missing = cli(owned(&[
+        "describe",
+        "service",
+        "nope.shop",
+        "--server",
+        &url,
+    ]))
     .await;
     assert!(!missing.status.success());
     let err = String::from_utf8_lossy(&missing.stderr);
@@ -207,7 +204,7 @@ async fn a_client_with_the_wrong_ca_file_is_told_what_to_use() {
     std::fs::write(&token, server.token("shop", "a")).unwrap();
     let url = format!("https://localhost:{}", server.running.grpc_addr.port());
     let request = |ca: &std::path::Path, extra: &[&str]| {
-        let mut a: Vec<String> = [
+        let mut a: Vec<String> = owned(&[
             "cert",
             "request",
             "--server",
@@ -218,10 +215,7 @@ async fn a_client_with_the_wrong_ca_file_is_told_what_to_use() {
             token.to_str().unwrap(),
             "--out-dir",
             dir.path().join("out").to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -272,4 +266,9 @@ fn a_jwks_url_must_be_https_and_says_so() {
         err.contains("clusters[0] (Kubernetes).jwks.url") && err.contains("https://"),
         "{err}"
     );
+}
+
+/// Owned arguments for `cli`.
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }

@@ -218,6 +218,19 @@ fn nested_struct(depth: usize) -> Vec<u8> {
     s.encode_to_vec()
 }
 
+/// `n` copies of one non-critical private extension (OID 1.3.6.1.4.1.99999.1, a NULL value).
+fn private_extensions(n: usize) -> Vec<(&'static [u64], bool, Vec<u8>)> {
+    (0..n)
+        .map(|_| {
+            (
+                &[1u64, 3, 6, 1, 4, 1, 99999, 1][..],
+                false,
+                vec![0x05, 0x00],
+            )
+        })
+        .collect()
+}
+
 /// A DER CSR whose request attribute carries `exts` (each `(oid, critical, value)`), signed by
 /// a fresh key, with `id` as its URI SAN.
 fn csr_with_extensions(id: &str, exts: &[(&[u64], bool, Vec<u8>)]) -> String {
@@ -442,15 +455,7 @@ async fn the_hostile_catalogue() {
         Code::PermissionDenied,
         "",
     );
-    let dup: Vec<(&[u64], bool, Vec<u8>)> = (0..2000)
-        .map(|_| {
-            (
-                &[1u64, 3, 6, 1, 4, 1, 99999, 1][..],
-                false,
-                vec![0x05, 0x00],
-            )
-        })
-        .collect();
+    let dup = private_extensions(2000);
     let r = cat
         .csr_call(Some(&good), &[], req(&csr_with_extensions(id, &dup)))
         .await;
@@ -460,15 +465,7 @@ async fn the_hostile_catalogue() {
         Code::InvalidArgument,
         "at most 16",
     );
-    let twice: Vec<(&[u64], bool, Vec<u8>)> = (0..2)
-        .map(|_| {
-            (
-                &[1u64, 3, 6, 1, 4, 1, 99999, 1][..],
-                false,
-                vec![0x05, 0x00],
-            )
-        })
-        .collect();
+    let twice = private_extensions(2);
     let r = cat
         .csr_call(Some(&good), &[], req(&csr_with_extensions(id, &twice)))
         .await;

@@ -21,90 +21,8 @@ mod common;
 #[path = "server_proc.rs"]
 mod server_proc;
 
-/// An SDS client as lean as Envoy's per connection: TLS and HTTP/2 straight from rustls and h2,
-/// gRPC framing by hand, no tonic channel (whose buffer and reconnect tasks would make the load
-/// generator, not the server, the slowest part of a 10,000-proxy fan-out).
-mod lean {
-    use std::{net::SocketAddr, sync::Arc};
-
-    use bytes::{Buf, Bytes, BytesMut};
-    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-    use meshid::api::SECRET_TYPE_URL;
-    use prost::Message;
-
-    use super::common::{grpc_frame, grpc_request, h2_connect};
-
-    pub struct SdsStream {
-        names: Vec<String>,
-        send: h2::SendStream<Bytes>,
-        body: h2::RecvStream,
-        buf: BytesMut,
-    }
-
-    impl SdsStream {
-        /// Connects (TCP, TLS, HTTP/2) and opens StreamSecrets for `names`.
-        pub async fn open(
-            addr: SocketAddr,
-            tls: Arc<rustls::ClientConfig>,
-            token: &str,
-            names: &[&str],
-        ) -> Result<Self, String> {
-            let mut h2 = h2_connect(addr, None, tls).await?;
-            let req = grpc_request(
-                "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
-                token,
-            );
-            let (resp, mut send) = h2.send_request(req, false).map_err(|e| e.to_string())?;
-            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let first = DiscoveryRequest {
-                resource_names: names.clone(),
-                type_url: SECRET_TYPE_URL.into(),
-                ..Default::default()
-            };
-            send.send_data(grpc_frame(&first), false)
-                .map_err(|e| e.to_string())?;
-            let resp = resp.await.map_err(|e| e.to_string())?;
-            if resp.status() != 200 {
-                return Err(format!("HTTP {}", resp.status()));
-            }
-            Ok(Self {
-                names,
-                send,
-                body: resp.into_body(),
-                buf: BytesMut::new(),
-            })
-        }
-
-        /// The next response; `None` when the stream ends.
-        pub async fn next(&mut self) -> Option<DiscoveryResponse> {
-            loop {
-                if self.buf.len() >= 5 {
-                    let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                    if self.buf.len() >= 5 + len {
-                        self.buf.advance(5);
-                        let msg = self.buf.split_to(len);
-                        return DiscoveryResponse::decode(msg.freeze()).ok();
-                    }
-                }
-                let chunk = self.body.data().await?.ok()?;
-                let _ = self.body.flow_control().release_capacity(chunk.len());
-                self.buf.extend_from_slice(&chunk);
-            }
-        }
-
-        /// ACKs `resp` as Envoy does: same names, its version and nonce.
-        pub fn ack(&mut self, resp: &DiscoveryResponse) {
-            let ack = DiscoveryRequest {
-                resource_names: self.names.clone(),
-                type_url: SECRET_TYPE_URL.into(),
-                version_info: resp.version_info.clone(),
-                response_nonce: resp.nonce.clone(),
-                ..Default::default()
-            };
-            let _ = self.send.send_data(grpc_frame(&ack), false);
-        }
-    }
-}
+#[path = "lean.rs"]
+mod lean;
 
 use common::{arg, cpu_secs, percentile, rss_kib};
 use server_proc::{init_ca, init_issuer, start_server};
@@ -121,10 +39,8 @@ use meshid::{
             IstioCertificateRequest,
         },
     },
-    ca::{root, KeyType},
     identity::dev_issuer::{DevIssuer, TokenRequest},
-    spiffe::TrustDomain,
-    state::{DirStore, StateStore},
+    state::DirStore,
 };
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
@@ -372,21 +288,7 @@ fn mesh_bench(n: usize, in_flight: usize, hold: Duration, rt: &tokio::runtime::R
             (first.unwrap(), last.unwrap())
         })
     };
-    let old = store
-        .load_existing()
-        .unwrap()
-        .state
-        .signing_root()
-        .unwrap()
-        .id
-        .clone();
-    let next = root::generate_root(
-        &TrustDomain::new(server_proc::TD).unwrap(),
-        KeyType::EcdsaP256,
-        root::DEFAULT_ROOT_TTL,
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
+    let (old, next) = server_proc::rotation_pair(&store);
     let profile = perf_record(pid, "fanout", Duration::from_secs(2));
     let client_profile = perf_record(std::process::id(), "fanout-client", Duration::from_secs(2));
     if profile.is_some() {

@@ -31,6 +31,26 @@ pub fn init_ca(dir: &Path) -> String {
     pem
 }
 
+/// The id of the root that signs in `store` now, and a new generated root to rotate to.
+pub fn rotation_pair(store: &DirStore) -> (String, root::NewCa) {
+    let old = store
+        .load_existing()
+        .unwrap()
+        .state
+        .signing_root()
+        .unwrap()
+        .id
+        .clone();
+    let next = root::generate_root(
+        &TrustDomain::new(TD).unwrap(),
+        KeyType::EcdsaP256,
+        root::DEFAULT_ROOT_TTL,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    (old, next)
+}
+
 /// The dev token issuer in `dir/issuer`: a generated P-256 key, or the PEM key at `key`.
 pub fn init_issuer(dir: &Path, key: Option<&Path>) -> DevIssuer {
     DevIssuer::init(&dir.join("issuer"), ISSUER, key).unwrap()
