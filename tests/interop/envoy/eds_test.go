@@ -7,6 +7,9 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	// The projected token reaches meshid through Envoy's file_based_metadata call credentials,
+	// as in deploy/kubernetes/examples/workload/envoy-bootstrap.yaml.
+	_ "github.com/envoyproxy/go-control-plane/envoy/config/grpc_credential/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	edsv3 "github.com/envoyproxy/go-control-plane/envoy/service/endpoint/v3"
@@ -47,6 +50,17 @@ func envoyCluster(t *testing.T, ca *meshidproc.CA, service, port string) *cluste
 	}
 	if err := c.ValidateAll(); err != nil {
 		t.Fatalf("Cluster.ValidateAll: %v", err)
+	}
+	// meshid serves EDS as its own gRPC service (no ADS): the cluster's endpoints must come
+	// from an api_config_source naming meshid's gRPC address, or Envoy waits for them forever.
+	if eds := c.GetEdsClusterConfig().GetEdsConfig(); eds != nil {
+		if eds.GetAds() != nil {
+			t.Fatalf("eds_config is ADS, which meshid does not serve: %v", eds)
+		}
+		g := eds.GetApiConfigSource().GetGrpcServices()
+		if len(g) != 1 || g[0].GetGoogleGrpc().GetTargetUri() == "" {
+			t.Fatalf("eds_config does not name meshid's gRPC service: %v", eds)
+		}
 	}
 	return c
 }
