@@ -262,6 +262,19 @@ impl Setup {
 fn kill_9_of_the_cli_while_it_writes_the_state() {
     let s = Setup::new("cluster.local");
     let state = s.state();
+    // Kill points spread over 1.5 times what an uninterrupted write takes on this machine, so
+    // some land before the write and some after it, however fast or slow the machine is.
+    let t = Instant::now();
+    ok(&meshid(&["root", "prepare", "--state-dir", &state]));
+    let span_ms = (t.elapsed().as_millis() as u64 * 3 / 2).max(5);
+    let prepared = roots_in(&status(&s.p("state")), "prepared");
+    ok(&meshid(&[
+        "root",
+        "revoke",
+        &prepared[0],
+        "--state-dir",
+        &state,
+    ]));
     let mut generation = status(&s.p("state"))["generation"].as_u64().unwrap();
     let (mut before_write, mut after_write) = (0, 0);
     for i in 0..40u64 {
@@ -287,7 +300,7 @@ fn kill_9_of_the_cli_while_it_writes_the_state() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(delay(i, 40));
+        std::thread::sleep(delay(i, span_ms));
         kill9(&mut child);
         let j = status(&s.p("state"));
         let g = j["generation"].as_u64().unwrap();

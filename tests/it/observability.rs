@@ -114,8 +114,20 @@ async fn every_dashboard_and_alert_metric_is_exported() {
         }];
     })
     .await;
-    let resp = http_get(&server, "/metrics").await;
-    let fams = families(resp.split_once("\r\n\r\n").unwrap().1);
+    // Some families appear with the server's first rounds (the identity probe sets
+    // meshid_identity_backend_up): read /metrics until they have run, at most 10 s.
+    let mut fams = BTreeSet::new();
+    for _ in 0..200 {
+        let resp = http_get(&server, "/metrics").await;
+        fams = families(resp.split_once("\r\n\r\n").unwrap().1);
+        // ... and discovery's first view of the snapshot (meshid_discovery_endpoints{tls_mode}).
+        if exported("meshid_identity_backend_up", &fams)
+            && exported("meshid_discovery_endpoints", &fams)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(fams.len() > 20, "{fams:?}");
 
     let dash: Value = serde_json::from_str(&repo("deploy/grafana/meshid.json")).unwrap();
@@ -169,7 +181,6 @@ async fn every_dashboard_and_alert_metric_is_exported() {
     // Families whose label values come with traffic: a proxy's SDS stream gives the push
     // latency histogram its samples; the identity probe sets meshid_identity_backend_up.
     let _proxies = crate::ui::proxies(&server).await;
-    let mut fams = fams;
     for _ in 0..100 {
         let resp = http_get(&server, "/metrics").await;
         fams = families(resp.split_once("\r\n\r\n").unwrap().1);
