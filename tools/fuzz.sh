@@ -7,14 +7,21 @@
 # run fails: fix it, keep the input.
 #
 # Usage: tools/fuzz.sh [TARGET...]   FUZZ_SECONDS=60 per target (CI: 20), FUZZ_RSS_MB=2048.
-# Needs the nightly toolchain (libFuzzer's sanitizer coverage) and cargo-fuzz, which this script
-# installs into target/tools/ once.
+# Needs the nightly toolchain (libFuzzer's sanitizer coverage; without it, stable with
+# RUSTC_BOOTSTRAP=1) and cargo-fuzz, which this script installs into target/tools/ once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${FUZZ_SECONDS:-60}
 rss=${FUZZ_RSS_MB:-2048}
 export PATH="$PWD/target/tools/bin:$PATH"
-rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+# libFuzzer's coverage flags want nightly; a machine without it (and unable to fetch it) builds
+# with the stable compiler told to accept them, and says so.
+toolchain=+nightly
+if ! rustup toolchain list | grep -q '^nightly' && ! rustup toolchain install nightly --profile minimal; then
+  echo "fuzz: no nightly toolchain; building with stable and RUSTC_BOOTSTRAP=1" >&2
+  export RUSTC_BOOTSTRAP=1
+  toolchain=
+fi
 if ! command -v cargo-fuzz >/dev/null; then
   echo "==> installing cargo-fuzz into target/tools (once)"
   cargo install cargo-fuzz --locked --root target/tools >/dev/null
@@ -23,7 +30,7 @@ if [ $# -gt 0 ]; then targets=("$@"); else
   mapfile -t targets < <(ls fuzz/fuzz_targets | sed 's/\.rs$//' | sort)
 fi
 echo "==> building ${#targets[@]} fuzz targets (nightly, sanitizer coverage; cached in target/fuzz)"
-cargo +nightly fuzz build --target-dir target/fuzz -s none >/dev/null 2>target/fuzz-build.log || {
+cargo $toolchain fuzz build --target-dir target/fuzz -s none >/dev/null 2>target/fuzz-build.log || {
   cat target/fuzz-build.log >&2; exit 1; }
 printf '%-14s %12s %10s %8s %8s %8s %8s  %s\n' target executions exec/s cov ft corpus rss_mb result
 failed=0
@@ -32,7 +39,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus" "$artifacts"
   log=target/fuzz-logs/$t.log; mkdir -p target/fuzz-logs
   set +e
-  cargo +nightly fuzz run --target-dir target/fuzz -s none "$t" "$corpus" "fuzz/seeds/$t" -- \
+  cargo $toolchain fuzz run --target-dir target/fuzz -s none "$t" "$corpus" "fuzz/seeds/$t" -- \
     -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb="$rss" -timeout=10 \
     -max_len=65536 -artifact_prefix="$artifacts" >"$log" 2>&1
   rc=$?
