@@ -7,10 +7,8 @@
 package workload
 
 import (
-	"crypto/x509"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -33,16 +31,7 @@ func TestPySpiffeFetchesTheAgentsSVIDAndBundle(t *testing.T) {
 	ca := meshidproc.NewCA(t, "mesh.test")
 	srv := ca.Start(meshidproc.Config{})
 	a := startAgent(t, ca, srv, "shop", "product", "")
-	cmd := exec.Command(python, filepath.Join("py", "fetch_svid.py"))
-	cmd.Env = append(os.Environ(), "SPIFFE_ENDPOINT_SOCKET="+a.addr())
-	out, err := cmd.Output()
-	if err != nil {
-		var stderr string
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = string(ee.Stderr)
-		}
-		t.Fatalf("py-spiffe: %v\n%s", err, stderr)
-	}
+	out := runClient(t, "py-spiffe", a, python, filepath.Join("py", "fetch_svid.py"))
 	var got struct {
 		SpiffeID      string   `json:"spiffe_id"`
 		ChainPEM      []string `json:"chain_pem"`
@@ -55,22 +44,13 @@ func TestPySpiffeFetchesTheAgentsSVIDAndBundle(t *testing.T) {
 	if got.SpiffeID != a.id.String() || !got.HasPrivateKey || len(got.ChainPEM) == 0 {
 		t.Fatalf("py-spiffe got %+v", got)
 	}
-	roots := x509.NewCertPool()
-	for _, p := range got.BundlePEM {
-		roots.AppendCertsFromPEM([]byte(p))
-	}
-	if len(got.BundlePEM) != len(ca.Roots()) {
-		t.Fatalf("py-spiffe's bundle holds %d roots, want %d", len(got.BundlePEM), len(ca.Roots()))
-	}
 	chain, err := meshidproc.ParsePEMCerts([]byte(strings.Join(got.ChainPEM, "")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
+	bundle, err := meshidproc.ParsePEMCerts([]byte(strings.Join(got.BundlePEM, "")))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		t.Fatalf("py-spiffe's SVID does not verify to its bundle: %v", err)
-	}
+	verifiesToBundle(t, "py-spiffe", chain, bundle, len(ca.Roots()))
 }

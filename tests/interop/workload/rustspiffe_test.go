@@ -4,7 +4,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -26,16 +25,7 @@ func TestSpiffeCrateX509SourceGetsTheAgentsSVIDAndBundle(t *testing.T) {
 	ca := meshidproc.NewCA(t, "mesh.test")
 	srv := ca.Start(meshidproc.Config{})
 	a := startAgent(t, ca, srv, "shop", "product", "")
-	cmd := exec.Command(bin)
-	cmd.Env = append(os.Environ(), "SPIFFE_ENDPOINT_SOCKET="+a.addr())
-	out, err := cmd.Output()
-	if err != nil {
-		var stderr string
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = string(ee.Stderr)
-		}
-		t.Fatalf("the spiffe crate: %v\n%s", err, stderr)
-	}
+	out := runClient(t, "the spiffe crate", a, bin)
 	var got struct {
 		SpiffeID  string   `json:"spiffe_id"`
 		ChainDER  [][]byte `json:"chain_der"`
@@ -47,29 +37,16 @@ func TestSpiffeCrateX509SourceGetsTheAgentsSVIDAndBundle(t *testing.T) {
 	if got.SpiffeID != a.id.String() || len(got.ChainDER) == 0 {
 		t.Fatalf("the spiffe crate got %s with %d certificates", got.SpiffeID, len(got.ChainDER))
 	}
-	if len(got.BundleDER) != len(ca.Roots()) {
-		t.Fatalf("its bundle holds %d roots, want %d", len(got.BundleDER), len(ca.Roots()))
-	}
-	roots, inter := x509.NewCertPool(), x509.NewCertPool()
-	for _, d := range got.BundleDER {
-		c, err := x509.ParseCertificate(d)
-		if err != nil {
-			t.Fatal(err)
+	parse := func(ders [][]byte) []*x509.Certificate {
+		var out []*x509.Certificate
+		for _, d := range ders {
+			c, err := x509.ParseCertificate(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, c)
 		}
-		roots.AddCert(c)
+		return out
 	}
-	var chain []*x509.Certificate
-	for _, d := range got.ChainDER {
-		c, err := x509.ParseCertificate(d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = append(chain, c)
-	}
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		t.Fatalf("the spiffe crate's SVID does not verify to its bundle: %v", err)
-	}
+	verifiesToBundle(t, "the spiffe crate", parse(got.ChainDER), parse(got.BundleDER), len(ca.Roots()))
 }
