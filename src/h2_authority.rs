@@ -236,10 +236,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
                         this.output.extend(rest);
                         continue;
                     }
+                    // `process` refuses a frame above MAX_FRAME as soon as its header arrives,
+                    // so `input` never holds more than one frame.
                     this.input.extend_from_slice(got);
-                    if this.input.len() > MAX_BLOCK + MAX_FRAME * 2 && this.output.is_empty() {
-                        return Poll::Ready(Err(protocol("a frame larger than any allowed")));
-                    }
                     if let Err(e) = this.process() {
                         return Poll::Ready(Err(e));
                     }

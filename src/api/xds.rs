@@ -174,17 +174,7 @@ pub fn spawn_sotw<R: ResourceSource>(
     stop: watch::Receiver<bool>,
 ) -> Out<DiscoveryResponse> {
     let (tx, rx) = mpsc::channel(4);
-    let s = Sotw {
-        res,
-        subscribed: BTreeSet::new(),
-        sent: BTreeMap::new(),
-        version: 0,
-        nonce: 0,
-        last_nonce: String::new(),
-        tx,
-        metrics,
-    };
-    tokio::spawn(drive(s, inbound, stop));
+    tokio::spawn(drive(Sotw::new(res, tx, metrics), inbound, stop));
     unboxed(rx)
 }
 
@@ -196,18 +186,7 @@ pub fn spawn_delta<R: ResourceSource>(
     stop: watch::Receiver<bool>,
 ) -> Out<DeltaDiscoveryResponse> {
     let (tx, rx) = mpsc::channel(4);
-    let d = Delta {
-        res,
-        subscribed: BTreeSet::new(),
-        sent: HashMap::new(),
-        answer: BTreeSet::new(),
-        started: false,
-        nonce: 0,
-        last_nonce: String::new(),
-        tx,
-        metrics,
-    };
-    tokio::spawn(drive(d, inbound, stop));
+    tokio::spawn(drive(Delta::new(res, tx, metrics), inbound, stop));
     unboxed(rx)
 }
 
@@ -341,6 +320,20 @@ impl<R: ResourceSource> Flavour for Sotw<R> {
 }
 
 impl<R: ResourceSource> Sotw<R> {
+    /// A new stream's state, answering through `tx`.
+    fn new(res: R, tx: mpsc::Sender<Queued<DiscoveryResponse>>, metrics: Arc<XdsMetrics>) -> Self {
+        Self {
+            res,
+            subscribed: BTreeSet::new(),
+            sent: BTreeMap::new(),
+            version: 0,
+            nonce: 0,
+            last_nonce: String::new(),
+            tx,
+            metrics,
+        }
+    }
+
     async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
         // Nothing sent yet on this stream: whatever nonce the request carries (a reconnect to a
@@ -504,6 +497,25 @@ impl<R: ResourceSource> Flavour for Delta<R> {
 }
 
 impl<R: ResourceSource> Delta<R> {
+    /// A new stream's state, answering through `tx`.
+    fn new(
+        res: R,
+        tx: mpsc::Sender<Queued<DeltaDiscoveryResponse>>,
+        metrics: Arc<XdsMetrics>,
+    ) -> Self {
+        Self {
+            res,
+            subscribed: BTreeSet::new(),
+            sent: HashMap::new(),
+            answer: BTreeSet::new(),
+            started: false,
+            nonce: 0,
+            last_nonce: String::new(),
+            tx,
+            metrics,
+        }
+    }
+
     async fn handle_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url, self.res.type_url())?;
         // What a (re)connecting client holds counts on a stream's first request only, whatever
@@ -676,66 +688,56 @@ pub fn fuzz_streams(sotw: Vec<DiscoveryRequest>, delta: Vec<DeltaDiscoveryReques
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
         return;
     };
-    rt.block_on(async {
-        let (tx, mut rx) = mpsc::channel(1024);
-        let mut s = Sotw {
-            res: Source(0),
-            subscribed: BTreeSet::new(),
-            sent: BTreeMap::new(),
-            version: 0,
-            nonce: 0,
-            last_nonce: String::new(),
-            tx,
-            metrics: metrics.clone(),
-        };
+    /// Feeds `reqs` to one stream's state machine, one at a time, and checks every response
+    /// it queued: a new nonce, and only served names (`names`).
+    async fn run<F: Flavour<Res = Source>>(
+        mut f: F,
+        rx: &mut mpsc::Receiver<Queued<F::Resp>>,
+        reqs: Vec<F::Req>,
+        names: impl Fn(&F::Resp) -> (String, Vec<String>),
+    ) {
         let mut nonces = BTreeSet::new();
-        for req in sotw {
-            s.res.0 += 1;
-            let ended = s.handle_request(req).await.is_err();
+        for req in reqs {
+            f.parts().0 .0 += 1;
+            let ended = f.on_request(req).await.is_err();
             while let Ok(resp) = rx.try_recv() {
                 if let Ok(r) = *resp {
-                    assert!(nonces.insert(r.nonce.clone()), "a nonce repeats");
-                    for any in &r.resources {
-                        let name = String::from_utf8_lossy(&any.value);
+                    let (nonce, sent) = names(&r);
+                    assert!(nonces.insert(nonce), "a nonce repeats");
+                    for name in sent {
                         assert!(served(&name), "an unserved name was sent: {name:?}");
                     }
                 }
             }
             if ended {
-                break;
+                return;
             }
         }
+    }
+    rt.block_on(async {
         let (tx, mut rx) = mpsc::channel(1024);
-        let mut d = Delta {
-            res: Source(0),
-            subscribed: BTreeSet::new(),
-            sent: HashMap::new(),
-            answer: BTreeSet::new(),
-            started: false,
-            nonce: 0,
-            last_nonce: String::new(),
-            tx,
-            metrics,
-        };
-        let mut nonces = BTreeSet::new();
-        for req in delta {
-            d.res.0 += 1;
-            let ended = d.handle_request(req).await.is_err();
-            while let Ok(resp) = rx.try_recv() {
-                if let Ok(r) = *resp {
-                    assert!(nonces.insert(r.nonce.clone()), "a nonce repeats");
-                    for res in &r.resources {
-                        assert!(
-                            served(&res.name),
-                            "an unserved name was sent: {:?}",
-                            res.name
-                        );
-                    }
-                }
-            }
-            if ended {
-                break;
-            }
-        }
+        run(
+            Sotw::new(Source(0), tx, metrics.clone()),
+            &mut rx,
+            sotw,
+            |r| {
+                let names = r.resources.iter();
+                (
+                    r.nonce.clone(),
+                    names
+                        .map(|a| String::from_utf8_lossy(&a.value).into_owned())
+                        .collect(),
+                )
+            },
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(1024);
+        run(Delta::new(Source(0), tx, metrics), &mut rx, delta, |r| {
+            (
+                r.nonce.clone(),
+                r.resources.iter().map(|x| x.name.clone()).collect(),
+            )
+        })
+        .await;
     });
 }

@@ -514,13 +514,7 @@ pub fn status_of(
     snapshot: &crate::trust::CaSnapshot,
     replica: &str,
 ) -> RotationStatus {
-    let trusted: Vec<String> = snapshot
-        .bundle
-        .own_roots()
-        .iter()
-        .map(|r| crate::ca::cert::fingerprint_id(r))
-        .collect();
-    let counts = registry.counts(&trusted, &snapshot.signer_id);
+    let (trusted, counts, _) = current_counts(registry, snapshot);
     RotationStatus {
         replica: replica.to_owned(),
         generation: snapshot.generation.0,
