@@ -106,7 +106,11 @@ const MAX_REQUESTED_EXTENSIONS: usize = 16;
 /// profile decides), but it issues nothing on a request it cannot read as well-formed: an
 /// extension asked for twice (RFC 5280 4.2: at most one instance of each), a critical one it
 /// does not understand (the requester asks not to be served unless it is honoured, and it will
-/// not be), or more than [`MAX_REQUESTED_EXTENSIONS`].
+/// not be), or more than [`MAX_REQUESTED_EXTENSIONS`]. Stricter than istiod on purpose: its
+/// `util.ParsePemEncodedCSR` reads the request with Go's `x509.ParseCertificateRequest`, which
+/// checks duplicate extensions in certificates only and keeps unknown critical ones, and signs
+/// with its own template whatever they say. istio-agent's CSRs (`pkiutil.GenCSR`) ask for one
+/// SAN extension, which passes (the interop suite's pilot-agent and CSR-client rows).
 fn check_extensions(req: &X509CertificationRequest<'_>) -> Result<(), CaError> {
     use x509_parser::{cri_attributes::ParsedCriAttribute, extensions::ParsedExtension};
     let mut seen = std::collections::BTreeSet::new();
