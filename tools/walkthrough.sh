@@ -115,8 +115,8 @@ new_root=$("$bin" root prepare --state-dir "$work/state" --reason "walkthrough" 
 "$bin" root revoke "$old_root" --state-dir "$work/state" --force
 "$bin" root status --state-dir "$work/state" --output json > "$work/root-status.json"
 
-echo "==> meshid demo: the README's first command, through the release binary built above"
-"$bin" demo --work-dir "$work/demo"
+echo "==> cargo run --release -- demo: the README's first command, as written (in a work dir of the walkthrough's)"
+cargo run --quiet --release -- demo --work-dir "$work/demo"
 
 if command -v kubectl >/dev/null; then
   echo "==> kubectl kustomize: the manifests the README shows"
