@@ -61,7 +61,7 @@ fn write_fuzz_seeds() {
     use meshid::api::istio::IstioCertificateRequest;
     use prost::Message;
 
-    use crate::support::{csr, meshid, ok, p256};
+    use crate::support::{csr, init_ca, meshid, ok, p256};
     let put = |target: &str, name: &str, data: &[u8]| {
         let d = dir("seeds", target);
         std::fs::create_dir_all(&d).unwrap();
@@ -79,14 +79,7 @@ fn write_fuzz_seeds() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_owned();
-    ok(&meshid(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--state-dir",
-        &t("ca"),
-    ]));
+    ok(&init_ca(&tmp.path().join("ca")));
 
     // csr
     let id = "spiffe://cluster.local/ns/shop/sa/product-service";
